@@ -1,0 +1,185 @@
+"""Model and engine configuration.
+
+`OPTConfig` mirrors the fields of a Hugging Face OPT `config.json` that change the computation;
+`OPT_PRESETS` holds the six published sizes; `EngineConfig` validates the keyword arguments that
+`LLM` and `Engine` accept.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    ffn_dim: int = 3072
+    word_embed_proj_dim: int = 768
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    # Only the converted OPT-350m checkpoint drops the final LayerNorm: HF applies the final
+    # LN when `do_layer_norm_before and not _remove_final_layer_norm`.
+    remove_final_layer_norm: bool = False
+    layer_norm_elementwise_affine: bool = True
+    enable_bias: bool = True
+    activation_function: str = "relu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "ffn_dim", "word_embed_proj_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.activation_function != "relu":
+            raise ValueError(f"OPTConfig.activation_function {self.activation_function!r} is not "
+                             "supported: every OPT checkpoint uses 'relu'")
+        if not self.layer_norm_elementwise_affine or not self.enable_bias:
+            raise ValueError("OPTConfig: layer_norm_elementwise_affine=False and enable_bias=False "
+                             "are not supported (no published OPT checkpoint uses them)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_projections(self) -> bool:
+        """True for OPT-350m: embeddings live in word_embed_proj_dim and are projected."""
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "OPTConfig":
+        """Build from the keys of a Hugging Face config.json (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if "_remove_final_layer_norm" in raw:
+            values["remove_final_layer_norm"] = bool(raw["_remove_final_layer_norm"])
+        values.setdefault("word_embed_proj_dim", raw.get("hidden_size", cls.hidden_size))
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "OPTConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if raw.get("model_type", "opt") != "opt":
+            raise ValueError(f"{path}: model_type is {raw['model_type']!r}, expected 'opt'")
+        return cls.from_dict(raw)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json a Hugging Face checkpoint of this shape carries."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "remove_final_layer_norm"}
+        out["_remove_final_layer_norm"] = self.remove_final_layer_norm
+        out.update(model_type="opt", architectures=["OPTForCausalLM"])
+        return out
+
+    def num_parameters(self) -> int:
+        """Parameter count implied by the shape (lm_head is tied, so counted once)."""
+        h, f, p, layers = self.hidden_size, self.ffn_dim, self.word_embed_proj_dim, self.num_hidden_layers
+        per_layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+        total = self.vocab_size * p + (self.max_position_embeddings + 2) * h + layers * per_layer
+        if self.has_projections:
+            total += 2 * h * p
+        if self.has_final_layer_norm:
+            total += 2 * h
+        return total
+
+
+def _preset(hidden, layers, heads, ffn, proj=None, pre_ln=True) -> OPTConfig:
+    return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     ffn_dim=ffn, word_embed_proj_dim=proj or hidden, do_layer_norm_before=pre_ln)
+
+
+OPT_PRESETS: dict[str, OPTConfig] = {
+    "opt-125m": _preset(768, 12, 12, 3072),
+    "opt-350m": _preset(1024, 24, 16, 4096, proj=512, pre_ln=False),
+    "opt-1.3b": _preset(2048, 24, 32, 8192),
+    "opt-2.7b": _preset(2560, 32, 32, 10240),
+    "opt-6.7b": _preset(4096, 32, 32, 16384),
+    "opt-13b": _preset(5120, 40, 40, 20480),
+}
+
+_NAME = re.compile(r"^(?:facebook/)?(opt-(?:125m|350m|1\.3b|2\.7b|6\.7b|13b))(?:-en)?$", re.IGNORECASE)
+
+
+def hub_id_for(name: str) -> str | None:
+    """Map FlagAI names (`opt-1.3b-en`) and short names (`opt-1.3b`) to `facebook/opt-1.3b`."""
+    match = _NAME.match(name.strip())
+    return f"facebook/{match.group(1).lower()}" if match else None
+
+
+def preset_for(name: str) -> OPTConfig:
+    """The preset config for any spelling of the six size names."""
+    hub_id = hub_id_for(name)
+    if hub_id is None:
+        raise ValueError(f"model size {name!r} is not one of {sorted(OPT_PRESETS)}")
+    return OPT_PRESETS[hub_id.split("/", 1)[1]]
+
+
+@dataclass
+class EngineConfig:
+    """Validated keyword arguments of `LLM` and `Engine` (see DESIGN.md §3)."""
+    dtype: str = "auto"
+    device: str | None = None
+    kernels: str = "auto"
+    tensor_parallel_size: int = 1
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not (isinstance(self.gpu_memory_utilization, (int, float))
+                and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
+                             "is not built yet; only 1 is supported")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["OPTConfig", "OPT_PRESETS", "EngineConfig", "hub_id_for", "preset_for", "ceil_div"]

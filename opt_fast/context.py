@@ -1,0 +1,35 @@
+"""The per-step attention metadata, set by the model runner and read by every attention layer.
+
+One Context per forward pass instead of arguments threaded through each module. Tokens are
+packed prefills first, then decodes, so the attention layer splits them at `num_prefill_tokens`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    slot_mapping: torch.Tensor            # [tokens] int64 flat cache slot of each new token
+    num_prefill_tokens: int = 0
+    cu_seqlens_q: torch.Tensor | None = None          # [prefills + 1] int32
+    context_lens: torch.Tensor | None = None          # [prefills] int32 tokens cached before this step
+    prefill_block_tables: torch.Tensor | None = None  # [prefills, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None = None       # [decodes] int32, current token included
+    decode_block_tables: torch.Tensor | None = None   # [decodes, max_blocks] int32
+
+
+_CONTEXT: Context | None = None
+
+
+def set_context(context: Context | None) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def get_context() -> Context:
+    if _CONTEXT is None:
+        raise RuntimeError("no attention Context is set: call the model through the ModelRunner")
+    return _CONTEXT

@@ -1,0 +1,178 @@
+"""Engine: requests in, one step at a time, RequestOutputs out. The backend a server embeds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import EngineConfig, OPTConfig
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import OPTTokenizer
+from ..model.loader import resolve_model_path
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, StepResult
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+_MASK63 = (1 << 63) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit Philox key (splitmix64), so nearby inputs give unrelated keys."""
+    x = 0
+    for part in parts:
+        x = (x ^ (part & ((1 << 64) - 1))) + 0x9E3779B97F4A7C15 & ((1 << 64) - 1)
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & ((1 << 64) - 1)
+        x ^= x >> 31
+    return x & _MASK63
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, seqs: list[Sequence]):
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
+        self.params, self.seqs = params, seqs
+        self.prompt_logprobs = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        completions = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
+                                        s.output_logprobs, s.finish_reason) for s in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
+                             completions, self.finished)
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache (DESIGN.md §3).
+
+    `Engine(model, **kwargs)` takes the same keyword arguments as `LLM`. A server calls
+    `add_request`, then `step()` in a loop while `has_unfinished_requests()`.
+    """
+
+    def __init__(self, model: str | Path, progress: bool = False, **kwargs):
+        self.cfg = EngineConfig(**kwargs)
+        path = resolve_model_path(model)
+        self.model_config = OPTConfig.from_json(path / "config.json")
+        try:
+            self.tokenizer: OPTTokenizer | None = OPTTokenizer.from_dir(path)
+        except FileNotFoundError:
+            self.tokenizer = None     # token-id prompts still work; text prompts get a ValueError
+        self.vocab_size = self.tokenizer.vocab_size if self.tokenizer else self.model_config.vocab_size
+        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else self.model_config.eos_token_id
+        positions = self.model_config.max_position_embeddings
+        self.max_model_len = self.cfg.max_model_len or positions
+        if self.max_model_len > positions:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={positions}")
+        # Without chunked prefill a whole prompt must fit one step's token budget.
+        self.max_num_batched_tokens = max(self.cfg.max_num_batched_tokens or 0, self.max_model_len)
+        self.runner = ModelRunner(self.model_config, self.cfg, path, self.vocab_size,
+                                  self.max_model_len, progress=progress)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
+        self.requests: dict[str, _Request] = {}
+        self._num_requests = 0
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request. Bad input raises ValueError and leaves every other request untouched."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._prompt_ids(prompt)
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{total} exceeds max_model_len={self.max_model_len}")
+        blocks = -(-total // self.cfg.block_size)
+        if blocks > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {blocks} KV blocks, the cache has "
+                             f"{self.blocks.num_blocks}: raise num_kv_blocks or lower max_tokens")
+        base_seed = params.seed if params.seed is not None else derive_seed(self.cfg.seed, self._num_requests)
+        self._num_requests += 1
+        seqs = [Sequence(request_id, i, token_ids, params, base_seed & _MASK63 if i == 0
+                         else derive_seed(base_seed, i)) for i in range(params.n)]
+        for seq in seqs:
+            if self.tokenizer is not None:
+                seq.detokenizer = self.tokenizer.incremental_decoder(token_ids, params.skip_special_tokens)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model directory has no tokenizer files; "
+                                 "pass token ids instead")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
+        for token in prompt:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"prompt token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+        return None, list(prompt)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one model step. Returns the requests that advanced, with their text so far."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        results = self.runner.run(batch, self.eos_token_id)
+        advanced: dict[str, _Request] = {}
+        for seq, result in zip(batch.prefills + batch.decodes, results):
+            request = self.requests[seq.request_id]
+            if result.prompt_logprobs is not None:
+                request.prompt_logprobs = result.prompt_logprobs
+            seq.num_cached_tokens = seq.num_tokens
+            self._append(seq, result)
+            advanced[seq.request_id] = request
+        for request_id, request in advanced.items():
+            if request.finished:
+                del self.requests[request_id]
+        return [request.output() for request in advanced.values()]
+
+    def _append(self, seq: Sequence, result: StepResult) -> None:
+        token, params = result.token, seq.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += result.logprob
+        if seq.output_logprobs is not None:
+            seq.output_logprobs.append({token: result.logprob, **(result.top_logprobs or {})})
+        checked = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.step(token)
+        reason = self._stop_reason(seq, token, checked)
+        if reason:
+            self.scheduler.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int, checked: int) -> str | None:
+        """Why `seq` stops after `token`, or None; `checked` chars of its text had no stop string."""
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token == self.eos_token_id and not params.ignore_eos:
+                return "stop"
+            if token in params.stop_token_ids:
+                return "stop"
+            for stop in params.stop:
+                at = seq.text.find(stop, max(0, checked - len(stop) + 1))
+                if at >= 0:
+                    seq.text = seq.text[:at]
+                    return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        return None

@@ -1,0 +1,49 @@
+"""A sequence being generated: its tokens, its KV blocks and its stopping state."""
+from __future__ import annotations
+
+from enum import Enum, auto
+from itertools import count
+
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, seed: int):
+        self.seq_id = next(Sequence._ids)
+        self.request_id, self.index = request_id, index
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params, self.seed = params, seed
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0          # tokens whose K/V are in the cache
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.cumulative_logprob = 0.0
+        self.output_logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.detokenizer = None             # set by the engine when a tokenizer is loaded
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

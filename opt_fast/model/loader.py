@@ -1,0 +1,148 @@
+"""Checkpoint loading: resolve a model name to a directory, then stream its tensors into a model.
+
+Accepted layouts (Hugging Face and FlagAI): `model.safetensors`, `pytorch_model.bin`, or either
+sharded with an index json. Keys may be `model.decoder.*` or bare `decoder.*`; `lm_head.weight`
+is tied to the embedding and ignored. Each tensor is cast straight into its preallocated
+parameter (target dtype and device), so host memory never holds a second full copy.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..config import hub_id_for
+
+# (checkpoint name, packed parameter name, shard index within the packed parameter)
+_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
+_CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                     "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, or lacks or mis-shapes a tensor the model needs."""
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id (`facebook/opt-1.3b`) or a FlagAI/short name
+    (`opt-1.3b-en`, `opt-1.3b`) downloaded through huggingface_hub's snapshot cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    hub_id = hub_id_for(name) or (name if name.count("/") == 1 and not path.exists() else None)
+    if hub_id is None:
+        raise FileNotFoundError(f"model {name!r} is neither a local directory nor a hub id "
+                                "(like 'facebook/opt-125m' or 'opt-125m-en')")
+    return _download(hub_id)
+
+
+def _download(hub_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    folder = None
+    # Prefer safetensors; fall back to pytorch_model*.bin for repos that only publish those.
+    for weights in ("*.safetensors", "pytorch_model*.bin"):
+        try:
+            folder = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.txt", weights]))
+        except Exception as err:  # offline, unreachable, unknown repo: all end the same for a user
+            raise OSError(f"could not fetch {hub_id!r} from the Hugging Face hub ({type(err).__name__}: "
+                          f"{err}). Without network access, download the checkpoint elsewhere and "
+                          "pass its local directory path instead") from err
+        if any((folder / f).exists() for f in _CHECKPOINT_FILES):
+            break
+    return folder
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, shards in index order."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{folder / index}: not a valid shard index ({err!r})") from None
+            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            for shard in shards:
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
+            return shards
+    raise FileNotFoundError(f"{folder}: no checkpoint found (looked for {', '.join(_CHECKPOINT_FILES)})")
+
+
+def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor, read lazily: safetensors memory-mapped, .bin with mmap."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({err})") from None
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:
+                raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint "
+                                      f"({type(err).__name__}: {err})") from None
+            yield from state.items()
+
+
+def _target(key: str) -> tuple[str, int | None] | None:
+    """Checkpoint key -> (model parameter name, shard index), or None for keys not loaded."""
+    if key.startswith("model."):
+        key = key[len("model."):]
+    if not key.startswith("decoder."):
+        return None     # lm_head.weight (tied) and anything outside the decoder
+    module, _, leaf = key.rpartition(".")
+    owner, _, last = module.rpartition(".")
+    if last in _PACKED:
+        packed, shard = _PACKED[last]
+        return f"{owner}.{packed}.{leaf}", shard
+    return key, None
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None:
+    """Copy every parameter of `model` from the checkpoint in `folder`, checking names and shapes."""
+    params = dict(model.named_parameters())
+    expected = {(name, None) for name in params if ".qkv_proj." not in name}
+    expected |= {(name, shard) for name in params if ".qkv_proj." in name for shard in range(3)}
+    loaded: set[tuple[str, int | None]] = set()
+    files = checkpoint_files(folder)
+    tensors = iter_checkpoint_tensors(files)
+    if progress:
+        from tqdm import tqdm
+        tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=None)  # None: off unless a TTY
+    for key, tensor in tensors:
+        target = _target(key)
+        if target is None or target[0] not in params:
+            continue
+        name, shard = target
+        dest = params[name].data
+        if shard is not None:
+            rows = dest.shape[0] // 3
+            dest = dest[shard * rows:(shard + 1) * rows]
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        loaded.add(target)
+    missing = sorted(expected - loaded, key=str)
+    if missing:
+        names = [_checkpoint_name(name, shard) for name, shard in missing]
+        raise CheckpointError(f"{folder}: checkpoint lacks {len(names)} tensor(s): {', '.join(names[:8])}"
+                              + (" ..." if len(names) > 8 else ""))
+
+
+def _checkpoint_name(name: str, shard: int | None) -> str:
+    if shard is None:
+        return name
+    return name.replace(".qkv_proj.", f".{('q_proj', 'k_proj', 'v_proj')[shard]}.")

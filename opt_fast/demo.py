@@ -50,8 +50,8 @@ def random_state_dict(config: OPTConfig, seed: int = 0, dtype: torch.dtype = tor
                 f"{prefix}.bias": normal(h, std=0.02)}
 
     d = "model.decoder"
-    state = {f"{d}.embed_tokens.weight": normal(config.vocab_size, p, std=0.5),
-             f"{d}.embed_positions.weight": normal(config.max_position_embeddings + 2, h, std=0.1)}
+    state = {f"{d}.embed_tokens.weight": normal(config.vocab_size, p, std=0.3),
+             f"{d}.embed_positions.weight": normal(config.max_position_embeddings + 2, h, std=1.0)}
     if config.has_projections:
         state[f"{d}.project_in.weight"] = normal(h, p, std=p ** -0.5)
         state[f"{d}.project_out.weight"] = normal(p, h, std=h ** -0.5)

@@ -1,0 +1,115 @@
+"""OPT's tokenizer: GPT-2 byte-level BPE re-indexed RoBERTa-style, built on `tokenizers`.
+
+Ids match Hugging Face's OPT tokenizer (`GPT2Tokenizer` with `</s>` as bos/eos/unk and `<pad>`):
+`</s>` (2) is prepended as BOS and also ends generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.decoders import DecodeStream
+
+# Hugging Face's OPT config only makes `</s>` and `<pad>` special, so only these two are matched
+# as whole tokens inside text: "<s>" or "<mask>" in a prompt is BPE-split there, and must be here.
+_MATCHED_IN_TEXT = ("</s>", "<pad>")
+# Ids that carry no text; generated output drops them when skip_special_tokens is set.
+_SKIPPED_ON_DECODE = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+class OPTTokenizer:
+    """Byte-level BPE tokenizer with OPT's special tokens (`<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        """Wrap a `tokenizers.Tokenizer` whose vocabulary holds OPT's special tokens."""
+        self._tok = tokenizer
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        if "</s>" not in vocab:
+            raise ValueError("tokenizer vocabulary has no '</s>': not an OPT tokenizer")
+        # Registering a token already in the vocab keeps its id, so nothing is renumbered.
+        tokenizer.add_special_tokens(
+            [AddedToken(t, special=True) for t in _MATCHED_IN_TEXT if t in vocab])
+        self.eos_token_id: int = vocab["</s>"]
+        self.bos_token_id: int = self.eos_token_id
+        self.pad_token_id: int | None = vocab.get("<pad>")
+        self._special_ids = frozenset(vocab[t] for t in _SKIPPED_ON_DECODE if t in vocab)
+        # Max id + 1 rather than len(vocab): the model must mask every id the tokenizer can't map.
+        self._vocab_size = max(vocab.values()) + 1
+
+    @classmethod
+    def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> OPTTokenizer:
+        """Build from GPT-2 style `vocab.json` and `merges.txt`."""
+        tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return cls(tok)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> OPTTokenizer:
+        """Build from a checkpoint directory: `tokenizer.json`, else `vocab.json` + `merges.txt`."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            return cls.from_files(vocab, merges)
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: looked for tokenizer.json, or vocab.json and merges.txt")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (50265 for OPT; the embedding has 50272 rows)."""
+        return self._vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, with `</s>` prepended as BOS when `add_special_tokens`."""
+        # BOS is added here, never by the library: a tokenizer.json post-processor would double it.
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped when `skip_special_tokens`."""
+        ids = [int(i) for i in ids if not (skip_special_tokens and i in self._special_ids)]
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def incremental_decoder(self, prompt_ids: list[int] | None = None,
+                            skip_special_tokens: bool = True) -> IncrementalDecoder:
+        """A decoder that turns generated ids into text one id at a time."""
+        return IncrementalDecoder(self, prompt_ids, skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Streams text of generated ids: `"".join(step(i) for i in ids) + flush() == decode(ids)`."""
+
+    def __init__(self, tokenizer: OPTTokenizer, prompt_ids: list[int] | None,
+                 skip_special_tokens: bool):
+        self._tok = tokenizer._tok
+        self._skip_special_tokens = skip_special_tokens
+        self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()
+        self._pending: list[int] = []  # ids fed since the last piece, i.e. an unfinished character
+        context = [i for i in prompt_ids or () if i not in self._skip]
+        # The prompt gives decoders that strip a leading space (Metaspace) their context; byte-level
+        # tokens carry their own spaces. A prompt ending mid-character would make DecodeStream put
+        # that character, prompt bytes included, into the first piece: leave such a prompt out.
+        if context and self._tok.decode(context, skip_special_tokens).endswith("\ufffd"):
+            context = []
+        self._stream = DecodeStream(ids=context or None, skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        """New text from `token_id`; "" while a multi-byte character is still incomplete."""
+        if token_id in self._skip:
+            return ""
+        self._pending.append(token_id)
+        piece = self._stream.step(self._tok, token_id)
+        if piece is None:
+            return ""
+        self._pending.clear()
+        return piece
+
+    def flush(self) -> str:
+        """Text held back when the sequence ends mid-character (it decodes to U+FFFD); call last."""
+        # Pieces end on character boundaries, so the held ids decode correctly on their own.
+        text = self._tok.decode(self._pending, skip_special_tokens=self._skip_special_tokens)
+        self._pending.clear()
+        return text

@@ -100,6 +100,8 @@ def sample_ref(logits: torch.Tensor, vocab_size: int, temperature: torch.Tensor,
     if seen_ids.shape[1]:
         logits = apply_repetition_penalty_ref(logits, seen_ids, repetition_penalty)
     greedy = logits.argmax(dim=-1)
+    if not bool((temperature > 0).any()):   # all greedy: skip the filters and the random draw
+        return greedy, logsumexp
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = top_k_top_p_filter_ref(scaled, top_k, top_p)
     ids = torch.arange(vocab_size, device=logits.device)

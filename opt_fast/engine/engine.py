@@ -163,16 +163,19 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int, checked: int) -> str | None:
         """Why `seq` stops after `token`, or None; `checked` chars of its text had no stop string."""
         params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
-            if token == self.eos_token_id and not params.ignore_eos:
-                return "stop"
-            if token in params.stop_token_ids:
-                return "stop"
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        reason = None
+        if may_stop and ((token == self.eos_token_id and not params.ignore_eos)
+                         or token in params.stop_token_ids):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens:
+            reason = "length"
+        if reason and seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()   # a last, incomplete character is not lost
+        if may_stop:
             for stop in params.stop:
                 at = seq.text.find(stop, max(0, checked - len(stop) + 1))
                 if at >= 0:
-                    seq.text = seq.text[:at]
+                    seq.text = seq.text[:at]      # the stop string is not part of the output
                     return "stop"
-        if seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        return None
+        return reason

@@ -1,0 +1,241 @@
+"""The first engine: scheduling, paged cache, stopping, seeds and bad input, on a tiny random OPT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import test_device
+from opt_fast import Engine, LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (count,), generator=g).tolist()
+    return [[2] + torch.randint(4, 400, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_alone(model_dir, prompt, params):
+    llm = LLM(str(model_dir), device=test_device(), kernels="torch")
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+
+
+def drain(engine: Engine) -> dict:
+    final = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests():
+            return final
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def test_mixed_prefill_and_decode_step_equals_separate_runs(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    batches = []
+    real_run = engine.runner.run
+    engine.runner.run = lambda batch, eos: batches.append((len(batch.prefills), len(batch.decodes))) or real_run(batch, eos)
+    a, b = prompts(2, seed=1)
+    engine.add_request("a", a, GREEDY)
+    engine.step()
+    engine.add_request("b", b, GREEDY)
+    final = drain(engine)
+    assert (1, 1) in batches, batches      # one step really mixed a prefill with a decode
+    for name, prompt in (("a", a), ("b", b)):
+        assert final[name].outputs[0].token_ids == run_alone(tiny_model_dir, prompt, GREEDY).token_ids
+
+
+def test_preemption_loses_nothing_and_leaks_no_blocks(tiny_model_dir):
+    batch = prompts(12, seed=2)
+    # 12 sequences of up to 52 tokens need up to 48 blocks of 16; 14 forces preemption.
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", num_kv_blocks=14)
+    preempted = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: (lambda b: preempted.extend(b.preempted) or b)(schedule())
+    for i, p in enumerate(batch):
+        engine.add_request(str(i), p, GREEDY)
+    final = drain(engine)
+    assert preempted, "the pool was meant to be too small to hold every sequence"
+    assert engine.blocks.num_free_blocks == 14
+    reference = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").generate(batch, GREEDY, use_tqdm=False)
+    for i, ref in enumerate(reference):
+        assert final[str(i)].outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_batch_results_equal_each_prompt_alone(llm, tiny_model_dir):
+    batch = prompts(6, seed=3)
+    outs = llm.generate(batch, GREEDY, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == run_alone(tiny_model_dir, prompt, GREEDY).token_ids
+
+
+def test_seed_gives_same_tokens_whatever_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
+    target = prompts(1, seed=4)[0]
+    alone = llm.generate([target], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = prompts(5, seed=5)
+    mixed = llm.generate(others[:2] + [target] + others[2:],
+                         [SamplingParams(temperature=0.9, max_tokens=7, seed=i) for i in range(2)]
+                         + [params] + [SamplingParams(temperature=1.0, max_tokens=15) for _ in range(3)],
+                         use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, seed=99, ignore_eos=True)
+    assert llm.generate([target], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_are_reproducible_and_distinct(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    first = llm.generate([prompts(1, seed=6)[0]], params, use_tqdm=False)[0]
+    again = llm.generate([prompts(1, seed=6)[0]], params, use_tqdm=False)[0]
+    ids = [c.token_ids for c in first.outputs]
+    assert ids == [c.token_ids for c in again.outputs]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert len({tuple(t) for t in ids}) == 3
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    model, vocab = llm.engine.runner.model, llm.get_tokenizer().vocab_size
+    assert model.config.vocab_size > vocab
+    real = model.compute_logits
+
+    def favour_padding_rows(hidden):
+        logits = real(hidden)
+        logits[:, vocab:] += 1000.0
+        return logits
+    model.compute_logits = favour_padding_rows
+    outs = llm.generate(prompts(4, seed=7), [SamplingParams(temperature=t, max_tokens=6, seed=1, ignore_eos=True)
+                                             for t in (0.0, 0.5, 1.0, 2.0)], use_tqdm=False)
+    for out in outs:
+        assert max(out.outputs[0].token_ids) < vocab
+
+
+def test_stop_token_ids_max_tokens_and_min_tokens(llm):
+    prompt = prompts(1, seed=8)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = free[3]
+    first = free.index(stop_at)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at],
+                                                ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:first + 1] and out.finish_reason == "stop"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 3,
+                                                stop_token_ids=[stop_at], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= first + 3
+    assert stop_at not in out.token_ids[:first + 2]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:5] and out.finish_reason == "length"
+
+
+def test_eos_stops_unless_ignored(llm):
+    prompt = prompts(1, seed=9)[0]
+    engine = llm.engine
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    engine.eos_token_id = free[2]       # pretend the third greedy token is EOS
+    try:
+        stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+        ignored = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    finally:
+        engine.eos_token_id = llm.get_tokenizer().eos_token_id
+    first = free.index(free[2])
+    assert stopped.outputs[0].token_ids == free[:first + 1]
+    assert stopped.outputs[0].finish_reason == "stop"
+    assert ignored.outputs[0].token_ids == free
+
+
+def test_text_and_stop_strings(llm):
+    tok = llm.get_tokenizer()
+    out = llm.generate(["def main():\n    return"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                       use_tqdm=False)[0]
+    full = out.outputs[0].text
+    assert full == tok.decode(out.outputs[0].token_ids)
+    assert out.prompt_token_ids == tok.encode("def main():\n    return")
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3
+    cut = llm.generate(["def main():\n    return"], SamplingParams(temperature=0, max_tokens=16, stop=[stop],
+                                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[:full.index(stop)]
+    assert stop not in cut.text
+
+
+def test_engine_streams_text_so_far(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine.add_request("r", "import os", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    texts = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts.append(out.outputs[0].text)
+    assert len(texts) == 10
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(9))
+    assert out.finished and texts[-1] == engine.tokenizer.decode(out.outputs[0].token_ids)
+
+
+def test_bad_requests_fail_alone(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", max_model_len=64)
+    good = prompts(2, seed=10)
+    engine.add_request("good-0", good[0], GREEDY)
+    engine.step()
+    vocab = engine.vocab_size
+    bad = [("empty", [], GREEDY, "prompt"),
+           ("oov", [2, vocab], GREEDY, "outside the vocabulary"),
+           ("negative", [2, -1], GREEDY, "outside the vocabulary"),
+           ("too-long", [2] * 60, SamplingParams(max_tokens=10), "max_model_len"),
+           ("good-0", good[1], GREEDY, "already in use"),
+           ("not-params", good[1], {"temperature": 0}, "SamplingParams")]
+    for request_id, prompt, params, message in bad:
+        with pytest.raises(ValueError, match=message):
+            engine.add_request(request_id, prompt, params)
+    engine.add_request("good-1", good[1], GREEDY)
+    final = drain(engine)
+    assert sorted(final) == ["good-0", "good-1"]
+    assert all(len(o.outputs[0].token_ids) == 12 for o in final.values())
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_abort_frees_blocks_and_others_finish(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    for i, p in enumerate(prompts(5, seed=11)):
+        engine.add_request(str(i), p, GREEDY)
+    engine.step()
+    engine.step()
+    engine.abort_request("2")
+    final = drain(engine)
+    assert sorted(final) == ["0", "1", "3", "4"]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_llm_generate_rejects_a_bad_prompt_without_leaving_requests(llm):
+    with pytest.raises(ValueError):
+        llm.generate([[2, 5, 6], []], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate([[2, 5], [2, 6]], [GREEDY], use_tqdm=False)
+
+
+def test_text_prompt_without_tokenizer_is_a_value_error(tmp_path, tiny_model_dir):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    llm = LLM(str(tmp_path), device=test_device(), kernels="torch")
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("hello", GREEDY, use_tqdm=False)
+    assert len(llm.generate([[2, 7, 9]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
+
+
+def test_engine_config_errors_name_the_field(tiny_model_dir):
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(str(tiny_model_dir), block_size=12)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(tiny_model_dir), max_model_len=10_000)
+    with pytest.raises(NotImplementedError, match="triton"):
+        LLM(str(tiny_model_dir), kernels="triton")

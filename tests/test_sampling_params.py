@@ -1,0 +1,36 @@
+import math
+
+import pytest
+
+from opt_fast import SamplingParams
+
+BAD = [
+    ("n", 0), ("n", 1.5), ("n", True),
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
+    ("top_k", -2), ("top_k", 2.0),
+    ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5), ("top_p", math.nan), ("top_p", math.inf),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
+    ("repetition_penalty", math.inf),
+    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", None),
+    ("min_tokens", -1), ("seed", 1.5), ("logprobs", -1), ("prompt_logprobs", -1),
+    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD)
+def test_bad_values_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_is_rejected():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(top_p=1.0), dict(top_p=1e-9),
+                                    dict(top_k=-1), dict(top_k=0), dict(repetition_penalty=0.5),
+                                    dict(max_tokens=1), dict(seed=-5), dict(stop="x"), dict(logprobs=0)])
+def test_edge_values_are_accepted(kwargs):
+    params = SamplingParams(**kwargs)
+    assert isinstance(params.stop, list)

@@ -8,6 +8,7 @@ parameter (target dtype and device), so host memory never holds a second full co
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -88,7 +89,8 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
                 raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({err})") from None
         else:
             try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                # Only the zip format (torch >= 1.6) can be memory-mapped; older files load whole.
+                state = torch.load(file, map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
             except Exception as err:
                 raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint "
                                       f"({type(err).__name__}: {err})") from None

@@ -67,8 +67,9 @@ class ModelRunner:
             budget = free - (1 - self.cfg.gpu_memory_utilization) * total - activations
         else:
             budget = _CPU_KV_CACHE_BYTES
-        blocks = int(budget // self._bytes_per_block())
         needed = -(-max_model_len // self.block_size)
+        # More blocks than max_num_seqs full-length sequences can never be used.
+        blocks = min(int(budget // self._bytes_per_block()), self.cfg.max_num_seqs * needed)
         if blocks < needed:
             raise ValueError(f"KV cache of {blocks} blocks cannot hold one sequence of max_model_len="
                              f"{max_model_len} tokens ({needed} blocks); lower max_model_len or raise "

@@ -12,9 +12,9 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v -i 
 { date -u +"%Y-%m-%d %H:%M UTC"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/gpu_env.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 300 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log"
+timeout 260 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu-check: tests rc=$tests_rc, bench rc=$bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

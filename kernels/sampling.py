@@ -77,6 +77,8 @@ def top_k_top_p_filter_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: tor
     probs = torch.softmax(ranked, dim=-1)
     mass_above = torch.cumsum(probs, dim=-1) - probs
     num_kept = (mass_above < top_p[:, None]).sum(dim=-1).clamp(min=1)
+    # top_p = 1 is off: float32 cumsums reach 1.0 before the tail ends and would cut it.
+    num_kept = torch.where(top_p >= 1.0, vocab, num_kept)
     threshold = torch.maximum(kth, ranked.gather(1, (num_kept - 1)[:, None]))
     return logits.masked_fill(logits < threshold, float("-inf"))
 

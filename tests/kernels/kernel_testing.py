@@ -1,0 +1,126 @@
+"""Shared helpers for the kernel tests: the op tables under test, the device, tolerances, and the
+naive float64 re-computations every implementation is compared against.
+
+Nothing here calls the code under test: the naive references are written from the documented
+semantics (DESIGN.md §3-§5, the docstrings in kernels/), slowly and in float64, so a bug shared by
+the torch reference and a Triton kernel still shows.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from opt_fast.kernels import TORCH_OPS, get_ops
+
+
+def kernel_device() -> str:
+    """Same rule as tests/conftest.py's test_device: CUDA where there is one, else CPU."""
+    return os.environ.get("OPT_FAST_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DEVICE = kernel_device()
+
+
+def _op_tables() -> list:
+    """Every op table that exists here: the torch reference always, Triton once it is built
+    (on CPU it needs TRITON_INTERPRET=1 set before triton is imported)."""
+    tables = [pytest.param(TORCH_OPS, id="torch")]
+    try:
+        tables.append(pytest.param(get_ops("triton", DEVICE.split(":")[0]), id="triton"))
+    except NotImplementedError:
+        pass
+    return tables
+
+
+OPS = _op_tables()
+
+# (atol, rtol) against a float64 reference computed from the same (already rounded) inputs
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3)}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, g: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """Random normal values on DEVICE, never zero-filled."""
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def assert_close_to(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype,
+                    scale: float | None = None, factor: float = 1.0) -> None:
+    """actual (in `dtype`) against a float64 reference; atol is relative to the reference's rms
+    when `scale` is None, so the check means the same thing for outputs of any magnitude."""
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    assert torch.isfinite(actual).all(), "non-finite values in the output"
+    atol, rtol = TOL[dtype]
+    if scale is None:
+        scale = expected64.pow(2).mean().sqrt().item() or 1.0
+    torch.testing.assert_close(actual.double().cpu(), expected64.double().cpu(),
+                               atol=atol * scale * factor, rtol=rtol * factor)
+
+
+def packed_qkv(tokens: int, heads: int, head_dim: int, g: torch.Generator, dtype: torch.dtype,
+               q_scale: float = 1.5):
+    """q, k, v as the model passes them: strided views into one packed [T, 3, H, D] tensor."""
+    qkv = randn(tokens, 3, heads, head_dim, g=g, dtype=torch.float64)
+    qkv[:, 0] *= q_scale
+    qkv = qkv.to(dtype)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert tokens == 1 or not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    return q, k, v
+
+
+class PagedCache:
+    """A NaN-poisoned paged KV cache and block tables that are random permutations of the blocks.
+
+    Unused table entries point at blocks no sequence owns (still all NaN), so an implementation
+    that reads through them, or past a sequence's length in its last block, turns the output NaN.
+    """
+
+    def __init__(self, lengths: list[int], block_size: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, g: torch.Generator, spare_blocks: int = 3):
+        self.block_size = block_size
+        needed = [max(1, -(-n // block_size)) for n in lengths]
+        self.max_blocks = max(needed) + 1      # one padding entry at least, in every row
+        num_blocks = sum(needed) + spare_blocks
+        perm = torch.randperm(num_blocks, generator=g)
+        owned, spare = perm[:sum(needed)], perm[sum(needed):]
+        rows, start = [], 0
+        for n in needed:
+            row = owned[start:start + n].tolist()
+            start += n
+            pad = spare[torch.randint(len(spare), (self.max_blocks - n,), generator=g)].tolist()
+            rows.append(row + pad)
+        self.block_tables = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+        shape = (num_blocks, block_size, heads, head_dim)
+        self.key_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        self.value_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+    def slot(self, seq: int, pos: int) -> int:
+        return int(self.block_tables[seq, pos // self.block_size]) * self.block_size + pos % self.block_size
+
+    def store(self, seq: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Naively write the first len(keys) positions of sequence `seq`, token by token."""
+        for pos in range(keys.shape[0]):
+            b, o = divmod(self.slot(seq, pos), self.block_size)
+            self.key_cache[b, o] = keys[pos].to(self.key_cache.dtype)
+            self.value_cache[b, o] = values[pos].to(self.value_cache.dtype)
+
+
+def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           query_start: int) -> torch.Tensor:
+    """float64, one head and one query at a time: query i sits at position query_start + i and
+    sees keys 0..query_start+i. q: [q_len, H, D]; k, v: [kv_len, H, D]. Returns [q_len, H, D]."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        visible = query_start + i + 1
+        for h in range(q.shape[1]):
+            scores = (k[:visible, h] @ q[i, h]) * scale
+            weights = torch.exp(scores - scores.max())
+            out[i, h] = (weights / weights.sum()) @ v[:visible, h]
+    return out

@@ -1,0 +1,90 @@
+"""Prefill attention over packed variable-length sequences, with and without cached context.
+
+The new tokens' keys and values come from the k, v arguments; the context (context_lens[i] tokens
+before them) is read through the block table from a NaN-poisoned cache in which only the context
+slots hold data: the new tokens' own slots stay NaN, so an implementation must take them from k, v
+and must not read past a sequence's context in the cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_testing import (DEVICE, DTYPES, OPS, PagedCache, assert_close_to, gen, naive_causal_attention,
+                            packed_qkv, randn)
+
+
+def run_prefill(ops, seqs: list[tuple[int, int]], block_size: int, heads: int, head_dim: int,
+                dtype: torch.dtype, seed: int):
+    """seqs: (context_len, new_len) per sequence. Returns (output, expected float64)."""
+    g = gen(seed)
+    total_new = sum(n for _, n in seqs)
+    q, k, v = packed_qkv(total_new, heads, head_dim, g, dtype)
+    cache = PagedCache([c + n for c, n in seqs], block_size, heads, head_dim, dtype, g)
+    scale = head_dim ** -0.5
+    cu, expected, start = [0], [], 0
+    for i, (context, new) in enumerate(seqs):
+        ctx_k = randn(context, heads, head_dim, g=g, dtype=dtype)
+        ctx_v = randn(context, heads, head_dim, g=g, dtype=dtype)
+        cache.store(i, ctx_k, ctx_v)
+        s, e = start, start + new
+        keys = torch.cat([ctx_k, k[s:e]])
+        values = torch.cat([ctx_v, v[s:e]])
+        expected.append(naive_causal_attention(q[s:e], keys, values, scale, query_start=context))
+        start = e
+        cu.append(start)
+    out = ops.prefill_attention(
+        q, k, v, cache.key_cache, cache.value_cache,
+        torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=DEVICE),
+        cache.block_tables, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    return out, torch.cat(expected)
+
+
+# plain prefill: no context; lengths 1, block_size +- 1, just past a power of two
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_prefill_no_context(ops, dtype, block_size, head_dim):
+    lengths = [1, block_size - 1, block_size + 1, 33, 2]
+    seqs = [(0, n) for n in lengths]
+    out, expected = run_prefill(ops, seqs, block_size, 2, head_dim, dtype, seed=block_size + head_dim)
+    assert_close_to(out, expected, dtype, scale=1.0)
+
+
+# chunked prefill / recompute: context already cached, of lengths 1, block_size +- 1, 2**k + 1
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_prefill_with_context(ops, dtype, block_size, head_dim):
+    seqs = [(1, 5), (block_size - 1, 1), (block_size + 1, 3), (65, 7), (0, 4), (block_size, block_size + 1)]
+    out, expected = run_prefill(ops, seqs, block_size, 2, head_dim, dtype, seed=3 * block_size + head_dim)
+    assert_close_to(out, expected, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_prefill_single_sequence_many_heads(ops):
+    out, expected = run_prefill(ops, [(17, 23)], 16, 5, 80, torch.float32, seed=1)
+    assert_close_to(out, expected, torch.float32, scale=1.0)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_prefill_output_does_not_depend_on_other_sequences(ops):
+    """The same sequence, alone or packed between others, gives the same rows."""
+    g = gen(4)
+    heads, head_dim, block_size = 2, 64, 16
+    q, k, v = packed_qkv(30, heads, head_dim, g, torch.float32)
+    key_cache = torch.full((6, block_size, heads, head_dim), float("nan"), device=DEVICE)
+    value_cache = key_cache.clone()
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    both = ops.prefill_attention(q, k, v, key_cache, value_cache,
+                                 torch.tensor([0, 9, 21, 30], dtype=torch.int32, device=DEVICE),
+                                 torch.zeros(3, dtype=torch.int32, device=DEVICE), tables, scale)
+    alone = ops.prefill_attention(q[9:21], k[9:21], v[9:21], key_cache, value_cache,
+                                  torch.tensor([0, 12], dtype=torch.int32, device=DEVICE),
+                                  torch.zeros(1, dtype=torch.int32, device=DEVICE), tables[1:2], scale)
+    torch.testing.assert_close(both[9:21], alone, atol=1e-6, rtol=1e-6)

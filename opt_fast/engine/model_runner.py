@@ -42,10 +42,13 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            # Built on the meta device, then given uninitialised storage: random init of billions
+            # of parameters would be wasted, since the loader overwrites (and checks) every one.
+            with torch.device("meta"):
                 self.model = OPTForCausalLM(config, self.ops)
         finally:
             torch.set_default_dtype(default_dtype)
+        self.model.to_empty(device=self.device)
         load_weights(self.model, model_path, progress=progress)
         self.model.eval()
         self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks(max_model_len)

@@ -1,53 +1,66 @@
 """opt_fast.kernels: the ops the OPT layers call, behind one table per implementation.
 
-Each module holds one kernel family. Today every op is its plain-PyTorch reference; the Triton
-kernels arrive behind the same signatures, so the model switches with `kernels="triton"`.
+Each module holds one kernel family: its Triton kernels, the launcher that checks shapes, dtypes
+and strides (named like the op), and the plain-PyTorch reference (`*_ref`). `TORCH_OPS` holds
+the references; `triton_ops()` the launchers, with the same signatures.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
-from .attention import prefill_attention_ref
-from .kv_cache import write_kv_cache_ref
-from .layernorm_linear import (layer_norm_ref, layernorm_linear_ref, linear_residual_layernorm_ref,
-                               linear_residual_ref)
-from .paged_decode import paged_decode_attention_ref
-from .sampling import sample_ref
+import torch
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted; without CUDA
+# only the interpreter can run it, so say so before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import attention, kv_cache, layernorm_linear, paged_decode, sampling  # noqa: E402
 
 
 @dataclass(frozen=True)
 class KernelOps:
     """The op table one model instance runs on; see each reference for shapes."""
     name: str
-    layer_norm: Callable
-    layernorm_linear: Callable
-    linear_residual: Callable
-    linear_residual_layernorm: Callable
-    write_kv_cache: Callable
-    prefill_attention: Callable
-    paged_decode_attention: Callable
-    sample: Callable
+    layer_norm: Callable | None
+    layernorm_linear: Callable | None
+    linear_residual: Callable | None
+    linear_residual_layernorm: Callable | None
+    write_kv_cache: Callable | None
+    prefill_attention: Callable | None
+    paged_decode_attention: Callable | None
+    sample: Callable | None
+
+    def missing(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "name" and getattr(self, f.name) is None]
 
 
-TORCH_OPS = KernelOps(
-    name="torch",
-    layer_norm=layer_norm_ref,
-    layernorm_linear=layernorm_linear_ref,
-    linear_residual=linear_residual_ref,
-    linear_residual_layernorm=linear_residual_layernorm_ref,
-    write_kv_cache=write_kv_cache_ref,
-    prefill_attention=prefill_attention_ref,
-    paged_decode_attention=paged_decode_attention_ref,
-    sample=sample_ref,
-)
+_HOMES = dict(layer_norm=layernorm_linear, layernorm_linear=layernorm_linear,
+              linear_residual=layernorm_linear, linear_residual_layernorm=layernorm_linear,
+              write_kv_cache=kv_cache, prefill_attention=attention,
+              paged_decode_attention=paged_decode, sample=sampling)
+
+TORCH_OPS = KernelOps(name="torch", **{op: getattr(home, f"{op}_ref") for op, home in _HOMES.items()})
+
+
+def triton_ops() -> KernelOps:
+    """The Triton launchers; an op whose kernel is not built yet is None."""
+    return KernelOps(name="triton", **{op: getattr(home, op, None) for op, home in _HOMES.items()})
 
 
 def get_ops(kind: str, device_type: str) -> KernelOps:
-    """The op table for `kernels=kind` ("auto" | "torch" | "triton") on a device type."""
-    if kind in ("auto", "torch"):
+    """The op table for `kernels=kind`: "torch"; "triton" (every op a Triton kernel, interpreted
+    on CPU); "auto" (Triton on CUDA, with the torch reference for any op not built yet, and the
+    torch reference on CPU, where the interpreter would be far too slow)."""
+    if kind == "torch" or (kind == "auto" and device_type != "cuda"):
         return TORCH_OPS
-    if kind == "triton":
-        raise NotImplementedError("kernels='triton': the Triton kernels are not built yet; "
-                                  "use kernels='torch' (or 'auto')")
-    raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kind!r}")
+    if kind not in ("auto", "triton"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kind!r}")
+    table = triton_ops()
+    missing = table.missing()
+    if kind == "triton" and missing:
+        raise NotImplementedError(f"kernels='triton': no Triton kernel yet for {', '.join(missing)}; "
+                                  "use kernels='torch' or 'auto'")
+    return replace(table, name="auto", **{op: getattr(TORCH_OPS, op) for op in missing})

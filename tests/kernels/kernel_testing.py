@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from opt_fast.kernels import TORCH_OPS, get_ops
+from opt_fast.kernels import TORCH_OPS, triton_ops
 
 
 def kernel_device() -> str:
@@ -23,15 +23,24 @@ def kernel_device() -> str:
 DEVICE = kernel_device()
 
 
+class _TritonTable:
+    """The Triton op table as far as it is built: a test of an op with no kernel yet skips."""
+    id = "triton"
+
+    def __init__(self, table):
+        self._table = table
+
+    def __getattr__(self, name):
+        fn = getattr(self._table, name)
+        if fn is None:
+            pytest.skip(f"no Triton kernel for {name} yet")
+        return fn
+
+
 def _op_tables() -> list:
-    """Every op table that exists here: the torch reference always, Triton once it is built
-    (on CPU it needs TRITON_INTERPRET=1 set before triton is imported)."""
-    tables = [pytest.param(TORCH_OPS, id="torch")]
-    try:
-        tables.append(pytest.param(get_ops("triton", DEVICE.split(":")[0]), id="triton"))
-    except NotImplementedError:
-        pass
-    return tables
+    """Every op table under test: the torch reference, and the Triton launchers (interpreted on
+    CPU: opt_fast.kernels sets TRITON_INTERPRET=1 there before any kernel is defined)."""
+    return [pytest.param(TORCH_OPS, id="torch"), pytest.param(_TritonTable(triton_ops()), id="triton")]
 
 
 OPS = _op_tables()

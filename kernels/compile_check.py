@@ -1,0 +1,123 @@
+"""Ahead-of-time compile of every Triton kernel for real GPUs, with no GPU needed.
+
+Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
+sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
+its cuobjdump, and checks that GEMM-like kernels use tensor-core instructions. Run with
+`python -m opt_fast.kernels.compile_check` (or `make compile-check`); exits non-zero on any
+compile error or spill, or a GEMM-like kernel without `mma` / `wgmma`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+TARGETS = ((80, "sm_80"), (90, "sm_90"))
+
+
+@dataclass
+class CompileSpec:
+    """One specialisation of one kernel: argument types by name, e.g. {"x_ptr": "*fp16",
+    "n": "i32", "BLOCK": "constexpr"}, and the constexpr values by name."""
+    kernel: object
+    label: str
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    uses_mma: bool = False            # a GEMM-like kernel: must use tensor cores
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    label: str
+    target: str
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    tensor_cores: str = "-"
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.spill_bytes == 0
+
+
+def _cuobjdump() -> str:
+    import triton
+    found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not found:
+        raise RuntimeError("cuobjdump not found inside the triton wheel")
+    return found[0]
+
+
+def compile_one(spec: CompileSpec, capability: int, target_name: str) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    name = getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
+    result = CompileResult(name, spec.label, target_name)
+    try:
+        source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as err:  # a compile error is a finding, reported in the table
+        result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
+        return result
+    result.shared_bytes = compiled.metadata.shared
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    result.registers = int(regs.group(1)) if regs else -1
+    result.spill_bytes = int(stack.group(1)) if stack else -1
+    ptx = compiled.asm["ptx"]
+    found = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
+    result.tensor_cores = found
+    if spec.uses_mma and found == "none":
+        result.error = "GEMM-like kernel without tensor-core instructions"
+    return result
+
+
+def all_specs() -> list[CompileSpec]:
+    from . import attention, kv_cache, layernorm_linear, paged_decode, sampling
+    specs = []
+    for module in (layernorm_linear, kv_cache, attention, paged_decode, sampling):
+        if hasattr(module, "compile_specs"):
+            specs += module.compile_specs()
+    return specs
+
+
+def run(specs: list[CompileSpec] | None = None) -> list[CompileResult]:
+    specs = all_specs() if specs is None else specs
+    return [compile_one(spec, cap, name) for spec in specs for cap, name in TARGETS]
+
+
+def format_table(results: list[CompileResult]) -> str:
+    header = f"{'kernel':<34} {'specialisation':<36} {'target':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'tc':<5} status"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
+        lines.append(f"{r.kernel:<34} {r.label:<36} {r.target:<6} {r.registers:>4} {r.spill_bytes:>5} "
+                     f"{r.shared_bytes:>7} {r.tensor_cores:<5} {status}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    results = run()
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results)} compiles, {len(bad)} failing")
+    return 1 if bad or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

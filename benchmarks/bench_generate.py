@@ -34,8 +34,9 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int):
-    llm = LLM(str(ckpt), device=device, dtype=dtype, kernels="torch", num_kv_blocks=kv_blocks,
+def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
+                   kernels: str):
+    llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
               max_num_seqs=len(prompts))
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--kernels", default="auto", help="opt_fast kernels: auto (Triton on CUDA) | torch")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, so the script cannot rot")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +101,7 @@ def main() -> None:
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
             ours_s, ours_tokens = bench_opt_fast(ckpt, prompts, args.output_len, device,
-                                                 str(dtype).removeprefix("torch."), kv_blocks)
+                                                 str(dtype).removeprefix("torch."), kv_blocks, args.kernels)
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
         agree = sum(a[:16] == b[:16] for a, b in zip(ours_tokens, hf_tokens)) / len(prompts)
@@ -112,11 +114,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = dict(date=stamp, card=card, torch=torch.__version__, kernels="torch reference ops",
+    from opt_fast.kernels import triton_ops
+    fallback = triton_ops().missing() if args.kernels != "torch" and device == "cuda" else []
+    kernels = ("torch reference ops" if args.kernels == "torch" or device != "cuda" else "Triton")
+    if fallback:
+        kernels += f" (torch reference for {', '.join(fallback)})"
+    meta = dict(date=stamp, card=card, torch=torch.__version__, kernels=kernels,
                 note="random weights; greedy; EOS ignored; one timed run after a warm-up")
     (out_dir / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# LLM.generate vs HF generate — {card}, {stamp}", "",
-             f"torch {torch.__version__}; opt_fast kernels: torch reference ops (the Triton kernels are not built yet); "
+             f"torch {torch.__version__}; opt_fast kernels: {kernels}; "
              f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, {dtype}.", "",
              "| size | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
              "| --- | --- | --- | --- | --- |"]

@@ -237,5 +237,5 @@ def test_engine_config_errors_name_the_field(tiny_model_dir):
         LLM(str(tiny_model_dir), block_size=12)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(tiny_model_dir), max_model_len=10_000)
-    with pytest.raises(NotImplementedError, match="triton"):
-        LLM(str(tiny_model_dir), kernels="triton")
+    with pytest.raises(ValueError, match="kernels"):
+        LLM(str(tiny_model_dir), kernels="cuda")

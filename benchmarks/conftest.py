@@ -48,6 +48,8 @@ def run_benchmark(benchmark, fn, *, bytes_moved: int, flops: int, roofline: dict
         benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=5)
     else:
         benchmark.pedantic(call, rounds=1, iterations=1)
+    if benchmark.stats is None:   # --benchmark-disable (the test default): ran once as a smoke test
+        return
     seconds = benchmark.stats.stats.median
     info = benchmark.extra_info
     info.update(impl=impl, bytes=bytes_moved, flops=flops, gbps=bytes_moved / seconds / 1e9,

@@ -1,13 +1,27 @@
-"""LayerNorm fused with the linear layers around it: the torch reference ops.
+"""LayerNorm fused with the linear layers around it: Triton kernels, launchers, torch references.
 
-The decoder layer calls exactly these signatures; the Triton kernels (next issue) implement the
-same ones. x is `[tokens, in_features]`, weight is `[out_features, in_features]` (nn.Linear layout).
+x is `[tokens, in_features]`, weight is `[out_features, in_features]` (nn.Linear layout). One GEMM
+kernel serves every linear op: an optional LayerNorm prologue (row statistics from a first pass
+over K, then each A tile normalised as it is loaded) and an epilogue of bias, ReLU and residual.
+The LayerNorm is applied to the activations, never folded into the weight: the folded form
+`rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2 ** 31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# torch references (the contract every launcher below matches)
+# --------------------------------------------------------------------------------------------
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with statistics in float32.
@@ -41,3 +55,401 @@ def linear_residual_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: t
                                   ln_bias: torch.Tensor, eps: float) -> torch.Tensor:
     """`LN(x @ weight.T + bias + residual)`: the post-LN (OPT-350m) layout after out_proj and fc2."""
     return layer_norm_ref(linear_residual_ref(x, weight, bias, residual), ln_weight, ln_bias, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _recip_f64(x):
+    """1/x for float64 x without a float64 division, which ptxas expands into a slow-path
+    subroutine with a stack frame: a float32 estimate and one Newton step (error ~1e-13)."""
+    r = (1.0 / x.to(tl.float32)).to(tl.float64)
+    return r * (2.0 - x * r)
+
+
+@triton.jit
+def _rsqrt_f64(x):
+    """1/sqrt(x) for float64 x > 0, as _recip_f64: float32 estimate, one Newton step."""
+    r = tl.math.rsqrt(x.to(tl.float32)).to(tl.float64)
+    return r * (1.5 - 0.5 * x * r * r)
+
+
+@triton.jit
+def _row_stats(x_ptr,            # [M, K] rows to normalise, any strides
+               rows, row_mask, stride_xm, stride_xk, K, eps,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Mean and 1/std (`[BLOCK_M]`, in ACC: float32 or float64) of `rows` over K.
+
+    Each BLOCK_K chunk is centred on its own mean before squaring and the chunks are merged with
+    Chan's parallel update, so rows whose mean is far above their spread, or with channels ~100x
+    the rest, lose nothing to cancellation (a one-pass E[x^2] - E[x]^2 would). The merge and rstd
+    run in float64 on `[BLOCK_M]` vectors (negligible work): in float32 their roundings alone
+    cost ~1e-7 of rstd, which shows as fp16 misrounding where LN's two terms nearly cancel.
+    """
+    mean = tl.zeros([BLOCK_M], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=mask, other=0.0).to(ACC)
+        n_seen = tl.cast(k0, tl.float64)                      # every earlier chunk was full
+        n_chunk = tl.cast(tl.minimum(K - k0, BLOCK_K), tl.float64)
+        chunk_mean = tl.sum(x, axis=1) * _recip_f64(n_chunk).to(ACC)
+        centred = tl.where(mask, x - chunk_mean[:, None], 0.0)
+        chunk_m2 = tl.sum(centred * centred, axis=1).to(tl.float64)
+        chunk_share = n_chunk * _recip_f64(n_seen + n_chunk)
+        delta = chunk_mean.to(tl.float64) - mean
+        mean += delta * chunk_share
+        m2 += chunk_m2 + delta * delta * (n_seen * chunk_share)
+    rstd = _rsqrt_f64(m2 * _recip_f64(tl.cast(K, tl.float64)) + eps)
+    return mean.to(ACC), rstd.to(ACC)
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr: see below)
+                       w_ptr,     # [N] gamma, contiguous
+                       b_ptr,     # [N] beta, contiguous
+                       out_ptr,   # [M, N] output, any strides
+                       M, N, stride_xm, stride_xn, stride_om, stride_on, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # float64 throughout: in float32 the roundings of (x - mean) * rstd * gamma + beta misround
+    # fp16 results where the two terms nearly cancel (error past 0.75 ulp on outlier rows). The
+    # kernel is memory-bound, so on A100 / H100 the float64 math is hidden behind the loads.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xn, N, eps,
+                            BLOCK_M, BLOCK_N, tl.float64)
+    # A program owns whole rows and reads each chunk before writing it, so the post-LN GEMM can
+    # normalise its output in place.
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
+                    mask=mask, other=0.0).to(tl.float64)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
+        y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        # via float32: there is no direct float64 -> bfloat16 conversion (and the extra
+        # rounding moves a 16-bit result by at most 2**-13 of its ulp)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 y.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
+                         ln_w_ptr,   # [K] LayerNorm gamma, contiguous (read only with HAS_LN)
+                         ln_b_ptr,   # [K] LayerNorm beta, contiguous (read only with HAS_LN)
+                         w_ptr,      # [N, K] nn.Linear weight, any strides
+                         bias_ptr,   # [N] bias, contiguous
+                         res_ptr,    # [M, N] residual, any strides (read only with HAS_RESIDUAL)
+                         out_ptr,    # [M, N] output, any strides
+                         M, N, K,
+                         stride_xm, stride_xk, stride_wn, stride_wk,
+                         stride_rm, stride_rn, stride_om, stride_on, eps,
+                         HAS_LN: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation."""
+    # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_width = GROUP_M * blocks_n
+    first_m = (pid // group_width) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_width) % group_rows
+    pid_n = (pid % group_width) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    if HAS_LN:
+        mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
+                                BLOCK_M, BLOCK_K, tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_LN:
+            # gamma = beta = 0 past K, so the K tail of the normalised tile is exactly zero
+            g = tl.load(ln_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            beta = tl.load(ln_b_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+            a = a_norm.to(x_ptr.dtype.element_ty)   # rounded like the unfused LN output
+        # the weight tile as [BLOCK_K, BLOCK_N] = w^T, straight from nn.Linear's [N, K]
+        b = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        # ieee: fp32 inputs would otherwise run as TF32 on GPUs (no effect on fp16 / bf16)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                       mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes
+# --------------------------------------------------------------------------------------------
+
+GROUP_M = 8
+_LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
+
+
+def _ln_blocks(n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the LayerNorm kernel: chunks of up to 1024 columns, and as many rows
+    as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program)."""
+    block_n = min(1024, triton.next_power_of_2(n))
+    return _LN_TILE // block_n, block_n
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132    # an H100, so the interpreter picks the tiles a GPU would
+
+
+# (max tokens, BLOCK_M, BLOCK_K, widest BLOCK_N, num_warps, num_stages). Decode-sized M streams the
+# weight once and is bandwidth-bound: a short M tile, a long K tile and 4 stages keep loads in
+# flight. Prefill is compute-bound: 128x128 tiles at 8 warps.
+_M_TIERS = ((16, 16, 128, 64, 4, 4), (32, 32, 128, 64, 4, 4), (64, 64, 64, 64, 4, 4),
+            (None, 128, 64, 128, 8, 3))
+_MIN_BLOCK_N = 16    # tl.dot's smallest N
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        # fp32 "ieee" dots run on FMA units with both operand tiles in registers: keep them small
+        # (64x64 with the LN prologue already spills on sm_80)
+        block_m, block_n, block_k, warps, stages = min(block_m, 32), min(block_n, 64), min(block_k, 32), 4, 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+                num_warps=warps, num_stages=stages)
+
+
+def _gemm_config(m: int, n: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options for an [m, k] x [k, n] GEMM (reasoning at _M_TIERS)."""
+    _, block_m, block_k, block_n, warps, stages = next(t for t in _M_TIERS if t[0] is None or m <= t[0])
+    # A grid with fewer programs than SMs leaves bandwidth unused (decode, out_proj / fc2 with
+    # narrow N): narrow the N tile until every SM has a program.
+    while block_n > _MIN_BLOCK_N and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < _num_sms(device):
+        block_n //= 2
+    return _config(block_m, block_n, block_k, warps, stages, dtype)
+
+
+def _gemm_configs(dtype: torch.dtype) -> list[dict]:
+    """Every configuration _gemm_config can return for `dtype`, for the compile check."""
+    configs = []
+    for _, block_m, block_k, widest_n, warps, stages in _M_TIERS:
+        block_n = widest_n
+        while block_n >= _MIN_BLOCK_N:
+            cfg = _config(block_m, block_n, block_k, warps, stages, dtype)
+            if cfg not in configs:
+                configs.append(cfg)
+            block_n //= 2
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _check_2d(name: str, t, shape: tuple, x: torch.Tensor) -> None:
+    """A 2-D tensor of `shape` (None: any size) with x's dtype and device; any strides."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or any(
+            want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = "x".join("*" if d is None else str(d) for d in shape)
+        raise ValueError(f"{name} must be a [{want}] tensor, got {getattr(t, 'shape', type(t))}")
+    if t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name} is {t.dtype} on {t.device}, expected {x.dtype} on {x.device} like x")
+    if sum((d - 1) * st for d, st in zip(t.shape, t.stride())) > _INT32_MAX:
+        raise ValueError(f"{name} with strides {t.stride()} does not fit the kernels' int32 offsets")
+
+
+def _check_vector(name: str, t, n: int, x: torch.Tensor) -> None:
+    """A contiguous [n] tensor with x's dtype and device (LayerNorm parameters, biases)."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must be a [{n}] tensor, got {getattr(t, 'shape', type(t))}")
+    if t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name} is {t.dtype} on {t.device}, expected {x.dtype} on {x.device} like x")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        got = getattr(x, "dtype", type(x))
+        raise ValueError(f"x must be a float16, bfloat16 or float32 tensor, got {got}")
+    _check_2d("x", x, (None, None), x)
+
+
+def _check_linear(x, weight, bias) -> int:
+    """Checks x, weight `[out, in]` and bias `[out]`; returns out."""
+    _check_x(x)
+    _check_2d("weight", weight, (None, x.shape[1]), x)
+    _check_vector("bias", bias, weight.shape[0], x)
+    return weight.shape[0]
+
+
+def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
+    cfg = _gemm_config(m, n, x.device, x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    has_ln, has_res = ln_weight is not None, residual is not None
+    # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
+    ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
+    res = residual if has_res else out
+    _fused_linear_kernel[grid](x, ln_w, ln_b, weight, bias, res, out, m, n, k,
+                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                               res.stride(0), res.stride(1), out.stride(0), out.stride(1), eps,
+                               HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res, **cfg)
+
+
+def _launch_layer_norm(x, weight, bias, eps, out) -> None:
+    m, n = x.shape
+    block_m, block_n = _ln_blocks(n)
+    _layer_norm_kernel[(triton.cdiv(m, block_m),)](
+        x, weight, bias, out, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of each row of x `[tokens, n]` (any strides), as `layer_norm_ref`.
+
+    weight, bias: `[n]`. Statistics and normalisation run in float64 and are rounded once, so
+    fp16 rows with outlier channels come out correctly rounded. Returns a new contiguous tensor
+    of x's dtype.
+    """
+    _check_x(x)
+    _check_vector("weight", weight, x.shape[1], x)
+    _check_vector("bias", bias, x.shape[1], x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch_layer_norm(x, weight, bias, eps, out)
+    return out
+
+
+def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                     weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     relu: bool = False) -> torch.Tensor:
+    """`[relu](LN(x) @ weight.T + bias)` in one kernel; with ln_weight None a plain linear.
+
+    x: `[tokens, in]` (any strides); weight: `[out, in]` (nn.Linear layout, any strides); bias:
+    `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
+    it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
+    """
+    n = _check_linear(x, weight, bias)
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must both be given or both be None")
+    if ln_weight is not None:
+        _check_vector("ln_weight", ln_weight, x.shape[1], x)
+        _check_vector("ln_bias", ln_bias, x.shape[1], x)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch_linear(x, ln_weight, ln_bias, weight, bias, None, eps, bool(relu), out)
+    return out
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T + bias + residual` with both adds in the GEMM epilogue (out_proj, fc2).
+
+    x: `[tokens, in]`, residual: `[tokens, out]` (both any strides); weight: `[out, in]`; bias:
+    `[out]`. Returns a new contiguous `[tokens, out]` tensor.
+    """
+    n = _check_linear(x, weight, bias)
+    _check_2d("residual", residual, (x.shape[0], n), x)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out)
+    return out
+
+
+def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              residual: torch.Tensor, ln_weight: torch.Tensor,
+                              ln_bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """`LN(x @ weight.T + bias + residual)`, the post-LN (OPT-350m) layout.
+
+    Two launches: the GEMM writes the pre-norm sum (rounded to x's dtype, as the unfused layout
+    does) and the LayerNorm kernel normalises it in place, since the statistics need whole rows,
+    which no GEMM program holds. Shapes as `linear_residual`; ln_weight, ln_bias: `[out]`.
+    """
+    n = _check_linear(x, weight, bias)
+    _check_2d("residual", residual, (x.shape[0], n), x)
+    _check_vector("ln_weight", ln_weight, n, x)
+    _check_vector("ln_bias", ln_bias, n, x)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out)
+        _launch_layer_norm(out, ln_weight, ln_bias, eps, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (kernels/compile_check.py)
+# --------------------------------------------------------------------------------------------
+
+# the widths the LayerNorm kernel sees: OPT hidden sizes (768 ... 5120), and 350m's 512
+_LN_WIDTHS = (512, 768, 1024, 2048, 2560, 4096, 5120)
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# (HAS_LN, RELU, HAS_RESIDUAL): the heaviest prologue and the heaviest epilogue. The decoder's
+# other combinations (LN alone, plain, ReLU alone) use the same or fewer registers than these
+# (checked once on the full set: LN and LN+ReLU compile alike, plain and ReLU below residual).
+_LINEAR_FLAGS = ((True, True, False), (False, False, True))
+
+
+# The JIT specialises an int argument equal to 1 as a constant, and marks ints that are multiples
+# of 16 (and torch's allocations) as such: the specs do the same for the model's layout, row-major
+# activations and nn.Linear weights of OPT widths. Other layouts run a generic variant.
+_LN_UNIT_STRIDES = ("stride_xn", "stride_on")
+_GEMM_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_rn", "stride_on")
+_GEMM_DIVISIBLE = ("N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om")
+
+
+def compile_specs() -> list:
+    """Every specialisation the launchers can pick (block configurations x dtypes, the heaviest
+    flags), for the sm_80 / sm_90 compile check. Shapes enter only through _ln_blocks."""
+    from .compile_check import CompileSpec
+    specs = []
+    for dtype, t in _TYPES.items():
+        ptr = f"*{t}"
+        ln_sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
+                      stride_xm="i32", stride_xn="constexpr", stride_om="i32", stride_on="constexpr",
+                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr")
+        for block_m, block_n in sorted({_ln_blocks(n) for n in _LN_WIDTHS}):
+            specs.append(CompileSpec(
+                _layer_norm_kernel, f"{t} {block_m}x{block_n}", ln_sig,
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
+                divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4))
+        gemm_sig = dict(x_ptr=ptr, ln_w_ptr=ptr, ln_b_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, res_ptr=ptr,
+                        out_ptr=ptr, M="i32", N="i32", K="i32",
+                        stride_xm="i32", stride_xk="constexpr", stride_wn="i32", stride_wk="constexpr",
+                        stride_rm="i32", stride_rn="constexpr", stride_om="i32", stride_on="constexpr",
+                        eps="fp32", HAS_LN="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr",
+                        BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
+        for cfg in _gemm_configs(dtype):
+            blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
+            for has_ln, relu, has_res in _LINEAR_FLAGS:
+                flags = "+".join(f for f, on in (("ln", has_ln), ("relu", relu), ("res", has_res)) if on)
+                label = (f"{t} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
+                         f"w{cfg['num_warps']}s{cfg['num_stages']} {flags}")
+                specs.append(CompileSpec(
+                    _fused_linear_kernel, label, gemm_sig,
+                    dict(blocks, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
+                         **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
+                    uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
+                    divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"]))
+    return specs

@@ -1,7 +1,294 @@
-"""Decode attention over the paged KV cache, one query token per sequence: the torch reference."""
+"""Decode attention over the paged KV cache, one query token per sequence: the Triton kernels
+(split-K over the context, then a merge), their launcher and the torch reference.
+
+Decode is a GEMV per (sequence, head): every cached key and value is read once and used once, so
+the kernel is bound by memory bandwidth and its job is to keep enough bytes in flight. A grid of
+(seqs, heads) programs does that when there are many sequences; with few sequences and long
+contexts each (sequence, head) is split over `kv_splits` programs that each walk one slice of the
+block table and write a partial output with its log-sum-exp, merged by a second small kernel
+(the flash-decoding scheme of vLLM / LightLLM / SGLang).
+"""
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+# SM count assumed where none can be queried (CPU, interpreter, compile check): H100 / H200.
+_DEFAULT_SMS = 132
+# Split only while (seqs x heads) programs are fewer than this many per SM...
+_FILL_PER_SM = 2
+# ...aiming for this many programs per SM once split, so that several tiles per SM are in flight.
+_TARGET_PER_SM = 4
+# A split shorter than this costs more in its partial write and merge than it gains in overlap.
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 32
+# Bytes of one K (or V) tile per loop iteration: 16 KB keeps two tiles in flight per program
+# without spilling (see compile_specs) and makes a head_dim-128 fp16 tile 64 tokens.
+_TILE_BYTES = 16384
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,              # [seqs, heads, head_dim] any strides
+    key_cache_ptr,      # [num_blocks, block_size, heads, head_dim]
+    value_cache_ptr,    # [num_blocks, block_size, heads, head_dim], strides of key_cache
+    block_tables_ptr,   # [seqs, max_blocks] int32
+    seq_lens_ptr,       # [seqs] int32, keys per sequence (current token included)
+    out_ptr,            # SPLIT: [seqs, heads, kv_splits, HEAD_DIM] fp32, else [seqs, heads, HEAD_DIM], contiguous
+    lse_ptr,            # SPLIT: [seqs, heads, kv_splits] fp32 log2-sum-exp2 of each split; unused otherwise
+    qk_scale,           # softmax scale * log2(e): the kernel works in base 2 (exp2 is one instruction)
+    max_blocks, split_tokens,
+    stride_qs, stride_qh, stride_qd,
+    stride_bs, stride_bb,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,   # tokens per cache block
+    BLOCK_N: tl.constexpr,      # tokens per loop iteration (may span several cache blocks)
+    BLOCK_D: tl.constexpr,      # head_dim padded to a power of two (80 -> 128)
+    SPLIT: tl.constexpr,        # write partial output + lse for the merge kernel
+    ALIGNED: tl.constexpr,      # every cache row starts 16-byte aligned (checked by the launcher)
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    # Clamped to the table width so a bad length can never index past a row of block_tables.
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks * BLOCK_SIZE)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qs + head * stride_qh + offs_d * stride_qd, mask=d_mask, other=0.0)
+    q = q.to(tl.float32) * qk_scale
+    table_row = block_tables_ptr + seq * stride_bs
+    head_offset = head * stride_ch
+
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    # One table entry per token (repeated within a cache block; those loads hit L1), so a tile
+    # can span several small cache blocks. Entries past the length are never read: padding
+    # entries of a row may hold any block id. The next tile's entries are loaded before this
+    # tile's math, so the table lookup is off the loop's critical path.
+    offs_n = start + tl.arange(0, BLOCK_N)
+    block = tl.load(table_row + (offs_n // BLOCK_SIZE) * stride_bb, mask=offs_n < end, other=0)
+    for _ in range(start, end, BLOCK_N):
+        n_mask = offs_n < end
+        # int64: block * stride overflows int32 in a cache of more than 2**31 elements per layer.
+        token_offset = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + head_offset
+        k_ptrs = key_cache_ptr + token_offset[:, None] + offs_d[None, :] * stride_cd
+        v_ptrs = value_cache_ptr + token_offset[:, None] + offs_d[None, :] * stride_cd
+        if ALIGNED:
+            # The launcher checked 16-byte aligned rows; saying so here makes the loads 16-byte
+            # vectors whatever the JIT knows about the arguments (and in the compile check).
+            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
+        # Masked loads, never a multiply by zero: unused slots may hold NaN.
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        offs_n += BLOCK_N
+        block = tl.load(table_row + (offs_n // BLOCK_SIZE) * stride_bb, mask=offs_n < end, other=0)
+        qk = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        qk = tl.where(n_mask, qk, float("-inf"))
+        # Every iteration holds at least one valid token, so m_new is finite and no inf - inf.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    # l_i is 0 only for an empty split (or a zero-length padding row): write zeros, not NaN.
+    has_keys = l_i > 0
+    out = tl.where(has_keys, acc / tl.where(has_keys, l_i, 1.0), 0.0)
+    row = seq * tl.num_programs(1) + head
+    if SPLIT:
+        part = row * tl.num_programs(2) + split
+        tl.store(out_ptr + part * HEAD_DIM + offs_d, out, mask=d_mask)
+        tl.store(lse_ptr + part, tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf")))
+    else:
+        tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr,           # [seqs, heads, kv_splits, HEAD_DIM] fp32 partial outputs, each normalised
+    lse_ptr,            # [seqs, heads, kv_splits] fp32 log2-sum-exp2 per split
+    seq_lens_ptr,       # [seqs] int32
+    out_ptr,            # [seqs, heads, HEAD_DIM] contiguous, the query's dtype
+    kv_splits, split_tokens, max_tokens,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,   # kv_splits padded to a power of two
+):
+    seq = tl.program_id(0)
+    row = seq.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_tokens)
+    # Splits past the sequence's end wrote -inf and zeros; masking them here as well costs nothing.
+    used = tl.cdiv(seq_len, split_tokens)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < tl.minimum(used, kv_splits)
+    lse = tl.load(lse_ptr + row * kv_splits + offs_s, mask=s_mask, other=float("-inf"))
+    part_ptrs = part_ptr + (row * kv_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
+    if HEAD_DIM % 4 == 0:
+        # The launcher allocates the partials: fp32 rows of HEAD_DIM start 16-byte aligned.
+        part_ptrs = tl.multiple_of(part_ptrs, [1, 16])
+    part = tl.load(part_ptrs, mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    lse_max = tl.max(lse, axis=0)
+    # A zero-length row has every lse at -inf: weigh against 0 instead, giving zeros, not NaN.
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _block_n(head_dim: int, dtype: torch.dtype, aligned: bool) -> int:
+    """Tokens per loop tile. Without 16-byte alignment every element needs its own address
+    register, so the tile is a quarter of the size to stay clear of spills."""
+    block_d = triton.next_power_of_2(head_dim)
+    tile_bytes = _TILE_BYTES if aligned else _TILE_BYTES // 4
+    return max(16, min(128, tile_bytes // (block_d * dtype.itemsize)))
+
+
+def _rows_aligned(cache: torch.Tensor) -> bool:
+    """Whether every [head_dim] row of the cache starts on a 16-byte boundary and is contiguous."""
+    size = cache.element_size()
+    return (cache.data_ptr() % 16 == 0 and cache.stride(-1) == 1
+            and all(stride * size % 16 == 0 for stride in cache.stride()[:-1]))
+
+
+def choose_num_splits(seqs: int, heads: int, max_tokens: int, sms: int = _DEFAULT_SMS) -> int:
+    """kv_splits from host-known shapes only (max_tokens = block_tables.shape[1] * block_size),
+    never from the lengths on the device, so a CUDA graph captures a fixed grid. One split when
+    seqs x heads programs already fill the SMs or the context is short."""
+    programs = seqs * heads
+    if programs >= _FILL_PER_SM * sms:
+        return 1
+    wanted = triton.cdiv(_TARGET_PER_SM * sms, programs)
+    return max(1, min(wanted, max_tokens // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           *, num_splits: int | None = None) -> torch.Tensor:
+    """Triton version of `paged_decode_attention_ref` (same arguments and result).
+
+    `num_splits` overrides the split heuristic (`choose_num_splits`), for tests; it is an upper
+    bound, lowered where needed so that every split holds whole loop tiles. Nothing here
+    reads device memory, so the launch is CUDA-graph capturable. A sequence of length 0 (a
+    padding row of a graph batch) gets zeros. Softmax in float32; cache slots past each
+    sequence's length and block-table entries past its last block are never read.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [seqs, heads, head_dim], got {tuple(q.shape)}")
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache and value_cache must both be [num_blocks, block_size, heads, head_dim], "
+                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError(f"key_cache and value_cache must share strides, got {key_cache.stride()} "
+                         f"and {value_cache.stride()}")
+    seqs, heads, head_dim = q.shape
+    if key_cache.shape[2:] != q.shape[1:]:
+        raise ValueError(f"cache heads x head_dim {tuple(key_cache.shape[2:])} != q's {tuple(q.shape[1:])}")
+    if q.dtype not in _DTYPES or key_cache.dtype != q.dtype or value_cache.dtype != q.dtype:
+        raise ValueError(f"q, key_cache and value_cache must share one dtype of float16, bfloat16, "
+                         f"float32; got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != seqs or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be [{seqs}, max_blocks] int32, got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype}")
+    if seq_lens.shape != (seqs,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be [{seqs}] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    devices = {t.device for t in (q, key_cache, value_cache, block_tables, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if num_splits is not None and not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+
+    out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
+    max_blocks, block_size = block_tables.shape[1], key_cache.shape[1]
+    max_tokens = max_blocks * block_size
+    if seqs == 0 or heads == 0:
+        return out
+    if max_tokens == 0:
+        return out.zero_()
+    if num_splits is None:
+        num_splits = choose_num_splits(seqs, heads, max_tokens, _sm_count(q.device))
+    aligned = _rows_aligned(key_cache) and _rows_aligned(value_cache)
+    block_n = _block_n(head_dim, q.dtype, aligned)
+    block_d = triton.next_power_of_2(head_dim)
+    # Whole loop tiles per split, so only a sequence's last tile is partial.
+    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_tokens, split_tokens)
+    split = num_splits > 1
+    if split:
+        target = torch.empty((seqs, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        target, lse = out, out   # lse is never touched without SPLIT
+    _paged_decode_kernel[(seqs, heads, num_splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, target, lse,
+        float(scale) * _LOG2E, max_blocks, split_tokens,
+        *q.stride(), *block_tables.stride(), *key_cache.stride(),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split,
+        ALIGNED=aligned, num_warps=4)
+    if split:
+        _merge_splits_kernel[(seqs, heads)](
+            target, lse, seq_lens, out, num_splits, split_tokens, max_tokens,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def compile_specs() -> list:
+    """Every specialisation OPT runs: head_dim 64/80/128 x fp16/bf16 x block_size 8/16/32, split
+    and not, on an aligned cache, plus the merge; fp32 and the unaligned fallback at block_size
+    16. Unit last-dim strides are constants, as the JIT makes them on a real launch."""
+    from .compile_check import CompileSpec
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    cases = [(dtype, head_dim, block_size, aligned)
+             for dtype in ("fp16", "bf16") for head_dim in (64, 80, 128) for block_size in (8, 16, 32)
+             for aligned in (True, False) if aligned or block_size == 16]
+    cases += [("fp32", head_dim, 16, aligned) for head_dim in (64, 80, 128) for aligned in (True, False)]
+    specs = []
+    for dtype, head_dim, block_size, aligned in cases:
+        block_d = triton.next_power_of_2(head_dim)
+        for split in (False, True):
+            sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}", "value_cache_ptr": f"*{dtype}",
+                   "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                   "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}",
+                   "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
+            sig.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_bs",
+                                                 "stride_cb", "stride_cs", "stride_ch")})
+            sig.update({name: "constexpr" for name in ("stride_qd", "stride_bb", "stride_cd", "HEAD_DIM",
+                                                       "BLOCK_SIZE", "BLOCK_N", "BLOCK_D", "SPLIT", "ALIGNED")})
+            consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                          BLOCK_N=_block_n(head_dim, torch_dtype[dtype], aligned), BLOCK_D=block_d,
+                          SPLIT=split, ALIGNED=aligned)
+            label = f"{dtype} d{head_dim} bs{block_size} {'split' if split else 'direct'}"
+            label += "" if aligned else " unaligned"
+            specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts))
+    for dtype in ("fp16", "bf16", "fp32"):
+        for head_dim in (64, 80, 128):
+            sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
+                   "kv_splits": "i32", "split_tokens": "i32", "max_tokens": "i32",
+                   "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"}
+            consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_S=_MAX_SPLITS)
+            label = f"{dtype} d{head_dim} splits<={_MAX_SPLITS}"
+            specs.append(CompileSpec(_merge_splits_kernel, label, sig, consts))
+    return specs
 
 
 def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -1,0 +1,194 @@
+"""The Triton paged-decode and KV-write launchers beyond the shared op tests: split-K against one
+split and the naive reference, long contexts over small blocks, padded block tables, caches
+with unaligned or permuted strides, zero-length rows, the split heuristic, and input checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_testing import DEVICE, PagedCache, assert_close_to, gen, naive_causal_attention, packed_qkv, randn
+from opt_fast.kernels import kv_cache, paged_decode
+from opt_fast.kernels.paged_decode import choose_num_splits, paged_decode_attention
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+
+
+def filled_cache(seq_lens, block_size, heads, head_dim, dtype, seed):
+    """q strided from a packed qkv, a NaN-poisoned cache with permuted block tables (padding
+    entries point at NaN blocks), and the float64 naive result."""
+    g = gen(seed)
+    q, _, _ = packed_qkv(len(seq_lens), heads, head_dim, g, dtype)
+    cache = PagedCache(seq_lens, block_size, heads, head_dim, dtype, g)
+    expected = []
+    for i, n in enumerate(seq_lens):
+        keys, values = randn(n, heads, head_dim, g=g, dtype=dtype), randn(n, heads, head_dim, g=g, dtype=dtype)
+        cache.store(i, keys, values)
+        expected.append(naive_causal_attention(q[i:i + 1], keys, values, head_dim ** -0.5, n - 1))
+    return q, cache, torch.cat(expected)
+
+
+def decode(q, cache, seq_lens, **kwargs):
+    return paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
+                                  torch.tensor(seq_lens, **I32), q.shape[-1] ** -0.5, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("block_size,head_dim", [(8, 64), (16, 80), (32, 128)])
+def test_forced_splits_equal_one_split_and_the_reference(dtype, num_splits, block_size, head_dim):
+    # long relative to the block (up to 75 blocks of 8), lengths that leave some splits empty
+    seq_lens = [600, 1, 130, 257, block_size * 5]
+    q, cache, expected = filled_cache(seq_lens, block_size, 2, head_dim, dtype, seed=num_splits + head_dim)
+    split = decode(q, cache, seq_lens, num_splits=num_splits)
+    single = decode(q, cache, seq_lens, num_splits=1)
+    assert_close_to(split, expected, dtype, scale=1.0)
+    assert_close_to(single, expected, dtype, scale=1.0)
+    # the same float32 math in another order: within an output rounding of each other
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(split, single, atol=tol, rtol=tol)
+
+
+def test_heuristic_splits_a_long_single_sequence():
+    """One sequence of 2048 tokens over blocks of 8: the launcher's own choice splits it."""
+    seq_lens = [2048]
+    assert choose_num_splits(1, 2, 2056) > 1
+    q, cache, expected = filled_cache(seq_lens, 8, 2, 64, torch.float16, seed=3)
+    assert_close_to(decode(q, cache, seq_lens), expected, torch.float16, scale=1.0)
+
+
+def test_table_padding_pointing_at_live_blocks_is_ignored():
+    """The model runner pads short rows with block 0, which another sequence owns and filled
+    with finite values: only the first ceil(len / block_size) entries of a row may be read."""
+    seq_lens = [3, 40, 17]
+    q, cache, expected = filled_cache(seq_lens, 8, 2, 64, torch.float32, seed=11)
+    owner_block = int(cache.block_tables[1, 0])
+    table = cache.block_tables.clone()
+    for i, n in enumerate(seq_lens):
+        table[i, -(-n // 8):] = owner_block
+    for num_splits in (1, 3):
+        out = paged_decode_attention(q, cache.key_cache, cache.value_cache, table,
+                                     torch.tensor(seq_lens, **I32), 64 ** -0.5, num_splits=num_splits)
+        assert_close_to(out, expected, torch.float32, scale=1.0)
+
+
+@pytest.mark.parametrize("layout", ["unaligned_rows", "heads_outermost"])
+def test_caches_with_other_strides(layout):
+    """Rows padded to head_dim + 1 (not 16-byte aligned: the unhinted fallback), and a cache
+    stored heads-first and permuted to [blocks, block_size, heads, dim]; both NaN around the data."""
+    seq_lens = [70, 5, 33]
+    q, cache, expected = filled_cache(seq_lens, 16, 3, 80, torch.float16, seed=5)
+    caches = []
+    for dense in (cache.key_cache, cache.value_cache):
+        nb, bs, h, d = dense.shape
+        if layout == "unaligned_rows":
+            storage = torch.full((nb, bs, h, d + 1), float("nan"), dtype=dense.dtype, device=DEVICE)
+            view = storage[..., :d]
+        else:
+            storage = torch.full((h, nb, bs, d), float("nan"), dtype=dense.dtype, device=DEVICE)
+            view = storage.permute(1, 2, 0, 3)
+        view.copy_(dense)
+        caches.append(view)
+    if layout == "unaligned_rows":
+        assert not paged_decode._rows_aligned(caches[0])
+    for num_splits in (1, 2):
+        out = paged_decode_attention(q, *caches, cache.block_tables, torch.tensor(seq_lens, **I32),
+                                     80 ** -0.5, num_splits=num_splits)
+        assert_close_to(out, expected, torch.float16, scale=1.0)
+
+
+def test_bfloat16_matches_the_torch_reference():
+    seq_lens = [45, 300, 2]
+    q, cache, expected = filled_cache(seq_lens, 16, 2, 128, torch.bfloat16, seed=8)
+    for num_splits in (1, 2):
+        out = decode(q, cache, seq_lens, num_splits=num_splits)
+        assert out.dtype == torch.bfloat16
+        # bfloat16 keeps 8 bits: one output rounding is up to 2**-8 relative
+        torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=8e-3)
+
+
+def test_zero_length_rows_give_zeros():
+    """A padding row of a CUDA-graph batch (length 0) must not make NaN, split or not."""
+    seq_lens = [0, 50, 0]
+    q, cache, expected = filled_cache([1, 50, 1], 8, 2, 64, torch.float32, seed=2)
+    for num_splits in (1, 4):
+        out = decode(q, cache, seq_lens, num_splits=num_splits)
+        assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
+        assert_close_to(out[1:2], expected[1:2], torch.float32, scale=1.0)
+
+
+def test_empty_batch():
+    q = torch.empty(0, 2, 64, device=DEVICE)
+    cache = torch.zeros(2, 16, 2, 64, device=DEVICE)
+    out = paged_decode_attention(q, cache, cache, torch.zeros(0, 3, **I32), torch.zeros(0, **I32), 0.125)
+    assert out.shape == (0, 2, 64)
+
+
+def test_split_heuristic():
+    sms = 132
+    # enough (sequence, head) programs already: never split, however long the context
+    assert choose_num_splits(64, 32, 2048, sms) == 1
+    assert choose_num_splits(8, 40, 2048, sms) == 1
+    # few programs and a long context: split, but never into slices under the minimum length
+    assert choose_num_splits(1, 32, 2048, sms) == 2048 // paged_decode._MIN_SPLIT_TOKENS
+    assert choose_num_splits(8, 32, 1024, sms) == 3
+    assert choose_num_splits(1, 1, 1 << 20, sms) == paged_decode._MAX_SPLITS
+    # short context: one split
+    assert choose_num_splits(1, 32, 128, sms) == 1
+
+
+def test_paged_decode_rejects_bad_inputs():
+    g = gen(1)
+    q, cache, _ = filled_cache([5, 9], 8, 2, 64, torch.float16, seed=1)
+    lens = torch.tensor([5, 9], **I32)
+    good = (q, cache.key_cache, cache.value_cache, cache.block_tables, lens, 0.125)
+
+    def call(i, value, **kwargs):
+        args = list(good)
+        args[i] = value
+        paged_decode_attention(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="dtype"):
+        call(0, q.float())
+    with pytest.raises(ValueError, match="block_tables"):
+        call(3, cache.block_tables.long())
+    with pytest.raises(ValueError, match="seq_lens"):
+        call(4, lens[:1])
+    with pytest.raises(ValueError, match="heads x head_dim"):
+        call(0, randn(2, 2, 32, g=g, dtype=torch.float16))
+    with pytest.raises(ValueError, match="strides"):
+        call(2, cache.value_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3))
+    with pytest.raises(ValueError, match="num_splits"):
+        call(5, 0.125, num_splits=0)
+
+
+# float32 -> bfloat16 is left out: the Triton 3.6 interpreter truncates that cast, the GPU rounds
+# to nearest even (as torch does), so the two cannot match bit for bit here.
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_write_kv_cache_into_a_permuted_cache(src_dtype, cache_dtype):
+    """Any cache strides (heads-first storage), and a source cast to the cache dtype on store."""
+    g = gen(4)
+    _, key, value = packed_qkv(9, 3, 80, g, src_dtype)
+    storage = torch.full((2, 3, 5, 8, 80), float("nan"), dtype=cache_dtype, device=DEVICE)
+    key_cache, value_cache = storage[0].permute(1, 2, 0, 3), storage[1].permute(1, 2, 0, 3)
+    slots = torch.tensor([39, 0, -1, 7, 8, 22, -5, 31, 16], dtype=torch.int64, device=DEVICE)
+    kv_cache.write_kv_cache(key, value, key_cache, value_cache, slots)
+    expect_k = torch.full((5, 8, 3, 80), float("nan"), dtype=cache_dtype, device=DEVICE)
+    expect_v = expect_k.clone()
+    kv_cache.write_kv_cache_ref(key, value, expect_k, expect_v, slots)
+    assert torch.equal(key_cache.nan_to_num(7.0), expect_k.nan_to_num(7.0))
+    assert torch.equal(value_cache.nan_to_num(7.0), expect_v.nan_to_num(7.0))
+
+
+def test_write_kv_cache_rejects_bad_inputs():
+    g = gen(6)
+    _, key, value = packed_qkv(4, 2, 64, g, torch.float16)
+    cache = torch.zeros(3, 8, 2, 64, dtype=torch.float16, device=DEVICE)
+    slots = torch.tensor([0, 1, 2, 3], dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kv_cache.write_kv_cache(key, value, cache, cache.clone(), slots.int())
+    with pytest.raises(ValueError, match="heads x head_dim"):
+        kv_cache.write_kv_cache(key[:, :1], value[:, :1], cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="share strides"):
+        kv_cache.write_kv_cache(key, value, cache, cache.transpose(0, 1).contiguous().transpose(0, 1), slots)
+    with pytest.raises(ValueError, match="dtype"):
+        kv_cache.write_kv_cache(key.to(torch.int32), value.to(torch.int32), cache, cache.clone(), slots)

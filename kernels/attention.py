@@ -1,14 +1,199 @@
-"""Prefill attention over packed variable-length sequences: the torch reference op.
+"""Prefill attention over packed variable-length sequences: a Triton flash-attention kernel and
+the torch reference op.
 
 Each sequence's new queries attend causally to its own new keys and to the context already in
 the paged cache, which covers plain prefill (no context), chunked prefill and recompute after
 preemption with one signature.
+
+Kernel design. One program per (head, query block of one sequence). The query blocks of all
+sequences are laid out on a virtual axis where sequence s starts at `cu_seqlens[s] // BLOCK_M + s`:
+these starts grow strictly and leave room for the `ceil(len_s / BLOCK_M)` blocks of each sequence,
+so `tokens // BLOCK_M + seqs` programs per head cover every block, a program finds its sequence by
+binary search over cu_seqlens, and the launcher needs no device->host sync (at most `seqs` programs
+per head find no block and exit). Each program runs an online softmax (base 2, fp32) over three key
+ranges: the cached context through the block table (masked only in its partial tile), the new
+tokens before the query block (no mask), and the diagonal tiles (causal mask). Fully masked tiles
+are never visited. Loads are masked so that unused cache slots, which may hold NaN, never enter
+the sums (a select, never a multiplication by zero).
 """
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
 
 from .kv_cache import gather_cached_kv
+
+_LOG2E = 1.4426950408889634
+# Triton picks interpretation when a kernel is defined, by this same test.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _load_rows(row_ptrs, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
+    """A [rows, HEAD_DIM_PAD] tile from one pointer per row, zero where masked. Masks are emitted
+    only where needed, so full tiles of unpadded heads stay plain vector loads."""
+    ptrs = row_ptrs[:, None] + offs_d[None, :]
+    if MASK_ROWS:
+        if MASK_D:
+            tile = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if MASK_D:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr):
+    """Fold one key tile into the running (acc, max, sum) of an online softmax in base 2.
+
+    q: [BLOCK_M, D]; k, v: [BLOCK_N, D]; qk_scale: softmax scale * log2(e); visible: which keys
+    each query may see (broadcastable to [BLOCK_M, BLOCK_N]), read only when MASKED.
+    UPCAST_DOT multiplies in fp32, for the Triton interpreter, which multiplies bfloat16 tiles as
+    their raw uint16 bits; products of bf16 values are exact in fp32, as on tensor cores.
+    """
+    kt = tl.trans(k)
+    if UPCAST_DOT:
+        q, kt = q.to(tl.float32), kt.to(tl.float32)
+    # ieee: fp32 inputs must not silently drop to TF32 on GPUs; fp16/bf16 use tensor cores anyway.
+    qk = tl.dot(q, kt, input_precision="ieee")
+    if MASKED:
+        # -inf weighs a hidden key exactly 0. The caller visits first a tile in which every row
+        # sees a key, so the running max is finite from then on and exp2 never sees -inf - -inf.
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v.dtype)
+    if UPCAST_DOT:
+        p, v = p.to(tl.float32), v.to(tl.float32)
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    return acc, m_new, l_i
+
+
+# num_seqs is never specialised: Triton would turn a 1 into a constant, and the binary search
+# below carries a bound derived from it through a loop.
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_attention_kernel(
+    q_ptr,             # [tokens, heads, head_dim] new queries, any token/head strides
+    k_ptr,             # [tokens, heads, head_dim] new keys
+    v_ptr,             # [tokens, heads, head_dim] new values
+    key_cache_ptr,     # [num_blocks, block_size, heads, head_dim]
+    value_cache_ptr,   # [num_blocks, block_size, heads, head_dim], the key cache's strides
+    out_ptr,           # [tokens, heads, head_dim]
+    cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
+    context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
+    block_tables_ptr,  # [seqs, max_blocks] int32 cache block ids
+    num_seqs, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    head = tl.program_id(0)
+    # Last blocks first: they see the most keys, and starting them early shortens the tail.
+    vblock = tl.num_programs(1) - 1 - tl.program_id(1)
+    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock (s = 0 always qualifies).
+    lo = tl.full((), 0, tl.int32)
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        right = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= vblock
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    block_m = vblock - (q_start // BLOCK_M + seq)
+    if block_m * BLOCK_M >= q_len:
+        return
+
+    # Off-diagonal tiles must end exactly where the query block starts.
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    MASK_D: tl.constexpr = HEAD_DIM < HEAD_DIM_PAD
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)    # query index within the new tokens
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < q_len
+    # int64 row offsets: tokens * stride of a packed qkv passes 2**31 in large batches. Each row
+    # starts 16-byte aligned (the launcher checks it): saying so gives 16-byte vector loads and
+    # cp.async even where Triton cannot see the arguments' alignment (the ahead-of-time compile).
+    # The hints must sit here: on a helper's argument they are lost.
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_row_ptrs = tl.multiple_of(q_ptr + q_rows * stride_qt + head * stride_qh, 16)
+    q = _load_rows(q_row_ptrs, offs_d, m_ok, d_ok, True, MASK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # 1. The cached context, visible to every query: the partial tile, then full tiles unmasked.
+    # The partial tile goes first: after the loop, its set-up stays live through the loop and
+    # spills registers on sm_80.
+    ctx_len = tl.load(context_lens_ptr + seq)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    ctx_full = (ctx_len // BLOCK_N) * BLOCK_N
+    if ctx_full < ctx_len:
+        pos = ctx_full + offs_n
+        in_ctx = pos < ctx_len
+        # Table entries past the context may be stale: never follow them.
+        blocks = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
+        rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
+        k = _load_rows(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, in_ctx, d_ok, True, MASK_D)
+        v = _load_rows(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, in_ctx, d_ok, True, MASK_D)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, in_ctx[None, :], True, UPCAST_DOT)
+
+    for start in range(0, ctx_full, BLOCK_N):
+        pos = start + offs_n
+        blocks = tl.load(table + pos // BLOCK_SIZE)
+        rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
+        k = _load_rows(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, pos, d_ok, False, MASK_D)
+        v = _load_rows(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, pos, d_ok, False, MASK_D)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, UPCAST_DOT)
+
+    # 2. New tokens before this query block: all visible, all inside the sequence.
+    k_head = k_ptr + head * stride_kh
+    v_head = v_ptr + head * stride_vh
+    diag_start = block_m * BLOCK_M
+    for start in range(0, diag_start, BLOCK_N):
+        kv_rows = (q_start + start + offs_n).to(tl.int64)
+        k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
+        k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
+        v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, UPCAST_DOT)
+
+    # 3. The diagonal tiles: causal mask; the sequence may end inside them. Key diag_start is
+    # visible to every row of the block, so the first of these tiles gives each row a finite max.
+    diag_end = tl.minimum(diag_start + BLOCK_M, q_len)
+    for start in range(diag_start, diag_end, BLOCK_N):
+        offs_kv = start + offs_n
+        kv_rows = (q_start + offs_kv).to(tl.int64)
+        in_seq = offs_kv < q_len
+        k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
+        k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, in_seq, d_ok, True, MASK_D)
+        v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, in_seq, d_ok, True, MASK_D)
+        causal = offs_kv[None, :] <= offs_m[:, None]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, causal, True, UPCAST_DOT)
+
+    # A block pointer computes the row addresses at the store; reusing q's kept them live through
+    # every loop (spills on sm_80).
+    out = acc / l_i[:, None]
+    o_block = tl.make_block_ptr(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh,
+                                shape=(q_len, HEAD_DIM), strides=(stride_ot, 1), offsets=(block_m * BLOCK_M, 0),
+                                block_shape=(BLOCK_M, HEAD_DIM_PAD), order=(1, 0))
+    tl.store(o_block, out.to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -47,3 +232,162 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             values = torch.cat([gather_cached_kv(value_cache, block_tables[i], context).to(v.dtype), values])
         out[s:e] = attention_ref(q[s:e], keys, values, scale, query_start=context)
     return out
+
+
+class _Tiles(NamedTuple):
+    """One launch configuration: query rows per program, keys per step, warps, pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (tile kind, padded head_dim) -> tiles, for fp16/bf16. "wide" serves prompts and long chunks;
+# "narrow" serves batches whose chunks average at most 64 new tokens, where most of a 128-row
+# block would be padding. Every entry compiles without spills for both sm_80 and sm_90 (the
+# compile check builds each for both), which is what rules out 128-key tiles at head_dim 128:
+# with 8 warps each warp (sm_80) or warpgroup (sm_90) owns 16 or 64 query rows.
+_TILES = {
+    ("wide", 64): _Tiles(128, 128, 8, 3),
+    ("wide", 128): _Tiles(128, 64, 8, 3),
+    ("narrow", 64): _Tiles(64, 64, 4, 3),
+    ("narrow", 128): _Tiles(64, 64, 8, 3),
+}
+# fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles.
+_TILES_FP32 = _Tiles(16, 16, 4, 2)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pick_tiles(head_dim_pad: int, dtype: torch.dtype, tokens: int, seqs: int) -> _Tiles:
+    """Tiles for one launch, from shapes known on the host (no device sync)."""
+    if dtype == torch.float32:
+        return _TILES_FP32
+    kind = "narrow" if tokens <= 64 * seqs else "wide"
+    return _TILES[(kind, _tile_head_dim(head_dim_pad))]
+
+
+def _tile_head_dim(head_dim_pad: int) -> int:
+    # Smaller heads take the 64 entry, larger ones the 128 entry (OPT has only 64, 80, 128).
+    return 64 if head_dim_pad <= 64 else 128
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    # tl.dot needs power-of-two tiles of at least 16 along the reduction.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _fail(message: str):
+    raise ValueError(f"prefill_attention: {message}")
+
+
+def _row_aligned(t: torch.Tensor) -> bool:
+    """Every row of t starts 16-byte aligned: the kernel promises so to the compiler."""
+    if t.data_ptr() % 16:
+        return False
+    item = t.element_size()
+    return all(stride * item % 16 == 0 or size == 1 for stride, size in zip(t.stride()[:-1], t.shape[:-1]))
+
+
+def _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables) -> None:
+    """Shapes, dtypes, strides and devices; messages are built only on failure, as this runs on
+    every prefill step."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        _fail(f"q, k, v must share one [tokens, heads, head_dim] shape, got {tuple(q.shape)}, "
+              f"{tuple(k.shape)}, {tuple(v.shape)}")
+    _, heads, head_dim = q.shape
+    if q.dtype not in _SUPPORTED_DTYPES:
+        _fail(f"dtype {q.dtype} is not float16, bfloat16 or float32")
+    if not (k.dtype == v.dtype == key_cache.dtype == value_cache.dtype == q.dtype):
+        _fail(f"q, k, v, key_cache, value_cache must share one dtype, got {q.dtype}, {k.dtype}, "
+              f"{v.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    if key_cache.dim() != 4 or key_cache.shape[2:] != (heads, head_dim):
+        _fail(f"key_cache must be [num_blocks, block_size, {heads}, {head_dim}], got {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        _fail("value_cache must have the key cache's shape and strides")
+    if head_dim > 256:
+        _fail(f"head_dim {head_dim} > 256 is not supported")
+    for name, t in (("q", q), ("k", k), ("v", v), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.stride(-1) != 1 or not _row_aligned(t):
+            _fail(f"{name} needs unit stride along head_dim and 16-byte aligned rows, got strides "
+                  f"{t.stride()} at address {t.data_ptr():#x}")
+    if not (cu_seqlens_q.dtype == context_lens.dtype == block_tables.dtype == torch.int32):
+        _fail(f"cu_seqlens_q, context_lens, block_tables must be int32, got {cu_seqlens_q.dtype}, "
+              f"{context_lens.dtype}, {block_tables.dtype}")
+    seqs = context_lens.shape[0] if context_lens.dim() == 1 else -1
+    if seqs < 0 or cu_seqlens_q.shape != (seqs + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != seqs:
+        _fail(f"need cu_seqlens_q [seqs + 1], context_lens [seqs], block_tables [seqs, max_blocks], got "
+              f"{tuple(cu_seqlens_q.shape)}, {tuple(context_lens.shape)}, {tuple(block_tables.shape)}")
+    if cu_seqlens_q.stride(0) != 1 or context_lens.stride(0) != 1 or block_tables.stride(1) != 1:
+        _fail("cu_seqlens_q, context_lens and block_tables rows must be contiguous")
+    device = q.device
+    if any(t.device != device for t in (k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)):
+        _fail("all tensors must be on one device")
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal flash attention for the new tokens of a batch of sequences, packed back to back,
+    each also attending to its `context_lens[i]` tokens already in the paged cache.
+
+    Same shapes and semantics as `prefill_attention_ref`: q, k, v `[tokens, heads, head_dim]`
+    (any token/head strides, unit stride along head_dim, 16-byte aligned rows); key_cache,
+    value_cache `[num_blocks, block_size, heads, head_dim]` of q's dtype and identical strides;
+    cu_seqlens_q `[seqs + 1]`, context_lens `[seqs]`, block_tables `[seqs, max_blocks]`, all int32
+    with contiguous rows. Returns a contiguous `[tokens, heads, head_dim]` tensor of q's dtype.
+    No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
+    cover its sequence's context (neither is checked: both would need the values on the host).
+    Raises ValueError on any shape, dtype, device, stride or alignment mismatch.
+    """
+    _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
+    tokens, heads, head_dim = q.shape
+    seqs = context_lens.shape[0]
+    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    if tokens == 0 or seqs == 0:
+        return out
+    head_dim_pad = _head_dim_pad(head_dim)
+    tiles = _pick_tiles(head_dim_pad, q.dtype, tokens, seqs)
+    grid = (heads, tokens // tiles.block_m + seqs)
+    if grid[1] > 65535:   # CUDA's limit on the second grid dimension
+        _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
+    _prefill_attention_kernel[grid](
+        q, k, v, key_cache, value_cache, out, cu_seqlens_q, context_lens, block_tables,
+        seqs, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=key_cache.shape[1],
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out
+
+
+def compile_specs() -> list:
+    """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (padded to 128) and
+    128 at block_size 8, 16, 32: each `_TILES` entry in fp16 and bf16 (tensor cores), and the
+    fp32 tiles (CUDA cores, by design) at block_size 16."""
+    from .compile_check import CompileSpec
+
+    def spec(dtype: str, head_dim: int, block_size: int, tiles: _Tiles, label: str) -> CompileSpec:
+        signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
+                                                   "value_cache_ptr", "out_ptr")}
+        signature.update({name: "*i32" for name in ("cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr")})
+        signature.update(num_seqs="i32", qk_scale="fp32")
+        signature.update({name: "i32" for name in (
+            "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+            "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
+        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
+                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False)
+        signature.update({name: "constexpr" for name in constexprs})
+        label = f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}"
+        return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
+                           num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+    specs = []
+    for (kind, tile_head_dim), tiles in _TILES.items():
+        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+            specs += [spec(dtype, head_dim, block_size, tiles, kind)
+                      for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
+    specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee") for head_dim in (64, 80, 128)]
+    return specs

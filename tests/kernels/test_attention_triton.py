@@ -1,0 +1,165 @@
+"""The Triton prefill-attention launcher beyond the shared op tests: sequences spanning many query
+blocks (the launcher's own tiles and forced small ones), contexts of 1, block_size +- 1 and just
+past a power of two over permuted NaN-poisoned caches, empty and many sequences, bfloat16, caches
+with other strides, every output element written, the launch grid without a host sync, and the
+input checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn
+from opt_fast.kernels import attention
+from opt_fast.kernels.attention import _Tiles, prefill_attention
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+# (atol, rtol) for bfloat16 (8-bit mantissa), beside kernel_testing's fp32/fp16 ones
+TOLERANCES = {**TOL, torch.bfloat16: (2e-2, 2e-2)}
+
+
+def causal_reference64(q, keys, values, scale: float, query_start: int) -> torch.Tensor:
+    """float64 softmax(q k^T * scale) v, query i at position query_start + i seeing keys up to it;
+    vectorised, so long sequences stay quick (kernel_testing's naive loop is per query)."""
+    q, keys, values = q.double().cpu(), keys.double().cpu(), values.double().cpu()
+    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+    hidden = torch.arange(keys.shape[0])[None, :] > torch.arange(q.shape[0])[:, None] + query_start
+    probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values)
+
+
+def prefill_case(seqs, block_size, heads, head_dim, dtype, seed):
+    """seqs: (context_len, new_len) per sequence. Returns the launcher's arguments (q, k, v strided
+    views of one packed qkv; a NaN-poisoned cache holding only the context, read through permuted
+    block tables) and the float64 expectation."""
+    g = gen(seed)
+    q, k, v = packed_qkv(sum(n for _, n in seqs), heads, head_dim, g, dtype)
+    cache = PagedCache([c + n for c, n in seqs], block_size, heads, head_dim, dtype, g)
+    scale = head_dim ** -0.5
+    cu, expected = [0], []
+    for i, (context, new) in enumerate(seqs):
+        ctx_k = randn(context, heads, head_dim, g=g, dtype=dtype)
+        ctx_v = randn(context, heads, head_dim, g=g, dtype=dtype)
+        cache.store(i, ctx_k, ctx_v)
+        s, e = cu[-1], cu[-1] + new
+        expected.append(causal_reference64(q[s:e], torch.cat([ctx_k, k[s:e]]), torch.cat([ctx_v, v[s:e]]),
+                                           scale, context))
+        cu.append(e)
+    args = (q, k, v, cache.key_cache, cache.value_cache, torch.tensor(cu, **I32),
+            torch.tensor([c for c, _ in seqs], **I32), cache.block_tables, scale)
+    return args, torch.cat(expected)
+
+
+def assert_matches(out, expected, dtype):
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors, so an output element the kernel never
+    writes shows up as NaN."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def force_tiles(monkeypatch, tiles: _Tiles):
+    monkeypatch.setattr(attention, "_pick_tiles", lambda *args: tiles)
+
+
+# Sequences of several query blocks under the tiles the launcher picks itself (fp16: 128-row
+# blocks; fp32: 16-row), one shorter than a block, one empty, contexts of 1 and 2**k + 1.
+# Pairs rather than the full product: on a GPU each pair is one more kernel compile.
+@pytest.mark.parametrize("dtype,head_dim", [
+    (torch.float32, 80), (torch.float16, 64), (torch.float16, 80), (torch.float16, 128),
+    (torch.bfloat16, 64), (torch.bfloat16, 128)],
+    ids=["fp32-80", "fp16-64", "fp16-80", "fp16-128", "bf16-64", "bf16-128"])
+def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim):
+    seqs = [(0, 300), (1, 5), (0, 0), (65, 257), (129, 2)]
+    args, expected = prefill_case(seqs, 16, 2, head_dim, dtype, seed=head_dim)
+    assert_matches(prefill_attention(*args), expected, dtype)
+
+
+# Small forced tiles: several diagonal key tiles per query block (BLOCK_N < BLOCK_M), key tiles
+# smaller and larger than a cache block, many full context tiles beside a partial one.
+@pytest.mark.parametrize("tiles,block_size", [
+    (_Tiles(32, 16, 4, 2), 8), (_Tiles(32, 16, 4, 2), 32), (_Tiles(16, 16, 4, 2), 16),
+    (_Tiles(64, 32, 4, 2), 8)],
+    ids=["32x16-bs8", "32x16-bs32", "16x16-bs16", "64x32-bs8"])
+def test_forced_small_tiles(monkeypatch, nan_empty, tiles, block_size):
+    force_tiles(monkeypatch, tiles)
+    seqs = [(1, 70), (block_size - 1, 33), (block_size, 1), (block_size + 1, 47), (129, 17), (200, 64)]
+    args, expected = prefill_case(seqs, block_size, 2, 80, torch.float16, seed=block_size + tiles.block_m)
+    assert_matches(prefill_attention(*args), expected, torch.float16)
+
+
+def test_many_sequences():
+    """37 sequences of random lengths and contexts: the block -> sequence search at depth."""
+    g = gen(11)
+    seqs = [(int(c), int(n)) for c, n in zip(torch.randint(0, 90, (37,), generator=g),
+                                             torch.randint(0, 40, (37,), generator=g))]
+    args, expected = prefill_case(seqs, 8, 3, 64, torch.float32, seed=12)
+    assert_matches(prefill_attention(*args), expected, torch.float32)
+
+
+def test_cache_views_with_other_strides(nan_empty):
+    """Key and value caches as views into one [num_blocks, 2, block_size, heads, head_dim] pool."""
+    seqs = [(19, 9), (40, 30)]
+    args, expected = prefill_case(seqs, 16, 2, 64, torch.float32, seed=5)
+    q, k, v, key_cache, value_cache, *rest = args
+    pool = torch.full((key_cache.shape[0], 2, *key_cache.shape[1:]), float("nan"), device=DEVICE)
+    pool[:, 0], pool[:, 1] = key_cache, value_cache
+    assert not pool[:, 0].is_contiguous()
+    assert_matches(prefill_attention(q, k, v, pool[:, 0], pool[:, 1], *rest), expected, torch.float32)
+
+
+def test_launch_grid_without_host_sync(monkeypatch):
+    """The launch reads no value from the device (doing so raises here), and runs
+    tokens // BLOCK_M + seqs query blocks per head."""
+    args, _ = prefill_case([(3, 200), (0, 1), (17, 100)], 16, 4, 64, torch.float16, seed=2)
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, kw))
+    monkeypatch.setattr(attention, "_prefill_attention_kernel", Recorder())
+
+    def host_read(*args, **kwargs):
+        pytest.fail("a device value was read on the host")
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    prefill_attention(*args)
+    monkeypatch.undo()
+    [(grid, kwargs)] = launches
+    assert grid == (4, 301 // kwargs["BLOCK_M"] + 3)
+
+
+BAD_INPUTS = {
+    "k shape": lambda a: dict(k=a["k"][:, :1]),
+    "v dtype": lambda a: dict(v=a["v"].float()),
+    "cache dtype": lambda a: dict(key_cache=a["key_cache"].float(), value_cache=a["value_cache"].float()),
+    "cache heads": lambda a: dict(key_cache=a["key_cache"][:, :, :1], value_cache=a["value_cache"][:, :, :1]),
+    "value cache strides": lambda a: dict(value_cache=a["value_cache"].transpose(0, 1).contiguous()
+                                          .transpose(0, 1)),
+    "head_dim stride": lambda a: dict(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)),
+    "misaligned rows": lambda a: dict(q=torch.zeros(7, 2, 65, dtype=a["q"].dtype, device=DEVICE)[..., :64]),
+    "int64 cu_seqlens": lambda a: dict(cu_seqlens_q=a["cu_seqlens_q"].long()),
+    "cu_seqlens length": lambda a: dict(cu_seqlens_q=a["cu_seqlens_q"][:1]),
+    "block table rows": lambda a: dict(block_tables=torch.cat([a["block_tables"]] * 2)),
+    "float64": lambda a: {name: a[name].double() for name in ("q", "k", "v", "key_cache", "value_cache")},
+}
+
+
+@pytest.mark.parametrize("change", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_input_checks(change):
+    args, _ = prefill_case([(5, 7)], 8, 2, 64, torch.float16, seed=0)
+    named = dict(zip(("q", "k", "v", "key_cache", "value_cache", "cu_seqlens_q", "context_lens",
+                      "block_tables", "scale"), args))
+    assert prefill_attention(**named).shape == named["q"].shape
+    with pytest.raises(ValueError, match="prefill_attention"):
+        prefill_attention(**{**named, **change(named)})

@@ -12,7 +12,7 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v -i 
 { date -u +"%Y-%m-%d %H:%M UTC"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/gpu_env.txt"
-timeout 170 python3 -m pytest -q -p no:cacheprovider -x tests --deselect tests/kernels/test_compile_check.py \
+timeout 170 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
   2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 timeout 170 python3 -m pytest -q -p no:cacheprovider benchmarks --ignore=benchmarks/bench_generate.py \

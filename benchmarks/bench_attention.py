@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, run_benchmark, shapes
+from benchmarking import DEVICE, ON_GPU, run_benchmark, shapes
 from opt_fast.kernels.attention import prefill_attention
 
 HEADS = {"opt-1.3b": (32, 64), "opt-6.7b": (32, 128), "opt-13b": (40, 128)}

@@ -114,11 +114,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    from opt_fast.kernels import triton_ops
-    fallback = triton_ops().missing() if args.kernels != "torch" and device == "cuda" else []
-    kernels = ("torch reference ops" if args.kernels == "torch" or device != "cuda" else "Triton")
-    if fallback:
-        kernels += f" (torch reference for {', '.join(fallback)})"
+    from opt_fast.kernels import get_ops
+    ops = get_ops(args.kernels, device)
+    ops = [(op, getattr(ops, op).__name__) for op in ("layernorm_linear", "write_kv_cache",
+                                                        "prefill_attention", "paged_decode_attention", "sample")]
+    kernels = ", ".join(f"{op}: {'torch' if name.endswith('_ref') else 'triton'}" for op, name in ops)
     meta = dict(date=stamp, card=card, torch=torch.__version__, kernels=kernels,
                 note="random weights; greedy; EOS ignored; one timed run after a warm-up")
     (out_dir / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

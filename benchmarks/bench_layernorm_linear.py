@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, run_benchmark, shapes
+from benchmarking import DEVICE, run_benchmark, shapes
 from opt_fast.kernels import layernorm_linear as ll
 
 EPS = 1e-5

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, run_benchmark, shapes
+from benchmarking import DEVICE, ON_GPU, run_benchmark, shapes
 from opt_fast.kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
 
 BLOCK_SIZE = 16

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, run_benchmark, shapes
+from benchmarking import DEVICE, ON_GPU, run_benchmark, shapes
 from opt_fast.kernels.sampling import sample, sample_ref
 
 CASES = shapes(gpu=[(batch, 50265, 50272, 512) for batch in (1, 8, 64, 256)],

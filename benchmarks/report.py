@@ -1,17 +1,25 @@
-"""Turn a pytest-benchmark JSON file into a markdown table: each kernel beside its torch peer.
+"""Turn pytest-benchmark JSON files into one markdown table: each kernel beside its torch peer.
 
 Benchmarks put the same `group` on ours and the peer for one shape, and `impl` in extra_info
-("triton" for ours, anything else for a peer). Usage: python benchmarks/report.py RESULTS.json OUT.md
+("triton" for ours, anything else for a peer).
+Usage: python benchmarks/report.py OUT.md [--merged-json OUT.json] RESULTS.json [RESULTS.json ...]
 """
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 
 
-def main(source: str, target: str) -> None:
-    data = json.loads(open(source).read())
+def main(target: str, sources: list[str], merged_json: str | None = None) -> None:
+    data = None
+    for source in sources:
+        part = json.loads(open(source).read())
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"] += part["benchmarks"]
+    if merged_json:
+        open(merged_json, "w").write(json.dumps(data, indent=1))
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         groups[bench.get("group") or bench["name"]][bench["extra_info"].get("impl", bench["name"])] = bench
@@ -34,4 +42,10 @@ def main(source: str, target: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("target")
+    parser.add_argument("sources", nargs="+")
+    parser.add_argument("--merged-json")
+    args = parser.parse_args()
+    main(args.target, args.sources, args.merged_json)

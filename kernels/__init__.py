@@ -50,10 +50,17 @@ def triton_ops() -> KernelOps:
     return KernelOps(name="triton", **{op: getattr(home, op, None) for op, home in _HOMES.items()})
 
 
+# Ops that `auto` leaves to torch on CUDA because cuBLAS (F.linear) and F.layer_norm beat our
+# fused Triton GEMMs at every OPT shape measured: 0.23x-0.52x for LN+QKV, tokens 1-256, on an
+# H200 (benchmarks/results/2026-11-26-h200-kernels/kernels.md). `kernels="triton"` still runs them.
+CUBLAS_FASTER = ("layer_norm", "layernorm_linear", "linear_residual", "linear_residual_layernorm")
+
+
 def get_ops(kind: str, device_type: str) -> KernelOps:
     """The op table for `kernels=kind`: "torch"; "triton" (every op a Triton kernel, interpreted
-    on CPU); "auto" (Triton on CUDA, with the torch reference for any op not built yet, and the
-    torch reference on CPU, where the interpreter would be far too slow)."""
+    on CPU); "auto" (on CUDA: Triton for the KV write, both attentions and sampling, torch where
+    cuBLAS is faster (CUBLAS_FASTER) or no kernel is built; on CPU the torch reference, where the
+    interpreter would be far too slow)."""
     if kind == "torch" or (kind == "auto" and device_type != "cuda"):
         return TORCH_OPS
     if kind not in ("auto", "triton"):
@@ -63,4 +70,4 @@ def get_ops(kind: str, device_type: str) -> KernelOps:
     if kind == "triton" and missing:
         raise NotImplementedError(f"kernels='triton': no Triton kernel yet for {', '.join(missing)}; "
                                   "use kernels='torch' or 'auto'")
-    return replace(table, name="auto", **{op: getattr(TORCH_OPS, op) for op in missing})
+    return replace(table, name="auto", **{op: getattr(TORCH_OPS, op) for op in set(missing) | set(CUBLAS_FASTER)})

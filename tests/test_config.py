@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import OPT_TOKENIZER_DIR
+from opt_testing import OPT_TOKENIZER_DIR
 from opt_fast.config import OPT_PRESETS, EngineConfig, OPTConfig, hub_id_for, preset_for
 
 # DESIGN.md §4: size -> (hidden, layers, heads, head_dim, ffn, word_embed_proj_dim, do_layer_norm_before)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import test_device
+from opt_testing import test_device
 from opt_fast import LLM, SamplingParams
 
 PROMPTS = [[2, 45, 101, 7, 300, 12, 9, 88, 150, 33, 61],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import test_device
+from opt_testing import test_device
 from opt_fast import LLM, SamplingParams
 from opt_fast.kernels import triton_ops
 from test_parity_hf import PROMPTS, hf_greedy

@@ -1,0 +1,61 @@
+"""Helpers shared by the tests (importable by name; conftest.py holds only fixtures, since
+tests/ and benchmarks/ each have a conftest and `from conftest import` would pick either)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OPT_TOKENIZER_DIR = REPO.parent / "shared" / "opt-tokenizer"
+PADDING_ROWS = 7
+
+# name -> transformers.OPTConfig overrides (vocab_size is set from the tokenizer)
+TINY_SHAPES = {
+    "pre_ln": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+                   word_embed_proj_dim=64, do_layer_norm_before=True),
+    "post_ln_350m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+                         word_embed_proj_dim=48, do_layer_norm_before=False),
+    "head_dim_80": dict(hidden_size=160, num_hidden_layers=2, num_attention_heads=2, ffn_dim=200,
+                        word_embed_proj_dim=160, do_layer_norm_before=True),
+}
+
+
+def test_device() -> str:
+    """Tests run on CUDA where there is one (the lent GPU machine), else on CPU."""
+    return os.environ.get("OPT_FAST_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+test_device.__test__ = False  # not a test, despite the name
+
+
+def randomise_(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                values = torch.rand(param.shape, generator=generator) + 0.5
+            elif "embed_tokens" in name:
+                values = torch.randn(param.shape, generator=generator) * 0.3
+            elif "embed_positions" in name:
+                # Large position rows make every step's hidden state differ, so greedy outputs
+                # vary token to token instead of repeating one id (a weak parity check).
+                values = torch.randn(param.shape, generator=generator)
+            elif param.dim() == 2:
+                values = torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5
+            else:
+                values = torch.randn(param.shape, generator=generator) * 0.2
+            param.copy_(values)
+
+
+def build_hf_model(shape: str, vocab_size: int, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OPTConfig(vocab_size=vocab_size, max_position_embeddings=128,
+                                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                    **TINY_SHAPES[shape])
+    model = transformers.OPTForCausalLM(config).eval()
+    randomise_(model, seed)
+    model.tie_weights()
+    return model

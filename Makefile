@@ -33,7 +33,7 @@ run: setup
 bench: setup
 	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-json=benchmarks/results/kernels.json
-	$(BIN)/python benchmarks/report.py benchmarks/results/kernels.json benchmarks/results/kernels.md
+	$(BIN)/python benchmarks/report.py benchmarks/results/kernels.md benchmarks/results/kernels.json
 
 # Compile every kernel for sm_80 and sm_90 with no GPU; fails on compile errors or spills.
 compile-check: setup

@@ -46,6 +46,17 @@ def _write_kv_cache_kernel(
     tl.store(value_cache_ptr + dst, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
+def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Both caches `[num_blocks, block_size, heads, head_dim]` with one shape and one set of
+    strides: the kernels address both with the same offsets."""
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache and value_cache must both be [num_blocks, block_size, heads, head_dim], "
+                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError(f"key_cache and value_cache must share strides, got {key_cache.stride()} "
+                         f"and {value_cache.stride()}")
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Triton version of `write_kv_cache_ref` (same arguments): one launch for keys and values.
@@ -57,12 +68,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [tokens, heads, head_dim], got "
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"key_cache and value_cache must both be [num_blocks, block_size, heads, head_dim], "
-                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError(f"key_cache and value_cache must share strides, got {key_cache.stride()} "
-                         f"and {value_cache.stride()}")
+    check_cache_pair(key_cache, value_cache)
     tokens, heads, head_dim = key.shape
     if key_cache.shape[2:] != key.shape[1:]:
         raise ValueError(f"cache heads x head_dim {tuple(key_cache.shape[2:])} != new tokens' "

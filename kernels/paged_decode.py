@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_cache import check_cache_pair
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 # SM count assumed where none can be queried (CPU, interpreter, compile check): H100 / H200.
@@ -195,12 +197,7 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [seqs, heads, head_dim], got {tuple(q.shape)}")
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(f"key_cache and value_cache must both be [num_blocks, block_size, heads, head_dim], "
-                         f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError(f"key_cache and value_cache must share strides, got {key_cache.stride()} "
-                         f"and {value_cache.stride()}")
+    check_cache_pair(key_cache, value_cache)
     seqs, heads, head_dim = q.shape
     if key_cache.shape[2:] != q.shape[1:]:
         raise ValueError(f"cache heads x head_dim {tuple(key_cache.shape[2:])} != q's {tuple(q.shape[1:])}")

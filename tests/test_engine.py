@@ -239,3 +239,16 @@ def test_engine_config_errors_name_the_field(tiny_model_dir):
         LLM(str(tiny_model_dir), max_model_len=10_000)
     with pytest.raises(ValueError, match="kernels"):
         LLM(str(tiny_model_dir), kernels="cuda")
+
+
+def test_logprobs_stay_raw_while_min_tokens_bans_eos(llm):
+    """min_tokens bans EOS from the draw, not from the reported raw distribution."""
+    prompt = prompts(1, seed=12)[0]
+    params = dict(temperature=0, max_tokens=4, logprobs=1, ignore_eos=True)
+    free = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    banned = llm.generate([prompt], SamplingParams(**{**params, "ignore_eos": False}, min_tokens=4,
+                                                   stop_token_ids=[free.token_ids[0]]),
+                          use_tqdm=False)[0].outputs[0]
+    assert banned.token_ids[0] != free.token_ids[0]
+    # the top-1 raw entry still names the banned token with its unchanged logprob
+    assert banned.logprobs[0][free.token_ids[0]] == pytest.approx(free.logprobs[0][free.token_ids[0]], abs=1e-5)

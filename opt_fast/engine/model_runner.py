@@ -147,14 +147,22 @@ class ModelRunner:
             steps=self._tensor([s.num_output_tokens for s in seqs], torch.int64),
         )
 
-    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
-        """Until min_tokens are out, EOS and stop_token_ids cannot be drawn (HF and vLLM do the same)."""
+    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
+                                          eos: int | None) -> torch.Tensor:
+        """Until min_tokens are out, EOS and stop_token_ids cannot be drawn (HF and vLLM do the same).
+        Returns `logits` itself when no row bans anything, else a copy with the bans applied."""
+        bans = []
         for row, seq in enumerate(seqs):
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
-                if banned:
-                    logits[row, banned] = float("-inf")
+                bans += [(row, token) for token in banned]
+        if not bans:
+            return logits
+        rows, tokens = zip(*bans)
+        logits = logits.clone()
+        logits[list(rows), list(tokens)] = float("-inf")
+        return logits
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,9 +176,11 @@ class ModelRunner:
         finally:
             set_context(None)
         logits = self.model.compute_logits(hidden[last_index])
-        raw_logits = logits.clone()
-        self._suppress_stops_before_min_tokens(logits, seqs, eos_token_id)
-        tokens, logsumexp = self.ops.sample(logits, self.vocab_size, **self._sampling_inputs(seqs))
+        raw_logits = logits
+        sampling_logits = self._suppress_stops_before_min_tokens(logits, seqs, eos_token_id)
+        tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **self._sampling_inputs(seqs))
+        if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
+            logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)
         token_logprobs = raw_logits.gather(1, tokens[:, None])[:, 0] - logsumexp
         results = [StepResult(t, lp) for t, lp in zip(tokens.tolist(), token_logprobs.tolist())]
         want_top = [i for i, s in enumerate(seqs) if s.params.logprobs]

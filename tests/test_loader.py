@@ -251,26 +251,17 @@ def test_index_that_is_not_json(hf_checkpoint, tmp_path):
         load_weights(fresh_model(folder), folder)
 
 
-def test_truncated_safetensors(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("fmt,filename,problem", [("safetensors", "model.safetensors", "truncated"),
+                                                  ("bin_bare", "pytorch_model.bin", "corrupt")])
+def test_truncated_checkpoint_file(hf_checkpoint, tmp_path, fmt, filename, problem):
     _, src, hf_model = hf_checkpoint
-    folder = write_checkpoint("safetensors", src, hf_model, tmp_path)
-    file = folder / "model.safetensors"
+    folder = write_checkpoint(fmt, src, hf_model, tmp_path)
+    file = folder / filename
     data = file.read_bytes()
     file.write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError) as err:
         load_weights(fresh_model(folder), folder)
-    assert str(file) in str(err.value) and "truncated" in str(err.value)
-
-
-def test_truncated_pytorch_bin(hf_checkpoint, tmp_path):
-    _, src, hf_model = hf_checkpoint
-    folder = write_checkpoint("bin_bare", src, hf_model, tmp_path)
-    file = folder / "pytorch_model.bin"
-    data = file.read_bytes()
-    file.write_bytes(data[:len(data) // 2])
-    with pytest.raises(CheckpointError) as err:
-        load_weights(fresh_model(folder), folder)
-    assert str(file) in str(err.value) and "corrupt" in str(err.value)
+    assert str(file) in str(err.value) and problem in str(err.value)
 
 
 def test_garbage_pytorch_bin(hf_checkpoint, tmp_path):

@@ -150,10 +150,15 @@ class EngineConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
     seed: int = 0
+    # "auto" loads the checkpoint; "dummy" fills the weights at random on the device, so a
+    # benchmark of any size needs only a config.json (vLLM names this option the same way).
+    load_format: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):

@@ -6,7 +6,7 @@ import torch
 from ..config import EngineConfig, OPTConfig
 from ..context import Context, set_context
 from ..kernels import get_ops
-from ..model.loader import load_weights
+from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -49,7 +49,10 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.to_empty(device=self.device)
-        load_weights(self.model, model_path, progress=progress)
+        if cfg.load_format == "dummy":
+            init_random_weights(self.model, cfg.seed)
+        else:
+            load_weights(self.model, model_path, progress=progress)
         self.model.eval()
         self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks(max_model_len)
         self._allocate_kv_cache()

@@ -144,6 +144,19 @@ def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None
                               + (" ..." if len(names) > 8 else ""))
 
 
+@torch.no_grad()
+def init_random_weights(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter in place with small random values (for benchmarks without a checkpoint).
+    Drawn on the parameters' own device, so even 13B needs no host copy."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            fill = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
+            param.normal_(fill, 0.02, generator=generator)
+        else:
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+
+
 def _checkpoint_name(name: str, shard: int | None) -> str:
     if shard is None:
         return name

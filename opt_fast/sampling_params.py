@@ -29,6 +29,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Extensions beyond DESIGN.md §3, for FlagAI's Predictor: apply the penalty to log-softmax
+    # values rather than raw logits (FlagAI's order), and ids that are never drawn (FlagAI bans <unk>).
+    penalty_on_logprobs: bool = False
+    banned_token_ids: list[int] | None = None
 
     def __post_init__(self):
         _int("n", self.n, low=1)
@@ -54,12 +58,15 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         for token in self.stop_token_ids:
             _int("stop_token_ids", token, low=0)
+        self.banned_token_ids = list(self.banned_token_ids or [])
+        for token in self.banned_token_ids:
+            _int("banned_token_ids", token, low=0)
         if self.seed is not None:
             _int("seed", self.seed, low=None)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), low=0)
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "penalty_on_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

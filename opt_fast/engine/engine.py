@@ -86,6 +86,10 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_ids(prompt)
+        for token in params.banned_token_ids:
+            if token >= self.model_config.vocab_size:
+                raise ValueError(f"banned_token_ids entry {token} is outside the model's "
+                                 f"vocabulary [0, {self.model_config.vocab_size})")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "

@@ -150,21 +150,31 @@ class ModelRunner:
             steps=self._tensor([s.num_output_tokens for s in seqs], torch.int64),
         )
 
-    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
-                                          eos: int | None) -> torch.Tensor:
-        """Until min_tokens are out, EOS and stop_token_ids cannot be drawn (HF and vLLM do the same).
-        Returns `logits` itself when no row bans anything, else a copy with the bans applied."""
-        bans = []
+    def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None) -> torch.Tensor:
+        """The logits the sampler draws from. Returns `logits` itself when no row changes them,
+        else a copy, so reported logprobs stay those of the raw distribution.
+
+        Bans: until min_tokens are out, EOS and stop_token_ids cannot be drawn (HF and vLLM do the
+        same); banned_token_ids never can. Rows with penalty_on_logprobs are log-softmaxed first,
+        so the CTRL penalty acts on log-probabilities as FlagAI applies it.
+        """
+        bans, normalise = [], []
         for row, seq in enumerate(seqs):
             p = seq.params
+            banned = list(p.banned_token_ids)
             if seq.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
-                bans += [(row, token) for token in banned]
-        if not bans:
+                banned += list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
+            bans += [(row, token) for token in banned]
+            if p.penalty_on_logprobs:
+                normalise.append(row)
+        if not bans and not normalise:
             return logits
-        rows, tokens = zip(*bans)
         logits = logits.clone()
-        logits[list(rows), list(tokens)] = float("-inf")
+        if normalise:
+            logits[normalise, :self.vocab_size] = torch.log_softmax(logits[normalise, :self.vocab_size], dim=-1)
+        if bans:
+            rows, tokens = zip(*bans)
+            logits[list(rows), list(tokens)] = float("-inf")
         return logits
 
     # ---- the step ------------------------------------------------------------------------
@@ -180,7 +190,7 @@ class ModelRunner:
             set_context(None)
         logits = self.model.compute_logits(hidden[last_index])
         raw_logits = logits
-        sampling_logits = self._suppress_stops_before_min_tokens(logits, seqs, eos_token_id)
+        sampling_logits = self._sampling_logits(logits, seqs, eos_token_id)
         tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **self._sampling_inputs(seqs))
         if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)

@@ -13,7 +13,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" | None while running
+    error: str | None = None           # why, when finish_reason is "error" (this sample alone failed)
 
 
 @dataclass

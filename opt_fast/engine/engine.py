@@ -14,6 +14,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 _MASK63 = (1 << 63) - 1
+_DEFAULT_STEP_TOKENS = 2048
 
 
 def derive_seed(*parts: int) -> int:
@@ -40,7 +41,7 @@ class _Request:
 
     def output(self) -> RequestOutput:
         completions = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
-                                        s.output_logprobs, s.finish_reason) for s in self.seqs]
+                                        s.output_logprobs, s.finish_reason, s.error) for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              completions, self.finished)
 
@@ -67,10 +68,11 @@ class Engine:
         if self.max_model_len > positions:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={positions}")
-        # Without chunked prefill a whole prompt must fit one step's token budget.
-        self.max_num_batched_tokens = max(self.cfg.max_num_batched_tokens or 0, self.max_model_len)
+        # Prompts are chunked, so the budget only bounds a step's work (and activation memory).
+        self.max_num_batched_tokens = self.cfg.max_num_batched_tokens or max(_DEFAULT_STEP_TOKENS,
+                                                                             self.cfg.max_num_seqs)
         self.runner = ModelRunner(self.model_config, self.cfg, path, self.vocab_size,
-                                  self.max_model_len, progress=progress)
+                                  self.max_model_len, self.max_num_batched_tokens, progress=progress)
         self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
@@ -105,7 +107,9 @@ class Engine:
         for seq in seqs:
             if self.tokenizer is not None:
                 seq.detokenizer = self.tokenizer.incremental_decoder(token_ids, params.skip_special_tokens)
-            self.scheduler.add(seq)
+        # Sample 0 computes the prompt; the others join once it is cached, sharing its blocks.
+        seqs[0].forks = seqs[1:]
+        self.scheduler.add(seqs[0])
         self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -133,19 +137,32 @@ class Engine:
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one model step. Returns the requests that advanced, with their text so far."""
+        """Run one model step. Returns the requests that advanced, with their text so far.
+
+        A sample that fails on its own (non-finite logits, an error in its output processing)
+        finishes with finish_reason "error" and its message; the other requests go on."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        sampled = batch.sampled
         results = self.runner.run(batch, self.eos_token_id)
+        for seq in batch.prefills + batch.decodes:
+            seq.num_cached_tokens += seq.num_scheduled_tokens
         advanced: dict[str, _Request] = {}
-        for seq, result in zip(batch.prefills + batch.decodes, results):
+        for seq, result in zip(sampled, results):
             request = self.requests[seq.request_id]
-            if result.prompt_logprobs is not None:
-                request.prompt_logprobs = result.prompt_logprobs
-            seq.num_cached_tokens = seq.num_tokens
-            self._append(seq, result)
             advanced[seq.request_id] = request
+            if seq.num_output_tokens == 0 and seq.index == 0:
+                request.prompt_logprobs = seq.prompt_logprobs
+            if seq.forks:
+                self.scheduler.fork(seq)
+            try:
+                if result.error:
+                    raise ValueError(result.error)
+                self._append(seq, result)
+            except Exception as err:    # this sample alone fails; the batch goes on
+                seq.error = f"{type(err).__name__}: {err}"
+                self.scheduler.finish(seq, "error")
         for request_id, request in advanced.items():
             if request.finished:
                 del self.requests[request_id]

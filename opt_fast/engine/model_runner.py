@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from ..config import EngineConfig, OPTConfig
+from ..config import EngineConfig, OPTConfig, ceil_div
 from ..context import Context, set_context
 from ..kernels import get_ops
 from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
+# Left free on CUDA beyond the profiled peak: CUDA-graph pools, allocator fragmentation.
+_CUDA_HEADROOM_BYTES = 512 << 20
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -23,21 +26,22 @@ def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
 
 
 class StepResult:
-    """What the runner hands back per sequence: the sampled token and its logprob data."""
-    __slots__ = ("token", "logprob", "top_logprobs", "prompt_logprobs")
+    """What the runner hands back per sampled sequence: the token and its logprob data, or why
+    this sequence alone failed."""
+    __slots__ = ("token", "logprob", "top_logprobs", "error")
 
-    def __init__(self, token: int, logprob: float, top_logprobs=None, prompt_logprobs=None):
-        self.token, self.logprob = token, logprob
-        self.top_logprobs, self.prompt_logprobs = top_logprobs, prompt_logprobs
+    def __init__(self, token: int, logprob: float, top_logprobs=None, error: str | None = None):
+        self.token, self.logprob, self.top_logprobs, self.error = token, logprob, top_logprobs, error
 
 
 class ModelRunner:
     def __init__(self, config: OPTConfig, cfg: EngineConfig, model_path, vocab_size: int,
-                 max_model_len: int, progress: bool = False):
+                 max_model_len: int, max_num_batched_tokens: int, progress: bool = False):
         self.config, self.cfg = config, cfg
         self.device, self.dtype = resolve_device_dtype(cfg)
         self.vocab_size = vocab_size
         self.block_size = cfg.block_size
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.ops = get_ops(cfg.kernels, self.device.type)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -54,33 +58,79 @@ class ModelRunner:
         else:
             load_weights(self.model, model_path, progress=progress)
         self.model.eval()
-        self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks(max_model_len)
+        self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not cfg.enforce_eager and DecodeGraphs.supported(self.ops):
+            self.graphs = DecodeGraphs(self)
 
+    # ---- KV cache sizing -------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
         c = self.config
         return 2 * c.num_hidden_layers * self.block_size * c.hidden_size * self.dtype.itemsize
 
-    def _default_num_blocks(self, max_model_len: int) -> int:
+    def _default_num_blocks(self) -> int:
+        """On CUDA: what `gpu_memory_utilization` of the device leaves after the weights and the
+        peak of a profiled worst-case step. On CPU: a fixed pool. Never more than max_num_seqs
+        full-length sequences can use."""
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations of the largest step (a rough bound until the engine
-            # profiles a real forward): hidden states, the MLP and the float32 logits.
-            c = self.config
-            tokens = self.cfg.max_num_batched_tokens or max_model_len
-            activations = tokens * (8 * c.hidden_size + 2 * c.ffn_dim) * self.dtype.itemsize \
-                + self.cfg.max_num_seqs * c.vocab_size * 4 * 4
-            budget = free - (1 - self.cfg.gpu_memory_utilization) * total - activations
+            budget = self._profile_free_bytes()
         else:
             budget = _CPU_KV_CACHE_BYTES
-        needed = -(-max_model_len // self.block_size)
-        # More blocks than max_num_seqs full-length sequences can never be used.
+        needed = ceil_div(self.max_model_len, self.block_size)
         blocks = min(int(budget // self._bytes_per_block()), self.cfg.max_num_seqs * needed)
         if blocks < needed:
-            raise ValueError(f"KV cache of {blocks} blocks cannot hold one sequence of max_model_len="
-                             f"{max_model_len} tokens ({needed} blocks); lower max_model_len or raise "
-                             "gpu_memory_utilization / num_kv_blocks")
+            raise ValueError(f"KV cache of {max(blocks, 0)} blocks cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len} tokens ({needed} blocks); lower "
+                             "max_model_len or raise gpu_memory_utilization / num_kv_blocks")
         return blocks
+
+    @torch.inference_mode()
+    def _profile_free_bytes(self) -> int:
+        """Run the largest step the scheduler can build (max_num_batched_tokens prompt tokens,
+        then sampling max_num_seqs rows) with a one-block cache nobody writes, and return the
+        bytes left for the KV cache under gpu_memory_utilization."""
+        c = self.config
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = self.max_num_batched_tokens
+        lengths = [min(self.max_model_len, tokens - start) for start in range(0, tokens, self.max_model_len)]
+        scratch = torch.zeros(2, 1, self.block_size, c.num_attention_heads, c.head_dim,
+                              dtype=self.dtype, device=self.device)
+        for layer in self.model.decoder.layers:
+            layer.self_attn.key_cache, layer.self_attn.value_cache = scratch
+        cu_seqlens = [0]
+        for n in lengths:
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        ctx = Context(slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+                      num_prefill_tokens=tokens,
+                      cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+                      context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
+                      prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        set_context(ctx)
+        try:
+            hidden = self.model(torch.zeros(tokens, dtype=torch.int64, device=self.device), positions)
+        finally:
+            set_context(None)
+        rows = min(self.cfg.max_num_seqs, tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        self.ops.sample(logits, self.vocab_size, **self._dummy_sampling_inputs(rows))
+        del hidden, logits, scratch
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        return int(self.cfg.gpu_memory_utilization * total - outside_torch - peak - _CUDA_HEADROOM_BYTES)
+
+    def _dummy_sampling_inputs(self, rows: int) -> dict:
+        def full(value, dtype):
+            return torch.full((rows,), value, dtype=dtype, device=self.device)
+        return dict(temperature=full(1.0, torch.float32), top_k=full(0, torch.int64),
+                    top_p=full(1.0, torch.float32), repetition_penalty=full(1.0, torch.float32),
+                    seen_ids=torch.empty(rows, 0, dtype=torch.int64, device=self.device),
+                    seeds=full(0, torch.int64), steps=full(0, torch.int64))
 
     def _allocate_kv_cache(self) -> None:
         c = self.config
@@ -105,17 +155,18 @@ class ModelRunner:
             self.device, non_blocking=True)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
-        """Flat input_ids, positions, the Context, and the index of each sequence's last token."""
+        """Flat input_ids, positions, the Context, and the row of each sampled sequence's last token."""
         input_ids, positions, slots, last_index = [], [], [], []
         cu_seqlens, context_lens = [0], []
         for seq in batch.prefills:
-            start = seq.num_cached_tokens
-            input_ids += seq.token_ids[start:]
-            positions += range(start, seq.num_tokens)
-            slots += self._slots(seq, start, seq.num_tokens)
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
             context_lens.append(start)
-            cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens - start)
-            last_index.append(len(input_ids) - 1)
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            if seq.samples_this_step:
+                last_index.append(len(input_ids) - 1)
         num_prefill_tokens = len(input_ids)
         for seq in batch.decodes:
             pos = seq.num_tokens - 1
@@ -133,7 +184,8 @@ class ModelRunner:
             ctx.decode_block_tables = self._block_tables(batch.decodes)
         return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx, last_index)
 
-    def _sampling_inputs(self, seqs: list[Sequence]) -> dict:
+    def sampling_inputs(self, seqs: list[Sequence]) -> dict:
+        """Per-row sampler arguments as host tensors (moved to the device by the caller)."""
         params = [s.params for s in seqs]
         if any(p.repetition_penalty != 1.0 for p in params):
             width = max(s.num_tokens for s in seqs)
@@ -141,13 +193,13 @@ class ModelRunner:
         else:
             seen = [[] for _ in seqs]
         return dict(
-            temperature=self._tensor([p.temperature for p in params], torch.float32),
-            top_k=self._tensor([p.top_k for p in params], torch.int64),
-            top_p=self._tensor([p.top_p for p in params], torch.float32),
-            repetition_penalty=self._tensor([p.repetition_penalty for p in params], torch.float32),
-            seen_ids=self._tensor(seen, torch.int64),
-            seeds=self._tensor([s.seed for s in seqs], torch.int64),
-            steps=self._tensor([s.num_output_tokens for s in seqs], torch.int64),
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+            seen_ids=torch.tensor(seen, dtype=torch.int64),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
         )
 
     def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None) -> torch.Tensor:
@@ -177,53 +229,79 @@ class ModelRunner:
             logits[list(rows), list(tokens)] = float("-inf")
         return logits
 
+    @staticmethod
+    def plain_sampling(seqs: list[Sequence]) -> bool:
+        """Whether the sampler can draw from the raw logits with no per-step host-built inputs
+        (no penalty list, no bans): what a CUDA graph's built-in sampling handles."""
+        return all(s.params.repetition_penalty == 1.0 and not s.params.penalty_on_logprobs
+                   and not s.params.banned_token_ids and s.num_output_tokens >= s.params.min_tokens
+                   for s in seqs)
+
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
-        """Run one step; results follow batch.prefills then batch.decodes."""
-        seqs = batch.prefills + batch.decodes
-        input_ids, positions, ctx, last_index = self.prepare(batch)
-        set_context(ctx)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
-        logits = self.model.compute_logits(hidden[last_index])
-        raw_logits = logits
-        sampling_logits = self._sampling_logits(logits, seqs, eos_token_id)
-        tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **self._sampling_inputs(seqs))
+        """Run one step; one result per `batch.sampled` sequence, in that order."""
+        sampled = batch.sampled
+        if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
+            raw_logits, tokens, logsumexp = self.graphs.run(batch.decodes)
+            if not self.plain_sampling(sampled):     # the graph's draw ignored bans and penalties
+                tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
+        else:
+            input_ids, positions, ctx, last_index = self.prepare(batch)
+            set_context(ctx)
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                set_context(None)
+            self._prompt_logprobs(hidden, batch)
+            if not sampled:
+                return []
+            raw_logits = self.model.compute_logits(hidden[last_index])
+            tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
+        return self._results(raw_logits, tokens, logsumexp, sampled)
+
+    def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
+        sampling_logits = self._sampling_logits(raw_logits, seqs, eos)
+        inputs = {k: v.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
+                  else v for k, v in self.sampling_inputs(seqs).items()}
+        tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **inputs)
         if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)
+        return tokens, logsumexp
+
+    def _results(self, raw_logits, tokens, logsumexp, seqs: list[Sequence]) -> list[StepResult]:
+        # A row with NaN or infinite logits has a non-finite logsumexp: that sequence fails alone.
+        # Its token may be garbage, so it is clamped before it indexes anything.
+        tokens = tokens.clamp(0, self.vocab_size - 1)
         token_logprobs = raw_logits.gather(1, tokens[:, None])[:, 0] - logsumexp
-        results = [StepResult(t, lp) for t, lp in zip(tokens.tolist(), token_logprobs.tolist())]
-        want_top = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        finite = torch.isfinite(logsumexp)
+        results = [StepResult(t, lp) if ok else StepResult(-1, float("nan"), error="non-finite logits")
+                   for t, lp, ok in zip(tokens.tolist(), token_logprobs.tolist(), finite.tolist())]
+        want_top = [i for i, s in enumerate(seqs) if s.params.logprobs and results[i].error is None]
         if want_top:
             k = max(seqs[i].params.logprobs for i in want_top)
             top_lp = (raw_logits[want_top, :self.vocab_size] - logsumexp[want_top, None]).topk(k)
             for row, values, ids in zip(want_top, top_lp.values.tolist(), top_lp.indices.tolist()):
                 n = seqs[row].params.logprobs
                 results[row].top_logprobs = dict(zip(ids[:n], values[:n]))
-        offset = 0
-        for i, seq in enumerate(batch.prefills):
-            new_tokens = seq.num_tokens - seq.num_cached_tokens
-            if seq.params.prompt_logprobs is not None and seq.num_cached_tokens == 0 \
-                    and seq.num_output_tokens == 0:
-                results[i].prompt_logprobs = self._prompt_logprobs(hidden[offset:offset + new_tokens], seq)
-            offset += new_tokens
         return results
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence) -> list[dict[int, float] | None]:
-        """Entry i: logprob of prompt token i given the tokens before it, plus the top N."""
-        prompt = seq.token_ids[:seq.num_prompt_tokens]
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:-1])[:, :self.vocab_size], dim=-1)
-        actual = logprobs.gather(1, torch.tensor(prompt[1:], device=logprobs.device)[:, None])[:, 0].tolist()
-        out: list[dict[int, float] | None] = [None]
-        n = seq.params.prompt_logprobs
-        top = logprobs.topk(n) if n else None
-        for i, token in enumerate(prompt[1:]):
-            entry = {token: actual[i]}
-            if top is not None:
-                entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
-                entry[token] = actual[i]
-            out.append(entry)
-        return out
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch) -> None:
+        """Fill, chunk by chunk, entry p+1 of each asking prompt: the logprob of prompt token p+1
+        given tokens 0..p (plus the top N), from the hidden state of position p."""
+        offset = 0
+        for seq in batch.prefills:
+            start, count = seq.num_cached_tokens, seq.num_scheduled_tokens
+            rows = min(start + count, seq.num_prompt_tokens - 1) - start
+            if seq.prompt_logprobs is not None and seq.num_output_tokens == 0 and rows > 0:
+                targets = seq.token_ids[start + 1:start + 1 + rows]
+                logits = self.model.compute_logits(hidden[offset:offset + rows])[:, :self.vocab_size]
+                logprobs = torch.log_softmax(logits, dim=-1)
+                actual = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+                n = seq.params.prompt_logprobs
+                top = logprobs.topk(n) if n else None
+                for i, token in enumerate(targets):
+                    entry = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else {}
+                    entry[token] = actual[i]
+                    seq.prompt_logprobs[start + 1 + i] = entry
+            offset += count

@@ -1,8 +1,10 @@
-"""Which sequences run each step: decodes for the running ones, then new prefills that fit.
+"""Which sequences run each step, and how many tokens each computes. Policy only, no tensors.
 
-Policy only, no tensors. When the cache runs out of blocks the newest running sequence is
-preempted: its blocks are freed and it waits at the front of the queue to be recomputed
-(prompt + output so far in one prefill), so it loses nothing.
+Continuous batching with chunked prefill: every step first gives each running decode its one
+token, then spends what is left of the token budget on prompt chunks, oldest sequence first, so
+a long prompt is split over several steps instead of stalling the decodes. When the cache runs
+out of blocks the newest running sequence is preempted: its blocks are freed and it waits at
+the front of the queue to be recomputed (prompt + output so far), so it loses nothing.
 """
 from __future__ import annotations
 
@@ -15,21 +17,30 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    prefills: list[Sequence] = field(default_factory=list)   # whole sequences, all their tokens
-    decodes: list[Sequence] = field(default_factory=list)    # one new token each
+    # Each sequence computes seq.num_scheduled_tokens tokens from seq.num_cached_tokens on.
+    prefills: list[Sequence] = field(default_factory=list)   # prompt (or recompute) chunks
+    decodes: list[Sequence] = field(default_factory=list)    # one token each
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
 
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that draw a token this step: finished prefills, then every decode."""
+        return [s for s in self.prefills if s.samples_this_step] + self.decodes
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({max_num_seqs}), so every running decode fits a step")
         self.blocks = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []     # oldest first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -39,42 +50,90 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        # Decodes first, oldest first: the token just sampled needs a slot.
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            seq.num_scheduled_tokens = 0
+        # Running sequences, oldest first. Decodes keep their token of the budget even when a
+        # prefill chunk comes before them; a victim is always the newest not yet visited.
+        pending = list(self.running)
+        decodes_left = sum(1 for s in pending if s.num_tokens - s.num_cached_tokens == 1)
         kept: list[Sequence] = []
-        running = list(self.running)
-        while running:
-            seq = running.pop(0)
-            while not self.blocks.can_grow(seq, seq.num_tokens) and running:
-                self._preempt(running.pop(), batch)
-            if not self.blocks.can_grow(seq, seq.num_tokens):
+        while pending:
+            seq = pending.pop(0)
+            remaining = seq.num_tokens - seq.num_cached_tokens
+            decode = remaining == 1
+            decodes_left -= decode
+            chunk = 1 if decode else min(remaining, budget - decodes_left)
+            if chunk <= 0:
+                kept.append(seq)              # a prompt chunk waits for budget, keeping its blocks
+                continue
+            while not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk) and pending:
+                victim = pending.pop()
+                decodes_left -= victim.num_tokens - victim.num_cached_tokens == 1
+                self._preempt(victim, batch)
+            if not decode:
+                chunk = min(chunk, self._capacity(seq))
+            if chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
                 self._preempt(seq, batch)
-                break
-            self.blocks.grow(seq, seq.num_tokens)
+                continue
+            self._schedule(seq, chunk, batch)
+            budget -= chunk
             kept.append(seq)
         self.running = kept
-        batch.decodes = list(kept)
-        # Then whole prefills while the token budget, the sequence cap and the free blocks allow.
-        budget = self.max_num_batched_tokens - len(batch.decodes)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        # Then waiting sequences while the budget, the sequence cap and the free blocks allow;
+        # none after a preemption this step, which would only be undone next step.
+        while (self.waiting and not batch.preempted and budget > 0
+               and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            if seq.num_tokens > budget or not self.blocks.can_grow(seq, seq.num_tokens):
-                break
+            chunk = min(seq.num_tokens - seq.num_cached_tokens, budget)
+            if not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
+                if self.running or not self._release_waiting_blocks():
+                    break
+                continue
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.prefills.append(seq)
-            budget -= seq.num_tokens
+            self._schedule(seq, chunk, batch)
+            budget -= chunk
         return batch
+
+    def _release_waiting_blocks(self) -> bool:
+        """With nothing running, only waiting forks hold blocks (their shared prompt): let them go,
+        so the head of the queue always fits an idle cache. They recompute their prompt instead."""
+        holders = [s for s in self.waiting if s.block_table]
+        for seq in holders:
+            self.blocks.free(seq)
+        return bool(holders)
+
+    def _capacity(self, seq: Sequence) -> int:
+        """Tokens `seq` can compute with its blocks plus every free one."""
+        blocks = len(seq.block_table) + self.blocks.num_free_blocks
+        return blocks * self.blocks.block_size - seq.num_cached_tokens
+
+    def _schedule(self, seq: Sequence, chunk: int, batch: ScheduledBatch) -> None:
+        self.blocks.grow(seq, seq.num_cached_tokens + chunk)
+        seq.num_scheduled_tokens = chunk
+        decode = seq.num_tokens - seq.num_cached_tokens == 1
+        (batch.decodes if decode else batch.prefills).append(seq)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_scheduled_tokens = 0
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
+    def fork(self, parent: Sequence) -> None:
+        """Queue `parent`'s other samples, once its prompt is cached: each shares the prompt's
+        full blocks, and computes only the rest of the prompt (at least its last token) itself."""
+        shared = (parent.num_prompt_tokens - 1) // self.blocks.block_size
+        for child in reversed(parent.forks):
+            self.blocks.share(parent, child, shared)
+            self.waiting.appendleft(child)
+        parent.forks = []
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire `seq` (running or waiting) and return its blocks."""
+        """Retire `seq` (running, waiting, or a fork not yet queued) and return its blocks."""
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.blocks.free(seq)
         if seq in self.running:

@@ -26,7 +26,13 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0          # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0       # tokens this step computes (a prefill chunk, or 1)
+        self.forks: list[Sequence] = []     # samples 1..n-1, waiting to share this one's prompt
+        # Filled chunk by chunk by the runner (sample 0 only); entry 0 has no context, so None.
+        self.prompt_logprobs: list | None = ([None] * len(prompt_token_ids)
+                                             if params.prompt_logprobs is not None and index == 0 else None)
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.text = ""
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
@@ -43,6 +49,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def samples_this_step(self) -> bool:
+        """Whether this step's tokens reach the end of the sequence, so a token is drawn."""
+        return self.num_cached_tokens + self.num_scheduled_tokens == self.num_tokens
 
     @property
     def is_finished(self) -> bool:

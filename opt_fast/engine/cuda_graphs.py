@@ -1,0 +1,116 @@
+"""CUDA graphs of the decode step: model, logits and sampling, one graph per padded batch size.
+
+A decode step of a large model is hundreds of small kernel launches whose Python and driver cost
+exceeds the GPU time at small batches. Replaying a captured graph launches them all at once.
+The graphs read their inputs from static device buffers that each step refills with one copy
+per dtype; padding rows have no cache slot and length 0, so they read and write nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ceil_div
+from ..context import Context, set_context
+from .sequence import Sequence
+
+# The ops a captured step launches must never wait on the host; the torch references of these
+# three do (they gather on the host's say-so), so graphs need the Triton versions.
+_CAPTURED_OPS = ("write_kv_cache", "paged_decode_attention", "sample")
+_I64_ROWS = ("input_ids", "positions", "slots", "top_k", "seeds", "steps")
+_F32_ROWS = ("temperature", "top_p")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs (always included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """One captured decode step per padded batch size, sharing one memory pool."""
+
+    @staticmethod
+    def supported(ops) -> bool:
+        return not any(getattr(ops, name).__name__.endswith("_ref") for name in _CAPTURED_OPS)
+
+    @torch.inference_mode()
+    def __init__(self, runner):
+        self.runner = runner
+        self.model, self.ops, self.vocab_size = runner.model, runner.ops, runner.vocab_size
+        self.block_size = runner.block_size
+        self.sizes = graph_batch_sizes(runner.cfg.max_num_seqs)
+        rows, device = self.sizes[-1], runner.device
+        max_blocks = ceil_div(runner.max_model_len, self.block_size)
+        # Host staging (pinned) and device buffers: one copy per dtype refills every input.
+        self.host_i64 = torch.zeros(len(_I64_ROWS), rows, dtype=torch.int64, pin_memory=True)
+        self.host_f32 = torch.zeros(len(_F32_ROWS), rows, dtype=torch.float32, pin_memory=True)
+        self.host_i32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, pin_memory=True)
+        self.i64 = torch.zeros_like(self.host_i64, device=device)
+        self.f32 = torch.ones_like(self.host_f32, device=device)
+        self.i32 = torch.zeros_like(self.host_i32, device=device)
+        self.i64[_I64_ROWS.index("slots")] = -1
+        self.seq_lens = self.i32[:rows]
+        self.block_tables = self.i32[rows:].view(rows, max_blocks)
+        self.host_seq_lens = self.host_i32[:rows]
+        self.host_block_tables = self.host_i32[rows:].view(rows, max_blocks)
+        self.penalty = torch.ones(rows, dtype=torch.float32, device=device)
+        self.no_seen = torch.empty(rows, 0, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        pool = None
+        for size in reversed(self.sizes):      # the largest first, so the smaller reuse its pool
+            self._step(size)                   # compiles every kernel outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._step(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(device)
+        self.replays = 0
+
+    def _row(self, name: str) -> torch.Tensor:
+        return self.i64[_I64_ROWS.index(name)] if name in _I64_ROWS else self.f32[_F32_ROWS.index(name)]
+
+    def _step(self, size: int):
+        """The decode step on the static buffers' first `size` rows: (logits, tokens, logsumexp)."""
+        row = self._row
+        set_context(Context(slot_mapping=row("slots")[:size], num_prefill_tokens=0,
+                            decode_seq_lens=self.seq_lens[:size], decode_block_tables=self.block_tables[:size]))
+        try:
+            hidden = self.model(row("input_ids")[:size], row("positions")[:size])
+        finally:
+            set_context(None)
+        logits = self.model.compute_logits(hidden)
+        tokens, logsumexp = self.ops.sample(
+            logits, self.vocab_size, temperature=row("temperature")[:size], top_k=row("top_k")[:size],
+            top_p=row("top_p")[:size], repetition_penalty=self.penalty[:size], seen_ids=self.no_seen[:size],
+            seeds=row("seeds")[:size], steps=row("steps")[:size])
+        return logits, tokens, logsumexp
+
+    def fits(self, num_seqs: int) -> bool:
+        return 0 < num_seqs <= self.sizes[-1]
+
+    def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay the smallest graph that holds `seqs` (all decodes). Returns views of its outputs,
+        valid until the next replay: (logits, tokens, logsumexp) for the first len(seqs) rows."""
+        n = len(seqs)
+        size = next(s for s in self.sizes if s >= n)
+        bs = self.block_size
+        i64 = [[s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+               [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs],
+               [s.params.top_k for s in seqs], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
+        self.host_i64[:, :n] = torch.tensor(i64, dtype=torch.int64)
+        self.host_i64[_I64_ROWS.index("slots"), n:size] = -1          # padding rows write nothing
+        self.host_f32[:, :n] = torch.tensor([[s.params.temperature for s in seqs],
+                                             [s.params.top_p for s in seqs]], dtype=torch.float32)
+        self.host_seq_lens[:n] = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
+        self.host_seq_lens[n:size] = 0                                  # ... and read nothing
+        width = max(len(s.block_table) for s in seqs)
+        self.host_block_tables[:n, :width] = torch.tensor(
+            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
+            dev.copy_(host, non_blocking=True)
+        self.graphs[size].replay()
+        self.replays += 1
+        logits, tokens, logsumexp = self.outputs[size]
+        return logits[:n], tokens[:n], logsumexp[:n]

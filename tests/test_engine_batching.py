@@ -1,0 +1,261 @@
+"""Continuous batching at scale: preemption, chunked prefill, n > 1 block sharing, aborts, failing
+requests and block accounting, on a tiny random OPT (torch kernels)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from opt_testing import test_device
+from opt_fast import Engine, LLM, SamplingParams
+from opt_fast.engine.engine import derive_seed
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def prompts(count: int, seed: int, low: int = 1, high: int = 60) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=g).tolist()
+    return [[2] + torch.randint(4, 400, (n,), generator=g).tolist() for n in lengths]
+
+
+def engine(model_dir, **kwargs) -> Engine:
+    return Engine(str(model_dir), device=test_device(), kernels="torch", **kwargs)
+
+
+def drain(eng: Engine, on_step=None) -> dict:
+    final = {}
+    for step in range(20_000):
+        if not eng.has_unfinished_requests():
+            return final
+        if on_step:
+            on_step(step)
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def assert_no_block_leak(eng: Engine) -> None:
+    blocks = eng.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert sorted(blocks.free_blocks) == list(range(blocks.num_blocks))
+    assert not any(blocks.ref_counts)
+
+
+def record_preemptions(eng: Engine) -> list:
+    preempted = []
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        preempted.extend(batch.preempted)
+        return batch
+    eng.scheduler.schedule = spy
+    return preempted
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir):
+    """Each prompt's output when it runs by itself in a fresh, roomy engine."""
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    return lambda prompt, params=GREEDY: llm.generate([prompt], params, use_tqdm=False)[0]
+
+
+def test_sixty_prompts_under_preemption_equal_each_prompt_alone(tiny_model_dir, alone):
+    batch = prompts(60, seed=1)
+    # 60 sequences of up to 70 tokens want up to 300 blocks of 16; 24 forces many preemptions.
+    eng = engine(tiny_model_dir, num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32)
+    preempted = record_preemptions(eng)
+    for i, p in enumerate(batch):
+        eng.add_request(str(i), p, GREEDY)
+    final = drain(eng)
+    assert len(preempted) >= 10, "the pool was meant to force preemption"
+    assert sorted(final, key=int) == [str(i) for i in range(60)]
+    for i, p in enumerate(batch):
+        assert final[str(i)].outputs[0].token_ids == alone(p).outputs[0].token_ids, i
+        assert final[str(i)].outputs[0].finish_reason == "length"
+    assert_no_block_leak(eng)
+
+
+def test_abort_one_of_twenty_one_mid_generation(tiny_model_dir):
+    eng = engine(tiny_model_dir)
+    params = SamplingParams(temperature=0.8, max_tokens=20, seed=3, ignore_eos=True)
+    for i, p in enumerate(prompts(21, seed=2)):
+        eng.add_request(str(i), p, params)
+    for _ in range(6):
+        eng.step()
+    assert len(eng.scheduler.running) == 21
+    eng.abort_request("7")
+    final = drain(eng)
+    assert sorted(final, key=int) == [str(i) for i in range(21) if i != 7]
+    assert all(len(o.outputs[0].token_ids) == 20 and o.outputs[0].finish_reason == "length"
+               for o in final.values())
+    assert_no_block_leak(eng)
+
+
+def test_chunked_prefill_equals_unchunked(tiny_model_dir):
+    long_prompts = prompts(4, seed=4, low=90, high=200)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=2, logprobs=1)
+    results = {}
+    for budget in (None, 24):
+        eng = engine(tiny_model_dir, max_num_batched_tokens=budget, max_num_seqs=4)
+        chunks = []
+        run = eng.runner.run
+        eng.runner.run = lambda batch, eos: chunks.extend(s.num_scheduled_tokens for s in batch.prefills) \
+            or run(batch, eos)
+        for i, p in enumerate(long_prompts):
+            eng.add_request(str(i), p, params)
+        results[budget] = drain(eng)
+        if budget:
+            assert max(chunks) <= budget and len(chunks) > len(long_prompts)   # really chunked
+    for i in map(str, range(len(long_prompts))):
+        whole, chunked = results[None][i], results[24][i]
+        assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids
+        assert len(chunked.prompt_logprobs) == len(long_prompts[int(i)])
+        assert chunked.prompt_logprobs[0] is None
+        for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
+            assert a.keys() == b.keys()
+            assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_decodes_run_every_step_while_a_long_prompt_is_chunked(tiny_model_dir):
+    eng = engine(tiny_model_dir, max_num_batched_tokens=16, max_num_seqs=4)
+    eng.add_request("short", [2, 10, 11], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    eng.step()
+    eng.add_request("long", prompts(1, seed=5, low=150, high=151)[0], GREEDY)
+    produced = []
+    for _ in range(8):
+        outs = {o.request_id: o for o in eng.step()}
+        produced.append(len(outs["short"].outputs[0].token_ids) if "short" in outs else None)
+    # the 151-token prompt needs 10 chunks of <= 15 tokens; the decode advanced on each of them
+    assert produced == list(range(2, 10))
+
+
+def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_dir, alone):
+    prompt = prompts(1, seed=6, low=40, high=41)[0]           # 41 tokens: 2 full blocks + 9
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=11, ignore_eos=True)
+    eng = engine(tiny_model_dir)
+    eng.add_request("r", prompt, params)
+    shared = []
+    eng.step()                                  # sample 0 computes the prompt; 1 and 2 join
+    shared.append(sum(c > 1 for c in eng.blocks.ref_counts))
+    final = drain(eng)["r"]
+    assert shared == [2]                         # the two full prompt blocks, held three times
+    assert_no_block_leak(eng)
+    again = engine(tiny_model_dir)
+    again.add_request("r", prompt, params)
+    assert [c.token_ids for c in drain(again)["r"].outputs] == [c.token_ids for c in final.outputs]
+    seeds = [11, derive_seed(11, 1), derive_seed(11, 2)]
+    for completion, seed in zip(final.outputs, seeds):
+        single = SamplingParams(temperature=1.0, max_tokens=10, seed=seed, ignore_eos=True)
+        assert completion.token_ids == alone(prompt, single).outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in final.outputs}) == 3
+
+
+@pytest.mark.parametrize("prompt_len", [1, 16, 17])
+def test_n_samples_at_block_edges(tiny_model_dir, alone, prompt_len):
+    prompt = prompts(1, seed=7, low=prompt_len - 1, high=prompt_len)[0]
+    assert len(prompt) == prompt_len
+    out = alone(prompt, SamplingParams(n=4, temperature=0, max_tokens=5, ignore_eos=True))
+    first = out.outputs[0].token_ids
+    assert all(c.token_ids == first for c in out.outputs)    # greedy: every sample the same
+    assert first == alone(prompt).outputs[0].token_ids[:5]
+
+
+def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
+    eng = engine(tiny_model_dir)
+    model = eng.runner.model
+    real = model.compute_logits
+    poison_rows = []
+
+    def poisoned(hidden):
+        logits = real(hidden)
+        for row in poison_rows:
+            logits[row] = float("nan")
+        return logits
+    model.compute_logits = poisoned
+    batch = prompts(3, seed=8)
+    for i, p in enumerate(batch):
+        eng.add_request(str(i), p, GREEDY)
+    eng.step()                                   # all three prefills sample
+    poison_rows.append(1)                        # the next decode step: request "1" is row 1
+    outs = {o.request_id: o for o in eng.step()}
+    poison_rows.clear()
+    assert outs["1"].finished and outs["1"].outputs[0].finish_reason == "error"
+    assert "non-finite" in outs["1"].outputs[0].error
+    final = drain(eng)
+    assert sorted(final) == ["0", "2"]
+    for i in (0, 2):
+        assert final[str(i)].outputs[0].token_ids == LLM(str(tiny_model_dir), device=test_device(),
+                                                         kernels="torch").generate(
+            [batch[i]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert_no_block_leak(eng)
+
+
+def test_an_error_in_output_processing_fails_that_request_alone(tiny_model_dir):
+    eng = engine(tiny_model_dir)
+    for i, p in enumerate(prompts(3, seed=9)):
+        eng.add_request(str(i), p, GREEDY)
+    eng.step()
+    victim = eng.requests["2"].seqs[0]
+
+    class Broken:
+        def step(self, token):
+            raise RuntimeError("decoder broke")
+    victim.detokenizer = Broken()
+    outs = {o.request_id: o for o in eng.step()}
+    assert outs["2"].outputs[0].finish_reason == "error" and "decoder broke" in outs["2"].outputs[0].error
+    final = drain(eng)
+    assert sorted(final) == ["0", "1"] and all(len(o.outputs[0].token_ids) == 10 for o in final.values())
+    assert_no_block_leak(eng)
+
+
+def test_a_request_that_can_never_fit_is_refused_and_others_run(tiny_model_dir):
+    eng = engine(tiny_model_dir, num_kv_blocks=4)          # 64 tokens of cache
+    eng.add_request("ok", [2, 5, 6], GREEDY)
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        eng.add_request("huge", [2] * 60, SamplingParams(max_tokens=20))
+    assert sorted(drain(eng)) == ["ok"]
+    assert_no_block_leak(eng)
+
+
+def test_no_block_leaks_after_random_finish_abort_and_preemption(tiny_model_dir):
+    rng = random.Random(0)
+    eng = engine(tiny_model_dir, num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=8)
+    preempted = record_preemptions(eng)
+    batch = prompts(30, seed=10, high=40)
+    submitted = 0
+
+    def chaos(step):
+        nonlocal submitted
+        if submitted < len(batch) and rng.random() < 0.6:
+            params = SamplingParams(n=rng.choice([1, 1, 2, 3]), temperature=rng.choice([0, 1.0]),
+                                    max_tokens=rng.randint(1, 15), seed=step)
+            eng.add_request(str(submitted), batch[submitted], params)
+            submitted += 1
+        if eng.requests and rng.random() < 0.15:
+            eng.abort_request(rng.choice(sorted(eng.requests)))
+    finished = 0
+    for step in range(5000):
+        if submitted == len(batch) and not eng.has_unfinished_requests():
+            break
+        chaos(step)
+        finished += sum(out.finished for out in eng.step())
+    assert submitted == len(batch) and not eng.has_unfinished_requests()
+    assert preempted, "the pool was meant to force preemption"
+    assert finished > 10
+    assert_no_block_leak(eng)
+
+
+def test_kv_pool_default_and_override(tiny_model_dir):
+    assert engine(tiny_model_dir, num_kv_blocks=37).blocks.num_blocks == 37
+    eng = engine(tiny_model_dir, max_num_seqs=3)
+    # never more than max_num_seqs full-length sequences: 3 x 256 positions / 16
+    assert eng.blocks.num_blocks == 3 * 256 // 16
+
+
+def test_step_budget_must_hold_every_decode(tiny_model_dir):
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        engine(tiny_model_dir, max_num_batched_tokens=8, max_num_seqs=16)

@@ -33,7 +33,6 @@ class DecodeGraphs:
     def supported(ops) -> bool:
         return not any(getattr(ops, name).__name__.endswith("_ref") for name in _CAPTURED_OPS)
 
-    @torch.inference_mode()
     def __init__(self, runner):
         self.runner = runner
         self.model, self.ops, self.vocab_size = runner.model, runner.ops, runner.vocab_size
@@ -42,9 +41,10 @@ class DecodeGraphs:
         rows, device = self.sizes[-1], runner.device
         max_blocks = ceil_div(runner.max_model_len, self.block_size)
         # Host staging (pinned) and device buffers: one copy per dtype refills every input.
-        self.host_i64 = torch.zeros(len(_I64_ROWS), rows, dtype=torch.int64, pin_memory=True)
-        self.host_f32 = torch.zeros(len(_F32_ROWS), rows, dtype=torch.float32, pin_memory=True)
-        self.host_i32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, pin_memory=True)
+        pin = device.type == "cuda"
+        self.host_i64 = torch.zeros(len(_I64_ROWS), rows, dtype=torch.int64, pin_memory=pin)
+        self.host_f32 = torch.zeros(len(_F32_ROWS), rows, dtype=torch.float32, pin_memory=pin)
+        self.host_i32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
         self.i64 = torch.zeros_like(self.host_i64, device=device)
         self.f32 = torch.ones_like(self.host_f32, device=device)
         self.i32 = torch.zeros_like(self.host_i32, device=device)
@@ -55,18 +55,23 @@ class DecodeGraphs:
         self.host_block_tables = self.host_i32[rows:].view(rows, max_blocks)
         self.penalty = torch.ones(rows, dtype=torch.float32, device=device)
         self.no_seen = torch.empty(rows, 0, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         pool = None
-        for size in reversed(self.sizes):      # the largest first, so the smaller reuse its pool
-            self._step(size)                   # compiles every kernel outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._step(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize(device)
+        with torch.inference_mode():
+            for size in reversed(self.sizes):  # the largest first, so the smaller reuse its pool
+                self.graphs[size], self.outputs[size], pool = self._capture(size, pool)
+        if pin:
+            torch.cuda.synchronize(device)
         self.replays = 0
+
+    def _capture(self, size: int, pool):
+        """(graph, its static outputs, the memory pool) for one batch size."""
+        self._step(size)                       # compiles every kernel outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = self._step(size)
+        return graph, outputs, graph.pool()
 
     def _row(self, name: str) -> torch.Tensor:
         return self.i64[_I64_ROWS.index(name)] if name in _I64_ROWS else self.f32[_F32_ROWS.index(name)]

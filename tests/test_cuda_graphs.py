@@ -1,0 +1,114 @@
+"""The CUDA-graph decode step: graph replays give the eager step's tokens.
+
+On CPU the capture itself is emulated (a replay re-runs the captured step into the same static
+outputs), which still tests what the graph path adds: the static buffers refilled each step,
+padding rows, the graph's built-in sampling and the eager fallback for penalties and bans. On
+CUDA the real graphs are tested, and the KV pool sizing from free device memory.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from opt_testing import test_device
+from opt_fast import LLM, Engine, SamplingParams
+from opt_fast.config import preset_for
+from opt_fast.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+on_cuda = pytest.mark.skipif(test_device() != "cuda", reason="needs a CUDA device")
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(4, 400, (n,), generator=g).tolist()
+            for n in torch.randint(1, 40, (count,), generator=g).tolist()]
+
+
+PARAMS = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+          SamplingParams(temperature=1.0, top_k=3, top_p=0.9, max_tokens=20, seed=5, ignore_eos=True),
+          # not plain: the graph's draw is redone eagerly with the penalty / the min_tokens ban
+          SamplingParams(temperature=0.7, repetition_penalty=1.5, max_tokens=20, seed=6, ignore_eos=True),
+          SamplingParams(temperature=0, min_tokens=5, max_tokens=20, stop_token_ids=[7, 8, 9])]
+
+
+class _Replay:
+    """Stands in for a captured graph on CPU: replay runs the step again into the same outputs."""
+
+    def __init__(self, graphs: DecodeGraphs, size: int, outputs):
+        self.graphs, self.size, self.outputs = graphs, size, outputs
+
+    def replay(self):
+        for static, fresh in zip(self.outputs, self.graphs._step(self.size)):
+            static.copy_(fresh)
+
+
+class EmulatedGraphs(DecodeGraphs):
+    def _capture(self, size, pool):
+        outputs = self._step(size)
+        return _Replay(self, size, outputs), outputs, None
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_batch_sizes(256)[-1] == 256
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+# "plain" batches draw inside the graph; any penalty or ban row sends the batch's draw to eager.
+@pytest.mark.parametrize("kinds", [2, 4], ids=["plain", "mixed"])
+def test_emulated_graph_step_equals_eager(tiny_model_dir, kinds):
+    batch = prompts(11, seed=1)                   # 11 rows: replayed as the padded size 16
+    params = [PARAMS[i % kinds] for i in range(len(batch))]
+    eager = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=16)
+    expected = eager.generate(batch, params, use_tqdm=False)
+    graphed = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=16)
+    runner = graphed.engine.runner
+    runner.graphs = EmulatedGraphs(runner)
+    assert runner.graphs.sizes == [1, 2, 4, 8, 16]
+    # Poison every static input so a row the refill forgets cannot pass unnoticed.
+    runner.graphs.i64.fill_(3)
+    runner.graphs.i32.fill_(5)
+    got = graphed.generate(batch, params, use_tqdm=False)
+    assert runner.graphs.replays >= 19
+    for want, have in zip(expected, got):
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+@on_cuda
+def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir):
+    batch = prompts(13, seed=2)
+    params = [PARAMS[i % len(PARAMS)] for i in range(len(batch))]
+    kwargs = dict(dtype="float32", max_num_seqs=32)
+    eager = LLM(str(tiny_model_dir), enforce_eager=True, **kwargs)
+    assert eager.engine.runner.graphs is None
+    expected = eager.generate(batch, params, use_tqdm=False)
+    graphed = LLM(str(tiny_model_dir), **kwargs)
+    graphs = graphed.engine.runner.graphs
+    assert graphs is not None and graphs.sizes[-1] == 32
+    got = graphed.generate(batch, params, use_tqdm=False)
+    assert graphs.replays >= 19
+    for want, have in zip(expected, got):
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+@on_cuda
+def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
+    total = torch.cuda.mem_get_info()[1]
+    utilization = 0.25
+    eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization,
+                 max_num_seqs=1024, enforce_eager=True)
+    runner = eng.runner
+    cap = 1024 * 2048 // 16                      # what 1024 full-length sequences could use
+    assert 0 < eng.blocks.num_blocks < cap, "the budget, not the cap, was meant to bind"
+    kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    # Most of the budget goes to the cache (other test processes may hold some of the device).
+    assert kv_bytes > 0.4 * (utilization * total - weights)
+    eng.add_request("r", [2, 5, 6, 7], SamplingParams(max_tokens=4))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert torch.cuda.max_memory_reserved() <= utilization * total

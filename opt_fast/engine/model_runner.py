@@ -147,8 +147,8 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return self._tensor(rows, torch.int32)
+        flat = [block for s in seqs for block in s.block_table + [0] * (width - len(s.block_table))]
+        return self._tensor(flat, torch.int32).view(len(seqs), width)
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -168,12 +168,13 @@ class ModelRunner:
             if seq.samples_this_step:
                 last_index.append(len(input_ids) - 1)
         num_prefill_tokens = len(input_ids)
+        bs = self.block_size
         for seq in batch.decodes:
             pos = seq.num_tokens - 1
             input_ids.append(seq.token_ids[-1])
             positions.append(pos)
-            slots += self._slots(seq, pos, pos + 1)
-            last_index.append(len(input_ids) - 1)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+        last_index += range(num_prefill_tokens, len(input_ids))
         ctx = Context(slot_mapping=self._tensor(slots, torch.int64), num_prefill_tokens=num_prefill_tokens)
         if batch.prefills:
             ctx.cu_seqlens_q = self._tensor(cu_seqlens, torch.int32)

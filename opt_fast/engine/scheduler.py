@@ -55,14 +55,21 @@ class Scheduler:
             seq.num_scheduled_tokens = 0
         # Running sequences, oldest first. Decodes keep their token of the budget even when a
         # prefill chunk comes before them; a victim is always the newest not yet visited.
-        pending = list(self.running)
+        pending = deque(self.running)
         decodes_left = sum(1 for s in pending if s.num_tokens - s.num_cached_tokens == 1)
         kept: list[Sequence] = []
+        block_size = self.blocks.block_size
         while pending:
-            seq = pending.pop(0)
+            seq = pending.popleft()
             remaining = seq.num_tokens - seq.num_cached_tokens
             decode = remaining == 1
             decodes_left -= decode
+            if decode and seq.num_tokens <= len(seq.block_table) * block_size:
+                seq.num_scheduled_tokens = 1  # the common case: room left in its last block
+                batch.decodes.append(seq)
+                budget -= 1
+                kept.append(seq)
+                continue
             chunk = 1 if decode else min(remaining, budget - decodes_left)
             if chunk <= 0:
                 kept.append(seq)              # a prompt chunk waits for budget, keeping its blocks

@@ -1,0 +1,138 @@
+"""Host overhead of one engine step: the CPU time of scheduling, block management, input
+preparation and output processing, with the model and the sampler replaced by stubs that return
+at once. Decode steps at batch 1 to 256 (goal: <= 1 ms per decode step at batch 256, because
+host time is what leaves the GPU idle between steps).
+
+    python benchmarks/bench_host_overhead.py [--batches 1 8 64 256] [--steps 50] [--json OUT]
+
+The pytest entry point only checks that the measurement runs (a timed test proves nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from opt_fast import Engine, SamplingParams
+from opt_fast.config import OPTConfig
+from opt_fast.demo import train_tokenizer, write_random_checkpoint
+
+PHASES = ("schedule", "prepare", "model+sample (stub)", "outputs")
+
+
+class _StubModel(torch.nn.Module):
+    """Returns hidden states and logits of the right shapes without computing anything."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.width, self.vocab = config.word_embed_proj_dim, config.vocab_size
+        self.logits = torch.zeros(4096, config.vocab_size)
+
+    def forward(self, input_ids, positions):
+        return torch.empty(input_ids.shape[0], self.width)
+
+    def compute_logits(self, hidden):
+        return self.logits[:hidden.shape[0]]
+
+
+def _stub_sample(logits, vocab_size, **inputs):
+    rows = logits.shape[0]
+    return torch.arange(4, 4 + rows) % vocab_size, torch.zeros(rows)
+
+
+def build_engine(model_dir: Path, max_num_seqs: int) -> Engine:
+    engine = Engine(str(model_dir), device="cpu", kernels="torch", max_num_seqs=max_num_seqs,
+                    num_kv_blocks=max_num_seqs * 64)
+    runner = engine.runner
+    runner.model = _StubModel(engine.model_config)
+    runner.ops = runner.ops.__class__(**{**runner.ops.__dict__, "sample": _stub_sample})
+    return engine
+
+
+def _timed(record: dict, phase: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record[phase] += time.perf_counter() - start
+    return wrapper
+
+
+def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> dict:
+    """Mean milliseconds per decode step, by phase, with `batch` sequences of ~prompt_len tokens."""
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=steps + 1_000, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", [2] + [10 + (i + j) % 200 for j in range(prompt_len)], params)
+    while any(s.num_output_tokens == 0 for s in engine.scheduler.waiting) or engine.scheduler.waiting:
+        engine.step()                                    # prefills, not measured
+    record: dict[str, float] = defaultdict(float)
+    scheduler, runner = engine.scheduler, engine.runner
+    real_schedule, real_prepare, real_model = scheduler.schedule, runner.prepare, runner.model.forward
+    scheduler.schedule = _timed(record, "schedule", real_schedule)
+    runner.prepare = _timed(record, "prepare", real_prepare)
+    runner.model.forward = _timed(record, "model+sample (stub)", real_model)
+    total = 0.0
+    try:
+        for _ in range(steps):
+            start = time.perf_counter()
+            outputs = engine.step()
+            total += time.perf_counter() - start
+            assert len(outputs) == batch
+    finally:
+        scheduler.schedule, runner.prepare, runner.model.forward = real_schedule, real_prepare, real_model
+        for i in range(batch):
+            engine.abort_request(f"r{i}")
+    row = {phase: 1e3 * record[phase] / steps for phase in PHASES[:3]}
+    row["outputs"] = 1e3 * total / steps - sum(row.values())
+    row["total"] = 1e3 * total / steps
+    return row
+
+
+def tiny_model(out_dir: Path) -> Path:
+    train_tokenizer(out_dir, vocab_size=1000)
+    vocab = len(json.loads((out_dir / "vocab.json").read_text()))
+    config = OPTConfig(vocab_size=vocab + 8 - vocab % 8, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, ffn_dim=128, max_position_embeddings=2048)
+    return write_random_checkpoint(out_dir, config)
+
+
+def test_host_overhead_measures_every_phase(tmp_path):
+    engine = build_engine(tiny_model(tmp_path), max_num_seqs=8)
+    row = measure(engine, batch=8, steps=3, prompt_len=20)
+    assert all(row[phase] > 0 for phase in ("schedule", "prepare", "total"))
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(tiny_model(Path(tmp)), max_num_seqs=max(args.batches))
+        rows = []
+        for batch in args.batches:
+            row = {"batch": batch, **measure(engine, batch, args.steps)}
+            rows.append(row)
+    header = "| batch | " + " | ".join(PHASES) + " | total ms/step |"
+    print(f"Host overhead per decode step (ms), {platform.processor() or platform.machine()}, "
+          f"python {sys.version.split()[0]}, torch {torch.__version__}\n")
+    print(header + "\n|" + " --- |" * (len(PHASES) + 2))
+    for row in rows:
+        print(f"| {row['batch']} | " + " | ".join(f"{row[p]:.3f}" for p in PHASES) + f" | {row['total']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,8 +18,9 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager, seed.
     """
 
-    def __init__(self, model: str | Path, **kwargs):
-        self.engine = Engine(model, progress=True, **kwargs)
+    def __init__(self, model: str | Path, progress: bool = True, **kwargs):
+        # progress: a weight-loading bar (only on a terminal); the CLI turns it off under --json.
+        self.engine = Engine(model, progress=progress, **kwargs)
         self._ids = count()
 
     def get_tokenizer(self):

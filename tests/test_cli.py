@@ -1,14 +1,37 @@
-"""End to end through the command line and the benchmark script, on tiny local checkpoints."""
+"""End to end through the command line and the benchmark script, on tiny local checkpoints.
+
+Most tests call `opt_fast.cli.main` in-process, which is faster than a subprocess.
+"""
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from opt_fast.bench import format_table
+from opt_fast.cli import main
+from opt_fast.config import preset_for
+from opt_testing import test_device
+
 REPO = Path(__file__).resolve().parents[1]
+PROGRESS_MARKS = ("generating", "loading weights", "benchmarking", "%|")   # lower case
+
+
+def has_progress_bar(stderr: str) -> bool:
+    return any(mark in stderr.lower() for mark in PROGRESS_MARKS)
 
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`opt-fast ARGS` in this process: (exit code, stdout, stderr)."""
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def test_generate_json(tiny_model_dir):
@@ -27,6 +50,195 @@ def test_generate_reports_bad_input_without_a_traceback(tiny_model_dir):
                "--top-p", "1.5")
     assert done.returncode == 2
     assert "top_p" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_sampling_flags_n_and_prompts_file(capsys, tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n\ndef f(x):\n", encoding="utf-8")
+    args = ["generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+            "--prompts-file", prompts, "--n", "3", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95",
+            "--repetition-penalty", "1.3", "--max-tokens", "6", "--min-tokens", "6",
+            "--logprobs", "2", "--stop-token-ids", "5", "7", "--json"]
+    rc, out, err = cli(capsys, *args, "--seed", "11")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["import os", "def f(x):"]     # the blank line is skipped
+    for row in rows:
+        assert len(row["outputs"]) == 3
+        for c in row["outputs"]:
+            # min_tokens = max_tokens: neither EOS nor the stop ids may end a sample early
+            assert len(c["token_ids"]) == 6 and c["finish_reason"] == "length"
+            assert len(c["logprobs"]) == 6
+            assert all(str(t) in lp and len(lp) <= 3 for t, lp in zip(c["token_ids"], c["logprobs"]))
+            assert c["cumulative_logprob"] == pytest.approx(
+                sum(lp[str(t)] for t, lp in zip(c["token_ids"], c["logprobs"])), abs=1e-4)
+    assert len({tuple(c["token_ids"]) for c in rows[0]["outputs"]}) > 1    # n samples, not n copies
+    reseeded = cli(capsys, *args, "--seed", "12")[1]
+    assert reseeded != out        # --seed reaches the sampler (a fresh LLM would repeat itself)
+
+
+def test_generate_stop_string_and_stop_token_id(capsys, tiny_model_dir):
+    base = ["generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+            "--prompt", "import os", "--temperature", "0", "--max-tokens", "24", "--ignore-eos", "--json"]
+    rc, out, err = cli(capsys, *base)
+    assert rc == 0, err
+    full = json.loads(out)["outputs"][0]
+    text, tokens = full["text"], full["token_ids"]
+    assert len(text) > 6, "the greedy text is too short to cut"
+    stop = text[4:6]
+    rc, out, err = cli(capsys, *base, "--stop", stop, "--stop", "never appears \u2603")
+    assert rc == 0, err
+    cut = json.loads(out)["outputs"][0]
+    assert cut["text"] == text[:text.find(stop)] and cut["finish_reason"] == "stop"
+    # A stop token id ends the sample at its first occurrence (the id itself is kept).
+    at = tokens.index(tokens[3])
+    rc, out, err = cli(capsys, *base, "--stop-token-ids", tokens[3], "999")
+    assert rc == 0, err
+    cut = json.loads(out)["outputs"][0]
+    assert cut["token_ids"] == tokens[:at + 1] and cut["finish_reason"] == "stop"
+
+
+def test_generate_defaults_to_the_bundled_model(capsys, monkeypatch, tiny_model_dir):
+    bundled = pytest.importorskip("opt_fast.bundled")
+    monkeypatch.setattr(bundled, "default_model_dir", lambda: tiny_model_dir)
+    rc, out, err = cli(capsys, "generate", "--prompt", "import os", "--max-tokens", "2", "--device",
+                       test_device(), "--kernels", "torch", "--json")
+    assert rc == 0, err
+    assert len(json.loads(out)["outputs"][0]["token_ids"]) == 2
+
+
+BENCH_KEYS = {"model", "size", "random_weights", "num_parameters", "dtype", "device", "card", "kernels",
+              "kernel_ops", "date", "torch", "opt_fast", "num_prompts", "input_len", "output_len",
+              "temperature", "seed", "max_num_seqs", "num_kv_blocks", "enforce_eager", "elapsed_s",
+              "output_tokens", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+              "tpot_p50_ms", "tpot_p99_ms", "peak_memory_mib", "peak_memory_source"}
+
+
+def test_bench_json(capsys, tiny_model_dir):
+    # 5 requests, 2 at a time: later ones wait, so TTFTs spread and p50 < p99.
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(),
+                       "--kernels", "torch", "--num-prompts", "5", "--input-len", "12", "--output-len", "6",
+                       "--max-num-seqs", "2", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert BENCH_KEYS <= report.keys() and "hf_output_tokens_per_s" not in report
+    assert report["output_tokens"] == 5 * 6 and report["size"].startswith("custom")
+    assert report["device"].startswith(test_device()) and report["kernels"] == "torch"
+    assert set(report["kernel_ops"].values()) == {"torch"}
+    assert 0 < report["ttft_p50_ms"] < report["ttft_p99_ms"] <= report["elapsed_s"] * 1e3
+    assert 0 < report["tpot_p50_ms"] <= report["tpot_p99_ms"]
+    assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
+    assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
+    assert report["peak_memory_mib"] > 0
+
+
+def test_bench_prompts_are_seeded_token_ids_after_bos():
+    from opt_fast.bench import _random_prompts
+    prompts = _random_prompts(3, 9, vocab_size=50, seed=4)
+    assert [len(p) for p in prompts] == [9, 9, 9] and all(p[0] == 2 for p in prompts)
+    assert all(4 <= t < 50 for p in prompts for t in p[1:])
+    assert prompts == _random_prompts(3, 9, vocab_size=50, seed=4) != _random_prompts(3, 9, 50, seed=5)
+
+
+def test_bench_random_weights_preset(capsys):
+    rc, out, err = cli(capsys, "bench", "--model", "opt-125m-en", "--random-weights", "--device",
+                       test_device(), "--kernels", "torch", "--num-prompts", "2", "--input-len", "8",
+                       "--output-len", "4", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["size"] == "opt-125m" and report["random_weights"] is True
+    assert report["num_parameters"] == preset_for("opt-125m").num_parameters()
+    assert report["output_tokens"] == 8 and report["output_tokens_per_s"] > 0
+
+
+def test_bench_compare_hf(capsys, tiny_model_dir):
+    pytest.importorskip("transformers")
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(),
+                       "--kernels", "torch", "--num-prompts", "3", "--input-len", "8", "--output-len", "5",
+                       "--compare", "hf", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["hf_batch_size"] == 3
+    assert report["hf_output_tokens_per_s"] == pytest.approx(15 / report["hf_elapsed_s"], rel=1e-2)
+    assert report["speedup_vs_hf"] == pytest.approx(
+        report["output_tokens_per_s"] / report["hf_output_tokens_per_s"], rel=1e-2)
+    assert not has_progress_bar(err), err    # transformers' loading bar included, off a terminal
+    table = format_table(report)
+    assert f"HF output tokens/s   {report['hf_output_tokens_per_s']}" in table
+    assert f"opt_fast / HF        {report['speedup_vs_hf']}x" in table
+
+
+def test_bench_compare_hf_without_transformers(capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.setitem(sys.modules, "transformers", None)    # import transformers -> ImportError
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--compare", "hf", "--json")
+    assert rc == 2 and out == ""
+    assert "transformers" in err and err.startswith("opt-fast: error:")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["bench", "--num-prompts", "0"], "--num-prompts"),
+    (["bench", "--output-len", "x"], "--output-len"),
+    (["bench", "--compare", "vllm"], "--compare"),
+    (["generate", "--prompt", "x", "--dtype", "float64"], "--dtype"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(capsys, args, named):
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["generate", "--prompt", "x", "--top-k", "-5"], "top_k"),
+    (["generate", "--prompt", "x", "--max-num-seqs", "0"], "max_num_seqs"),
+    (["bench", "--random-weights", "--model", "opt-7b"], "opt-7b"),
+    (["bench", "--input-len", "250", "--output-len", "10"], "max_model_len"),
+])
+def test_bad_values_found_later_exit_2_without_a_traceback(capsys, tiny_model_dir, args, named):
+    model = [] if "--model" in args else ["--model", tiny_model_dir]
+    rc, out, err = cli(capsys, *args, *model, "--kernels", "torch", "--device", test_device())
+    assert rc == 2 and named in err and "Traceback" not in err
+
+
+def test_no_progress_bars_off_a_terminal(capsys, tiny_model_dir):
+    # Text output (not --json), so only the terminal check keeps the bars off: here stderr is
+    # pytest's capture, not a TTY.
+    common = ["--model", tiny_model_dir, "--kernels", "torch", "--device", test_device()]
+    rc, out, err = cli(capsys, "generate", "--prompt", "import os", "--max-tokens", "3", *common)
+    assert rc == 0 and not has_progress_bar(err), err
+    assert out.startswith("'import os' ->")
+    rc, out, err = cli(capsys, "bench", "--num-prompts", "2", "--input-len", "8", "--output-len", "3",
+                       *common)
+    assert rc == 0 and not has_progress_bar(err), err
+    assert "output tokens/s" in out
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_on_a_terminal_unless_json(capsys, monkeypatch, tiny_model_dir):
+    bench = [str(a) for a in ("bench", "--model", tiny_model_dir, "--num-prompts", 2, "--input-len", 8,
+                              "--output-len", 3, "--kernels", "torch", "--device", test_device())]
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(bench) == 0
+    assert "loading weights" in terminal.getvalue() and "benchmarking" in terminal.getvalue()
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*bench, "--json"]) == 0
+    assert not has_progress_bar(terminal.getvalue()), terminal.getvalue()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["output_tokens"] == 6
+    generate = [str(a) for a in ("generate", "--model", tiny_model_dir, "--prompt", "import os",
+                                 "--max-tokens", 2, "--kernels", "torch", "--device", test_device())]
+    for flags, shown in (([], True), (["--json"], False)):
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main([*generate, *flags]) == 0
+        if shown:
+            assert "generating" in terminal.getvalue(), terminal.getvalue()
+        else:
+            assert not has_progress_bar(terminal.getvalue()), terminal.getvalue()
 
 
 def test_bench_generate_smoke(tmp_path):

@@ -33,6 +33,7 @@ class OPTTokenizer:
         self.eos_token_id: int = vocab["</s>"]
         self.bos_token_id: int = self.eos_token_id
         self.pad_token_id: int | None = vocab.get("<pad>")
+        self.unk_token_id: int | None = vocab.get("<unk>")
         self._special_ids = frozenset(vocab[t] for t in _SKIPPED_ON_DECODE if t in vocab)
         # Max id + 1 rather than len(vocab): the model must mask every id the tokenizer can't map.
         self._vocab_size = max(vocab.values()) + 1

@@ -1,0 +1,170 @@
+"""AsyncEngine: the Engine behind asyncio, for servers that stream many requests at once.
+
+```python
+aeng = AsyncEngine("facebook/opt-1.3b")             # or AsyncEngine.from_engine(engine)
+async for out in aeng.generate("Hello, my dog is", SamplingParams(max_tokens=64)):
+    print(out.outputs[0].text)                       # the text so far; out.finished on the last
+```
+
+One engine-loop task per event loop calls `Engine.step()` while any request is unfinished and
+sleeps on an event otherwise. Every Engine call (add, abort, step) runs on one worker thread, so
+calls are serialised (Engine is not thread-safe) and the event loop keeps running while the model
+computes: an add or abort waits at most for the step in progress and is applied between steps.
+
+A client that stops iterating (breaks out, is cancelled, closes the generator) aborts its
+request, which frees its KV blocks. Bad input raises ValueError to that client alone. An
+exception from `Engine.step()` leaves the engine's state unknown, so the wrapper is then dead:
+every waiting client and every later `generate` raises EngineDeadError (the step's exception as
+its cause); build a new engine to go on.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .engine.engine import Engine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """`Engine.step()` raised; this AsyncEngine accepts no more work (the cause is chained)."""
+
+
+class _Stream:
+    """A request's newest output. Each output carries the whole text so far, so a slow reader
+    may skip intermediate states (memory stays bounded) but never the final one."""
+    __slots__ = ("latest", "error", "ready")
+
+    def __init__(self):
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+
+class AsyncEngine:
+    """asyncio front end of `opt_fast.Engine` (DESIGN.md §3).
+
+    `AsyncEngine(model, **engine_kwargs)` builds the Engine (same arguments as `LLM`; loading
+    blocks, so build it before serving); `AsyncEngine.from_engine(engine)` wraps an existing one,
+    which nothing else may use meanwhile. An AsyncEngine serves one event loop at a time.
+    """
+
+    def __init__(self, model: str | Path, **engine_kwargs):
+        self._setup(Engine(model, **engine_kwargs))
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> AsyncEngine:
+        """Wrap an already built Engine."""
+        if not isinstance(engine, Engine):
+            raise ValueError(f"engine must be an opt_fast.Engine, got {type(engine).__name__}")
+        self = cls.__new__(cls)
+        self._setup(engine)
+        return self
+
+    def _setup(self, engine: Engine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opt_fast-engine")
+        self._streams: dict[str, _Stream] = {}     # touched on the event loop only
+        self._owned: set[str] = set()               # touched on the worker thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def dead(self) -> bool:
+        """True once `Engine.step()` has raised: every later `generate` raises EngineDeadError."""
+        return self._error is not None
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its RequestOutput after each step that advances it (text
+        so far), the last with `finished=True`. ValueError for bad input (this request only);
+        EngineDeadError if the engine failed. Stopping the iteration aborts the request."""
+        self._raise_if_dead()
+        self._start_loop()
+        if request_id is None:
+            request_id = f"async-{uuid.uuid4().hex}"    # random, so no caller-chosen name clashes
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream()
+        finished = False
+        try:
+            await self._in_worker(self._add, request_id, prompt, params)
+            self._wakeup.set()
+            while not finished:
+                await stream.ready.wait()
+                stream.ready.clear()
+                if stream.error is not None:
+                    raise EngineDeadError(f"engine step failed: {stream.error!r}") from stream.error
+                finished = stream.latest.finished
+                yield stream.latest
+        finally:
+            del self._streams[request_id]
+            if not finished and not self.dead:
+                # Not awaited: this also runs when the generator is closed or garbage-collected.
+                # FIFO on the worker: it follows the add, even one still in flight.
+                self._executor.submit(self._abort, request_id)
+
+    # ---- the worker thread: every Engine call happens here -----------------------------------
+    def _add(self, request_id: str, prompt, params) -> None:
+        self.engine.add_request(request_id, prompt, params)
+        self._owned.add(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        # Only requests this wrapper added: a failed add must not abort a namesake.
+        if request_id in self._owned:
+            self._owned.discard(request_id)
+            self.engine.abort_request(request_id)
+
+    def _step(self) -> tuple[list[RequestOutput], bool]:
+        outputs = self.engine.step()
+        for out in outputs:
+            if out.finished:
+                self._owned.discard(out.request_id)
+        return outputs, self.engine.has_unfinished_requests()
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # ---- the engine loop (event loop side) ---------------------------------------------------
+    def _start_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and not self._loop_task.done():
+            return
+        if self._loop is not None and self._loop is not loop and self._streams:
+            raise RuntimeError("this AsyncEngine is serving requests on another event loop")
+        self._loop, self._wakeup = loop, asyncio.Event()
+        self._loop_task = loop.create_task(self._run(), name="opt_fast AsyncEngine loop")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()     # before stepping: an add during the steps sets it again
+            busy = True
+            while busy:
+                try:
+                    outputs, busy = await self._in_worker(self._step)
+                except Exception as err:     # whatever failed, the engine's state is now unknown
+                    self._fail(err)
+                    return
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:      # None: aborted while this step ran
+                        stream.latest = out
+                        stream.ready.set()
+
+    def _fail(self, err: BaseException) -> None:
+        self._error = err
+        for stream in self._streams.values():
+            stream.error = err
+            stream.ready.set()
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine step failed earlier: {self._error!r}") from self._error

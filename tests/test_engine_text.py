@@ -1,0 +1,78 @@
+"""Incremental text and stop strings on unicode, with a scripted model: the logits force a chosen
+token sequence, so multi-byte characters split over several byte-level tokens arrive one byte
+token at a time, exactly as a real model can emit them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_testing import test_device
+from opt_fast import Engine, SamplingParams
+
+TEXT = " Grüße, 世界! naïve café 🙂 — fin."
+
+
+@pytest.fixture()
+def scripted(tiny_model_dir):
+    """(engine, script): each request's model emits `script` token by token, then EOS."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    script = engine.tokenizer.encode(TEXT, add_special_tokens=False)
+    assert len(script) > len(TEXT.encode()) // 3       # the tiny vocabulary splits the text finely
+    model = engine.runner.model
+    real = model.compute_logits
+
+    def forced(hidden):
+        logits = real(hidden)
+        forced_rows = torch.full_like(logits, -30.0)
+        for row, seq in enumerate(engine.runner.sampling_rows):
+            position = seq.num_output_tokens
+            target = script[position] if position < len(script) else engine.eos_token_id
+            forced_rows[row, target] = 30.0
+        return forced_rows
+    model.compute_logits = forced
+    run = engine.runner.run
+
+    def remember_rows(batch, eos):
+        engine.runner.sampling_rows = batch.sampled
+        return run(batch, eos)
+    engine.runner.run = remember_rows
+    return engine, script
+
+
+def stream(engine: Engine, request_id: str, prompt: str, params: SamplingParams) -> list:
+    engine.add_request(request_id, prompt, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == request_id]
+    return outs
+
+
+def test_streamed_text_grows_by_whole_characters(scripted):
+    engine, script = scripted
+    outs = stream(engine, "r", "x", SamplingParams(temperature=0, max_tokens=200))
+    texts = [o.outputs[0].text for o in outs]
+    assert texts[-1] == TEXT and outs[-1].outputs[0].finish_reason == "stop"
+    assert outs[-1].outputs[0].token_ids == script + [engine.eos_token_id]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert not any("\ufffd" in t for t in texts)          # never half a character
+    # some steps added nothing: a character's first bytes waited for its last
+    assert any(a == b for a, b in zip(texts, texts[1:]))
+
+
+@pytest.mark.parametrize("stop", ["世界", "🙂", "é 🙂", "ße,"])
+def test_stop_strings_on_multibyte_text_are_cut_and_excluded(scripted, stop):
+    engine, script = scripted
+    outs = stream(engine, "r", "x", SamplingParams(temperature=0, max_tokens=200, stop=[stop]))
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "stop"
+    assert final.text == TEXT[:TEXT.index(stop)]
+    # it stopped at the token that completed the stop string, not later
+    assert len(final.token_ids) < len(script)
+    assert stop in engine.tokenizer.decode(final.token_ids)
+
+
+def test_stop_string_not_in_the_text_runs_to_max_tokens(scripted):
+    engine, _ = scripted
+    final = stream(engine, "r", "x", SamplingParams(temperature=0, max_tokens=7, stop=["zzz"]))[-1].outputs[0]
+    assert final.finish_reason == "length" and len(final.token_ids) == 7
+    assert final.text == engine.tokenizer.decode(final.token_ids)

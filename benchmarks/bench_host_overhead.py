@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from opt_fast import Engine, SamplingParams
@@ -47,9 +48,9 @@ def _stub_sample(logits, vocab_size, **inputs):
     return torch.arange(4, 4 + rows) % vocab_size, torch.zeros(rows)
 
 
-def build_engine(model_dir: Path, max_num_seqs: int) -> Engine:
+def build_engine(model_dir: Path, max_num_seqs: int, stream_outputs: bool = True) -> Engine:
     engine = Engine(str(model_dir), device="cpu", kernels="torch", max_num_seqs=max_num_seqs,
-                    num_kv_blocks=max_num_seqs * 64)
+                    num_kv_blocks=max_num_seqs * 64, stream_outputs=stream_outputs)
     runner = engine.runner
     runner.model = _StubModel(engine.model_config)
     runner.ops = runner.ops.__class__(**{**runner.ops.__dict__, "sample": _stub_sample})
@@ -85,7 +86,7 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> di
             start = time.perf_counter()
             outputs = engine.step()
             total += time.perf_counter() - start
-            assert len(outputs) == batch
+            assert len(outputs) == (batch if engine.stream_outputs else 0)
     finally:
         scheduler.schedule, runner.prepare, runner.model.forward = real_schedule, real_prepare, real_model
         for i in range(batch):
@@ -104,8 +105,9 @@ def tiny_model(out_dir: Path) -> Path:
     return write_random_checkpoint(out_dir, config)
 
 
-def test_host_overhead_measures_every_phase(tmp_path):
-    engine = build_engine(tiny_model(tmp_path), max_num_seqs=8)
+@pytest.mark.parametrize("stream_outputs", [True, False])
+def test_host_overhead_measures_every_phase(tmp_path, stream_outputs):
+    engine = build_engine(tiny_model(tmp_path), max_num_seqs=8, stream_outputs=stream_outputs)
     row = measure(engine, batch=8, steps=3, prompt_len=20)
     assert all(row[phase] > 0 for phase in ("schedule", "prepare", "total"))
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
@@ -118,18 +120,20 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        engine = build_engine(tiny_model(Path(tmp)), max_num_seqs=max(args.batches))
-        rows = []
-        for batch in args.batches:
-            row = {"batch": batch, **measure(engine, batch, args.steps)}
-            rows.append(row)
-    header = "| batch | " + " | ".join(PHASES) + " | total ms/step |"
+        model_dir = tiny_model(Path(tmp))
+        for mode, stream in (("Engine.step, streaming", True), ("LLM.generate, final only", False)):
+            engine = build_engine(model_dir, max_num_seqs=max(args.batches), stream_outputs=stream)
+            for batch in args.batches:
+                rows.append({"mode": mode, "batch": batch, **measure(engine, batch, args.steps)})
+    header = "| outputs | batch | " + " | ".join(PHASES) + " | total ms/step |"
     print(f"Host overhead per decode step (ms), {platform.processor() or platform.machine()}, "
           f"python {sys.version.split()[0]}, torch {torch.__version__}\n")
-    print(header + "\n|" + " --- |" * (len(PHASES) + 2))
+    print(header + "\n|" + " --- |" * (len(PHASES) + 3))
     for row in rows:
-        print(f"| {row['batch']} | " + " | ".join(f"{row[p]:.3f}" for p in PHASES) + f" | {row['total']:.3f} |")
+        print(f"| {row['mode']} | {row['batch']} | " + " | ".join(f"{row[p]:.3f}" for p in PHASES)
+              + f" | {row['total']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

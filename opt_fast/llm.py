@@ -20,7 +20,7 @@ class LLM:
 
     def __init__(self, model: str | Path, progress: bool = True, **kwargs):
         # progress: a weight-loading bar (only on a terminal); the CLI turns it off under --json.
-        self.engine = Engine(model, progress=progress, **kwargs)
+        self.engine = Engine(model, progress=progress, stream_outputs=False, **kwargs)
         self._ids = count()
 
     def get_tokenizer(self):

@@ -11,7 +11,8 @@ import torch
 
 from ..config import ceil_div
 from ..context import Context, set_context
-from .sequence import Sequence
+from .host_tensors import host_tensor
+from .sequence import Sequence, block_tables_key
 
 # The ops a captured step launches must never wait on the host; the torch references of these
 # three do (they gather on the host's say-so), so graphs need the Triton versions.
@@ -64,6 +65,7 @@ class DecodeGraphs:
         if pin:
             torch.cuda.synchronize(device)
         self.replays = 0
+        self._tables_key = None
 
     def _capture(self, size: int, pool):
         """(graph, its static outputs, the memory pool) for one batch size."""
@@ -104,15 +106,19 @@ class DecodeGraphs:
         i64 = [[s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
                [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs],
                [s.params.top_k for s in seqs], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
-        self.host_i64[:, :n] = torch.tensor(i64, dtype=torch.int64)
+        self.host_i64[:, :n] = host_tensor([v for row in i64 for v in row], torch.int64).view(len(i64), n)
         self.host_i64[_I64_ROWS.index("slots"), n:size] = -1          # padding rows write nothing
-        self.host_f32[:, :n] = torch.tensor([[s.params.temperature for s in seqs],
-                                             [s.params.top_p for s in seqs]], dtype=torch.float32)
-        self.host_seq_lens[:n] = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
+        f32 = [s.params.temperature for s in seqs] + [s.params.top_p for s in seqs]
+        self.host_f32[:, :n] = host_tensor(f32, torch.float32).view(2, n)
+        self.host_seq_lens[:n] = host_tensor([s.num_tokens for s in seqs], torch.int32)
         self.host_seq_lens[n:size] = 0                                  # ... and read nothing
-        width = max(len(s.block_table) for s in seqs)
-        self.host_block_tables[:n, :width] = torch.tensor(
-            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        key = block_tables_key(seqs)
+        if key != self._tables_key:             # most steps: the same tables as the last one
+            self._tables_key = key
+            width = max(len(s.block_table) for s in seqs)
+            self.host_block_tables[:n, :width] = host_tensor(
+                [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))],
+                torch.int32).view(n, width)
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
         self.graphs[size].replay()

@@ -51,9 +51,14 @@ class Engine:
 
     `Engine(model, **kwargs)` takes the same keyword arguments as `LLM`. A server calls
     `add_request`, then `step()` in a loop while `has_unfinished_requests()`.
+
+    `stream_outputs=False` (what `LLM.generate` uses) makes `step()` return finished requests
+    only, and decodes a sample's text once at its end instead of token by token (unless it has
+    stop strings, which need the text as it grows): less host work per step.
     """
 
-    def __init__(self, model: str | Path, progress: bool = False, **kwargs):
+    def __init__(self, model: str | Path, progress: bool = False, stream_outputs: bool = True, **kwargs):
+        self.stream_outputs = stream_outputs
         self.cfg = EngineConfig(**kwargs)
         path = resolve_model_path(model)
         self.model_config = OPTConfig.from_json(path / "config.json")
@@ -105,7 +110,7 @@ class Engine:
         seqs = [Sequence(request_id, i, token_ids, params, base_seed & _MASK63 if i == 0
                          else derive_seed(base_seed, i)) for i in range(params.n)]
         for seq in seqs:
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and (self.stream_outputs or params.stop):
                 seq.detokenizer = self.tokenizer.incremental_decoder(token_ids, params.skip_special_tokens)
         # Sample 0 computes the prompt; the others join once it is cached, sharing its blocks.
         seqs[0].forks = seqs[1:]
@@ -163,10 +168,14 @@ class Engine:
             except Exception as err:    # this sample alone fails; the batch goes on
                 seq.error = f"{type(err).__name__}: {err}"
                 self.scheduler.finish(seq, "error")
+        outputs = []
         for request_id, request in advanced.items():
-            if request.finished:
+            finished = request.finished
+            if finished:
                 del self.requests[request_id]
-        return [request.output() for request in advanced.values()]
+            if finished or self.stream_outputs:
+                outputs.append(request.output())
+        return outputs
 
     def _append(self, seq: Sequence, result: StepResult) -> None:
         token, params = result.token, seq.params
@@ -193,6 +202,8 @@ class Engine:
             reason = "length"
         if reason and seq.detokenizer is not None:
             seq.text += seq.detokenizer.flush()   # a last, incomplete character is not lost
+        elif reason and self.tokenizer is not None:  # not streamed: the whole text at once
+            seq.text = self.tokenizer.decode(seq.output_token_ids, params.skip_special_tokens)
         if may_stop:
             for stop in params.stop:
                 at = seq.text.find(stop, max(0, checked - len(stop) + 1))

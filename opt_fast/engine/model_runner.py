@@ -10,7 +10,8 @@ from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
-from .sequence import Sequence
+from .host_tensors import host_tensor
+from .sequence import Sequence, block_tables_key
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
@@ -60,6 +61,7 @@ class ModelRunner:
         self.model.eval()
         self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         self._allocate_kv_cache()
+        self._decode_tables_key, self._decode_tables = None, None
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and DecodeGraphs.supported(self.ops):
             self.graphs = DecodeGraphs(self)
@@ -151,8 +153,9 @@ class ModelRunner:
         return self._tensor(flat, torch.int32).view(len(seqs), width)
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
-            self.device, non_blocking=True)
+        """`data` (a flat list) on the device; through pinned memory on CUDA, so it doesn't block."""
+        host = host_tensor(data, dtype)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
         """Flat input_ids, positions, the Context, and the row of each sampled sequence's last token."""
@@ -168,39 +171,40 @@ class ModelRunner:
             if seq.samples_this_step:
                 last_index.append(len(input_ids) - 1)
         num_prefill_tokens = len(input_ids)
-        bs = self.block_size
-        for seq in batch.decodes:
-            pos = seq.num_tokens - 1
-            input_ids.append(seq.token_ids[-1])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-        last_index += range(num_prefill_tokens, len(input_ids))
+        if batch.decodes:             # list comprehensions: this runs for every sequence every step
+            bs, decodes = self.block_size, batch.decodes
+            decode_positions = [len(s.token_ids) - 1 for s in decodes]
+            input_ids += [s.token_ids[-1] for s in decodes]
+            positions += decode_positions
+            slots += [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, decode_positions)]
+            last_index += range(num_prefill_tokens, len(input_ids))
         ctx = Context(slot_mapping=self._tensor(slots, torch.int64), num_prefill_tokens=num_prefill_tokens)
         if batch.prefills:
             ctx.cu_seqlens_q = self._tensor(cu_seqlens, torch.int32)
             ctx.context_lens = self._tensor(context_lens, torch.int32)
             ctx.prefill_block_tables = self._block_tables(batch.prefills)
         if batch.decodes:
-            ctx.decode_seq_lens = self._tensor([s.num_tokens for s in batch.decodes], torch.int32)
-            ctx.decode_block_tables = self._block_tables(batch.decodes)
+            ctx.decode_seq_lens = self._tensor([p + 1 for p in decode_positions], torch.int32)
+            # Decode batches keep their block tables for many steps: rebuild only on a change.
+            key = block_tables_key(batch.decodes)
+            if key != self._decode_tables_key:
+                self._decode_tables_key, self._decode_tables = key, self._block_tables(batch.decodes)
+            ctx.decode_block_tables = self._decode_tables
         return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx, last_index)
 
     def sampling_inputs(self, seqs: list[Sequence]) -> dict:
         """Per-row sampler arguments as host tensors (moved to the device by the caller)."""
         params = [s.params for s in seqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            width = max(s.num_tokens for s in seqs)
-            seen = [s.token_ids + [-1] * (width - s.num_tokens) for s in seqs]
-        else:
-            seen = [[] for _ in seqs]
+        width = max(s.num_tokens for s in seqs) if any(p.repetition_penalty != 1.0 for p in params) else 0
+        seen = [t for s in seqs for t in s.token_ids + [-1] * (width - s.num_tokens)] if width else []
         return dict(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
-            seen_ids=torch.tensor(seen, dtype=torch.int64),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
+            temperature=host_tensor([p.temperature for p in params], torch.float32),
+            top_k=host_tensor([p.top_k for p in params], torch.int64),
+            top_p=host_tensor([p.top_p for p in params], torch.float32),
+            repetition_penalty=host_tensor([p.repetition_penalty for p in params], torch.float32),
+            seen_ids=host_tensor(seen, torch.int64).view(len(seqs), width),
+            seeds=host_tensor([s.seed for s in seqs], torch.int64),
+            steps=host_tensor([s.num_output_tokens for s in seqs], torch.int64),
         )
 
     def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None) -> torch.Tensor:

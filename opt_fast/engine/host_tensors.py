@@ -1,0 +1,16 @@
+"""CPU tensors from Python lists, fast. `array.array` packs a list of numbers in C several times
+quicker than `torch.tensor` parses it (4 vs 13 us for 256 ints), and a step builds a dozen."""
+from __future__ import annotations
+
+import array
+
+import torch
+
+_TYPECODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
+
+
+def host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D CPU tensor holding `values` (a flat sequence of numbers)."""
+    if not len(values):
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype)

@@ -67,6 +67,8 @@ class AsyncEngine:
         return self
 
     def _setup(self, engine: Engine) -> None:
+        # Clients stream text so far: an engine taken from an LLM (final outputs only) switches.
+        engine.stream_outputs = True
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opt_fast-engine")
         self._streams: dict[str, _Stream] = {}     # touched on the event loop only

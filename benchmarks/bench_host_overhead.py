@@ -24,6 +24,7 @@ import torch
 from opt_fast import Engine, SamplingParams
 from opt_fast.config import OPTConfig
 from opt_fast.demo import train_tokenizer, write_random_checkpoint
+from opt_fast.engine.cuda_graphs import DecodeGraphs
 
 PHASES = ("schedule", "prepare", "model+sample (stub)", "outputs")
 
@@ -48,12 +49,30 @@ def _stub_sample(logits, vocab_size, **inputs):
     return torch.arange(4, 4 + rows) % vocab_size, torch.zeros(rows)
 
 
-def build_engine(model_dir: Path, max_num_seqs: int, stream_outputs: bool = True) -> Engine:
+class _NoReplay:
+    def replay(self):
+        pass
+
+
+class _StubGraphs(DecodeGraphs):
+    """The CUDA-graph path's host side (refilling the static inputs) with a replay that does
+    nothing: what a decode step costs the host when the GPU runs graphs."""
+
+    def _capture(self, size, pool):
+        logits = self.runner.model.compute_logits(torch.empty(size, 1))
+        tokens, logsumexp = _stub_sample(logits, self.vocab_size)
+        return _NoReplay(), (logits, tokens, logsumexp), None
+
+
+def build_engine(model_dir: Path, max_num_seqs: int, stream_outputs: bool = True,
+                 graphs: bool = False) -> Engine:
     engine = Engine(str(model_dir), device="cpu", kernels="torch", max_num_seqs=max_num_seqs,
                     num_kv_blocks=max_num_seqs * 64, stream_outputs=stream_outputs)
     runner = engine.runner
     runner.model = _StubModel(engine.model_config)
     runner.ops = runner.ops.__class__(**{**runner.ops.__dict__, "sample": _stub_sample})
+    if graphs:
+        runner.graphs = _StubGraphs(runner)
     return engine
 
 
@@ -80,6 +99,8 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> di
     scheduler.schedule = _timed(record, "schedule", real_schedule)
     runner.prepare = _timed(record, "prepare", real_prepare)
     runner.model.forward = _timed(record, "model+sample (stub)", real_model)
+    if runner.graphs is not None:          # the graph path prepares by refilling static buffers
+        runner.graphs.run = _timed(record, "prepare", runner.graphs.run)
     total = 0.0
     try:
         for _ in range(steps):
@@ -89,6 +110,8 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> di
             assert len(outputs) == (batch if engine.stream_outputs else 0)
     finally:
         scheduler.schedule, runner.prepare, runner.model.forward = real_schedule, real_prepare, real_model
+        if runner.graphs is not None:
+            del runner.graphs.run
         for i in range(batch):
             engine.abort_request(f"r{i}")
     row = {phase: 1e3 * record[phase] / steps for phase in PHASES[:3]}
@@ -105,9 +128,9 @@ def tiny_model(out_dir: Path) -> Path:
     return write_random_checkpoint(out_dir, config)
 
 
-@pytest.mark.parametrize("stream_outputs", [True, False])
-def test_host_overhead_measures_every_phase(tmp_path, stream_outputs):
-    engine = build_engine(tiny_model(tmp_path), max_num_seqs=8, stream_outputs=stream_outputs)
+@pytest.mark.parametrize("stream_outputs, graphs", [(True, False), (False, False), (False, True)])
+def test_host_overhead_measures_every_phase(tmp_path, stream_outputs, graphs):
+    engine = build_engine(tiny_model(tmp_path), max_num_seqs=8, stream_outputs=stream_outputs, graphs=graphs)
     row = measure(engine, batch=8, steps=3, prompt_len=20)
     assert all(row[phase] > 0 for phase in ("schedule", "prepare", "total"))
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
@@ -123,8 +146,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model(Path(tmp))
-        for mode, stream in (("Engine.step, streaming", True), ("LLM.generate, final only", False)):
-            engine = build_engine(model_dir, max_num_seqs=max(args.batches), stream_outputs=stream)
+        for mode, stream, graphs in (("Engine.step, streaming", True, False),
+                                     ("LLM.generate, final only", False, False),
+                                     ("LLM.generate, CUDA-graph inputs", False, True)):
+            engine = build_engine(model_dir, max(args.batches), stream_outputs=stream, graphs=graphs)
             for batch in args.batches:
                 rows.append({"mode": mode, "batch": batch, **measure(engine, batch, args.steps)})
     header = "| outputs | batch | " + " | ".join(PHASES) + " | total ms/step |"

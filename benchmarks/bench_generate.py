@@ -2,8 +2,11 @@
 side by side in one process, on random-weight OPT checkpoints of the published shapes.
 
 Both run greedy decoding of the same token-id prompts for exactly `--output-len` new tokens
-(EOS ignored), in float16 on CUDA (float32 on CPU for the smoke mode). Writes a markdown table
-and a JSON file to --out. Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b`.
+(EOS ignored), in float16 on CUDA (float32 on CPU for the smoke mode). opt_fast runs with CUDA
+graphs for decode where the engine uses them (its default on CUDA); `--enforce-eager` runs it
+without, and `--also-eager` runs it both ways for each size (HF once), one row per run, so one
+report compares the two. Writes a markdown table and a JSON file to --out.
+Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager`.
 """
 from __future__ import annotations
 
@@ -35,9 +38,9 @@ def _release() -> None:
 
 
 def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
-                   kernels: str):
+                   kernels: str, enforce_eager: bool):
     llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
-              max_num_seqs=len(prompts))
+              max_num_seqs=len(prompts), enforce_eager=enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
@@ -78,8 +81,13 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--kernels", default="auto", help="opt_fast kernels: auto (Triton on CUDA) | torch")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--enforce-eager", action="store_true", help="opt_fast without CUDA graphs")
+    modes.add_argument("--also-eager", action="store_true",
+                       help="run opt_fast with its default (CUDA graphs on CUDA) and again eager, one row each")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, so the script cannot rot")
     args = parser.parse_args()
+    eager_modes = [False, True] if args.also_eager else [args.enforce_eager]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
@@ -100,19 +108,20 @@ def main() -> None:
             t0 = time.perf_counter()
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
-            ours_s, ours_tokens = bench_opt_fast(ckpt, prompts, args.output_len, device,
-                                                 str(dtype).removeprefix("torch."), kv_blocks, args.kernels)
+            ours = [bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
+                                   kv_blocks, args.kernels, eager) for eager in eager_modes]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
-        agree = sum(a[:16] == b[:16] for a, b in zip(ours_tokens, hf_tokens)) / len(prompts)
-        row = dict(size=size, device=device, card=card, dtype=str(dtype), num_prompts=args.num_prompts,
-                   input_len=args.input_len, output_len=args.output_len,
-                   opt_fast_s=round(ours_s, 4), hf_s=round(hf_s, 4),
-                   opt_fast_tok_s=round(generated / ours_s, 1), hf_tok_s=round(generated / hf_s, 1),
-                   speedup_vs_hf=round(hf_s / ours_s, 3), first16_greedy_agreement=agree,
-                   checkpoint_write_s=round(write_s, 1), smoke=args.smoke)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for eager, (ours_s, ours_tokens) in zip(eager_modes, ours):
+            agree = sum(a[:16] == b[:16] for a, b in zip(ours_tokens, hf_tokens)) / len(prompts)
+            row = dict(size=size, enforce_eager=eager, device=device, card=card, dtype=str(dtype),
+                       num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                       opt_fast_s=round(ours_s, 4), hf_s=round(hf_s, 4),
+                       opt_fast_tok_s=round(generated / ours_s, 1), hf_tok_s=round(generated / hf_s, 1),
+                       speedup_vs_hf=round(hf_s / ours_s, 3), first16_greedy_agreement=agree,
+                       checkpoint_write_s=round(write_s, 1), smoke=args.smoke)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     from opt_fast.kernels import get_ops
     ops = get_ops(args.kernels, device)
@@ -125,10 +134,11 @@ def main() -> None:
     lines = [f"# LLM.generate vs HF generate — {card}, {stamp}", "",
              f"torch {torch.__version__}; opt_fast kernels: {kernels}; "
              f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, {dtype}.", "",
-             "| size | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['size']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | {r['speedup_vs_hf']}x | "
-              f"{r['first16_greedy_agreement']:.2f} |" for r in rows]
+             "opt_fast runs with its defaults (CUDA graphs for decode on CUDA) unless `enforce_eager` says so.", "",
+             "| size | enforce_eager | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['size']} | {r['enforce_eager']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "
+              f"{r['speedup_vs_hf']}x | {r['first16_greedy_agreement']:.2f} |" for r in rows]
     (out_dir / "bench_generate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

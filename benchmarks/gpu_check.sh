@@ -1,32 +1,68 @@
 #!/usr/bin/env bash
 # `make gpu-check`, on a lent GPU machine: no network; torch, triton, transformers, tokenizers,
 # safetensors, pytest and pytest-xdist are already there. Installs opt_fast without touching them,
-# runs the test suite on CUDA, each kernel benchmark against its torch peers, then LLM.generate
-# against HF generate. Reports land in $OUT (benchmarks/results/ when unset), at most 8 files.
-# Budget: under 8 minutes; every phase has its own timeout so one slow phase cannot eat the rest.
+# then runs, each phase with its own timeout so one slow phase cannot eat the rest:
+#   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 95 s
+#   tests     the test suite on CUDA, 120 s
+#   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 35 s
+#   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 105 s
+# Whole run: under 8 minutes. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`.
+# Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
+# gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
+# bench_generate.md, bench_generate.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+PHASES=${PHASES:-sweep tests kernels generate}
 mkdir -p "$OUT"
 PARTS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+want() { [[ " $PHASES " == *" $1 "* ]]; }
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v -i warning | tail -3
 { date -u +"%Y-%m-%d %H:%M UTC"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  echo "phases: $PHASES"
 } | tee "$OUT/gpu_env.txt"
-# xdist: the suite compiles many kernel specialisations; 8 workers compile them in parallel.
-timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
-  2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-tests_rc=${PIPESTATUS[0]}
-kernels_rc=0
-# The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256.
-for name in paged_decode attention layernorm_linear sampling; do
-  timeout 50 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
-    --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
-done
-ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \
-  --merged-json "$OUT/kernels.json" | tail -70
-timeout 120 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --out "$OUT" 2>&1 | tail -8
-bench_rc=${PIPESTATUS[0]}
-echo "gpu-check: tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+sweep_rc=0 tests_rc=0 kernels_rc=0 bench_rc=0
+
+# First the sweep: the most information per second on the open goals, and its parallel compile
+# fills Triton's cache for the phases after it.
+if want sweep; then
+  timeout 95 python3 benchmarks/sweep_tiles.py --budget 75 --out "$PARTS/sweep" 2>&1 \
+    | tee -a "$OUT/kernels.log" | grep -E "^(decode|prefill|ln_qkv|compiling| +[0-9]+ done)"
+  sweep_rc=${PIPESTATUS[0]}
+  # copied even after a timeout: the sweep rewrites its report after every shape
+  [ -f "$PARTS/sweep/sweep.json" ] && cp "$PARTS/sweep/sweep.json" "$OUT/sweep.json"
+fi
+
+if want tests; then
+  # xdist: the suite compiles many kernel specialisations; 8 workers compile them in parallel.
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  tests_rc=${PIPESTATUS[0]}
+fi
+
+if want kernels; then
+  # The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256.
+  for name in paged_decode attention layernorm_linear sampling; do
+    timeout 35 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
+      --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
+  done
+  ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \
+    --merged-json "$OUT/kernels.json" | tail -70
+fi
+if [ -f "$PARTS/sweep/sweep.md" ]; then
+  if want kernels && [ -s "$OUT/kernels.md" ]; then
+    { echo; cat "$PARTS/sweep/sweep.md"; } >> "$OUT/kernels.md"
+  else
+    cp "$PARTS/sweep/sweep.md" "$OUT/kernels.md"
+  fi
+fi
+
+if want generate; then
+  timeout 105 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager --out "$OUT" 2>&1 | tail -10
+  bench_rc=${PIPESTATUS[0]}
+fi
+
+echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc"
+[ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

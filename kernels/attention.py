@@ -18,6 +18,7 @@ the sums (a select, never a multiplication by zero).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -30,6 +31,12 @@ from .kv_cache import gather_cached_kv
 _LOG2E = 1.4426950408889634
 # Triton picks interpretation when a kernel is defined, by this same test.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    # triton.next_power_of_2 is a constexpr function whose every host call costs microseconds
+    # of wrapper; the launcher runs on every step, so plain integer math here.
+    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.jit
@@ -234,7 +241,7 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-class _Tiles(NamedTuple):
+class Tiles(NamedTuple):
     """One launch configuration: query rows per program, keys per step, warps, pipeline stages."""
     block_m: int
     block_n: int
@@ -244,26 +251,52 @@ class _Tiles(NamedTuple):
 
 # (tile kind, padded head_dim) -> tiles, for fp16/bf16. "wide" serves prompts and long chunks;
 # "narrow" serves batches whose chunks average at most 64 new tokens, where most of a 128-row
-# block would be padding. Every entry compiles without spills for both sm_80 and sm_90 (the
-# compile check builds each for both), which is what rules out 128-key tiles at head_dim 128:
-# with 8 warps each warp (sm_80) or warpgroup (sm_90) owns 16 or 64 query rows.
+# block would be padding. Every entry compiles without spills for its targets (the compile
+# check builds each). On sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each
+# warp owns 16 query rows and holds a 16x128 fp32 score row block beside its accumulator.
 _TILES = {
-    ("wide", 64): _Tiles(128, 128, 8, 3),
-    ("wide", 128): _Tiles(128, 64, 8, 3),
-    ("narrow", 64): _Tiles(64, 64, 4, 3),
-    ("narrow", 128): _Tiles(64, 64, 8, 3),
+    ("wide", 64): Tiles(128, 128, 8, 3),
+    ("wide", 128): Tiles(128, 64, 8, 3),
+    ("narrow", 64): Tiles(64, 64, 4, 3),
+    ("narrow", 128): Tiles(64, 64, 8, 3),
 }
+# sm_90 (wgmma): each warpgroup of 4 warps owns 64 query rows with its accumulators in registers,
+# so 128x128 at head_dim 128 fits (250 registers, no spills, 224 KB of shared memory at 3
+# stages), and a 128-wide key tile doubles the N of every QK^T wgmma, which a 64-key tile
+# leaves half-used (Triton's fused-attention tutorial keeps no 8-warp tile below 128x128 on
+# Hopper).
+_TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles.
-_TILES_FP32 = _Tiles(16, 16, 4, 2)
+_TILES_FP32 = Tiles(16, 16, 4, 2)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What an override may ask for (benchmarks/sweep_tiles.py); BLOCK_M must be a multiple of BLOCK_N.
+_BLOCK_CHOICES = (16, 32, 64, 128, 256)
+_WARP_CHOICES = (1, 2, 4, 8, 16)
+_STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
+# Capability assumed where none can be queried (CPU, interpreter): an H100, as for SM counts.
+_DEFAULT_CAPABILITY = 90
 
 
-def _pick_tiles(head_dim_pad: int, dtype: torch.dtype, tokens: int, seqs: int) -> _Tiles:
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _DEFAULT_CAPABILITY
+
+
+def tile_table(capability: int) -> dict:
+    """The (kind, padded head_dim) -> Tiles table the launcher uses on a GPU of `capability`."""
+    return _TILES_SM90 if capability >= 90 else _TILES
+
+
+def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
+                  capability: int = _DEFAULT_CAPABILITY) -> Tiles:
     """Tiles for one launch, from shapes known on the host (no device sync)."""
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= 64 * seqs else "wide"
-    return _TILES[(kind, _tile_head_dim(head_dim_pad))]
+    return tile_table(capability)[(kind, _tile_head_dim(_head_dim_pad(head_dim)))]
 
 
 def _tile_head_dim(head_dim_pad: int) -> int:
@@ -271,9 +304,24 @@ def _tile_head_dim(head_dim_pad: int) -> int:
     return 64 if head_dim_pad <= 64 else 128
 
 
+def _check_tiles(tiles) -> Tiles:
+    if not isinstance(tiles, tuple) or len(tiles) != 4:
+        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages), got {tiles!r}")
+    tiles = Tiles(*tiles)
+    for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
+                                 ("block_n", tiles.block_n, _BLOCK_CHOICES),
+                                 ("num_warps", tiles.num_warps, _WARP_CHOICES),
+                                 ("num_stages", tiles.num_stages, _STAGE_CHOICES)):
+        if isinstance(value, bool) or value not in allowed:
+            _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
+    if tiles.block_m % tiles.block_n:
+        _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
+    return tiles
+
+
 def _head_dim_pad(head_dim: int) -> int:
     # tl.dot needs power-of-two tiles of at least 16 along the reduction.
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, _next_pow2(head_dim))
 
 
 def _fail(message: str):
@@ -327,7 +375,7 @@ def _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, b
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_cache: torch.Tensor, value_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                      block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                      block_tables: torch.Tensor, scale: float, *, tiles: Tiles | None = None) -> torch.Tensor:
     """Causal flash attention for the new tokens of a batch of sequences, packed back to back,
     each also attending to its `context_lens[i]` tokens already in the paged cache.
 
@@ -338,16 +386,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with contiguous rows. Returns a contiguous `[tokens, heads, head_dim]` tensor of q's dtype.
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
-    Raises ValueError on any shape, dtype, device, stride or alignment mismatch.
+    `tiles` (block_m, block_n, num_warps, num_stages) overrides `default_tiles`, for tests and
+    the tile sweep. Raises ValueError on any shape, dtype, device, stride or alignment mismatch,
+    or on tiles outside the choices the kernel supports.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
+    if tiles is not None:
+        tiles = _check_tiles(tiles)
     tokens, heads, head_dim = q.shape
     seqs = context_lens.shape[0]
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0 or seqs == 0:
         return out
     head_dim_pad = _head_dim_pad(head_dim)
-    tiles = _pick_tiles(head_dim_pad, q.dtype, tokens, seqs)
+    if tiles is None:
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, _capability(q.device))
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
@@ -365,11 +418,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def compile_specs() -> list:
     """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (padded to 128) and
-    128 at block_size 8, 16, 32: each `_TILES` entry in fp16 and bf16 (tensor cores), and the
-    fp32 tiles (CUDA cores, by design) at block_size 16."""
-    from .compile_check import CompileSpec
+    128 at block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
+    targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16."""
+    from .compile_check import TARGETS, CompileSpec
 
-    def spec(dtype: str, head_dim: int, block_size: int, tiles: _Tiles, label: str) -> CompileSpec:
+    def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
+             targets: tuple) -> CompileSpec:
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
                                                    "value_cache_ptr", "out_ptr")}
         signature.update({name: "*i32" for name in ("cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr")})
@@ -382,12 +436,18 @@ def compile_specs() -> list:
         signature.update({name: "constexpr" for name in constexprs})
         label = f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}"
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
-                           num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                           num_warps=tiles.num_warps, num_stages=tiles.num_stages, targets=targets)
 
+    # Each distinct (entry, tiles) once, for the targets whose table picks it.
+    entries: dict = {}
+    for capability, _ in TARGETS:
+        for key, tiles in tile_table(capability).items():
+            entries.setdefault((key, tiles), []).append(capability)
     specs = []
-    for (kind, tile_head_dim), tiles in _TILES.items():
+    for ((kind, tile_head_dim), tiles), targets in entries.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
-            specs += [spec(dtype, head_dim, block_size, tiles, kind)
+            specs += [spec(dtype, head_dim, block_size, tiles, kind, tuple(targets))
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
-    specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee") for head_dim in (64, 80, 128)]
+    specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
+              for head_dim in (64, 80, 128)]
     return specs

@@ -33,6 +33,9 @@ class CompileSpec:
     divisible_by_16: tuple[str, ...] = ()
     num_warps: int = 4
     num_stages: int = 3
+    # Compute capabilities to build for: a launch configuration that only one architecture's
+    # heuristics pick (sm_90-only attention tiles) is checked only there.
+    targets: tuple[int, ...] = tuple(capability for capability, _ in TARGETS)
 
 
 @dataclass
@@ -113,7 +116,7 @@ def run(specs: list[CompileSpec] | None = None) -> list[CompileResult]:
     """Compile every spec for every target, one process per core (each compile is single-threaded)."""
     import multiprocessing
     specs = all_specs() if specs is None else specs
-    _JOBS[:] = [(spec, cap, name) for spec in specs for cap, name in TARGETS]
+    _JOBS[:] = [(spec, cap, name) for spec in specs for cap, name in TARGETS if cap in spec.targets]
     # fork: the children inherit the kernel objects, which do not pickle.
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         return pool.map(_compile_job, range(len(_JOBS)), chunksize=4)

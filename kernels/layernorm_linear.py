@@ -9,6 +9,7 @@ The LayerNorm is applied to the activations, never folded into the weight: the f
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,16 @@ import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions whose every host call costs
+    # microseconds of wrapper; launchers run on every step, so plain integer math here.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +90,8 @@ def _rsqrt_f64(x):
 @triton.jit
 def _row_stats(x_ptr,            # [M, K] rows to normalise, any strides
                rows, row_mask, stride_xm, stride_xk, K, eps,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+               STAGES: tl.constexpr):
     """Mean and 1/std (`[BLOCK_M]`, in ACC: float32 or float64) of `rows` over K.
 
     Each BLOCK_K chunk is centred on its own mean before squaring and the chunks are merged with
@@ -87,10 +99,12 @@ def _row_stats(x_ptr,            # [M, K] rows to normalise, any strides
     the rest, lose nothing to cancellation (a one-pass E[x^2] - E[x]^2 would). The merge and rstd
     run in float64 on `[BLOCK_M]` vectors (negligible work): in float32 their roundings alone
     cost ~1e-7 of rstd, which shows as fp16 misrounding where LN's two terms nearly cancel.
+    STAGES > 1 software-pipelines the chunk loads (cp.async), so a GEMM prologue does not wait
+    out one memory latency per chunk.
     """
     mean = tl.zeros([BLOCK_M], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_M], dtype=tl.float64)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
@@ -121,7 +135,7 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xn, N, eps,
-                            BLOCK_M, BLOCK_N, tl.float64)
+                            BLOCK_M, BLOCK_N, tl.float64, 1)
     # A program owns whole rows and reads each chunk before writing it, so the post-LN GEMM can
     # normalise its output in place.
     for n0 in range(0, N, BLOCK_N):
@@ -152,8 +166,9 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          stride_rm, stride_rn, stride_om, stride_on, eps,
                          HAS_LN: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
-    """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation."""
+                         GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr):
+    """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation. The LayerNorm row
+    statistics come from a first pass over x in chunks of STATS_K columns."""
     # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -168,7 +183,14 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     row_mask, col_mask = rows < M, cols < N
     if HAS_LN:
         mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
-                                BLOCK_M, BLOCK_K, tl.float32)
+                                BLOCK_M, STATS_K, tl.float32, STATS_STAGES)
+        # gamma and beta are [BLOCK_K] vectors, too narrow per thread for cp.async, so the
+        # pipeliner leaves them as plain loads that each iteration would wait on: load them one
+        # iteration ahead instead. gamma = beta = 0 past K, so the K tail of the normalised tile
+        # is exactly zero.
+        first_ks = tl.arange(0, BLOCK_K)
+        g_next = tl.load(ln_w_ptr + first_ks, mask=first_ks < K, other=0.0)
+        beta_next = tl.load(ln_b_ptr + first_ks, mask=first_ks < K, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -177,9 +199,10 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
         a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_LN:
-            # gamma = beta = 0 past K, so the K tail of the normalised tile is exactly zero
-            g = tl.load(ln_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            beta = tl.load(ln_b_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            g, beta = g_next.to(tl.float32), beta_next.to(tl.float32)
+            ks_next = ks + BLOCK_K
+            g_next = tl.load(ln_w_ptr + ks_next, mask=ks_next < K, other=0.0)
+            beta_next = tl.load(ln_b_ptr + ks_next, mask=ks_next < K, other=0.0)
             a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
             a = a_norm.to(x_ptr.dtype.element_ty)   # rounded like the unfused LN output
         # the weight tile as [BLOCK_K, BLOCK_N] = w^T, straight from nn.Linear's [N, K]
@@ -205,12 +228,16 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
 
 GROUP_M = 8
 _LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
+# Elements of x per chunk of the GEMM's LayerNorm-statistics pass (32 fp32 values a thread at
+# 4 warps): wide chunks for skinny M, so the pass takes few pipelined round trips to memory.
+_STATS_TILE = 4096
+_STATS_STAGES = 3   # one chunk in use, the next two in flight
 
 
 def _ln_blocks(n: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the LayerNorm kernel: chunks of up to 1024 columns, and as many rows
     as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program)."""
-    block_n = min(1024, triton.next_power_of_2(n))
+    block_n = min(1024, _next_pow2(n))
     return _LN_TILE // block_n, block_n
 
 
@@ -221,44 +248,77 @@ def _num_sms(device: torch.device) -> int:
     return 132    # an H100, so the interpreter picks the tiles a GPU would
 
 
-# (max tokens, BLOCK_M, BLOCK_K, widest BLOCK_N, num_warps, num_stages). Decode-sized M streams the
-# weight once and is bandwidth-bound: a short M tile, a long K tile and 4 stages keep loads in
-# flight. Prefill is compute-bound: 128x128 tiles at 8 warps.
-_M_TIERS = ((16, 16, 128, 64, 4, 4), (32, 32, 128, 64, 4, 4), (64, 64, 64, 64, 4, 4),
-            (None, 128, 64, 128, 8, 3))
+class GemmConfig(NamedTuple):
+    """One launch of the GEMM kernel: tile sizes, warps and pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (max tokens, config with the widest BLOCK_N). Decode-sized M streams the weight once and is
+# bandwidth-bound: a short M tile, a long K tile and 4 stages keep loads in flight. Prefill is
+# compute-bound: 128x128 tiles at 8 warps.
+_M_TIERS = ((16, GemmConfig(16, 64, 128, 4, 4)), (32, GemmConfig(32, 64, 128, 4, 4)),
+            (64, GemmConfig(64, 64, 64, 4, 4)), (None, GemmConfig(128, 128, 64, 8, 3)))
 _MIN_BLOCK_N = 16    # tl.dot's smallest N
+# What an override may ask for (benchmarks/sweep_tiles.py).
+_BLOCK_CHOICES = (16, 32, 64, 128, 256)
+_WARP_CHOICES = (1, 2, 4, 8)
+_STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, dtype: torch.dtype) -> dict:
+def _fit(config: GemmConfig, dtype: torch.dtype) -> GemmConfig:
     if dtype == torch.float32:
         # fp32 "ieee" dots run on FMA units with both operand tiles in registers: keep them small
         # (64x64 with the LN prologue already spills on sm_80)
-        block_m, block_n, block_k, warps, stages = min(block_m, 32), min(block_n, 64), min(block_k, 32), 4, 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-                num_warps=warps, num_stages=stages)
+        return GemmConfig(min(config.block_m, 32), min(config.block_n, 64), min(config.block_k, 32), 4, 2)
+    return config
 
 
-def _gemm_config(m: int, n: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for an [m, k] x [k, n] GEMM (reasoning at _M_TIERS)."""
-    _, block_m, block_k, block_n, warps, stages = next(t for t in _M_TIERS if t[0] is None or m <= t[0])
+def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> dict:
+    """The kernel's constexprs and launch options for a (fitted) config."""
+    stats_k = max(config.block_k, _STATS_TILE // config.block_m)
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
+                STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def default_config(m: int, n: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
+    """Tiles for an [m, k] x [k, n] GEMM from host-known shapes (reasoning at _M_TIERS)."""
+    config = next(c for limit, c in _M_TIERS if limit is None or m <= limit)
+    block_n = config.block_n
     # A grid with fewer programs than SMs leaves bandwidth unused (decode, out_proj / fc2 with
     # narrow N): narrow the N tile until every SM has a program.
-    while block_n > _MIN_BLOCK_N and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < _num_sms(device):
+    while block_n > _MIN_BLOCK_N and _cdiv(m, config.block_m) * _cdiv(n, block_n) < sms:
         block_n //= 2
-    return _config(block_m, block_n, block_k, warps, stages, dtype)
+    return _fit(config._replace(block_n=block_n), dtype)
 
 
-def _gemm_configs(dtype: torch.dtype) -> list[dict]:
-    """Every configuration _gemm_config can return for `dtype`, for the compile check."""
+def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
+    """Every configuration default_config can return for `dtype`, for the compile check."""
     configs = []
-    for _, block_m, block_k, widest_n, warps, stages in _M_TIERS:
-        block_n = widest_n
+    for _, tier in _M_TIERS:
+        block_n = tier.block_n
         while block_n >= _MIN_BLOCK_N:
-            cfg = _config(block_m, block_n, block_k, warps, stages, dtype)
-            if cfg not in configs:
-                configs.append(cfg)
+            config = _fit(tier._replace(block_n=block_n), dtype)
+            if config not in configs:
+                configs.append(config)
             block_n //= 2
     return configs
+
+
+def _check_config(config) -> GemmConfig:
+    if not isinstance(config, tuple) or len(config) != 5:
+        raise ValueError(f"config must be (block_m, block_n, block_k, num_warps, num_stages), got {config!r}")
+    config = GemmConfig(*config)
+    for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
+        allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES}.get(name, _BLOCK_CHOICES)
+        value = getattr(config, name)
+        if isinstance(value, bool) or value not in allowed:
+            raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,11 +362,13 @@ def _check_linear(x, weight, bias) -> int:
     return weight.shape[0]
 
 
-def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out) -> None:
+def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
     m, k = x.shape
     n = weight.shape[0]
-    cfg = _gemm_config(m, n, x.device, x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    if config is None:
+        config = default_config(m, n, x.dtype, _num_sms(x.device))
+    cfg = _kernel_options(config, x.dtype)
+    grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n),)
     has_ln, has_res = ln_weight is not None, residual is not None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
@@ -320,7 +382,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
 def _launch_layer_norm(x, weight, bias, eps, out) -> None:
     m, n = x.shape
     block_m, block_n = _ln_blocks(n)
-    _layer_norm_kernel[(triton.cdiv(m, block_m),)](
+    _layer_norm_kernel[(_cdiv(m, block_m),)](
         x, weight, bias, out, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
@@ -343,14 +405,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                      weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     relu: bool = False) -> torch.Tensor:
+                     relu: bool = False, *, config: GemmConfig | None = None) -> torch.Tensor:
     """`[relu](LN(x) @ weight.T + bias)` in one kernel; with ln_weight None a plain linear.
 
     x: `[tokens, in]` (any strides); weight: `[out, in]` (nn.Linear layout, any strides); bias:
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
     it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
+    `config` (block_m, block_n, block_k, num_warps, num_stages; powers of two, 1..6 stages)
+    overrides `default_config`, for tests and the tile sweep; float32 inputs always run small
+    CUDA-core tiles.
     """
     n = _check_linear(x, weight, bias)
+    if config is not None:
+        config = _fit(_check_config(config), x.dtype)
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must both be given or both be None")
     if ln_weight is not None:
@@ -358,7 +425,7 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
         _check_vector("ln_bias", ln_bias, x.shape[1], x)
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch_linear(x, ln_weight, ln_bias, weight, bias, None, eps, bool(relu), out)
+        _launch_linear(x, ln_weight, ln_bias, weight, bias, None, eps, bool(relu), out, config)
     return out
 
 
@@ -438,13 +505,15 @@ def compile_specs() -> list:
                         stride_xm="i32", stride_xk="constexpr", stride_wn="i32", stride_wk="constexpr",
                         stride_rm="i32", stride_rn="constexpr", stride_om="i32", stride_on="constexpr",
                         eps="fp32", HAS_LN="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr",
-                        BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
-        for cfg in _gemm_configs(dtype):
+                        BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr",
+                        STATS_K="constexpr", STATS_STAGES="constexpr")
+        for config in _gemm_configs(dtype):
+            cfg = _kernel_options(config, dtype)
             blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
             for has_ln, relu, has_res in _LINEAR_FLAGS:
                 flags = "+".join(f for f, on in (("ln", has_ln), ("relu", relu), ("res", has_res)) if on)
-                label = (f"{t} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
-                         f"w{cfg['num_warps']}s{cfg['num_stages']} {flags}")
+                label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
+                         f"w{config.num_warps}s{config.num_stages} {flags}")
                 specs.append(CompileSpec(
                     _fused_linear_kernel, label, gemm_sig,
                     dict(blocks, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,

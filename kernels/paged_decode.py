@@ -11,6 +11,7 @@ block table and write a partial output with its log-sum-exp, merged by a second 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,9 +30,30 @@ _TARGET_PER_SM = 4
 # A split shorter than this costs more in its partial write and merge than it gains in overlap.
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
-# Bytes of one K (or V) tile per loop iteration: 16 KB keeps two tiles in flight per program
-# without spilling (see compile_specs) and makes a head_dim-128 fp16 tile 64 tokens.
+# Bytes of one K (or V) tile per loop iteration: 16 KB makes a head_dim-128 fp16 tile 64 tokens.
 _TILE_BYTES = 16384
+# Pipeline stages of the loop over the context: with 3, while one tile is reduced the next tile's
+# K and V (and its block-table entries) are already in flight through cp.async, and the one
+# after is issued as soon as this tile's buffer is read; without, each program waits out the
+# memory latency every iteration (56% of copy bandwidth on an H200). 2 stages gain nothing: the
+# next tile's copy would be issued only after this tile's math. 3 stages of 16 KB K and V tiles
+# take 68 KB of shared memory, so 3 programs fit per SM.
+_NUM_STAGES = 3
+_NUM_WARPS = 4
+# Launch options the sweep may pick (benchmarks/sweep_tiles.py); the launcher rejects others.
+_BLOCK_N_CHOICES = (8, 16, 32, 64, 128, 256)
+_WARP_CHOICES = (1, 2, 4, 8)
+_STAGE_CHOICES = (1, 2, 3, 4, 5)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions whose every host call costs
+    # microseconds of wrapper; launchers run on every step, so plain integer math here.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.jit
@@ -54,6 +76,7 @@ def _paged_decode_kernel(
     BLOCK_D: tl.constexpr,      # head_dim padded to a power of two (80 -> 128)
     SPLIT: tl.constexpr,        # write partial output + lse for the merge kernel
     ALIGNED: tl.constexpr,      # every cache row starts 16-byte aligned (checked by the launcher)
+    NUM_STAGES: tl.constexpr,   # software-pipeline depth of the loop over the context
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -75,27 +98,25 @@ def _paged_decode_kernel(
     acc = tl.zeros((BLOCK_D,), tl.float32)
     # One table entry per token (repeated within a cache block; those loads hit L1), so a tile
     # can span several small cache blocks. Entries past the length are never read: padding
-    # entries of a row may hold any block id. The next tile's entries are loaded before this
-    # tile's math, so the table lookup is off the loop's critical path.
-    offs_n = start + tl.arange(0, BLOCK_N)
-    block = tl.load(table_row + (offs_n // BLOCK_SIZE) * stride_bb, mask=offs_n < end, other=0)
-    for _ in range(start, end, BLOCK_N):
+    # entries of a row may hold any block id. The pipeliner issues a later tile's table entries,
+    # then its K and V (cp.async into shared memory), NUM_STAGES - 1 iterations ahead.
+    for tile_start in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        offs_n = tile_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
+        block = tl.load(table_row + (offs_n // BLOCK_SIZE) * stride_bb, mask=n_mask, other=0)
         # int64: block * stride overflows int32 in a cache of more than 2**31 elements per layer.
         token_offset = block.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + head_offset
         k_ptrs = key_cache_ptr + token_offset[:, None] + offs_d[None, :] * stride_cd
         v_ptrs = value_cache_ptr + token_offset[:, None] + offs_d[None, :] * stride_cd
         if ALIGNED:
             # The launcher checked 16-byte aligned rows; saying so here makes the loads 16-byte
-            # vectors whatever the JIT knows about the arguments (and in the compile check).
+            # vectors (and cp.async-able) whatever the JIT knows about the arguments.
             k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
             v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
         # Masked loads, never a multiply by zero: unused slots may hold NaN.
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        offs_n += BLOCK_N
-        block = tl.load(table_row + (offs_n // BLOCK_SIZE) * stride_bb, mask=offs_n < end, other=0)
         qk = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         qk = tl.where(n_mask, qk, float("-inf"))
         # Every iteration holds at least one valid token, so m_new is finite and no inf - inf.
@@ -158,12 +179,22 @@ def _sm_count(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
+class DecodeConfig(NamedTuple):
+    """One launch of the decode kernel: kv splits (an upper bound, see the launcher), tokens per
+    loop tile, warps, and software-pipeline stages of the loop over the context."""
+    num_splits: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
 def _block_n(head_dim: int, dtype: torch.dtype, aligned: bool) -> int:
     """Tokens per loop tile. Without 16-byte alignment every element needs its own address
-    register, so the tile is a quarter of the size to stay clear of spills."""
-    block_d = triton.next_power_of_2(head_dim)
-    tile_bytes = _TILE_BYTES if aligned else _TILE_BYTES // 4
-    return max(16, min(128, tile_bytes // (block_d * dtype.itemsize)))
+    register, so the tile is an eighth of the size to stay clear of spills."""
+    block_d = _next_pow2(head_dim)
+    if aligned:
+        return max(16, min(128, _TILE_BYTES // (block_d * dtype.itemsize)))
+    return max(8, _TILE_BYTES // 8 // (block_d * dtype.itemsize))
 
 
 def _rows_aligned(cache: torch.Tensor) -> bool:
@@ -180,17 +211,42 @@ def choose_num_splits(seqs: int, heads: int, max_tokens: int, sms: int = _DEFAUL
     programs = seqs * heads
     if programs >= _FILL_PER_SM * sms:
         return 1
-    wanted = triton.cdiv(_TARGET_PER_SM * sms, programs)
+    wanted = _cdiv(_TARGET_PER_SM * sms, programs)
     return max(1, min(wanted, max_tokens // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+
+
+def default_config(seqs: int, heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
+                   aligned: bool = True, sms: int = _DEFAULT_SMS) -> DecodeConfig:
+    """The launch the heuristics pick for these host-known shapes (what runs without overrides)."""
+    # float32 (tests, not a serving dtype) pipelined spills at head_dim 80 on sm_80. Unaligned
+    # rows cannot go through cp.async (4-byte minimum) at all; there, 2 stages (only the table
+    # loads pipelined) is what ptxas compiles without spills for every head_dim on sm_80 and
+    # sm_90, where 1 stage spills at head_dim 80 and 128 (the compile check holds both).
+    stages = (_NUM_STAGES if dtype.itemsize == 2 else 1) if aligned else 2
+    return DecodeConfig(choose_num_splits(seqs, heads, max_tokens, sms), _block_n(head_dim, dtype, aligned),
+                        _NUM_WARPS, stages)
+
+
+def _check_overrides(num_splits, block_n, num_warps, num_stages) -> None:
+    for name, value, allowed in (("num_splits", num_splits, range(1, _MAX_SPLITS + 1)),
+                                 ("block_n", block_n, _BLOCK_N_CHOICES),
+                                 ("num_warps", num_warps, _WARP_CHOICES),
+                                 ("num_stages", num_stages, _STAGE_CHOICES)):
+        if value is not None and (isinstance(value, bool) or value not in allowed):
+            shown = f"1..{_MAX_SPLITS}" if name == "num_splits" else ", ".join(map(str, allowed))
+            raise ValueError(f"{name} must be one of {shown}, got {value!r}")
 
 
 def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           *, num_splits: int | None = None) -> torch.Tensor:
+                           *, num_splits: int | None = None, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and result).
 
-    `num_splits` overrides the split heuristic (`choose_num_splits`), for tests; it is an upper
-    bound, lowered where needed so that every split holds whole loop tiles. Nothing here
+    The keyword-only options override the launch heuristics (`default_config`), for tests and
+    the tile sweep: `num_splits` (1..32) is an upper bound, lowered where needed so that every
+    split holds whole loop tiles; `block_n` tokens per loop tile (a power of two, 8..256);
+    `num_warps` (1, 2, 4, 8); `num_stages` (1..5, 1 = no software pipelining). Nothing here
     reads device memory, so the launch is CUDA-graph capturable. A sequence of length 0 (a
     padding row of a graph batch) gets zeros. Softmax in float32; cache slots past each
     sequence's length and block-table entries past its last block are never read.
@@ -212,8 +268,7 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     devices = {t.device for t in (q, key_cache, value_cache, block_tables, seq_lens)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if num_splits is not None and not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{_MAX_SPLITS}, got {num_splits}")
+    _check_overrides(num_splits, block_n, num_warps, num_stages)
 
     out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
     max_blocks, block_size = block_tables.shape[1], key_cache.shape[1]
@@ -222,37 +277,38 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         return out
     if max_tokens == 0:
         return out.zero_()
-    if num_splits is None:
-        num_splits = choose_num_splits(seqs, heads, max_tokens, _sm_count(q.device))
     aligned = _rows_aligned(key_cache) and _rows_aligned(value_cache)
-    block_n = _block_n(head_dim, q.dtype, aligned)
-    block_d = triton.next_power_of_2(head_dim)
+    config = default_config(seqs, heads, head_dim, q.dtype, max_tokens, aligned, _sm_count(q.device))
+    overrides = dict(num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    config = config._replace(**{name: value for name, value in overrides.items() if value is not None})
+    block_d = _next_pow2(head_dim)
     # Whole loop tiles per split, so only a sequence's last tile is partial.
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_tokens, split_tokens)
-    split = num_splits > 1
+    split_tokens = _cdiv(_cdiv(max_tokens, config.num_splits), config.block_n) * config.block_n
+    splits = _cdiv(max_tokens, split_tokens)
+    split = splits > 1
     if split:
-        target = torch.empty((seqs, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)
+        target = torch.empty((seqs, heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((seqs, heads, splits), dtype=torch.float32, device=q.device)
     else:
         target, lse = out, out   # lse is never touched without SPLIT
-    _paged_decode_kernel[(seqs, heads, num_splits)](
+    _paged_decode_kernel[(seqs, heads, splits)](
         q, key_cache, value_cache, block_tables, seq_lens, target, lse,
         float(scale) * _LOG2E, max_blocks, split_tokens,
         *q.stride(), *block_tables.stride(), *key_cache.stride(),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split,
-        ALIGNED=aligned, num_warps=4)
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split,
+        ALIGNED=aligned, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     if split:
         _merge_splits_kernel[(seqs, heads)](
-            target, lse, seq_lens, out, num_splits, split_tokens, max_tokens,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            target, lse, seq_lens, out, splits, split_tokens, max_tokens,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_next_pow2(splits), num_warps=4)
     return out
 
 
 def compile_specs() -> list:
-    """Every specialisation OPT runs: head_dim 64/80/128 x fp16/bf16 x block_size 8/16/32, split
-    and not, on an aligned cache, plus the merge; fp32 and the unaligned fallback at block_size
-    16. Unit last-dim strides are constants, as the JIT makes them on a real launch."""
+    """Every specialisation OPT runs with the default launch: head_dim 64/80/128 x fp16/bf16 x
+    block_size 8/16/32, split and not, on an aligned cache, plus the merge; fp32 and the
+    unaligned fallback at block_size 16. Unit last-dim strides are constants, as the JIT makes
+    them on a real launch."""
     from .compile_check import CompileSpec
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     cases = [(dtype, head_dim, block_size, aligned)
@@ -261,7 +317,8 @@ def compile_specs() -> list:
     cases += [("fp32", head_dim, 16, aligned) for head_dim in (64, 80, 128) for aligned in (True, False)]
     specs = []
     for dtype, head_dim, block_size, aligned in cases:
-        block_d = triton.next_power_of_2(head_dim)
+        block_d = _next_pow2(head_dim)
+        config = default_config(1, 1, head_dim, torch_dtype[dtype], 1, aligned)
         for split in (False, True):
             sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}", "value_cache_ptr": f"*{dtype}",
                    "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
@@ -269,20 +326,19 @@ def compile_specs() -> list:
                    "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
             sig.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_bs",
                                                  "stride_cb", "stride_cs", "stride_ch")})
-            sig.update({name: "constexpr" for name in ("stride_qd", "stride_bb", "stride_cd", "HEAD_DIM",
-                                                       "BLOCK_SIZE", "BLOCK_N", "BLOCK_D", "SPLIT", "ALIGNED")})
             consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                          BLOCK_N=_block_n(head_dim, torch_dtype[dtype], aligned), BLOCK_D=block_d,
-                          SPLIT=split, ALIGNED=aligned)
+                          BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split, ALIGNED=aligned,
+                          NUM_STAGES=config.num_stages)
+            sig.update({name: "constexpr" for name in consts})
             label = f"{dtype} d{head_dim} bs{block_size} {'split' if split else 'direct'}"
             label += "" if aligned else " unaligned"
-            specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts))
+            specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps))
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in (64, 80, 128):
             sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
                    "kv_splits": "i32", "split_tokens": "i32", "max_tokens": "i32",
                    "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"}
-            consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_S=_MAX_SPLITS)
+            consts = dict(HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_S=_MAX_SPLITS)
             label = f"{dtype} d{head_dim} splits<={_MAX_SPLITS}"
             specs.append(CompileSpec(_merge_splits_kernel, label, sig, consts))
     return specs

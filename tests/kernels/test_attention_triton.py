@@ -10,7 +10,7 @@ import torch
 
 from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn
 from opt_fast.kernels import attention
-from opt_fast.kernels.attention import _Tiles, prefill_attention
+from opt_fast.kernels.attention import Tiles, prefill_attention
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
 # (atol, rtol) for bfloat16 (8-bit mantissa), beside kernel_testing's fp32/fp16 ones
@@ -68,10 +68,6 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def force_tiles(monkeypatch, tiles: _Tiles):
-    monkeypatch.setattr(attention, "_pick_tiles", lambda *args: tiles)
-
-
 # Sequences of several query blocks under the tiles the launcher picks itself (fp16: 128-row
 # blocks; fp32: 16-row), one shorter than a block, one empty, contexts of 1 and 2**k + 1.
 # Pairs rather than the full product: on a GPU each pair is one more kernel compile.
@@ -88,14 +84,13 @@ def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim):
 # Small forced tiles: several diagonal key tiles per query block (BLOCK_N < BLOCK_M), key tiles
 # smaller and larger than a cache block, many full context tiles beside a partial one.
 @pytest.mark.parametrize("tiles,block_size", [
-    (_Tiles(32, 16, 4, 2), 8), (_Tiles(32, 16, 4, 2), 32), (_Tiles(16, 16, 4, 2), 16),
-    (_Tiles(64, 32, 4, 2), 8)],
+    (Tiles(32, 16, 4, 2), 8), (Tiles(32, 16, 4, 2), 32), (Tiles(16, 16, 4, 2), 16),
+    (Tiles(64, 32, 4, 2), 8)],
     ids=["32x16-bs8", "32x16-bs32", "16x16-bs16", "64x32-bs8"])
-def test_forced_small_tiles(monkeypatch, nan_empty, tiles, block_size):
-    force_tiles(monkeypatch, tiles)
+def test_forced_small_tiles(nan_empty, tiles, block_size):
     seqs = [(1, 70), (block_size - 1, 33), (block_size, 1), (block_size + 1, 47), (129, 17), (200, 64)]
     args, expected = prefill_case(seqs, block_size, 2, 80, torch.float16, seed=block_size + tiles.block_m)
-    assert_matches(prefill_attention(*args), expected, torch.float16)
+    assert_matches(prefill_attention(*args, tiles=tiles), expected, torch.float16)
 
 
 def test_many_sequences():
@@ -163,3 +158,44 @@ def test_input_checks(change):
     assert prefill_attention(**named).shape == named["q"].shape
     with pytest.raises(ValueError, match="prefill_attention"):
         prefill_attention(**{**named, **change(named)})
+
+
+def _table_tiles() -> list:
+    """The distinct tile shapes of every capability's table in the interpreter (which ignores
+    warps and stages, so one run per block shape covers an entry); on a GPU, of its own table
+    (the sm_90 tiles need more shared memory than an A100 has)."""
+    caps = (80, 90) if DEVICE == "cpu" else (attention._capability(torch.device(DEVICE)),)
+    tiles = {(t.block_m, t.block_n): t for cap in caps for t in attention.tile_table(cap).values()}
+    return sorted(tiles.values())
+
+
+@pytest.mark.parametrize("tiles", _table_tiles(), ids=lambda t: f"{t.block_m}x{t.block_n}")
+def test_every_table_tile_at_head_dim_128(nan_empty, tiles):
+    """A query block spanning several key tiles, a sequence ending inside a tile, and a cached
+    context with a partial tile, under each tile shape the launcher can pick."""
+    seqs = [(37, 260), (0, 3), (130, 64)]
+    args, expected = prefill_case(seqs, 16, 2, 128, torch.float16, seed=tiles.block_n)
+    assert_matches(prefill_attention(*args, tiles=tiles), expected, torch.float16)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_compile_check_covers_every_tile_the_launcher_picks(capability):
+    """Each (kind, head_dim) entry the launcher uses on a target is compiled for that target in
+    fp16 and bf16, so `make compile-check` sees every launch a GPU of that kind can make."""
+    built = {(spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"], spec.num_warps, spec.num_stages,
+              spec.constexprs["HEAD_DIM"], spec.signature["q_ptr"])
+             for spec in attention.compile_specs() if capability in spec.targets}
+    for head_dim in (64, 80, 128):
+        for tokens, seqs in ((4096, 2), (64, 64)):    # wide, narrow
+            for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+                t = attention.default_tiles(head_dim, dtype, tokens, seqs, capability)
+                assert (*t, head_dim, name) in built, (capability, head_dim, tokens, dtype, t)
+
+
+@pytest.mark.parametrize("tiles,field", [
+    ((128, 48, 8, 3), "block_n"), ((64, 128, 4, 2), "block_m"), ((128, 64, 3, 2), "num_warps"),
+    ((128, 64, 4, 0), "num_stages"), ((128, 64, 4), "tiles")])
+def test_tile_overrides_are_checked(tiles, field):
+    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
+    with pytest.raises(ValueError, match=field):
+        prefill_attention(*args, tiles=tiles)

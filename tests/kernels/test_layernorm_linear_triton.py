@@ -55,7 +55,8 @@ def poisoned_view(values: torch.Tensor, dtype: torch.dtype, transpose: bool = Fa
 @pytest.mark.parametrize("tokens,n_in,n_out", [(5, 300, 70), (19, 131, 45)])
 def test_layernorm_linear_poisoned_strided_operands(dtype, tokens, n_in, n_out):
     """x row-major and the weight column-major, both windows into NaN; K = 300 spans three K
-    tiles of 128 with a tail, so the statistics merge chunks of unequal size."""
+    tiles of 128 with a tail, and the statistics merge chunks of unequal size (256 + 44 columns
+    at 5 tokens, 128 + 128 + 44 at 19)."""
     g = gen(tokens * n_in + n_out)
     x = poisoned_view(with_outliers(randn(tokens, n_in, g=g, dtype=torch.float64), g) + 40.0, dtype)
     w = poisoned_view(randn(n_out, n_in, g=g, dtype=torch.float64, scale=n_in ** -0.5), dtype, transpose=True)
@@ -87,6 +88,31 @@ def test_layer_norm_rows_past_one_chunk(dtype):
     x = poisoned_view(with_outliers(randn(5, 2500, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
     w, b = ln_params(2500, g, dtype)
     check(ll.layer_norm(x, w, b, EPS), naive_layer_norm(x, w, b, EPS), dtype, factor=1.0)
+
+
+# Launch overrides as the tile sweep passes them: K = 600 spans several GEMM tiles and (except at
+# 128 rows, 32-column chunks) several statistics chunks, M = 5 leaves most of each row tile empty.
+@pytest.mark.parametrize("config", [(16, 32, 256, 4, 3), (16, 128, 64, 4, 5), (32, 16, 32, 2, 2),
+                                    (64, 64, 128, 8, 4), (128, 32, 32, 4, 1)], ids=str)
+def test_layernorm_linear_config_overrides(config):
+    g = gen(sum(config))
+    dtype = torch.float16
+    x = with_outliers(randn(5, 600, g=g, dtype=torch.float64), g) + 40.0
+    x = x.to(dtype)
+    w = randn(70, 600, g=g, dtype=dtype, scale=600 ** -0.5)
+    ln_w, ln_b = ln_params(600, g, dtype)
+    bias = randn(70, g=g, dtype=dtype, scale=0.2)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=config)
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
+
+
+@pytest.mark.parametrize("config,field", [((16, 48, 64, 4, 3), "block_n"), ((8, 64, 64, 4, 3), "block_m"),
+                                          ((16, 64, 64, 3, 3), "num_warps"), ((16, 64, 64, 4, 0), "num_stages"),
+                                          ((16, 64, 64, 4), "config")])
+def test_config_overrides_are_checked(config, field):
+    x, ln_w, ln_b, w, b, _ = _valid()
+    with pytest.raises(ValueError, match=field):
+        ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=config)
 
 
 def test_many_row_blocks_use_the_grouped_grid():
@@ -153,16 +179,32 @@ def test_bad_arguments_raise_value_error(case):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("sms", [108, 132, 140])
-def test_every_chosen_config_is_compile_checked(dtype, sms, monkeypatch):
+def test_every_chosen_config_is_compile_checked(dtype, sms):
     """Whatever the launcher picks for OPT shapes (and odd ones), on A100 / H100 / H200 SM
     counts, is in the list compile_specs() compiles; and the grid gives every SM a program
     unless the N tile is already at its narrowest."""
-    monkeypatch.setattr(ll, "_num_sms", lambda device: sms)
     listed = ll._gemm_configs(dtype)
     for m in (1, 8, 16, 17, 32, 33, 64, 65, 256, 4096):
         for hidden in (768, 1024, 2048, 2560, 4096, 5120, 97):
             for n in (hidden, 3 * hidden, 4 * hidden):
-                cfg = ll._gemm_config(m, n, torch.device(DEVICE), dtype)
+                cfg = ll.default_config(m, n, dtype, sms)
                 assert cfg in listed, (m, n, cfg)
-                programs = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
-                assert programs >= sms or cfg["BLOCK_N"] == 16, (m, n, cfg)
+                programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+                assert programs >= sms or cfg.block_n == 16, (m, n, cfg)
+
+
+def test_config_override_reaches_the_launch(monkeypatch):
+    """The override, not the heuristic, sets the launch; the LayerNorm statistics chunk widens
+    for short row tiles (4096 elements of x per chunk)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+    monkeypatch.setattr(ll, "_fused_linear_kernel", Recorder())
+    x, ln_w, ln_b, w, b, _ = _valid()
+    ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=(16, 32, 64, 2, 5))
+    [(grid, kwargs)] = launches
+    assert grid == (1,)   # 4 rows, 16 columns: one 16x32 tile
+    assert {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "STATS_K")} == \
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=5, STATS_K=256)

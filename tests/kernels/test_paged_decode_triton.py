@@ -123,6 +123,43 @@ def test_empty_batch():
     assert out.shape == (0, 2, 64)
 
 
+# Launch overrides as the tile sweep passes them: tiles smaller and larger than a cache block,
+# unpipelined and deeper pipelines, split and not, over lengths that end inside a tile (each
+# within an A100's shared memory, so the test runs on any GPU too).
+@pytest.mark.parametrize("overrides", [
+    dict(block_n=8, num_warps=1, num_stages=3), dict(block_n=32, num_warps=2, num_stages=4, num_splits=3),
+    dict(block_n=128, num_warps=8, num_stages=1), dict(block_n=256, num_warps=8, num_stages=2, num_splits=2)],
+    ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_launch_overrides_match_the_reference(overrides):
+    seq_lens = [300, 1, 17, 129]
+    q, cache, expected = filled_cache(seq_lens, 16, 2, 128, torch.float16, seed=overrides["block_n"])
+    assert_close_to(decode(q, cache, seq_lens, **overrides), expected, torch.float16, scale=1.0)
+
+
+def test_launch_overrides_reach_the_kernel(monkeypatch):
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs))
+    monkeypatch.setattr(paged_decode, "_paged_decode_kernel", Recorder())
+    monkeypatch.setattr(paged_decode, "_merge_splits_kernel", Recorder())
+    q, cache, _ = filled_cache([40, 9], 8, 2, 64, torch.float16, seed=1)
+    decode(q, cache, [40, 9], block_n=16, num_warps=2, num_stages=4, num_splits=2)
+    (grid, kwargs), (merge_grid, _) = launches
+    # 6 table entries of 8 tokens = 48 tokens: two splits of 32 (whole 16-token tiles)
+    assert grid == (2, 2, 2) and merge_grid == (2, 2)
+    assert (kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["NUM_STAGES"]) == (16, 2, 4)
+
+
+@pytest.mark.parametrize("name,value", [("block_n", 48), ("block_n", 512), ("num_warps", 3),
+                                        ("num_stages", 0), ("num_splits", 33), ("num_warps", True)])
+def test_launch_overrides_are_checked(name, value):
+    q, cache, _ = filled_cache([5, 9], 8, 2, 64, torch.float16, seed=1)
+    with pytest.raises(ValueError, match=name):
+        decode(q, cache, [5, 9], **{name: value})
+
+
 def test_split_heuristic():
     sms = 132
     # enough (sequence, head) programs already: never split, however long the context

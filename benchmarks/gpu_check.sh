@@ -2,18 +2,19 @@
 # `make gpu-check`, on a lent GPU machine: no network; torch, triton, transformers, tokenizers,
 # safetensors, pytest and pytest-xdist are already there. Installs opt_fast without touching them,
 # then runs, each phase with its own timeout so one slow phase cannot eat the rest:
-#   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 95 s
-#   tests     the test suite on CUDA, 120 s
-#   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 35 s
-#   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 105 s
-# Whole run: under 8 minutes. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`.
+#   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s
+#   tests     the test suite on CUDA, 110 s
+#   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
+#   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 100 s
+#   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
+# Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`.
 # Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
 # gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
 # bench_generate.md, bench_generate.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PHASES=${PHASES:-sweep tests kernels generate}
+PHASES=${PHASES:-sweep tests kernels generate serve}
 mkdir -p "$OUT"
 PARTS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
@@ -28,7 +29,7 @@ sweep_rc=0 tests_rc=0 kernels_rc=0 bench_rc=0
 # First the sweep: the most information per second on the open goals, and its parallel compile
 # fills Triton's cache for the phases after it.
 if want sweep; then
-  timeout 95 python3 benchmarks/sweep_tiles.py --budget 75 --out "$PARTS/sweep" 2>&1 \
+  timeout 90 python3 benchmarks/sweep_tiles.py --budget 70 --out "$PARTS/sweep" 2>&1 \
     | tee -a "$OUT/kernels.log" | grep -E "^(decode|prefill|ln_qkv|compiling| +[0-9]+ done)"
   sweep_rc=${PIPESTATUS[0]}
   # copied even after a timeout: the sweep rewrites its report after every shape
@@ -37,7 +38,7 @@ fi
 
 if want tests; then
   # xdist: the suite compiles many kernel specialisations; 8 workers compile them in parallel.
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   tests_rc=${PIPESTATUS[0]}
 fi
@@ -45,7 +46,7 @@ fi
 if want kernels; then
   # The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256.
   for name in paged_decode attention layernorm_linear sampling; do
-    timeout 35 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
+    timeout 28 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
       --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
   done
   ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \
@@ -60,9 +61,23 @@ if [ -f "$PARTS/sweep/sweep.md" ]; then
 fi
 
 if want generate; then
-  timeout 105 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager --out "$OUT" 2>&1 | tail -10
+  timeout 100 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager --out "$OUT" 2>&1 | tail -10
   bench_rc=${PIPESTATUS[0]}
 fi
 
-echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc"
-[ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+serve_rc=0
+if want serve; then
+  # The engine as a server sees it: TTFT/TPOT under load (opt-fast bench, CUDA graphs on), then
+  # the host's CPU time per decode step. Both appended to bench_generate.md (8 files at most).
+  { echo; echo "## opt-fast bench, OPT-1.3B random weights, 64 prompts x 128 in, 128 out"; echo
+    echo '```json'
+    timeout 42 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 64 --input-len 128 \
+      --output-len 128 --json 2>&1 | tail -3
+    echo '```'; echo; echo "## Host overhead per decode step (this machine's CPU)"; echo
+    timeout 28 python3 benchmarks/bench_host_overhead.py --steps 30 2>&1 | tail -14
+  } | tee -a "$OUT/bench_generate.md" | tail -25
+  serve_rc=${PIPESTATUS[0]}
+fi
+
+echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc"
+[ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$serve_rc" -eq 0 ]

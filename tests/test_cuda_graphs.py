@@ -106,8 +106,9 @@ def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
     assert 0 < eng.blocks.num_blocks < cap, "the budget, not the cap, was meant to bind"
     kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    # Most of the budget goes to the cache (other test processes may hold some of the device).
-    assert kv_bytes > 0.4 * (utilization * total - weights)
+    # Most of the share goes to the cache (unless other test processes hold most of the device).
+    free_before = torch.cuda.mem_get_info()[0] + kv_bytes
+    assert kv_bytes > 0.5 * min(utilization * total - weights, free_before)
     eng.add_request("r", [2, 5, 6, 7], SamplingParams(max_tokens=4))
     while eng.has_unfinished_requests():
         eng.step()

@@ -121,10 +121,14 @@ class ModelRunner:
         self.ops.sample(logits, self.vocab_size, **self._dummy_sampling_inputs(rows))
         del hidden, logits, scratch
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         peak = torch.cuda.max_memory_allocated(self.device)
+        activations = peak - torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        return int(self.cfg.gpu_memory_utilization * total - outside_torch - peak - _CUDA_HEADROOM_BYTES)
+        # gpu_memory_utilization is this engine's share of the device (weights, activations and
+        # cache), as in vLLM; and never more than is free now, whoever holds the rest.
+        share = self.cfg.gpu_memory_utilization * total - peak
+        return int(min(share, free - activations) - _CUDA_HEADROOM_BYTES)
 
     def _dummy_sampling_inputs(self, rows: int) -> dict:
         def full(value, dtype):

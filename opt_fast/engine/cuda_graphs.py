@@ -12,7 +12,7 @@ import torch
 from ..config import ceil_div
 from ..context import Context, set_context
 from .host_tensors import host_tensor
-from .sequence import Sequence, block_tables_key
+from .sequence import Sequence, samples_raw_logits
 
 # The ops a captured step launches must never wait on the host; the torch references of these
 # three do (they gather on the host's say-so), so graphs need the Triton versions.
@@ -65,7 +65,8 @@ class DecodeGraphs:
         if pin:
             torch.cuda.synchronize(device)
         self.replays = 0
-        self._tables_key = None
+        self._batch: list[Sequence] | None = None
+        self.plain, self.has_min_tokens = True, False
 
     def _capture(self, size: int, pool):
         """(graph, its static outputs, the memory pool) for one batch size."""
@@ -97,28 +98,53 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.sizes[-1]
 
+    def invalidate(self) -> None:
+        """Forget the last batch: an eager step in between may have preempted, recomputed or
+        regrown any sequence, so the next replay refills everything."""
+        self._batch = None
+
+    def _refill_batch(self, seqs: list[Sequence], n: int, size: int) -> None:
+        """What stays fixed while the batch keeps its sequences: sampling settings, padding rows."""
+        self._batch = list(seqs)
+        row = _I64_ROWS.index
+        self.host_i64[row("top_k"), :n] = host_tensor([s.params.top_k for s in seqs], torch.int64)
+        self.host_i64[row("seeds"), :n] = host_tensor([s.seed for s in seqs], torch.int64)
+        self.host_i64[row("slots"), n:size] = -1                        # padding rows write nothing
+        self.host_seq_lens[n:size] = 0                                  # ... and read nothing
+        f32 = [s.params.temperature for s in seqs] + [s.params.top_p for s in seqs]
+        self.host_f32[:, :n] = host_tensor(f32, torch.float32).view(2, n)
+        self.plain = samples_raw_logits(seqs)
+        self.has_min_tokens = any(s.params.min_tokens for s in seqs)
+
+    def _refill_tables(self, seqs: list[Sequence], n: int) -> None:
+        width = max(len(s.block_table) for s in seqs)
+        self.host_block_tables[:n, :width] = host_tensor(
+            [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))],
+            torch.int32).view(n, width)
+
     def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replay the smallest graph that holds `seqs` (all decodes). Returns views of its outputs,
-        valid until the next replay: (logits, tokens, logsumexp) for the first len(seqs) rows."""
+        valid until the next replay: (logits, tokens, logsumexp) for the first len(seqs) rows.
+
+        Host work is what changes each step: a new batch refills everything; the same batch
+        refills the per-token rows, and the block tables only on a step where some sequence
+        starts a new block (a decode adds one token, so its table grows only then)."""
         n = len(seqs)
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
-        i64 = [[s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
-               [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs],
-               [s.params.top_k for s in seqs], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
-        self.host_i64[:, :n] = host_tensor([v for row in i64 for v in row], torch.int64).view(len(i64), n)
-        self.host_i64[_I64_ROWS.index("slots"), n:size] = -1          # padding rows write nothing
-        f32 = [s.params.temperature for s in seqs] + [s.params.top_p for s in seqs]
-        self.host_f32[:, :n] = host_tensor(f32, torch.float32).view(2, n)
-        self.host_seq_lens[:n] = host_tensor([s.num_tokens for s in seqs], torch.int32)
-        self.host_seq_lens[n:size] = 0                                  # ... and read nothing
-        key = block_tables_key(seqs)
-        if key != self._tables_key:             # most steps: the same tables as the last one
-            self._tables_key = key
-            width = max(len(s.block_table) for s in seqs)
-            self.host_block_tables[:n, :width] = host_tensor(
-                [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))],
-                torch.int32).view(n, width)
+        positions = [len(s.token_ids) - 1 for s in seqs]
+        if seqs != self._batch:                 # identity compare, element by element
+            self._refill_batch(seqs, n, size)
+            self._refill_tables(seqs, n)
+        elif any(p % bs == 0 for p in positions):
+            self._refill_tables(seqs, n)
+        dynamic = ([s.token_ids[-1] for s in seqs] + positions
+                   + [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+                   + [p + 1 - s.num_prompt_tokens for s, p in zip(seqs, positions)])
+        rows = host_tensor(dynamic, torch.int64).view(4, n)
+        for i, name in enumerate(("input_ids", "positions", "slots", "steps")):
+            self.host_i64[_I64_ROWS.index(name), :n] = rows[i]
+        self.host_seq_lens[:n] = rows[1] + 1
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
         self.graphs[size].replay()

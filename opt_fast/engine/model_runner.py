@@ -11,7 +11,7 @@ from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
 from .host_tensors import host_tensor
-from .sequence import Sequence, block_tables_key
+from .sequence import Sequence, block_tables_key, samples_raw_logits
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
@@ -242,9 +242,7 @@ class ModelRunner:
     def plain_sampling(seqs: list[Sequence]) -> bool:
         """Whether the sampler can draw from the raw logits with no per-step host-built inputs
         (no penalty list, no bans): what a CUDA graph's built-in sampling handles."""
-        return all(s.params.repetition_penalty == 1.0 and not s.params.penalty_on_logprobs
-                   and not s.params.banned_token_ids and s.num_output_tokens >= s.params.min_tokens
-                   for s in seqs)
+        return samples_raw_logits(seqs) and all(s.num_output_tokens >= s.params.min_tokens for s in seqs)
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -252,10 +250,14 @@ class ModelRunner:
         """Run one step; one result per `batch.sampled` sequence, in that order."""
         sampled = batch.sampled
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
-            raw_logits, tokens, logsumexp = self.graphs.run(batch.decodes)
-            if not self.plain_sampling(sampled):     # the graph's draw ignored bans and penalties
+            graphs = self.graphs
+            raw_logits, tokens, logsumexp = graphs.run(batch.decodes)
+            # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
+            if not graphs.plain or (graphs.has_min_tokens and not self.plain_sampling(sampled)):
                 tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
         else:
+            if self.graphs is not None:
+                self.graphs.invalidate()
             input_ids, positions, ctx, last_index = self.prepare(batch)
             set_context(ctx)
             try:

@@ -65,3 +65,10 @@ def block_tables_key(seqs: list[Sequence]) -> list[tuple[int, int]]:
     """Equal for two batches exactly when their block tables are: a table only grows until it is
     freed, and every free starts a new table version."""
     return [(s.seq_id, s.table_version, len(s.block_table)) for s in seqs]
+
+
+def samples_raw_logits(seqs: list[Sequence]) -> bool:
+    """Whether no sequence's settings change the logits before the draw (no penalty, no banned
+    ids; min_tokens bans are checked per step): a CUDA graph's built-in draw serves them."""
+    return all(s.params.repetition_penalty == 1.0 and not s.params.penalty_on_logprobs
+               and not s.params.banned_token_ids for s in seqs)

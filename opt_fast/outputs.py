@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence. `logprobs[i]` maps token id -> raw logprob for output token i
     (the sampled id plus the top N) when SamplingParams.logprobs is set."""
@@ -17,7 +17,7 @@ class CompletionOutput:
     error: str | None = None           # why, when finish_reason is "error" (this sample alone failed)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """A request's state: its prompt, and its completions so far (final when `finished`).
     `prompt_logprobs[0]` is None; entry i maps the actual prompt token (and the top N) to its

@@ -39,11 +39,11 @@ class _Request:
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
-    def output(self) -> RequestOutput:
+    def output(self, finished: bool) -> RequestOutput:
         completions = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
                                         s.output_logprobs, s.finish_reason, s.error) for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
-                             completions, self.finished)
+                             completions, finished)
 
 
 class Engine:
@@ -174,7 +174,7 @@ class Engine:
             if finished:
                 del self.requests[request_id]
             if finished or self.stream_outputs:
-                outputs.append(request.output())
+                outputs.append(request.output(finished))
         return outputs
 
     def _append(self, seq: Sequence, result: StepResult) -> None:

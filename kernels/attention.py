@@ -249,22 +249,35 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-# (tile kind, padded head_dim) -> tiles, for fp16/bf16. "wide" serves prompts and long chunks;
-# "narrow" serves batches whose chunks average at most 64 new tokens, where most of a 128-row
-# block would be padding. Every entry compiles without spills for its targets (the compile
-# check builds each). On sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each
-# warp owns 16 query rows and holds a 16x128 fp32 score row block beside its accumulator.
+# (tile kind, padded head_dim) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
+# average at most _NARROW_TOKENS new tokens (short prompts, chunked-prefill steps), "wide" longer
+# ones. Every entry compiles without spills for its targets (the compile check builds each). On
+# sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each warp owns 16 query rows
+# and holds a 16x128 fp32 score row block beside its accumulator.
+# Measured on an NVIDIA H100 80GB HBM3, fp16, no cached context, 2026-11-26 (benchmarks/results/
+# 2026-11-26-h100/sweep.json, kernel medians): before, head 64 ran 128x128x8x3 and the narrow
+# entries 3 stages.
+# - narrow: 64x64 tiles, 2 stages (at 128 new tokens a query block's loops run one or two key
+#   tiles; not measured beside a long cached context). b64 L128: opt-1.3b (head 64, 4 warps)
+#   67.2 us (127.6 before; 3 stages 70.8); head 128 at 8 warps, opt-2.7b / 6.7b / 13b: 144.3 /
+#   149.1 / 183.7 (170.5 / 181.2 / 226.3 before; 3 stages 154.1 / 156.5 / 192.1), the best of
+#   the nine tile shapes swept at each.
+# - wide, head 64: 64x64, 4 warps, 3 stages. opt-1.3b b8 L1024 138.2 us, the best (189.2
+#   before); b1 L2048 63.7 (best 63.3 at 2 stages; 78.0 before).
+# - wide, head 128: 128x64 on sm_80 (unmeasured there), 128x128 on sm_90 (below).
+_NARROW_TOKENS = 128
 _TILES = {
-    ("wide", 64): Tiles(128, 128, 8, 3),
+    ("wide", 64): Tiles(64, 64, 4, 3),
     ("wide", 128): Tiles(128, 64, 8, 3),
-    ("narrow", 64): Tiles(64, 64, 4, 3),
-    ("narrow", 128): Tiles(64, 64, 8, 3),
+    ("narrow", 64): Tiles(64, 64, 4, 2),
+    ("narrow", 128): Tiles(64, 64, 8, 2),
 }
 # sm_90 (wgmma): each warpgroup of 4 warps owns 64 query rows with its accumulators in registers,
 # so 128x128 at head_dim 128 fits (250 registers, no spills, 224 KB of shared memory at 3
-# stages), and a 128-wide key tile doubles the N of every QK^T wgmma, which a 64-key tile
-# leaves half-used (Triton's fused-attention tutorial keeps no 8-warp tile below 128x128 on
-# Hopper).
+# stages), and a 128-wide key tile doubles the N of every QK^T wgmma. On the H100 (2026-11-26)
+# it and 128x64 are within 3% of each other at every wide shape: b1 L2048 opt-2.7b / 6.7b / 13b
+# 116.9 / 118.1 / 145.5 us (128x64: 119.8 / 120.2 / 149.1); b8 L1024 287.6 / 290.5 / 365.4
+# (128x64: 279.1 / 286.5 / 359.8).
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles.
 _TILES_FP32 = Tiles(16, 16, 4, 2)
@@ -295,7 +308,7 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     """Tiles for one launch, from shapes known on the host (no device sync)."""
     if dtype == torch.float32:
         return _TILES_FP32
-    kind = "narrow" if tokens <= 64 * seqs else "wide"
+    kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
     return tile_table(capability)[(kind, _tile_head_dim(_head_dim_pad(head_dim)))]
 
 
@@ -434,7 +447,8 @@ def compile_specs() -> list:
         constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False)
         signature.update({name: "constexpr" for name in constexprs})
-        label = f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}"
+        label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
+                 f"w{tiles.num_warps}s{tiles.num_stages}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            num_warps=tiles.num_warps, num_stages=tiles.num_stages, targets=targets)
 

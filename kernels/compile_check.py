@@ -4,7 +4,8 @@ Each kernel module lists its specialisations in `compile_specs()`; this compiles
 sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
 its cuobjdump, and checks that GEMM-like kernels use tensor-core instructions. Run with
 `python -m opt_fast.kernels.compile_check` (or `make compile-check`); exits non-zero on any
-compile error or spill, or a GEMM-like kernel without `mma` / `wgmma`.
+compile error or spill, more shared memory than one block may have on the target (a launch
+there would fail), or a GEMM-like kernel without `mma` / `wgmma`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 TARGETS = ((80, "sm_80"), (90, "sm_90"))
+# Shared memory one block may use (the opt-in maximum): A100 163 KB, H100 / H200 227 KB.
+SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 
 
 @dataclass
@@ -79,6 +82,8 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
         return result
     result.shared_bytes = compiled.metadata.shared
+    if result.shared_bytes > SHARED_LIMITS[capability]:
+        result.error = f"{result.shared_bytes} B of shared memory > {SHARED_LIMITS[capability]} B on {target_name}"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -92,7 +97,7 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
     found = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
     result.tensor_cores = found
     if spec.uses_mma and found == "none":
-        result.error = "GEMM-like kernel without tensor-core instructions"
+        result.error = result.error or "GEMM-like kernel without tensor-core instructions"
     return result
 
 
@@ -123,11 +128,12 @@ def run(specs: list[CompileSpec] | None = None) -> list[CompileResult]:
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = f"{'kernel':<34} {'specialisation':<36} {'target':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'tc':<5} status"
+    header = (f"{'kernel':<34} {'specialisation':<40} {'target':<6} {'regs':>4} {'spill':>5} {'smem':>7} "
+              f"{'tc':<5} status")
     lines = [header, "-" * len(header)]
     for r in results:
         status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} B")
-        lines.append(f"{r.kernel:<34} {r.label:<36} {r.target:<6} {r.registers:>4} {r.spill_bytes:>5} "
+        lines.append(f"{r.kernel:<34} {r.label:<40} {r.target:<6} {r.registers:>4} {r.spill_bytes:>5} "
                      f"{r.shared_bytes:>7} {r.tensor_cores:<5} {status}")
     return "\n".join(lines)
 

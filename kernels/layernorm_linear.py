@@ -228,9 +228,11 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
 
 GROUP_M = 8
 _LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
-# Elements of x per chunk of the GEMM's LayerNorm-statistics pass (32 fp32 values a thread at
-# 4 warps): wide chunks for skinny M, so the pass takes few pipelined round trips to memory.
-_STATS_TILE = 4096
+# Elements of x per warp in a chunk of the GEMM's LayerNorm-statistics pass (32 fp32 values a
+# thread): wide chunks for skinny M, so the pass takes few pipelined round trips to memory. Per
+# warp, not per program: a 16-row, 8-warp tile with 256-column chunks (16 values a thread)
+# spills on sm_80, where 512-column chunks compile clean.
+_STATS_PER_WARP = 1024
 _STATS_STAGES = 3   # one chunk in use, the next two in flight
 
 
@@ -257,11 +259,38 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-# (max tokens, config with the widest BLOCK_N). Decode-sized M streams the weight once and is
-# bandwidth-bound: a short M tile, a long K tile and 4 stages keep loads in flight. Prefill is
-# compute-bound: 128x128 tiles at 8 warps.
-_M_TIERS = ((16, GemmConfig(16, 64, 128, 4, 4)), (32, GemmConfig(32, 64, 128, 4, 4)),
-            (64, GemmConfig(64, 64, 64, 4, 4)), (None, GemmConfig(128, 128, 64, 8, 3)))
+class _Tier(NamedTuple):
+    """The GEMMs of up to `max_m` rows (None: any): the first of `configs` whose grid has at
+    least `min_programs_per_sm` x SMs programs, else the last with its N tile halved (down to
+    _MIN_BLOCK_N) until the grid has that many (narrow N: out_proj, fc2)."""
+    max_m: int | None
+    configs: tuple[GemmConfig, ...]
+    min_programs_per_sm: float
+
+
+# Measured for LN+QKV (N = 3 x K) on an NVIDIA H100 80GB HBM3 (132 SMs), fp16, 2026-11-26
+# (benchmarks/results/2026-11-26-h100/sweep.json, kernel medians, L2 flushed); before, the tiers
+# were 16x64x128x4x4, 32x64x128x4x4, 64x64x64x4x4 and 128x128x64x8x3, each N tile halved until
+# every SM had a program.
+_M_TIERS = (
+    # Decode-sized M streams the weight once, bandwidth-bound: 32 KB weight tiles, 3 stages, and
+    # half the SMs busy is enough. 128x128 at 4 warps where N gives 66+ programs: opt-6.7b / 13b
+    # (96 / 120 programs) 57.4 / 76.4 us at 1 token, the best (60.1 / 78.8 before), 61.9 / 81.7
+    # at 8 (best 61.1 / 81.5; 63.5 / 83.3 before). Else 64x256 at 8 warps: opt-1.3b (96
+    # programs) 23.5 / 23.1 us at 1 / 8 tokens, the best (26.8 / 29.1 before, at 16x32 and 192
+    # programs; 128x128 26.2 / 27.9). Timed with 256-column statistics chunks, it now runs 512
+    # (_STATS_PER_WARP), as it spilled on sm_80; not timed so.
+    _Tier(16, (GemmConfig(16, 128, 128, 4, 3), GemmConfig(16, 64, 256, 8, 3)), 0.5),
+    # 17-32 rows: not swept; as before.
+    _Tier(32, (GemmConfig(32, 64, 128, 4, 4),), 1.0),
+    # 64 rows in one tile, 128-deep K, 3 stages, where that fills the SMs: opt-6.7b / 13b at 64
+    # tokens (192 / 240 programs) 88.6 / 113.3 us, the best (104.7 / 132.5 before). Else half
+    # the rows per tile: opt-1.3b (96 programs at 64 rows) 33.6 us at 32x64x128x4x4, the best
+    # (49.6 before; 64x64x128x4x3 36.4; the same 192 programs from 64x32 tiles 43.3).
+    _Tier(64, (GemmConfig(64, 64, 128, 4, 3), GemmConfig(32, 64, 128, 4, 4), GemmConfig(16, 64, 128, 4, 4)), 1.0),
+    # Prefill is compute-bound: 128x128 tiles at 8 warps (not swept; as before).
+    _Tier(None, (GemmConfig(128, 128, 64, 8, 3),), 1.0),
+)
 _MIN_BLOCK_N = 16    # tl.dot's smallest N
 # What an override may ask for (benchmarks/sweep_tiles.py).
 _BLOCK_CHOICES = (16, 32, 64, 128, 256)
@@ -279,33 +308,46 @@ def _fit(config: GemmConfig, dtype: torch.dtype) -> GemmConfig:
 
 def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> dict:
     """The kernel's constexprs and launch options for a (fitted) config."""
-    stats_k = max(config.block_k, _STATS_TILE // config.block_m)
+    stats_k = max(config.block_k, _STATS_PER_WARP * config.num_warps // config.block_m)
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
                 STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _tier(m: int) -> _Tier:
+    return next(t for t in _M_TIERS if t.max_m is None or m <= t.max_m)
+
+
+def _min_programs(m: int, sms: int) -> int:
+    """The grid size default_config aims for with m rows on `sms` SMs (see _M_TIERS)."""
+    return int(_tier(m).min_programs_per_sm * sms)
+
+
 def default_config(m: int, n: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
     """Tiles for an [m, k] x [k, n] GEMM from host-known shapes (reasoning at _M_TIERS)."""
-    config = next(c for limit, c in _M_TIERS if limit is None or m <= limit)
-    block_n = config.block_n
-    # A grid with fewer programs than SMs leaves bandwidth unused (decode, out_proj / fc2 with
-    # narrow N): narrow the N tile until every SM has a program.
-    while block_n > _MIN_BLOCK_N and _cdiv(m, config.block_m) * _cdiv(n, block_n) < sms:
-        block_n //= 2
-    return _fit(config._replace(block_n=block_n), dtype)
+    wanted = _min_programs(m, sms)
+
+    def programs(c: GemmConfig) -> int:
+        return _cdiv(m, c.block_m) * _cdiv(n, c.block_n)
+    config = next((c for c in _tier(m).configs if programs(c) >= wanted), _tier(m).configs[-1])
+    while config.block_n > _MIN_BLOCK_N and programs(config) < wanted:
+        config = config._replace(block_n=config.block_n // 2)
+    return _fit(config, dtype)
 
 
 def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
-    """Every configuration default_config can return for `dtype`, for the compile check."""
+    """Every configuration default_config can return for `dtype`, for the compile check: each
+    tier's configs, and its last one at every narrower N tile."""
     configs = []
-    for _, tier in _M_TIERS:
-        block_n = tier.block_n
+    for tier in _M_TIERS:
+        candidates = list(tier.configs)
+        block_n = tier.configs[-1].block_n // 2
         while block_n >= _MIN_BLOCK_N:
-            config = _fit(tier._replace(block_n=block_n), dtype)
+            candidates.append(tier.configs[-1]._replace(block_n=block_n))
+            block_n //= 2
+        for config in (_fit(c, dtype) for c in candidates):
             if config not in configs:
                 configs.append(config)
-            block_n //= 2
     return configs
 
 

@@ -28,18 +28,58 @@ _FILL_PER_SM = 2
 # ...aiming for this many programs per SM once split, so that several tiles per SM are in flight.
 _TARGET_PER_SM = 4
 # A split shorter than this costs more in its partial write and merge than it gains in overlap.
-_MIN_SPLIT_TOKENS = 256
+# H100, 2026-11-26 (benchmarks/results/2026-11-26-h100/sweep.json), opt-1.3b b8 (256 programs):
+# at ctx1024 one split of 1024 tokens takes 40.1 us, two of 512 43.8, three 45.2 (block_n 32,
+# 2 warps, 5 stages); at ctx2048 two splits of 1024 take 67.5 us against 88.7 for one (block_n
+# 128, 4 warps, 1 stage). opt-13b b8 (320 programs, not split) agrees: 1 split 81.3 us, 2 86.7.
+_MIN_SPLIT_TOKENS = 1024
 _MAX_SPLITS = 32
-# Bytes of one K (or V) tile per loop iteration: 16 KB makes a head_dim-128 fp16 tile 64 tokens.
-_TILE_BYTES = 16384
-# Pipeline stages of the loop over the context: with 3, while one tile is reduced the next tile's
-# K and V (and its block-table entries) are already in flight through cp.async, and the one
-# after is issued as soon as this tile's buffer is read; without, each program waits out the
-# memory latency every iteration (56% of copy bandwidth on an H200). 2 stages gain nothing: the
-# next tile's copy would be issued only after this tile's math. 3 stages of 16 KB K and V tiles
-# take 68 KB of shared memory, so 3 programs fit per SM.
-_NUM_STAGES = 3
-_NUM_WARPS = 4
+
+
+class _Tile(NamedTuple):
+    k_tile_bytes: int   # one K (and one V) tile per loop iteration: block_n = bytes / row bytes
+    num_warps: int
+    # Software-pipeline depth of the loop over the context: with n > 1 the next n - 1 tiles' table
+    # entries, K and V are in flight (cp.async into shared memory) while one tile is reduced.
+    num_stages: int
+
+
+class _Tier(NamedTuple):
+    below_per_sm: int | None   # applies while seqs x heads x splits < this many per SM (None: any)
+    head64: _Tile              # heads padded to at most 64 (OPT-125m ... 1.3b)
+    head128: _Tile             # heads padded to 128 (OPT-2.7b's 80, 6.7b, 13b) or wider
+
+
+# Loop tiles for 16-bit caches with 16-byte aligned rows, by how many programs share the SMs:
+# the fewer there are, the more bytes each must keep in flight. Each entry is the fastest launch,
+# or within 3% of it, at every shape the tile sweep timed in its tier: NVIDIA H100 80GB HBM3,
+# fp16, block_size 16, 2026-11-26 (benchmarks/results/2026-11-26-h100/sweep.json, kernel
+# medians, L2 flushed). Before it, every shape ran 16 KB tiles, 4 warps, 3 stages.
+_TIERS = (
+    # opt-1.3b b8 ctx1024 (256 programs, unsplit): 4 KB tiles (32 tokens) five stages deep,
+    # 2 warps: 40.1 us (sdpa 36.5) against 81.9 before. No head-128 shape was this sparse: it
+    # keeps the next tier's tile.
+    _Tier(2, head64=_Tile(4096, 2, 5), head128=_Tile(16384, 2, 3)),
+    # opt-1.3b b8 ctx2048 (2 splits, 512 programs): 16 KB tiles (128 tokens) unpipelined, 4
+    # warps: 67.5 us, the best (70.2 before). opt-13b b8 (320 programs): 16 KB (64 tokens),
+    # 2 warps, 3 stages: 81.3 / 143.2 us at ctx 1024 / 2048 (84.4 / 145.9 before; unpipelined
+    # 121.8 at ctx1024), the best at ctx1024, 0.5% off it at ctx2048 (the same tile, 8 splits).
+    _Tier(8, head64=_Tile(16384, 4, 1), head128=_Tile(16384, 2, 3)),
+    # Head 64: 16 KB, 4 warps, 3 stages is the best of all 17 launches at opt-1.3b b64 / b256,
+    # ctx 1024 / 2048 (211.8, 398.1, 767.1, 1505.8 us). Head 128: 8 KB (32 tokens), 2 warps,
+    # 4 stages: the best at opt-6.7b b64 ctx1024, 388.1 us (407.5 before), and opt-13b b64
+    # ctx1024 / 2048, 475.1 / 921.3 (477.0 / 930.9); 1809.6 / 3567.6 at b256 (best 1800.2 /
+    # 3567.6). 16 KB / 2 warps / 3 stages is 0.5% faster to 3.5% slower there.
+    _Tier(None, head64=_Tile(16384, 4, 3), head128=_Tile(8192, 2, 4)),
+)
+# float32 (tests, not a serving dtype): 16 KB tiles unpipelined, 4 warps; pipelined they spill at
+# head_dim 80 on sm_80.
+_FP32_TILE = _Tile(16384, 4, 1)
+# Rows not 16-byte aligned cannot go through cp.async (4-byte minimum), and without the alignment
+# hint every element needs its own address register: 2 KB tiles, 4 warps, 2 stages (only the
+# table loads pipelined) is what ptxas compiles without spills for every head_dim on sm_80 and
+# sm_90, where 1 stage spills at head_dim 80 and 128 (the compile check holds both).
+_UNALIGNED_TILE = _Tile(2048, 4, 2)
 # Launch options the sweep may pick (benchmarks/sweep_tiles.py); the launcher rejects others.
 _BLOCK_N_CHOICES = (8, 16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8)
@@ -188,15 +228,6 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
-def _block_n(head_dim: int, dtype: torch.dtype, aligned: bool) -> int:
-    """Tokens per loop tile. Without 16-byte alignment every element needs its own address
-    register, so the tile is an eighth of the size to stay clear of spills."""
-    block_d = _next_pow2(head_dim)
-    if aligned:
-        return max(16, min(128, _TILE_BYTES // (block_d * dtype.itemsize)))
-    return max(8, _TILE_BYTES // 8 // (block_d * dtype.itemsize))
-
-
 def _rows_aligned(cache: torch.Tensor) -> bool:
     """Whether every [head_dim] row of the cache starts on a 16-byte boundary and is contiguous."""
     size = cache.element_size()
@@ -215,16 +246,41 @@ def choose_num_splits(seqs: int, heads: int, max_tokens: int, sms: int = _DEFAUL
     return max(1, min(wanted, max_tokens // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
 
 
+def _tile(programs: int, head_dim: int, dtype: torch.dtype, aligned: bool, sms: int) -> _Tile:
+    if not aligned:
+        return _UNALIGNED_TILE
+    if dtype == torch.float32:
+        return _FP32_TILE
+    tier = next(t for t in _TIERS if t.below_per_sm is None or programs < t.below_per_sm * sms)
+    return tier.head64 if _next_pow2(head_dim) <= 64 else tier.head128
+
+
+def _config(num_splits: int, tile: _Tile, head_dim: int, dtype: torch.dtype, aligned: bool) -> DecodeConfig:
+    # Unaligned tiles may be 8 tokens: 2 KB is 8 rows of a 128-wide fp16 head.
+    block_n = max(16 if aligned else 8, min(128, tile.k_tile_bytes // (_next_pow2(head_dim) * dtype.itemsize)))
+    return DecodeConfig(num_splits, block_n, tile.num_warps, tile.num_stages)
+
+
 def default_config(seqs: int, heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
                    aligned: bool = True, sms: int = _DEFAULT_SMS) -> DecodeConfig:
-    """The launch the heuristics pick for these host-known shapes (what runs without overrides)."""
-    # float32 (tests, not a serving dtype) pipelined spills at head_dim 80 on sm_80. Unaligned
-    # rows cannot go through cp.async (4-byte minimum) at all; there, 2 stages (only the table
-    # loads pipelined) is what ptxas compiles without spills for every head_dim on sm_80 and
-    # sm_90, where 1 stage spills at head_dim 80 and 128 (the compile check holds both).
-    stages = (_NUM_STAGES if dtype.itemsize == 2 else 1) if aligned else 2
-    return DecodeConfig(choose_num_splits(seqs, heads, max_tokens, sms), _block_n(head_dim, dtype, aligned),
-                        _NUM_WARPS, stages)
+    """The launch the heuristics pick for these host-known shapes (what runs without overrides):
+    the split count, then the loop tile for the seqs x heads x splits programs that makes."""
+    num_splits = choose_num_splits(seqs, heads, max_tokens, sms)
+    tile = _tile(seqs * heads * num_splits, head_dim, dtype, aligned, sms)
+    return _config(num_splits, tile, head_dim, dtype, aligned)
+
+
+def launch_tiles(head_dim: int, dtype: torch.dtype, aligned: bool) -> list[DecodeConfig]:
+    """Every loop tile (block_n, num_warps, num_stages) default_config can pick for this head,
+    dtype and alignment, whatever the batch, as configs of one split: what the compile check
+    builds."""
+    if not aligned:
+        tiles = [_UNALIGNED_TILE]
+    elif dtype == torch.float32:
+        tiles = [_FP32_TILE]
+    else:
+        tiles = [tier.head64 if _next_pow2(head_dim) <= 64 else tier.head128 for tier in _TIERS]
+    return sorted({_config(1, tile, head_dim, dtype, aligned) for tile in tiles})
 
 
 def _check_overrides(num_splits, block_n, num_warps, num_stages) -> None:
@@ -306,9 +362,9 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
 
 def compile_specs() -> list:
     """Every specialisation OPT runs with the default launch: head_dim 64/80/128 x fp16/bf16 x
-    block_size 8/16/32, split and not, on an aligned cache, plus the merge; fp32 and the
-    unaligned fallback at block_size 16. Unit last-dim strides are constants, as the JIT makes
-    them on a real launch."""
+    block_size 8/16/32 x each loop tile of `launch_tiles`, split and not, on an aligned cache,
+    plus the merge; fp32 and the unaligned fallback at block_size 16. Unit last-dim strides are
+    constants, as the JIT makes them on a real launch."""
     from .compile_check import CompileSpec
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     cases = [(dtype, head_dim, block_size, aligned)
@@ -318,21 +374,22 @@ def compile_specs() -> list:
     specs = []
     for dtype, head_dim, block_size, aligned in cases:
         block_d = _next_pow2(head_dim)
-        config = default_config(1, 1, head_dim, torch_dtype[dtype], 1, aligned)
-        for split in (False, True):
-            sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}", "value_cache_ptr": f"*{dtype}",
-                   "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                   "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}",
-                   "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
-            sig.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_bs",
-                                                 "stride_cb", "stride_cs", "stride_ch")})
-            consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                          BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split, ALIGNED=aligned,
-                          NUM_STAGES=config.num_stages)
-            sig.update({name: "constexpr" for name in consts})
-            label = f"{dtype} d{head_dim} bs{block_size} {'split' if split else 'direct'}"
-            label += "" if aligned else " unaligned"
-            specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps))
+        for config in launch_tiles(head_dim, torch_dtype[dtype], aligned):
+            for split in (False, True):
+                sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}", "value_cache_ptr": f"*{dtype}",
+                       "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                       "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}",
+                       "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
+                sig.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_bs",
+                                                     "stride_cb", "stride_cs", "stride_ch")})
+                consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                              BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split, ALIGNED=aligned,
+                              NUM_STAGES=config.num_stages)
+                sig.update({name: "constexpr" for name in consts})
+                label = (f"{dtype} d{head_dim} bs{block_size} n{config.block_n}w{config.num_warps}"
+                         f"s{config.num_stages} {'split' if split else 'direct'}")
+                label += "" if aligned else " unaligned"
+                specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps))
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in (64, 80, 128):
             sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dtype}",

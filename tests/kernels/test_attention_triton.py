@@ -68,15 +68,25 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-# Sequences of several query blocks under the tiles the launcher picks itself (fp16: 128-row
-# blocks; fp32: 16-row), one shorter than a block, one empty, contexts of 1 and 2**k + 1.
-# Pairs rather than the full product: on a GPU each pair is one more kernel compile.
-@pytest.mark.parametrize("dtype,head_dim", [
-    (torch.float32, 80), (torch.float16, 64), (torch.float16, 80), (torch.float16, 128),
-    (torch.bfloat16, 64), (torch.bfloat16, 128)],
-    ids=["fp32-80", "fp16-64", "fp16-80", "fp16-128", "bf16-64", "bf16-128"])
-def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim):
-    seqs = [(0, 300), (1, 5), (0, 0), (65, 257), (129, 2)]
+# Sequences of several query blocks under the tiles the launcher picks itself, one shorter than
+# a block, one empty, contexts of 1 and 2**k + 1. "narrow": 564 new tokens in 5 sequences (at
+# most 128 on average: 64x64 tiles); "wide": 557 in 3 (head 64: 64x64 tiles; head 128: 128-row
+# blocks). fp32: 16x16 tiles. Pairs rather than the full product: on a GPU each pair is one more
+# kernel compile.
+BATCHES = {"narrow": [(0, 300), (1, 5), (0, 0), (65, 257), (129, 2)],
+           "wide": [(0, 300), (0, 0), (65, 257)]}
+
+
+@pytest.mark.parametrize("dtype,head_dim,kind", [
+    (torch.float32, 80, "narrow"), (torch.float16, 64, "wide"), (torch.float16, 80, "narrow"),
+    (torch.float16, 128, "wide"), (torch.bfloat16, 64, "narrow"), (torch.bfloat16, 128, "narrow")],
+    ids=["fp32-80", "fp16-64-wide", "fp16-80-narrow", "fp16-128-wide", "bf16-64-narrow", "bf16-128-narrow"])
+def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim, kind):
+    seqs = BATCHES[kind]
+    if dtype != torch.float32:   # the batch selects the table entry it is named for
+        cap = attention._capability(torch.device(DEVICE))
+        picked = attention.default_tiles(head_dim, dtype, sum(n for _, n in seqs), len(seqs), cap)
+        assert picked == attention.tile_table(cap)[(kind, 64 if head_dim <= 64 else 128)]
     args, expected = prefill_case(seqs, 16, 2, head_dim, dtype, seed=head_dim)
     assert_matches(prefill_attention(*args), expected, dtype)
 
@@ -179,17 +189,30 @@ def test_every_table_tile_at_head_dim_128(nan_empty, tiles):
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-def test_compile_check_covers_every_tile_the_launcher_picks(capability):
-    """Each (kind, head_dim) entry the launcher uses on a target is compiled for that target in
-    fp16 and bf16, so `make compile-check` sees every launch a GPU of that kind can make."""
+def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
+    """Each tile the launcher can pick on a target (OPT's heads; narrow and wide batches, the
+    boundary between them at 128 new tokens a sequence) is compiled for that target in its
+    dtype, and the compile check builds nothing the launcher never picks there."""
     built = {(spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"], spec.num_warps, spec.num_stages,
               spec.constexprs["HEAD_DIM"], spec.signature["q_ptr"])
              for spec in attention.compile_specs() if capability in spec.targets}
+    picked = set()
     for head_dim in (64, 80, 128):
-        for tokens, seqs in ((4096, 2), (64, 64)):    # wide, narrow
-            for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
-                t = attention.default_tiles(head_dim, dtype, tokens, seqs, capability)
-                assert (*t, head_dim, name) in built, (capability, head_dim, tokens, dtype, t)
+        for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
+            for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+                picked.add((*attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
+    assert picked == built
+
+
+def test_narrow_and_wide_batches():
+    """Up to 128 new tokens a sequence on average takes the narrow tiles (2 stages), more the
+    wide ones; the table entries are the H100 sweep's (kernels/attention.py)."""
+    fp16 = torch.float16
+    assert attention.default_tiles(64, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
+    assert attention.default_tiles(64, fp16, 128 * 64 + 1, 64, 90) == Tiles(64, 64, 4, 3)
+    assert attention.default_tiles(128, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 8, 2)
+    assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(128, 128, 8, 3)
+    assert attention.default_tiles(80, fp16, 2048, 1, 80) == Tiles(128, 64, 8, 3)
 
 
 @pytest.mark.parametrize("tiles,field", [

@@ -1,6 +1,6 @@
 """The Triton launchers of kernels/layernorm_linear.py beyond the shared op tests: bf16, strided
 and NaN-poisoned operands, K and M past one tile (tails, Chan merges, the grouped grid), argument
-checks, and the block-size heuristic against the compile-check list.
+checks, the block-size heuristic against the compile-check list, and each M tier's own pick.
 
 Shapes stay small: on CPU every kernel runs under the Triton interpreter.
 """
@@ -181,21 +181,62 @@ def test_bad_arguments_raise_value_error(case):
 @pytest.mark.parametrize("sms", [108, 132, 140])
 def test_every_chosen_config_is_compile_checked(dtype, sms):
     """Whatever the launcher picks for OPT shapes (and odd ones), on A100 / H100 / H200 SM
-    counts, is in the list compile_specs() compiles; and the grid gives every SM a program
-    unless the N tile is already at its narrowest."""
+    counts, is in the list compile_specs() compiles, and every config listed is picked for some
+    shape; and the grid has the programs its M tier asks for unless the N tile is already at
+    its narrowest."""
     listed = ll._gemm_configs(dtype)
+    picked = set()
     for m in (1, 8, 16, 17, 32, 33, 64, 65, 256, 4096):
         for hidden in (768, 1024, 2048, 2560, 4096, 5120, 97):
             for n in (hidden, 3 * hidden, 4 * hidden):
                 cfg = ll.default_config(m, n, dtype, sms)
                 assert cfg in listed, (m, n, cfg)
+                picked.add(cfg)
                 programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-                assert programs >= sms or cfg.block_n == 16, (m, n, cfg)
+                assert programs >= ll._min_programs(m, sms) or cfg.block_n == 16, (m, n, cfg)
+    assert picked == set(listed)
+
+
+# The launcher's own choice in each M tier of ll._M_TIERS, reached with small shapes by pretending
+# the device has few SMs (K = 600: several K tiles and statistics chunks, with tails).
+OWN_CONFIG_CASES = [  # (tokens, out features, sms, GemmConfig the launcher must pick)
+    (5, 300, 2, (16, 128, 128, 4, 3)),   # >= sms / 2 programs at 128 columns
+    (5, 200, 8, (16, 64, 256, 8, 3)),    # too few at 128: 64 columns, K tiles of 256
+    (5, 100, 8, (16, 32, 256, 8, 3)),    # too few even so: the N tile halved
+    (64, 70, 2, (64, 64, 128, 4, 3)),    # 64 rows in one tile where that fills the SMs
+    (64, 70, 4, (32, 64, 128, 4, 4)),    # else 32-row tiles
+]
+
+
+@pytest.mark.parametrize("tokens,n_out,sms,expected", OWN_CONFIG_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_each_default_tier_runs_and_matches(monkeypatch, tokens, n_out, sms, expected):
+    assert ll.default_config(tokens, n_out, torch.float16, sms) == expected
+    launches = []
+    real_kernel = ll._fused_linear_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(ll, "_num_sms", lambda device: sms)
+    monkeypatch.setattr(ll, "_fused_linear_kernel", Recording())
+    g = gen(tokens + n_out)
+    dtype = torch.float16
+    x = (with_outliers(randn(tokens, 600, g=g, dtype=torch.float64), g) + 40.0).to(dtype)
+    w = randn(n_out, 600, g=g, dtype=dtype, scale=600 ** -0.5)
+    ln_w, ln_b = ln_params(600, g, dtype)
+    bias = randn(n_out, g=g, dtype=dtype, scale=0.2)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS)
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
+    [kwargs] = launches
+    assert tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) == expected
 
 
 def test_config_override_reaches_the_launch(monkeypatch):
     """The override, not the heuristic, sets the launch; the LayerNorm statistics chunk widens
-    for short row tiles (4096 elements of x per chunk)."""
+    for short row tiles (1024 elements of x per warp)."""
     launches = []
 
     class Recorder:
@@ -207,4 +248,4 @@ def test_config_override_reaches_the_launch(monkeypatch):
     [(grid, kwargs)] = launches
     assert grid == (1,)   # 4 rows, 16 columns: one 16x32 tile
     assert {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "STATS_K")} == \
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=5, STATS_K=256)
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=5, STATS_K=128)

@@ -1,6 +1,7 @@
 """The Triton paged-decode and KV-write launchers beyond the shared op tests: split-K against one
 split and the naive reference, long contexts over small blocks, padded block tables, caches
-with unaligned or permuted strides, zero-length rows, the split heuristic, and input checks."""
+with unaligned or permuted strides, zero-length rows, the split heuristic, each tier of the
+default launch (and the compile check's list of them), and input checks."""
 from __future__ import annotations
 
 import pytest
@@ -166,11 +167,67 @@ def test_split_heuristic():
     assert choose_num_splits(64, 32, 2048, sms) == 1
     assert choose_num_splits(8, 40, 2048, sms) == 1
     # few programs and a long context: split, but never into slices under the minimum length
-    assert choose_num_splits(1, 32, 2048, sms) == 2048 // paged_decode._MIN_SPLIT_TOKENS
-    assert choose_num_splits(8, 32, 1024, sms) == 3
+    assert choose_num_splits(1, 32, 2048, sms) == 2048 // paged_decode._MIN_SPLIT_TOKENS == 2
+    assert choose_num_splits(8, 32, 2048, sms) == 2
+    assert choose_num_splits(8, 32, 4096, sms) == 3    # 4 x 132 / 256 programs, rounded up
     assert choose_num_splits(1, 1, 1 << 20, sms) == paged_decode._MAX_SPLITS
-    # short context: one split
+    # a context of one minimum split or less: one split
+    assert choose_num_splits(8, 32, 1024, sms) == 1
     assert choose_num_splits(1, 32, 128, sms) == 1
+
+
+# The launcher's own choice in each tier of paged_decode._TIERS (programs per SM under 2, under 8,
+# 8 or more), reached with small shapes by pretending the device has few SMs: 4 sequences x 2
+# heads are 8 programs, one sequence of 2100 tokens on 2 SMs splits in two (4 programs).
+SHORT, LONG = [300, 1, 17, 129], [2100]
+TIER_CASES = [  # (head_dim, sms, seq_lens, DecodeConfig the launcher must pick)
+    (64, 8, SHORT, (1, 32, 2, 5)), (64, 2, LONG, (2, 128, 4, 1)), (64, 1, SHORT, (1, 128, 4, 3)),
+    (128, 8, SHORT, (1, 64, 2, 3)), (128, 2, LONG, (2, 64, 2, 3)), (128, 1, SHORT, (1, 32, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("head_dim,sms,seq_lens,expected", TIER_CASES,
+                         ids=[f"d{c[0]}-sms{c[1]}-{'long' if c[2] == LONG else 'short'}" for c in TIER_CASES])
+def test_each_default_tier_runs_and_matches(monkeypatch, head_dim, sms, seq_lens, expected):
+    q, cache, reference = filled_cache(seq_lens, 16, 2, head_dim, torch.float16, seed=head_dim + sms)
+    config = paged_decode.default_config(len(seq_lens), 2, head_dim, torch.float16,
+                                         cache.block_tables.shape[1] * 16, sms=sms)
+    assert config == expected
+    launches = []
+    real_kernel = paged_decode._paged_decode_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(paged_decode, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(paged_decode, "_paged_decode_kernel", Recording())
+    assert_close_to(decode(q, cache, seq_lens), reference, torch.float16, scale=1.0)
+    [(grid, kwargs)] = launches
+    assert grid[2] == config.num_splits
+    assert (kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["NUM_STAGES"]) == config[1:]
+
+
+def test_compile_check_builds_exactly_the_default_launches():
+    """Every loop tile default_config picks for OPT's heads, any batch, context and SM count, is
+    in compile_specs() for its dtype and alignment, and compile_specs() builds no other."""
+    torch_dtype = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32}
+    built = {(torch_dtype[s.signature["q_ptr"]], s.constexprs["HEAD_DIM"], s.constexprs["ALIGNED"],
+              s.constexprs["BLOCK_N"], s.num_warps, s.constexprs["NUM_STAGES"])
+             for s in paged_decode.compile_specs() if s.kernel is paged_decode._paged_decode_kernel}
+    picked = set()
+    for dtype in torch_dtype.values():
+        for head_dim in (64, 80, 128):
+            for aligned in (True, False):
+                for seqs in (1, 8, 64, 256):
+                    for heads in (12, 32, 40):
+                        for max_tokens in (16, 1024, 2048, 8192):
+                            for sms in (108, 132):
+                                c = paged_decode.default_config(seqs, heads, head_dim, dtype, max_tokens, aligned, sms)
+                                picked.add((dtype, head_dim, aligned, c.block_n, c.num_warps, c.num_stages))
+    assert picked == built
 
 
 def test_paged_decode_rejects_bad_inputs():

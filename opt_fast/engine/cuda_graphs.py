@@ -127,8 +127,8 @@ class DecodeGraphs:
         valid until the next replay: (logits, tokens, logsumexp) for the first len(seqs) rows.
 
         Host work is what changes each step: a new batch refills everything; the same batch
-        refills the per-token rows, and the block tables only on a step where some sequence
-        starts a new block (a decode adds one token, so its table grows only then)."""
+        refills the per-token rows, and in the block tables only the entry of each sequence
+        whose new token starts a block (a decode adds one token, so its table grows only then)."""
         n = len(seqs)
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
@@ -136,8 +136,12 @@ class DecodeGraphs:
         if seqs != self._batch:                 # identity compare, element by element
             self._refill_batch(seqs, n, size)
             self._refill_tables(seqs, n)
-        elif any(p % bs == 0 for p in positions):
-            self._refill_tables(seqs, n)
+        else:                                   # a row gains the block its new token starts
+            rows = [i for i, p in enumerate(positions) if p % bs == 0]
+            if rows:
+                cols = [positions[i] // bs for i in rows]
+                blocks = [seqs[i].block_table[c] for i, c in zip(rows, cols)]
+                self.host_block_tables[rows, cols] = host_tensor(blocks, torch.int32)
         dynamic = ([s.token_ids[-1] for s in seqs] + positions
                    + [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
                    + [p + 1 - s.num_prompt_tokens for s, p in zip(seqs, positions)])

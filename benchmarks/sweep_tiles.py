@@ -89,8 +89,8 @@ class Decode:
         if smoke:
             return [{}, dict(block_n=16, num_warps=2, num_stages=2, num_splits=2)]
         tokens = lambda kib: kib * 1024 // (c["head_dim"] * 2)   # noqa: E731  (fp16 K tile of kib KB)
-        # (K tile KB, warps, stages) beside the default (16, 4, 3): unpipelined as before the
-        # pipelining, deeper pipelines, more and fewer warps, smaller and larger tiles.
+        # (K tile KB, warps, stages) beside the launcher's own choice ({} below): unpipelined,
+        # deeper pipelines, more and fewer warps, smaller and larger tiles.
         tiles = [(16, 4, 1), (16, 4, 4), (16, 8, 3), (16, 8, 4), (16, 2, 3), (8, 4, 3), (8, 4, 4),
                  (8, 4, 5), (8, 2, 4), (32, 4, 3), (32, 8, 3), (4, 2, 5)]
         return [{}] + [dict(block_n=tokens(kib), num_warps=w, num_stages=s) for kib, w, s in tiles]
@@ -179,8 +179,8 @@ class Prefill:
     contiguous [batch, heads, L, head_dim] tensors."""
     name, peer_name = "prefill", "sdpa"
     HEADS = {"opt-1.3b": (32, 64), "opt-2.7b": (32, 80), "opt-6.7b": (32, 128), "opt-13b": (40, 128)}
-    # (block_m, block_n, num_warps, num_stages) per padded head_dim: today's wide and narrow
-    # entries, the sm_90 128x128 tile, fewer stages, 4-warp 128-row tiles, smaller key tiles.
+    # (block_m, block_n, num_warps, num_stages) per padded head_dim: the 2026-11-26 defaults and
+    # their neighbours, the sm_90 128x128 tile, fewer stages, 4-warp 128-row tiles, smaller keys.
     TILES = {64: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3),
                   (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
              128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),

@@ -44,4 +44,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks .demo
+	rm -rf $(VENV) .pytest_cache .benchmarks

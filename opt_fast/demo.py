@@ -1,8 +1,8 @@
 """Small offline stand-ins for a real checkpoint: a byte-level BPE tokenizer trained on Python's
 own standard-library sources, and OPT checkpoints with random weights in the Hugging Face layout.
 
-They exercise the whole machinery with no network and no GPU (`make run`, tests, benchmarks);
-random weights produce text without meaning.
+They exercise the whole machinery with no network and no GPU (tests, benchmarks); random weights
+produce text without meaning. The trained model that `make run` uses is opt_fast.bundled.
 """
 from __future__ import annotations
 
@@ -81,16 +81,3 @@ def write_random_checkpoint(out_dir: str | Path, config: OPTConfig, seed: int = 
     save_file(random_state_dict(config, seed, dtype), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
     return out_dir
-
-
-def build_demo_model(out_dir: str | Path) -> Path:
-    """A tiny OPT (random weights) with a tokenizer trained here; reused once built."""
-    out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "merges.txt").is_file():
-        return out_dir
-    train_tokenizer(out_dir, vocab_size=1000)
-    vocab = len(json.loads((out_dir / "vocab.json").read_text()))
-    config = OPTConfig(vocab_size=vocab + 8 - vocab % 8, hidden_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128,
-                       max_position_embeddings=512)
-    return write_random_checkpoint(out_dir, config)

@@ -14,3 +14,20 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " sm_90 " in done.stdout and " sm_80 " in done.stdout
+
+
+def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
+    """A specialisation needing more shared memory than the target's limit is reported as failing
+    (the limit is lowered here, so that a real tile of the prefill kernel exceeds it)."""
+    script = (
+        "from opt_fast.kernels import attention, compile_check as cc\n"
+        "spec = attention.compile_specs()[0]\n"
+        "fits = cc.compile_one(spec, 90, 'sm_90')\n"
+        "cc.SHARED_LIMITS[90] = fits.shared_bytes - 1\n"
+        "over = cc.compile_one(spec, 90, 'sm_90')\n"
+        "print(fits.ok, over.ok, over.error)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fits_ok, over_ok, error = done.stdout.strip().split(" ", 2)
+    assert fits_ok == "True" and over_ok == "False" and "shared memory" in error

@@ -49,5 +49,4 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
         seq.block_table = []
-        seq.table_version += 1
         seq.num_cached_tokens = 0

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ceil_div
 from ..context import Context, set_context
-from .host_tensors import host_tensor
+from .host_tensors import block_tables, host_tensor
 from .sequence import Sequence, samples_raw_logits
 
 # The ops a captured step launches must never wait on the host; the torch references of these
@@ -117,10 +117,8 @@ class DecodeGraphs:
         self.has_min_tokens = any(s.params.min_tokens for s in seqs)
 
     def _refill_tables(self, seqs: list[Sequence], n: int) -> None:
-        width = max(len(s.block_table) for s in seqs)
-        self.host_block_tables[:n, :width] = host_tensor(
-            [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))],
-            torch.int32).view(n, width)
+        tables = block_tables(seqs)
+        self.host_block_tables[:n, :tables.shape[1]] = tables
 
     def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replay the smallest graph that holds `seqs` (all decodes). Returns views of its outputs,

@@ -14,3 +14,11 @@ def host_tensor(values, dtype: torch.dtype) -> torch.Tensor:
     if not len(values):
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype)
+
+
+def block_tables(seqs) -> torch.Tensor:
+    """`[len(seqs), widest table]` int32 CPU tensor of the sequences' block tables, padded with 0
+    (entries past a sequence's length are never read)."""
+    width = max(len(s.block_table) for s in seqs)
+    flat = [block for s in seqs for block in s.block_table + [0] * (width - len(s.block_table))]
+    return host_tensor(flat, torch.int32).view(len(seqs), width)

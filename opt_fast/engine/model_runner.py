@@ -10,8 +10,8 @@ from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
-from .host_tensors import host_tensor
-from .sequence import Sequence, block_tables_key, samples_raw_logits
+from .host_tensors import block_tables, host_tensor
+from .sequence import Sequence, samples_raw_logits
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
@@ -61,7 +61,6 @@ class ModelRunner:
         self.model.eval()
         self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         self._allocate_kv_cache()
-        self._decode_tables_key, self._decode_tables = None, None
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and DecodeGraphs.supported(self.ops):
             self.graphs = DecodeGraphs(self)
@@ -151,14 +150,12 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        flat = [block for s in seqs for block in s.block_table + [0] * (width - len(s.block_table))]
-        return self._tensor(flat, torch.int32).view(len(seqs), width)
-
     def _tensor(self, data, dtype) -> torch.Tensor:
-        """`data` (a flat list) on the device; through pinned memory on CUDA, so it doesn't block."""
-        host = host_tensor(data, dtype)
+        """`data` (a flat list) on the device."""
+        return self._to_device(host_tensor(data, dtype))
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device; through pinned memory on CUDA, so the copy doesn't block."""
         return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
@@ -186,14 +183,10 @@ class ModelRunner:
         if batch.prefills:
             ctx.cu_seqlens_q = self._tensor(cu_seqlens, torch.int32)
             ctx.context_lens = self._tensor(context_lens, torch.int32)
-            ctx.prefill_block_tables = self._block_tables(batch.prefills)
+            ctx.prefill_block_tables = self._to_device(block_tables(batch.prefills))
         if batch.decodes:
             ctx.decode_seq_lens = self._tensor([p + 1 for p in decode_positions], torch.int32)
-            # Decode batches keep their block tables for many steps: rebuild only on a change.
-            key = block_tables_key(batch.decodes)
-            if key != self._decode_tables_key:
-                self._decode_tables_key, self._decode_tables = key, self._block_tables(batch.decodes)
-            ctx.decode_block_tables = self._decode_tables
+            ctx.decode_block_tables = self._to_device(block_tables(batch.decodes))
         return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx, last_index)
 
     def sampling_inputs(self, seqs: list[Sequence]) -> dict:
@@ -222,10 +215,10 @@ class ModelRunner:
         bans, normalise = [], []
         for row, seq in enumerate(seqs):
             p = seq.params
-            banned = list(p.banned_token_ids)
+            bans += [(row, token) for token in p.banned_token_ids]
             if seq.num_output_tokens < p.min_tokens:
-                banned += list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
-            bans += [(row, token) for token in banned]
+                stops = p.stop_token_ids + ([eos] if eos is not None and not p.ignore_eos else [])
+                bans += [(row, token) for token in stops]
             if p.penalty_on_logprobs:
                 normalise.append(row)
         if not bans and not normalise:
@@ -273,8 +266,7 @@ class ModelRunner:
 
     def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
         sampling_logits = self._sampling_logits(raw_logits, seqs, eos)
-        inputs = {k: v.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
-                  else v for k, v in self.sampling_inputs(seqs).items()}
+        inputs = {k: self._to_device(v) for k, v in self.sampling_inputs(seqs).items()}
         tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **inputs)
         if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)

@@ -25,7 +25,6 @@ class Sequence:
         self.params, self.seed = params, seed
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.table_version = 0              # bumped whenever the table is freed
         self.num_cached_tokens = 0          # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0       # tokens this step computes (a prefill chunk, or 1)
         self.forks: list[Sequence] = []     # samples 1..n-1, waiting to share this one's prompt
@@ -59,12 +58,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-
-def block_tables_key(seqs: list[Sequence]) -> list[tuple[int, int]]:
-    """Equal for two batches exactly when their block tables are: a table only grows until it is
-    freed, and every free starts a new table version."""
-    return [(s.seq_id, s.table_version, len(s.block_table)) for s in seqs]
 
 
 def samples_raw_logits(seqs: list[Sequence]) -> bool:

@@ -185,6 +185,11 @@ class Prefill:
                   (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
              128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),
                    (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3)]}
+    # sm_90+: the same kernel with q and the off-diagonal K/V tiles loaded by TMA (tiles.tma), at
+    # the shapes that won without it.
+    TMA_TILES = {64: [(64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True)],
+                 128: [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
+                       (64, 64, 8, 2, True)]}
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -197,9 +202,10 @@ class Prefill:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(tiles=(32, 16, 4, 2))]
+            return [{}, dict(tiles=(32, 16, 4, 2))] + ([dict(tiles=(32, 16, 4, 2, True))] if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
-        return [{}] + [dict(tiles=t) for t in self.TILES[pad]]
+        tma = self.TMA_TILES[pad] if CAPABILITY >= 90 else []
+        return [{}] + [dict(tiles=t) for t in self.TILES[pad] + tma]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []

@@ -9,7 +9,8 @@ Kernel design. One program per (head, query block of one sequence). The query bl
 sequences are laid out on a virtual axis where sequence s starts at `cu_seqlens[s] // BLOCK_M + s`:
 these starts grow strictly and leave room for the `ceil(len_s / BLOCK_M)` blocks of each sequence,
 so `tokens // BLOCK_M + seqs` programs per head cover every block, a program finds its sequence by
-binary search over cu_seqlens, and the launcher needs no device->host sync (at most `seqs` programs
+counting the starts at or before its block (whole chunks of cu_seqlens per memory round trip),
+and the launcher needs no device->host sync (at most `seqs` programs
 per head find no block and exit). Each program runs an online softmax (base 2, fp32) over three key
 ranges: the cached context through the block table (masked only in its partial tile), the new
 tokens before the query block (no mask), and the diagonal tiles (causal mask). Fully masked tiles
@@ -25,10 +26,14 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kv_cache import gather_cached_kv
 
 _LOG2E = 1.4426950408889634
+_INT32_MAX = tl.constexpr(2 ** 31 - 1)   # a constexpr: compiled kernels may read no other global
+# cu_seqlens entries a program reads per round trip while finding its sequence (kernel comment).
+_SEQ_CHUNK = 128
 # Triton picks interpretation when a kernel is defined, by this same test.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -90,8 +95,8 @@ def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexp
     return acc, m_new, l_i
 
 
-# num_seqs is never specialised: Triton would turn a 1 into a constant, and the binary search
-# below carries a bound derived from it through a loop.
+# num_seqs is never specialised: Triton would turn a 1 into a constant, and the sequence search
+# below loops to a bound derived from it.
 @triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_attention_kernel(
     q_ptr,             # [tokens, heads, head_dim] new queries, any token/head strides
@@ -100,6 +105,9 @@ def _prefill_attention_kernel(
     key_cache_ptr,     # [num_blocks, block_size, heads, head_dim]
     value_cache_ptr,   # [num_blocks, block_size, heads, head_dim], the key cache's strides
     out_ptr,           # [tokens, heads, head_dim]
+    q_desc,            # TMA descriptors of q, k, v ([tokens, heads, head_dim], blocks of
+    k_desc,            # [BLOCK_M or BLOCK_N, 1, HEAD_DIM_PAD]; columns past head_dim read as
+    v_desc,            # zero), or None when USE_TMA is off
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
     block_tables_ptr,  # [seqs, max_blocks] int32 cache block ids
@@ -107,22 +115,29 @@ def _prefill_attention_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr,
 ):
     head = tl.program_id(0)
     # Last blocks first: they see the most keys, and starting them early shortens the tail.
     vblock = tl.num_programs(1) - 1 - tl.program_id(1)
-    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock (s = 0 always qualifies).
-    lo = tl.full((), 0, tl.int32)
-    hi = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        right = tl.load(cu_seqlens_ptr + mid) // BLOCK_M + mid <= vblock
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid - 1)
-    seq = lo
-    q_start = tl.load(cu_seqlens_ptr + seq)
-    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock (s = 0 always
+    # qualifies; the left side grows strictly with s). Counted over whole chunks of cu_seqlens
+    # at once rather than by binary search: one memory round trip per SEQ_CHUNK sequences instead
+    # of one per halving, which a short program (128-token prompts in a batch of 64) would
+    # otherwise spend most of its time waiting on. With cu_seqlens non-decreasing, the sequence's
+    # start is the largest entry that qualifies, its end the smallest one past it.
+    seq = tl.full((), -1, tl.int32)
+    q_start = tl.full((), 0, tl.int32)
+    q_end = tl.full((), _INT32_MAX, tl.int32)
+    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
+        s = s0 + tl.arange(0, SEQ_CHUNK)
+        bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
+        qualifies = (s < num_seqs) & (bounds // BLOCK_M + s <= vblock)
+        seq += tl.sum(qualifies.to(tl.int32))
+        q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
+        q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
+    q_len = q_end - q_start
     block_m = vblock - (q_start // BLOCK_M + seq)
     if block_m * BLOCK_M >= q_len:
         return
@@ -139,9 +154,14 @@ def _prefill_attention_kernel(
     # starts 16-byte aligned (the launcher checks it): saying so gives 16-byte vector loads and
     # cp.async even where Triton cannot see the arguments' alignment (the ahead-of-time compile).
     # The hints must sit here: on a helper's argument they are lost.
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q_row_ptrs = tl.multiple_of(q_ptr + q_rows * stride_qt + head * stride_qh, 16)
-    q = _load_rows(q_row_ptrs, offs_d, m_ok, d_ok, True, MASK_D)
+    if USE_TMA:
+        # Rows past the sequence hold the next one's queries (or TMA's zeros past the last
+        # token): their outputs are never stored, and no valid row reads them.
+        q = q_desc.load([q_start + block_m * BLOCK_M, head, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+    else:
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q_row_ptrs = tl.multiple_of(q_ptr + q_rows * stride_qt + head * stride_qh, 16)
+        q = _load_rows(q_row_ptrs, offs_d, m_ok, d_ok, True, MASK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -175,14 +195,21 @@ def _prefill_attention_kernel(
     v_head = v_ptr + head * stride_vh
     diag_start = block_m * BLOCK_M
     for start in range(0, diag_start, BLOCK_N):
-        kv_rows = (q_start + start + offs_n).to(tl.int64)
-        k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
-        k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
-        v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
+        if USE_TMA:
+            # one bulk copy per tile instead of a 16-byte copy per thread and row
+            k = k_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+            v = v_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+        else:
+            kv_rows = (q_start + start + offs_n).to(tl.int64)
+            k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
+            k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
+            v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, UPCAST_DOT)
 
     # 3. The diagonal tiles: causal mask; the sequence may end inside them. Key diag_start is
     # visible to every row of the block, so the first of these tiles gives each row a finite max.
+    # Always masked pointer loads, also under USE_TMA: a bulk copy would bring in the next
+    # sequence's values, and a non-finite one times its zero weight would leak NaN into this one.
     diag_end = tl.minimum(diag_start + BLOCK_M, q_len)
     for start in range(diag_start, diag_end, BLOCK_N):
         offs_kv = start + offs_n
@@ -242,11 +269,14 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Tiles(NamedTuple):
-    """One launch configuration: query rows per program, keys per step, warps, pipeline stages."""
+    """One launch configuration: query rows per program, keys per step, warps, pipeline stages,
+    and whether the new tokens' q and off-diagonal K/V tiles arrive by TMA (sm_90+; on rows
+    whose layout TMA cannot address the launcher keeps pointer loads)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 # (tile kind, padded head_dim) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -279,6 +309,8 @@ _TILES = {
 # 116.9 / 118.1 / 145.5 us (128x64: 119.8 / 120.2 / 149.1); b8 L1024 287.6 / 290.5 / 365.4
 # (128x64: 279.1 / 286.5 / 359.8).
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
+# TMA twins of the sm_90 entries: candidates for the tile sweep until a GPU has timed them.
+TMA_CANDIDATES = {key: tiles._replace(tma=True) for key, tiles in _TILES_SM90.items()}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles.
 _TILES_FP32 = Tiles(16, 16, 4, 2)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -288,6 +320,8 @@ _WARP_CHOICES = (1, 2, 4, 8, 16)
 _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 # Capability assumed where none can be queried (CPU, interpreter): an H100, as for SM counts.
 _DEFAULT_CAPABILITY = 90
+# Host-built TMA descriptors need Hopper or later.
+_TMA_CAPABILITY = 90
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,9 +351,9 @@ def _tile_head_dim(head_dim_pad: int) -> int:
     return 64 if head_dim_pad <= 64 else 128
 
 
-def _check_tiles(tiles) -> Tiles:
-    if not isinstance(tiles, tuple) or len(tiles) != 4:
-        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages), got {tiles!r}")
+def _check_tiles(tiles, capability: int) -> Tiles:
+    if not isinstance(tiles, tuple) or len(tiles) not in (4, 5):
+        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages[, tma]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -329,6 +363,10 @@ def _check_tiles(tiles) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
+    if not isinstance(tiles.tma, bool):
+        _fail(f"tiles.tma must be a bool, got {tiles.tma!r}")
+    if tiles.tma and capability < _TMA_CAPABILITY:
+        _fail(f"tiles.tma needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
     return tiles
 
 
@@ -404,8 +442,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     or on tiles outside the choices the kernel supports.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
+    capability = _capability(q.device)
     if tiles is not None:
-        tiles = _check_tiles(tiles)
+        tiles = _check_tiles(tiles, capability)
     tokens, heads, head_dim = q.shape
     seqs = context_lens.shape[0]
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -413,20 +452,36 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     head_dim_pad = _head_dim_pad(head_dim)
     if tiles is None:
-        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, _capability(q.device))
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
+    use_tma = tiles.tma and all(_tma_addressable(t) for t in (q, k, v))
+    descs = ((_tma_descriptor(q, tiles.block_m, head_dim_pad), _tma_descriptor(k, tiles.block_n, head_dim_pad),
+              _tma_descriptor(v, tiles.block_n, head_dim_pad)) if use_tma else (None, None, None))
     _prefill_attention_kernel[grid](
-        q, k, v, key_cache, value_cache, out, cu_seqlens_q, context_lens, block_tables,
+        q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
         seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        USE_TMA=use_tma, SEQ_CHUNK=_SEQ_CHUNK, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base and every outer stride a multiple of 16 bytes
+    (the input check allows any stride on a dimension of size 1)."""
+    item = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(stride * item % 16 == 0 for stride in t.stride()[:-1])
+
+
+def _tma_descriptor(t: torch.Tensor, rows: int, head_dim_pad: int) -> TensorDescriptor:
+    """[tokens, heads, head_dim] in boxes of one head's `rows` tokens; the box is head_dim_pad
+    wide, and TMA fills the columns past head_dim (80 of 128) with zeros."""
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[rows, 1, head_dim_pad])
 
 
 def compile_specs() -> list:
@@ -437,20 +492,27 @@ def compile_specs() -> list:
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
              targets: tuple) -> CompileSpec:
+        pad = _head_dim_pad(head_dim)
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
                                                    "value_cache_ptr", "out_ptr")}
+        for name, rows in (("q_desc", tiles.block_m), ("k_desc", tiles.block_n), ("v_desc", tiles.block_n)):
+            signature[name] = f"tensordesc<{dtype}[{rows},1,{pad}]>" if tiles.tma else "constexpr"
         signature.update({name: "*i32" for name in ("cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr")})
         signature.update(num_seqs="i32", qk_scale="fp32")
         signature.update({name: "i32" for name in (
             "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
-        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim), BLOCK_SIZE=block_size,
-                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False)
+        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=block_size,
+                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
+                          SEQ_CHUNK=_SEQ_CHUNK)
         signature.update({name: "constexpr" for name in constexprs})
+        if not tiles.tma:
+            constexprs.update(q_desc=None, k_desc=None, v_desc=None)
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
-                 f"w{tiles.num_warps}s{tiles.num_stages}")
+                 f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
-                           num_warps=tiles.num_warps, num_stages=tiles.num_stages, targets=targets)
+                           uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                           targets=targets)
 
     # Each distinct (entry, tiles) once, for the targets whose table picks it.
     entries: dict = {}
@@ -464,4 +526,8 @@ def compile_specs() -> list:
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
               for head_dim in (64, 80, 128)]
+    # The TMA twin of each sm_90 entry (TMA_CANDIDATES, not yet a default): the sweep times them.
+    for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
+        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+            specs += [spec(dtype, head_dim, 16, tiles, kind, (_TMA_CAPABILITY,)) for dtype in ("fp16", "bf16")]
     return specs

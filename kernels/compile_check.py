@@ -2,10 +2,10 @@
 
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
 sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
-its cuobjdump, and checks that GEMM-like kernels use tensor-core instructions. Run with
-`python -m opt_fast.kernels.compile_check` (or `make compile-check`); exits non-zero on any
+its cuobjdump, checks that GEMM-like kernels use tensor-core instructions and that TMA loads
+became bulk tensor copies. Run with `python -m opt_fast.kernels.compile_check` (or `make compile-check`); exits non-zero on any
 compile error or spill, more shared memory than one block may have on the target (a launch
-there would fail), or a GEMM-like kernel without `mma` / `wgmma`.
+there would fail), a GEMM-like kernel without `mma` / `wgmma`, or TMA loads without them.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class CompileSpec:
     signature: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
     uses_mma: bool = False            # a GEMM-like kernel: must use tensor cores
+    uses_tma: bool = False            # loads through TMA descriptors: must emit bulk tensor copies
     # Integer arguments the JIT would see as multiples of 16 (strides of hidden-sized rows, ...).
     # Pointers are always marked 16-byte aligned, as the JIT marks torch's allocations.
     divisible_by_16: tuple[str, ...] = ()
@@ -98,6 +99,8 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
     result.tensor_cores = found
     if spec.uses_mma and found == "none":
         result.error = result.error or "GEMM-like kernel without tensor-core instructions"
+    if spec.uses_tma and "cp.async.bulk.tensor" not in ptx:
+        result.error = result.error or "TMA loads compiled to something else than bulk tensor copies"
     return result
 
 

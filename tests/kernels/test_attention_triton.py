@@ -112,6 +112,22 @@ def test_many_sequences():
     assert_matches(prefill_attention(*args), expected, torch.float32)
 
 
+@pytest.mark.parametrize("seq_chunk,count", [(4, 23), (128, 131)], ids=["chunk4", "chunk128"])
+def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count):
+    """More sequences than one chunk of cu_seqlens holds: the search counts over several chunks,
+    with empty sequences at and around the chunk boundaries and a last sequence alone in its
+    chunk (chunks of 4: a forced small chunk; 128: the launcher's own)."""
+    monkeypatch.setattr(attention, "_SEQ_CHUNK", seq_chunk)
+    g = gen(count)
+    lengths = torch.randint(0, 7, (count,), generator=g).tolist()
+    for empty in (seq_chunk - 1, seq_chunk, 2 * seq_chunk - 1):
+        lengths[empty % count] = 0
+    lengths[-1] = 20
+    contexts = torch.randint(0, 20, (count,), generator=g).tolist()
+    args, expected = prefill_case(list(zip(contexts, lengths)), 8, 1, 16, torch.float32, seed=count)
+    assert_matches(prefill_attention(*args, tiles=Tiles(16, 16, 4, 2)), expected, torch.float32)
+
+
 def test_cache_views_with_other_strides(nan_empty):
     """Key and value caches as views into one [num_blocks, 2, block_size, heads, head_dim] pool."""
     seqs = [(19, 9), (40, 30)]
@@ -194,13 +210,16 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     boundary between them at 128 new tokens a sequence) is compiled for that target in its
     dtype, and the compile check builds nothing the launcher never picks there."""
     built = {(spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"], spec.num_warps, spec.num_stages,
-              spec.constexprs["HEAD_DIM"], spec.signature["q_ptr"])
+              spec.constexprs["USE_TMA"], spec.constexprs["HEAD_DIM"], spec.signature["q_ptr"])
              for spec in attention.compile_specs() if capability in spec.targets}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
             for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
                 picked.add((*attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
+        if capability >= 90:   # and the TMA candidates the sweep times, in fp16 and bf16
+            picked |= {(*tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
+                       if pad == (64 if head_dim <= 64 else 128) for name in ("*fp16", "*bf16")}
     assert picked == built
 
 
@@ -217,8 +236,71 @@ def test_narrow_and_wide_batches():
 
 @pytest.mark.parametrize("tiles,field", [
     ((128, 48, 8, 3), "block_n"), ((64, 128, 4, 2), "block_m"), ((128, 64, 3, 2), "num_warps"),
-    ((128, 64, 4, 0), "num_stages"), ((128, 64, 4), "tiles")])
+    ((128, 64, 4, 0), "num_stages"), ((128, 64, 4), "tiles"), ((64, 64, 4, 2, 1), "tiles.tma"),
+    ((64, 64, 4, 2, True, 1), "tiles")])
 def test_tile_overrides_are_checked(tiles, field):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match=field):
         prefill_attention(*args, tiles=tiles)
+
+
+# --------------------------------------------------------------------------------------------
+# TMA loads (tiles.tma): q and the off-diagonal new-token K/V tiles by descriptor
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tma_count(monkeypatch):
+    """How many TMA descriptors the launcher builds: proof that the TMA path really ran."""
+    built = []
+    real = attention._tma_descriptor
+
+    def counting(t, rows, pad):
+        built.append((rows, pad))
+        return real(t, rows, pad)
+    monkeypatch.setattr(attention, "_tma_descriptor", counting)
+    return built
+
+
+# head_dim 80 reads 128-wide boxes whose last 48 columns TMA fills with zeros; in q they meet
+# the next head's keys if that went wrong. Sequences of several query blocks, one ending inside
+# a tile, cached contexts with partial tiles (pointer loads beside the TMA ones).
+@pytest.mark.parametrize("dtype,head_dim,tiles", [
+    (torch.float32, 80, Tiles(16, 16, 4, 2, True)), (torch.float16, 64, Tiles(32, 16, 4, 2, True)),
+    (torch.float16, 80, Tiles(64, 32, 8, 2, True)), (torch.float16, 128, Tiles(64, 64, 8, 3, True))],
+    ids=["fp32-80", "fp16-64", "fp16-80", "fp16-128"])
+def test_tma_tiles_match_the_reference(nan_empty, tma_count, dtype, head_dim, tiles):
+    seqs = [(0, 150), (17, 5), (0, 0), (33, 97)]
+    args, expected = prefill_case(seqs, 16, 3, head_dim, dtype, seed=head_dim + tiles.block_m)
+    assert_matches(prefill_attention(*args, tiles=tiles), expected, dtype)
+    pad = attention._head_dim_pad(head_dim)
+    assert tma_count == [(tiles.block_m, pad), (tiles.block_n, pad), (tiles.block_n, pad)]
+
+
+def test_tma_keeps_other_sequences_out(tma_count):
+    """A sequence whose new tokens are all NaN sits right after one that ends inside a tile:
+    the first one's output stays exact (the diagonal tile's masked loads never let the next
+    sequence's values in, as a bulk copy would)."""
+    args, expected = prefill_case([(5, 45), (0, 40)], 16, 2, 64, torch.float16, seed=3)
+    q, k, v = args[:3]
+    for t in (q, k, v):
+        t[45:] = float("nan")
+    out = prefill_attention(*args, tiles=Tiles(32, 16, 4, 2, True))
+    assert_matches(out[:45], expected[:45], torch.float16)
+    assert tma_count, "the TMA path did not run"
+
+
+def test_tma_falls_back_where_descriptors_cannot_address_the_rows(nan_empty, tma_count):
+    """One head whose head stride is not a multiple of 16 bytes: allowed by the input checks
+    (the dimension has size 1), not addressable by TMA, so pointer loads run instead."""
+    args, expected = prefill_case([(3, 40)], 16, 1, 64, torch.float32, seed=4)
+    rows = args[0].contiguous()
+    q = torch.as_strided(rows, rows.shape, (rows.stride(0), 3, 1))
+    assert_matches(prefill_attention(q, *args[1:], tiles=Tiles(16, 16, 4, 2, True)), expected, torch.float32)
+    assert tma_count == []
+
+
+def test_tma_needs_hopper(monkeypatch):
+    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
+    monkeypatch.setattr(attention, "_capability", lambda device: 80)
+    with pytest.raises(ValueError, match="tiles.tma needs compute capability 90"):
+        prefill_attention(*args, tiles=(64, 64, 4, 2, True))

@@ -31,3 +31,22 @@ def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
     assert done.returncode == 0, done.stderr[-3000:]
     fits_ok, over_ok, error = done.stdout.strip().split(" ", 2)
     assert fits_ok == "True" and over_ok == "False" and "shared memory" in error
+
+
+def test_tma_specs_are_checked_for_bulk_tensor_copies():
+    """The prefill kernel's TMA twin compiles to bulk tensor copies; the same check on a pointer-
+    load specialisation (marked as if it used TMA) reports a failure."""
+    script = (
+        "import dataclasses\n"
+        "from opt_fast.kernels import attention, compile_check as cc\n"
+        "specs = attention.compile_specs()\n"
+        "tma = next(s for s in specs if s.uses_tma and 'narrow d64 fp16' in s.label)\n"
+        "plain = next(s for s in specs if not s.uses_tma and 'narrow d64 fp16 bs16' in s.label)\n"
+        "with_tma = cc.compile_one(tma, 90, 'sm_90')\n"
+        "without = cc.compile_one(dataclasses.replace(plain, uses_tma=True), 90, 'sm_90')\n"
+        "print(with_tma.ok, without.ok, without.error)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tma_ok, plain_ok, error = done.stdout.strip().split(" ", 2)
+    assert tma_ok == "True" and plain_ok == "False" and "bulk tensor copies" in error

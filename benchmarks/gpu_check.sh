@@ -2,12 +2,14 @@
 # `make gpu-check`, on a lent GPU machine: no network; torch, triton, transformers, tokenizers,
 # safetensors, pytest and pytest-xdist are already there. Installs opt_fast without touching them,
 # then runs, each phase with its own timeout so one slow phase cannot eat the rest:
-#   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s
+#   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
 #   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 100 s
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
-# Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`.
+# Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
+# SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
+# `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape.
 # Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
 # gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
 # bench_generate.md, bench_generate.json.
@@ -29,7 +31,8 @@ sweep_rc=0 tests_rc=0 kernels_rc=0 bench_rc=0
 # First the sweep: the most information per second on the open goals, and its parallel compile
 # fills Triton's cache for the phases after it.
 if want sweep; then
-  timeout 90 python3 benchmarks/sweep_tiles.py --budget 70 --out "$PARTS/sweep" 2>&1 \
+  SWEEP_BUDGET=${SWEEP_BUDGET:-70}
+  timeout $((SWEEP_BUDGET + 20)) python3 benchmarks/sweep_tiles.py --budget "$SWEEP_BUDGET" --out "$PARTS/sweep" 2>&1 \
     | tee -a "$OUT/kernels.log" | grep -E "^(decode|prefill|ln_qkv|compiling| +[0-9]+ done)"
   sweep_rc=${PIPESTATUS[0]}
   # copied even after a timeout: the sweep rewrites its report after every shape

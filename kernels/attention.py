@@ -11,7 +11,9 @@ these starts grow strictly and leave room for the `ceil(len_s / BLOCK_M)` blocks
 so `tokens // BLOCK_M + seqs` programs per head cover every block, a program finds its sequence by
 counting the starts at or before its block (whole chunks of cu_seqlens per memory round trip),
 and the launcher needs no device->host sync (at most `seqs` programs
-per head find no block and exit). Each program runs an online softmax (base 2, fp32) over three key
+per head find no block and exit). A head of two powers of two (OPT-2.7B's 80 = 64 + 16) runs as
+two exact tiles side by side; any other head width is padded to a power of two and its tail
+masked. Each program runs an online softmax (base 2, fp32) over three key
 ranges: the cached context through the block table (masked only in its partial tile), the new
 tokens before the query block (no mask), and the diagonal tiles (causal mask). Fully masked tiles
 are never visited. Loads are masked so that unused cache slots, which may hold NaN, never enter
@@ -46,7 +48,7 @@ def _next_pow2(n: int) -> int:
 
 @triton.jit
 def _load_rows(row_ptrs, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
-    """A [rows, HEAD_DIM_PAD] tile from one pointer per row, zero where masked. Masks are emitted
+    """A [rows, len(offs_d)] tile from one pointer per row, zero where masked. Masks are emitted
     only where needed, so full tiles of unpadded heads stay plain vector loads."""
     ptrs = row_ptrs[:, None] + offs_d[None, :]
     if MASK_ROWS:
@@ -63,20 +65,42 @@ def _load_rows(row_ptrs, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D:
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr):
+def _load_head(row_ptrs, offs_d, offs_h, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr,
+               D_HI: tl.constexpr):
+    """One tile of heads as its (first D_LO columns, last D_HI columns); without a split the
+    second is the first again, never read."""
+    lo = _load_rows(row_ptrs, offs_d, rows_ok, d_ok, MASK_ROWS, MASK_D)
+    if D_HI > 0:
+        hi = _load_rows(row_ptrs, offs_h, rows_ok, d_ok, MASK_ROWS, False)
+    else:
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+    """a @ b + acc. UPCAST_DOT multiplies in fp32, for the Triton interpreter, which multiplies
+    bfloat16 tiles as their raw uint16 bits; products of bf16 values are exact in fp32, as on
+    tensor cores. ieee: fp32 inputs must not silently drop to TF32 on GPUs (fp16 / bf16 use
+    tensor cores anyway)."""
+    if UPCAST_DOT:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale, visible,
+                  MASKED: tl.constexpr, UPCAST_DOT: tl.constexpr, D_HI: tl.constexpr):
     """Fold one key tile into the running (acc, max, sum) of an online softmax in base 2.
 
-    q: [BLOCK_M, D]; k, v: [BLOCK_N, D]; qk_scale: softmax scale * log2(e); visible: which keys
-    each query may see (broadcastable to [BLOCK_M, BLOCK_N]), read only when MASKED.
-    UPCAST_DOT multiplies in fp32, for the Triton interpreter, which multiplies bfloat16 tiles as
-    their raw uint16 bits; products of bf16 values are exact in fp32, as on tensor cores.
+    q: [BLOCK_M, D_LO]; k, v: [BLOCK_N, D_LO]; with D_HI > 0 the head's last D_HI columns come
+    apart as q_hi, k_hi, v_hi and accumulate into acc_hi (otherwise those are never read);
+    qk_scale: softmax scale * log2(e); visible: which keys each query may see (broadcastable to
+    [BLOCK_M, BLOCK_N]), read only when MASKED.
     """
-    kt = tl.trans(k)
-    if UPCAST_DOT:
-        q, kt = q.to(tl.float32), kt.to(tl.float32)
-    # ieee: fp32 inputs must not silently drop to TF32 on GPUs; fp16/bf16 use tensor cores anyway.
-    qk = tl.dot(q, kt, input_precision="ieee")
+    qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
+    if D_HI > 0:
+        qk = _dot(q_hi, tl.trans(k_hi), qk, UPCAST_DOT)
     if MASKED:
         # -inf weighs a hidden key exactly 0. The caller visits first a tile in which every row
         # sees a key, so the running max is finite from then on and exp2 never sees -inf - -inf.
@@ -89,10 +113,10 @@ def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexp
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v.dtype)
-    if UPCAST_DOT:
-        p, v = p.to(tl.float32), v.to(tl.float32)
-    acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-    return acc, m_new, l_i
+    acc = _dot(p, v, acc * alpha[:, None], UPCAST_DOT)
+    if D_HI > 0:
+        acc_hi = _dot(p, v_hi, acc_hi * alpha[:, None], UPCAST_DOT)
+    return acc, acc_hi, m_new, l_i
 
 
 # num_seqs is never specialised: Triton would turn a 1 into a constant, and the sequence search
@@ -105,16 +129,19 @@ def _prefill_attention_kernel(
     key_cache_ptr,     # [num_blocks, block_size, heads, head_dim]
     value_cache_ptr,   # [num_blocks, block_size, heads, head_dim], the key cache's strides
     out_ptr,           # [tokens, heads, head_dim]
-    q_desc,            # TMA descriptors of q, k, v ([tokens, heads, head_dim], blocks of
-    k_desc,            # [BLOCK_M or BLOCK_N, 1, HEAD_DIM_PAD]; columns past head_dim read as
+    q_desc,            # TMA descriptors of q, k, v [tokens, heads, head_dim] in boxes of
+    k_desc,            # [BLOCK_M (q) or BLOCK_N, 1, D_LO] (columns past head_dim read as
     v_desc,            # zero), or None when USE_TMA is off
+    q_hi_desc,         # the same for the last D_HI columns, [BLOCK_M or BLOCK_N, 1, D_HI]
+    k_hi_desc,         # boxes from column D_LO; None without a split head or without TMA
+    v_hi_desc,
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
     block_tables_ptr,  # [seqs, max_blocks] int32 cache block ids
     num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     SEQ_CHUNK: tl.constexpr,
 ):
@@ -144,11 +171,19 @@ def _prefill_attention_kernel(
 
     # Off-diagonal tiles must end exactly where the query block starts.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    MASK_D: tl.constexpr = HEAD_DIM < HEAD_DIM_PAD
+    # A head is either one power-of-two tile D_LO wide (padded past HEAD_DIM and masked), or,
+    # where HEAD_DIM is two powers of two (80 = 64 + 16), two exact tiles: every dot then spends
+    # its multiplies on real columns (80 of 80, not 80 of a padded 128).
+    tl.static_assert(D_HI == 0 or D_LO + D_HI == HEAD_DIM)
+    MASK_D: tl.constexpr = HEAD_DIM < D_LO
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)    # query index within the new tokens
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, D_LO)
     d_ok = offs_d < HEAD_DIM
+    if D_HI > 0:
+        offs_h = D_LO + tl.arange(0, D_HI)
+    else:
+        offs_h = offs_d
     m_ok = offs_m < q_len
     # int64 row offsets: tokens * stride of a packed qkv passes 2**31 in large batches. Each row
     # starts 16-byte aligned (the launcher checks it): saying so gives 16-byte vector loads and
@@ -157,14 +192,23 @@ def _prefill_attention_kernel(
     if USE_TMA:
         # Rows past the sequence hold the next one's queries (or TMA's zeros past the last
         # token): their outputs are never stored, and no valid row reads them.
-        q = q_desc.load([q_start + block_m * BLOCK_M, head, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+        q_row0 = q_start + block_m * BLOCK_M
+        q = q_desc.load([q_row0, head, 0]).reshape(BLOCK_M, D_LO)
+        if D_HI > 0:
+            q_hi = q_hi_desc.load([q_row0, head, D_LO]).reshape(BLOCK_M, D_HI)
+        else:
+            q_hi = q
     else:
         q_rows = (q_start + offs_m).to(tl.int64)
         q_row_ptrs = tl.multiple_of(q_ptr + q_rows * stride_qt + head * stride_qh, 16)
-        q = _load_rows(q_row_ptrs, offs_d, m_ok, d_ok, True, MASK_D)
+        q, q_hi = _load_head(q_row_ptrs, offs_d, offs_h, m_ok, d_ok, True, MASK_D, D_HI)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_LO], tl.float32)
+    if D_HI > 0:
+        acc_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
+    else:
+        acc_hi = tl.zeros([1, 1], tl.float32)   # never read
 
     # 1. The cached context, visible to every query: the partial tile, then full tiles unmasked.
     # The partial tile goes first: after the loop, its set-up stays live through the loop and
@@ -178,17 +222,23 @@ def _prefill_attention_kernel(
         # Table entries past the context may be stale: never follow them.
         blocks = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
         rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-        k = _load_rows(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, in_ctx, d_ok, True, MASK_D)
-        v = _load_rows(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, in_ctx, d_ok, True, MASK_D)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, in_ctx[None, :], True, UPCAST_DOT)
+        k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
+                             MASK_D, D_HI)
+        v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
+                             MASK_D, D_HI)
+        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                              in_ctx[None, :], True, UPCAST_DOT, D_HI)
 
     for start in range(0, ctx_full, BLOCK_N):
         pos = start + offs_n
         blocks = tl.load(table + pos // BLOCK_SIZE)
         rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-        k = _load_rows(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, pos, d_ok, False, MASK_D)
-        v = _load_rows(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, pos, d_ok, False, MASK_D)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, UPCAST_DOT)
+        k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
+                             MASK_D, D_HI)
+        v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
+                             MASK_D, D_HI)
+        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                              0, False, UPCAST_DOT, D_HI)
 
     # 2. New tokens before this query block: all visible, all inside the sequence.
     k_head = k_ptr + head * stride_kh
@@ -197,14 +247,20 @@ def _prefill_attention_kernel(
     for start in range(0, diag_start, BLOCK_N):
         if USE_TMA:
             # one bulk copy per tile instead of a 16-byte copy per thread and row
-            k = k_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            v = v_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+            k = k_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
+            v = v_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
+            if D_HI > 0:
+                k_hi = k_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
+                v_hi = v_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
+            else:
+                k_hi, v_hi = k, v
         else:
             kv_rows = (q_start + start + offs_n).to(tl.int64)
             k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
-            k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
-            v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, offs_n, d_ok, False, MASK_D)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, 0, False, UPCAST_DOT)
+            k, k_hi = _load_head(tl.multiple_of(k_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
+            v, v_hi = _load_head(tl.multiple_of(v_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
+        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                              0, False, UPCAST_DOT, D_HI)
 
     # 3. The diagonal tiles: causal mask; the sequence may end inside them. Key diag_start is
     # visible to every row of the block, so the first of these tiles gives each row a finite max.
@@ -216,18 +272,22 @@ def _prefill_attention_kernel(
         kv_rows = (q_start + offs_kv).to(tl.int64)
         in_seq = offs_kv < q_len
         k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
-        k = _load_rows(tl.multiple_of(k_rows, 16), offs_d, in_seq, d_ok, True, MASK_D)
-        v = _load_rows(tl.multiple_of(v_rows, 16), offs_d, in_seq, d_ok, True, MASK_D)
+        k, k_hi = _load_head(tl.multiple_of(k_rows, 16), offs_d, offs_h, in_seq, d_ok, True, MASK_D, D_HI)
+        v, v_hi = _load_head(tl.multiple_of(v_rows, 16), offs_d, offs_h, in_seq, d_ok, True, MASK_D, D_HI)
         causal = offs_kv[None, :] <= offs_m[:, None]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, causal, True, UPCAST_DOT)
+        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                              causal, True, UPCAST_DOT, D_HI)
 
     # A block pointer computes the row addresses at the store; reusing q's kept them live through
     # every loop (spills on sm_80).
-    out = acc / l_i[:, None]
-    o_block = tl.make_block_ptr(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh,
-                                shape=(q_len, HEAD_DIM), strides=(stride_ot, 1), offsets=(block_m * BLOCK_M, 0),
-                                block_shape=(BLOCK_M, HEAD_DIM_PAD), order=(1, 0))
-    tl.store(o_block, out.to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
+    o_base = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh
+    o_block = tl.make_block_ptr(o_base, shape=(q_len, HEAD_DIM - D_HI), strides=(stride_ot, 1),
+                                offsets=(block_m * BLOCK_M, 0), block_shape=(BLOCK_M, D_LO), order=(1, 0))
+    tl.store(o_block, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
+    if D_HI > 0:
+        o_hi_block = tl.make_block_ptr(o_base + D_LO, shape=(q_len, D_HI), strides=(stride_ot, 1),
+                                       offsets=(block_m * BLOCK_M, 0), block_shape=(BLOCK_M, D_HI), order=(1, 0))
+        tl.store(o_hi_block, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -269,14 +329,16 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Tiles(NamedTuple):
-    """One launch configuration: query rows per program, keys per step, warps, pipeline stages,
-    and whether the new tokens' q and off-diagonal K/V tiles arrive by TMA (sm_90+; on rows
-    whose layout TMA cannot address the launcher keeps pointer loads)."""
+    """One launch configuration: query rows per program, keys per step, warps, pipeline stages;
+    whether the new tokens' q and off-diagonal K/V tiles arrive by TMA (sm_90+; on rows whose
+    layout TMA cannot address the launcher keeps pointer loads); and whether a head of two
+    powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     tma: bool = False
+    split_head: bool = True
 
 
 # (tile kind, padded head_dim) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -352,8 +414,8 @@ def _tile_head_dim(head_dim_pad: int) -> int:
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or len(tiles) not in (4, 5):
-        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages[, tma]), got {tiles!r}")
+    if not isinstance(tiles, tuple) or len(tiles) not in (4, 5, 6):
+        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -363,8 +425,9 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    if not isinstance(tiles.tma, bool):
-        _fail(f"tiles.tma must be a bool, got {tiles.tma!r}")
+    for name, value in (("tma", tiles.tma), ("split_head", tiles.split_head)):
+        if not isinstance(value, bool):
+            _fail(f"tiles.{name} must be a bool, got {value!r}")
     if tiles.tma and capability < _TMA_CAPABILITY:
         _fail(f"tiles.tma needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
     return tiles
@@ -373,6 +436,17 @@ def _check_tiles(tiles, capability: int) -> Tiles:
 def _head_dim_pad(head_dim: int) -> int:
     # tl.dot needs power-of-two tiles of at least 16 along the reduction.
     return max(16, _next_pow2(head_dim))
+
+
+def _head_split(head_dim: int, split_head: bool) -> tuple[int, int]:
+    """(D_LO, D_HI): with split_head, a head that is the sum of two powers of two of at least 16
+    (OPT-2.7B's 80 = 64 + 16) runs as two exact tiles; any other head as one tile padded to a
+    power of two, its tail masked (D_HI = 0)."""
+    low = 1 << (head_dim.bit_length() - 1)
+    high = head_dim - low
+    if split_head and low >= 16 and high >= 16 and high & (high - 1) == 0:
+        return low, high
+    return _head_dim_pad(head_dim), 0
 
 
 def _fail(message: str):
@@ -450,24 +524,28 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0 or seqs == 0:
         return out
-    head_dim_pad = _head_dim_pad(head_dim)
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
+    d_lo, d_hi = _head_split(head_dim, tiles.split_head)
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
-    use_tma = tiles.tma and all(_tma_addressable(t) for t in (q, k, v))
-    descs = ((_tma_descriptor(q, tiles.block_m, head_dim_pad), _tma_descriptor(k, tiles.block_n, head_dim_pad),
-              _tma_descriptor(v, tiles.block_n, head_dim_pad)) if use_tma else (None, None, None))
+    descs = [None] * 6
+    if tiles.tma and all(_tma_addressable(t) for t in (q, k, v)):
+        rows = (tiles.block_m, tiles.block_n, tiles.block_n)
+        descs[:3] = [_tma_descriptor(t, r, d_lo) for t, r in zip((q, k, v), rows)]
+        if d_hi:
+            descs[3:] = [_tma_descriptor(t, r, d_hi) for t, r in zip((q, k, v), rows)]
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
         seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=key_cache.shape[1],
+        HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
-        USE_TMA=use_tma, SEQ_CHUNK=_SEQ_CHUNK, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return out
 
 
@@ -478,38 +556,44 @@ def _tma_addressable(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(stride * item % 16 == 0 for stride in t.stride()[:-1])
 
 
-def _tma_descriptor(t: torch.Tensor, rows: int, head_dim_pad: int) -> TensorDescriptor:
-    """[tokens, heads, head_dim] in boxes of one head's `rows` tokens; the box is head_dim_pad
-    wide, and TMA fills the columns past head_dim (80 of 128) with zeros."""
-    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[rows, 1, head_dim_pad])
+def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
+    """[tokens, heads, head_dim] in boxes of one head's `rows` tokens and `width` columns; TMA
+    fills what a box holds past the tensor (past head_dim, past the last token) with zeros."""
+    return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[rows, 1, width])
 
 
 def compile_specs() -> list:
-    """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (padded to 128) and
-    128 at block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
+    """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (64 + 16) and 128 at
+    block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
              targets: tuple) -> CompileSpec:
-        pad = _head_dim_pad(head_dim)
+        d_lo, d_hi = _head_split(head_dim, tiles.split_head)
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
                                                    "value_cache_ptr", "out_ptr")}
-        for name, rows in (("q_desc", tiles.block_m), ("k_desc", tiles.block_n), ("v_desc", tiles.block_n)):
-            signature[name] = f"tensordesc<{dtype}[{rows},1,{pad}]>" if tiles.tma else "constexpr"
+        unused = []
+        for part, width in (("", d_lo), ("_hi", d_hi)):
+            for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
+                if tiles.tma and width:
+                    signature[f"{name}{part}_desc"] = f"tensordesc<{dtype}[{rows},1,{width}]>"
+                else:
+                    signature[f"{name}{part}_desc"] = "constexpr"
+                    unused.append(f"{name}{part}_desc")
         signature.update({name: "*i32" for name in ("cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr")})
         signature.update(num_seqs="i32", qk_scale="fp32")
         signature.update({name: "i32" for name in (
             "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
-        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_SIZE=block_size,
+        constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
                           SEQ_CHUNK=_SEQ_CHUNK)
         signature.update({name: "constexpr" for name in constexprs})
-        if not tiles.tma:
-            constexprs.update(q_desc=None, k_desc=None, v_desc=None)
+        constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
-                 f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}")
+                 f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
+                 f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                            targets=targets)
@@ -526,6 +610,13 @@ def compile_specs() -> list:
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
               for head_dim in (64, 80, 128)]
+    # head_dim 80 padded to one 128-wide tile (tiles.split_head=False), as before the split: the
+    # sweep times it beside the split, at the sm_90 entries; each target builds its own entries.
+    for capability, _ in TARGETS:
+        for (kind, tile_head_dim), tiles in tile_table(capability).items():
+            if tile_head_dim == 128:
+                specs += [spec(dtype, 80, 16, tiles._replace(split_head=False), kind, (capability,))
+                          for dtype in ("fp16", "bf16")]
     # The TMA twin of each sm_90 entry (TMA_CANDIDATES, not yet a default): the sweep times them.
     for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):

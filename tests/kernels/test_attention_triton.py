@@ -128,6 +128,25 @@ def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count)
     assert_matches(prefill_attention(*args, tiles=Tiles(16, 16, 4, 2)), expected, torch.float32)
 
 
+def test_head_splits():
+    """Heads of two powers of two of at least 16 split into two exact tiles; others pad."""
+    split = attention._head_split
+    assert [split(d, True) for d in (64, 80, 96, 48, 128, 72, 40, 20)] == [
+        (64, 0), (64, 16), (64, 32), (32, 16), (128, 0), (128, 0), (64, 0), (32, 0)]
+    assert split(80, False) == (128, 0)
+
+
+# Split heads (80, 48 = 32 + 16, 96 = 64 + 32) and padded ones (80 on request, 72 = 64 + 8, 40):
+# several query and key tiles, partial context tiles and a sequence ending inside a tile.
+@pytest.mark.parametrize("head_dim,split_head", [(80, True), (80, False), (48, True), (96, True), (72, True),
+                                                 (40, True)])
+def test_split_and_padded_heads(nan_empty, head_dim, split_head):
+    seqs = [(21, 70), (0, 9), (40, 33)]
+    args, expected = prefill_case(seqs, 8, 2, head_dim, torch.float16, seed=head_dim)
+    out = prefill_attention(*args, tiles=Tiles(32, 16, 4, 2, False, split_head))
+    assert_matches(out, expected, torch.float16)
+
+
 def test_cache_views_with_other_strides(nan_empty):
     """Key and value caches as views into one [num_blocks, 2, block_size, heads, head_dim] pool."""
     seqs = [(19, 9), (40, 30)]
@@ -208,18 +227,26 @@ def test_every_table_tile_at_head_dim_128(nan_empty, tiles):
 def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     """Each tile the launcher can pick on a target (OPT's heads; narrow and wide batches, the
     boundary between them at 128 new tokens a sequence) is compiled for that target in its
-    dtype, and the compile check builds nothing the launcher never picks there."""
-    built = {(spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"], spec.num_warps, spec.num_stages,
-              spec.constexprs["USE_TMA"], spec.constexprs["HEAD_DIM"], spec.signature["q_ptr"])
-             for spec in attention.compile_specs() if capability in spec.targets}
+    dtype, beside the sweep's candidates (head_dim 80 padded, and on sm_90 the TMA twins), and
+    the compile check builds nothing else there."""
+    def launch(tiles, head_dim, name):
+        return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma,
+                attention._head_split(head_dim, tiles.split_head), head_dim, name)
+
+    built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
+              c["HEAD_DIM"], spec.signature["q_ptr"])
+             for spec in attention.compile_specs() if capability in spec.targets for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
             for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-                picked.add((*attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
-        if capability >= 90:   # and the TMA candidates the sweep times, in fp16 and bf16
-            picked |= {(*tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
-                       if pad == (64 if head_dim <= 64 else 128) for name in ("*fp16", "*bf16")}
+                picked.add(launch(attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
+    half = ("*fp16", "*bf16")
+    picked |= {launch(tiles._replace(split_head=False), 80, name)
+               for (_, pad), tiles in attention.tile_table(capability).items() if pad == 128 for name in half}
+    if capability >= 90:
+        picked |= {launch(tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
+                   for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half}
     assert picked == built
 
 
@@ -237,7 +264,7 @@ def test_narrow_and_wide_batches():
 @pytest.mark.parametrize("tiles,field", [
     ((128, 48, 8, 3), "block_n"), ((64, 128, 4, 2), "block_m"), ((128, 64, 3, 2), "num_warps"),
     ((128, 64, 4, 0), "num_stages"), ((128, 64, 4), "tiles"), ((64, 64, 4, 2, 1), "tiles.tma"),
-    ((64, 64, 4, 2, True, 1), "tiles")])
+    ((64, 64, 4, 2, True, 1), "tiles.split_head"), ((64, 64, 4, 2, True, True, 1), "tiles")])
 def test_tile_overrides_are_checked(tiles, field):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match=field):
@@ -254,9 +281,9 @@ def tma_count(monkeypatch):
     built = []
     real = attention._tma_descriptor
 
-    def counting(t, rows, pad):
-        built.append((rows, pad))
-        return real(t, rows, pad)
+    def counting(t, rows, width):
+        built.append((rows, width))
+        return real(t, rows, width)
     monkeypatch.setattr(attention, "_tma_descriptor", counting)
     return built
 
@@ -264,16 +291,18 @@ def tma_count(monkeypatch):
 # head_dim 80 reads 128-wide boxes whose last 48 columns TMA fills with zeros; in q they meet
 # the next head's keys if that went wrong. Sequences of several query blocks, one ending inside
 # a tile, cached contexts with partial tiles (pointer loads beside the TMA ones).
-@pytest.mark.parametrize("dtype,head_dim,tiles", [
-    (torch.float32, 80, Tiles(16, 16, 4, 2, True)), (torch.float16, 64, Tiles(32, 16, 4, 2, True)),
-    (torch.float16, 80, Tiles(64, 32, 8, 2, True)), (torch.float16, 128, Tiles(64, 64, 8, 3, True))],
-    ids=["fp32-80", "fp16-64", "fp16-80", "fp16-128"])
-def test_tma_tiles_match_the_reference(nan_empty, tma_count, dtype, head_dim, tiles):
+@pytest.mark.parametrize("dtype,head_dim,tiles,widths", [
+    (torch.float32, 80, Tiles(16, 16, 4, 2, True), (64, 16)), (torch.float16, 64, Tiles(32, 16, 4, 2, True), (64,)),
+    (torch.float16, 80, Tiles(64, 32, 8, 2, True), (64, 16)),
+    (torch.float16, 80, Tiles(32, 32, 4, 2, True, False), (128,)),
+    (torch.float16, 128, Tiles(64, 64, 8, 3, True), (128,))],
+    ids=["fp32-80", "fp16-64", "fp16-80", "fp16-80-padded", "fp16-128"])
+def test_tma_tiles_match_the_reference(nan_empty, tma_count, dtype, head_dim, tiles, widths):
     seqs = [(0, 150), (17, 5), (0, 0), (33, 97)]
     args, expected = prefill_case(seqs, 16, 3, head_dim, dtype, seed=head_dim + tiles.block_m)
     assert_matches(prefill_attention(*args, tiles=tiles), expected, dtype)
-    pad = attention._head_dim_pad(head_dim)
-    assert tma_count == [(tiles.block_m, pad), (tiles.block_n, pad), (tiles.block_n, pad)]
+    rows = (tiles.block_m, tiles.block_n, tiles.block_n)
+    assert tma_count == [(r, width) for width in widths for r in rows]
 
 
 def test_tma_keeps_other_sequences_out(tma_count):

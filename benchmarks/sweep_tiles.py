@@ -14,9 +14,8 @@ On CUDA the sweep keeps to `--budget` seconds (default 75; with start-up, under 
 kernels are first compiled in parallel worker processes (they fill Triton's on-disk cache), then
 each kernel and each shape gets a share of the time left; what does not fit is reported as
 skipped. The report is rewritten after every shape, so a run stopped from outside keeps what it
-measured. `--smoke`
-runs tiny shapes and two configurations per kernel on any device (the interpreter on CPU), so
-the script cannot rot.
+measured. `--smoke` runs tiny shapes and two or three configurations per kernel on any device
+(the interpreter on CPU), so the script cannot rot.
 
     python benchmarks/sweep_tiles.py --out DIR          # writes DIR/sweep.json and DIR/sweep.md
 """
@@ -281,6 +280,15 @@ class LnQkv:
               (16, 16, 256, 4, 4)]
     SIXTY_FOUR = [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 32, 128, 4, 4),
                   (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 5)]
+    # Launch options (kernels/layernorm_linear.py GemmLaunch), not timed yet: the statistics from
+    # their own launch (7th field True), and split-K (6th field: GEMM programs per output tile,
+    # then a reduce launch), so that skinny GEMMs fill every SM instead of 48-120 of 132.
+    SKINNY_OPTIONS = [(16, 128, 128, 4, 3, 1, True), (16, 128, 128, 4, 3, 2), (16, 128, 128, 4, 3, 3),
+                      (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4),
+                      (16, 64, 256, 8, 3, 2), (16, 32, 256, 4, 4, 2)]
+    SIXTY_FOUR_OPTIONS = [(64, 128, 64, 8, 3, 1, True), (64, 64, 128, 4, 3, 1, True), (32, 64, 128, 4, 4, 1, True),
+                          (16, 64, 128, 4, 4, 1, True), (64, 128, 64, 8, 3, 2), (64, 128, 64, 8, 3, 4),
+                          (64, 64, 128, 4, 3, 2), (32, 64, 128, 4, 4, 2)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -292,8 +300,11 @@ class LnQkv:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(config=(16, 32, 32, 4, 2))]
-        table = self.SKINNY if c["tokens"] <= 16 else self.SIXTY_FOUR
+            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2))]
+        if c["tokens"] <= 16:
+            table = self.SKINNY + self.SKINNY_OPTIONS
+        else:
+            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS
         return [{}] + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
@@ -653,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)),
                         help="compile processes (0: compile while measuring)")
     parser.add_argument("--only", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, two configurations per kernel")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, two or three configurations per kernel")
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error(f"--budget must be positive, got {args.budget}")

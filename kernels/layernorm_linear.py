@@ -5,6 +5,12 @@ kernel serves every linear op: an optional LayerNorm prologue (row statistics fr
 over K, then each A tile normalised as it is loaded) and an epilogue of bias, ReLU and residual.
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
+
+Two launch options, off by default and chosen per call through the `config` override (GemmLaunch):
+the row statistics from a separate small kernel (`_row_stats_kernel`, once per row instead of once
+per GEMM program), and split-K (SPLIT_K programs per output tile, each over a contiguous share of
+K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue).
+Both serve skinny (decode-sized) GEMMs, where the weight-bound grid has too few tiles for the SMs.
 """
 from __future__ import annotations
 
@@ -154,21 +160,46 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
 
 
 @triton.jit
+def _row_stats_kernel(x_ptr,       # [M, K] rows to normalise, any strides
+                      stats_ptr,   # [2, M] float32, contiguous: mean in row 0, rstd in row 1
+                      M, K, stride_xm, stride_xk, eps,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    # The GEMM prologue's statistics (same Chan merge in float64, same float32 results), written
+    # once per row, so that split-K programs and every N tile of a row block load two floats
+    # instead of re-reading the row over the whole K.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
+                            BLOCK_M, BLOCK_K, tl.float32, STAGES)
+    tl.store(stats_ptr + rows, mean, mask=row_mask)
+    tl.store(stats_ptr + M + rows, rstd, mask=row_mask)
+
+
+@triton.jit
 def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          ln_w_ptr,   # [K] LayerNorm gamma, contiguous (read only with HAS_LN)
                          ln_b_ptr,   # [K] LayerNorm beta, contiguous (read only with HAS_LN)
+                         stats_ptr,  # [2, M] float32 mean / rstd (read only with STATS_FROM_MEMORY)
                          w_ptr,      # [N, K] nn.Linear weight, any strides
-                         bias_ptr,   # [N] bias, contiguous
+                         bias_ptr,   # [N] bias, contiguous (not read with PARTIAL_OUT)
                          res_ptr,    # [M, N] residual, any strides (read only with HAS_RESIDUAL)
-                         out_ptr,    # [M, N] output, any strides
+                         out_ptr,    # [M, N] output, any strides; with PARTIAL_OUT the float32
+                                     # workspace [splits * M, N] (strides stride_om, stride_on)
                          M, N, K,
                          stride_xm, stride_xk, stride_wn, stride_wk,
-                         stride_rm, stride_rn, stride_om, stride_on, eps,
+                         stride_rm, stride_rn, stride_om, stride_on, eps, k_per_split,
                          HAS_LN: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr):
+                         GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
+                         STATS_FROM_MEMORY: tl.constexpr, PARTIAL_OUT: tl.constexpr):
     """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation. The LayerNorm row
-    statistics come from a first pass over x in chunks of STATS_K columns."""
+    statistics come from a first pass over x in chunks of STATS_K columns, or with
+    STATS_FROM_MEMORY from `stats_ptr` (written by _row_stats_kernel).
+
+    With PARTIAL_OUT, grid axis 1 splits K: program (tile, s) sums K columns [s * k_per_split,
+    (s + 1) * k_per_split) (k_per_split a multiple of BLOCK_K, so whole tiles) and stores that
+    float32 partial, with no epilogue, to rows s * M ... of the workspace; a split past K stores
+    zeros. _split_k_reduce_kernel adds the splits and applies the epilogue."""
     # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -178,48 +209,111 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     pid_m = first_m + (pid % group_width) % group_rows
     pid_n = (pid % group_width) // group_rows
 
+    if PARTIAL_OUT:
+        # k_per_split from the host: a division here (by the split count) kept more scalars
+        # live across the K loop, which ptxas spilled at some tiles
+        k_lo = tl.program_id(1) * k_per_split
+        # this split's columns; <= 0 past K (no iterations, the partial stays zero), and for the
+        # last split the K tail, so it also bounds the K masks
+        k_len = tl.minimum(k_per_split, K - k_lo)
+    else:
+        k_len = K
+
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
     if HAS_LN:
-        mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
-                                BLOCK_M, STATS_K, tl.float32, STATS_STAGES)
+        if STATS_FROM_MEMORY:
+            mean = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(stats_ptr + M + rows, mask=row_mask, other=0.0)
+        else:
+            mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
+                                    BLOCK_M, STATS_K, tl.float32, STATS_STAGES)
+    if PARTIAL_OUT:
+        # Move the K origin to this split's first column, so that the loop below is the unsplit
+        # one over k_len columns (a loop from a runtime k_lo, or k_lo added to every index, kept
+        # scalars live across it that ptxas spilled: 8-16 B at several tiles).
+        x_ptr += k_lo * stride_xk
+        w_ptr += k_lo * stride_wk
+        ln_w_ptr += k_lo
+        ln_b_ptr += k_lo
+        # Rows and columns past M and N load the last row / column again instead of being masked
+        # (the store drops them): with only the K mask in the loop, the row and column predicates
+        # are not live across it, which ptxas otherwise spilled to the stack at some tiles.
+        a_rows, b_cols = tl.minimum(rows, M - 1), tl.minimum(cols, N - 1)
+        a_row_mask = tl.full([BLOCK_M], True, tl.int1)
+        b_col_mask = tl.full([BLOCK_N], True, tl.int1)
+    else:
+        a_rows, b_cols, a_row_mask, b_col_mask = rows, cols, row_mask, col_mask
+    if HAS_LN:
         # gamma and beta are [BLOCK_K] vectors, too narrow per thread for cp.async, so the
         # pipeliner leaves them as plain loads that each iteration would wait on: load them one
-        # iteration ahead instead. gamma = beta = 0 past K, so the K tail of the normalised tile
-        # is exactly zero.
+        # iteration ahead instead. gamma = beta = 0 past k_len (K, or this split's end), so the K
+        # tail of the normalised tile is exactly zero.
         first_ks = tl.arange(0, BLOCK_K)
-        g_next = tl.load(ln_w_ptr + first_ks, mask=first_ks < K, other=0.0)
-        beta_next = tl.load(ln_b_ptr + first_ks, mask=first_ks < K, other=0.0)
+        g_next = tl.load(ln_w_ptr + first_ks, mask=first_ks < k_len, other=0.0)
+        beta_next = tl.load(ln_b_ptr + first_ks, mask=first_ks < k_len, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_len, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        k_mask = ks < k_len
+        a = tl.load(x_ptr + a_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_LN:
             g, beta = g_next.to(tl.float32), beta_next.to(tl.float32)
             ks_next = ks + BLOCK_K
-            g_next = tl.load(ln_w_ptr + ks_next, mask=ks_next < K, other=0.0)
-            beta_next = tl.load(ln_b_ptr + ks_next, mask=ks_next < K, other=0.0)
+            g_next = tl.load(ln_w_ptr + ks_next, mask=ks_next < k_len, other=0.0)
+            beta_next = tl.load(ln_b_ptr + ks_next, mask=ks_next < k_len, other=0.0)
             a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
             a = a_norm.to(x_ptr.dtype.element_ty)   # rounded like the unfused LN output
         # the weight tile as [BLOCK_K, BLOCK_N] = w^T, straight from nn.Linear's [N, K]
-        b = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + b_cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                    mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
         # ieee: fp32 inputs would otherwise run as TF32 on GPUs (no effect on fp16 / bf16)
         acc = tl.dot(a, b, acc, input_precision="ieee")
 
-    acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if PARTIAL_OUT:
+        ws_rows = tl.program_id(1) * M + rows   # this split's [M, N] slab of the workspace
+        tl.store(out_ptr + ws_rows[:, None] * stride_om + cols[None, :] * stride_on, acc, mask=mask)
+    else:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                           mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(ws_ptr,     # [SPLIT_K, M, N] float32 partial sums, contiguous
+                           bias_ptr,   # [N] bias, contiguous
+                           res_ptr,    # [M, N] residual, any strides (read only with HAS_RESIDUAL)
+                           out_ptr,    # [M, N] output, any strides
+                           M, N, stride_rm, stride_rn, stride_om, stride_on,
+                           SPLIT_K: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    # Flat over the M x N outputs: M is small where split-K pays, so 2-D tiles would be mostly
+    # masked rows. The splits are added in index order (no atomics), so the result does not
+    # depend on which GEMM program finished first; unrolled, so all SPLIT_K loads are in flight
+    # together.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    size = M * N
+    mask = offs < size
+    rows, cols = offs // N, offs % N
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for split in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + split * size + offs, mask=mask, other=0.0)
+    # the GEMM epilogue, in the same order
+    acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    mask = row_mask[:, None] & col_mask[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
-                       mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(res_ptr + rows * stride_rm + cols * stride_rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +328,8 @@ _LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a th
 # spills on sm_80, where 512-column chunks compile clean.
 _STATS_PER_WARP = 1024
 _STATS_STAGES = 3   # one chunk in use, the next two in flight
+_STATS_TILE = 2048   # elements of x per chunk of _row_stats_kernel: 16 fp32 values a thread at 4 warps
+_REDUCE_BLOCK = 1024  # outputs per program of _split_k_reduce_kernel: 8 a thread at 4 warps
 
 
 def _ln_blocks(n: int) -> tuple[int, int]:
@@ -241,6 +337,14 @@ def _ln_blocks(n: int) -> tuple[int, int]:
     as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program)."""
     block_n = min(1024, _next_pow2(n))
     return _LN_TILE // block_n, block_n
+
+
+def _stats_blocks(k: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of _row_stats_kernel: one row a program for OPT widths (768 and up),
+    so a 64-token batch spreads its loads over 64 SMs, in chunks of up to _STATS_TILE columns
+    (a 5120-wide row in three round trips, pipelined); narrow rows share a program."""
+    block_k = min(_STATS_TILE, _next_pow2(k))
+    return max(1, 1024 // block_k), block_k
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,12 +355,37 @@ def _num_sms(device: torch.device) -> int:
 
 
 class GemmConfig(NamedTuple):
-    """One launch of the GEMM kernel: tile sizes, warps and pipeline stages."""
+    """One launch of the GEMM kernel: tile sizes, warps and pipeline stages (what
+    default_config picks: no split-K, LayerNorm statistics in the GEMM prologue)."""
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+
+
+class GemmLaunch(NamedTuple):
+    """A GemmConfig and the launch options an override may add; the defaults are the launch a
+    GemmConfig makes. As a tuple: (block_m, block_n, block_k, num_warps, num_stages[, split_k[,
+    stats_kernel]]).
+
+    split_k: GEMM programs per output tile, each over a contiguous run of ceil(K tiles /
+        split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
+        one of _SPLIT_CHOICES). Above 1 they write float32 partials to a per-call workspace
+        `[split_k, tokens, out]` and a second kernel adds them in split order (deterministic)
+        and applies bias, ReLU, residual and the output cast. With a LayerNorm, split_k > 1
+        always takes the row statistics from _row_stats_kernel, whatever stats_kernel says.
+    stats_kernel: the LayerNorm row statistics from a separate launch (_row_stats_kernel) that
+        the GEMM reads, instead of each GEMM program's own pass over its rows; ignored without
+        a LayerNorm.
+    """
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    stats_kernel: bool = False
 
 
 class _Tier(NamedTuple):
@@ -296,13 +425,20 @@ _MIN_BLOCK_N = 16    # tl.dot's smallest N
 _BLOCK_CHOICES = (16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8)
 _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
+# Up to 8: past that the workspace traffic (8 x M x N floats each way) nears the weight's at 64
+# tokens, and a K of 768 (opt-125m) has only 6 tiles of 128.
+_SPLIT_CHOICES = (1, 2, 3, 4, 6, 8)
 
 
-def _fit(config: GemmConfig, dtype: torch.dtype) -> GemmConfig:
+def _fit(config, dtype: torch.dtype):
+    """The config (GemmConfig or GemmLaunch) as `dtype` runs it; launch options are kept."""
     if dtype == torch.float32:
         # fp32 "ieee" dots run on FMA units with both operand tiles in registers: keep them small
-        # (64x64 with the LN prologue already spills on sm_80)
-        return GemmConfig(min(config.block_m, 32), min(config.block_n, 64), min(config.block_k, 32), 4, 2)
+        # (64x64 with the LN prologue already spills on sm_80; 32x64 split-K with LN spills 8 B
+        # on sm_90, so split-K runs 16-row tiles)
+        rows = 16 if len(config) == 7 and config.split_k > 1 else 32
+        return config._replace(block_m=min(config.block_m, rows), block_n=min(config.block_n, 64),
+                               block_k=min(config.block_k, 32), num_warps=4, num_stages=2)
     return config
 
 
@@ -351,15 +487,21 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
     return configs
 
 
-def _check_config(config) -> GemmConfig:
-    if not isinstance(config, tuple) or len(config) != 5:
-        raise ValueError(f"config must be (block_m, block_n, block_k, num_warps, num_stages), got {config!r}")
-    config = GemmConfig(*config)
-    for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-        allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES}.get(name, _BLOCK_CHOICES)
+def _check_config(config) -> GemmLaunch:
+    """An override as a GemmLaunch: a 5-, 6- or 7-tuple (GemmConfig and GemmLaunch are tuples)."""
+    if not isinstance(config, tuple) or not 5 <= len(config) <= 7:
+        raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
+                         f"[, stats_kernel]]), got {config!r}")
+    config = GemmLaunch(*config)
+    for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"):
+        allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES,
+                   "split_k": _SPLIT_CHOICES}.get(name, _BLOCK_CHOICES)
         value = getattr(config, name)
-        if isinstance(value, bool) or value not in allowed:
+        # 2.0 == 2 and True == 1: only real ints reach the kernels' constexprs and the grid
+        if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
+    if not isinstance(config.stats_kernel, bool):
+        raise ValueError(f"config.stats_kernel must be True or False, got {config.stats_kernel!r}")
     return config
 
 
@@ -404,21 +546,55 @@ def _check_linear(x, weight, bias) -> int:
     return weight.shape[0]
 
 
+def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
+    """A public `config` argument checked and fitted to `dtype` (None: the heuristic's)."""
+    return None if config is None else _fit(_check_config(config), dtype)
+
+
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
     m, k = x.shape
     n = weight.shape[0]
     if config is None:
         config = default_config(m, n, x.dtype, _num_sms(x.device))
+    # a GemmConfig (the heuristic's pick) is a GemmLaunch with the default options
+    split_k, stats_kernel = (config[5], config[6]) if len(config) == 7 else (1, False)
+    if split_k > 1 and split_k * m * n > _INT32_MAX:
+        raise ValueError(f"config.split_k={split_k} needs a {split_k}x{m}x{n} workspace, past the "
+                         "kernels' int32 offsets")
     cfg = _kernel_options(config, x.dtype)
-    grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n),)
+    tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
     has_ln, has_res = ln_weight is not None, residual is not None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
     res = residual if has_res else out
-    _fused_linear_kernel[grid](x, ln_w, ln_b, weight, bias, res, out, m, n, k,
-                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                               res.stride(0), res.stride(1), out.stride(0), out.stride(1), eps,
-                               HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res, **cfg)
+    stats_from_memory = has_ln and (stats_kernel or split_k > 1)
+    stats = x
+    if stats_from_memory:
+        stats = torch.empty((2, m), dtype=torch.float32, device=x.device)
+        block_m, block_k = _stats_blocks(k)
+        _row_stats_kernel[(_cdiv(m, block_m),)](x, stats, m, k, x.stride(0), x.stride(1), eps,
+                                                BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES,
+                                                num_warps=4)
+    if split_k == 1:
+        _fused_linear_kernel[(tiles,)](x, ln_w, ln_b, stats, weight, bias, res, out, m, n, k,
+                                       x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                                       res.stride(0), res.stride(1), out.stride(0), out.stride(1), eps, k,
+                                       HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
+                                       STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=False, **cfg)
+        return
+    # Split-K: the GEMM writes float32 partials (its epilogue flags off, so every split count and
+    # epilogue shares one compiled GEMM); the reduce applies the epilogue. The workspace is
+    # [split_k * m, n] row-major, as the kernel addresses it.
+    workspace = torch.empty((split_k * m, n), dtype=torch.float32, device=x.device)
+    k_per_split = _cdiv(_cdiv(k, config.block_k), split_k) * config.block_k   # whole K tiles
+    _fused_linear_kernel[(tiles, split_k)](x, ln_w, ln_b, stats, weight, bias, workspace, workspace,
+                                           m, n, k, x.stride(0), x.stride(1), weight.stride(0),
+                                           weight.stride(1), n, 1, n, 1, eps, k_per_split,
+                                           HAS_LN=has_ln, RELU=False, HAS_RESIDUAL=False,
+                                           STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=True, **cfg)
+    _split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
+        workspace, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
 
 def _launch_layer_norm(x, weight, bias, eps, out) -> None:
@@ -447,19 +623,20 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                      weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     relu: bool = False, *, config: GemmConfig | None = None) -> torch.Tensor:
+                     relu: bool = False, *, config: tuple | None = None) -> torch.Tensor:
     """`[relu](LN(x) @ weight.T + bias)` in one kernel; with ln_weight None a plain linear.
 
     x: `[tokens, in]` (any strides); weight: `[out, in]` (nn.Linear layout, any strides); bias:
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
     it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
-    `config` (block_m, block_n, block_k, num_warps, num_stages; powers of two, 1..6 stages)
-    overrides `default_config`, for tests and the tile sweep; float32 inputs always run small
-    CUDA-core tiles.
+    `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel]]; blocks
+    powers of two 16..256, 1..6 stages, split_k in 1, 2, 3, 4, 6, 8, stats_kernel a bool; see
+    GemmLaunch) overrides `default_config`, for tests and the tile sweep. split_k > 1 adds a
+    reduce launch and, with a LayerNorm, always the statistics launch (stats_kernel=True adds
+    that alone). float32 inputs always run small CUDA-core tiles (the options are kept).
     """
     n = _check_linear(x, weight, bias)
-    if config is not None:
-        config = _fit(_check_config(config), x.dtype)
+    config = _override(config, x.dtype)
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must both be given or both be None")
     if ln_weight is not None:
@@ -472,36 +649,41 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    residual: torch.Tensor) -> torch.Tensor:
+                    residual: torch.Tensor, *, config: tuple | None = None) -> torch.Tensor:
     """`x @ weight.T + bias + residual` with both adds in the GEMM epilogue (out_proj, fc2).
 
     x: `[tokens, in]`, residual: `[tokens, out]` (both any strides); weight: `[out, in]`; bias:
-    `[out]`. Returns a new contiguous `[tokens, out]` tensor.
+    `[out]`. Returns a new contiguous `[tokens, out]` tensor. `config` as for layernorm_linear
+    (with split_k > 1 the adds run in the reduce launch; stats_kernel has no effect here).
     """
     n = _check_linear(x, weight, bias)
     _check_2d("residual", residual, (x.shape[0], n), x)
+    config = _override(config, x.dtype)
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out)
+        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out, config)
     return out
 
 
 def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                               residual: torch.Tensor, ln_weight: torch.Tensor,
-                              ln_bias: torch.Tensor, eps: float) -> torch.Tensor:
+                              ln_bias: torch.Tensor, eps: float, *,
+                              config: tuple | None = None) -> torch.Tensor:
     """`LN(x @ weight.T + bias + residual)`, the post-LN (OPT-350m) layout.
 
     Two launches: the GEMM writes the pre-norm sum (rounded to x's dtype, as the unfused layout
     does) and the LayerNorm kernel normalises it in place, since the statistics need whole rows,
     which no GEMM program holds. Shapes as `linear_residual`; ln_weight, ln_bias: `[out]`.
+    `config` overrides the GEMM's launch as for linear_residual (split_k > 1: three launches).
     """
     n = _check_linear(x, weight, bias)
     _check_2d("residual", residual, (x.shape[0], n), x)
     _check_vector("ln_weight", ln_weight, n, x)
     _check_vector("ln_bias", ln_bias, n, x)
+    config = _override(config, x.dtype)
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out)
+        _launch_linear(x, None, None, weight, bias, residual, 0.0, False, out, config)
         _launch_layer_norm(out, ln_weight, ln_bias, eps, out)
     return out
 
@@ -524,12 +706,30 @@ _LINEAR_FLAGS = ((True, True, False), (False, False, True))
 # activations and nn.Linear weights of OPT widths. Other layouts run a generic variant.
 _LN_UNIT_STRIDES = ("stride_xn", "stride_on")
 _GEMM_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_rn", "stride_on")
-_GEMM_DIVISIBLE = ("N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_om")
+_GEMM_DIVISIBLE = ("N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_rm", "stride_om")
+
+
+# Tile configs the launch options (GemmLaunch.split_k, stats_kernel) are compile-checked at: the
+# tile sweep's candidates with options (benchmarks/sweep_tiles.py, LnQkv) and the tiers' picks
+# they grew from. fp32 runs every config as one fitted tile (_fit).
+_OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
+    (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 8, 3), (16, 32, 256, 4, 4),
+    (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)))
+# The GEMM variants the options add, as (label, HAS_LN, RELU, STATS_FROM_MEMORY, PARTIAL_OUT): the
+# statistics read from memory under the heaviest epilogue without residual (LN + ReLU, fc1), and
+# the partial-sum store with and without the LayerNorm (epilogue flags are off there: the reduce
+# applies them).
+_OPTION_VARIANTS = (("ln+relu stats", True, True, True, False), ("ln split", True, False, True, True),
+                    ("split", False, False, False, True))
+# (RELU, HAS_RESIDUAL) of the reduce: its two epilogue loads / ops (QKV has neither)
+_REDUCE_FLAGS = ((True, False), (False, True))
 
 
 def compile_specs() -> list:
     """Every specialisation the launchers can pick (block configurations x dtypes, the heaviest
-    flags), for the sm_80 / sm_90 compile check. Shapes enter only through _ln_blocks."""
+    flags), for the sm_80 / sm_90 compile check. Shapes enter only through _ln_blocks and
+    _stats_blocks. The GEMM with launch options (split-K, statistics kernel) is checked at
+    _OPTION_CONFIGS, the configs overrides are expected to ask for."""
     from .compile_check import CompileSpec
     specs = []
     for dtype, t in _TYPES.items():
@@ -542,25 +742,57 @@ def compile_specs() -> list:
                 _layer_norm_kernel, f"{t} {block_m}x{block_n}", ln_sig,
                 dict(BLOCK_M=block_m, BLOCK_N=block_n, **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
                 divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4))
-        gemm_sig = dict(x_ptr=ptr, ln_w_ptr=ptr, ln_b_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, res_ptr=ptr,
-                        out_ptr=ptr, M="i32", N="i32", K="i32",
+        stats_sig = dict(x_ptr=ptr, stats_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
+                         stride_xk="constexpr", eps="fp32", BLOCK_M="constexpr", BLOCK_K="constexpr",
+                         STAGES="constexpr")
+        for block_m, block_k in sorted({_stats_blocks(k) for k in _LN_WIDTHS}):
+            specs.append(CompileSpec(
+                _row_stats_kernel, f"{t} {block_m}x{block_k}", stats_sig,
+                dict(BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES, stride_xk=1),
+                divisible_by_16=("K", "stride_xm"), num_warps=4))
+        reduce_sig = dict(ws_ptr="*fp32", bias_ptr=ptr, res_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
+                          stride_rm="i32", stride_rn="constexpr", stride_om="i32", stride_on="constexpr",
+                          SPLIT_K="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr", BLOCK="constexpr")
+        for split_k in _SPLIT_CHOICES[1:]:
+            for relu, has_res in _REDUCE_FLAGS:
+                specs.append(CompileSpec(
+                    _split_k_reduce_kernel, f"{t} split{split_k} {'relu' if relu else 'res'}", reduce_sig,
+                    dict(SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK,
+                         stride_rn=1, stride_on=1),
+                    divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4))
+        gemm_sig = dict(x_ptr=ptr, ln_w_ptr=ptr, ln_b_ptr=ptr, stats_ptr=ptr, w_ptr=ptr, bias_ptr=ptr,
+                        res_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32",
                         stride_xm="i32", stride_xk="constexpr", stride_wn="i32", stride_wk="constexpr",
                         stride_rm="i32", stride_rn="constexpr", stride_om="i32", stride_on="constexpr",
-                        eps="fp32", HAS_LN="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr",
-                        BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr",
-                        STATS_K="constexpr", STATS_STAGES="constexpr")
-        for config in _gemm_configs(dtype):
+                        eps="fp32", k_per_split="i32", HAS_LN="constexpr", RELU="constexpr",
+                        HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                        BLOCK_K="constexpr", GROUP_M="constexpr", STATS_K="constexpr",
+                        STATS_STAGES="constexpr", STATS_FROM_MEMORY="constexpr", PARTIAL_OUT="constexpr")
+
+        def gemm_spec(config, label, signature, **flags):
             cfg = _kernel_options(config, dtype)
             blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
+            label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
+                     f"w{config.num_warps}s{config.num_stages} {label}")
+            return CompileSpec(
+                _fused_linear_kernel, label, signature,
+                dict(blocks, **flags, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
+                uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
+                divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+        for config in _gemm_configs(dtype):
             for has_ln, relu, has_res in _LINEAR_FLAGS:
                 flags = "+".join(f for f, on in (("ln", has_ln), ("relu", relu), ("res", has_res)) if on)
-                label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
-                         f"w{config.num_warps}s{config.num_stages} {flags}")
-                specs.append(CompileSpec(
-                    _fused_linear_kernel, label, gemm_sig,
-                    dict(blocks, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
-                         **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
-                    uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
-                    divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"]))
+                specs.append(gemm_spec(config, flags, gemm_sig, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
+                                       STATS_FROM_MEMORY=False, PARTIAL_OUT=False))
+        for label, has_ln, relu, from_memory, partial in _OPTION_VARIANTS:
+            # fitted as the launcher fits a launch with or without split-K
+            fitted = (_fit(GemmLaunch(*c, split_k=2 if partial else 1), dtype) for c in _OPTION_CONFIGS)
+            for config in dict.fromkeys(GemmConfig(*c[:5]) for c in fitted):
+                # the launcher passes the float32 statistics, and the float32 workspace as both
+                # output and (unread) residual
+                signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if from_memory else {}),
+                                 **(dict(res_ptr="*fp32", out_ptr="*fp32") if partial else {}))
+                specs.append(gemm_spec(config, label, signature, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=False,
+                                       STATS_FROM_MEMORY=from_memory, PARTIAL_OUT=partial))
     return specs

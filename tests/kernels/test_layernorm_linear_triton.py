@@ -7,6 +7,7 @@ Shapes stay small: on CPU every kernel runs under the Triton interpreter.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -249,3 +250,272 @@ def test_config_override_reaches_the_launch(monkeypatch):
     assert grid == (1,)   # 4 rows, 16 columns: one 16x32 tile
     assert {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "STATS_K")} == \
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=5, STATS_K=128)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch options: the statistics kernel and split-K (GemmLaunch)
+# --------------------------------------------------------------------------------------------
+
+OPTION_TILES = (16, 32, 32, 4, 2)   # the same tile in fp32 (_fit) and fp16: K tiles of 32
+
+
+def record_launches(monkeypatch, *names):
+    """Replaces the ll kernels `names` by wrappers that record each launch as (name, grid, args,
+    kwargs) and then run it."""
+    launches = []
+    for name in names:
+        real = getattr(ll, name)
+
+        class Recording:
+            def __getitem__(self, grid, real=real, name=name):
+                def launch(*args, **kwargs):
+                    launches.append((name, grid, args, kwargs))
+                    return real[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(ll, name, Recording())
+    return launches
+
+
+KERNELS = ("_row_stats_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel")
+
+
+@pytest.fixture
+def ll_allocations(monkeypatch):
+    """Every float tensor ll allocates comes NaN-filled (so a split or an output element left
+    unwritten shows); returns the list of their shapes."""
+    real_empty = torch.empty
+    shapes = []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if sys._getframe(1).f_globals.get("__name__") == ll.__name__:
+            shapes.append(tuple(t.shape))
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+    return shapes
+
+
+def split_ranges(n_in: int, block_k: int, split_k: int) -> list[tuple[int, int]]:
+    """The K columns each split owns, as GemmLaunch.split_k documents it: contiguous runs of
+    ceil(tiles / split_k) whole K tiles, the last shorter or empty."""
+    per_split = -(-(-(-n_in // block_k)) // split_k) * block_k
+    return [(min(s * per_split, n_in), min((s + 1) * per_split, n_in)) for s in range(split_k)]
+
+
+def check_stats(stats: torch.Tensor, x: torch.Tensor) -> None:
+    """The statistics kernel's [2, M] float32 buffer against float64: the mean to a few float32
+    ulps (its float32 chunk sums) plus 1e-6 of the row's spread, 1/std to 1e-6 relative (a
+    one-pass variance would be off by ~1e-4 on rows offset by 40 stds)."""
+    x64 = x.double().cpu()
+    mean64 = x64.mean(1)
+    rstd64 = ((x64 - mean64[:, None]).pow(2).mean(1) + EPS).rsqrt()
+    assert stats.dtype == torch.float32 and stats.shape == (2, x.shape[0])
+    stats = stats.double().cpu()
+    assert ((stats[0] - mean64).abs() <= 4e-7 * mean64.abs() + 1e-6 / rstd64).all()
+    assert ((stats[1] / rstd64 - 1).abs()).max().item() < 1e-6
+
+
+def check_partials(workspace: torch.Tensor, h64: torch.Tensor, w: torch.Tensor, split_k: int,
+                   dtype: torch.dtype) -> None:
+    """Each split's float32 partial is its own K range of h @ w^T (no bias, no epilogue); a split
+    with no K tiles holds exact zeros."""
+    m, n = h64.shape[0], w.shape[0]
+    assert workspace.dtype == torch.float32 and workspace.shape == (split_k * m, n)
+    parts = workspace.view(split_k, m, n).double().cpu()
+    w64 = w.double().cpu()
+    atol, rtol = TOLERANCE[dtype]
+    scale = (h64 @ w64.T).pow(2).mean().sqrt().item()
+    for s, (lo, hi) in enumerate(split_ranges(h64.shape[1], OPTION_TILES[2], split_k)):
+        if lo == hi:
+            assert torch.equal(parts[s], torch.zeros(m, n, dtype=torch.float64)), f"empty split {s}"
+        else:
+            torch.testing.assert_close(parts[s], h64[:, lo:hi] @ w64[:, lo:hi].T, atol=2 * atol * scale,
+                                       rtol=2 * rtol, msg=lambda text: f"split {s} [{lo}, {hi}): {text}")
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("with_ln,relu,tokens,n_in", [
+    (True, True, 19, 150),    # five K tiles, the last of 22 columns; two row blocks; split 3
+                              # runs 2 + 2 + 1 tiles, split 8 leaves three splits empty
+    (True, False, 5, 40),     # two K tiles: split 3 and 8 leave splits empty
+    (False, True, 5, 150),
+    (False, False, 19, 40)], ids=["ln_relu_k150", "ln_k40", "relu_k150", "plain_k40"])
+def test_split_k_layernorm_linear(monkeypatch, ll_allocations, dtype, split_k, with_ln, relu, tokens, n_in):
+    """Split-K through the workspace, the statistics kernel (with LN) and the reduce: each
+    launch, each split's partial and the result against float64; operands are windows into NaN
+    and every buffer ll allocates starts as NaN."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    g = gen(1000 * split_k + 10 * tokens + n_in)
+    n_out = 40
+    x64 = randn(tokens, n_in, g=g, dtype=torch.float64)
+    x = poisoned_view(with_outliers(x64, g) + 40.0 if with_ln else x64, dtype)
+    w = poisoned_view(randn(n_out, n_in, g=g, dtype=torch.float64, scale=n_in ** -0.5), dtype, transpose=True)
+    ln_w, ln_b = ln_params(n_in, g, dtype) if with_ln else (None, None)
+    bias = randn(n_out, g=g, dtype=dtype, scale=0.2)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=relu, config=OPTION_TILES + (split_k,))
+
+    h64 = naive_layer_norm(x, ln_w, ln_b, EPS) if with_ln else x.double().cpu()
+    expected = naive_linear(h64, w, bias)
+    check(out, expected.clamp(min=0) if relu else expected, dtype)
+    assert [name for name, *_ in launches] == list(KERNELS if with_ln else KERNELS[1:])
+    assert ll_allocations == ([(tokens, n_out), (2, tokens), (split_k * tokens, n_out)] if with_ln
+                              else [(tokens, n_out), (split_k * tokens, n_out)])
+    (_, gemm_grid, gemm_args, gemm), (_, reduce_grid, reduce_args, reduce) = launches[-2:]
+    assert gemm_grid == (-(-tokens // 16) * -(-n_out // 32), split_k)
+    assert gemm["PARTIAL_OUT"] and gemm["STATS_FROM_MEMORY"] == with_ln
+    assert not gemm["RELU"] and not gemm["HAS_RESIDUAL"]    # the reduce's job
+    assert reduce["SPLIT_K"] == split_k and reduce["RELU"] == relu and not reduce["HAS_RESIDUAL"]
+    assert reduce_args[0] is gemm_args[7] and reduce_args[3] is out
+    check_partials(reduce_args[0], h64, w, split_k, dtype)
+    if with_ln:
+        check_stats(launches[0][2][1], x)
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_stats_kernel_alone(monkeypatch, ll_allocations, dtype):
+    """stats_kernel without split-K: the statistics launch, then the GEMM reading them (no
+    workspace, no reduce); on outlier rows with a large common offset. Without a LayerNorm the
+    option launches nothing extra."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    g = gen(77)
+    x = poisoned_view(with_outliers(randn(19, 150, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(150, 40, g, dtype)
+    ln_w, ln_b = ln_params(150, g, dtype)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + (1, True))
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias).clamp(min=0), dtype)
+    assert [name for name, *_ in launches] == list(KERNELS[:2])
+    assert ll_allocations == [(19, 40), (2, 19)]
+    (_, _, stats_args, _), (_, grid, gemm_args, gemm) = launches
+    assert grid == (4,) and gemm["STATS_FROM_MEMORY"] and not gemm["PARTIAL_OUT"]
+    assert gemm_args[3] is stats_args[1]
+    check_stats(stats_args[1], x)
+
+    launches.clear()
+    out = ll.layernorm_linear(x, None, None, w, bias, EPS, config=OPTION_TILES + (1, True))
+    check(out, naive_linear(x, w, bias), dtype)
+    assert [name for name, *_ in launches] == ["_fused_linear_kernel"]
+    assert not launches[0][3]["STATS_FROM_MEMORY"]
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_stats_kernel_rows_past_one_chunk(monkeypatch, dtype):
+    """2500 columns: the statistics kernel merges a 2048-column chunk and a 452-column tail per
+    row (Chan), on outlier rows offset by 300; split-K (4) on top, ten K tiles of 256."""
+    launches = record_launches(monkeypatch, "_row_stats_kernel")
+    g = gen(2500)
+    x = poisoned_view(with_outliers(randn(5, 2500, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(2500, 16, g, dtype)
+    ln_w, ln_b = ln_params(2500, g, dtype)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=(16, 16, 256, 4, 2, 4))
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
+    [(_, grid, args, kwargs)] = launches
+    assert kwargs["BLOCK_K"] == 2048 and grid == (5,)
+    check_stats(args[1], x)
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("split_k", [3, 6])
+def test_split_k_linear_residual(monkeypatch, ll_allocations, dtype, split_k):
+    """out_proj / fc2 with split-K: the residual (column-major, in NaN) and the bias added once,
+    in the reduce; then the post-LN variant normalising the reduced sum. stats_kernel is
+    ignored without a LayerNorm."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    g = gen(split_k)
+    x = poisoned_view(randn(19, 100, g=g, dtype=torch.float64), dtype)
+    w, b = linear_params(100, 41, g, dtype)
+    residual = poisoned_view(randn(19, 41, g=g, dtype=torch.float64, scale=3.0), dtype, transpose=True)
+    config = OPTION_TILES + (split_k, True)
+    out = ll.linear_residual(x, w, b, residual, config=config)
+    expected = naive_linear(x, w, b) + residual.double().cpu()
+    check(out, expected, dtype)
+    assert [name for name, *_ in launches] == list(KERNELS[1:])
+    (_, grid, _, gemm), (_, _, reduce_args, reduce) = launches
+    assert grid == (4, split_k) and gemm["PARTIAL_OUT"] and not gemm["STATS_FROM_MEMORY"]
+    assert reduce["HAS_RESIDUAL"] and not reduce["RELU"] and reduce_args[2] is residual
+    check_partials(reduce_args[0], x.double().cpu(), w, split_k, dtype)
+
+    launches.clear()
+    ln_w, ln_b = ln_params(41, g, dtype)
+    out = ll.linear_residual_layernorm(x, w, b, residual, ln_w, ln_b, EPS, config=config)
+    check(out, naive_layer_norm(expected, ln_w, ln_b, EPS), dtype)
+    assert [name for name, *_ in launches] == list(KERNELS[1:])
+
+
+def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
+    """The heuristic's launch and a 5-tuple override: one GEMM launch with its prologue and
+    epilogue, one allocation (the output), as before the options existed."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    x, ln_w, ln_b, w, b, r = _valid()
+    for config in (None, OPTION_TILES, OPTION_TILES + (1,), OPTION_TILES + (1, False)):
+        ll_allocations.clear()
+        launches.clear()
+        ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=config)
+        ll.linear_residual(x, w, b, r, config=config)
+        assert [name for name, *_ in launches] == ["_fused_linear_kernel"] * 2, config
+        assert ll_allocations == [(4, 16)] * 2
+        for _, grid, _, kwargs in launches:
+            assert len(grid) == 1 and not kwargs["PARTIAL_OUT"] and not kwargs["STATS_FROM_MEMORY"]
+    assert type(ll.default_config(4, 16, torch.float16)) is ll.GemmConfig
+
+
+@pytest.mark.parametrize("config,field", [
+    (OPTION_TILES + (5,), "split_k"), (OPTION_TILES + (0,), "split_k"), (OPTION_TILES + (True,), "split_k"),
+    (OPTION_TILES + (2.0,), "split_k"), (OPTION_TILES + (2, 1), "stats_kernel"),
+    (OPTION_TILES + (2, "yes"), "stats_kernel"), (OPTION_TILES + (1, None), "stats_kernel"),
+    (OPTION_TILES + (2, True, 0), "config")], ids=str)
+def test_launch_options_are_checked(config, field):
+    x, ln_w, ln_b, w, b, r = _valid()
+    with pytest.raises(ValueError, match=field):
+        ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=config)
+    with pytest.raises(ValueError, match=field):
+        ll.linear_residual(x, w, b, r, config=config)
+
+
+def test_workspace_past_int32_offsets_is_refused(monkeypatch):
+    """split_k x tokens x out must fit the kernels' int32 offsets (the limit lowered here so that
+    small operands pass their own check and split 8's workspace does not)."""
+    monkeypatch.setattr(ll, "_INT32_MAX", 2000)
+    g = gen(8)
+    x = randn(5, 16, g=g, dtype=torch.float16)
+    w, b = linear_params(16, 64, g, torch.float16)
+    out = ll.layernorm_linear(x, None, None, w, b, EPS, config=OPTION_TILES + (2,))   # 640 elements
+    check(out, naive_linear(x, w, b), torch.float16)
+    with pytest.raises(ValueError, match="split_k=8"):                                  # 2560
+        ll.layernorm_linear(x, None, None, w, b, EPS, config=OPTION_TILES + (8,))
+
+
+def test_float32_launch_options_fit_small_tiles(monkeypatch):
+    """float32 keeps the options on its small CUDA-core tiles (_fit), with 16-row tiles under
+    split-K (32 rows spilled there on sm_90)."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    x, ln_w, ln_b, w, b, _ = _valid(torch.float32)
+    for config, block_m in (((64, 128, 64, 8, 3, 2), 16), ((64, 128, 64, 8, 3, 1, True), 32)):
+        launches.clear()
+        out = ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=config)
+        check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, b), torch.float32)
+        gemm = [kwargs for name, _, _, kwargs in launches if name == "_fused_linear_kernel"][0]
+        assert {k: gemm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")} == \
+            dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        assert gemm["PARTIAL_OUT"] == (config[5] > 1) and gemm["STATS_FROM_MEMORY"]
+
+
+def test_sweep_candidates_with_options_are_compile_checked():
+    """Every tile-sweep candidate that asks for split-K or the statistics kernel
+    (benchmarks/sweep_tiles.py, LnQkv) has its tile in ll._OPTION_CONFIGS, which the compile
+    check builds with those options (the heuristic's own tiles are covered above)."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
+    spec = importlib.util.spec_from_file_location("sweep_tiles_for_options", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    family = sweep.FAMILIES["ln_qkv"]
+    for dtype in (torch.float16, torch.bfloat16):
+        for table in (family.SKINNY, family.SIXTY_FOUR):
+            for config in table:
+                launch = ll._fit(ll._check_config(tuple(config)), dtype)
+                if launch.split_k > 1 or launch.stats_kernel:
+                    assert ll.GemmConfig(*launch[:5]) in ll._OPTION_CONFIGS, config

@@ -289,6 +289,11 @@ class LnQkv:
     SIXTY_FOUR_OPTIONS = [(64, 128, 64, 8, 3, 1, True), (64, 64, 128, 4, 3, 1, True), (32, 64, 128, 4, 4, 1, True),
                           (16, 64, 128, 4, 4, 1, True), (64, 128, 64, 8, 3, 2), (64, 128, 64, 8, 3, 4),
                           (64, 64, 128, 4, 3, 2), (32, 64, 128, 4, 4, 2)]
+    # Not fused: our LayerNorm launch, then our GEMM on its output (prenorm), as the torch pair
+    # runs. Tells whether the GEMM loop itself, without the normalisation in it, keeps up with
+    # cuBLAS (the `linear alone` time) at these shapes.
+    PRENORM = {"skinny": [(16, 128, 128, 4, 3), (16, 128, 128, 4, 3, 4)],
+               "sixty_four": [(64, 128, 64, 8, 3), (64, 128, 64, 8, 3, 2)]}
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -300,12 +305,12 @@ class LnQkv:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2))]
+            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2), prenorm=True)]
         if c["tokens"] <= 16:
-            table = self.SKINNY + self.SKINNY_OPTIONS
+            table, prenorm = self.SKINNY + self.SKINNY_OPTIONS, self.PRENORM["skinny"]
         else:
-            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS
-        return [{}] + [dict(config=t) for t in table]
+            table, prenorm = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS, self.PRENORM["sixty_four"]
+        return [{}] + [dict(config=t) for t in table] + [dict(config=t, prenorm=True) for t in prenorm]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
@@ -336,6 +341,10 @@ class LnQkv:
                     w=rand(3 * h, h, scale=h ** -0.5), b=rand(3 * h, scale=0.1))
 
     def ours(self, x: dict, config: dict):
+        if config.get("prenorm"):
+            gemm = config["config"]
+            return lambda: ll.layernorm_linear(ll.layer_norm(x["x"], x["ln_w"], x["ln_b"], EPS), None, None,
+                                               x["w"], x["b"], EPS, config=gemm)
         return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
 
     def peer(self, x: dict):

@@ -148,8 +148,8 @@ def _prefill_attention_kernel(
     head = tl.program_id(0)
     # Last blocks first: they see the most keys, and starting them early shortens the tail.
     vblock = tl.num_programs(1) - 1 - tl.program_id(1)
-    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock (s = 0 always
-    # qualifies; the left side grows strictly with s). Counted over whole chunks of cu_seqlens
+    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock, or s = 0 (the left
+    # side grows strictly with s). Counted over whole chunks of cu_seqlens
     # at once rather than by binary search: one memory round trip per SEQ_CHUNK sequences instead
     # of one per halving, which a short program (128-token prompts in a batch of 64) would
     # otherwise spend most of its time waiting on. With cu_seqlens non-decreasing, the sequence's
@@ -160,7 +160,8 @@ def _prefill_attention_kernel(
     for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
         s = s0 + tl.arange(0, SEQ_CHUNK)
         bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
-        qualifies = (s < num_seqs) & (bounds // BLOCK_M + s <= vblock)
+        # s = 0 qualifies whatever its start: packed tokens may begin after an offset
+        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
         seq += tl.sum(qualifies.to(tl.int32))
         q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
         q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
@@ -550,10 +551,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _tma_addressable(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base and every outer stride a multiple of 16 bytes
-    (the input check allows any stride on a dimension of size 1)."""
+    """A TMA descriptor needs a 16-byte aligned base and every outer stride a positive multiple of
+    16 bytes (the input check allows any stride on a dimension of size 1, and broadcast views)."""
     item = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(stride * item % 16 == 0 for stride in t.stride()[:-1])
+    return t.data_ptr() % 16 == 0 and all(stride > 0 and stride * item % 16 == 0 for stride in t.stride()[:-1])
 
 
 def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:

@@ -128,6 +128,21 @@ def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count)
     assert_matches(prefill_attention(*args, tiles=Tiles(16, 16, 4, 2)), expected, torch.float32)
 
 
+def test_packed_tokens_after_an_offset(nan_empty):
+    """cu_seqlens_q may start past 0 (tokens before it belong to no sequence): the programs of
+    the blocks before the first sequence find sequence 0 and write nothing, and never read the
+    context length or block table row before it (here a huge context through junk blocks)."""
+    args, expected = prefill_case([(3, 20), (5, 13)], 8, 1, 16, torch.float32, seed=6)
+    q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
+    lead = 40
+    shifted = [torch.cat([torch.full((lead, *t.shape[1:]), float("nan"), device=DEVICE), t]) for t in (q, k, v)]
+    contexts = torch.tensor([10 ** 6] + context_lens.tolist(), **I32)
+    tables = torch.cat([torch.full((1, block_tables.shape[1]), 10 ** 6, **I32), block_tables])
+    out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, contexts[1:], tables[1:], scale,
+                            tiles=Tiles(16, 16, 4, 2))
+    assert_matches(out[lead:], expected, torch.float32)
+
+
 def test_head_splits():
     """Heads of two powers of two of at least 16 split into two exact tiles; others pad."""
     split = attention._head_split

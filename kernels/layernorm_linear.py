@@ -554,11 +554,10 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
     m, k = x.shape
     n = weight.shape[0]
-    if config is None:
-        config = default_config(m, n, x.dtype, _num_sms(x.device))
     # a GemmConfig (the heuristic's pick) is a GemmLaunch with the default options
-    split_k, stats_kernel = (config[5], config[6]) if len(config) == 7 else (1, False)
-    if split_k > 1 and split_k * m * n > _INT32_MAX:
+    config = GemmLaunch(*(default_config(m, n, x.dtype, _num_sms(x.device)) if config is None else config))
+    split_k, partial = config.split_k, config.split_k > 1
+    if partial and split_k * m * n > _INT32_MAX:
         raise ValueError(f"config.split_k={split_k} needs a {split_k}x{m}x{n} workspace, past the "
                          "kernels' int32 offsets")
     cfg = _kernel_options(config, x.dtype)
@@ -567,7 +566,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
     res = residual if has_res else out
-    stats_from_memory = has_ln and (stats_kernel or split_k > 1)
+    stats_from_memory = has_ln and (config.stats_kernel or partial)
     stats = x
     if stats_from_memory:
         stats = torch.empty((2, m), dtype=torch.float32, device=x.device)
@@ -575,26 +574,25 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
         _row_stats_kernel[(_cdiv(m, block_m),)](x, stats, m, k, x.stride(0), x.stride(1), eps,
                                                 BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES,
                                                 num_warps=4)
-    if split_k == 1:
-        _fused_linear_kernel[(tiles,)](x, ln_w, ln_b, stats, weight, bias, res, out, m, n, k,
-                                       x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                                       res.stride(0), res.stride(1), out.stride(0), out.stride(1), eps, k,
-                                       HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
-                                       STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=False, **cfg)
-        return
-    # Split-K: the GEMM writes float32 partials (its epilogue flags off, so every split count and
-    # epilogue shares one compiled GEMM); the reduce applies the epilogue. The workspace is
-    # [split_k * m, n] row-major, as the kernel addresses it.
-    workspace = torch.empty((split_k * m, n), dtype=torch.float32, device=x.device)
-    k_per_split = _cdiv(_cdiv(k, config.block_k), split_k) * config.block_k   # whole K tiles
-    _fused_linear_kernel[(tiles, split_k)](x, ln_w, ln_b, stats, weight, bias, workspace, workspace,
-                                           m, n, k, x.stride(0), x.stride(1), weight.stride(0),
-                                           weight.stride(1), n, 1, n, 1, eps, k_per_split,
-                                           HAS_LN=has_ln, RELU=False, HAS_RESIDUAL=False,
-                                           STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=True, **cfg)
-    _split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
-        workspace, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-        SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, num_warps=4)
+    if partial:
+        # Split-K: the GEMM writes float32 partials to a [split_k * m, n] row-major workspace
+        # with its epilogue flags off (so every split count and epilogue shares one compiled
+        # GEMM); the reduce applies the epilogue.
+        gemm_res = gemm_out = torch.empty((split_k * m, n), dtype=torch.float32, device=x.device)
+        k_per_split = _cdiv(_cdiv(k, config.block_k), split_k) * config.block_k   # whole K tiles
+    else:
+        gemm_res, gemm_out, k_per_split = res, out, k
+    grid = (tiles, split_k) if partial else (tiles,)
+    _fused_linear_kernel[grid](x, ln_w, ln_b, stats, weight, bias, gemm_res, gemm_out, m, n, k,
+                               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                               gemm_res.stride(0), gemm_res.stride(1), gemm_out.stride(0),
+                               gemm_out.stride(1), eps, k_per_split, HAS_LN=has_ln,
+                               RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
+                               STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial, **cfg)
+    if partial:
+        _split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
+            gemm_out, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+            SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
 
 def _launch_layer_norm(x, weight, bias, eps, out) -> None:

@@ -16,6 +16,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert " sm_90 " in done.stdout and " sm_80 " in done.stdout
 
 
+def _compiled_verdicts(script: str) -> list[str]:
+    """Runs a compile-check script (printing two verdicts and an error) outside the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().split(" ", 2)
+
+
 def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
     """A specialisation needing more shared memory than the target's limit is reported as failing
     (the limit is lowered here, so that a real tile of the prefill kernel exceeds it)."""
@@ -26,10 +34,7 @@ def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
         "cc.SHARED_LIMITS[90] = fits.shared_bytes - 1\n"
         "over = cc.compile_one(spec, 90, 'sm_90')\n"
         "print(fits.ok, over.ok, over.error)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    fits_ok, over_ok, error = done.stdout.strip().split(" ", 2)
+    fits_ok, over_ok, error = _compiled_verdicts(script)
     assert fits_ok == "True" and over_ok == "False" and "shared memory" in error
 
 
@@ -45,8 +50,5 @@ def test_tma_specs_are_checked_for_bulk_tensor_copies():
         "with_tma = cc.compile_one(tma, 90, 'sm_90')\n"
         "without = cc.compile_one(dataclasses.replace(plain, uses_tma=True), 90, 'sm_90')\n"
         "print(with_tma.ok, without.ok, without.error)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    tma_ok, plain_ok, error = done.stdout.strip().split(" ", 2)
+    tma_ok, plain_ok, error = _compiled_verdicts(script)
     assert tma_ok == "True" and plain_ok == "False" and "bulk tensor copies" in error

@@ -180,15 +180,20 @@ class Prefill:
     HEADS = {"opt-1.3b": (32, 64), "opt-2.7b": (32, 80), "opt-6.7b": (32, 128), "opt-13b": (40, 128)}
     # (block_m, block_n, num_warps, num_stages) per padded head_dim: the 2026-11-26 defaults and
     # their neighbours, the sm_90 128x128 tile, fewer stages, 4-warp 128-row tiles, smaller keys.
+    # At head_dim 128 also one 4-warp warpgroup per 64 query rows (not timed yet: they spilled
+    # before the output store went by row pointers): two such programs fit an SM and run their
+    # softmax and their wgmmas out of step, where one 8-warp program's two warpgroups wait on the
+    # same barriers. At head_dim 64 that shape won every shape swept.
     TILES = {64: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3),
                   (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)],
              128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),
-                   (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3)]}
+                   (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3),
+                   (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]}
     # sm_90+: the same kernel with q and the off-diagonal K/V tiles loaded by TMA (tiles.tma), at
-    # the shapes that won without it.
+    # the shapes that won without it, and the 4-warp head-128 tile.
     TMA_TILES = {64: [(64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True)],
                  128: [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
-                       (64, 64, 8, 2, True)]}
+                       (64, 64, 8, 2, True), (64, 64, 4, 3, True)]}
     # head_dim 80 runs as 64 + 16 exact tiles by default; these time it padded to 128 as before
     # (the 2026-11-26 H100 sweep's best padded tiles).
     PADDED_80 = [(128, 128, 8, 3, False, False), (128, 64, 8, 3, False, False), (64, 64, 8, 2, False, False)]

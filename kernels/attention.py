@@ -65,6 +65,16 @@ def _load_rows(row_ptrs, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D:
 
 
 @triton.jit
+def _store_rows(row_ptrs, offs_d, tile, rows_ok, d_ok, MASK_D: tl.constexpr):
+    """Store a [rows, len(offs_d)] tile through one pointer per row, masked like _load_rows."""
+    ptrs = row_ptrs[:, None] + offs_d[None, :]
+    if MASK_D:
+        tl.store(ptrs, tile, mask=rows_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(ptrs, tile, mask=rows_ok[:, None])
+
+
+@triton.jit
 def _load_head(row_ptrs, offs_d, offs_h, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr,
                D_HI: tl.constexpr):
     """One tile of heads as its (first D_LO columns, last D_HI columns); without a split the
@@ -279,16 +289,14 @@ def _prefill_attention_kernel(
         acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                               causal, True, UPCAST_DOT, D_HI)
 
-    # A block pointer computes the row addresses at the store; reusing q's kept them live through
-    # every loop (spills on sm_80).
-    o_base = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh
-    o_block = tl.make_block_ptr(o_base, shape=(q_len, HEAD_DIM - D_HI), strides=(stride_ot, 1),
-                                offsets=(block_m * BLOCK_M, 0), block_shape=(BLOCK_M, D_LO), order=(1, 0))
-    tl.store(o_block, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
+    # Row addresses computed afresh here: reusing q's kept them live through every loop (spills
+    # on sm_80), and a block pointer's 64-bit bounds checks held 64-bit row pointers across the
+    # diagonal tile (spills with one 4-warp warpgroup at head_dim 128).
+    o_rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
+    o_rows = tl.multiple_of(o_rows, 16)
+    _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, MASK_D)
     if D_HI > 0:
-        o_hi_block = tl.make_block_ptr(o_base + D_LO, shape=(q_len, D_HI), strides=(stride_ot, 1),
-                                       offsets=(block_m * BLOCK_M, 0), block_shape=(BLOCK_M, D_HI), order=(1, 0))
-        tl.store(o_hi_block, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), boundary_check=(0, 1))
+        _store_rows(o_rows, offs_h, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, False)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -374,8 +382,9 @@ _TILES = {
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
 # TMA twins of the sm_90 entries: candidates for the tile sweep until a GPU has timed them.
 TMA_CANDIDATES = {key: tiles._replace(tma=True) for key, tiles in _TILES_SM90.items()}
-# fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles.
-_TILES_FP32 = Tiles(16, 16, 4, 2)
+# fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
+# stages: at 2, head_dim 64 spills 8 B on sm_90).
+_TILES_FP32 = Tiles(16, 16, 4, 3)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What an override may ask for (benchmarks/sweep_tiles.py); BLOCK_M must be a multiple of BLOCK_N.
 _BLOCK_CHOICES = (16, 32, 64, 128, 256)
@@ -612,12 +621,11 @@ def compile_specs() -> list:
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
               for head_dim in (64, 80, 128)]
     # head_dim 80 padded to one 128-wide tile (tiles.split_head=False), as before the split: the
-    # sweep times it beside the split, at the sm_90 entries; each target builds its own entries.
-    for capability, _ in TARGETS:
-        for (kind, tile_head_dim), tiles in tile_table(capability).items():
-            if tile_head_dim == 128:
-                specs += [spec(dtype, 80, 16, tiles._replace(split_head=False), kind, (capability,))
-                          for dtype in ("fp16", "bf16")]
+    # sweep times it beside the split on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
+    for (kind, tile_head_dim), tiles in tile_table(_TMA_CAPABILITY).items():
+        if tile_head_dim == 128:
+            specs += [spec(dtype, 80, 16, tiles._replace(split_head=False), kind, (_TMA_CAPABILITY,))
+                      for dtype in ("fp16", "bf16")]
     # The TMA twin of each sm_90 entry (TMA_CANDIDATES, not yet a default): the sweep times them.
     for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):

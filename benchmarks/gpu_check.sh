@@ -9,7 +9,8 @@
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
 # Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
-# `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape.
+# `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
+# SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals.
 # Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
 # gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
 # bench_generate.md, bench_generate.json.
@@ -32,7 +33,9 @@ sweep_rc=0 tests_rc=0 kernels_rc=0 bench_rc=0
 # fills Triton's cache for the phases after it.
 if want sweep; then
   SWEEP_BUDGET=${SWEEP_BUDGET:-70}
-  timeout $((SWEEP_BUDGET + 20)) python3 benchmarks/sweep_tiles.py --budget "$SWEEP_BUDGET" --out "$PARTS/sweep" 2>&1 \
+  # shellcheck disable=SC2086  # SWEEP_ONLY is a list of words
+  timeout $((SWEEP_BUDGET + 20)) python3 benchmarks/sweep_tiles.py --budget "$SWEEP_BUDGET" \
+    --only ${SWEEP_ONLY:-decode prefill ln_qkv} --out "$PARTS/sweep" 2>&1 \
     | tee -a "$OUT/kernels.log" | grep -E "^(decode|prefill|ln_qkv|compiling| +[0-9]+ done)"
   sweep_rc=${PIPESTATUS[0]}
   # copied even after a timeout: the sweep rewrites its report after every shape

@@ -6,11 +6,13 @@ over K, then each A tile normalised as it is loaded) and an epilogue of bias, Re
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
-Two launch options, off by default and chosen per call through the `config` override (GemmLaunch):
-the row statistics from a separate small kernel (`_row_stats_kernel`, once per row instead of once
-per GEMM program), and split-K (SPLIT_K programs per output tile, each over a contiguous share of
+Three launch options, off by default and chosen per call through the `config` override
+(GemmLaunch): the row statistics from a separate small kernel (`_row_stats_kernel`, once per row
+instead of once per GEMM program); the whole LayerNorm as its own launch before a plain GEMM
+(normalize_first); and split-K (SPLIT_K programs per output tile, each over a contiguous share of
 K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue).
-Both serve skinny (decode-sized) GEMMs, where the weight-bound grid has too few tiles for the SMs.
+They serve skinny (decode-sized) GEMMs, where the weight-bound grid has too few tiles for the SMs
+and every program of a row tile normalises the same rows again.
 """
 from __future__ import annotations
 
@@ -367,7 +369,7 @@ class GemmConfig(NamedTuple):
 class GemmLaunch(NamedTuple):
     """A GemmConfig and the launch options an override may add; the defaults are the launch a
     GemmConfig makes. As a tuple: (block_m, block_n, block_k, num_warps, num_stages[, split_k[,
-    stats_kernel]]).
+    stats_kernel[, normalize_first]]]).
 
     split_k: GEMM programs per output tile, each over a contiguous run of ceil(K tiles /
         split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
@@ -378,6 +380,12 @@ class GemmLaunch(NamedTuple):
     stats_kernel: the LayerNorm row statistics from a separate launch (_row_stats_kernel) that
         the GEMM reads, instead of each GEMM program's own pass over its rows; ignored without
         a LayerNorm.
+    normalize_first: the LayerNorm as its own launch (_layer_norm_kernel, rounding the rows to
+        x's dtype as the unfused pair does), then the plain GEMM on them: its A tiles go from
+        shared memory straight to the tensor cores instead of through registers to be
+        normalised, which at 64 rows is most of the instructions of each K step (sm_90: 146 a
+        step for the plain 64x64x128 loop, 562 normalising). stats_kernel is then moot;
+        ignored without a LayerNorm.
     """
     block_m: int
     block_n: int
@@ -386,6 +394,7 @@ class GemmLaunch(NamedTuple):
     num_stages: int
     split_k: int = 1
     stats_kernel: bool = False
+    normalize_first: bool = False
 
 
 class _Tier(NamedTuple):
@@ -436,7 +445,7 @@ def _fit(config, dtype: torch.dtype):
         # fp32 "ieee" dots run on FMA units with both operand tiles in registers: keep them small
         # (64x64 with the LN prologue already spills on sm_80; 32x64 split-K with LN spills 8 B
         # on sm_90, so split-K runs 16-row tiles)
-        rows = 16 if len(config) == 7 and config.split_k > 1 else 32
+        rows = 16 if isinstance(config, GemmLaunch) and config.split_k > 1 else 32
         return config._replace(block_m=min(config.block_m, rows), block_n=min(config.block_n, 64),
                                block_k=min(config.block_k, 32), num_warps=4, num_stages=2)
     return config
@@ -489,9 +498,9 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
 
 def _check_config(config) -> GemmLaunch:
     """An override as a GemmLaunch: a 5-, 6- or 7-tuple (GemmConfig and GemmLaunch are tuples)."""
-    if not isinstance(config, tuple) or not 5 <= len(config) <= 7:
+    if not isinstance(config, tuple) or not 5 <= len(config) <= 8:
         raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
-                         f"[, stats_kernel]]), got {config!r}")
+                         f"[, stats_kernel[, normalize_first]]]), got {config!r}")
     config = GemmLaunch(*config)
     for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"):
         allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES,
@@ -500,8 +509,9 @@ def _check_config(config) -> GemmLaunch:
         # 2.0 == 2 and True == 1: only real ints reach the kernels' constexprs and the grid
         if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
-    if not isinstance(config.stats_kernel, bool):
-        raise ValueError(f"config.stats_kernel must be True or False, got {config.stats_kernel!r}")
+    for name in ("stats_kernel", "normalize_first"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"config.{name} must be True or False, got {getattr(config, name)!r}")
     return config
 
 
@@ -562,6 +572,10 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
                          "kernels' int32 offsets")
     cfg = _kernel_options(config, x.dtype)
     tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
+    if ln_weight is not None and config.normalize_first:
+        normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
+        _launch_layer_norm(x, ln_weight, ln_bias, eps, normed)
+        x, ln_weight, ln_bias = normed, None, None
     has_ln, has_res = ln_weight is not None, residual is not None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
@@ -627,11 +641,12 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     x: `[tokens, in]` (any strides); weight: `[out, in]` (nn.Linear layout, any strides); bias:
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
     it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
-    `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel]]; blocks
-    powers of two 16..256, 1..6 stages, split_k in 1, 2, 3, 4, 6, 8, stats_kernel a bool; see
-    GemmLaunch) overrides `default_config`, for tests and the tile sweep. split_k > 1 adds a
-    reduce launch and, with a LayerNorm, always the statistics launch (stats_kernel=True adds
-    that alone). float32 inputs always run small CUDA-core tiles (the options are kept).
+    `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel[,
+    normalize_first]]]; blocks powers of two 16..256, 1..6 stages, split_k in 1, 2, 3, 4, 6, 8,
+    the options bools; see GemmLaunch) overrides `default_config`, for tests and the tile sweep.
+    split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics launch (stats_kernel
+    =True adds that alone); normalize_first runs the LayerNorm launch, then a plain GEMM.
+    float32 inputs always run small CUDA-core tiles (the options are kept).
     """
     n = _check_linear(x, weight, bias)
     config = _override(config, x.dtype)
@@ -652,7 +667,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
     x: `[tokens, in]`, residual: `[tokens, out]` (both any strides); weight: `[out, in]`; bias:
     `[out]`. Returns a new contiguous `[tokens, out]` tensor. `config` as for layernorm_linear
-    (with split_k > 1 the adds run in the reduce launch; stats_kernel has no effect here).
+    (with split_k > 1 the adds run in the reduce launch; the LayerNorm options have no effect).
     """
     n = _check_linear(x, weight, bias)
     _check_2d("residual", residual, (x.shape[0], n), x)
@@ -707,18 +722,18 @@ _GEMM_UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_rn", "stride_on")
 _GEMM_DIVISIBLE = ("N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_rm", "stride_om")
 
 
-# Tile configs the launch options (GemmLaunch.split_k, stats_kernel) are compile-checked at: the
-# tile sweep's candidates with options (benchmarks/sweep_tiles.py, LnQkv) and the tiers' picks
-# they grew from. fp32 runs every config as one fitted tile (_fit).
+# Tile configs the launch options (GemmLaunch split_k, stats_kernel, normalize_first) are
+# compile-checked at: the tile sweep's candidates with options (benchmarks/sweep_tiles.py, LnQkv)
+# and the tiers' picks they grew from. fp32 runs every config as one fitted tile (_fit).
 _OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
     (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 8, 3), (16, 32, 256, 4, 4),
     (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)))
 # The GEMM variants the options add, as (label, HAS_LN, RELU, STATS_FROM_MEMORY, PARTIAL_OUT): the
 # statistics read from memory under the heaviest epilogue without residual (LN + ReLU, fc1), and
 # the partial-sum store with and without the LayerNorm (epilogue flags are off there: the reduce
-# applies them).
+# applies them), and the plain GEMM after normalize_first's LayerNorm launch (ReLU: fc1).
 _OPTION_VARIANTS = (("ln+relu stats", True, True, True, False), ("ln split", True, False, True, True),
-                    ("split", False, False, False, True))
+                    ("split", False, False, False, True), ("relu", False, True, False, False))
 # (RELU, HAS_RESIDUAL) of the reduce: its two epilogue loads / ops (QKV has neither)
 _REDUCE_FLAGS = ((True, False), (False, True))
 

@@ -401,6 +401,42 @@ def test_stats_kernel_alone(monkeypatch, ll_allocations, dtype):
 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_normalize_first(monkeypatch, ll_allocations, dtype, split_k):
+    """normalize_first: the LayerNorm launch writes the normalised rows (x's dtype), then the GEMM
+    runs without its LayerNorm prologue on them, split or not (no statistics launch either way);
+    on outlier rows with a large common offset. stats_kernel beside it changes nothing. Without
+    a LayerNorm the option launches nothing extra."""
+    launches = record_launches(monkeypatch, "_layer_norm_kernel", *KERNELS)
+    g = gen(78)
+    x = poisoned_view(with_outliers(randn(19, 150, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(150, 40, g, dtype)
+    ln_w, ln_b = ln_params(150, g, dtype)
+    want = naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias).clamp(min=0)
+    for stats_kernel in (False, True):
+        launches.clear()
+        ll_allocations.clear()
+        config = OPTION_TILES + (split_k, stats_kernel, True)
+        out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=config)
+        check(out, want, dtype)
+        names = [name for name, *_ in launches]
+        assert names == ["_layer_norm_kernel", "_fused_linear_kernel"] + ["_split_k_reduce_kernel"] * (split_k > 1)
+        (_, _, ln_args, _), (_, _, gemm_args, gemm) = launches[:2]
+        normed = ln_args[3]
+        assert gemm_args[0] is normed and normed.dtype == dtype and normed.shape == (19, 150)
+        assert not gemm["HAS_LN"] and not gemm["STATS_FROM_MEMORY"] and gemm["PARTIAL_OUT"] == (split_k > 1)
+        assert ll_allocations[:2] == [(19, 40), (19, 150)]
+        # the rows the GEMM multiplies are the LayerNorm rounded once to x's dtype
+        torch.testing.assert_close(normed.double().cpu(), naive_layer_norm(x, ln_w, ln_b, EPS).to(dtype).double().cpu(),
+                                   atol=0, rtol=0)
+
+    launches.clear()
+    out = ll.layernorm_linear(x, None, None, w, bias, EPS, config=OPTION_TILES + (split_k, False, True))
+    check(out, naive_linear(x, w, bias), dtype)
+    assert [name for name, *_ in launches] == ["_fused_linear_kernel"] + ["_split_k_reduce_kernel"] * (split_k > 1)
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
 def test_stats_kernel_rows_past_one_chunk(monkeypatch, dtype):
     """2500 columns: the statistics kernel merges a 2048-column chunk and a 452-column tail per
     row (Chan), on outlier rows offset by 300; split-K (4) on top, ten K tiles of 256."""
@@ -465,7 +501,8 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     (OPTION_TILES + (5,), "split_k"), (OPTION_TILES + (0,), "split_k"), (OPTION_TILES + (True,), "split_k"),
     (OPTION_TILES + (2.0,), "split_k"), (OPTION_TILES + (2, 1), "stats_kernel"),
     (OPTION_TILES + (2, "yes"), "stats_kernel"), (OPTION_TILES + (1, None), "stats_kernel"),
-    (OPTION_TILES + (2, True, 0), "config")], ids=str)
+    (OPTION_TILES + (1, False, 1), "normalize_first"), (OPTION_TILES + (2, True, None), "normalize_first"),
+    (OPTION_TILES + (2, True, False, 0), "config")], ids=str)
 def test_launch_options_are_checked(config, field):
     x, ln_w, ln_b, w, b, r = _valid()
     with pytest.raises(ValueError, match=field):
@@ -503,19 +540,22 @@ def test_float32_launch_options_fit_small_tiles(monkeypatch):
 
 
 def test_sweep_candidates_with_options_are_compile_checked():
-    """Every tile-sweep candidate that asks for split-K or the statistics kernel
-    (benchmarks/sweep_tiles.py, LnQkv) has its tile in ll._OPTION_CONFIGS, which the compile
-    check builds with those options (the heuristic's own tiles are covered above)."""
+    """Every tile-sweep candidate that asks for a launch option (benchmarks/sweep_tiles.py,
+    LnQkv) has its tile in ll._OPTION_CONFIGS, which the compile check builds with those options
+    (the heuristic's own tiles are covered above)."""
     import importlib.util
     from pathlib import Path
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
     spec = importlib.util.spec_from_file_location("sweep_tiles_for_options", script)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
-    family = sweep.FAMILIES["ln_qkv"]
+    configs = [c["config"] for case in sweep.FAMILIES["ln_qkv"].cases(smoke=False)
+               for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if c]
+    with_options = 0
     for dtype in (torch.float16, torch.bfloat16):
-        for table in (family.SKINNY, family.SIXTY_FOUR):
-            for config in table:
-                launch = ll._fit(ll._check_config(tuple(config)), dtype)
-                if launch.split_k > 1 or launch.stats_kernel:
-                    assert ll.GemmConfig(*launch[:5]) in ll._OPTION_CONFIGS, config
+        for config in configs:
+            launch = ll._fit(ll._check_config(tuple(config)), dtype)
+            if launch != ll.GemmLaunch(*launch[:5]):
+                with_options += 1
+                assert ll.GemmConfig(*launch[:5]) in ll._OPTION_CONFIGS, config
+    assert with_options > 0

@@ -37,7 +37,7 @@ def test_smoke_sweep_writes_a_report_per_kernel(sweep, tmp_path):
     assert [r["kernel"] for r in report["cases"]] == ["decode", "prefill", "ln_qkv"]
     for r in report["cases"]:
         # prefill also times the TMA twin of its small tile (off-GPU the sweep assumes sm_90),
-        # ln_qkv a split-K launch after its own LayerNorm launch (prenorm)
+        # ln_qkv a split-K launch after its own LayerNorm launch (normalize_first)
         assert len(r["candidates"]) == (2 if r["kernel"] == "decode" else 3), r
         assert not any(c["error"] for c in r["candidates"]), r
         assert r["best_us"] == min(c["us"] for c in r["candidates"])

@@ -17,9 +17,11 @@ from opt_fast.kernels import layernorm_linear as ll
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "sweep_tiles.py"
-# The sweep the launch defaults were set from (their comments quote it) and how far a default may
-# trail the fastest launch timed at a shape: one sweep does not tell apart launches ~3% apart.
-H100_SWEEP = ROOT / "benchmarks" / "results" / "2026-11-26-h100" / "sweep.json"
+# The sweeps the launch defaults were set from (their comments quote them), oldest first: a later
+# sweep's shape replaces an earlier one's (a sweep may time some kernels only). And how far a
+# default may trail the fastest launch timed at a shape: one sweep does not tell apart launches
+# ~3% apart.
+H100_SWEEPS = [ROOT / "benchmarks" / "results" / "2026-11-26-h100" / "sweep.json"]
 SLACK = 1.035
 
 
@@ -77,22 +79,37 @@ def test_budget_skips_what_does_not_fit(sweep):
 
 
 def _parse_label(label: str) -> dict:
-    """A resolved launch as the sweep prints it ("num_splits=1 block_n=32", "tiles=64x64x4x2")."""
-    return {key: tuple(map(int, value.split("x"))) if "x" in value else int(value)
-            for key, value in (item.split("=") for item in label.split())}
+    """A resolved launch as the sweep prints it ("num_splits=1 block_n=32", "tiles=64x64x4x2",
+    "config=16x128x128x4x3x2xFalsexTrue")."""
+    def value(text: str):
+        return {"True": True, "False": False}[text] if text in ("True", "False") else int(text)
+    return {key: tuple(map(value, text.split("x"))) if "x" in text else value(text)
+            for key, text in (item.split("=") for item in label.split())}
 
 
-def _new_default(case: dict) -> dict:
+def _canonical(kernel: str, config: dict) -> tuple:
+    """A launch in one form whatever its spelling: prefill tiles and LN+QKV configs with every
+    option written out (a sweep writes only the fields it sets)."""
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    if kernel == "prefill":
+        config["tiles"] = tuple(attention.Tiles(*config["tiles"]))
+    elif kernel == "ln_qkv":
+        config["config"] = tuple(ll.GemmLaunch(*config["config"]))
+    return tuple(sorted(config.items()))
+
+
+def _new_default(case: dict) -> tuple:
     """The launch today's defaults make at a sweep shape (fp16, block_size 16, an H100: 132 SMs,
-    sm_90), in the sweep's terms."""
+    sm_90)."""
     c, fp16 = case["shape"], torch.float16
     if case["kernel"] == "decode":
         max_tokens = -(-c["context"] // 16) * 16
-        return paged_decode.default_config(c["batch"], c["heads"], c["head_dim"], fp16, max_tokens, sms=132)._asdict()
-    if case["kernel"] == "prefill":
-        tiles = attention.default_tiles(c["head_dim"], fp16, c["batch"] * c["length"], c["batch"], 90)
-        return dict(tiles=tuple(tiles) if tiles.tma else tuple(tiles)[:4])   # the sweep's 4-tuples
-    return dict(config=tuple(ll.default_config(c["tokens"], 3 * c["hidden"], fp16, 132)))
+        config = paged_decode.default_config(c["batch"], c["heads"], c["head_dim"], fp16, max_tokens, sms=132)._asdict()
+    elif case["kernel"] == "prefill":
+        config = dict(tiles=attention.default_tiles(c["head_dim"], fp16, c["batch"] * c["length"], c["batch"], 90))
+    else:
+        config = dict(config=ll.default_config(c["tokens"], 3 * c["hidden"], fp16, 132))
+    return _canonical(case["kernel"], config)
 
 
 def _timed_launches(case: dict) -> dict:
@@ -103,22 +120,41 @@ def _timed_launches(case: dict) -> dict:
     for cand in case["candidates"]:
         if cand["us"] is None:
             continue
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in cand["config"].items()}
+        config = cand["config"]
         config = {**then, **config} if case["kernel"] == "decode" else config or then
-        launch = tuple(sorted(config.items()))
+        launch = _canonical(case["kernel"], config)
         timed[launch] = min(cand["us"], timed.get(launch, float("inf")))
     return timed
 
 
+def _latest_cases() -> list[dict]:
+    cases = {}
+    for path in H100_SWEEPS:
+        report = json.loads(path.read_text())
+        assert report["meta"]["device"] == "NVIDIA H100 80GB HBM3" and report["meta"]["dtype"] == "float16"
+        cases.update({(case["kernel"], case["case"]): case for case in report["cases"]})
+    return list(cases.values())
+
+
 def test_defaults_are_the_fastest_launches_the_h100_sweep_timed():
-    report = json.loads(H100_SWEEP.read_text())
-    assert report["meta"]["device"] == "NVIDIA H100 80GB HBM3" and report["meta"]["dtype"] == "float16"
+    cases = _latest_cases()
     slow = []
-    for case in report["cases"]:
-        launch = tuple(sorted(_new_default(case).items()))
+    for case in cases:
+        launch = _new_default(case)
         timed = _timed_launches(case)
         assert launch in timed, f"{case['kernel']} {case['case']}: default {launch} was not timed"
         if timed[launch] > SLACK * case["best_us"]:
             slow.append(f"{case['kernel']} {case['case']}: {timed[launch]} us, best {case['best_us']}")
     assert not slow, slow
-    assert len(report["cases"]) == 34
+    assert len(cases) == 34
+
+
+def test_sweep_labels_parse_to_their_launch():
+    """The label reader the defaults test relies on, on the spellings the sweep writes."""
+    assert _parse_label("tiles=64x64x4x2") == dict(tiles=(64, 64, 4, 2))
+    assert _parse_label("num_splits=1 block_n=32") == dict(num_splits=1, block_n=32)
+    assert _parse_label("config=16x128x128x4x3x2xFalsexTrue") == dict(config=(16, 128, 128, 4, 3, 2, False, True))
+    assert _canonical("ln_qkv", dict(config=[16, 128, 128, 4, 3])) == \
+        _canonical("ln_qkv", dict(config=(16, 128, 128, 4, 3, 1, False, False)))
+    assert _canonical("prefill", dict(tiles=(64, 64, 4, 2))) == _canonical("prefill", dict(tiles=(64, 64, 4, 2, False, True)))
+    assert _canonical("prefill", dict(tiles=(64, 64, 4, 2))) != _canonical("prefill", dict(tiles=(64, 64, 4, 2, True)))

@@ -212,7 +212,8 @@ class Prefill:
             return [{}, dict(tiles=(32, 16, 4, 2))] + ([dict(tiles=(32, 16, 4, 2, True))] if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
         tma = self.TMA_TILES[pad] if CAPABILITY >= 90 else []
-        padded = self.PADDED_80 if c["head_dim"] == 80 else []
+        # (on sm_90 only, as the compile check builds them: on sm_80 the padded 128-wide tiles spill)
+        padded = self.PADDED_80 if c["head_dim"] == 80 and CAPABILITY >= 90 else []
         return [{}] + [dict(tiles=t) for t in self.TILES[pad] + tma + padded]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:

@@ -293,7 +293,10 @@ def _prefill_attention_kernel(
     # on sm_80), and a block pointer's 64-bit bounds checks held 64-bit row pointers across the
     # diagonal tile (spills with one 4-warp warpgroup at head_dim 128).
     o_rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
-    o_rows = tl.multiple_of(o_rows, 16)
+    # out is the launcher's contiguous allocation: its rows start 16-byte aligned where a head's
+    # bytes are a multiple of 16 (every OPT head), which the compiler cannot see ahead of time.
+    if HEAD_DIM * out_ptr.dtype.element_ty.primitive_bitwidth % 128 == 0:
+        o_rows = tl.multiple_of(o_rows, 16)
     _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, MASK_D)
     if D_HI > 0:
         _store_rows(o_rows, offs_h, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, False)

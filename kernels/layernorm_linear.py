@@ -375,8 +375,8 @@ class GemmLaunch(NamedTuple):
         split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
         one of _SPLIT_CHOICES). Above 1 they write float32 partials to a per-call workspace
         `[split_k, tokens, out]` and a second kernel adds them in split order (deterministic)
-        and applies bias, ReLU, residual and the output cast. With a LayerNorm, split_k > 1
-        always takes the row statistics from _row_stats_kernel, whatever stats_kernel says.
+        and applies bias, ReLU, residual and the output cast. With a fused LayerNorm, split_k
+        > 1 takes the row statistics from _row_stats_kernel, whatever stats_kernel says.
     stats_kernel: the LayerNorm row statistics from a separate launch (_row_stats_kernel) that
         the GEMM reads, instead of each GEMM program's own pass over its rows; ignored without
         a LayerNorm.
@@ -497,7 +497,7 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
 
 
 def _check_config(config) -> GemmLaunch:
-    """An override as a GemmLaunch: a 5-, 6- or 7-tuple (GemmConfig and GemmLaunch are tuples)."""
+    """An override as a GemmLaunch: a 5- to 8-tuple (GemmConfig and GemmLaunch are tuples)."""
     if not isinstance(config, tuple) or not 5 <= len(config) <= 8:
         raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
                          f"[, stats_kernel[, normalize_first]]]), got {config!r}")
@@ -573,6 +573,8 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     cfg = _kernel_options(config, x.dtype)
     tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
     if ln_weight is not None and config.normalize_first:
+        if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
+            raise ValueError(f"config.normalize_first needs a {m}x{k} buffer, past the kernels' int32 offsets")
         normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
         _launch_layer_norm(x, ln_weight, ln_bias, eps, normed)
         x, ln_weight, ln_bias = normed, None, None
@@ -645,7 +647,8 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     normalize_first]]]; blocks powers of two 16..256, 1..6 stages, split_k in 1, 2, 3, 4, 6, 8,
     the options bools; see GemmLaunch) overrides `default_config`, for tests and the tile sweep.
     split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics launch (stats_kernel
-    =True adds that alone); normalize_first runs the LayerNorm launch, then a plain GEMM.
+    =True adds that alone); normalize_first instead runs the LayerNorm launch, then a plain GEMM
+    (split or not), with no statistics launch.
     float32 inputs always run small CUDA-core tiles (the options are kept).
     """
     n = _check_linear(x, weight, bias)

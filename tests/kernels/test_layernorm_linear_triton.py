@@ -512,8 +512,9 @@ def test_launch_options_are_checked(config, field):
 
 
 def test_workspace_past_int32_offsets_is_refused(monkeypatch):
-    """split_k x tokens x out must fit the kernels' int32 offsets (the limit lowered here so that
-    small operands pass their own check and split 8's workspace does not)."""
+    """split_k x tokens x out, and normalize_first's tokens x in, must fit the kernels' int32
+    offsets (the limit lowered here so that small operands pass their own check and split 8's
+    workspace does not)."""
     monkeypatch.setattr(ll, "_INT32_MAX", 2000)
     g = gen(8)
     x = randn(5, 16, g=g, dtype=torch.float16)
@@ -522,6 +523,13 @@ def test_workspace_past_int32_offsets_is_refused(monkeypatch):
     check(out, naive_linear(x, w, b), torch.float16)
     with pytest.raises(ValueError, match="split_k=8"):                                  # 2560
         ll.layernorm_linear(x, None, None, w, b, EPS, config=OPTION_TILES + (8,))
+    # normalize_first's [tokens, in] buffer: a broadcast x passes its own offsets check
+    ln_w, ln_b = ln_params(16, g, torch.float16)
+    wide = x[:1].expand(200, 16)
+    with pytest.raises(ValueError, match="normalize_first needs a 200x16 buffer"):
+        ll.layernorm_linear(wide, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + (1, False, True))
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + (1, False, True))   # 80
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, b), torch.float16)
 
 
 def test_float32_launch_options_fit_small_tiles(monkeypatch):

@@ -94,7 +94,9 @@ def _canonical(kernel: str, config: dict) -> tuple:
     if kernel == "prefill":
         config["tiles"] = tuple(attention.Tiles(*config["tiles"]))
     elif kernel == "ln_qkv":
-        config["config"] = tuple(ll.GemmLaunch(*config["config"]))
+        launch = ll.GemmLaunch(*config["config"])
+        # normalize_first takes no statistics launch: stats_kernel beside it changes nothing
+        config["config"] = tuple(launch._replace(stats_kernel=False) if launch.normalize_first else launch)
     return tuple(sorted(config.items()))
 
 

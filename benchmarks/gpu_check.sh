@@ -10,7 +10,9 @@
 # Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
-# SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals.
+# SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals;
+# GPU_TESTS (default: tests) picks the test paths, e.g. "tests/kernels" when time is short (the
+# whole suite needs about 2 minutes on 8 workers).
 # Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
 # gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
 # bench_generate.md, bench_generate.json.
@@ -44,7 +46,9 @@ fi
 
 if want tests; then
   # xdist: the suite compiles many kernel specialisations; 8 workers compile them in parallel.
-  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 8 tests --deselect tests/kernels/test_compile_check.py \
+  # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 8 ${GPU_TESTS:-tests} \
+    --deselect tests/kernels/test_compile_check.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   tests_rc=${PIPESTATUS[0]}
 fi

@@ -177,7 +177,9 @@ def _prefill_attention_kernel(
         q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
     q_len = q_end - q_start
     block_m = vblock - (q_start // BLOCK_M + seq)
-    if block_m * BLOCK_M >= q_len:
+    # Past its sequence's blocks, or before the first sequence (tokens packed after an offset):
+    # nothing to do.
+    if (block_m < 0) | (block_m * BLOCK_M >= q_len):
         return
 
     # Off-diagonal tiles must end exactly where the query block starts.

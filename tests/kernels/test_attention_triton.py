@@ -112,11 +112,14 @@ def test_many_sequences():
     assert_matches(prefill_attention(*args), expected, torch.float32)
 
 
-@pytest.mark.parametrize("seq_chunk,count", [(4, 23), (128, 131)], ids=["chunk4", "chunk128"])
+@pytest.mark.parametrize("seq_chunk,count", [(4, 21), (4, 24), (128, 128), (128, 131)],
+                         ids=["chunk4_last_alone", "chunk4_bound_alone", "chunk128_bound_alone", "chunk128"])
 def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count):
     """More sequences than one chunk of cu_seqlens holds: the search counts over several chunks,
-    with empty sequences at and around the chunk boundaries and a last sequence alone in its
-    chunk (chunks of 4: a forced small chunk; 128: the launcher's own)."""
+    with empty sequences at and around the chunk boundaries; the last chunk holds the last
+    sequence and the end bound (count + 1 one past a multiple of the chunk), or the end bound
+    alone (count a multiple of it: a prefill of exactly 128 sequences). Chunks of 4: a forced
+    small chunk; 128: the launcher's own."""
     monkeypatch.setattr(attention, "_SEQ_CHUNK", seq_chunk)
     g = gen(count)
     lengths = torch.randint(0, 7, (count,), generator=g).tolist()
@@ -130,17 +133,20 @@ def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count)
 
 def test_packed_tokens_after_an_offset(nan_empty):
     """cu_seqlens_q may start past 0 (tokens before it belong to no sequence): the programs of
-    the blocks before the first sequence find sequence 0 and write nothing, and never read the
-    context length or block table row before it (here a huge context through junk blocks)."""
+    the blocks before the first sequence write nothing (the output rows there stay as torch.empty
+    left them, though those tokens' q, k, v are finite), and never read the context length or
+    block table row before sequence 0 (here a huge context through junk blocks)."""
     args, expected = prefill_case([(3, 20), (5, 13)], 8, 1, 16, torch.float32, seed=6)
     q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
     lead = 40
-    shifted = [torch.cat([torch.full((lead, *t.shape[1:]), float("nan"), device=DEVICE), t]) for t in (q, k, v)]
+    g = gen(40)
+    shifted = [torch.cat([torch.randn((lead, *t.shape[1:]), generator=g).to(DEVICE), t]) for t in (q, k, v)]
     contexts = torch.tensor([10 ** 6] + context_lens.tolist(), **I32)
     tables = torch.cat([torch.full((1, block_tables.shape[1]), 10 ** 6, **I32), block_tables])
     out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, contexts[1:], tables[1:], scale,
                             tiles=Tiles(16, 16, 4, 2))
     assert_matches(out[lead:], expected, torch.float32)
+    assert out[:lead].isnan().all()
 
 
 def test_head_splits():

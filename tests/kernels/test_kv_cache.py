@@ -72,3 +72,24 @@ def test_write_kv_cache_overwrites_previous_contents(ops):
     others = torch.tensor([s not in (23, 0, 9, 8) for s in range(24)], device=DEVICE)
     assert torch.equal(flat_k[others], k0.view(24, 2, 80)[others])
     assert torch.equal(flat_v[others], v0.view(24, 2, 80)[others])
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_write_kv_cache_more_heads_than_one_program_holds(ops, head_dim):
+    """37 heads (OPT-13B has 40): the Triton launch splits them over several programs per token
+    (32 heads of 64 a program, 16 of 80 or 128), the last one partial; every head lands."""
+    heads, num_blocks, block_size = 37, 3, 8
+    g = gen(head_dim + 37)
+    _, key, value = packed_qkv(5, heads, head_dim, g, torch.float16)
+    shape = (num_blocks, block_size, heads, head_dim)
+    key_cache = torch.full(shape, float("nan"), dtype=torch.float16, device=DEVICE)
+    value_cache = key_cache.clone()
+    slot_mapping = torch.tensor([17, -1, 0, 23, 9], dtype=torch.int64, device=DEVICE)
+    ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    flat_k, flat_v = key_cache.view(-1, heads, head_dim), value_cache.view(-1, heads, head_dim)
+    for i, s in enumerate(slot_mapping.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], key[i]) and torch.equal(flat_v[s], value[i]), f"token {i}"
+    unused = torch.tensor([s not in (17, 0, 23, 9) for s in range(num_blocks * block_size)], device=DEVICE)
+    assert flat_k[unused].isnan().all() and flat_v[unused].isnan().all()

@@ -480,6 +480,24 @@ def test_split_k_linear_residual(monkeypatch, ll_allocations, dtype, split_k):
     assert [name for name, *_ in launches] == list(KERNELS[1:])
 
 
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_split_k_reduce_spans_several_programs(monkeypatch, ll_allocations, dtype):
+    """19 x 130 outputs: the reduce runs three programs of _REDUCE_BLOCK (1024) outputs, the last
+    partial, each adding its own partials, bias and residual (column-major, in NaN); every
+    other split-K test fits one reduce program."""
+    launches = record_launches(monkeypatch, "_split_k_reduce_kernel")
+    g = gen(130)
+    x = poisoned_view(randn(19, 40, g=g, dtype=torch.float64), dtype)
+    w, b = linear_params(40, 130, g, dtype)
+    residual = poisoned_view(randn(19, 130, g=g, dtype=torch.float64, scale=3.0), dtype, transpose=True)
+    out = ll.linear_residual(x, w, b, residual, config=OPTION_TILES + (3,))
+    check(out, naive_linear(x, w, b) + residual.double().cpu(), dtype)
+    ln_w, ln_b = ln_params(40, g, dtype)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, relu=True, config=OPTION_TILES + (2,))
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, b).clamp(min=0), dtype)
+    assert [grid for _, grid, _, _ in launches] == [(3,), (3,)]
+
+
 def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     """The heuristic's launch and a 5-tuple override: one GEMM launch with its prologue and
     epilogue, one allocation (the output), as before the options existed."""

@@ -75,6 +75,23 @@ def test_matches_reference(vocab, padded, top_k, top_p):
     assert (tokens < vocab).all()
 
 
+def test_seen_ids_past_one_chunk():
+    """Seen-id lists of 600 (prompts longer than the kernel's 256-id chunk): ids in every chunk
+    are penalised. Row 0 is greedy and its best id sits only at position 400, so ignoring the
+    later chunks would draw it; rows 1 and 2 sample against the reference."""
+    g = gen(600)
+    vocab, width = 2049, 600
+    logits = random_logits(3, 2056, g)
+    best = int(logits[0, :vocab].argmax())
+    logits[0, best] = 50.0                          # positive: the penalty divides it to 0.05
+    others = [i for i in torch.randperm(vocab, generator=g).tolist() if i != best]
+    seen = [others[:400] + [best] + others[400:width - 1]]
+    seen += [torch.randint(vocab, (width,), generator=g).tolist() for _ in range(2)]
+    args = make_args(logits, vocab, [0.0, 1.0, 0.8], [0, 40, 0], [1.0, 0.9, 1.0], [1000.0, 1.3, 0.7], seen)
+    tokens = assert_matches_ref(args)
+    assert tokens[0].item() != best
+
+
 # ---------------------------------------------------------------------------------------------
 # thresholds: the kept set, exactly; ties, peaked and flat rows
 

@@ -55,9 +55,10 @@ def poisoned_view(values: torch.Tensor, dtype: torch.dtype, transpose: bool = Fa
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 @pytest.mark.parametrize("tokens,n_in,n_out", [(5, 300, 70), (19, 131, 45)])
 def test_layernorm_linear_poisoned_strided_operands(dtype, tokens, n_in, n_out):
-    """x row-major and the weight column-major, both windows into NaN; K = 300 spans three K
-    tiles of 128 with a tail, and the statistics merge chunks of unequal size (256 + 44 columns
-    at 5 tokens, 128 + 128 + 44 at 19)."""
+    """x row-major and the weight column-major, both windows into NaN, under the launcher's own
+    tiles; K = 300 and 131 are no multiple of any K tile, so the last K tile is partial. (Which
+    statistics chunks merge depends on those tiles: at 5 tokens in fp16 one chunk of 512 covers
+    the row; test_layernorm_linear_config_overrides pins chunks of unequal size.)"""
     g = gen(tokens * n_in + n_out)
     x = poisoned_view(with_outliers(randn(tokens, n_in, g=g, dtype=torch.float64), g) + 40.0, dtype)
     w = poisoned_view(randn(n_out, n_in, g=g, dtype=torch.float64, scale=n_in ** -0.5), dtype, transpose=True)

@@ -154,7 +154,11 @@ def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_d
     assert len({tuple(c.token_ids) for c in final.outputs}) == 3
 
 
-@pytest.mark.parametrize("prompt_len", [1, 16, 17])
+# 16 and 32 end exactly at a block edge: the samples share one block fewer and recompute the
+# prompt's last token (sharing its block would leave them no token to compute, reading the
+# parent's row instead; on this tiny model that row happens to draw the same tokens at 16 but
+# not at 32).
+@pytest.mark.parametrize("prompt_len", [1, 16, 17, 32])
 def test_n_samples_at_block_edges(tiny_model_dir, alone, prompt_len):
     prompt = prompts(1, seed=7, low=prompt_len - 1, high=prompt_len)[0]
     assert len(prompt) == prompt_len

@@ -67,8 +67,10 @@ def test_stop_strings_on_multibyte_text_are_cut_and_excluded(scripted, stop):
     assert final.finish_reason == "stop"
     assert final.text == TEXT[:TEXT.index(stop)]
     # it stopped at the token that completed the stop string, not later
-    assert len(final.token_ids) < len(script)
-    assert stop in engine.tokenizer.decode(final.token_ids)
+    completing = next(n for n in range(1, len(script) + 1) if stop in engine.tokenizer.decode(script[:n]))
+    assert final.token_ids == script[:completing]
+    # and no streamed text ever showed any of it
+    assert all(TEXT[:TEXT.index(stop)].startswith(o.outputs[0].text) for o in outs)
 
 
 def test_stop_string_not_in_the_text_runs_to_max_tokens(scripted):

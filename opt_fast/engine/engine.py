@@ -28,6 +28,22 @@ def derive_seed(*parts: int) -> int:
     return x & _MASK63
 
 
+def _visible_text(seq: Sequence) -> str:
+    """The text a client may see so far: while a sample runs, an end of its text that could
+    begin a stop string is held back, so streamed text only ever grows (the stop string, once
+    complete, is cut from the output)."""
+    text, stops = seq.text, seq.params.stop
+    if seq.is_finished or not stops:
+        return text
+    held = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return text[:len(text) - held]
+
+
 class _Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seqs: list[Sequence]):
@@ -40,7 +56,7 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
     def output(self, finished: bool) -> RequestOutput:
-        completions = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob,
+        completions = [CompletionOutput(s.index, _visible_text(s), s.output_token_ids, s.cumulative_logprob,
                                         s.output_logprobs, s.finish_reason, s.error) for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              completions, finished)

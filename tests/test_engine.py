@@ -241,8 +241,33 @@ def test_engine_config_errors_name_the_field(tiny_model_dir):
         LLM(str(tiny_model_dir), kernels="cuda")
 
 
-def test_logprobs_stay_raw_while_min_tokens_bans_eos(llm):
-    """min_tokens bans EOS from the draw, not from the reported raw distribution."""
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_bans_eos_until_they_are_out(tiny_model_dir, temperature):
+    """A model whose every step puts nearly all mass on EOS: alone it stops at once; with
+    min_tokens=3 three tokens come first (greedy and sampled, as HF and vLLM count), then EOS
+    ends it."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    model, eos = engine.runner.model, engine.eos_token_id
+    real = model.compute_logits
+
+    def eos_first(hidden):
+        logits = real(hidden)
+        logits[:, eos] = logits.max(dim=-1).values + 20.0
+        return logits
+    model.compute_logits = eos_first
+    prompt = prompts(1, seed=13)[0]
+    free = dict(temperature=temperature, max_tokens=8, seed=5)
+    engine.add_request("free", prompt, SamplingParams(**free))
+    engine.add_request("banned", prompt, SamplingParams(**free, min_tokens=3))
+    final = drain(engine)
+    assert final["free"].outputs[0].token_ids == [eos]
+    banned = final["banned"].outputs[0]
+    assert eos not in banned.token_ids[:3] and banned.token_ids[3:] == [eos]
+    assert banned.finish_reason == "stop"
+
+
+def test_logprobs_stay_raw_while_min_tokens_bans_a_stop_token(llm):
+    """min_tokens bans a stop token id from the draw, not from the reported raw distribution."""
     prompt = prompts(1, seed=12)[0]
     params = dict(temperature=0, max_tokens=4, logprobs=1, ignore_eos=True)
     free = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0].outputs[0]

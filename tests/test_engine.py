@@ -53,20 +53,35 @@ def test_mixed_prefill_and_decode_step_equals_separate_runs(tiny_model_dir):
 
 
 def test_preemption_loses_nothing_and_leaks_no_blocks(tiny_model_dir):
+    """A pool too small for every sequence: preempted sequences resume where they were (their
+    streamed tokens only grow, their text and cumulative logprob stay those of their tokens),
+    end as they would have unpreempted, and every block comes back."""
     batch = prompts(12, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     # 12 sequences of up to 52 tokens need up to 48 blocks of 16; 14 forces preemption.
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", num_kv_blocks=14)
     preempted = []
     schedule = engine.scheduler.schedule
     engine.scheduler.schedule = lambda: (lambda b: preempted.extend(b.preempted) or b)(schedule())
     for i, p in enumerate(batch):
-        engine.add_request(str(i), p, GREEDY)
-    final = drain(engine)
+        engine.add_request(str(i), p, params)
+    streamed: dict[str, list] = {str(i): [] for i in range(len(batch))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed[out.request_id].append(list(out.outputs[0].token_ids))
+            final = out.outputs[0]
+            if out.finished:
+                assert final.text == engine.tokenizer.decode(final.token_ids)
+                chosen = sum(step[token] for step, token in zip(final.logprobs, final.token_ids))
+                assert final.cumulative_logprob == pytest.approx(chosen, abs=1e-4)
     assert preempted, "the pool was meant to be too small to hold every sequence"
     assert engine.blocks.num_free_blocks == 14
-    reference = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").generate(batch, GREEDY, use_tqdm=False)
+    reference = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").generate(batch, params, use_tqdm=False)
     for i, ref in enumerate(reference):
-        assert final[str(i)].outputs[0].token_ids == ref.outputs[0].token_ids
+        steps = streamed[str(i)]
+        assert all(later[:len(earlier)] == earlier and len(later) == len(earlier) + 1
+                   for earlier, later in zip(steps, steps[1:])), f"request {i} restarted"
+        assert steps[-1] == ref.outputs[0].token_ids
 
 
 def test_batch_results_equal_each_prompt_alone(llm, tiny_model_dir):

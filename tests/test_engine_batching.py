@@ -125,12 +125,16 @@ def test_decodes_run_every_step_while_a_long_prompt_is_chunked(tiny_model_dir):
     eng.add_request("short", [2, 10, 11], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     eng.step()
     eng.add_request("long", prompts(1, seed=5, low=150, high=151)[0], GREEDY)
-    produced = []
+    long_seq = eng.requests["long"].seqs[0]
+    produced, prefilled = [], []
     for _ in range(8):
         outs = {o.request_id: o for o in eng.step()}
         produced.append(len(outs["short"].outputs[0].token_ids) if "short" in outs else None)
-    # the 151-token prompt needs 10 chunks of <= 15 tokens; the decode advanced on each of them
+        prefilled.append(long_seq.num_cached_tokens)
+    # the 151-token prompt needs 10 chunks of <= 15 tokens; the decode advanced on each of them,
+    # and each step also spent the rest of its 16 tokens on the next chunk
     assert produced == list(range(2, 10))
+    assert prefilled == [15 * (i + 1) for i in range(8)]
 
 
 def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_dir, alone):

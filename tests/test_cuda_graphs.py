@@ -57,11 +57,29 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
 
 
+def _varied(params: SamplingParams, row: int) -> SamplingParams:
+    """The row's own length (8 to 20 tokens): the batch shrinks as rows finish, so the graphs
+    see changed batches (a full refill, padding rows) as well as repeated ones."""
+    return SamplingParams(**{**params.__dict__, "max_tokens": 8 + 3 * (row % 5)})
+
+
+def _row_params(kind: str, batch: list) -> list[SamplingParams]:
+    if kind != "min_tokens":
+        kinds = 2 if kind == "plain" else 4
+        return [_varied(PARAMS[i % kinds], i) for i in range(len(batch))]
+    # Greedy rows, every other one banned (min_tokens 5) from half the tiny vocabulary (400 ids):
+    # the batch is plain apart from the bans, so only the min_tokens check sends its draws to
+    # eager while the bans last (the graph's own draw would often pick a banned id), and the
+    # graph draws afterwards.
+    banned = SamplingParams(temperature=0, min_tokens=5, stop_token_ids=list(range(4, 200)), ignore_eos=True)
+    return [_varied(banned if i % 2 else PARAMS[0], i) for i in range(len(batch))]
+
+
 # "plain" batches draw inside the graph; any penalty or ban row sends the batch's draw to eager.
-@pytest.mark.parametrize("kinds", [2, 4], ids=["plain", "mixed"])
-def test_emulated_graph_step_equals_eager(tiny_model_dir, kinds):
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens"])
+def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     batch = prompts(11, seed=1)                   # 11 rows: replayed as the padded size 16
-    params = [PARAMS[i % kinds] for i in range(len(batch))]
+    params = _row_params(kind, batch)
     eager = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=16)
     expected = eager.generate(batch, params, use_tqdm=False)
     graphed = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=16)
@@ -75,12 +93,14 @@ def test_emulated_graph_step_equals_eager(tiny_model_dir, kinds):
     assert runner.graphs.replays >= 19
     for want, have in zip(expected, got):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len({len(out.outputs[0].token_ids) for out in got}) > 1
 
 
 @on_cuda
-def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir):
+@pytest.mark.parametrize("kind", ["mixed", "min_tokens"])
+def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
     batch = prompts(13, seed=2)
-    params = [PARAMS[i % len(PARAMS)] for i in range(len(batch))]
+    params = _row_params(kind, batch)
     kwargs = dict(dtype="float32", max_num_seqs=32)
     eager = LLM(str(tiny_model_dir), enforce_eager=True, **kwargs)
     assert eager.engine.runner.graphs is None

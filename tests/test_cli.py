@@ -52,7 +52,15 @@ def test_generate_reports_bad_input_without_a_traceback(tiny_model_dir):
     assert "top_p" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_generate_sampling_flags_n_and_prompts_file(capsys, tmp_path, tiny_model_dir):
+def test_generate_sampling_flags_n_and_prompts_file(capsys, monkeypatch, tmp_path, tiny_model_dir):
+    from opt_fast.llm import LLM
+    received = []
+    real_generate = LLM.generate
+
+    def spy(self, prompts, params=None, **kwargs):
+        received.append(params)
+        return real_generate(self, prompts, params, **kwargs)
+    monkeypatch.setattr(LLM, "generate", spy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\ndef f(x):\n", encoding="utf-8")
     args = ["generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
@@ -61,6 +69,11 @@ def test_generate_sampling_flags_n_and_prompts_file(capsys, tmp_path, tiny_model
             "--logprobs", "2", "--stop-token-ids", "5", "7", "--json"]
     rc, out, err = cli(capsys, *args, "--seed", "11")
     assert rc == 0, err
+    # every flag reaches the sampler
+    [params] = received
+    assert (params.n, params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (3, 0.9, 50, 0.95, 1.3)
+    assert (params.max_tokens, params.min_tokens, params.logprobs, params.seed) == (6, 6, 2, 11)
+    assert params.stop_token_ids == [5, 7] and not params.ignore_eos
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["import os", "def f(x):"]     # the blank line is skipped
     for row in rows:

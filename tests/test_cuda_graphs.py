@@ -86,9 +86,11 @@ def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     runner = graphed.engine.runner
     runner.graphs = EmulatedGraphs(runner)
     assert runner.graphs.sizes == [1, 2, 4, 8, 16]
-    # Poison every static input so a row the refill forgets cannot pass unnoticed.
-    runner.graphs.i64.fill_(3)
-    runner.graphs.i32.fill_(5)
+    # Poison the host staging buffers every refill copies from, so a row the refill forgets
+    # cannot pass unnoticed (slot 3 and block 5 belong to real sequences).
+    runner.graphs.host_i64.fill_(3)
+    runner.graphs.host_i32.fill_(5)
+    runner.graphs.host_f32.fill_(2.5)
     got = graphed.generate(batch, params, use_tqdm=False)
     assert runner.graphs.replays >= 19
     for want, have in zip(expected, got):

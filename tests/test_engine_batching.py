@@ -172,6 +172,31 @@ def test_n_samples_at_block_edges(tiny_model_dir, alone, prompt_len):
     assert first == alone(prompt).outputs[0].token_ids[:5]
 
 
+def test_waiting_samples_give_back_shared_blocks_to_an_idle_cache(tiny_model_dir, alone):
+    """Four blocks of 16. B (5 tokens) and A (40 tokens, n=2) prefill together and fill the
+    pool; A's second sample waits, holding A's two full prompt blocks. A's first sample then
+    needs a fifth block and is preempted (the newest), and cannot come back while B runs and the
+    waiting sample holds those blocks. Once B finishes nothing runs: the waiting sample lets
+    its blocks go (it recomputes its prompt later), A's first sample resumes, and every
+    request ends as it would alone, leaking nothing."""
+    eng = engine(tiny_model_dir, num_kv_blocks=4)
+    released = []
+    release = eng.scheduler._release_waiting_blocks
+    eng.scheduler._release_waiting_blocks = lambda: released.append(release()) or released[-1]
+    preempted = record_preemptions(eng)
+    b_prompt, a_prompt = prompts(1, seed=21, low=4, high=5)[0], prompts(1, seed=22, low=39, high=40)[0]
+    b_params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    a_params = SamplingParams(n=2, temperature=0, max_tokens=20, ignore_eos=True)
+    eng.add_request("b", b_prompt, b_params)
+    eng.add_request("a", a_prompt, a_params)
+    final = drain(eng)
+    assert released and released[0] is True and preempted
+    assert final["b"].outputs[0].token_ids == alone(b_prompt, b_params).outputs[0].token_ids
+    single = alone(a_prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)).outputs[0].token_ids
+    assert [c.token_ids for c in final["a"].outputs] == [single, single]
+    assert_no_block_leak(eng)
+
+
 def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
     eng = engine(tiny_model_dir)
     model = eng.runner.model

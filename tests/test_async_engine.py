@@ -97,6 +97,9 @@ def test_clients_that_stop_abort_their_requests_and_engine_calls_stay_on_one_thr
         return first, second
 
     first, second = asyncio.run(main())
+    # the aborts go to the worker thread without a wait; a no-op queued behind them (one
+    # worker, first in first out) returns once they have run
+    aeng._executor.submit(lambda: None).result()
     assert first[-1].outputs[0].token_ids == expected[0].outputs[0].token_ids
     assert second[-1].outputs[0].token_ids == expected[1].outputs[0].token_ids
     assert len(threads) == 1 and threading.get_ident() not in threads

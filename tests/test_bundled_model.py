@@ -90,6 +90,8 @@ def test_greedy_generation_is_deterministic_and_python_shaped(llm):
     # Alone and in another batch order, each prompt continues the same way.
     again = [o.outputs[0] for o in llm.generate(PROMPTS[::-1], params, use_tqdm=False)][::-1]
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in PROMPTS]
+    assert [c.token_ids for c in first] == [c.token_ids for c in alone]
     for completion in first:
         assert len(set(completion.token_ids)) >= 5, completion.text       # not one id repeated
     text = "".join(c.text for c in first)

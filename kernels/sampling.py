@@ -160,7 +160,9 @@ def _key_float(key):
 
 
 @triton.jit
-def _scaled_logits(row_ptr, bitmap_row_ptr, idx, vocab, padded_vocab, penalty, temperature, seen_limit):
+def _scaled_logits(row_ptr,         # [padded_vocab] this row's logits
+                   bitmap_row_ptr,  # [n_words] int32: bit id % 32 of word id // 32 set when seen
+                   idx, vocab, padded_vocab, penalty, temperature, seen_limit):
     """Raw logits at `idx` (-inf past the vocabulary) and the penalised, temperature-scaled ones.
 
     Division is IEEE (div_rn) because the reference divides in float32 and the draw must match

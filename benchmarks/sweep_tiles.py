@@ -446,27 +446,54 @@ def _error_text(err: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Parallel compile: worker processes launch every variant once on small inputs of the same
-# argument types, which fills Triton's on-disk cache for the measuring process.
+# argument types, which fills Triton's on-disk cache for the measuring process. A launch that
+# fails there is not launched again by the measuring process: one that breaks the CUDA context
+# (an illegal address: every later call fails too) would cost the rest of the sweep.
 # --------------------------------------------------------------------------------------------
 
 _WORKER_INPUTS: dict = {}
+_WORKER_CONTEXT_LOST = False   # set in a worker once a launch left its CUDA context unusable
 
 
-def _compile_task(task: tuple) -> list[str]:
+def failure_key(family, case: dict, config: dict) -> tuple:
+    """What identifies a launch across the shapes of one compile group: a worker ran it at the
+    group's first shape, the measuring process looks it up at each shape."""
+    return family.name, json.dumps(family.compile_group(case)), _label(family.resolve(case, config))
+
+
+def _cuda_usable() -> bool:
+    try:
+        torch.zeros(1, device=DEVICE).add_(1).item()
+        return True
+    except Exception:
+        return False
+
+
+def _compile_task(task: tuple) -> list[tuple[tuple, str]]:
+    """Launch each of a task's configs once; returns (failure_key, error) for those that fail.
+    Once one has broken this process's CUDA context the rest are left untried (not failed):
+    the measuring process compiles them."""
+    global _WORKER_CONTEXT_LOST
     family_name, case, configs = task
     family = FAMILIES[family_name]
     key = (family_name, family.compile_group(case))
     if key not in _WORKER_INPUTS:
         _WORKER_INPUTS.clear()
-        _WORKER_INPUTS[key] = family.inputs(case, full=False)
-    errors = []
+        try:
+            _WORKER_INPUTS[key] = family.inputs(case, full=False)
+        except Exception:   # e.g. out of memory beside the other workers: leave it to the measuring
+            return []
+    failures = []
     for config in configs:
+        if _WORKER_CONTEXT_LOST:
+            break
         try:
             family.ours(_WORKER_INPUTS[key], config)()
             _sync()
-        except Exception as err:  # reported; the measuring phase records it per candidate
-            errors.append(f"{family_name} {family.case_name(case)} {_label(config)}: {_error_text(err)}")
-    return errors
+        except Exception as err:
+            failures.append((failure_key(family, case, config), _error_text(err)))
+            _WORKER_CONTEXT_LOST = ON_GPU and not _cuda_usable()
+    return failures
 
 
 def compile_tasks(families: list, smoke: bool) -> list[tuple]:
@@ -487,12 +514,12 @@ def precompile(tasks: list, jobs: int, timeout: float) -> dict:
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(jobs)
-    done, errors = 0, []
+    done, failures = 0, []
     try:
         results = pool.imap_unordered(_compile_task, tasks)
         while done < len(tasks):
             try:
-                errors += results.next(timeout=max(0.0, start + timeout - time.perf_counter()))
+                failures += results.next(timeout=max(0.0, start + timeout - time.perf_counter()))
             except multiprocessing.TimeoutError:
                 break
             done += 1
@@ -500,7 +527,9 @@ def precompile(tasks: list, jobs: int, timeout: float) -> dict:
         pool.terminate()   # workers hold only compile caches; the measuring phase compiles the rest
         pool.join()
     return dict(tasks=len(tasks), launches=sum(len(configs) for _, _, configs in tasks), done=done, jobs=jobs,
-                seconds=round(time.perf_counter() - start, 1), errors=errors)
+                seconds=round(time.perf_counter() - start, 1),
+                errors=[f"{kernel} {label} (group {group}): {error}" for (kernel, group, label), error in failures],
+                failed={key: error for key, error in failures})
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,8 +548,10 @@ def _measure(family, x: dict, config: dict, ref: torch.Tensor) -> dict:
     return row
 
 
-def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float) -> dict:
-    """Every candidate of one shape until `deadline`; the peer first."""
+def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
+               failed: dict | None = None) -> dict:
+    """Every candidate of one shape until `deadline`; the peer first. A candidate in `failed`
+    (failure_key -> error, from the parallel compile) is reported with that error, not run."""
     result = dict(kernel=family.name, case=family.case_name(case), shape=case, peer=family.peer_name,
                   bytes=family.bytes_moved(case), flops=family.flops(case), candidates=[], skipped=0)
     try:
@@ -540,7 +571,12 @@ def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float)
         if time.perf_counter() > deadline:
             result["skipped"] += 1 + len(pending)
             break
-        result["candidates"].append(_measure(family, x, config, ref))
+        known = (failed or {}).get(failure_key(family, case, config))
+        if known:
+            result["candidates"].append(dict(label=_label(config), config=config, us=None,
+                                             error=f"in the parallel compile: {known}"))
+        else:
+            result["candidates"].append(_measure(family, x, config, ref))
         if not pending and not refined:
             refined = True
             timed = [r for r in result["candidates"] if r["us"] is not None]
@@ -584,10 +620,12 @@ def run(families: list, budget: float, jobs: int, smoke: bool, log=print, save=N
         meta["triton"] = triton.__version__
     except ImportError:
         pass
+    failed: dict = {}
     if ON_GPU and jobs > 0:
         tasks = compile_tasks(families, smoke)
         log(f"compiling {sum(len(t[2]) for t in tasks)} launches ({len(tasks)} tasks) in {jobs} processes ...")
         meta["precompile"] = precompile(tasks, jobs, timeout=0.45 * budget)
+        failed = meta["precompile"].pop("failed")
         log(f"  {meta['precompile']['done']} done in {meta['precompile']['seconds']} s, "
             f"{len(meta['precompile']['errors'])} failed")
     meta["copy_gbps"] = 0.0 if smoke else round(copy_gbps(), 1)
@@ -601,7 +639,7 @@ def run(families: list, budget: float, jobs: int, smoke: bool, log=print, save=N
         for j, case in enumerate(todo):
             now = time.perf_counter()
             result = sweep_case(family, case, now + (family_deadline - now) / (len(todo) - j), smoke,
-                                meta["copy_gbps"])
+                                meta["copy_gbps"], failed)
             cases.append(result)
             log(_summary_line(result))
             meta["elapsed_s"] = round(time.perf_counter() - start, 1)

@@ -71,6 +71,37 @@ def test_failing_candidates_are_reported_not_fatal(sweep, monkeypatch):
     assert "## Failed candidates" in sweep.markdown(report)
 
 
+def test_a_launch_that_failed_in_the_parallel_compile_is_not_run_again(sweep, monkeypatch):
+    """A worker's failed launch comes back keyed by kernel, compile group and resolved launch;
+    the measuring phase reports it with that error and never launches it (one that broke the
+    CUDA context would break every later measurement), and still measures the others."""
+    family = sweep.FAMILIES["decode"]
+    bad = dict(block_n=16, num_warps=2, num_stages=2, num_splits=2)
+    monkeypatch.setattr(family, "candidates", lambda case, smoke: [{}, bad])
+    real_ours, launched = family.ours, []
+
+    def ours(x, config):
+        fn = real_ours(x, config)
+
+        def call():
+            launched.append(sweep._label(config))
+            if config == bad or config == family.resolve(case, bad):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return fn()
+        return call
+    monkeypatch.setattr(family, "ours", ours)
+    [case] = family.cases(smoke=True)
+    failures = [f for task in sweep.compile_tasks([family], smoke=True) for f in sweep._compile_task(task)]
+    assert [key for key, _ in failures] == [sweep.failure_key(family, case, bad)]
+    assert "illegal memory access" in failures[0][1]
+    launched.clear()
+    result = sweep.sweep_case(family, case, deadline=float("inf"), smoke=True, copy_bw=0.0, failed=dict(failures))
+    rows = {row["label"]: row for row in result["candidates"]}
+    assert rows[sweep._label(bad)]["error"].startswith("in the parallel compile: RuntimeError")
+    assert rows["default"]["us"] is not None
+    assert sweep._label(bad) not in launched and "default" in launched
+
+
 def test_budget_skips_what_does_not_fit(sweep):
     """An exhausted budget measures the peer of each shape and skips every candidate."""
     report = sweep.run([sweep.FAMILIES["ln_qkv"]], budget=1e-9, jobs=0, smoke=True, log=lambda line: None)

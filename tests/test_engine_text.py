@@ -78,3 +78,21 @@ def test_stop_string_not_in_the_text_runs_to_max_tokens(scripted):
     final = stream(engine, "r", "x", SamplingParams(temperature=0, max_tokens=7, stop=["zzz"]))[-1].outputs[0]
     assert final.finish_reason == "length" and len(final.token_ids) == 7
     assert final.text == engine.tokenizer.decode(final.token_ids)
+
+
+def test_held_back_text_is_the_longest_end_that_could_begin_a_stop_string():
+    from types import SimpleNamespace
+    from opt_fast.engine.engine import _visible_text
+
+    def visible(text, stops, finished=False):
+        seq = SimpleNamespace(text=text, params=SimpleNamespace(stop=stops), is_finished=finished)
+        return _visible_text(seq)
+    stops = ["abc", "bd", "🙂!"]
+    assert visible("xxab", stops) == "xx"            # "ab" may grow into "abc"
+    assert visible("xxb", stops) == "xx"             # "b" may begin "bd" (or "abc" no: not its start)
+    assert visible("xxa", stops) == "xx"
+    assert visible("x🙂", stops) == "x"
+    assert visible("xxc", stops) == "xxc"            # no stop string starts with "c"
+    assert visible("ab", stops) == ""                # the whole text may be a stop string's start
+    assert visible("xxab", stops, finished=True) == "xxab"
+    assert visible("xxab", []) == "xxab"

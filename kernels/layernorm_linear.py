@@ -561,6 +561,17 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
     return None if config is None else _fit(_check_config(config), dtype)
 
 
+def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool) -> dict:
+    """The _fused_linear_kernel variant a launch runs (its flag constexprs), for an op with or
+    without a LayerNorm, ReLU and residual: normalize_first takes the LayerNorm out of the GEMM;
+    split-K moves the epilogue to the reduce and the statistics to their own launch, as
+    stats_kernel does. The launcher and the compile check both read it."""
+    fused_ln = has_ln and not config.normalize_first
+    partial = config.split_k > 1
+    return dict(HAS_LN=fused_ln, RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
+                STATS_FROM_MEMORY=fused_ln and (config.stats_kernel or partial), PARTIAL_OUT=partial)
+
+
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
     m, k = x.shape
     n = weight.shape[0]
@@ -572,19 +583,19 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
                          "kernels' int32 offsets")
     cfg = _kernel_options(config, x.dtype)
     tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
-    if ln_weight is not None and config.normalize_first:
+    has_res = residual is not None
+    flags = _gemm_flags(config, ln_weight is not None, relu, has_res)
+    if ln_weight is not None and not flags["HAS_LN"]:     # normalize_first
         if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
             raise ValueError(f"config.normalize_first needs a {m}x{k} buffer, past the kernels' int32 offsets")
         normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
         _launch_layer_norm(x, ln_weight, ln_bias, eps, normed)
         x, ln_weight, ln_bias = normed, None, None
-    has_ln, has_res = ln_weight is not None, residual is not None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
-    ln_w, ln_b = (ln_weight, ln_bias) if has_ln else (x, x)
+    ln_w, ln_b = (ln_weight, ln_bias) if flags["HAS_LN"] else (x, x)
     res = residual if has_res else out
-    stats_from_memory = has_ln and (config.stats_kernel or partial)
     stats = x
-    if stats_from_memory:
+    if flags["STATS_FROM_MEMORY"]:
         stats = torch.empty((2, m), dtype=torch.float32, device=x.device)
         block_m, block_k = _stats_blocks(k)
         _row_stats_kernel[(_cdiv(m, block_m),)](x, stats, m, k, x.stride(0), x.stride(1), eps,
@@ -602,9 +613,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     _fused_linear_kernel[grid](x, ln_w, ln_b, stats, weight, bias, gemm_res, gemm_out, m, n, k,
                                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                                gemm_res.stride(0), gemm_res.stride(1), gemm_out.stride(0),
-                               gemm_out.stride(1), eps, k_per_split, HAS_LN=has_ln,
-                               RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
-                               STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial, **cfg)
+                               gemm_out.stride(1), eps, k_per_split, **flags, **cfg)
     if partial:
         _split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
             gemm_out, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
@@ -731,12 +740,9 @@ _GEMM_DIVISIBLE = ("N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_rm
 _OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
     (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 8, 3), (16, 32, 256, 4, 4),
     (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)))
-# The GEMM variants the options add, as (label, HAS_LN, RELU, STATS_FROM_MEMORY, PARTIAL_OUT): the
-# statistics read from memory under the heaviest epilogue without residual (LN + ReLU, fc1), and
-# the partial-sum store with and without the LayerNorm (epilogue flags are off there: the reduce
-# applies them), and the plain GEMM after normalize_first's LayerNorm launch (ReLU: fc1).
-_OPTION_VARIANTS = (("ln+relu stats", True, True, True, False), ("ln split", True, False, True, True),
-                    ("split", False, False, False, True), ("relu", False, True, False, False))
+# (split_k, stats_kernel, normalize_first) checked at each of them: every split count runs one
+# compiled GEMM (the count is a runtime argument), so split 2 stands for all.
+_OPTIONS = ((2, False, False), (1, True, False), (1, False, True))
 # (RELU, HAS_RESIDUAL) of the reduce: its two epilogue loads / ops (QKV has neither)
 _REDUCE_FLAGS = ((True, False), (False, True))
 
@@ -796,19 +802,25 @@ def compile_specs() -> list:
                 uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
                 divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-        for config in _gemm_configs(dtype):
+        # Each launch the heuristic can pick, and each option at the override tiles, under the
+        # heaviest prologue and the heaviest epilogue (_LINEAR_FLAGS), as the variant it runs;
+        # fitted as the launcher fits it.
+        launches = [GemmLaunch(*c) for c in _gemm_configs(dtype)]
+        launches += [_fit(GemmLaunch(*c, *options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
+        built = set()
+        for config in launches:
             for has_ln, relu, has_res in _LINEAR_FLAGS:
-                flags = "+".join(f for f, on in (("ln", has_ln), ("relu", relu), ("res", has_res)) if on)
-                specs.append(gemm_spec(config, flags, gemm_sig, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=has_res,
-                                       STATS_FROM_MEMORY=False, PARTIAL_OUT=False))
-        for label, has_ln, relu, from_memory, partial in _OPTION_VARIANTS:
-            # fitted as the launcher fits a launch with or without split-K
-            fitted = (_fit(GemmLaunch(*c, split_k=2 if partial else 1), dtype) for c in _OPTION_CONFIGS)
-            for config in dict.fromkeys(GemmConfig(*c[:5]) for c in fitted):
+                flags = _gemm_flags(config, has_ln, relu, has_res)
+                key = (GemmConfig(*config[:5]), tuple(flags.items()))
+                if key in built:
+                    continue
+                built.add(key)
+                label = "+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
+                                                 ("res", flags["HAS_RESIDUAL"])) if on)
+                label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
                 # the launcher passes the float32 statistics, and the float32 workspace as both
                 # output and (unread) residual
-                signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if from_memory else {}),
-                                 **(dict(res_ptr="*fp32", out_ptr="*fp32") if partial else {}))
-                specs.append(gemm_spec(config, label, signature, HAS_LN=has_ln, RELU=relu, HAS_RESIDUAL=False,
-                                       STATS_FROM_MEMORY=from_memory, PARTIAL_OUT=partial))
+                signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
+                                 **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
+                specs.append(gemm_spec(GemmConfig(*config[:5]), label.strip() or "plain", signature, **flags))
     return specs

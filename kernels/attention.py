@@ -379,7 +379,7 @@ _TILES = {
     ("narrow", 128): Tiles(64, 64, 8, 2),
 }
 # sm_90 (wgmma): each warpgroup of 4 warps owns 64 query rows with its accumulators in registers,
-# so 128x128 at head_dim 128 fits (250 registers, no spills, 224 KB of shared memory at 3
+# so 128x128 at head_dim 128 fits (254 registers, no spills, 224 KB of shared memory at 3
 # stages), and a 128-wide key tile doubles the N of every QK^T wgmma. On the H100 (2026-11-26)
 # it and 128x64 are within 3% of each other at every wide shape: b1 L2048 opt-2.7b / 6.7b / 13b
 # 116.9 / 118.1 / 145.5 us (128x64: 119.8 / 120.2 / 149.1); b8 L1024 287.6 / 290.5 / 365.4

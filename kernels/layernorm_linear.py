@@ -577,14 +577,14 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     n = weight.shape[0]
     # a GemmConfig (the heuristic's pick) is a GemmLaunch with the default options
     config = GemmLaunch(*(default_config(m, n, x.dtype, _num_sms(x.device)) if config is None else config))
-    split_k, partial = config.split_k, config.split_k > 1
+    has_res = residual is not None
+    flags = _gemm_flags(config, ln_weight is not None, relu, has_res)
+    split_k, partial = config.split_k, flags["PARTIAL_OUT"]
     if partial and split_k * m * n > _INT32_MAX:
         raise ValueError(f"config.split_k={split_k} needs a {split_k}x{m}x{n} workspace, past the "
                          "kernels' int32 offsets")
     cfg = _kernel_options(config, x.dtype)
     tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
-    has_res = residual is not None
-    flags = _gemm_flags(config, ln_weight is not None, relu, has_res)
     if ln_weight is not None and not flags["HAS_LN"]:     # normalize_first
         if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
             raise ValueError(f"config.normalize_first needs a {m}x{k} buffer, past the kernels' int32 offsets")

@@ -304,6 +304,17 @@ class LnQkv:
     SIXTY_FOUR_FIRST = [(64, 128, 64, 8, 3, 1, False, True), (64, 128, 64, 8, 3, 2, False, True),
                         (64, 128, 64, 8, 3, 4, False, True), (64, 64, 128, 4, 3, 1, False, True),
                         (64, 64, 128, 4, 3, 2, False, True)]
+    # overlap (9th field): the weight stream starts before what the GEMM waits on, the
+    # statistics pass or (PDL) the launch before; the fused, statistics-kernel, normalize_first
+    # and split forms of the shapes above, each with it.
+    SKINNY_OVERLAP = [(16, 128, 128, 4, 3, 1, False, False, True), (16, 64, 256, 8, 3, 1, False, False, True),
+                      (16, 128, 128, 4, 3, 1, True, False, True), (16, 128, 128, 4, 3, 1, False, True, True),
+                      (16, 128, 128, 4, 3, 2, False, False, True), (16, 128, 128, 4, 3, 4, False, False, True),
+                      (16, 64, 128, 4, 4, 2, False, False, True)]
+    SIXTY_FOUR_OVERLAP = [(64, 64, 128, 4, 3, 1, False, False, True), (64, 128, 64, 8, 3, 1, True, False, True),
+                          (64, 64, 128, 4, 3, 1, True, False, True), (32, 64, 128, 4, 4, 1, True, False, True),
+                          (64, 128, 64, 8, 3, 1, False, True, True), (64, 64, 128, 4, 3, 1, False, True, True),
+                          (64, 128, 64, 8, 3, 2, False, True, True), (64, 128, 64, 8, 3, 2, False, False, True)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -315,11 +326,12 @@ class LnQkv:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2, False, True))]
+            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2, False, True)),
+                    dict(config=(16, 32, 32, 4, 2, 2, False, False, True))]
         if c["tokens"] <= 16:
-            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST
+            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP
         else:
-            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST
+            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP
         return [{}] + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:

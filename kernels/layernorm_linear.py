@@ -6,13 +6,15 @@ over K, then each A tile normalised as it is loaded) and an epilogue of bias, Re
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
-Three launch options, off by default and chosen per call through the `config` override
+Four launch options, off by default and chosen per call through the `config` override
 (GemmLaunch): the row statistics from a separate small kernel (`_row_stats_kernel`, once per row
 instead of once per GEMM program); the whole LayerNorm as its own launch before a plain GEMM
-(normalize_first); and split-K (SPLIT_K programs per output tile, each over a contiguous share of
-K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue).
-They serve skinny (decode-sized) GEMMs, where the weight-bound grid has too few tiles for the SMs
-and every program of a row tile normalises the same rows again.
+(normalize_first); split-K (SPLIT_K programs per output tile, each over a contiguous share of
+K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue);
+and overlap (the weight stream started before the statistics or the launch before are ready:
+an L2 prefetch, and programmatic dependent launches on sm_90+). They serve skinny (decode-sized)
+GEMMs, where the weight-bound grid has too few tiles for the SMs and every program of a row tile
+normalises the same rows again.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
@@ -96,6 +99,23 @@ def _rsqrt_f64(x):
 
 
 @triton.jit
+def _prefetch_weight_l2(w_ptr,   # [N, K - k_lo] nn.Linear weight from a split's first column, any strides
+                        cols, stride_wn, stride_wk, k_len, PREFETCH_K: tl.constexpr):
+    """Asks L2 for the first PREFETCH_K columns (cut at k_len) of the weight rows `cols`
+    (`[BLOCK_N]`, inside [0, N)), one request per 128-byte line; nothing waits on it. A program
+    that must first wait (for its LayerNorm statistics, or for the launch before it) so streams
+    its first weight tiles from HBM meanwhile. Every address stays inside the weight, also where
+    k_len <= 0 (a split past K: k_lo + k_len = K there). Issued 4 lines of each row at a time:
+    all of a row's 64-bit addresses at once made ptxas spill 8 B at several split-K tiles."""
+    LINE_K: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth   # elements a line
+    for k0 in tl.static_range(0, PREFETCH_K, 4 * LINE_K):
+        ks = tl.minimum(k0 + tl.arange(0, 4) * LINE_K, k_len - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                  [w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _row_stats(x_ptr,            # [M, K] rows to normalise, any strides
                rows, row_mask, stride_xm, stride_xk, K, eps,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -136,7 +156,11 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
                        b_ptr,     # [N] beta, contiguous
                        out_ptr,   # [M, N] output, any strides
                        M, N, stride_xm, stride_xn, stride_om, stride_on, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    # LAUNCH_DEPENDENTS (sm_90+): the GEMM after it, a programmatic dependent launch, may start
+    # now and prefetch its weights; it waits for this grid to finish before reading its output.
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     # float64 throughout: in float32 the roundings of (x - mean) * rstd * gamma + beta misround
     # fp16 results where the two terms nearly cancel (error past 0.75 ulp on outlier rows). The
     # kernel is memory-bound, so on A100 / H100 the float64 math is hidden behind the loads.
@@ -165,7 +189,10 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
 def _row_stats_kernel(x_ptr,       # [M, K] rows to normalise, any strides
                       stats_ptr,   # [2, M] float32, contiguous: mean in row 0, rstd in row 1
                       M, K, stride_xm, stride_xk, eps,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                      LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:    # as in _layer_norm_kernel
+        gdc_launch_dependents()
     # The GEMM prologue's statistics (same Chan merge in float64, same float32 results), written
     # once per row, so that split-K programs and every N tile of a row block load two floats
     # instead of re-reading the row over the whole K.
@@ -193,7 +220,9 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          HAS_LN: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
-                         STATS_FROM_MEMORY: tl.constexpr, PARTIAL_OUT: tl.constexpr):
+                         STATS_FROM_MEMORY: tl.constexpr, PARTIAL_OUT: tl.constexpr,
+                         PREFETCH_K: tl.constexpr, PDL_WAIT: tl.constexpr,
+                         LAUNCH_DEPENDENTS: tl.constexpr):
     """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation. The LayerNorm row
     statistics come from a first pass over x in chunks of STATS_K columns, or with
     STATS_FROM_MEMORY from `stats_ptr` (written by _row_stats_kernel).
@@ -201,7 +230,13 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     With PARTIAL_OUT, grid axis 1 splits K: program (tile, s) sums K columns [s * k_per_split,
     (s + 1) * k_per_split) (k_per_split a multiple of BLOCK_K, so whole tiles) and stores that
     float32 partial, with no epilogue, to rows s * M ... of the workspace; a split past K stores
-    zeros. _split_k_reduce_kernel adds the splits and applies the epilogue."""
+    zeros. _split_k_reduce_kernel adds the splits and applies the epilogue.
+
+    PREFETCH_K > 0: each program first asks L2 for that many columns of its weight rows. With
+    PDL_WAIT the program is a programmatic dependent launch (sm_90+) that may start while the
+    launch before it (the LayerNorm or statistics kernel) still runs: it reads x and the
+    statistics only after griddepcontrol.wait. LAUNCH_DEPENDENTS lets the reduce launch do the
+    same behind this one."""
     # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -224,13 +259,6 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
-    if HAS_LN:
-        if STATS_FROM_MEMORY:
-            mean = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
-            rstd = tl.load(stats_ptr + M + rows, mask=row_mask, other=0.0)
-        else:
-            mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
-                                    BLOCK_M, STATS_K, tl.float32, STATS_STAGES)
     if PARTIAL_OUT:
         # Move the K origin to this split's first column, so that the loop below is the unsplit
         # one over k_len columns (a loop from a runtime k_lo, or k_lo added to every index, kept
@@ -247,7 +275,19 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
         b_col_mask = tl.full([BLOCK_N], True, tl.int1)
     else:
         a_rows, b_cols, a_row_mask, b_col_mask = rows, cols, row_mask, col_mask
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
+    if PREFETCH_K > 0:
+        _prefetch_weight_l2(w_ptr, tl.minimum(cols, N - 1), stride_wn, stride_wk, k_len, PREFETCH_K)
+    if PDL_WAIT:
+        gdc_wait()   # x (normalize_first) and the statistics come from the launch before
     if HAS_LN:
+        if STATS_FROM_MEMORY:
+            mean = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(stats_ptr + M + rows, mask=row_mask, other=0.0)
+        else:   # over all of x's K (only an unsplit GEMM computes them here)
+            mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xk, K, eps,
+                                    BLOCK_M, STATS_K, tl.float32, STATS_STAGES)
         # gamma and beta are [BLOCK_K] vectors, too narrow per thread for cp.async, so the
         # pipeliner leaves them as plain loads that each iteration would wait on: load them one
         # iteration ahead instead. gamma = beta = 0 past k_len (K, or this split's end), so the K
@@ -297,7 +337,9 @@ def _split_k_reduce_kernel(ws_ptr,     # [SPLIT_K, M, N] float32 partial sums, c
                            out_ptr,    # [M, N] output, any strides
                            M, N, stride_rm, stride_rn, stride_om, stride_on,
                            SPLIT_K: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL_WAIT: tl.constexpr):
+    if PDL_WAIT:   # a programmatic dependent launch: the partials are written by the GEMM before
+        gdc_wait()
     # Flat over the M x N outputs: M is small where split-K pays, so 2-D tiles would be mostly
     # masked rows. The splits are added in index order (no atomics), so the result does not
     # depend on which GEMM program finished first; unrolled, so all SPLIT_K loads are in flight
@@ -369,7 +411,7 @@ class GemmConfig(NamedTuple):
 class GemmLaunch(NamedTuple):
     """A GemmConfig and the launch options an override may add; the defaults are the launch a
     GemmConfig makes. As a tuple: (block_m, block_n, block_k, num_warps, num_stages[, split_k[,
-    stats_kernel[, normalize_first]]]).
+    stats_kernel[, normalize_first[, overlap]]]]).
 
     split_k: GEMM programs per output tile, each over a contiguous run of ceil(K tiles /
         split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
@@ -386,6 +428,15 @@ class GemmLaunch(NamedTuple):
         normalised, which at 64 rows is most of the instructions of each K step (sm_90: 146 a
         step for the plain 64x64x128 loop, 562 normalising). stats_kernel is then moot;
         ignored without a LayerNorm.
+    overlap: start the weight stream before what the GEMM waits on. Each GEMM program first
+        asks L2 for its first _PREFETCH_K weight columns (prefetch.global.L2), then computes
+        its LayerNorm statistics or waits; and on sm_90+ every launch after the op's first is a
+        programmatic dependent launch (PDL): the GEMM after the LayerNorm or statistics launch,
+        the reduce after the split GEMM, each started early and waiting (griddepcontrol.wait)
+        before it reads the launch before's output. The weight stream is what these GEMMs are
+        bound by, and without this it starts only after the statistics pass or the launch
+        before. Results are unchanged. Prefetch alone on sm_80; ignored on CPU (the
+        interpreter has no inline PTX).
     """
     block_m: int
     block_n: int
@@ -395,6 +446,7 @@ class GemmLaunch(NamedTuple):
     split_k: int = 1
     stats_kernel: bool = False
     normalize_first: bool = False
+    overlap: bool = False
 
 
 class _Tier(NamedTuple):
@@ -437,6 +489,10 @@ _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 # Up to 8: past that the workspace traffic (8 x M x N floats each way) nears the weight's at 64
 # tokens, and a K of 768 (opt-125m) has only 6 tiles of 128.
 _SPLIT_CHOICES = (1, 2, 3, 4, 6, 8)
+# Weight columns an overlapping launch prefetches per program (GemmLaunch.overlap): 1 KB of each
+# fp16 weight row, 12-15 MB over an opt-6.7b / 13b QKV grid, a quarter of an H100's L2; at
+# 3 TB/s the ~4 us a statistics pass or a LayerNorm launch takes.
+_PREFETCH_K = 512
 
 
 def _fit(config, dtype: torch.dtype):
@@ -497,10 +553,10 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
 
 
 def _check_config(config) -> GemmLaunch:
-    """An override as a GemmLaunch: a 5- to 8-tuple (GemmConfig and GemmLaunch are tuples)."""
-    if not isinstance(config, tuple) or not 5 <= len(config) <= 8:
+    """An override as a GemmLaunch: a 5- to 9-tuple (GemmConfig and GemmLaunch are tuples)."""
+    if not isinstance(config, tuple) or not 5 <= len(config) <= 9:
         raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
-                         f"[, stats_kernel[, normalize_first]]]), got {config!r}")
+                         f"[, stats_kernel[, normalize_first[, overlap]]]]), got {config!r}")
     config = GemmLaunch(*config)
     for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"):
         allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES,
@@ -509,7 +565,7 @@ def _check_config(config) -> GemmLaunch:
         # 2.0 == 2 and True == 1: only real ints reach the kernels' constexprs and the grid
         if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
-    for name in ("stats_kernel", "normalize_first"):
+    for name in ("stats_kernel", "normalize_first", "overlap"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"config.{name} must be True or False, got {getattr(config, name)!r}")
     return config
@@ -561,15 +617,32 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
     return None if config is None else _fit(_check_config(config), dtype)
 
 
-def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool) -> dict:
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int | None:
+    """The CUDA compute capability as 80, 90, ...; None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool, capability: int | None) -> dict:
     """The _fused_linear_kernel variant a launch runs (its flag constexprs), for an op with or
-    without a LayerNorm, ReLU and residual: normalize_first takes the LayerNorm out of the GEMM;
-    split-K moves the epilogue to the reduce and the statistics to their own launch, as
-    stats_kernel does. The launcher and the compile check both read it."""
+    without a LayerNorm, ReLU and residual, on a GPU of `capability` (None: the interpreter):
+    normalize_first takes the LayerNorm out of the GEMM; split-K moves the epilogue to the
+    reduce and the statistics to their own launch, as stats_kernel does; overlap prefetches on
+    any GPU and, on sm_90+, waits on a launch before (PDL_WAIT) and lets the reduce start early
+    (LAUNCH_DEPENDENTS). The launcher and the compile check both read it."""
     fused_ln = has_ln and not config.normalize_first
     partial = config.split_k > 1
+    stats_from_memory = fused_ln and (config.stats_kernel or partial)
+    overlap = config.overlap and capability is not None
+    pdl = overlap and capability >= 90
     return dict(HAS_LN=fused_ln, RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
-                STATS_FROM_MEMORY=fused_ln and (config.stats_kernel or partial), PARTIAL_OUT=partial)
+                STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial,
+                PREFETCH_K=_PREFETCH_K if overlap else 0,
+                PDL_WAIT=pdl and (stats_from_memory or (has_ln and not fused_ln)),
+                LAUNCH_DEPENDENTS=pdl and partial)
 
 
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
@@ -578,8 +651,10 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     # a GemmConfig (the heuristic's pick) is a GemmLaunch with the default options
     config = GemmLaunch(*(default_config(m, n, x.dtype, _num_sms(x.device)) if config is None else config))
     has_res = residual is not None
-    flags = _gemm_flags(config, ln_weight is not None, relu, has_res)
+    flags = _gemm_flags(config, ln_weight is not None, relu, has_res, _capability(x.device))
     split_k, partial = config.split_k, flags["PARTIAL_OUT"]
+    # the launch before a PDL_WAIT GEMM lets it start early (see GemmLaunch.overlap)
+    early_gemm = flags["PDL_WAIT"]
     if partial and split_k * m * n > _INT32_MAX:
         raise ValueError(f"config.split_k={split_k} needs a {split_k}x{m}x{n} workspace, past the "
                          "kernels' int32 offsets")
@@ -589,7 +664,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
         if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
             raise ValueError(f"config.normalize_first needs a {m}x{k} buffer, past the kernels' int32 offsets")
         normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
-        _launch_layer_norm(x, ln_weight, ln_bias, eps, normed)
+        _launch_layer_norm(x, ln_weight, ln_bias, eps, normed, launch_dependents=early_gemm)
         x, ln_weight, ln_bias = normed, None, None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if flags["HAS_LN"] else (x, x)
@@ -600,7 +675,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
         block_m, block_k = _stats_blocks(k)
         _row_stats_kernel[(_cdiv(m, block_m),)](x, stats, m, k, x.stride(0), x.stride(1), eps,
                                                 BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES,
-                                                num_warps=4)
+                                                LAUNCH_DEPENDENTS=early_gemm, num_warps=4)
     if partial:
         # Split-K: the GEMM writes float32 partials to a [split_k * m, n] row-major workspace
         # with its epilogue flags off (so every split count and epilogue shares one compiled
@@ -613,19 +688,22 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     _fused_linear_kernel[grid](x, ln_w, ln_b, stats, weight, bias, gemm_res, gemm_out, m, n, k,
                                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                                gemm_res.stride(0), gemm_res.stride(1), gemm_out.stride(0),
-                               gemm_out.stride(1), eps, k_per_split, **flags, **cfg)
+                               gemm_out.stride(1), eps, k_per_split, **flags, **cfg,
+                               launch_pdl=early_gemm)
     if partial:
+        wait = flags["LAUNCH_DEPENDENTS"]
         _split_k_reduce_kernel[(_cdiv(m * n, _REDUCE_BLOCK),)](
             gemm_out, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-            SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, PDL_WAIT=wait,
+            num_warps=4, launch_pdl=wait)
 
 
-def _launch_layer_norm(x, weight, bias, eps, out) -> None:
+def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False) -> None:
     m, n = x.shape
     block_m, block_n = _ln_blocks(n)
     _layer_norm_kernel[(_cdiv(m, block_m),)](
         x, weight, bias, out, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, LAUNCH_DEPENDENTS=launch_dependents, num_warps=4)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -653,11 +731,12 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
     it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
     `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel[,
-    normalize_first]]]; blocks powers of two 16..256, 1..6 stages, split_k in 1, 2, 3, 4, 6, 8,
-    the options bools; see GemmLaunch) overrides `default_config`, for tests and the tile sweep.
-    split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics launch (stats_kernel
-    =True adds that alone); normalize_first instead runs the LayerNorm launch, then a plain GEMM
-    (split or not), with no statistics launch.
+    normalize_first[, overlap]]]]; blocks powers of two 16..256, 1..6 stages, split_k in 1, 2,
+    3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_config`, for tests and the
+    tile sweep. split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics launch
+    (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm launch, then
+    a plain GEMM (split or not), with no statistics launch; overlap changes no result, only
+    when each launch starts (on a GPU).
     float32 inputs always run small CUDA-core tiles (the options are kept).
     """
     n = _check_linear(x, weight, bias)
@@ -740,11 +819,34 @@ _GEMM_DIVISIBLE = ("N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_rm
 _OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
     (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 8, 3), (16, 32, 256, 4, 4),
     (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)))
-# (split_k, stats_kernel, normalize_first) checked at each of them: every split count runs one
-# compiled GEMM (the count is a runtime argument), so split 2 stands for all.
-_OPTIONS = ((2, False, False), (1, True, False), (1, False, True))
+# (split_k, stats_kernel, normalize_first, overlap) checked at each of them: every split count
+# runs one compiled GEMM (the count is a runtime argument), so split 2 stands for all.
+_OPTIONS = ((2, False, False, False), (1, True, False, False), (1, False, True, False),
+            (1, False, False, True), (2, False, False, True), (1, True, False, True), (1, False, True, True),
+            (2, False, True, True))
+# The kernels around the GEMM without and with their programmatic-dependent-launch instruction
+# (griddepcontrol: sm_90+), as (flag, label suffix, targets).
+_PDL_VARIANTS = ((False, "", (80, 90)), (True, " pdl", (90,)))
 # (RELU, HAS_RESIDUAL) of the reduce: its two epilogue loads / ops (QKV has neither)
 _REDUCE_FLAGS = ((True, False), (False, True))
+
+
+def _gemm_variants(dtype: torch.dtype) -> dict[tuple, list[int]]:
+    """The GEMM variants the compile check builds for `dtype`, as {(GemmConfig, flag items of
+    _gemm_flags): [capabilities that run it]}: each launch the heuristic can pick, and each
+    option at the override tiles, under the heaviest prologue and the heaviest epilogue
+    (_LINEAR_FLAGS), fitted as the launcher fits it."""
+    launches = [GemmLaunch(*c) for c in _gemm_configs(dtype)]
+    launches += [_fit(GemmLaunch(*c, *options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
+    variants: dict[tuple, list[int]] = {}
+    for config in launches:
+        for has_ln, relu, has_res in _LINEAR_FLAGS:
+            for capability in (80, 90):
+                flags = _gemm_flags(config, has_ln, relu, has_res, capability)
+                targets = variants.setdefault((GemmConfig(*config[:5]), tuple(flags.items())), [])
+                if capability not in targets:
+                    targets.append(capability)
+    return variants
 
 
 def compile_specs() -> list:
@@ -758,30 +860,36 @@ def compile_specs() -> list:
         ptr = f"*{t}"
         ln_sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
                       stride_xm="i32", stride_xn="constexpr", stride_om="i32", stride_on="constexpr",
-                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr")
+                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr", LAUNCH_DEPENDENTS="constexpr")
         for block_m, block_n in sorted({_ln_blocks(n) for n in _LN_WIDTHS}):
-            specs.append(CompileSpec(
-                _layer_norm_kernel, f"{t} {block_m}x{block_n}", ln_sig,
-                dict(BLOCK_M=block_m, BLOCK_N=block_n, **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
-                divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4))
+            for pdl, label, targets in _PDL_VARIANTS:
+                specs.append(CompileSpec(
+                    _layer_norm_kernel, f"{t} {block_m}x{block_n}{label}", ln_sig,
+                    dict(BLOCK_M=block_m, BLOCK_N=block_n, LAUNCH_DEPENDENTS=pdl,
+                         **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
+                    divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4, targets=targets))
         stats_sig = dict(x_ptr=ptr, stats_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
                          stride_xk="constexpr", eps="fp32", BLOCK_M="constexpr", BLOCK_K="constexpr",
-                         STAGES="constexpr")
+                         STAGES="constexpr", LAUNCH_DEPENDENTS="constexpr")
         for block_m, block_k in sorted({_stats_blocks(k) for k in _LN_WIDTHS}):
-            specs.append(CompileSpec(
-                _row_stats_kernel, f"{t} {block_m}x{block_k}", stats_sig,
-                dict(BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES, stride_xk=1),
-                divisible_by_16=("K", "stride_xm"), num_warps=4))
+            for pdl, label, targets in _PDL_VARIANTS:
+                specs.append(CompileSpec(
+                    _row_stats_kernel, f"{t} {block_m}x{block_k}{label}", stats_sig,
+                    dict(BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES, stride_xk=1,
+                         LAUNCH_DEPENDENTS=pdl),
+                    divisible_by_16=("K", "stride_xm"), num_warps=4, targets=targets))
         reduce_sig = dict(ws_ptr="*fp32", bias_ptr=ptr, res_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
                           stride_rm="i32", stride_rn="constexpr", stride_om="i32", stride_on="constexpr",
-                          SPLIT_K="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr", BLOCK="constexpr")
+                          SPLIT_K="constexpr", RELU="constexpr", HAS_RESIDUAL="constexpr", BLOCK="constexpr",
+                          PDL_WAIT="constexpr")
         for split_k in _SPLIT_CHOICES[1:]:
             for relu, has_res in _REDUCE_FLAGS:
-                specs.append(CompileSpec(
-                    _split_k_reduce_kernel, f"{t} split{split_k} {'relu' if relu else 'res'}", reduce_sig,
-                    dict(SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK,
-                         stride_rn=1, stride_on=1),
-                    divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4))
+                for pdl, label, targets in _PDL_VARIANTS:
+                    specs.append(CompileSpec(
+                        _split_k_reduce_kernel, f"{t} split{split_k} {'relu' if relu else 'res'}{label}",
+                        reduce_sig, dict(SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK,
+                                         stride_rn=1, stride_on=1, PDL_WAIT=pdl),
+                        divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4, targets=targets))
         gemm_sig = dict(x_ptr=ptr, ln_w_ptr=ptr, ln_b_ptr=ptr, stats_ptr=ptr, w_ptr=ptr, bias_ptr=ptr,
                         res_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32",
                         stride_xm="i32", stride_xk="constexpr", stride_wn="i32", stride_wk="constexpr",
@@ -789,9 +897,10 @@ def compile_specs() -> list:
                         eps="fp32", k_per_split="i32", HAS_LN="constexpr", RELU="constexpr",
                         HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                         BLOCK_K="constexpr", GROUP_M="constexpr", STATS_K="constexpr",
-                        STATS_STAGES="constexpr", STATS_FROM_MEMORY="constexpr", PARTIAL_OUT="constexpr")
+                        STATS_STAGES="constexpr", STATS_FROM_MEMORY="constexpr", PARTIAL_OUT="constexpr",
+                        PREFETCH_K="constexpr", PDL_WAIT="constexpr", LAUNCH_DEPENDENTS="constexpr")
 
-        def gemm_spec(config, label, signature, **flags):
+        def gemm_spec(config, label, signature, targets, **flags):
             cfg = _kernel_options(config, dtype)
             blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
             label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
@@ -800,27 +909,18 @@ def compile_specs() -> list:
                 _fused_linear_kernel, label, signature,
                 dict(blocks, **flags, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
                 uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
-                divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                targets=targets)
 
-        # Each launch the heuristic can pick, and each option at the override tiles, under the
-        # heaviest prologue and the heaviest epilogue (_LINEAR_FLAGS), as the variant it runs;
-        # fitted as the launcher fits it.
-        launches = [GemmLaunch(*c) for c in _gemm_configs(dtype)]
-        launches += [_fit(GemmLaunch(*c, *options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
-        built = set()
-        for config in launches:
-            for has_ln, relu, has_res in _LINEAR_FLAGS:
-                flags = _gemm_flags(config, has_ln, relu, has_res)
-                key = (GemmConfig(*config[:5]), tuple(flags.items()))
-                if key in built:
-                    continue
-                built.add(key)
-                label = "+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
-                                                 ("res", flags["HAS_RESIDUAL"])) if on)
-                label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
-                # the launcher passes the float32 statistics, and the float32 workspace as both
-                # output and (unread) residual
-                signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
-                                 **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
-                specs.append(gemm_spec(GemmConfig(*config[:5]), label.strip() or "plain", signature, **flags))
+        for (config, flag_items), targets in _gemm_variants(dtype).items():
+            flags = dict(flag_items)
+            label = "+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
+                                             ("res", flags["HAS_RESIDUAL"])) if on)
+            label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
+            label += " prefetch" * bool(flags["PREFETCH_K"]) + " pdl" * (flags["PDL_WAIT"] or flags["LAUNCH_DEPENDENTS"])
+            # the launcher passes the float32 statistics, and the float32 workspace as both
+            # output and (unread) residual
+            signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
+                             **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
+            specs.append(gemm_spec(config, label.strip() or "plain", signature, tuple(targets), **flags))
     return specs

@@ -521,7 +521,8 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     (OPTION_TILES + (2.0,), "split_k"), (OPTION_TILES + (2, 1), "stats_kernel"),
     (OPTION_TILES + (2, "yes"), "stats_kernel"), (OPTION_TILES + (1, None), "stats_kernel"),
     (OPTION_TILES + (1, False, 1), "normalize_first"), (OPTION_TILES + (2, True, None), "normalize_first"),
-    (OPTION_TILES + (2, True, False, 0), "config")], ids=str)
+    (OPTION_TILES + (2, True, False, 0), "overlap"), (OPTION_TILES + (1, False, False, None), "overlap"),
+    (OPTION_TILES + (2, True, False, False, 0), "config")], ids=str)
 def test_launch_options_are_checked(config, field):
     x, ln_w, ln_b, w, b, r = _valid()
     with pytest.raises(ValueError, match=field):
@@ -568,8 +569,9 @@ def test_float32_launch_options_fit_small_tiles(monkeypatch):
 
 def test_sweep_candidates_with_options_are_compile_checked():
     """Every tile-sweep candidate that asks for a launch option (benchmarks/sweep_tiles.py,
-    LnQkv) has its tile in ll._OPTION_CONFIGS, which the compile check builds with those options
-    (the heuristic's own tiles are covered above)."""
+    LnQkv) runs a GEMM variant the compile check builds for sm_80 and for sm_90 (the flags of
+    the heaviest prologue, as the check builds them; the heuristic's own tiles are covered
+    above)."""
     import importlib.util
     from pathlib import Path
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
@@ -578,11 +580,100 @@ def test_sweep_candidates_with_options_are_compile_checked():
     spec.loader.exec_module(sweep)
     configs = [c["config"] for case in sweep.FAMILIES["ln_qkv"].cases(smoke=False)
                for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if c]
-    with_options = 0
-    for dtype in (torch.float16, torch.bfloat16):
+    with_options = set()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        built = ll._gemm_variants(dtype)
         for config in configs:
             launch = ll._fit(ll._check_config(tuple(config)), dtype)
             if launch != ll.GemmLaunch(*launch[:5]):
-                with_options += 1
-                assert ll.GemmConfig(*launch[:5]) in ll._OPTION_CONFIGS, config
-    assert with_options > 0
+                with_options.add(launch[5:])
+                for capability in (80, 90):
+                    flags = ll._gemm_flags(launch, True, True, False, capability)
+                    key = (ll.GemmConfig(*launch[:5]), tuple(flags.items()))
+                    assert capability in built.get(key, ()), (dtype, config, capability)
+    # every option, and overlap beside each of the others, is among the candidates
+    assert {o[0] > 1 for o in with_options} == {o[1] for o in with_options} == {True, False}
+    assert {(o[0] > 1, o[1], o[2]) for o in with_options if o[3]} >= {(False, False, False), (True, False, False),
+                                                                      (False, True, False), (False, False, True)}
+
+
+# --------------------------------------------------------------------------------------------
+# Launch option overlap: weight prefetch and programmatic dependent launches (PDL)
+# --------------------------------------------------------------------------------------------
+
+# (split_k, stats_kernel, normalize_first) beside overlap, and the launches each makes with a
+# LayerNorm: what runs before the GEMM (nothing, statistics, the LayerNorm) and after (the reduce)
+OVERLAP_CASES = [
+    ((1, False, False), ["_fused_linear_kernel"]),
+    ((1, True, False), ["_row_stats_kernel", "_fused_linear_kernel"]),
+    ((1, False, True), ["_layer_norm_kernel", "_fused_linear_kernel"]),
+    ((2, False, False), ["_row_stats_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel"]),
+    ((2, False, True), ["_layer_norm_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel"]),
+]
+
+
+@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
+def test_overlap_launch_wiring(monkeypatch, capability):
+    """Who waits on whom under overlap: on sm_90 each launch after the op's first is a
+    programmatic dependent launch that waits before it reads (PDL_WAIT, launch_pdl) and the
+    launch before it lets it start (LAUNCH_DEPENDENTS); sm_80 only prefetches; the interpreter,
+    which has no inline PTX, does neither. Without overlap nothing of it anywhere. (The kernels
+    are recorded, not run: the interpreter cannot run these instructions.)"""
+    launches = []
+
+    def recorder(name):
+        class Recorder:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((name, kwargs))
+        return Recorder()
+    for name in ("_layer_norm_kernel", *KERNELS):
+        monkeypatch.setattr(ll, name, recorder(name))
+    monkeypatch.setattr(ll, "_capability", lambda device: capability)
+    x, ln_w, ln_b, w, b, _ = _valid()
+    pdl = capability == 90
+    for options, names in OVERLAP_CASES:
+        for overlap in (True, False):
+            launches.clear()
+            ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + options + (overlap,))
+            assert [name for name, _ in launches] == names
+            kwargs = dict(launches)
+            gemm = kwargs["_fused_linear_kernel"]
+            assert gemm["PREFETCH_K"] == (ll._PREFETCH_K if overlap and capability else 0)
+            waits = overlap and pdl and names[0] != "_fused_linear_kernel"
+            assert gemm["PDL_WAIT"] == gemm["launch_pdl"] == waits, (options, overlap)
+            if names[0] != "_fused_linear_kernel":
+                assert kwargs[names[0]]["LAUNCH_DEPENDENTS"] == waits
+            reduce_early = overlap and pdl and options[0] > 1
+            assert gemm["LAUNCH_DEPENDENTS"] == reduce_early
+            if options[0] > 1:
+                reduce = kwargs["_split_k_reduce_kernel"]
+                assert reduce["PDL_WAIT"] == reduce["launch_pdl"] == reduce_early
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("options,names", OVERLAP_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_overlap_results(dtype, options, names):
+    """Every overlap form gives the result of the launch without it, against float64, on
+    outlier rows with an offset, K = 600 (not a multiple of the prefetch width, so the prefetch
+    clamps its columns) and windows into NaN. On a GPU this runs the prefetch and, on sm_90+,
+    the dependent launches (also captured in a CUDA graph, as the engine replays them); under
+    the interpreter overlap is ignored."""
+    g = gen(79 + options[0])
+    x = poisoned_view(with_outliers(randn(19, 600, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w = poisoned_view(randn(70, 600, g=g, dtype=torch.float64, scale=600 ** -0.5), dtype)
+    bias = randn(70, g=g, dtype=dtype, scale=0.2)
+    ln_w, ln_b = ln_params(600, g, dtype)
+    want = naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias).clamp(min=0)
+    config = OPTION_TILES + options + (True,)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=config)
+    check(out, want, dtype)
+    without = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + options)
+    assert torch.equal(out, without)
+    if DEVICE == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=config)
+        replayed.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, out)

@@ -2,10 +2,12 @@
 
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
 sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
-its cuobjdump, checks that GEMM-like kernels use tensor-core instructions and that TMA loads
-became bulk tensor copies. Run with `python -m opt_fast.kernels.compile_check` (or `make compile-check`); exits non-zero on any
-compile error or spill, more shared memory than one block may have on the target (a launch
-there would fail), a GEMM-like kernel without `mma` / `wgmma`, or TMA loads without them.
+its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
+became bulk tensor copies, and that programmatic dependent launches touch no memory but L2
+prefetches before their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
+(or `make compile-check`); exits non-zero on any compile error or spill, more shared memory than
+one block may have on the target (a launch there would fail), a GEMM-like kernel without `mma` /
+`wgmma`, TMA loads without them, or a memory access before the wait.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 TARGETS = ((80, "sm_80"), (90, "sm_90"))
 # Shared memory one block may use (the opt-in maximum): A100 163 KB, H100 / H200 227 KB.
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
+# PTX that reads or writes global memory (any load or store but parameter, shared, local and
+# constant ones; async and bulk copies; atomics and reductions). An L2 prefetch is not one.
+_MEMORY_ACCESS = re.compile(r"(?<![.\w])(?:(?:ld|st|atom|red)\.(?!param|shared|local|const)|cp\.(?:async|reduce))")
 
 
 @dataclass
@@ -32,6 +37,9 @@ class CompileSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     uses_mma: bool = False            # a GEMM-like kernel: must use tensor cores
     uses_tma: bool = False            # loads through TMA descriptors: must emit bulk tensor copies
+    # A programmatic dependent launch: until its griddepcontrol.wait the launch before may still
+    # run, so no memory access may come first (L2 prefetches of data nobody writes may).
+    waits_first: bool = False
     # Integer arguments the JIT would see as multiples of 16 (strides of hidden-sized rows, ...).
     # Pointers are always marked 16-byte aligned, as the JIT marks torch's allocations.
     divisible_by_16: tuple[str, ...] = ()
@@ -101,6 +109,12 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
         result.error = result.error or "GEMM-like kernel without tensor-core instructions"
     if spec.uses_tma and "cp.async.bulk.tensor" not in ptx:
         result.error = result.error or "TMA loads compiled to something else than bulk tensor copies"
+    if spec.waits_first:
+        wait = ptx.find("griddepcontrol.wait")
+        early = _MEMORY_ACCESS.search(ptx, 0, wait if wait >= 0 else len(ptx))
+        if wait < 0 or early:
+            found = early.group(0) if early else "no griddepcontrol.wait"
+            result.error = result.error or f"memory access before the dependent launch's wait: {found}"
     return result
 
 

@@ -19,6 +19,7 @@ normalises the same rows again.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
+# Triton picks interpretation when a kernel is defined, by this same test.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -104,15 +107,17 @@ def _prefetch_weight_l2(w_ptr,   # [N, K - k_lo] nn.Linear weight from a split's
     """Asks L2 for the first PREFETCH_K columns (cut at k_len) of the weight rows `cols`
     (`[BLOCK_N]`, inside [0, N)), one request per 128-byte line; nothing waits on it. A program
     that must first wait (for its LayerNorm statistics, or for the launch before it) so streams
-    its first weight tiles from HBM meanwhile. Every address stays inside the weight, also where
-    k_len <= 0 (a split past K: k_lo + k_len = K there). Issued 4 lines of each row at a time:
-    all of a row's 64-bit addresses at once made ptxas spill 8 B at several split-K tiles."""
+    its first weight tiles from HBM meanwhile. Nothing where k_len <= 0 (K = 0, or a split past
+    K, whose shifted w_ptr is past the weight); else every address is inside the weight. Issued
+    4 lines of each row at a time: all of a row's 64-bit addresses at once made ptxas spill 8 B
+    at several split-K tiles."""
     LINE_K: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth   # elements a line
-    for k0 in tl.static_range(0, PREFETCH_K, 4 * LINE_K):
-        ks = tl.minimum(k0 + tl.arange(0, 4) * LINE_K, k_len - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                                  [w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+    if k_len > 0:
+        for k0 in tl.static_range(0, PREFETCH_K, 4 * LINE_K):
+            ks = tl.minimum(k0 + tl.arange(0, 4) * LINE_K, k_len - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                      [w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk],
+                                      dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -430,10 +435,11 @@ class GemmLaunch(NamedTuple):
         ignored without a LayerNorm.
     overlap: start the weight stream before what the GEMM waits on. Each GEMM program first
         asks L2 for its first _PREFETCH_K weight columns (prefetch.global.L2), then computes
-        its LayerNorm statistics or waits; and on sm_90+ every launch after the op's first is a
-        programmatic dependent launch (PDL): the GEMM after the LayerNorm or statistics launch,
-        the reduce after the split GEMM, each started early and waiting (griddepcontrol.wait)
-        before it reads the launch before's output. The weight stream is what these GEMMs are
+        its LayerNorm statistics or waits; and on sm_90+ the GEMM after the LayerNorm or
+        statistics launch, and the reduce after the split GEMM, are programmatic dependent
+        launches (PDL), each started early and waiting (griddepcontrol.wait) before it reads
+        or writes anything but the weight (the post-LN LayerNorm of linear_residual_layernorm
+        stays a plain launch). The weight stream is what these GEMMs are
         bound by, and without this it starts only after the statistics pass or the launch
         before. Results are unchanged. Prefetch alone on sm_80; ignored on CPU (the
         interpreter has no inline PTX).
@@ -490,8 +496,9 @@ _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 # tokens, and a K of 768 (opt-125m) has only 6 tiles of 128.
 _SPLIT_CHOICES = (1, 2, 3, 4, 6, 8)
 # Weight columns an overlapping launch prefetches per program (GemmLaunch.overlap): 1 KB of each
-# fp16 weight row, 12-15 MB over an opt-6.7b / 13b QKV grid, a quarter of an H100's L2; at
-# 3 TB/s the ~4 us a statistics pass or a LayerNorm launch takes.
+# fp16 weight row, 12-16 MB over an unsplit opt-6.7b / 13b QKV grid, a quarter of an H100's L2;
+# at 3 TB/s the ~4 us a statistics pass or a LayerNorm launch takes. Each split prefetches its
+# own 512 columns, so split-K multiplies it (split 4: about the whole L2).
 _PREFETCH_K = 512
 
 
@@ -619,8 +626,9 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
 
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> int | None:
-    """The CUDA compute capability as 80, 90, ...; None off CUDA (the interpreter)."""
-    if device.type != "cuda":
+    """The NVIDIA compute capability as 80, 90, ...; None where the kernels cannot run inline
+    PTX: under the interpreter (also on CUDA tensors), off CUDA, and on ROCm."""
+    if _INTERPRETED or device.type != "cuda" or torch.version.hip:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
@@ -889,7 +897,8 @@ def compile_specs() -> list:
                         _split_k_reduce_kernel, f"{t} split{split_k} {'relu' if relu else 'res'}{label}",
                         reduce_sig, dict(SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK,
                                          stride_rn=1, stride_on=1, PDL_WAIT=pdl),
-                        divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4, targets=targets))
+                        divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4, targets=targets,
+                        waits_first=pdl))
         gemm_sig = dict(x_ptr=ptr, ln_w_ptr=ptr, ln_b_ptr=ptr, stats_ptr=ptr, w_ptr=ptr, bias_ptr=ptr,
                         res_ptr=ptr, out_ptr=ptr, M="i32", N="i32", K="i32",
                         stride_xm="i32", stride_xk="constexpr", stride_wn="i32", stride_wk="constexpr",
@@ -910,14 +919,15 @@ def compile_specs() -> list:
                 dict(blocks, **flags, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
                 uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
                 divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                targets=targets)
+                targets=targets, waits_first=flags["PDL_WAIT"])
 
         for (config, flag_items), targets in _gemm_variants(dtype).items():
             flags = dict(flag_items)
             label = "+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
                                              ("res", flags["HAS_RESIDUAL"])) if on)
             label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
-            label += " prefetch" * bool(flags["PREFETCH_K"]) + " pdl" * (flags["PDL_WAIT"] or flags["LAUNCH_DEPENDENTS"])
+            label += (" prefetch" * bool(flags["PREFETCH_K"]) + " pdl-wait" * flags["PDL_WAIT"]
+                      + " pdl-next" * flags["LAUNCH_DEPENDENTS"])
             # the launcher passes the float32 statistics, and the float32 workspace as both
             # output and (unread) residual
             signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),

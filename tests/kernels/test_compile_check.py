@@ -52,3 +52,34 @@ def test_tma_specs_are_checked_for_bulk_tensor_copies():
         "print(with_tma.ok, without.ok, without.error)\n")
     tma_ok, plain_ok, error = _compiled_verdicts(script)
     assert tma_ok == "True" and plain_ok == "False" and "bulk tensor copies" in error
+
+
+def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
+    """A programmatic dependent launch (waits_first) passes only if it touches no memory before
+    griddepcontrol.wait but L2 prefetches: the same kernel with the wait before and after its
+    load, and the fused GEMM's own PDL variant."""
+    (tmp_path / "pdl_probe.py").write_text(
+        "import triton\n"
+        "import triton.language as tl\n"
+        "from triton.language.extra.cuda import gdc_wait\n\n\n"
+        "@triton.jit\n"
+        "def probe(x_ptr, out_ptr, WAIT_FIRST: tl.constexpr):\n"
+        "    if WAIT_FIRST:\n"
+        "        gdc_wait()\n"
+        "    x = tl.load(x_ptr + tl.arange(0, 128))\n"
+        "    if not WAIT_FIRST:\n"
+        "        gdc_wait()\n"
+        "    tl.store(out_ptr + tl.arange(0, 128), x)\n")
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from pdl_probe import probe\n"
+        "from opt_fast.kernels import compile_check as cc, layernorm_linear as ll\n"
+        "def spec(wait_first):\n"
+        "    return cc.CompileSpec(probe, 'probe', dict(x_ptr='*fp16', out_ptr='*fp16', WAIT_FIRST='constexpr'),\n"
+        "                          dict(WAIT_FIRST=wait_first), waits_first=True, targets=(90,))\n"
+        "gemm = next(s for s in ll.compile_specs() if s.waits_first and 'fp16' in s.label and 'stats' in s.label)\n"
+        "late, early = cc.compile_one(spec(True), 90, 'sm_90'), cc.compile_one(spec(False), 90, 'sm_90')\n"
+        "assert cc.compile_one(gemm, 90, 'sm_90').ok, gemm.label\n"
+        "print(late.ok, early.ok, early.error)\n")
+    late_ok, early_ok, error = _compiled_verdicts(script)
+    assert late_ok == "True" and early_ok == "False" and "before the dependent launch's wait" in error

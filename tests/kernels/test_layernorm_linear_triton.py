@@ -612,13 +612,9 @@ OVERLAP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
-def test_overlap_launch_wiring(monkeypatch, capability):
-    """Who waits on whom under overlap: on sm_90 each launch after the op's first is a
-    programmatic dependent launch that waits before it reads (PDL_WAIT, launch_pdl) and the
-    launch before it lets it start (LAUNCH_DEPENDENTS); sm_80 only prefetches; the interpreter,
-    which has no inline PTX, does neither. Without overlap nothing of it anywhere. (The kernels
-    are recorded, not run: the interpreter cannot run these instructions.)"""
+def record_without_running(monkeypatch, capability):
+    """Replaces ll's kernels by recorders of (name, kwargs) that do not run (the interpreter
+    cannot run inline PTX) and pretends the device has `capability`."""
     launches = []
 
     def recorder(name):
@@ -629,6 +625,34 @@ def test_overlap_launch_wiring(monkeypatch, capability):
     for name in ("_layer_norm_kernel", *KERNELS):
         monkeypatch.setattr(ll, name, recorder(name))
     monkeypatch.setattr(ll, "_capability", lambda device: capability)
+    return launches
+
+
+def check_dependent_launches(launches):
+    """The protocol: a launch is a programmatic dependent one exactly when it waits before it
+    touches memory, the op's first launch never is, and a dependent launch follows one that
+    lets it start early."""
+    assert not launches[0][1].get("launch_pdl", False)
+    for (_, before), (name, kwargs) in zip(launches, launches[1:]):
+        dependent = kwargs.get("launch_pdl", False)
+        assert dependent == kwargs.get("PDL_WAIT", False), name
+        assert before.get("LAUNCH_DEPENDENTS", False) == dependent, name
+
+
+def test_no_inline_ptx_where_it_cannot_run():
+    """Overlap's PTX is off on CPU tensors and, under the interpreter, on CUDA tensors too."""
+    assert ll._capability(torch.device("cpu")) is None
+    if ll._INTERPRETED:
+        assert ll._capability(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
+def test_overlap_launch_wiring(monkeypatch, capability):
+    """Who waits on whom under overlap: on sm_90 each launch after the op's first is a
+    programmatic dependent launch that waits before it reads (PDL_WAIT, launch_pdl) and the
+    launch before it lets it start (LAUNCH_DEPENDENTS); sm_80 only prefetches; the interpreter,
+    which has no inline PTX, does neither. Without overlap nothing of it anywhere."""
+    launches = record_without_running(monkeypatch, capability)
     x, ln_w, ln_b, w, b, _ = _valid()
     pdl = capability == 90
     for options, names in OVERLAP_CASES:
@@ -636,18 +660,35 @@ def test_overlap_launch_wiring(monkeypatch, capability):
             launches.clear()
             ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + options + (overlap,))
             assert [name for name, _ in launches] == names
+            check_dependent_launches(launches)
             kwargs = dict(launches)
             gemm = kwargs["_fused_linear_kernel"]
             assert gemm["PREFETCH_K"] == (ll._PREFETCH_K if overlap and capability else 0)
-            waits = overlap and pdl and names[0] != "_fused_linear_kernel"
-            assert gemm["PDL_WAIT"] == gemm["launch_pdl"] == waits, (options, overlap)
-            if names[0] != "_fused_linear_kernel":
-                assert kwargs[names[0]]["LAUNCH_DEPENDENTS"] == waits
-            reduce_early = overlap and pdl and options[0] > 1
-            assert gemm["LAUNCH_DEPENDENTS"] == reduce_early
-            if options[0] > 1:
-                reduce = kwargs["_split_k_reduce_kernel"]
-                assert reduce["PDL_WAIT"] == reduce["launch_pdl"] == reduce_early
+            assert gemm["PDL_WAIT"] == (overlap and pdl and names[0] != "_fused_linear_kernel"), (options, overlap)
+            assert gemm["LAUNCH_DEPENDENTS"] == (overlap and pdl and options[0] > 1)
+
+
+@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
+def test_overlap_launch_wiring_without_layernorm(monkeypatch, capability):
+    """linear_residual and linear_residual_layernorm under overlap: the GEMM is the first launch
+    (prefetch only), the reduce after a split GEMM depends on it on sm_90, and the post-LN
+    LayerNorm stays a plain launch after them."""
+    launches = record_without_running(monkeypatch, capability)
+    x, _, _, w, b, r = _valid()
+    for split_k in (1, 2):
+        config = OPTION_TILES + (split_k, True, True, True)   # the LayerNorm options change nothing
+        for post_ln in (False, True):
+            launches.clear()
+            if post_ln:
+                ll.linear_residual_layernorm(x, w, b, r, b, b, EPS, config=config)
+            else:
+                ll.linear_residual(x, w, b, r, config=config)
+            names = ["_fused_linear_kernel"] + ["_split_k_reduce_kernel"] * (split_k > 1)
+            assert [name for name, _ in launches] == names + ["_layer_norm_kernel"] * post_ln
+            check_dependent_launches(launches)
+            gemm = launches[0][1]
+            assert gemm["PREFETCH_K"] == (ll._PREFETCH_K if capability else 0) and not gemm["HAS_LN"]
+            assert gemm["LAUNCH_DEPENDENTS"] == (capability == 90 and split_k > 1)
 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)

@@ -209,12 +209,17 @@ class Prefill:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(tiles=(32, 16, 4, 2))] + ([dict(tiles=(32, 16, 4, 2, True))] if CAPABILITY >= 90 else [])
+            return [{}, dict(tiles=(32, 16, 4, 2))] + ([dict(tiles=(32, 16, 4, 2, True)),
+                                                       dict(tiles=(128, 16, 4, 2, False, True, True))]
+                                                      if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
         tma = self.TMA_TILES[pad] if CAPABILITY >= 90 else []
         # (on sm_90 only, as the compile check builds them: on sm_80 the padded 128-wide tiles spill)
         padded = self.PADDED_80 if c["head_dim"] == 80 and CAPABILITY >= 90 else []
-        return [{}] + [dict(tiles=t) for t in self.TILES[pad] + tma + padded]
+        # sm_90+: the warp-specialised kernel (no sweep shape has cached context), at the tiles
+        # the compile check builds for it
+        ws = [tuple(t) for t in attention.WS_CANDIDATES[pad]] if CAPABILITY >= 90 else []
+        return [{}] + [dict(tiles=t) for t in self.TILES[pad] + tma + padded + ws]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
@@ -254,9 +259,10 @@ class Prefill:
         return x
 
     def ours(self, x: dict, config: dict):
+        # the host knows there is no cached context, as the engine does for a fresh prompt
         return lambda: attention.prefill_attention(
             x["q"], x["k"], x["v"], x["key_cache"], x["value_cache"], x["cu_seqlens"], x["context_lens"],
-            x["block_tables"], x["scale"], **config)
+            x["block_tables"], x["scale"], max_context_len=0, **config)
 
     def peer(self, x: dict):
         q, k, v = x["padded"]

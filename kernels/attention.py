@@ -18,9 +18,14 @@ ranges: the cached context through the block table (masked only in its partial t
 tokens before the query block (no mask), and the diagonal tiles (causal mask). Fully masked tiles
 are never visited. Loads are masked so that unused cache slots, which may hold NaN, never enter
 the sums (a select, never a multiplication by zero).
+
+A second kernel serves batches known to have no cached context on sm_90 (tiles.warp_specialize):
+the same blocks and online softmax as one warp-specialised loop over all key tiles, with K and V
+from per-sequence TMA descriptors (_prefill_attention_ws_kernel explains why it is separate).
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 from typing import NamedTuple
@@ -129,6 +134,35 @@ def _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale, vi
     return acc, acc_hi, m_new, l_i
 
 
+@triton.jit
+def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+                      num_seqs, BLOCK_M: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+    """This program's (sequence, its first token, its length, query block within it) from its
+    position on the virtual block axis (module docstring); the block is < 0 or past the
+    sequence's blocks where the program has none.
+
+    The sequence is the last s with cu_seqlens[s] // BLOCK_M + s <= vblock, or s = 0 (the left
+    side grows strictly with s). Counted over whole chunks of cu_seqlens at once rather than by
+    binary search: one memory round trip per SEQ_CHUNK sequences instead of one per halving,
+    which a short program (128-token prompts in a batch of 64) would otherwise spend most of
+    its time waiting on. With cu_seqlens non-decreasing, the sequence's start is the largest
+    entry that qualifies, its end the smallest one past it."""
+    # Last blocks first: they see the most keys, and starting them early shortens the tail.
+    vblock = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = tl.full((), -1, tl.int32)
+    q_start = tl.full((), 0, tl.int32)
+    q_end = tl.full((), _INT32_MAX, tl.int32)
+    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
+        s = s0 + tl.arange(0, SEQ_CHUNK)
+        bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
+        # s = 0 qualifies whatever its start: packed tokens may begin after an offset
+        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
+        seq += tl.sum(qualifies.to(tl.int32))
+        q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
+        q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
+    return seq, q_start, q_end - q_start, vblock - (q_start // BLOCK_M + seq)
+
+
 # num_seqs is never specialised: Triton would turn a 1 into a constant, and the sequence search
 # below loops to a bound derived from it.
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -156,27 +190,7 @@ def _prefill_attention_kernel(
     SEQ_CHUNK: tl.constexpr,
 ):
     head = tl.program_id(0)
-    # Last blocks first: they see the most keys, and starting them early shortens the tail.
-    vblock = tl.num_programs(1) - 1 - tl.program_id(1)
-    # The sequence: the last s with cu_seqlens[s] // BLOCK_M + s <= vblock, or s = 0 (the left
-    # side grows strictly with s). Counted over whole chunks of cu_seqlens
-    # at once rather than by binary search: one memory round trip per SEQ_CHUNK sequences instead
-    # of one per halving, which a short program (128-token prompts in a batch of 64) would
-    # otherwise spend most of its time waiting on. With cu_seqlens non-decreasing, the sequence's
-    # start is the largest entry that qualifies, its end the smallest one past it.
-    seq = tl.full((), -1, tl.int32)
-    q_start = tl.full((), 0, tl.int32)
-    q_end = tl.full((), _INT32_MAX, tl.int32)
-    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
-        s = s0 + tl.arange(0, SEQ_CHUNK)
-        bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
-        # s = 0 qualifies whatever its start: packed tokens may begin after an offset
-        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
-        seq += tl.sum(qualifies.to(tl.int32))
-        q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
-        q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
-    q_len = q_end - q_start
-    block_m = vblock - (q_start // BLOCK_M + seq)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
     # Past its sequence's blocks, or before the first sequence (tokens packed after an offset):
     # nothing to do.
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):
@@ -304,6 +318,68 @@ def _prefill_attention_kernel(
         _store_rows(o_rows, offs_h, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, False)
 
 
+# num_seqs as in _prefill_attention_kernel; tokens only bounds q's descriptor (a specialisation
+# on it would only compile more variants).
+@triton.jit(do_not_specialize=["tokens", "num_seqs"])
+def _prefill_attention_ws_kernel(
+    q_ptr,             # [tokens, heads, head_dim] new queries, any token/head strides
+    k_ptr,             # [tokens, heads, head_dim] new keys
+    v_ptr,             # [tokens, heads, head_dim] new values
+    out_ptr,           # [tokens, heads, head_dim]
+    cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
+    tokens, num_seqs, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, SEQ_CHUNK: tl.constexpr,
+):
+    """_prefill_attention_kernel for a batch with no cached context, as one warp-specialised
+    loop (Triton's automatic split on sm_90: a 4-warp TMA producer feeds, through shared
+    memory, two 4-warp consumer warpgroups of 64 query rows each, so K/V loads no longer wait
+    in the softmax's instruction stream). Triton applies it only to a kernel whose one loop
+    holds all its dots and that has no early exit, hence a second kernel: every key tile,
+    diagonal ones included, goes through the same causally masked step, and a program without
+    a query block runs no iterations and stores nothing. K and V come through per-sequence TMA descriptors, which read rows past the
+    sequence as zeros: the next sequence's values, finite or not, never meet a zero weight
+    (0 * inf is NaN). Columns past HEAD_DIM read as zeros too (head 80 runs padded to D_PAD)."""
+    head = tl.program_id(0)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    # q through a descriptor over all tokens: rows outside this sequence (past it, or before
+    # the first one) only make output rows that are never stored.
+    q_desc = tl.make_tensor_descriptor(q_ptr + head * stride_qh, shape=[tokens, HEAD_DIM],
+                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, D_PAD])
+    seq_rows = tl.maximum(q_len, 1)   # a sequence without tokens runs no iteration on them
+    k_desc = tl.make_tensor_descriptor(k_ptr + q_start.to(tl.int64) * stride_kt + head * stride_kh,
+                                       shape=[seq_rows, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, D_PAD])
+    v_desc = tl.make_tensor_descriptor(v_ptr + q_start.to(tl.int64) * stride_vt + head * stride_vh,
+                                       shape=[seq_rows, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, D_PAD])
+    q = q_desc.load([q_start + block_m * BLOCK_M, 0])
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)    # query index within the new tokens
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # Keys 0 .. the query block's end: the first tile shows key 0 to every row, as
+    # _softmax_step needs; no key past a valid row's own position is ever visible. None for a
+    # block before the sequence or past its end.
+    block_start = block_m * BLOCK_M
+    kv_end = tl.where((block_start >= 0) & (block_start < q_len), tl.minimum(block_start + BLOCK_M, q_len), 0)
+    for start in tl.range(0, kv_end, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([start, 0])
+        v = v_desc.load([start, 0])
+        visible = (start + offs_n)[None, :] <= offs_m[:, None]
+        acc, _, m_i, l_i = _softmax_step(acc, acc, m_i, l_i, q, q, k, k, v, v, qk_scale, visible,
+                                         True, UPCAST_DOT, 0)
+
+    offs_d = tl.arange(0, D_PAD)
+    o_rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
+    if HEAD_DIM * out_ptr.dtype.element_ty.primitive_bitwidth % 128 == 0:   # as in the main kernel
+        o_rows = tl.multiple_of(o_rows, 16)
+    _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                (offs_m >= 0) & (offs_m < q_len), offs_d < HEAD_DIM, HEAD_DIM < D_PAD)
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   query_start: int) -> torch.Tensor:
     """Causal attention of one sequence in float32.
@@ -322,13 +398,16 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_cache: torch.Tensor, value_cache: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                          block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+                          block_tables: torch.Tensor, scale: float, *,
+                          max_context_len: int | None = None) -> torch.Tensor:
     """Attention for the new tokens of a batch of sequences, packed back to back.
 
     q, k, v: `[tokens, heads, head_dim]` new tokens; key_cache, value_cache:
     `[num_blocks, block_size, heads, head_dim]`; cu_seqlens_q: `[seqs + 1]` int32 offsets of each
     sequence in the packed tokens; context_lens: `[seqs]` int32 tokens already cached before the
     new ones; block_tables: `[seqs, max_blocks]` int32. Returns `[tokens, heads, head_dim]`.
+    max_context_len (the launcher's host-side bound of context_lens) is not needed here: the
+    reference reads the lengths.
     """
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
@@ -345,14 +424,19 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class Tiles(NamedTuple):
     """One launch configuration: query rows per program, keys per step, warps, pipeline stages;
     whether the new tokens' q and off-diagonal K/V tiles arrive by TMA (sm_90+; on rows whose
-    layout TMA cannot address the launcher keeps pointer loads); and whether a head of two
-    powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128."""
+    layout TMA cannot address the launcher keeps pointer loads); whether a head of two
+    powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128; and
+    whether a batch known to have no cached context runs the warp-specialised kernel
+    (_prefill_attention_ws_kernel: sm_90+, 4 warps, fp16 / bf16, TMA, heads padded, so tma
+    and split_head are moot there; batches that may have context run the main kernel).
+    """
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     tma: bool = False
     split_head: bool = True
+    warp_specialize: bool = False
 
 
 # (tile kind, padded head_dim) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -387,6 +471,11 @@ _TILES = {
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
 # TMA twins of the sm_90 entries: candidates for the tile sweep until a GPU has timed them.
 TMA_CANDIDATES = {key: tiles._replace(tma=True) for key, tiles in _TILES_SM90.items()}
+# Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
+# candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
+# its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM.
+WS_CANDIDATES = {pad: [Tiles(128, block_n, 4, stages, warp_specialize=True)
+                       for block_n, stages in ((64, 2), (64, 3), (32, 3), (128, 2))] for pad in (64, 128)}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)
@@ -399,6 +488,12 @@ _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 _DEFAULT_CAPABILITY = 90
 # Host-built TMA descriptors need Hopper or later.
 _TMA_CAPABILITY = 90
+# Warps of a warp-specialised program: the one count at which Triton 3.6 splits the loop on sm_90
+# (into a 4-warp producer and two 4-warp consumers). Query rows of its block: at 128 each consumer
+# takes 64; at 64 both consumers compute the whole block (the compiled TTGIR shows the two
+# partitions identical), twice the work for the same result.
+_WS_WARPS = 4
+_WS_BLOCK_M = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -429,8 +524,9 @@ def _tile_head_dim(head_dim_pad: int) -> int:
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or len(tiles) not in (4, 5, 6):
-        _fail(f"tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head]]), got {tiles!r}")
+    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 7:
+        _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]]), "
+              f"got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -440,11 +536,15 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name, value in (("tma", tiles.tma), ("split_head", tiles.split_head)):
-        if not isinstance(value, bool):
-            _fail(f"tiles.{name} must be a bool, got {value!r}")
-    if tiles.tma and capability < _TMA_CAPABILITY:
-        _fail(f"tiles.tma needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
+    for name in ("tma", "split_head", "warp_specialize"):
+        if not isinstance(getattr(tiles, name), bool):
+            _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
+    for name in ("tma", "warp_specialize"):
+        if getattr(tiles, name) and capability < _TMA_CAPABILITY:
+            _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
+    if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
+        _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (see _WS_WARPS), "
+              f"got {tiles.num_warps} and {tiles.block_m}")
     return tiles
 
 
@@ -515,7 +615,8 @@ def _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, b
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_cache: torch.Tensor, value_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                      block_tables: torch.Tensor, scale: float, *, tiles: Tiles | None = None) -> torch.Tensor:
+                      block_tables: torch.Tensor, scale: float, *, tiles: Tiles | None = None,
+                      max_context_len: int | None = None) -> torch.Tensor:
     """Causal flash attention for the new tokens of a batch of sequences, packed back to back,
     each also attending to its `context_lens[i]` tokens already in the paged cache.
 
@@ -526,11 +627,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with contiguous rows. Returns a contiguous `[tokens, heads, head_dim]` tensor of q's dtype.
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
-    `tiles` (block_m, block_n, num_warps, num_stages) overrides `default_tiles`, for tests and
-    the tile sweep. Raises ValueError on any shape, dtype, device, stride or alignment mismatch,
-    or on tiles outside the choices the kernel supports.
+    `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]])
+    overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
+    context_lens known on the host (None: unknown); at 0, tiles with warp_specialize run the
+    context-free warp-specialised kernel. Raises ValueError on any shape, dtype, device, stride or
+    alignment mismatch, on tiles outside the choices the kernel supports, or on a
+    max_context_len that is not None or an int >= 0.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
+    if max_context_len is not None and (not isinstance(max_context_len, int) or isinstance(max_context_len, bool)
+                                        or max_context_len < 0):
+        _fail(f"max_context_len must be None or an int >= 0, got {max_context_len!r}")
     capability = _capability(q.device)
     if tiles is not None:
         tiles = _check_tiles(tiles, capability)
@@ -545,6 +652,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
+    if tiles.warp_specialize:
+        if max_context_len == 0 and q.dtype != torch.float32 and all(_tma_addressable(t) for t in (q, k, v)):
+            _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
+            return out
+        # elsewhere the main kernel at its own tiles: these were checked for the other kernel only
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
+        d_lo, d_hi = _head_split(head_dim, tiles.split_head)
+        grid = (heads, tokens // tiles.block_m + seqs)
     descs = [None] * 6
     if tiles.tma and all(_tma_addressable(t) for t in (q, k, v)):
         rows = (tiles.block_m, tiles.block_n, tiles.block_n)
@@ -562,6 +677,38 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
     return out
+
+
+def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, grid: tuple) -> None:
+    tokens, _, head_dim = q.shape
+
+    def launch():
+        _prefill_attention_ws_kernel[grid](
+            q, k, v, out, cu_seqlens_q, tokens, cu_seqlens_q.shape[0] - 1, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, SEQ_CHUNK=_SEQ_CHUNK,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if q.is_cuda:
+        # The kernel builds its TMA descriptors on the device, in scratch memory that Triton asks
+        # its allocator for at launch. Ours is set in a copy of the context (Triton keeps the
+        # allocator in a ContextVar), for this launch only: whatever allocator the process set
+        # stays in force for every other kernel.
+        contextvars.copy_context().run(_with_allocator, functools.partial(_descriptor_scratch, q.device), launch)
+    else:
+        launch()
+
+
+def _with_allocator(allocator, launch) -> None:
+    triton.set_allocator(allocator)
+    launch()
+
+
+def _descriptor_scratch(device: torch.device, size: int, alignment: int, stream) -> torch.Tensor:
+    """Device memory for a launch's on-device TMA descriptors, from torch's caching allocator
+    (its blocks are 512-byte aligned, past any alignment Triton asks for; CUDA-graph capture
+    records it like any other allocation)."""
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def _tma_addressable(t: torch.Tensor) -> bool:
@@ -635,4 +782,28 @@ def compile_specs() -> list:
     for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
             specs += [spec(dtype, head_dim, 16, tiles, kind, (_TMA_CAPABILITY,)) for dtype in ("fp16", "bf16")]
+    # The warp-specialised kernel at its sweep candidates (sm_90; no block size: no cache).
+    for tile_head_dim, candidates in WS_CANDIDATES.items():
+        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+            specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates for dtype in ("fp16", "bf16")]
     return specs
+
+
+def _ws_spec(dtype: str, head_dim: int, tiles: Tiles):
+    """The compile-check specialisation of _prefill_attention_ws_kernel at `tiles`."""
+    from .compile_check import CompileSpec
+    signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    signature.update(cu_seqlens_ptr="*i32", tokens="i32", num_seqs="i32", qk_scale="fp32")
+    signature.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                                "stride_vh", "stride_ot", "stride_oh")})
+    constexprs = dict(HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
+                      BLOCK_N=tiles.block_n, UPCAST_DOT=False, SEQ_CHUNK=_SEQ_CHUNK)
+    signature.update({name: "constexpr" for name in constexprs})
+    label = (f"ws d{head_dim} {dtype} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}"
+             f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}")
+    # row strides of OPT's packed qkv and of the output are multiples of 16 elements
+    return CompileSpec(_prefill_attention_ws_kernel, label, signature, constexprs, uses_mma=True, uses_tma=True,
+                       warp_specialized=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                       targets=(_TMA_CAPABILITY,),
+                       divisible_by_16=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                        "stride_vh", "stride_ot", "stride_oh"))

@@ -3,11 +3,13 @@
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
 sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
 its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
-became bulk tensor copies, and that programmatic dependent launches touch no memory but L2
-prefetches before their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
+became bulk tensor copies, that loops marked warp_specialize were split into producer and
+consumer, and that programmatic dependent launches touch no memory but L2 prefetches before
+their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
 (or `make compile-check`); exits non-zero on any compile error or spill, more shared memory than
 one block may have on the target (a launch there would fail), a GEMM-like kernel without `mma` /
-`wgmma`, TMA loads without them, or a memory access before the wait.
+`wgmma`, TMA loads without them, a warp-specialised loop left whole, or a memory access before
+the wait.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ class CompileSpec:
     # A programmatic dependent launch: until its griddepcontrol.wait the launch before may still
     # run, so no memory access may come first (L2 prefetches of data nobody writes may).
     waits_first: bool = False
+    # A loop marked warp_specialize: Triton must have split it into producer and consumer
+    # partitions (it drops the mark silently where it cannot).
+    warp_specialized: bool = False
     # Integer arguments the JIT would see as multiples of 16 (strides of hidden-sized rows, ...).
     # Pointers are always marked 16-byte aligned, as the JIT marks torch's allocations.
     divisible_by_16: tuple[str, ...] = ()
@@ -109,6 +114,8 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
         result.error = result.error or "GEMM-like kernel without tensor-core instructions"
     if spec.uses_tma and "cp.async.bulk.tensor" not in ptx:
         result.error = result.error or "TMA loads compiled to something else than bulk tensor copies"
+    if spec.warp_specialized and "ttg.warp_specialize" not in compiled.asm["ttgir"]:
+        result.error = result.error or "loop marked warp_specialize was not warp-specialised"
     if spec.waits_first:
         wait = ptx.find("griddepcontrol.wait")
         early = _MEMORY_ACCESS.search(ptx, 0, wait if wait >= 0 else len(ptx))

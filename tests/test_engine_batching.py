@@ -2,6 +2,7 @@
 requests and block accounting, on a tiny random OPT (torch kernels)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -292,3 +293,24 @@ def test_kv_pool_default_and_override(tiny_model_dir):
 def test_step_budget_must_hold_every_decode(tiny_model_dir):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         engine(tiny_model_dir, max_num_batched_tokens=8, max_num_seqs=16)
+
+
+def test_prefill_attention_gets_the_hosts_context_bound(tiny_model_dir):
+    """Every prefill attention call gets max_context_len, the largest context of its batch as
+    the host knows it (what lets the launcher pick the context-free kernel): 0 for fresh
+    prompts, the chunk's start for a continued one."""
+    eng = engine(tiny_model_dir, max_num_batched_tokens=24, max_num_seqs=4)
+    seen = []
+    for layer in eng.runner.model.decoder.layers:
+        attn = layer.self_attn
+        real = attn.ops.prefill_attention
+
+        def spy(*args, max_context_len=None, real=real):
+            seen.append((max_context_len, int(args[6].max())))
+            return real(*args, max_context_len=max_context_len)
+        attn.ops = dataclasses.replace(attn.ops, prefill_attention=spy)
+    for i, p in enumerate(prompts(3, seed=9, low=30, high=60)):
+        eng.add_request(str(i), p, GREEDY)
+    drain(eng)
+    assert seen and all(bound == actual for bound, actual in seen)
+    assert {actual > 0 for _, actual in seen} == {True, False}

@@ -108,6 +108,7 @@ class ModelRunner:
                       num_prefill_tokens=tokens,
                       cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
                       context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
+                      max_context_len=0,
                       prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         set_context(ctx)
@@ -183,6 +184,7 @@ class ModelRunner:
         if batch.prefills:
             ctx.cu_seqlens_q = self._tensor(cu_seqlens, torch.int32)
             ctx.context_lens = self._tensor(context_lens, torch.int32)
+            ctx.max_context_len = max(context_lens)
             ctx.prefill_block_tables = self._to_device(block_tables(batch.prefills))
         if batch.decodes:
             ctx.decode_seq_lens = self._tensor([p + 1 for p in decode_positions], torch.int32)

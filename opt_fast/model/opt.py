@@ -38,7 +38,8 @@ class OPTAttention(nn.Module):
         if split:
             out[:split] = ops.prefill_attention(q[:split], k[:split], v[:split], self.key_cache,
                                                 self.value_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                                                ctx.prefill_block_tables, self.scale)
+                                                ctx.prefill_block_tables, self.scale,
+                                                max_context_len=ctx.max_context_len)
         if split < q.shape[0]:
             out[split:] = ops.paged_decode_attention(q[split:], self.key_cache, self.value_cache,
                                                      ctx.decode_block_tables, ctx.decode_seq_lens,

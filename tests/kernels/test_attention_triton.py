@@ -248,15 +248,18 @@ def test_every_table_tile_at_head_dim_128(nan_empty, tiles):
 def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     """Each tile the launcher can pick on a target (OPT's heads; narrow and wide batches, the
     boundary between them at 128 new tokens a sequence) is compiled for that target in its
-    dtype, beside the sweep's candidates on sm_90 (head_dim 80 padded, the TMA twins), and the
-    compile check builds nothing else there."""
+    dtype, beside the sweep's candidates on sm_90 (head_dim 80 padded, the TMA twins, the
+    warp-specialised kernel's tiles), and the compile check builds nothing else there."""
     def launch(tiles, head_dim, name):
         return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma,
                 attention._head_split(head_dim, tiles.split_head), head_dim, name)
 
+    specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
               c["HEAD_DIM"], spec.signature["q_ptr"])
-             for spec in attention.compile_specs() if capability in spec.targets for c in [spec.constexprs]}
+             for spec in specs if not spec.warp_specialized for c in [spec.constexprs]}
+    built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
+                for spec in specs if spec.warp_specialized for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
@@ -268,7 +271,11 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
                    for (_, pad), tiles in attention.tile_table(capability).items() if pad == 128 for name in half}
         picked |= {launch(tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
                    for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half}
-    assert picked == built
+    picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name)
+                 for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates
+                 for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
+                 if capability >= 90}
+    assert picked == built and picked_ws == built_ws
 
 
 def test_narrow_and_wide_batches():
@@ -285,7 +292,10 @@ def test_narrow_and_wide_batches():
 @pytest.mark.parametrize("tiles,field", [
     ((128, 48, 8, 3), "block_n"), ((64, 128, 4, 2), "block_m"), ((128, 64, 3, 2), "num_warps"),
     ((128, 64, 4, 0), "num_stages"), ((128, 64, 4), "tiles"), ((64, 64, 4, 2, 1), "tiles.tma"),
-    ((64, 64, 4, 2, True, 1), "tiles.split_head"), ((64, 64, 4, 2, True, True, 1), "tiles")])
+    ((64, 64, 4, 2, True, 1), "tiles.split_head"), ((64, 64, 4, 2, True, True, 1), "tiles.warp_specialize"),
+    ((128, 64, 8, 2, True, True, True), "tiles.warp_specialize needs num_warps=4 and block_m=128"),
+    ((64, 64, 4, 2, True, True, True), "tiles.warp_specialize needs num_warps=4 and block_m=128"),
+    ((64, 64, 4, 2, True, True, True, 1), "tiles")])
 def test_tile_overrides_are_checked(tiles, field):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match=field):
@@ -354,3 +364,113 @@ def test_tma_needs_hopper(monkeypatch):
     monkeypatch.setattr(attention, "_capability", lambda device: 80)
     with pytest.raises(ValueError, match="tiles.tma needs compute capability 90"):
         prefill_attention(*args, tiles=(64, 64, 4, 2, True))
+
+
+# --------------------------------------------------------------------------------------------
+# The warp-specialised kernel (tiles.warp_specialize, for batches without cached context)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ws_launches(monkeypatch):
+    """The tiles of each warp-specialised launch: proof that that kernel, not the main one, ran."""
+    launched = []
+    real = attention._launch_warp_specialized
+
+    def recording(q, k, v, out, cu_seqlens_q, scale, tiles, grid):
+        launched.append(tiles)
+        return real(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
+    monkeypatch.setattr(attention, "_launch_warp_specialized", recording)
+    return launched
+
+
+def ws(*tiles) -> Tiles:
+    return Tiles(*tiles, warp_specialize=True)
+
+
+# Sequences of several query blocks, one ending inside a key tile, an empty one, one token;
+# head 80 padded to 128 (TMA reads the 48 columns past it as zeros); the sweep's candidate tiles
+# (attention.WS_CANDIDATES), which on a GPU are the compiled variants the compile check verified.
+@pytest.mark.parametrize("dtype,head_dim,tiles", [
+    (torch.float16, 64, ws(128, 64, 4, 2)), (torch.float16, 80, ws(128, 32, 4, 3)),
+    (torch.float16, 128, ws(128, 64, 4, 3)), (torch.bfloat16, 64, ws(128, 128, 4, 2)),
+    (torch.bfloat16, 128, ws(128, 32, 4, 3))],
+    ids=["fp16-64", "fp16-80", "fp16-128", "bf16-64", "bf16-128"])
+def test_warp_specialized_tiles_match_the_reference(nan_empty, ws_launches, dtype, head_dim, tiles):
+    assert tiles in attention.WS_CANDIDATES[64 if head_dim <= 64 else 128]
+    seqs = [(0, 150), (0, 5), (0, 0), (0, 297), (0, 1), (0, 33)]
+    args, expected = prefill_case(seqs, 16, 3, head_dim, dtype, seed=head_dim + tiles.block_n)
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
+    assert_matches(out, expected, dtype)
+    assert ws_launches == [tiles]
+    if DEVICE == "cuda":   # as the engine replays it: the descriptors' scratch inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = prefill_attention(*args, tiles=tiles, max_context_len=0)
+        replayed.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, out)
+
+
+def test_warp_specialized_keeps_other_sequences_out(ws_launches):
+    """The next sequence's new tokens are all NaN: the per-sequence descriptors read zeros past
+    the first sequence, which ends inside a key tile, so its output stays exact."""
+    args, expected = prefill_case([(0, 45), (0, 40)], 16, 2, 64, torch.float16, seed=3)
+    for t in args[:3]:
+        t[45:] = float("nan")
+    out = prefill_attention(*args, tiles=ws(128, 16, 4, 2), max_context_len=0)
+    assert_matches(out[:45], expected[:45], torch.float16)
+    assert ws_launches
+
+
+def test_warp_specialized_packed_after_an_offset(nan_empty, ws_launches):
+    """Tokens before cu_seqlens_q[0] (NaN here) belong to no sequence: never read, and their
+    output rows stay as torch.empty left them."""
+    args, expected = prefill_case([(0, 20), (0, 13)], 8, 1, 64, torch.float16, seed=6)
+    q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
+    lead = 40
+    shifted = [torch.cat([torch.full((lead, *t.shape[1:]), float("nan"), dtype=t.dtype, device=DEVICE), t])
+               for t in (q, k, v)]
+    out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, context_lens, block_tables, scale,
+                            tiles=ws(128, 16, 4, 2), max_context_len=0)
+    assert_matches(out[lead:], expected, torch.float16)
+    assert out[:lead].isnan().all() and ws_launches
+
+
+def test_warp_specialized_only_where_the_batch_has_no_context(monkeypatch, ws_launches):
+    """Without a host bound of 0 on the context, or in float32 (CUDA cores), the main kernel runs
+    at the launcher's own tiles (the warp-specialised ones are compile-checked for their kernel
+    only) and sees the context."""
+    main_tiles = []
+    real = attention._prefill_attention_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                main_tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(attention, "_prefill_attention_kernel", Recording())
+    cap = attention._capability(torch.device(DEVICE))
+    for dtype, seqs, bound in ((torch.float16, [(17, 30), (0, 20)], None), (torch.float16, [(17, 30), (0, 20)], 17),
+                               (torch.float32, [(0, 30)], 0)):
+        main_tiles.clear()
+        args, expected = prefill_case(seqs, 16, 2, 64, dtype, seed=5)
+        assert_matches(prefill_attention(*args, tiles=ws(128, 16, 4, 2), max_context_len=bound), expected, dtype)
+        own = attention.default_tiles(64, dtype, sum(n for _, n in seqs), len(seqs), cap)
+        assert main_tiles == [own[:4]]
+    assert ws_launches == []
+
+
+@pytest.mark.parametrize("bound", [-1, True, 1.0, "0"])
+def test_max_context_len_is_checked(bound):
+    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
+    with pytest.raises(ValueError, match="max_context_len"):
+        prefill_attention(*args, max_context_len=bound)
+
+
+def test_warp_specialize_needs_hopper(monkeypatch):
+    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
+    monkeypatch.setattr(attention, "_capability", lambda device: 80)
+    with pytest.raises(ValueError, match="tiles.warp_specialize needs compute capability 90"):
+        prefill_attention(*args, tiles=ws(128, 64, 4, 2), max_context_len=0)

@@ -16,6 +16,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert " sm_90 " in done.stdout and " sm_80 " in done.stdout
 
 
+def _passes_and_fails(setup: str, passing: str, failing: str) -> tuple[str, str, str]:
+    """Compiles for sm_90, after the `setup` lines, the spec expressions `passing` and `failing`;
+    returns their verdicts ("True" / "False") and the second one's error."""
+    script = (setup + f"good = cc.compile_one({passing}, 90, 'sm_90')\n"
+              f"bad = cc.compile_one({failing}, 90, 'sm_90')\nprint(good.ok, bad.ok, bad.error)\n")
+    return tuple(_compiled_verdicts(script))
+
+
 def _compiled_verdicts(script: str) -> list[str]:
     """Runs a compile-check script (printing two verdicts and an error) outside the interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -41,17 +49,14 @@ def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
 def test_tma_specs_are_checked_for_bulk_tensor_copies():
     """The prefill kernel's TMA twin compiles to bulk tensor copies; the same check on a pointer-
     load specialisation (marked as if it used TMA) reports a failure."""
-    script = (
+    verdicts = _passes_and_fails(
         "import dataclasses\n"
         "from opt_fast.kernels import attention, compile_check as cc\n"
         "specs = attention.compile_specs()\n"
         "tma = next(s for s in specs if s.uses_tma and 'narrow d64 fp16' in s.label)\n"
-        "plain = next(s for s in specs if not s.uses_tma and 'narrow d64 fp16 bs16' in s.label)\n"
-        "with_tma = cc.compile_one(tma, 90, 'sm_90')\n"
-        "without = cc.compile_one(dataclasses.replace(plain, uses_tma=True), 90, 'sm_90')\n"
-        "print(with_tma.ok, without.ok, without.error)\n")
-    tma_ok, plain_ok, error = _compiled_verdicts(script)
-    assert tma_ok == "True" and plain_ok == "False" and "bulk tensor copies" in error
+        "plain = next(s for s in specs if not s.uses_tma and 'narrow d64 fp16 bs16' in s.label)\n",
+        "tma", "dataclasses.replace(plain, uses_tma=True)")
+    assert verdicts[:2] == ("True", "False") and "bulk tensor copies" in verdicts[2]
 
 
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
@@ -70,7 +75,7 @@ def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
         "    if not WAIT_FIRST:\n"
         "        gdc_wait()\n"
         "    tl.store(out_ptr + tl.arange(0, 128), x)\n")
-    script = (
+    verdicts = _passes_and_fails(
         f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "from pdl_probe import probe\n"
         "from opt_fast.kernels import compile_check as cc, layernorm_linear as ll\n"
@@ -78,8 +83,18 @@ def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
         "    return cc.CompileSpec(probe, 'probe', dict(x_ptr='*fp16', out_ptr='*fp16', WAIT_FIRST='constexpr'),\n"
         "                          dict(WAIT_FIRST=wait_first), waits_first=True, targets=(90,))\n"
         "gemm = next(s for s in ll.compile_specs() if s.waits_first and 'fp16' in s.label and 'stats' in s.label)\n"
-        "late, early = cc.compile_one(spec(True), 90, 'sm_90'), cc.compile_one(spec(False), 90, 'sm_90')\n"
-        "assert cc.compile_one(gemm, 90, 'sm_90').ok, gemm.label\n"
-        "print(late.ok, early.ok, early.error)\n")
-    late_ok, early_ok, error = _compiled_verdicts(script)
-    assert late_ok == "True" and early_ok == "False" and "before the dependent launch's wait" in error
+        "assert cc.compile_one(gemm, 90, 'sm_90').ok, gemm.label\n",
+        "spec(True)", "spec(False)")
+    assert verdicts[:2] == ("True", "False") and "before the dependent launch's wait" in verdicts[2]
+
+
+def test_warp_specialized_specs_are_checked_for_the_split():
+    """The warp-specialised prefill kernel compiles to producer and consumer partitions at its
+    candidate tiles; at a tile where Triton leaves the loop whole (32 query rows), the check
+    fails."""
+    verdicts = _passes_and_fails(
+        "from opt_fast.kernels import attention, compile_check as cc\n"
+        "from opt_fast.kernels.attention import Tiles\n",
+        "attention._ws_spec('fp16', 128, attention.WS_CANDIDATES[128][0])",
+        "attention._ws_spec('fp16', 64, Tiles(32, 16, 4, 2, warp_specialize=True))")
+    assert verdicts[:2] == ("True", "False") and "not warp-specialised" in verdicts[2]

@@ -338,11 +338,12 @@ def _prefill_attention_ws_kernel(
     in the softmax's instruction stream). Triton applies it only to a kernel whose one loop
     holds all its dots and that has no early exit, hence a second kernel: every key tile,
     diagonal ones included, goes through the same causally masked step, and a program without
-    a query block runs no iterations and stores nothing. K and V come through per-sequence TMA descriptors, which read rows past the
-    sequence as zeros: the next sequence's values, finite or not, never meet a zero weight
-    (0 * inf is NaN). Columns past HEAD_DIM read as zeros too (head 80 runs padded to D_PAD)."""
+    a query block runs no iterations and stores nothing. K and V come through per-sequence TMA
+    descriptors, which read rows past the sequence as zeros: the next sequence's values, finite
+    or not, never meet a zero weight (0 * inf is NaN). Columns past HEAD_DIM read as zeros too
+    (head 80 runs padded to D_PAD)."""
     head = tl.program_id(0)
-    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    _, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
     # q through a descriptor over all tokens: rows outside this sequence (past it, or before
     # the first one) only make output rows that are never stored.
     q_desc = tl.make_tensor_descriptor(q_ptr + head * stride_qh, shape=[tokens, HEAD_DIM],

@@ -3,7 +3,7 @@
 # safetensors, pytest and pytest-xdist are already there. Installs opt_fast without touching them,
 # then runs, each phase with its own timeout so one slow phase cannot eat the rest:
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
-#   tests     the test suite on CUDA, 110 s
+#   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
 #   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 100 s
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
@@ -12,7 +12,8 @@
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
 # SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals;
 # GPU_TESTS (default: tests) picks the test paths, e.g. "tests/kernels" when time is short (the
-# whole suite needs about 2 minutes on 8 workers).
+# whole suite needs about 2 minutes on 8 workers), and TESTS_TIMEOUT (seconds, default 110) bounds
+# them.
 # Reports land in $OUT (benchmarks/results/ when unset), 8 files at most: gpu_env.txt,
 # gpu_tests.log, kernels.log, kernels.md (benchmarks, then the sweep), kernels.json, sweep.json,
 # bench_generate.md, bench_generate.json.
@@ -47,7 +48,7 @@ fi
 if want tests; then
   # xdist: the suite compiles many kernel specialisations; 8 workers compile them in parallel.
   # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
-  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 8 ${GPU_TESTS:-tests} \
+  timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest -q -p no:cacheprovider -n 8 ${GPU_TESTS:-tests} \
     --deselect tests/kernels/test_compile_check.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   tests_rc=${PIPESTATUS[0]}

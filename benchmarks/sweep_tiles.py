@@ -281,6 +281,16 @@ class Prefill:
         return 4 * c["batch"] * c["heads"] * c["head_dim"] * c["length"] ** 2 // 2
 
 
+def _launch(*tiles, **options) -> tuple:
+    """A fused-linear launch (ll.GemmLaunch) as the shortest tuple that says it, trailing default
+    options dropped, so that labels stay short: _launch(16, 128, 128, 4, 3, overlap=True)."""
+    full, plain = tuple(ll.GemmLaunch(*tiles, **options)), tuple(ll.GemmLaunch(*tiles))
+    n = len(full)
+    while n > len(tiles) and full[n - 1] == plain[n - 1]:
+        n -= 1
+    return full[:n]
+
+
 class LnQkv:
     """Fused LayerNorm + QKV projection against F.layer_norm then F.linear (cuBLAS)."""
     name, peer_name = "ln_qkv", "layer_norm+linear"
@@ -293,34 +303,47 @@ class LnQkv:
     SIXTY_FOUR = [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 32, 128, 4, 4),
                   (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 5)]
     # Launch options (kernels/layernorm_linear.py GemmLaunch), not timed yet: the statistics from
-    # their own launch (7th field True), and split-K (6th field: GEMM programs per output tile,
-    # then a reduce launch), so that skinny GEMMs fill every SM instead of 48-120 of 132.
-    SKINNY_OPTIONS = [(16, 128, 128, 4, 3, 1, True), (16, 128, 128, 4, 3, 2), (16, 128, 128, 4, 3, 3),
-                      (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4),
-                      (16, 64, 256, 8, 3, 2), (16, 32, 256, 4, 4, 2)]
-    SIXTY_FOUR_OPTIONS = [(64, 128, 64, 8, 3, 1, True), (64, 64, 128, 4, 3, 1, True), (32, 64, 128, 4, 4, 1, True),
-                          (16, 64, 128, 4, 4, 1, True), (64, 128, 64, 8, 3, 2), (64, 128, 64, 8, 3, 4),
-                          (64, 64, 128, 4, 3, 2), (32, 64, 128, 4, 4, 2)]
-    # normalize_first (8th field): our LayerNorm launch, then our plain GEMM on its output, as
-    # the torch pair runs; its A tiles skip the registers, where the fused loop normalises them
-    # again in every program of a row tile (4x the instructions per K step at 64 rows). Also
-    # tells whether the GEMM loop itself keeps up with cuBLAS (the `linear alone` time).
-    SKINNY_FIRST = [(16, 128, 128, 4, 3, 1, False, True), (16, 128, 128, 4, 3, 4, False, True),
-                    (16, 64, 128, 4, 4, 2, False, True)]
-    SIXTY_FOUR_FIRST = [(64, 128, 64, 8, 3, 1, False, True), (64, 128, 64, 8, 3, 2, False, True),
-                        (64, 128, 64, 8, 3, 4, False, True), (64, 64, 128, 4, 3, 1, False, True),
-                        (64, 64, 128, 4, 3, 2, False, True)]
-    # overlap (9th field): the weight stream starts before what the GEMM waits on, the
-    # statistics pass or (PDL) the launch before; the fused, statistics-kernel, normalize_first
-    # and split forms of the shapes above, each with it.
-    SKINNY_OVERLAP = [(16, 128, 128, 4, 3, 1, False, False, True), (16, 64, 256, 8, 3, 1, False, False, True),
-                      (16, 128, 128, 4, 3, 1, True, False, True), (16, 128, 128, 4, 3, 1, False, True, True),
-                      (16, 128, 128, 4, 3, 2, False, False, True), (16, 128, 128, 4, 3, 4, False, False, True),
-                      (16, 64, 128, 4, 4, 2, False, False, True)]
-    SIXTY_FOUR_OVERLAP = [(64, 64, 128, 4, 3, 1, False, False, True), (64, 128, 64, 8, 3, 1, True, False, True),
-                          (64, 64, 128, 4, 3, 1, True, False, True), (32, 64, 128, 4, 4, 1, True, False, True),
-                          (64, 128, 64, 8, 3, 1, False, True, True), (64, 64, 128, 4, 3, 1, False, True, True),
-                          (64, 128, 64, 8, 3, 2, False, True, True), (64, 128, 64, 8, 3, 2, False, False, True)]
+    # their own launch (stats_kernel), and split-K (split_k GEMM programs per output tile, then a
+    # reduce launch), so that skinny GEMMs fill every SM instead of 48-120 of 132.
+    SKINNY_OPTIONS = [_launch(16, 128, 128, 4, 3, stats_kernel=True), _launch(16, 128, 128, 4, 3, split_k=2),
+                      _launch(16, 128, 128, 4, 3, split_k=3), _launch(16, 128, 128, 4, 3, split_k=4),
+                      _launch(16, 64, 128, 4, 4, split_k=2), _launch(16, 64, 128, 4, 4, split_k=4),
+                      _launch(16, 64, 256, 8, 3, split_k=2), _launch(16, 32, 256, 4, 4, split_k=2)]
+    SIXTY_FOUR_OPTIONS = [_launch(64, 128, 64, 8, 3, stats_kernel=True),
+                          _launch(64, 64, 128, 4, 3, stats_kernel=True),
+                          _launch(32, 64, 128, 4, 4, stats_kernel=True),
+                          _launch(16, 64, 128, 4, 4, stats_kernel=True), _launch(64, 128, 64, 8, 3, split_k=2),
+                          _launch(64, 128, 64, 8, 3, split_k=4), _launch(64, 64, 128, 4, 3, split_k=2),
+                          _launch(32, 64, 128, 4, 4, split_k=2)]
+    # normalize_first: our LayerNorm launch, then our plain GEMM on its output, as the torch pair
+    # runs; its A tiles skip the registers, where the fused loop normalises them again in every
+    # program of a row tile (4x the instructions per K step at 64 rows). Also tells whether the
+    # GEMM loop itself keeps up with cuBLAS (the `linear alone` time).
+    SKINNY_FIRST = [_launch(16, 128, 128, 4, 3, normalize_first=True),
+                    _launch(16, 128, 128, 4, 3, split_k=4, normalize_first=True),
+                    _launch(16, 64, 128, 4, 4, split_k=2, normalize_first=True)]
+    SIXTY_FOUR_FIRST = [_launch(64, 128, 64, 8, 3, normalize_first=True),
+                        _launch(64, 128, 64, 8, 3, split_k=2, normalize_first=True),
+                        _launch(64, 128, 64, 8, 3, split_k=4, normalize_first=True),
+                        _launch(64, 64, 128, 4, 3, normalize_first=True),
+                        _launch(64, 64, 128, 4, 3, split_k=2, normalize_first=True)]
+    # overlap: the weight stream starts before what the GEMM waits on, the statistics pass or
+    # (PDL) the launch before; the fused, statistics-kernel, normalize_first and split forms of
+    # the shapes above, each with it.
+    SKINNY_OVERLAP = [_launch(16, 128, 128, 4, 3, overlap=True), _launch(16, 64, 256, 8, 3, overlap=True),
+                      _launch(16, 128, 128, 4, 3, stats_kernel=True, overlap=True),
+                      _launch(16, 128, 128, 4, 3, normalize_first=True, overlap=True),
+                      _launch(16, 128, 128, 4, 3, split_k=2, overlap=True),
+                      _launch(16, 128, 128, 4, 3, split_k=4, overlap=True),
+                      _launch(16, 64, 128, 4, 4, split_k=2, overlap=True)]
+    SIXTY_FOUR_OVERLAP = [_launch(64, 64, 128, 4, 3, overlap=True),
+                          _launch(64, 128, 64, 8, 3, stats_kernel=True, overlap=True),
+                          _launch(64, 64, 128, 4, 3, stats_kernel=True, overlap=True),
+                          _launch(32, 64, 128, 4, 4, stats_kernel=True, overlap=True),
+                          _launch(64, 128, 64, 8, 3, normalize_first=True, overlap=True),
+                          _launch(64, 64, 128, 4, 3, normalize_first=True, overlap=True),
+                          _launch(64, 128, 64, 8, 3, split_k=2, normalize_first=True, overlap=True),
+                          _launch(64, 128, 64, 8, 3, split_k=2, overlap=True)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -332,8 +355,9 @@ class LnQkv:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(config=(16, 32, 32, 4, 2)), dict(config=(16, 32, 32, 4, 2, 2, False, True)),
-                    dict(config=(16, 32, 32, 4, 2, 2, False, False, True))]
+            return [{}, dict(config=(16, 32, 32, 4, 2)),
+                    dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
+                    dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True))]
         if c["tokens"] <= 16:
             table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP
         else:

@@ -345,6 +345,17 @@ class LnQkv:
                           _launch(64, 128, 64, 8, 3, split_k=2, normalize_first=True, overlap=True),
                           _launch(64, 128, 64, 8, 3, split_k=2, overlap=True)]
 
+    # tma: x and weight tiles by TMA bulk copies (sm_90) instead of cp.async; mostly where the
+    # GEMM reads x as it is (normalize_first), with overlap, split or not.
+    SKINNY_TMA = [_launch(16, 128, 128, 4, 3, tma=True),
+                  _launch(16, 128, 128, 4, 3, normalize_first=True, overlap=True, tma=True),
+                  _launch(16, 128, 128, 4, 3, split_k=2, normalize_first=True, overlap=True, tma=True)]
+    SIXTY_FOUR_TMA = [_launch(64, 128, 64, 8, 3, normalize_first=True, tma=True),
+                      _launch(64, 128, 64, 8, 3, normalize_first=True, overlap=True, tma=True),
+                      _launch(64, 64, 128, 4, 3, normalize_first=True, overlap=True, tma=True),
+                      _launch(64, 128, 64, 8, 3, split_k=2, normalize_first=True, overlap=True, tma=True),
+                      _launch(64, 128, 64, 8, 3, stats_kernel=True, overlap=True, tma=True)]
+
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
             return [dict(model="tiny", hidden=64, tokens=5)]
@@ -359,9 +370,10 @@ class LnQkv:
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True))]
         if c["tokens"] <= 16:
-            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP
+            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP + self.SKINNY_TMA
         else:
-            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP
+            table = (self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP
+                     + self.SIXTY_FOUR_TMA)
         return [{}] + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:

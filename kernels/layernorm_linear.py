@@ -6,15 +6,15 @@ over K, then each A tile normalised as it is loaded) and an epilogue of bias, Re
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
-Four launch options, off by default and chosen per call through the `config` override
+Five launch options, off by default and chosen per call through the `config` override
 (GemmLaunch): the row statistics from a separate small kernel (`_row_stats_kernel`, once per row
 instead of once per GEMM program); the whole LayerNorm as its own launch before a plain GEMM
 (normalize_first); split-K (SPLIT_K programs per output tile, each over a contiguous share of
 K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue);
-and overlap (the weight stream started before the statistics or the launch before are ready:
-an L2 prefetch, and programmatic dependent launches on sm_90+). They serve skinny (decode-sized)
-GEMMs, where the weight-bound grid has too few tiles for the SMs and every program of a row tile
-normalises the same rows again.
+overlap (the weight stream started before the statistics or the launch before are ready: an L2
+prefetch, and programmatic dependent launches on sm_90+); and tma (the main loop's tiles as TMA
+bulk copies on sm_90+). They serve skinny (decode-sized) GEMMs, where the weight-bound grid has
+too few tiles for the SMs and every program of a row tile normalises the same rows again.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
@@ -219,6 +220,8 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          res_ptr,    # [M, N] residual, any strides (read only with HAS_RESIDUAL)
                          out_ptr,    # [M, N] output, any strides; with PARTIAL_OUT the float32
                                      # workspace [splits * M, N] (strides stride_om, stride_on)
+                         x_desc,     # TMA descriptors of x [M, K] in [BLOCK_M, BLOCK_K] boxes
+                         w_desc,     # and of w [N, K] in [BLOCK_N, BLOCK_K] boxes; None without USE_TMA
                          M, N, K,
                          stride_xm, stride_xk, stride_wn, stride_wk,
                          stride_rm, stride_rn, stride_om, stride_on, eps, k_per_split,
@@ -227,7 +230,7 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
                          STATS_FROM_MEMORY: tl.constexpr, PARTIAL_OUT: tl.constexpr,
                          PREFETCH_K: tl.constexpr, PDL_WAIT: tl.constexpr,
-                         LAUNCH_DEPENDENTS: tl.constexpr):
+                         LAUNCH_DEPENDENTS: tl.constexpr, USE_TMA: tl.constexpr):
     """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation. The LayerNorm row
     statistics come from a first pass over x in chunks of STATS_K columns, or with
     STATS_FROM_MEMORY from `stats_ptr` (written by _row_stats_kernel).
@@ -241,7 +244,8 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     PDL_WAIT the program is a programmatic dependent launch (sm_90+) that may start while the
     launch before it (the LayerNorm or statistics kernel) still runs: it reads x and the
     statistics only after griddepcontrol.wait. LAUNCH_DEPENDENTS lets the reduce launch do the
-    same behind this one."""
+    same behind this one. USE_TMA: the main loop's x and w tiles come as bulk copies through
+    the descriptors (rows and columns past the tensors read as zeros, as the masks give)."""
     # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -259,6 +263,7 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
         # last split the K tail, so it also bounds the K masks
         k_len = tl.minimum(k_per_split, K - k_lo)
     else:
+        k_lo = 0
         k_len = K
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,8 +310,11 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     for k0 in range(0, k_len, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_len
-        a = tl.load(x_ptr + a_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_TMA:   # descriptors address the whole tensors: this split's columns from k_lo
+            a = x_desc.load([pid_m * BLOCK_M, k_lo + k0])
+        else:
+            a = tl.load(x_ptr + a_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_LN:
             g, beta = g_next.to(tl.float32), beta_next.to(tl.float32)
             ks_next = ks + BLOCK_K
@@ -315,8 +323,11 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
             a_norm = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
             a = a_norm.to(x_ptr.dtype.element_ty)   # rounded like the unfused LN output
         # the weight tile as [BLOCK_K, BLOCK_N] = w^T, straight from nn.Linear's [N, K]
-        b = tl.load(w_ptr + b_cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
+        if USE_TMA:
+            b = w_desc.load([pid_n * BLOCK_N, k_lo + k0]).T
+        else:
+            b = tl.load(w_ptr + b_cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                        mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
         # ieee: fp32 inputs would otherwise run as TF32 on GPUs (no effect on fp16 / bf16)
         acc = tl.dot(a, b, acc, input_precision="ieee")
 
@@ -416,7 +427,7 @@ class GemmConfig(NamedTuple):
 class GemmLaunch(NamedTuple):
     """A GemmConfig and the launch options an override may add; the defaults are the launch a
     GemmConfig makes. As a tuple: (block_m, block_n, block_k, num_warps, num_stages[, split_k[,
-    stats_kernel[, normalize_first[, overlap]]]]).
+    stats_kernel[, normalize_first[, overlap[, tma]]]]]).
 
     split_k: GEMM programs per output tile, each over a contiguous run of ceil(K tiles /
         split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
@@ -443,6 +454,11 @@ class GemmLaunch(NamedTuple):
         bound by, and without this it starts only after the statistics pass or the launch
         before. Results are unchanged. Prefetch alone on sm_80; ignored on CPU (the
         interpreter has no inline PTX).
+    tma: the main loop's x and weight tiles as TMA bulk copies through host-built descriptors
+        (sm_90+; the interpreter emulates them) instead of per-thread cp.async loads: fewer
+        instructions and registers per K step for the weight stream. Where a tensor's layout
+        cannot be described (a stride or base not 16-byte aligned, a K stride other than 1)
+        and for float32 the loads stay pointer loads.
     """
     block_m: int
     block_n: int
@@ -453,6 +469,7 @@ class GemmLaunch(NamedTuple):
     stats_kernel: bool = False
     normalize_first: bool = False
     overlap: bool = False
+    tma: bool = False
 
 
 class _Tier(NamedTuple):
@@ -509,8 +526,10 @@ def _fit(config, dtype: torch.dtype):
         # (64x64 with the LN prologue already spills on sm_80; 32x64 split-K with LN spills 8 B
         # on sm_90, so split-K runs 16-row tiles)
         rows = 16 if isinstance(config, GemmLaunch) and config.split_k > 1 else 32
-        return config._replace(block_m=min(config.block_m, rows), block_n=min(config.block_n, 64),
-                               block_k=min(config.block_k, 32), num_warps=4, num_stages=2)
+        fitted = config._replace(block_m=min(config.block_m, rows), block_n=min(config.block_n, 64),
+                                 block_k=min(config.block_k, 32), num_warps=4, num_stages=2)
+        # TMA feeds tensor cores, which fp32 "ieee" dots do not use
+        return fitted._replace(tma=False) if isinstance(config, GemmLaunch) else fitted
     return config
 
 
@@ -560,10 +579,10 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
 
 
 def _check_config(config) -> GemmLaunch:
-    """An override as a GemmLaunch: a 5- to 9-tuple (GemmConfig and GemmLaunch are tuples)."""
-    if not isinstance(config, tuple) or not 5 <= len(config) <= 9:
+    """An override as a GemmLaunch: a 5- to 10-tuple (GemmConfig and GemmLaunch are tuples)."""
+    if not isinstance(config, tuple) or not 5 <= len(config) <= 10:
         raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
-                         f"[, stats_kernel[, normalize_first[, overlap]]]]), got {config!r}")
+                         f"[, stats_kernel[, normalize_first[, overlap[, tma]]]]]), got {config!r}")
     config = GemmLaunch(*config)
     for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"):
         allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES,
@@ -572,7 +591,7 @@ def _check_config(config) -> GemmLaunch:
         # 2.0 == 2 and True == 1: only real ints reach the kernels' constexprs and the grid
         if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
-    for name in ("stats_kernel", "normalize_first", "overlap"):
+    for name in ("stats_kernel", "normalize_first", "overlap", "tma"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"config.{name} must be True or False, got {getattr(config, name)!r}")
     return config
@@ -626,10 +645,12 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
 
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> int | None:
-    """The NVIDIA compute capability as 80, 90, ...; None where the kernels cannot run inline
-    PTX: under the interpreter (also on CUDA tensors), off CUDA, and on ROCm."""
-    if _INTERPRETED or device.type != "cuda" or torch.version.hip:
+    """The NVIDIA compute capability as 80, 90, ...: None under the interpreter (also on CUDA
+    tensors) and off CUDA, 0 on ROCm (no NVIDIA feature)."""
+    if _INTERPRETED or device.type != "cuda":
         return None
+    if torch.version.hip:
+        return 0
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
@@ -639,18 +660,22 @@ def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool, cap
     without a LayerNorm, ReLU and residual, on a GPU of `capability` (None: the interpreter):
     normalize_first takes the LayerNorm out of the GEMM; split-K moves the epilogue to the
     reduce and the statistics to their own launch, as stats_kernel does; overlap prefetches on
-    any GPU and, on sm_90+, waits on a launch before (PDL_WAIT) and lets the reduce start early
-    (LAUNCH_DEPENDENTS). The launcher and the compile check both read it."""
+    NVIDIA GPUs (no inline PTX in the interpreter) and, on sm_90+, waits on a launch before
+    (PDL_WAIT) and lets the reduce start early (LAUNCH_DEPENDENTS); tma loads through
+    descriptors on sm_90+ and in the interpreter, which emulates them (the launcher still
+    falls back where a tensor's layout has no descriptor). The launcher and the compile check
+    both read it."""
     fused_ln = has_ln and not config.normalize_first
     partial = config.split_k > 1
     stats_from_memory = fused_ln and (config.stats_kernel or partial)
-    overlap = config.overlap and capability is not None
+    overlap = config.overlap and bool(capability)
     pdl = overlap and capability >= 90
     return dict(HAS_LN=fused_ln, RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
                 STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial,
                 PREFETCH_K=_PREFETCH_K if overlap else 0,
                 PDL_WAIT=pdl and (stats_from_memory or (has_ln and not fused_ln)),
-                LAUNCH_DEPENDENTS=pdl and partial)
+                LAUNCH_DEPENDENTS=pdl and partial,
+                USE_TMA=config.tma and (capability is None or capability >= 90))
 
 
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
@@ -693,7 +718,14 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     else:
         gemm_res, gemm_out, k_per_split = res, out, k
     grid = (tiles, split_k) if partial else (tiles,)
-    _fused_linear_kernel[grid](x, ln_w, ln_b, stats, weight, bias, gemm_res, gemm_out, m, n, k,
+    descs = (None, None)
+    if flags["USE_TMA"]:
+        if k and _tma_addressable(x) and _tma_addressable(weight):
+            descs = (TensorDescriptor.from_tensor(x, [config.block_m, config.block_k]),
+                     TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]))
+        else:
+            flags = dict(flags, USE_TMA=False)
+    _fused_linear_kernel[grid](x, ln_w, ln_b, stats, weight, bias, gemm_res, gemm_out, *descs, m, n, k,
                                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                                gemm_res.stride(0), gemm_res.stride(1), gemm_out.stride(0),
                                gemm_out.stride(1), eps, k_per_split, **flags, **cfg,
@@ -704,6 +736,13 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
             gemm_out, bias, res, out, m, n, res.stride(0), res.stride(1), out.stride(0), out.stride(1),
             SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK, PDL_WAIT=wait,
             num_warps=4, launch_pdl=wait)
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """A [rows, K] tensor a TMA descriptor can describe: unit K stride, a 16-byte aligned base
+    and a positive row stride of a multiple of 16 bytes."""
+    item = t.element_size()
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) > 0 and t.stride(0) * item % 16 == 0
 
 
 def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False) -> None:
@@ -739,12 +778,12 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
     it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
     `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel[,
-    normalize_first[, overlap]]]]; blocks powers of two 16..256, 1..6 stages, split_k in 1, 2,
-    3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_config`, for tests and the
-    tile sweep. split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics launch
-    (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm launch, then
-    a plain GEMM (split or not), with no statistics launch; overlap changes no result, only
-    when each launch starts (on a GPU).
+    normalize_first[, overlap[, tma]]]]]; blocks powers of two 16..256, 1..6 stages, split_k in
+    1, 2, 3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_config`, for tests
+    and the tile sweep. split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics
+    launch (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm
+    launch, then a plain GEMM (split or not), with no statistics launch; overlap changes no
+    result, only when each launch starts (on a GPU); nor does tma, only how tiles are loaded.
     float32 inputs always run small CUDA-core tiles (the options are kept).
     """
     n = _check_linear(x, weight, bias)
@@ -827,11 +866,12 @@ _GEMM_DIVISIBLE = ("N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_rm
 _OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
     (16, 128, 128, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 8, 3), (16, 32, 256, 4, 4),
     (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)))
-# (split_k, stats_kernel, normalize_first, overlap) checked at each of them: every split count
-# runs one compiled GEMM (the count is a runtime argument), so split 2 stands for all.
+# (split_k, stats_kernel, normalize_first, overlap[, tma]) checked at each of them: every split
+# count runs one compiled GEMM (the count is a runtime argument), so split 2 stands for all.
 _OPTIONS = ((2, False, False, False), (1, True, False, False), (1, False, True, False),
             (1, False, False, True), (2, False, False, True), (1, True, False, True), (1, False, True, True),
-            (2, False, True, True))
+            (2, False, True, True), (1, False, False, False, True), (1, False, True, False, True),
+            (1, False, True, True, True), (2, False, True, True, True), (1, True, False, True, True))
 # The kernels around the GEMM without and with their programmatic-dependent-launch instruction
 # (griddepcontrol: sm_90+), as (flag, label suffix, targets).
 _PDL_VARIANTS = ((False, "", (80, 90)), (True, " pdl", (90,)))
@@ -907,17 +947,20 @@ def compile_specs() -> list:
                         HAS_RESIDUAL="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
                         BLOCK_K="constexpr", GROUP_M="constexpr", STATS_K="constexpr",
                         STATS_STAGES="constexpr", STATS_FROM_MEMORY="constexpr", PARTIAL_OUT="constexpr",
-                        PREFETCH_K="constexpr", PDL_WAIT="constexpr", LAUNCH_DEPENDENTS="constexpr")
+                        PREFETCH_K="constexpr", PDL_WAIT="constexpr", LAUNCH_DEPENDENTS="constexpr",
+                        USE_TMA="constexpr", x_desc="constexpr", w_desc="constexpr")
 
         def gemm_spec(config, label, signature, targets, **flags):
             cfg = _kernel_options(config, dtype)
             blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
             label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
                      f"w{config.num_warps}s{config.num_stages} {label}")
+            descs = {} if flags["USE_TMA"] else dict(x_desc=None, w_desc=None)
             return CompileSpec(
                 _fused_linear_kernel, label, signature,
-                dict(blocks, **flags, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
+                dict(blocks, **flags, **descs, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
                 uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
+                uses_tma=flags["USE_TMA"],
                 divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 targets=targets, waits_first=flags["PDL_WAIT"])
 
@@ -927,10 +970,13 @@ def compile_specs() -> list:
                                              ("res", flags["HAS_RESIDUAL"])) if on)
             label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
             label += (" prefetch" * bool(flags["PREFETCH_K"]) + " pdl-wait" * flags["PDL_WAIT"]
-                      + " pdl-next" * flags["LAUNCH_DEPENDENTS"])
+                      + " pdl-next" * flags["LAUNCH_DEPENDENTS"] + " tma" * flags["USE_TMA"])
             # the launcher passes the float32 statistics, and the float32 workspace as both
             # output and (unread) residual
             signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
                              **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
+            if flags["USE_TMA"]:
+                signature.update(x_desc=f"tensordesc<{t}[{config.block_m},{config.block_k}]>",
+                                 w_desc=f"tensordesc<{t}[{config.block_n},{config.block_k}]>")
             specs.append(gemm_spec(config, label.strip() or "plain", signature, tuple(targets), **flags))
     return specs

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernel_testing import DEVICE, TOL, gen, randn
 from opt_fast.kernels import layernorm_linear as ll
@@ -522,7 +523,8 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     (OPTION_TILES + (2, "yes"), "stats_kernel"), (OPTION_TILES + (1, None), "stats_kernel"),
     (OPTION_TILES + (1, False, 1), "normalize_first"), (OPTION_TILES + (2, True, None), "normalize_first"),
     (OPTION_TILES + (2, True, False, 0), "overlap"), (OPTION_TILES + (1, False, False, None), "overlap"),
-    (OPTION_TILES + (2, True, False, False, 0), "config")], ids=str)
+    (OPTION_TILES + (2, True, False, False, 0), "tma"), (OPTION_TILES + (1, False, False, False, "no"), "tma"),
+    (OPTION_TILES + (2, True, False, False, False, 0), "config")], ids=str)
 def test_launch_options_are_checked(config, field):
     x, ln_w, ln_b, w, b, r = _valid()
     with pytest.raises(ValueError, match=field):
@@ -718,3 +720,75 @@ def test_overlap_results(dtype, options, names):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch option tma: the main loop's x and weight tiles through TMA descriptors
+# --------------------------------------------------------------------------------------------
+
+def tma_window(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a strided window into a NaN-filled buffer that a TMA descriptor can still
+    describe (16-byte aligned base and row stride): a descriptor reading past it reads NaN."""
+    rows, cols = values.shape
+    buf = torch.full((rows + 2, cols + 8), float("nan"), dtype=dtype, device=DEVICE)
+    view = buf[1:1 + rows, 8:8 + cols]
+    view.copy_(values)
+    return view
+
+
+# float16 and bfloat16: float32 keeps pointer loads (test_tma_falls_back_where_no_descriptor_fits)
+@pytest.mark.parametrize("dtype", GEMM_DTYPES[1:])
+@pytest.mark.parametrize("options", [(1, False, False), (1, False, True), (2, False, True), (3, False, False),
+                                     (1, True, False)], ids=["fused", "normalize_first", "normalize_first-split2",
+                                                             "split3", "stats_kernel"])
+def test_tma_loads(monkeypatch, ll_allocations, dtype, options):
+    """x and the weight through TMA descriptors (the interpreter emulates them): x a strided
+    window into NaN, K = 600 (not a multiple of BLOCK_K: the descriptors' zero fill is the K
+    tail), 19 rows (past one row tile), split 3 (an empty split: 19 K tiles of 32 in runs of 7).
+    Against float64, and bitwise equal to the same launch through pointer loads."""
+    launches = record_launches(monkeypatch, "_layer_norm_kernel", *KERNELS)
+    g = gen(80 + options[0])
+    x = tma_window(with_outliers(randn(19, 600, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(600, 70, g, dtype)
+    ln_w, ln_b = ln_params(600, g, dtype)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + options + (False, True))
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias).clamp(min=0), dtype)
+    [(_, _, args, gemm)] = [launch for launch in launches if launch[0] == "_fused_linear_kernel"]
+    assert gemm["USE_TMA"] and all(isinstance(d, TensorDescriptor) for d in args[8:10])
+    launches.clear()
+    assert torch.equal(out, ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + options))
+    assert not [kw for name, _, _, kw in launches if name == "_fused_linear_kernel"][0]["USE_TMA"]
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES[1:])
+def test_tma_linear_residual(monkeypatch, dtype):
+    """linear_residual (no LayerNorm) through the descriptors, unsplit and split."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    g = gen(83)
+    x = tma_window(randn(19, 600, g=g, dtype=torch.float64), dtype)
+    w, bias = linear_params(600, 70, g, dtype)
+    r = randn(19, 70, g=g, dtype=dtype)
+    for split_k in (1, 2):
+        launches.clear()
+        out = ll.linear_residual(x, w, bias, r, config=OPTION_TILES + (split_k, False, False, False, True))
+        check(out, naive_linear(x, w, bias) + r.double().cpu(), dtype)
+        assert [kw["USE_TMA"] for name, _, _, kw in launches if name == "_fused_linear_kernel"] == [True]
+
+
+def test_tma_falls_back_where_no_descriptor_fits(monkeypatch):
+    """A row stride that is not a multiple of 16 bytes (x as a window with 7 columns of
+    padding), a weight whose K (150 fp16 = 300 bytes) is not either, and float32 (CUDA-core
+    dots): pointer loads, same results."""
+    launches = record_launches(monkeypatch, *KERNELS)
+    g = gen(84)
+    cases = []
+    x = poisoned_view(randn(19, 600, g=g, dtype=torch.float64), torch.float16)
+    cases.append((x, *linear_params(600, 70, g, torch.float16)))
+    cases.append((randn(19, 150, g=g, dtype=torch.float16), *linear_params(150, 70, g, torch.float16)))
+    cases.append((randn(19, 600, g=g, dtype=torch.float32), *linear_params(600, 70, g, torch.float32)))
+    for x, w, bias in cases:
+        launches.clear()
+        out = ll.layernorm_linear(x, None, None, w, bias, EPS, config=OPTION_TILES + (1, False, False, False, True))
+        check(out, naive_linear(x, w, bias), x.dtype)
+        [(_, _, args, gemm)] = launches
+        assert not gemm["USE_TMA"] and args[8] is None and args[9] is None

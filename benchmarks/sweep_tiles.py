@@ -369,11 +369,13 @@ class LnQkv:
             return [{}, dict(config=(16, 32, 32, 4, 2)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True))]
-        if c["tokens"] <= 16:
-            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP + self.SKINNY_TMA
+        skinny = c["tokens"] <= 16
+        # (tma only on sm_90+: elsewhere the launcher runs those as pointer loads, duplicates)
+        tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA) if CAPABILITY >= 90 else []
+        if skinny:
+            table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP + tma
         else:
-            table = (self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP
-                     + self.SIXTY_FOUR_TMA)
+            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP + tma
         return [{}] + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:

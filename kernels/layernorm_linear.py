@@ -245,7 +245,8 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     launch before it (the LayerNorm or statistics kernel) still runs: it reads x and the
     statistics only after griddepcontrol.wait. LAUNCH_DEPENDENTS lets the reduce launch do the
     same behind this one. USE_TMA: the main loop's x and w tiles come as bulk copies through
-    the descriptors (rows and columns past the tensors read as zeros, as the masks give)."""
+    the descriptors (rows and columns past the tensors read as zeros; the dropped rows and
+    columns past M and N are not stored either way)."""
     # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -310,7 +311,10 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
     for k0 in range(0, k_len, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_len
-        if USE_TMA:   # descriptors address the whole tensors: this split's columns from k_lo
+        if USE_TMA:
+            # Descriptors address the whole tensors: this split's columns from k_lo. They bound K
+            # only at K, which is right because a split is whole BLOCK_K tiles (k_per_split), so
+            # no tile but the last split's reaches into the next one.
             a = x_desc.load([pid_m * BLOCK_M, k_lo + k0])
         else:
             a = tl.load(x_ptr + a_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
@@ -520,7 +524,8 @@ _PREFETCH_K = 512
 
 
 def _fit(config, dtype: torch.dtype):
-    """The config (GemmConfig or GemmLaunch) as `dtype` runs it; launch options are kept."""
+    """The config (GemmConfig or GemmLaunch) as `dtype` runs it; launch options are kept, but
+    for tma under float32."""
     if dtype == torch.float32:
         # fp32 "ieee" dots run on FMA units with both operand tiles in registers: keep them small
         # (64x64 with the LN prologue already spills on sm_80; 32x64 split-K with LN spills 8 B
@@ -784,7 +789,7 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     launch (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm
     launch, then a plain GEMM (split or not), with no statistics launch; overlap changes no
     result, only when each launch starts (on a GPU); nor does tma, only how tiles are loaded.
-    float32 inputs always run small CUDA-core tiles (the options are kept).
+    float32 inputs always run small CUDA-core tiles (the options are kept, but for tma).
     """
     n = _check_linear(x, weight, bias)
     config = _override(config, x.dtype)
@@ -871,7 +876,8 @@ _OPTION_CONFIGS = tuple(GemmConfig(*c) for c in (
 _OPTIONS = ((2, False, False, False), (1, True, False, False), (1, False, True, False),
             (1, False, False, True), (2, False, False, True), (1, True, False, True), (1, False, True, True),
             (2, False, True, True), (1, False, False, False, True), (1, False, True, False, True),
-            (1, False, True, True, True), (2, False, True, True, True), (1, True, False, True, True))
+            (1, False, True, True, True), (2, False, True, True, True), (1, True, False, True, True),
+            (2, False, False, False, True), (2, False, False, True, True), (1, False, False, True, True))
 # The kernels around the GEMM without and with their programmatic-dependent-launch instruction
 # (griddepcontrol: sm_90+), as (flag, label suffix, targets).
 _PDL_VARIANTS = ((False, "", (80, 90)), (True, " pdl", (90,)))

@@ -736,25 +736,34 @@ def tma_window(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return view
 
 
+def tma_runs(x: torch.Tensor) -> bool:
+    """Whether tma loads through descriptors on x's device: sm_90+, or the interpreter."""
+    capability = ll._capability(x.device)
+    return capability is None or capability >= 90
+
+
 # float16 and bfloat16: float32 keeps pointer loads (test_tma_falls_back_where_no_descriptor_fits)
 @pytest.mark.parametrize("dtype", GEMM_DTYPES[1:])
-@pytest.mark.parametrize("options", [(1, False, False), (1, False, True), (2, False, True), (3, False, False),
+@pytest.mark.parametrize("options", [(1, False, False), (1, False, True), (2, False, True), (8, False, False),
                                      (1, True, False)], ids=["fused", "normalize_first", "normalize_first-split2",
-                                                             "split3", "stats_kernel"])
+                                                             "split8", "stats_kernel"])
 def test_tma_loads(monkeypatch, ll_allocations, dtype, options):
-    """x and the weight through TMA descriptors (the interpreter emulates them): x a strided
-    window into NaN, K = 600 (not a multiple of BLOCK_K: the descriptors' zero fill is the K
-    tail), 19 rows (past one row tile), split 3 (an empty split: 19 K tiles of 32 in runs of 7).
-    Against float64, and bitwise equal to the same launch through pointer loads."""
+    """x and the weight through TMA descriptors (the interpreter emulates them): both strided
+    windows into NaN (a descriptor reading past one, a row or K too far, brings NaN in), K = 600
+    (not a multiple of BLOCK_K: the descriptors' zero fill is the K tail), 19 rows (past one row
+    tile), split 8 (19 K tiles of 32 in runs of 3: the last split empty). Against float64, and
+    bitwise equal to the same launch through pointer loads."""
     launches = record_launches(monkeypatch, "_layer_norm_kernel", *KERNELS)
     g = gen(80 + options[0])
     x = tma_window(with_outliers(randn(19, 600, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
-    w, bias = linear_params(600, 70, g, dtype)
+    w = tma_window(randn(70, 600, g=g, dtype=torch.float64, scale=600 ** -0.5), dtype)
+    bias = randn(70, g=g, dtype=dtype, scale=0.2)
     ln_w, ln_b = ln_params(600, g, dtype)
     out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + options + (False, True))
     check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias).clamp(min=0), dtype)
     [(_, _, args, gemm)] = [launch for launch in launches if launch[0] == "_fused_linear_kernel"]
-    assert gemm["USE_TMA"] and all(isinstance(d, TensorDescriptor) for d in args[8:10])
+    assert gemm["USE_TMA"] == tma_runs(x)
+    assert all(isinstance(d, TensorDescriptor) == tma_runs(x) for d in args[8:10])
     launches.clear()
     assert torch.equal(out, ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=True, config=OPTION_TILES + options))
     assert not [kw for name, _, _, kw in launches if name == "_fused_linear_kernel"][0]["USE_TMA"]
@@ -772,23 +781,45 @@ def test_tma_linear_residual(monkeypatch, dtype):
         launches.clear()
         out = ll.linear_residual(x, w, bias, r, config=OPTION_TILES + (split_k, False, False, False, True))
         check(out, naive_linear(x, w, bias) + r.double().cpu(), dtype)
-        assert [kw["USE_TMA"] for name, _, _, kw in launches if name == "_fused_linear_kernel"] == [True]
+        assert [kw["USE_TMA"] for name, _, _, kw in launches if name == "_fused_linear_kernel"] == [tma_runs(x)]
 
 
 def test_tma_falls_back_where_no_descriptor_fits(monkeypatch):
-    """A row stride that is not a multiple of 16 bytes (x as a window with 7 columns of
-    padding), a weight whose K (150 fp16 = 300 bytes) is not either, and float32 (CUDA-core
-    dots): pointer loads, same results."""
+    """Each tensor a descriptor cannot describe, the other one fine: x's row stride not a
+    multiple of 16 bytes (7 columns of padding); x's rows 16-byte strided but its base 2 bytes
+    off; the weight's K (150 fp16 = 300 bytes) not a multiple of 16 bytes; K = 0 (zero-width
+    windows with aligned strides); and float32 (CUDA-core dots): pointer loads, same results."""
     launches = record_launches(monkeypatch, *KERNELS)
     g = gen(84)
-    cases = []
-    x = poisoned_view(randn(19, 600, g=g, dtype=torch.float64), torch.float16)
-    cases.append((x, *linear_params(600, 70, g, torch.float16)))
-    cases.append((randn(19, 150, g=g, dtype=torch.float16), *linear_params(150, 70, g, torch.float16)))
-    cases.append((randn(19, 600, g=g, dtype=torch.float32), *linear_params(600, 70, g, torch.float32)))
+    fp16 = torch.float16
+
+    def window(rows, cols, offset, pad):
+        buf = torch.full((rows, cols + pad), float("nan"), dtype=fp16, device=DEVICE)
+        view = buf[:, offset:offset + cols]
+        view.copy_(randn(rows, cols, g=g, dtype=fp16))
+        return view
+    bias = randn(70, g=g, dtype=fp16)
+    cases = [(window(19, 600, 4, 7), *linear_params(600, 70, g, fp16)),
+             (window(19, 600, 1, 8), *linear_params(600, 70, g, fp16)),
+             # x: 150 columns of rows 168 wide, aligned; the weight's rows 156 wide
+             (tma_window(randn(19, 160, g=g, dtype=torch.float64), fp16)[:, :150], window(70, 150, 0, 6), bias),
+             (window(19, 0, 8, 8), window(70, 0, 8, 8), bias),
+             (randn(19, 600, g=g, dtype=torch.float32), *linear_params(600, 70, g, torch.float32))]
     for x, w, bias in cases:
         launches.clear()
         out = ll.layernorm_linear(x, None, None, w, bias, EPS, config=OPTION_TILES + (1, False, False, False, True))
         check(out, naive_linear(x, w, bias), x.dtype)
         [(_, _, args, gemm)] = launches
         assert not gemm["USE_TMA"] and args[8] is None and args[9] is None
+
+
+@pytest.mark.parametrize("capability,runs", [(None, True), (0, False), (80, False), (90, True)],
+                         ids=["interpreter", "rocm", "sm80", "sm90"])
+def test_tma_needs_hopper_or_the_interpreter(monkeypatch, capability, runs):
+    """tma loads through descriptors on sm_90+ and in the interpreter (which emulates them);
+    on sm_80 and ROCm (capability 0) the loads stay pointer loads."""
+    launches = record_without_running(monkeypatch, capability)
+    x, ln_w, ln_b, w, b, _ = _valid()
+    ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + (1, False, True, False, True))
+    gemm = dict(launches)["_fused_linear_kernel"]
+    assert gemm["USE_TMA"] == runs

@@ -227,9 +227,11 @@ class Prefill:
     def resolve(self, c: dict, config: dict) -> dict:
         if config:
             return config
-        tiles = attention.default_tiles(c["head_dim"], DTYPE, c["batch"] * c["length"], c["batch"], CAPABILITY)
+        # (no sweep shape has cached context, and ours() says so: the context-free default)
+        tiles = attention.default_tiles(c["head_dim"], DTYPE, c["batch"] * c["length"], c["batch"], CAPABILITY,
+                                        context_free=True)
         # as short as the launcher's defaults allow (the report's labels)
-        short = 6 if not tiles.split_head else 5 if tiles.tma else 4
+        short = 7 if tiles.warp_specialize else 6 if not tiles.split_head else 5 if tiles.tma else 4
         return dict(tiles=tuple(tiles)[:short])
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:

@@ -477,6 +477,10 @@ TMA_CANDIDATES = {key: tiles._replace(tma=True) for key, tiles in _TILES_SM90.it
 # its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM.
 WS_CANDIDATES = {pad: [Tiles(128, block_n, 4, stages, warp_specialize=True)
                        for block_n, stages in ((64, 2), (64, 3), (32, 3), (128, 2))] for pad in (64, 128)}
+# (tile kind, padded head_dim) -> warp-specialised Tiles the launcher picks on sm_90 for batches
+# it knows have no cached context (max_context_len=0); other batches keep the tables above.
+# Empty until a GPU has timed WS_CANDIDATES beside the main kernel.
+_WS_TILES_SM90: dict = {}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)
@@ -511,12 +515,16 @@ def tile_table(capability: int) -> dict:
 
 
 def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
-                  capability: int = _DEFAULT_CAPABILITY) -> Tiles:
-    """Tiles for one launch, from shapes known on the host (no device sync)."""
+                  capability: int = _DEFAULT_CAPABILITY, context_free: bool = False) -> Tiles:
+    """Tiles for one launch, from shapes known on the host (no device sync); `context_free`: the
+    batch is known to have no cached context, which lets sm_90 pick a warp-specialised entry."""
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
-    return tile_table(capability)[(kind, _tile_head_dim(_head_dim_pad(head_dim)))]
+    key = (kind, _tile_head_dim(_head_dim_pad(head_dim)))
+    if context_free and capability >= _TMA_CAPABILITY and key in _WS_TILES_SM90:
+        return _WS_TILES_SM90[key]
+    return tile_table(capability)[key]
 
 
 def _tile_head_dim(head_dim_pad: int) -> int:
@@ -648,19 +656,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tokens == 0 or seqs == 0:
         return out
     if tiles is None:
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0)
+    if tiles.warp_specialize and not (max_context_len == 0 and q.dtype != torch.float32
+                                      and all(_tma_addressable(t) for t in (q, k, v))):
+        # the main kernel at its own tiles: warp-specialised ones are checked for their kernel only
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     d_lo, d_hi = _head_split(head_dim, tiles.split_head)
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.warp_specialize:
-        if max_context_len == 0 and q.dtype != torch.float32 and all(_tma_addressable(t) for t in (q, k, v)):
-            _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
-            return out
-        # elsewhere the main kernel at its own tiles: these were checked for the other kernel only
-        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
-        d_lo, d_hi = _head_split(head_dim, tiles.split_head)
-        grid = (heads, tokens // tiles.block_m + seqs)
+        _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
+        return out
     descs = [None] * 6
     if tiles.tma and all(_tma_addressable(t) for t in (q, k, v)):
         rows = (tiles.block_m, tiles.block_n, tiles.block_n)
@@ -783,10 +790,12 @@ def compile_specs() -> list:
     for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
             specs += [spec(dtype, head_dim, 16, tiles, kind, (_TMA_CAPABILITY,)) for dtype in ("fp16", "bf16")]
-    # The warp-specialised kernel at its sweep candidates (sm_90; no block size: no cache).
+    # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
+    # block size: no cache).
     for tile_head_dim, candidates in WS_CANDIDATES.items():
+        chosen = [t for (_, pad), t in _WS_TILES_SM90.items() if pad == tile_head_dim and t not in candidates]
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
-            specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates for dtype in ("fp16", "bf16")]
+            specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates + chosen for dtype in ("fp16", "bf16")]
     return specs
 
 

@@ -271,8 +271,9 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
                    for (_, pad), tiles in attention.tile_table(capability).items() if pad == 128 for name in half}
         picked |= {launch(tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
                    for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half}
-    picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name)
-                 for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates
+    ws_tiles = [(pad, t) for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates]
+    ws_tiles += [(pad, t) for (_, pad), t in attention._WS_TILES_SM90.items()]
+    picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name) for pad, t in ws_tiles
                  for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
                  if capability >= 90}
     assert picked == built and picked_ws == built_ws
@@ -474,3 +475,20 @@ def test_warp_specialize_needs_hopper(monkeypatch):
     monkeypatch.setattr(attention, "_capability", lambda device: 80)
     with pytest.raises(ValueError, match="tiles.warp_specialize needs compute capability 90"):
         prefill_attention(*args, tiles=ws(128, 64, 4, 2), max_context_len=0)
+
+
+def test_warp_specialized_table_entries_serve_context_free_batches(monkeypatch, ws_launches):
+    """A warp-specialised entry in the sm_90 table (what a sweep that shows it winning would add)
+    runs for a batch the host knows has no context, and never for one that may have some, which
+    keeps the main table's tiles; both match the reference."""
+    chosen = ws(128, 16, 4, 2)
+    monkeypatch.setitem(attention._WS_TILES_SM90, ("wide", 64), chosen)
+    cap = attention._capability(torch.device(DEVICE))
+    seqs = [(0, 300), (0, 157)]
+    args, expected = prefill_case(seqs, 16, 2, 64, torch.float16, seed=9)
+    assert attention.default_tiles(64, torch.float16, 457, 2, cap, context_free=True) == (chosen if cap >= 90 else
+                                                                                           attention.tile_table(cap)[("wide", 64)])
+    assert attention.default_tiles(64, torch.float16, 457, 2, cap) == attention.tile_table(cap)[("wide", 64)]
+    for bound in (0, None):
+        assert_matches(prefill_attention(*args, max_context_len=bound), expected, torch.float16)
+    assert ws_launches == ([chosen] if cap >= 90 else [])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -35,14 +34,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .device import INTERPRETED as _INTERPRETED
+from .device import nvidia_capability, tma_addressable as _tma_addressable
 from .kv_cache import gather_cached_kv
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = tl.constexpr(2 ** 31 - 1)   # a constexpr: compiled kernels may read no other global
 # cu_seqlens entries a program reads per round trip while finding its sequence (kernel comment).
 _SEQ_CHUNK = 128
-# Triton picks interpretation when a kernel is defined, by this same test.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -490,8 +489,10 @@ _BLOCK_CHOICES = (16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8, 16)
 _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
 # Capability assumed where none can be queried (CPU, interpreter): an H100, as for SM counts.
+# (ROCm reports 0, no NVIDIA feature: the sm_80 tables, no TMA.)
 _DEFAULT_CAPABILITY = 90
-# Host-built TMA descriptors need Hopper or later.
+# TMA (host-built descriptors for tiles.tma, device-built ones in the warp-specialised kernel) and
+# Triton's warp specialisation need Hopper or later.
 _TMA_CAPABILITY = 90
 # Warps of a warp-specialised program: the one count at which Triton 3.6 splits the loop on sm_90
 # (into a 4-warp producer and two 4-warp consumers). Query rows of its block: at 128 each consumer
@@ -501,12 +502,9 @@ _WS_WARPS = 4
 _WS_BLOCK_M = 128
 
 
-@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return _DEFAULT_CAPABILITY
+    found = nvidia_capability(device)
+    return _DEFAULT_CAPABILITY if found is None else found
 
 
 def tile_table(capability: int) -> dict:
@@ -552,8 +550,8 @@ def _check_tiles(tiles, capability: int) -> Tiles:
         if getattr(tiles, name) and capability < _TMA_CAPABILITY:
             _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
-        _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (see _WS_WARPS), "
-              f"got {tiles.num_warps} and {tiles.block_m}")
+        _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
+              f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")
     return tiles
 
 
@@ -638,8 +636,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cover its sequence's context (neither is checked: both would need the values on the host).
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]])
     overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
-    context_lens known on the host (None: unknown); at 0, tiles with warp_specialize run the
-    context-free warp-specialised kernel. Raises ValueError on any shape, dtype, device, stride or
+    context_lens known on the host (None: unknown). Only 0 changes anything today: then the
+    defaults may come from the warp-specialised table (_WS_TILES_SM90) and tiles with
+    warp_specialize run the context-free warp-specialised kernel. Where that kernel cannot run
+    (context possible, float32, or q/k/v no TMA descriptor can describe), a warp-specialised
+    override is replaced as a whole by the main kernel's default tiles. Raises ValueError on any shape, dtype, device, stride or
     alignment mismatch, on tiles outside the choices the kernel supports, or on a
     max_context_len that is not None or an int >= 0.
     """
@@ -719,13 +720,6 @@ def _descriptor_scratch(device: torch.device, size: int, alignment: int, stream)
     return torch.empty(size, dtype=torch.int8, device=device)
 
 
-def _tma_addressable(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base and every outer stride a positive multiple of
-    16 bytes (the input check allows any stride on a dimension of size 1, and broadcast views)."""
-    item = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(stride > 0 and stride * item % 16 == 0 for stride in t.stride()[:-1])
-
-
 def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
     """[tokens, heads, head_dim] in boxes of one head's `rows` tokens and `width` columns; TMA
     fills what a box holds past the tensor (past head_dim, past the last token) with zeros."""
@@ -735,7 +729,9 @@ def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
 def compile_specs() -> list:
     """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (64 + 16) and 128 at
     block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
-    targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16."""
+    targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
+    and on sm_90 the sweep's candidates: head_dim 80 padded, the TMA twins, and the
+    warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
@@ -793,7 +789,8 @@ def compile_specs() -> list:
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).
     for tile_head_dim, candidates in WS_CANDIDATES.items():
-        chosen = [t for (_, pad), t in _WS_TILES_SM90.items() if pad == tile_head_dim and t not in candidates]
+        chosen = list(dict.fromkeys(t for (_, pad), t in _WS_TILES_SM90.items()
+                                    if pad == tile_head_dim and t not in candidates))
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
             specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates + chosen for dtype in ("fp16", "bf16")]
     return specs
@@ -813,7 +810,7 @@ def _ws_spec(dtype: str, head_dim: int, tiles: Tiles):
              f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}")
     # row strides of OPT's packed qkv and of the output are multiples of 16 elements
     return CompileSpec(_prefill_attention_ws_kernel, label, signature, constexprs, uses_mma=True, uses_tma=True,
-                       warp_specialized=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                       uses_warp_specialize=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                        targets=(_TMA_CAPABILITY,),
                        divisible_by_16=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                         "stride_vh", "stride_ot", "stride_oh"))

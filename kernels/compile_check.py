@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel for real GPUs, with no GPU needed.
 
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
-sm_80 and sm_90 with the ptxas inside the triton wheel, reads registers and stack (spills) with
+its targets (sm_80 and sm_90, or sm_90 alone) with the ptxas inside the triton wheel, reads registers and stack (spills) with
 its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
 became bulk tensor copies, that loops marked warp_specialize were split into producer and
 consumer, and that programmatic dependent launches touch no memory but L2 prefetches before
@@ -25,7 +25,9 @@ TARGETS = ((80, "sm_80"), (90, "sm_90"))
 # Shared memory one block may use (the opt-in maximum): A100 163 KB, H100 / H200 227 KB.
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 # PTX that reads or writes global memory (any load or store but parameter, shared, local and
-# constant ones; async and bulk copies; atomics and reductions). An L2 prefetch is not one.
+# constant ones; async and bulk copies; atomics and reductions). An L2 prefetch is not one. The
+# check scans the PTX text before the first griddepcontrol.wait: text order, not control flow,
+# and a qualified form such as ld.volatile.shared counts too, so it errs towards failing.
 _MEMORY_ACCESS = re.compile(r"(?<![.\w])(?:(?:ld|st|atom|red)\.(?!param|shared|local|const)|cp\.(?:async|reduce))")
 
 
@@ -41,10 +43,10 @@ class CompileSpec:
     uses_tma: bool = False            # loads through TMA descriptors: must emit bulk tensor copies
     # A programmatic dependent launch: until its griddepcontrol.wait the launch before may still
     # run, so no memory access may come first (L2 prefetches of data nobody writes may).
-    waits_first: bool = False
+    dependent_launch: bool = False
     # A loop marked warp_specialize: Triton must have split it into producer and consumer
     # partitions (it drops the mark silently where it cannot).
-    warp_specialized: bool = False
+    uses_warp_specialize: bool = False
     # Integer arguments the JIT would see as multiples of 16 (strides of hidden-sized rows, ...).
     # Pointers are always marked 16-byte aligned, as the JIT marks torch's allocations.
     divisible_by_16: tuple[str, ...] = ()
@@ -114,9 +116,9 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
         result.error = result.error or "GEMM-like kernel without tensor-core instructions"
     if spec.uses_tma and "cp.async.bulk.tensor" not in ptx:
         result.error = result.error or "TMA loads compiled to something else than bulk tensor copies"
-    if spec.warp_specialized and "ttg.warp_specialize" not in compiled.asm["ttgir"]:
+    if spec.uses_warp_specialize and "ttg.warp_specialize" not in compiled.asm["ttgir"]:
         result.error = result.error or "loop marked warp_specialize was not warp-specialised"
-    if spec.waits_first:
+    if spec.dependent_launch:
         wait = ptx.find("griddepcontrol.wait")
         early = _MEMORY_ACCESS.search(ptx, 0, wait if wait >= 0 else len(ptx))
         if wait < 0 or early:

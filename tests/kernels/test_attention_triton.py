@@ -257,9 +257,9 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
               c["HEAD_DIM"], spec.signature["q_ptr"])
-             for spec in specs if not spec.warp_specialized for c in [spec.constexprs]}
+             for spec in specs if not spec.uses_warp_specialize for c in [spec.constexprs]}
     built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
-                for spec in specs if spec.warp_specialized for c in [spec.constexprs]}
+                for spec in specs if spec.uses_warp_specialize for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):

@@ -60,7 +60,7 @@ def test_tma_specs_are_checked_for_bulk_tensor_copies():
 
 
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
-    """A programmatic dependent launch (waits_first) passes only if it touches no memory before
+    """A programmatic dependent launch (dependent_launch) passes only if it touches no memory before
     griddepcontrol.wait but L2 prefetches: the same kernel with the wait before and after its
     load, and the fused GEMM's own PDL variant."""
     (tmp_path / "pdl_probe.py").write_text(
@@ -81,8 +81,8 @@ def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
         "from opt_fast.kernels import compile_check as cc, layernorm_linear as ll\n"
         "def spec(wait_first):\n"
         "    return cc.CompileSpec(probe, 'probe', dict(x_ptr='*fp16', out_ptr='*fp16', WAIT_FIRST='constexpr'),\n"
-        "                          dict(WAIT_FIRST=wait_first), waits_first=True, targets=(90,))\n"
-        "gemm = next(s for s in ll.compile_specs() if s.waits_first and 'fp16' in s.label and 'stats' in s.label)\n"
+        "                          dict(WAIT_FIRST=wait_first), dependent_launch=True, targets=(90,))\n"
+        "gemm = next(s for s in ll.compile_specs() if s.dependent_launch and 'fp16' in s.label and 'stats' in s.label)\n"
         "assert cc.compile_one(gemm, 90, 'sm_90').ok, gemm.label\n",
         "spec(True)", "spec(False)")
     assert verdicts[:2] == ("True", "False") and "before the dependent launch's wait" in verdicts[2]

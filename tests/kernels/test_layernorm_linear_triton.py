@@ -14,7 +14,9 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernel_testing import DEVICE, TOL, gen, randn
+from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
+from opt_fast.kernels.device import INTERPRETED
 from test_layernorm_linear import (EPS, linear_params, ln_params, naive_layer_norm, naive_linear,
                                    with_outliers)
 
@@ -187,7 +189,7 @@ def test_every_chosen_config_is_compile_checked(dtype, sms):
     counts, is in the list compile_specs() compiles, and every config listed is picked for some
     shape; and the grid has the programs its M tier asks for unless the N tile is already at
     its narrowest."""
-    listed = ll._gemm_configs(dtype)
+    listed = gc._gemm_configs(dtype)
     picked = set()
     for m in (1, 8, 16, 17, 32, 33, 64, 65, 256, 4096):
         for hidden in (768, 1024, 2048, 2560, 4096, 5120, 97):
@@ -196,11 +198,11 @@ def test_every_chosen_config_is_compile_checked(dtype, sms):
                 assert cfg in listed, (m, n, cfg)
                 picked.add(cfg)
                 programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-                assert programs >= ll._min_programs(m, sms) or cfg.block_n == 16, (m, n, cfg)
+                assert programs >= gc._min_programs(m, sms) or cfg.block_n == 16, (m, n, cfg)
     assert picked == set(listed)
 
 
-# The launcher's own choice in each M tier of ll._M_TIERS, reached with small shapes by pretending
+# The launcher's own choice in each M tier of gc._M_TIERS, reached with small shapes by pretending
 # the device has few SMs (K = 600: several K tiles and statistics chunks, with tails).
 OWN_CONFIG_CASES = [  # (tokens, out features, sms, GemmConfig the launcher must pick)
     (5, 300, 2, (16, 128, 128, 4, 3)),   # >= sms / 2 programs at 128 columns
@@ -586,11 +588,11 @@ def test_sweep_candidates_with_options_are_compile_checked():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         built = ll._gemm_variants(dtype)
         for config in configs:
-            launch = ll._fit(ll._check_config(tuple(config)), dtype)
+            launch = gc._fit(gc._check_config(tuple(config)), dtype)
             if launch != ll.GemmLaunch(*launch[:5]):
                 with_options.add(launch[5:])
                 for capability in (80, 90):
-                    flags = ll._gemm_flags(launch, True, True, False, capability)
+                    flags = gc._gemm_flags(launch, True, True, False, capability)
                     key = (ll.GemmConfig(*launch[:5]), tuple(flags.items()))
                     assert capability in built.get(key, ()), (dtype, config, capability)
     # every option, and overlap beside each of the others, is among the candidates
@@ -644,7 +646,7 @@ def check_dependent_launches(launches):
 def test_no_inline_ptx_where_it_cannot_run():
     """Overlap's PTX is off on CPU tensors and, under the interpreter, on CUDA tensors too."""
     assert ll._capability(torch.device("cpu")) is None
-    if ll._INTERPRETED:
+    if INTERPRETED:
         assert ll._capability(torch.device("cuda", 0)) is None
 
 
@@ -665,7 +667,7 @@ def test_overlap_launch_wiring(monkeypatch, capability):
             check_dependent_launches(launches)
             kwargs = dict(launches)
             gemm = kwargs["_fused_linear_kernel"]
-            assert gemm["PREFETCH_K"] == (ll._PREFETCH_K if overlap and capability else 0)
+            assert gemm["PREFETCH_K"] == (gc._PREFETCH_K if overlap and capability else 0)
             assert gemm["PDL_WAIT"] == (overlap and pdl and names[0] != "_fused_linear_kernel"), (options, overlap)
             assert gemm["LAUNCH_DEPENDENTS"] == (overlap and pdl and options[0] > 1)
 
@@ -689,7 +691,7 @@ def test_overlap_launch_wiring_without_layernorm(monkeypatch, capability):
             assert [name for name, _ in launches] == names + ["_layer_norm_kernel"] * post_ln
             check_dependent_launches(launches)
             gemm = launches[0][1]
-            assert gemm["PREFETCH_K"] == (ll._PREFETCH_K if capability else 0) and not gemm["HAS_LN"]
+            assert gemm["PREFETCH_K"] == (gc._PREFETCH_K if capability else 0) and not gemm["HAS_LN"]
             assert gemm["LAUNCH_DEPENDENTS"] == (capability == 90 and split_k > 1)
 
 

@@ -1,0 +1,32 @@
+"""What the kernel launchers need to know about the device they launch on."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Triton picks interpretation when a kernel is defined, by this same test.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def nvidia_capability(device: torch.device) -> int | None:
+    """The NVIDIA compute capability of `device` as 80, 90, ...: None where kernels run in the
+    interpreter (also on CUDA tensors) or off CUDA, 0 on ROCm (no NVIDIA feature: no inline PTX,
+    TMA or warp specialisation)."""
+    if INTERPRETED or device.type != "cuda":
+        return None
+    if torch.version.hip:
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can describe `t` as it is: unit last stride, a 16-byte aligned
+    base, and every outer stride positive and a multiple of 16 bytes (the launchers' own checks
+    allow any stride on a dimension of size 1, and broadcast views)."""
+    item = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride > 0 and stride * item % 16 == 0 for stride in t.stride()[:-1]))

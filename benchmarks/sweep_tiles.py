@@ -304,7 +304,7 @@ class LnQkv:
               (16, 16, 256, 4, 4)]
     SIXTY_FOUR = [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 32, 128, 4, 4),
                   (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 5)]
-    # Launch options (kernels/layernorm_linear.py GemmLaunch), not timed yet: the statistics from
+    # Launch options (kernels/gemm_config.py GemmLaunch), not timed yet: the statistics from
     # their own launch (stats_kernel), and split-K (split_k GEMM programs per output tile, then a
     # reduce launch), so that skinny GEMMs fill every SM instead of 48-120 of 132.
     SKINNY_OPTIONS = [_launch(16, 128, 128, 4, 3, stats_kernel=True), _launch(16, 128, 128, 4, 3, split_k=2),

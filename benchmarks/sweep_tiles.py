@@ -348,15 +348,19 @@ class LnQkv:
                           _launch(64, 128, 64, 8, 3, split_k=2, overlap=True)]
 
     # tma: x and weight tiles by TMA bulk copies (sm_90) instead of cp.async; mostly where the
-    # GEMM reads x as it is (normalize_first), with overlap, split or not.
+    # GEMM reads x as it is (normalize_first), with overlap, split or not, and one stage deeper
+    # or two (ll._TMA_OPTION_CONFIGS).
     SKINNY_TMA = [_launch(16, 128, 128, 4, 3, tma=True),
                   _launch(16, 128, 128, 4, 3, normalize_first=True, overlap=True, tma=True),
-                  _launch(16, 128, 128, 4, 3, split_k=2, normalize_first=True, overlap=True, tma=True)]
+                  _launch(16, 128, 128, 4, 3, split_k=2, normalize_first=True, overlap=True, tma=True),
+                  _launch(16, 128, 128, 4, 4, normalize_first=True, overlap=True, tma=True)]
     SIXTY_FOUR_TMA = [_launch(64, 128, 64, 8, 3, normalize_first=True, tma=True),
                       _launch(64, 128, 64, 8, 3, normalize_first=True, overlap=True, tma=True),
                       _launch(64, 64, 128, 4, 3, normalize_first=True, overlap=True, tma=True),
                       _launch(64, 128, 64, 8, 3, split_k=2, normalize_first=True, overlap=True, tma=True),
-                      _launch(64, 128, 64, 8, 3, stats_kernel=True, overlap=True, tma=True)]
+                      _launch(64, 128, 64, 8, 3, stats_kernel=True, overlap=True, tma=True),
+                      _launch(64, 128, 64, 8, 5, normalize_first=True, overlap=True, tma=True),
+                      _launch(64, 64, 128, 4, 4, normalize_first=True, overlap=True, tma=True)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:

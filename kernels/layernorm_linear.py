@@ -607,6 +607,9 @@ _OPTIONS = (
     dict(overlap=True, tma=True), dict(split_k=2, overlap=True, tma=True),
     dict(stats_kernel=True, overlap=True, tma=True), dict(normalize_first=True, overlap=True, tma=True),
     dict(split_k=2, normalize_first=True, overlap=True, tma=True))
+# Deeper pipelines the sweep tries with tma alone (TMA copies hold no registers, so more stages
+# in flight cost only shared memory): checked with the options that include tma.
+_TMA_OPTION_CONFIGS = tuple(GemmConfig(*c) for c in ((16, 128, 128, 4, 4), (64, 128, 64, 8, 5), (64, 64, 128, 4, 4)))
 # The kernels around the GEMM without and with their programmatic-dependent-launch instruction
 # (griddepcontrol: sm_90+), as (flag, label suffix, targets); each kernel's label says what the
 # instruction does there (" pdl-next": lets the launch after start, " pdl-wait": waits).
@@ -622,6 +625,8 @@ def _gemm_variants(dtype: torch.dtype) -> dict[tuple, list[int]]:
     (_LINEAR_FLAGS), fitted as the launcher fits it."""
     launches = [GemmLaunch(*c) for c in _gemm_configs(dtype)]
     launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
+    launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _TMA_OPTION_CONFIGS for options in _OPTIONS
+                 if options.get("tma")]
     variants: dict[tuple, list[int]] = {}
     for config in launches:
         for has_ln, relu, has_res in _LINEAR_FLAGS:

@@ -134,6 +134,21 @@ def _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale, vi
 
 
 @triton.jit
+def _output_rows(out_ptr,   # [tokens, heads, head_dim] the launcher's contiguous output
+                 q_start, head, offs_m, stride_ot, stride_oh, HEAD_DIM: tl.constexpr):
+    """One pointer per query row `offs_m` of `head` in the sequence starting at token q_start,
+    computed afresh at the store: reusing q's kept them live through every loop (spills on
+    sm_80), and a block pointer's 64-bit bounds checks held 64-bit row pointers across the
+    diagonal tile (spills with one 4-warp warpgroup at head_dim 128)."""
+    rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
+    # The output's rows start 16-byte aligned where a head's bytes are a multiple of 16 (every
+    # OPT head), which the compiler cannot see ahead of time.
+    if HEAD_DIM * out_ptr.dtype.element_ty.primitive_bitwidth % 128 == 0:
+        rows = tl.multiple_of(rows, 16)
+    return rows
+
+
+@triton.jit
 def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
                       num_seqs, BLOCK_M: tl.constexpr, SEQ_CHUNK: tl.constexpr):
     """This program's (sequence, its first token, its length, query block within it) from its
@@ -304,14 +319,7 @@ def _prefill_attention_kernel(
         acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                               causal, True, UPCAST_DOT, D_HI)
 
-    # Row addresses computed afresh here: reusing q's kept them live through every loop (spills
-    # on sm_80), and a block pointer's 64-bit bounds checks held 64-bit row pointers across the
-    # diagonal tile (spills with one 4-warp warpgroup at head_dim 128).
-    o_rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
-    # out is the launcher's contiguous allocation: its rows start 16-byte aligned where a head's
-    # bytes are a multiple of 16 (every OPT head), which the compiler cannot see ahead of time.
-    if HEAD_DIM * out_ptr.dtype.element_ty.primitive_bitwidth % 128 == 0:
-        o_rows = tl.multiple_of(o_rows, 16)
+    o_rows = _output_rows(out_ptr, q_start, head, offs_m, stride_ot, stride_oh, HEAD_DIM)
     _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, MASK_D)
     if D_HI > 0:
         _store_rows(o_rows, offs_h, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), m_ok, d_ok, False)
@@ -373,9 +381,7 @@ def _prefill_attention_ws_kernel(
                                          True, UPCAST_DOT, 0)
 
     offs_d = tl.arange(0, D_PAD)
-    o_rows = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m.to(tl.int64) * stride_ot
-    if HEAD_DIM * out_ptr.dtype.element_ty.primitive_bitwidth % 128 == 0:   # as in the main kernel
-        o_rows = tl.multiple_of(o_rows, 16)
+    o_rows = _output_rows(out_ptr, q_start, head, offs_m, stride_ot, stride_oh, HEAD_DIM)
     _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                 (offs_m >= 0) & (offs_m < q_len), offs_d < HEAD_DIM, HEAD_DIM < D_PAD)
 

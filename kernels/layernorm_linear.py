@@ -611,9 +611,9 @@ _OPTIONS = (
 # in flight cost only shared memory): checked with the options that include tma.
 _TMA_OPTION_CONFIGS = tuple(GemmConfig(*c) for c in ((16, 128, 128, 4, 4), (64, 128, 64, 8, 5), (64, 64, 128, 4, 4)))
 # The kernels around the GEMM without and with their programmatic-dependent-launch instruction
-# (griddepcontrol: sm_90+), as (flag, label suffix, targets); each kernel's label says what the
-# instruction does there (" pdl-next": lets the launch after start, " pdl-wait": waits).
-_PDL_VARIANTS = ((False, "", (80, 90)), (True, " pdl", (90,)))
+# (griddepcontrol: sm_90+), as (flag, targets); labels say what it does in each kernel
+# ("pdl-next": lets the launch after start, "pdl-wait": waits for the one before).
+_PDL_VARIANTS = ((False, (80, 90)), (True, (90,)))
 # (RELU, HAS_RESIDUAL) of the reduce: its two epilogue loads / ops (QKV has neither)
 _REDUCE_FLAGS = ((True, False), (False, True))
 
@@ -654,9 +654,9 @@ def compile_specs() -> list:
                       stride_xm="i32", stride_xn="constexpr", stride_om="i32", stride_on="constexpr",
                       eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr", LAUNCH_DEPENDENTS="constexpr")
         for block_m, block_n in sorted({_ln_blocks(n) for n in _LN_WIDTHS}):
-            for pdl, label, targets in _PDL_VARIANTS:
+            for pdl, targets in _PDL_VARIANTS:
                 specs.append(CompileSpec(
-                    _layer_norm_kernel, f"{t} {block_m}x{block_n}{label and label + '-next'}", ln_sig,
+                    _layer_norm_kernel, f"{t} {block_m}x{block_n}" + " pdl-next" * pdl, ln_sig,
                     dict(BLOCK_M=block_m, BLOCK_N=block_n, LAUNCH_DEPENDENTS=pdl,
                          **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
                     divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4, targets=targets))
@@ -664,9 +664,9 @@ def compile_specs() -> list:
                          stride_xk="constexpr", eps="fp32", BLOCK_M="constexpr", BLOCK_K="constexpr",
                          STAGES="constexpr", LAUNCH_DEPENDENTS="constexpr")
         for block_m, block_k in sorted({_stats_blocks(k) for k in _LN_WIDTHS}):
-            for pdl, label, targets in _PDL_VARIANTS:
+            for pdl, targets in _PDL_VARIANTS:
                 specs.append(CompileSpec(
-                    _row_stats_kernel, f"{t} {block_m}x{block_k}{label and label + '-next'}", stats_sig,
+                    _row_stats_kernel, f"{t} {block_m}x{block_k}" + " pdl-next" * pdl, stats_sig,
                     dict(BLOCK_M=block_m, BLOCK_K=block_k, STAGES=_STATS_STAGES, stride_xk=1,
                          LAUNCH_DEPENDENTS=pdl),
                     divisible_by_16=("K", "stride_xm"), num_warps=4, targets=targets))
@@ -676,10 +676,9 @@ def compile_specs() -> list:
                           PDL_WAIT="constexpr")
         for split_k in _SPLIT_CHOICES[1:]:
             for relu, has_res in _REDUCE_FLAGS:
-                for pdl, label, targets in _PDL_VARIANTS:
+                for pdl, targets in _PDL_VARIANTS:
                     specs.append(CompileSpec(
-                        _split_k_reduce_kernel,
-                        f"{t} split{split_k} {'relu' if relu else 'res'}{label and label + '-wait'}",
+                        _split_k_reduce_kernel, f"{t} split{split_k} {'relu' if relu else 'res'}" + " pdl-wait" * pdl,
                         reduce_sig, dict(SPLIT_K=split_k, RELU=relu, HAS_RESIDUAL=has_res, BLOCK=_REDUCE_BLOCK,
                                          stride_rn=1, stride_on=1, PDL_WAIT=pdl),
                         divisible_by_16=("N", "stride_rm", "stride_om"), num_warps=4, targets=targets,
@@ -695,33 +694,30 @@ def compile_specs() -> list:
                         PREFETCH_K="constexpr", PDL_WAIT="constexpr", LAUNCH_DEPENDENTS="constexpr",
                         USE_TMA="constexpr", x_desc="constexpr", w_desc="constexpr")
 
-        def gemm_spec(config, label, signature, targets, **flags):
+        for (config, flag_items), targets in _gemm_variants(dtype).items():
+            flags = dict(flag_items)
+            variant = ("+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
+                                                ("res", flags["HAS_RESIDUAL"])) if on)
+                       + " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
+                       + " prefetch" * bool(flags["PREFETCH_K"]) + " pdl-wait" * flags["PDL_WAIT"]
+                       + " pdl-next" * flags["LAUNCH_DEPENDENTS"] + " tma" * flags["USE_TMA"]).strip()
+            label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps}s{config.num_stages} "
+                     f"{variant or 'plain'}")
+            # the launcher passes the float32 statistics, the float32 workspace as both output and
+            # (unread) residual, and the descriptors only with USE_TMA (None otherwise)
+            signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
+                             **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
+            descs = dict(x_desc=None, w_desc=None)
+            if flags["USE_TMA"]:
+                descs = {}
+                signature.update(x_desc=f"tensordesc<{t}[{config.block_m},{config.block_k}]>",
+                                 w_desc=f"tensordesc<{t}[{config.block_n},{config.block_k}]>")
             cfg = _kernel_options(config, dtype)
             blocks = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-            label = (f"{t} {config.block_m}x{config.block_n}x{config.block_k} "
-                     f"w{config.num_warps}s{config.num_stages} {label}")
-            descs = {} if flags["USE_TMA"] else dict(x_desc=None, w_desc=None)
-            return CompileSpec(
+            specs.append(CompileSpec(
                 _fused_linear_kernel, label, signature,
                 dict(blocks, **flags, **descs, **dict.fromkeys(_GEMM_UNIT_STRIDES, 1)),
                 uses_mma=dtype != torch.float32,    # fp32 "ieee" dots run on FMA units
-                uses_tma=flags["USE_TMA"],
-                divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                targets=targets, dependent_launch=flags["PDL_WAIT"])
-
-        for (config, flag_items), targets in _gemm_variants(dtype).items():
-            flags = dict(flag_items)
-            label = "+".join(f for f, on in (("ln", flags["HAS_LN"]), ("relu", flags["RELU"]),
-                                             ("res", flags["HAS_RESIDUAL"])) if on)
-            label += " stats" * flags["STATS_FROM_MEMORY"] + " split" * flags["PARTIAL_OUT"]
-            label += (" prefetch" * bool(flags["PREFETCH_K"]) + " pdl-wait" * flags["PDL_WAIT"]
-                      + " pdl-next" * flags["LAUNCH_DEPENDENTS"] + " tma" * flags["USE_TMA"])
-            # the launcher passes the float32 statistics, and the float32 workspace as both
-            # output and (unread) residual
-            signature = dict(gemm_sig, **(dict(stats_ptr="*fp32") if flags["STATS_FROM_MEMORY"] else {}),
-                             **(dict(res_ptr="*fp32", out_ptr="*fp32") if flags["PARTIAL_OUT"] else {}))
-            if flags["USE_TMA"]:
-                signature.update(x_desc=f"tensordesc<{t}[{config.block_m},{config.block_k}]>",
-                                 w_desc=f"tensordesc<{t}[{config.block_n},{config.block_k}]>")
-            specs.append(gemm_spec(config, label.strip() or "plain", signature, tuple(targets), **flags))
+                uses_tma=flags["USE_TMA"], divisible_by_16=_GEMM_DIVISIBLE, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"], targets=tuple(targets), dependent_launch=flags["PDL_WAIT"]))
     return specs

@@ -198,6 +198,25 @@ def test_waiting_samples_give_back_shared_blocks_to_an_idle_cache(tiny_model_dir
     assert_no_block_leak(eng)
 
 
+def test_a_running_sequence_takes_back_blocks_from_waiting_samples(tiny_model_dir, alone):
+    """Eight blocks of 4, two sequences at most, 8 tokens a step. B (5 + 26 tokens) grows to the
+    whole cache while A's later samples wait (n=3), holding A's shared prompt blocks. With no
+    running victim left, B must take those blocks back (the samples recompute their prompt
+    later). Before, B preempted itself, was prefilled again chunk by chunk, ran out at the same
+    place and preempted itself again, forever."""
+    eng = engine(tiny_model_dir, block_size=4, num_kv_blocks=8, max_num_seqs=2, max_num_batched_tokens=8)
+    b_prompt, a_prompt = [2] + list(range(10, 14)), [2] + list(range(20, 29))
+    b_params = SamplingParams(temperature=0, max_tokens=26, ignore_eos=True)
+    a_params = SamplingParams(n=3, seed=1, max_tokens=10, ignore_eos=True)
+    eng.add_request("b", b_prompt, b_params)
+    eng.add_request("a", a_prompt, a_params)
+    final = drain(eng)
+    assert final["b"].outputs[0].token_ids == alone(b_prompt, b_params).outputs[0].token_ids
+    assert ([c.token_ids for c in final["a"].outputs]
+            == [c.token_ids for c in alone(a_prompt, a_params).outputs])
+    assert_no_block_leak(eng)
+
+
 def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
     eng = engine(tiny_model_dir)
     model = eng.runner.model

@@ -78,6 +78,10 @@ class Scheduler:
                 victim = pending.pop()
                 decodes_left -= victim.num_tokens - victim.num_cached_tokens == 1
                 self._preempt(victim, batch)
+            if not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
+                # Waiting forks may hold the blocks it needs (their shared prompt): without this,
+                # it would preempt itself, come back and stop at the same place, forever.
+                self._release_waiting_blocks()
             if not decode:
                 chunk = min(chunk, self._capacity(seq))
             if chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
@@ -105,8 +109,9 @@ class Scheduler:
         return batch
 
     def _release_waiting_blocks(self) -> bool:
-        """With nothing running, only waiting forks hold blocks (their shared prompt): let them go,
-        so the head of the queue always fits an idle cache. They recompute their prompt instead."""
+        """Let waiting forks' blocks (their shared prompt) go, so a running sequence that has run
+        out of victims can still grow, and the head of the queue always fits an idle cache; the
+        forks recompute their prompt instead. Returns whether any block was let go."""
         holders = [s for s in self.waiting if s.block_table]
         for seq in holders:
             self.blocks.free(seq)

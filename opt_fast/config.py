@@ -14,6 +14,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class OPTConfig:
+    """The shape of an OPT model, read from a Hugging Face config.json (`from_json`); validated
+    on construction (ValueError naming the field)."""
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -51,6 +53,7 @@ class OPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head (64, 80 or 128 for the published sizes)."""
         return self.hidden_size // self.num_attention_heads
 
     @property
@@ -168,14 +171,37 @@ class EngineConfig:
                 _check_positive_int(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if not (isinstance(self.gpu_memory_utilization, (int, float))
-                and 0 < self.gpu_memory_utilization <= 1):
+        if (isinstance(self.gpu_memory_utilization, bool)
+                or not isinstance(self.gpu_memory_utilization, (int, float))
+                or not 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_seed("seed", self.seed)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
                              "is not built yet; only 1 is supported")
+
+
+    @classmethod
+    def from_kwargs(cls, owner: str, kwargs: dict) -> "EngineConfig":
+        """Validate the keyword arguments `owner` (a public class) received; an unknown one is a
+        TypeError that names `owner`, not this class."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            hint = " (use dtype=)" if "torch_dtype" in unknown else ""
+            raise TypeError(f"{owner} got unexpected keyword arguments {unknown}{hint}; it takes "
+                            f"{[f.name for f in fields(cls)]}")
+        return cls(**kwargs)
+
+
+SEED_LIMIT = 1 << 63
+
+
+def check_seed(name: str, value) -> None:
+    """Seeds are integers in [0, 2**63): each one its own Philox key, none folded onto another."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -187,4 +213,4 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["OPTConfig", "OPT_PRESETS", "EngineConfig", "hub_id_for", "preset_for", "ceil_div"]
+__all__ = ["OPTConfig", "OPT_PRESETS", "EngineConfig", "hub_id_for", "preset_for", "ceil_div", "check_seed"]

@@ -20,8 +20,12 @@ top-k and top-p, and draws; `</s>` ends the output and is not part of it; at mos
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from pathlib import Path
+
+import torch
 
 from .llm import LLM
 from .sampling_params import SamplingParams
@@ -38,6 +42,43 @@ class OPTModel:
         """Inference is all the engine does; returns the model, as torch's `Module.eval` does."""
         return self
 
+    # FlagAI scripts move the model after loading (`model.to(device)`, `model.half()`). The
+    # engine fixes device and dtype when it loads: where they already agree these return the
+    # model; otherwise they warn and change nothing.
+    def to(self, *args, **kwargs) -> OPTModel:
+        """`Module.to(device)`, `.to(dtype)` or `.to(device, dtype)`: a check, not a move."""
+        wanted = [*args, *kwargs.values()]
+        for value in wanted:
+            if isinstance(value, torch.dtype):
+                self._expect("dtype", value, self.llm.engine.runner.dtype)
+            elif value is not None and not isinstance(value, bool):
+                self._expect("device", torch.device(value), self.llm.engine.runner.device)
+        return self
+
+    def cuda(self, device=None) -> OPTModel:
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device))
+
+    def cpu(self) -> OPTModel:
+        return self.to(torch.device("cpu"))
+
+    def half(self) -> OPTModel:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> OPTModel:
+        return self.to(torch.bfloat16)
+
+    def float(self) -> OPTModel:
+        return self.to(torch.float32)
+
+    @staticmethod
+    def _expect(name: str, wanted, actual) -> None:
+        same = (wanted.type == actual.type and wanted.index in (None, actual.index)
+                if isinstance(wanted, torch.device) else wanted == actual)
+        if not same:
+            warnings.warn(f"the model runs with {name} {actual}; opt_fast fixes it when the model loads, "
+                          f"so asking for {wanted} changes nothing: pass {name}= to AutoLoader instead",
+                          stacklevel=3)
+
 
 class AutoLoader:
     """Load an OPT checkpoint the way FlagAI's `AutoLoader(task_name="lm", ...)` does.
@@ -45,12 +86,24 @@ class AutoLoader:
     `model_dir/model_name` is used when it is a directory (FlagAI's layout: config.json,
     pytorch_model.bin, vocab.json, merges.txt); otherwise `model_name` ("opt-125m-en") resolves to
     its Hugging Face hub id ("facebook/opt-125m"), which needs network access: offline, that
-    raises an OSError asking for a local path. Other keyword arguments go to `opt_fast.LLM`
+    raises an OSError asking for a local path. `torch_dtype` (FlagAI's name: torch.float16,
+    torch.bfloat16 or torch.float32) sets the dtype; other keyword arguments go to `opt_fast.LLM`
     (dtype, device, kernels, max_model_len, seed, ...).
     """
 
+    _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
     def __init__(self, task_name: str = "lm", model_name: str | None = None,
-                 model_dir: str | Path = "./checkpoints/", **llm_kwargs):
+                 model_dir: str | Path = "./checkpoints/", torch_dtype: torch.dtype | None = None, **llm_kwargs):
+        unknown = sorted(set(llm_kwargs) - set(inspect.signature(LLM).parameters) - {"model"})
+        if unknown:
+            raise TypeError(f"AutoLoader got keyword arguments opt_fast does not take: {unknown} (FlagAI-only "
+                            "options are not supported; see opt_fast.LLM for those it takes)")
+        if torch_dtype is not None:
+            if torch_dtype not in self._DTYPES:
+                raise ValueError(f"torch_dtype must be one of {list(self._DTYPES)}, got {torch_dtype!r}")
+            if llm_kwargs.setdefault("dtype", self._DTYPES[torch_dtype]) != self._DTYPES[torch_dtype]:
+                raise ValueError(f"torch_dtype={torch_dtype} and dtype={llm_kwargs['dtype']!r} disagree")
         if task_name != "lm":
             raise ValueError(f"task_name {task_name!r} is not supported: opt_fast serves OPT "
                              "language models, task_name='lm'")
@@ -61,6 +114,7 @@ class AutoLoader:
         self.tokenizer = self.model.llm.get_tokenizer()
 
     def get_model(self) -> OPTModel:
+        """The loaded model (an OPTModel over one opt_fast.LLM), for `Predictor`."""
         return self.model
 
     def get_tokenizer(self):
@@ -119,8 +173,6 @@ class Predictor:
         for name, value in (("repetition_penalty", repetition_penalty), ("temperature", temperature)):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         if top_p == 0:     # FlagAI's top-p then keeps only the most likely token: top-k 1
             top_k, top_p = 1, 1.0
         return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p),

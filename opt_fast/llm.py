@@ -1,8 +1,11 @@
 """LLM: the offline batch API over Engine."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from itertools import count
 from pathlib import Path
+
+from .config import EngineConfig
 
 from .engine.engine import Engine
 from .outputs import RequestOutput
@@ -13,17 +16,35 @@ class LLM:
     """Batch generation with OPT (DESIGN.md §3).
 
     `model` is a local checkpoint directory (HF or FlagAI layout), a hub id like
-    `facebook/opt-1.3b`, or a FlagAI/short name like `opt-1.3b-en`. Keyword arguments: dtype,
-    device, kernels, tensor_parallel_size, block_size, num_kv_blocks, gpu_memory_utilization,
-    max_num_seqs, max_num_batched_tokens, max_model_len, enforce_eager, seed.
+    `facebook/opt-1.3b`, or a FlagAI/short name like `opt-1.3b-en`.
+    - dtype: "auto" (float16 on CUDA, float32 on CPU), "float16", "bfloat16" or "float32";
+    - device: None picks "cuda" where available, else "cpu";
+    - kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
+    - tensor_parallel_size: 1 (tensor parallelism is not built yet);
+    - block_size, num_kv_blocks (None: sized from gpu_memory_utilization on CUDA), the paged KV cache;
+    - max_num_seqs, max_num_batched_tokens: at most so many sequences and tokens per step;
+    - max_model_len: prompt + output tokens per request (None: the model's positions);
+    - enforce_eager: no CUDA graphs; seed: the base of unseeded requests' draws;
+    - load_format: "auto" reads the checkpoint, "dummy" draws random weights (benchmarks);
+    - progress (keyword only): a weight-loading bar, on a terminal only.
+    Bad values raise ValueError naming the field.
     """
 
-    def __init__(self, model: str | Path, progress: bool = True, **kwargs):
-        # progress: a weight-loading bar (only on a terminal); the CLI turns it off under --json.
-        self.engine = Engine(model, progress=progress, stream_outputs=False, **kwargs)
+    def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None, kernels: str = "auto",
+                 tensor_parallel_size: int = 1, block_size: int = 16, num_kv_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
+                 enforce_eager: bool = False, seed: int = 0, load_format: str = "auto", *, progress: bool = True):
+        # (EngineConfig's fields, in this order; validated there)
+        config = EngineConfig(dtype, device, kernels, tensor_parallel_size, block_size, num_kv_blocks,
+                              gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
+                              enforce_eager, seed, load_format)
+        self.engine = Engine(model, progress=progress, stream_outputs=False, **asdict(config))
         self._ids = count()
 
     def get_tokenizer(self):
+        """The model's `opt_fast.tokenizer.OPTTokenizer`, or None if its directory has no
+        tokenizer files (token-id prompts still work)."""
         return self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],
@@ -47,11 +68,19 @@ class LLM:
                 self.engine.add_request(request_id, prompt, params)
         except ValueError:
             for request_id in ids:      # all or nothing: a bad prompt leaves no request behind
-                self.engine.abort_request(request_id)
+                self.engine._retire(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        try:
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            # An error or an interrupt (Ctrl-C) mid-run: these requests must not stay in the
+            # engine, holding blocks and running in every later call. (Finished ids are ignored.)
+            for request_id in ids:
+                self.engine._retire(request_id)
+            raise
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(ids)
         finished: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -63,7 +92,8 @@ class LLM:
                 if not outputs and not self.engine.has_unfinished_requests():
                     raise RuntimeError("engine stopped with requests unfinished")   # never hang
                 for out in outputs:
-                    if out.finished:
+                    # (requests added to self.engine directly may report here too)
+                    if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+from .config import check_seed
 
 
 @dataclass
@@ -13,7 +16,8 @@ class SamplingParams:
     over prompt + output ids and is applied before temperature, then top-k, then top-p. `seed`
     makes the draws reproducible whatever else is in the batch. `logprobs` / `prompt_logprobs`
     ask for the sampled (or actual prompt) token plus the top N of the raw distribution.
-    Bad values raise ValueError naming the field.
+    Bad values raise ValueError naming the field. Integer fields also take numpy integers (kept
+    as Python ints). `n > 1` with temperature 0 gives n copies of the greedy output.
     """
     n: int = 1
     temperature: float = 1.0
@@ -35,51 +39,59 @@ class SamplingParams:
     banned_token_ids: list[int] | None = None
 
     def __post_init__(self):
-        _int("n", self.n, low=1)
+        self.n = _int("n", self.n, low=1)
         _float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
-        _int("top_k", self.top_k, low=-1)
+        self.top_k = _int("top_k", self.top_k, low=-1)
         _float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         _float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _int("max_tokens", self.max_tokens, low=1)
-        _int("min_tokens", self.min_tokens, low=0)
+        self.max_tokens = _int("max_tokens", self.max_tokens, low=1)
+        self.min_tokens = _int("min_tokens", self.min_tokens, low=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) and s
+                                                                           for s in self.stop or []):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        for token in self.stop_token_ids:
-            _int("stop_token_ids", token, low=0)
-        self.banned_token_ids = list(self.banned_token_ids or [])
-        for token in self.banned_token_ids:
-            _int("banned_token_ids", token, low=0)
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = _ids("stop_token_ids", self.stop_token_ids)
+        self.banned_token_ids = _ids("banned_token_ids", self.banned_token_ids)
         if self.seed is not None:
-            _int("seed", self.seed, low=None)
+            self.seed = _int("seed", self.seed, low=None)
+            check_seed("seed", self.seed)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), low=0)
+                setattr(self, name, _int(name, getattr(self, name), low=0))
         for name in ("ignore_eos", "skip_special_tokens", "penalty_on_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
+        """Whether tokens are picked by argmax (temperature 0) rather than drawn."""
         return self.temperature == 0
 
 
-def _int(name: str, value, low: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _int(name: str, value, low: int | None) -> int:
+    """`value` as a Python int (numpy integers included; bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def _ids(name: str, value) -> list[int]:
+    """A list of token ids (None is empty)."""
+    if not isinstance(value, (list, tuple, type(None))):
+        raise ValueError(f"{name} must be a list of token ids, got {value!r}")
+    return [_int(name, token, low=0) for token in value or []]
 
 
 def _float(name: str, value) -> None:

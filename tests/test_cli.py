@@ -105,7 +105,8 @@ def test_generate_stop_string_and_stop_token_id(capsys, tiny_model_dir):
     assert cut["text"] == text[:text.find(stop)] and cut["finish_reason"] == "stop"
     # A stop token id ends the sample at its first occurrence (the id itself is kept).
     at = tokens.index(tokens[3])
-    rc, out, err = cli(capsys, *base, "--stop-token-ids", tokens[3], "999")
+    unused = next(i for i in range(4, 400) if i not in tokens)
+    rc, out, err = cli(capsys, *base, "--stop-token-ids", tokens[3], str(unused))
     assert rc == 0, err
     cut = json.loads(out)["outputs"][0]
     assert cut["token_ids"] == tokens[:at + 1] and cut["finish_reason"] == "stop"

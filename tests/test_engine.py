@@ -183,6 +183,27 @@ def test_text_and_stop_strings(llm):
     assert stop not in cut.text
 
 
+def test_the_earliest_stop_string_wins_whichever_is_listed_first(llm):
+    """Two stop strings complete in the same step (inside one token's text): the text is cut at
+    the one that starts first, not at the one listed first."""
+    prompt = "def main():\n    return"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    tok, ids = llm.get_tokenizer(), out.outputs[0].token_ids
+    full, pair = out.outputs[0].text, None
+    for n in range(1, len(ids) + 1):         # the first token that adds two new, distinct characters
+        before, after = tok.decode(ids[:n - 1]), tok.decode(ids[:n])
+        piece = after[len(before):]
+        fresh = [c for c in dict.fromkeys(piece) if c not in before]
+        if after.startswith(before) and len(fresh) >= 2:
+            pair = fresh[:2]
+            break
+    assert pair, f"no token adds two new characters in {full!r}"
+    first, second = pair
+    cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                stop=[second, first]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.index(first)]
+
+
 def test_engine_streams_text_so_far(tiny_model_dir):
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
     engine.add_request("r", "import os", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
@@ -205,8 +226,16 @@ def test_bad_requests_fail_alone(tiny_model_dir):
            ("oov", [2, vocab], GREEDY, "outside the vocabulary"),
            ("negative", [2, -1], GREEDY, "outside the vocabulary"),
            ("too-long", [2] * 60, SamplingParams(max_tokens=10), "max_model_len"),
+           ("float-id", [2, 5.0], GREEDY, "integers"),
            ("good-0", good[1], GREEDY, "already in use"),
-           ("not-params", good[1], {"temperature": 0}, "SamplingParams")]
+           ("not-params", good[1], {"temperature": 0}, "SamplingParams"),
+           (7, good[1], GREEDY, "request_id must be a str"),
+           # bounds SamplingParams cannot know: the model's rows, the tokenizer's vocabulary
+           ("stop-id", good[1], SamplingParams(stop_token_ids=[engine.model_config.vocab_size]), "stop_token_ids"),
+           ("banned-id", good[1], SamplingParams(banned_token_ids=[engine.model_config.vocab_size]),
+            "banned_token_ids"),
+           ("logprobs", good[1], SamplingParams(logprobs=vocab + 1), "logprobs"),
+           ("prompt-logprobs", good[1], SamplingParams(prompt_logprobs=vocab + 1), "prompt_logprobs")]
     for request_id, prompt, params, message in bad:
         with pytest.raises(ValueError, match=message):
             engine.add_request(request_id, prompt, params)
@@ -224,9 +253,19 @@ def test_abort_frees_blocks_and_others_finish(tiny_model_dir):
     engine.step()
     engine.step()
     engine.abort_request("2")
+    engine.abort_request("2")                 # twice, and an unknown id: no effect
+    engine.abort_request("unknown")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("2", [2, 5], GREEDY)   # until its final output is out
+    outputs = engine.step()
+    aborted = [o for o in outputs if o.request_id == "2"]
+    assert len(aborted) == 1 and aborted[0].finished
+    assert aborted[0].outputs[0].finish_reason == "abort" and len(aborted[0].outputs[0].token_ids) == 2
     final = drain(engine)
     assert sorted(final) == ["0", "1", "3", "4"]
+    assert all(o.outputs[0].finish_reason == "length" for o in final.values())
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    engine.add_request("2", [2, 5], GREEDY)       # the id is free again
 
 
 def test_llm_generate_rejects_a_bad_prompt_without_leaving_requests(llm):
@@ -238,12 +277,83 @@ def test_llm_generate_rejects_a_bad_prompt_without_leaving_requests(llm):
         llm.generate([[2, 5], [2, 6]], [GREEDY], use_tqdm=False)
 
 
+def test_an_interrupted_generate_leaves_no_request_behind(tiny_model_dir):
+    """Ctrl-C (or any error) in the middle of LLM.generate: its requests leave the engine with
+    their blocks, and the next call runs as on a fresh LLM."""
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    batch = prompts(4, seed=12)
+    step, steps = llm.engine.step, []
+
+    def interrupted_step():
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return step()
+    llm.engine.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(batch, GREEDY, use_tqdm=False)
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    again = llm.generate(batch, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [run_alone(tiny_model_dir, p, GREEDY).token_ids for p in batch]
+
+
+def test_the_engine_keeps_its_own_copy_of_the_params(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    engine.add_request("a", [2, 7, 9], params)
+    params.max_tokens = 2          # the caller reuses its object for another request
+    params.temperature = -3.0      # (not even valid: never read by the engine)
+    out = drain(engine)["a"].outputs[0]
+    assert len(out.token_ids) == 10
+
+
+def test_streamed_outputs_are_snapshots(tiny_model_dir):
+    """An output already handed out never changes (a server may still be reading it)."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine.add_request("a", [2, 7, 9, 11], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                         logprobs=2, prompt_logprobs=1))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [(o, len(o.outputs[0].token_ids), list(o.outputs[0].logprobs), list(o.prompt_logprobs))
+                 for o in engine.step()]
+    assert len(seen) == 6
+    for out, length, logprobs, prompt_logprobs in seen:
+        assert len(out.outputs[0].token_ids) == length == len(out.outputs[0].logprobs)
+        assert out.outputs[0].logprobs == logprobs and out.prompt_logprobs == prompt_logprobs
+
+
+def test_numpy_token_ids_are_accepted(llm):
+    np = pytest.importorskip("numpy")
+    prompt = [2, 7, 9, 11]
+    out = llm.generate([list(np.array(prompt))], GREEDY, use_tqdm=False)[0]
+    assert out.prompt_token_ids == prompt and all(type(t) is int for t in out.prompt_token_ids)
+    assert out.outputs[0].token_ids == llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_llm_takes_design_arguments_by_position_and_names_unknown_ones(tiny_model_dir):
+    """DESIGN.md §3's order: LLM(model, dtype, device, kernels, ...). Engine takes keywords only."""
+    llm = LLM(str(tiny_model_dir), "bfloat16", "cpu", "torch")
+    assert llm.engine.runner.dtype == torch.bfloat16 and llm.engine.runner.device.type == "cpu"
+    assert llm.engine.cfg.kernels == "torch"
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(str(tiny_model_dir), "float64")
+    with pytest.raises(TypeError):
+        Engine(str(tiny_model_dir), "float32")
+    with pytest.raises(TypeError, match=r"Engine got .*torch_dtype.*use dtype="):
+        Engine(str(tiny_model_dir), torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="torch_dtype"):
+        LLM(str(tiny_model_dir), torch_dtype=torch.float16)
+
+
 def test_text_prompt_without_tokenizer_is_a_value_error(tmp_path, tiny_model_dir):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     llm = LLM(str(tmp_path), device=test_device(), kernels="torch")
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("hello", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="stop="):     # stop strings would never match
+        llm.generate([[2, 7, 9]], SamplingParams(stop=["a"]), use_tqdm=False)
     assert len(llm.generate([[2, 7, 9]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
 
 
@@ -254,6 +364,9 @@ def test_engine_config_errors_name_the_field(tiny_model_dir):
         LLM(str(tiny_model_dir), max_model_len=10_000)
     with pytest.raises(ValueError, match="kernels"):
         LLM(str(tiny_model_dir), kernels="cuda")
+    for name, value in (("seed", -1), ("seed", True), ("gpu_memory_utilization", True), ("enforce_eager", 1)):
+        with pytest.raises(ValueError, match=name):
+            LLM(str(tiny_model_dir), **{name: value})
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

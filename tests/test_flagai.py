@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import warnings
+
 import pytest
 import torch
 
@@ -197,6 +199,34 @@ def test_loader_rejects_other_tasks_and_foreign_models(tmp_path):
         AutoLoader(task_name="lm", model_dir=tmp_path)
     with pytest.raises(ValueError, match="model"):
         Predictor(object(), None)
+
+
+def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, predictor):
+    """FlagAI scripts call model.to(device) / .half() after loading, and may pass torch_dtype:
+    moves that agree with the engine return the model silently, others warn and change nothing."""
+    model = predictor.model
+    runner = model.llm.engine.runner
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.to(runner.device) is model and model.to(str(runner.device.type)) is model
+        assert model.float() is model and model.to(torch.float32) is model       # the fixture's dtype
+        assert model.to(runner.device, torch.float32) is model
+        assert model.to(device=runner.device.type, dtype=torch.float32) is model
+    with pytest.warns(UserWarning, match="dtype torch.float32.*pass dtype= to AutoLoader"):
+        assert model.half() is model
+    assert runner.dtype == torch.float32
+    with pytest.warns(UserWarning, match="device"):
+        model.to("meta")
+    root, _ = flagai_root
+    loader = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=root / "checkpoints",
+                        kernels="torch", device=test_device(), torch_dtype=torch.bfloat16)
+    assert loader.get_model().llm.engine.runner.dtype == torch.bfloat16
+    for kwargs, error, message in ((dict(torch_dtype=torch.float64), ValueError, "torch_dtype"),
+                                   (dict(torch_dtype=torch.float16, dtype="float32"), ValueError, "disagree"),
+                                   (dict(only_download_config=True), TypeError, "AutoLoader.*only_download_config")):
+        with pytest.raises(error, match=message):
+            AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=root / "checkpoints", kernels="torch",
+                       **kwargs)
 
 
 def test_missing_directory_falls_back_to_the_hub_id(flagai_root, monkeypatch, tmp_path):

@@ -339,6 +339,17 @@ def test_path_with_two_slashes_is_not_a_hub_id(tmp_path, monkeypatch):
         resolve_model_path("not/a/real/dir/x")
 
 
+def test_a_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """Names written as paths (./, /, ~) never go to the hub: a mistyped directory says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for name in ("./my-opt", "/nonexistent/opt", "~/no-such-opt-dir", "../opt-125m", Path("opt-1.3b")):
+        with pytest.raises(FileNotFoundError, match="no such directory"):
+            resolve_model_path(name)
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        resolve_model_path("weights.bin")
+
+
 def test_local_directory_wins_over_a_hub_name(tmp_path, monkeypatch):
     (tmp_path / "opt-125m-en").mkdir()
     monkeypatch.chdir(tmp_path)

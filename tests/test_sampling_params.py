@@ -12,8 +12,10 @@ BAD = [
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
     ("repetition_penalty", math.inf),
     ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", None),
-    ("min_tokens", -1), ("seed", 1.5), ("logprobs", -1), ("prompt_logprobs", -1),
-    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", 1),
+    ("min_tokens", -1), ("seed", 1.5), ("seed", -5), ("seed", 2 ** 63), ("seed", True),
+    ("logprobs", -1), ("prompt_logprobs", -1),
+    ("stop", [""]), ("stop", [3]), ("stop", 5), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
+    ("stop_token_ids", [2.0]), ("ignore_eos", 1),
 ]
 
 
@@ -30,7 +32,17 @@ def test_min_tokens_above_max_tokens_is_rejected():
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(top_p=1.0), dict(top_p=1e-9),
                                     dict(top_k=-1), dict(top_k=0), dict(repetition_penalty=0.5),
-                                    dict(max_tokens=1), dict(seed=-5), dict(stop="x"), dict(logprobs=0)])
+                                    dict(max_tokens=1), dict(seed=0), dict(seed=2 ** 63 - 1), dict(stop="x"),
+                                    dict(logprobs=0)])
 def test_edge_values_are_accepted(kwargs):
     params = SamplingParams(**kwargs)
     assert isinstance(params.stop, list)
+
+
+def test_numpy_integers_are_taken_as_python_ints():
+    np = pytest.importorskip("numpy")
+    params = SamplingParams(n=np.int64(2), max_tokens=np.int32(7), seed=np.uint64(3), logprobs=np.int16(1),
+                            stop_token_ids=[np.int64(5)], stop=("a", "b"))
+    values = (params.n, params.max_tokens, params.seed, params.logprobs, *params.stop_token_ids)
+    assert values == (2, 7, 3, 1, 5) and all(type(v) is int for v in values)
+    assert params.stop == ["a", "b"]

@@ -1,6 +1,8 @@
 """Engine: requests in, one step at a time, RequestOutputs out. The backend a server embeds."""
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from pathlib import Path
 
 from ..config import EngineConfig, OPTConfig
@@ -11,7 +13,7 @@ from ..model.loader import resolve_model_path
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 _MASK63 = (1 << 63) - 1
 _DEFAULT_STEP_TOKENS = 2048
@@ -56,10 +58,16 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
     def output(self, finished: bool) -> RequestOutput:
+        """A snapshot: the lists are copies, so an output already handed out (streamed, or read
+        on another thread) never changes as generation goes on."""
         completions = [CompletionOutput(s.index, _visible_text(s), s.output_token_ids, s.cumulative_logprob,
-                                        s.output_logprobs, s.finish_reason, s.error) for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
+                                        _copy(s.output_logprobs), s.finish_reason, s.error) for s in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), _copy(self.prompt_logprobs),
                              completions, finished)
+
+
+def _copy(items: list | None) -> list | None:
+    return None if items is None else list(items)
 
 
 class Engine:
@@ -70,12 +78,13 @@ class Engine:
 
     `stream_outputs=False` (what `LLM.generate` uses) makes `step()` return finished requests
     only, and decodes a sample's text once at its end instead of token by token (unless it has
-    stop strings, which need the text as it grows): less host work per step.
+    stop strings, which need the text as it grows): less host work per step. `progress` shows a
+    weight-loading bar (on a terminal only).
     """
 
-    def __init__(self, model: str | Path, progress: bool = False, stream_outputs: bool = True, **kwargs):
+    def __init__(self, model: str | Path, *, progress: bool = False, stream_outputs: bool = True, **kwargs):
         self.stream_outputs = stream_outputs
-        self.cfg = EngineConfig(**kwargs)
+        self.cfg = EngineConfig.from_kwargs("Engine", kwargs)
         path = resolve_model_path(model)
         self.model_config = OPTConfig.from_json(path / "config.json")
         try:
@@ -97,22 +106,28 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
+        # Aborted requests whose final output (finish_reason "abort") the next step returns;
+        # their ids stay in use until then.
+        self._aborted: dict[str, _Request] = {}
         self._num_requests = 0
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None) -> None:
-        """Queue a request. Bad input raises ValueError and leaves every other request untouched."""
+        """Queue a request. Bad input raises ValueError and leaves every other request untouched.
+
+        The engine keeps its own copy of `params` (validated again), so changing the caller's
+        object afterwards changes nothing here."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self.requests:
+        params = dataclasses.replace(params)
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r:.80}")
+        if request_id in self.requests or request_id in self._aborted:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_ids(prompt)
-        for token in params.banned_token_ids:
-            if token >= self.model_config.vocab_size:
-                raise ValueError(f"banned_token_ids entry {token} is outside the model's "
-                                 f"vocabulary [0, {self.model_config.vocab_size})")
+        self._check_params(params)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -123,7 +138,7 @@ class Engine:
                              f"{self.blocks.num_blocks}: raise num_kv_blocks or lower max_tokens")
         base_seed = params.seed if params.seed is not None else derive_seed(self.cfg.seed, self._num_requests)
         self._num_requests += 1
-        seqs = [Sequence(request_id, i, token_ids, params, base_seed & _MASK63 if i == 0
+        seqs = [Sequence(request_id, i, token_ids, params, base_seed if i == 0
                          else derive_seed(base_seed, i)) for i in range(params.n)]
         for seq in seqs:
             if self.tokenizer is not None and (self.stream_outputs or params.stop):
@@ -132,6 +147,20 @@ class Engine:
         seqs[0].forks = seqs[1:]
         self.scheduler.add(seqs[0])
         self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: bounds set by this model and tokenizer."""
+        rows = self.model_config.vocab_size
+        for name in ("stop_token_ids", "banned_token_ids"):
+            for token in getattr(params, name):
+                if token >= rows:
+                    raise ValueError(f"{name} entry {token} is outside the model's vocabulary [0, {rows})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.vocab_size:
+                raise ValueError(f"{name}={getattr(params, name)} exceeds the vocabulary size {self.vocab_size}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs text, but the model directory has no tokenizer "
+                             "files; use stop_token_ids instead")
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -142,29 +171,46 @@ class Engine:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError(f"prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
         for token in prompt:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ValueError(f"prompt token ids must be integers, got {token!r}")
+            if not 0 <= token < self.vocab_size:
                 raise ValueError(f"prompt token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
-        return None, list(prompt)
+        return None, [int(token) for token in prompt]
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now; its blocks go back to the pool. Unknown ids are ignored."""
+        """Stop a request now; its blocks go back to the pool. The next `step()` returns its final
+        RequestOutput (samples still running end with finish_reason "abort"), and its id stays in
+        use until then. Unknown and finished ids are ignored."""
+        request = self._retire(request_id)
+        if request is not None:
+            self._aborted[request_id] = request
+
+    def _retire(self, request_id: str) -> _Request | None:
+        """Drop a request at once, returning its blocks, with no final output (LLM.generate
+        rolling back its own requests); returns it, or None for an unknown id."""
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        return request
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a `step()` has work left: requests running or waiting, or an aborted
+        request's final output not yet returned."""
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one model step. Returns the requests that advanced, with their text so far.
 
         A sample that fails on its own (non-finite logits, an error in its output processing)
-        finishes with finish_reason "error" and its message; the other requests go on."""
+        finishes with finish_reason "error" and its message; the other requests go on. Requests
+        aborted since the last step come first, finished."""
+        outputs = [request.output(True) for request in self._aborted.values()]
+        self._aborted.clear()
         batch = self.scheduler.schedule()
         if batch.empty:
-            return []
+            return outputs
         sampled = batch.sampled
         results = self.runner.run(batch, self.eos_token_id)
         for seq in batch.prefills + batch.decodes:
@@ -177,14 +223,15 @@ class Engine:
                 request.prompt_logprobs = seq.prompt_logprobs
             if seq.forks:
                 self.scheduler.fork(seq)
+            if result.error:
+                seq.error = result.error
+                self.scheduler.finish(seq, "error")
+                continue
             try:
-                if result.error:
-                    raise ValueError(result.error)
                 self._append(seq, result)
             except Exception as err:    # this sample alone fails; the batch goes on
                 seq.error = f"{type(err).__name__}: {err}"
                 self.scheduler.finish(seq, "error")
-        outputs = []
         for request_id, request in advanced.items():
             finished = request.finished
             if finished:
@@ -194,7 +241,7 @@ class Engine:
         return outputs
 
     def _append(self, seq: Sequence, result: StepResult) -> None:
-        token, params = result.token, seq.params
+        token = result.token
         seq.token_ids.append(token)
         seq.cumulative_logprob += result.logprob
         if seq.output_logprobs is not None:
@@ -221,9 +268,9 @@ class Engine:
         elif reason and self.tokenizer is not None:  # not streamed: the whole text at once
             seq.text = self.tokenizer.decode(seq.output_token_ids, params.skip_special_tokens)
         if may_stop:
-            for stop in params.stop:
-                at = seq.text.find(stop, max(0, checked - len(stop) + 1))
-                if at >= 0:
-                    seq.text = seq.text[:at]      # the stop string is not part of the output
-                    return "stop"
+            # The earliest stop string in the text wins, whichever is listed first.
+            found = [at for stop in params.stop if (at := seq.text.find(stop, max(0, checked - len(stop) + 1))) >= 0]
+            if found:
+                seq.text = seq.text[:min(found)]  # the stop string is not part of the output
+                return "stop"
         return reason

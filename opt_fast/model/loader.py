@@ -35,7 +35,11 @@ def resolve_model_path(model: str | Path) -> Path:
     if path.is_dir():
         return path
     name = str(model)
-    hub_id = hub_id_for(name) or (name if name.count("/") == 1 and not path.exists() else None)
+    if isinstance(model, Path) or name.startswith((".", "/", "~")) or path.exists():
+        # written as a path (hub ids never start so): a missing directory, not a hub id
+        raise FileNotFoundError(f"model {name!r}: no such directory" if not path.exists()
+                                else f"model {name!r} is a file, not a checkpoint directory")
+    hub_id = hub_id_for(name) or (name if name.count("/") == 1 else None)
     if hub_id is None:
         raise FileNotFoundError(f"model {name!r} is neither a local directory nor a hub id "
                                 "(like 'facebook/opt-125m' or 'opt-125m-en')")

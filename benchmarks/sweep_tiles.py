@@ -189,14 +189,6 @@ class Prefill:
              128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4),
                    (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3),
                    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]}
-    # sm_90+: the same kernel with q and the off-diagonal K/V tiles loaded by TMA (tiles.tma), at
-    # the shapes that won without it, and the 4-warp head-128 tile.
-    TMA_TILES = {64: [(64, 64, 4, 3, True), (64, 64, 4, 2, True), (128, 64, 8, 3, True)],
-                 128: [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
-                       (64, 64, 8, 2, True), (64, 64, 4, 3, True)]}
-    # head_dim 80 runs as 64 + 16 exact tiles by default; these time it padded to 128 as before
-    # (the 2026-11-26 H100 sweep's best padded tiles).
-    PADDED_80 = [(128, 128, 8, 3, False, False), (128, 64, 8, 3, False, False), (64, 64, 8, 2, False, False)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -213,13 +205,15 @@ class Prefill:
                                                        dict(tiles=(128, 16, 4, 2, False, True, True))]
                                                       if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
-        tma = self.TMA_TILES[pad] if CAPABILITY >= 90 else []
-        # (on sm_90 only, as the compile check builds them: on sm_80 the padded 128-wide tiles spill)
-        padded = self.PADDED_80 if c["head_dim"] == 80 and CAPABILITY >= 90 else []
-        # sm_90+: the warp-specialised kernel (no sweep shape has cached context), at the tiles
-        # the compile check builds for it
-        ws = [tuple(t) for t in attention.WS_CANDIDATES[pad]] if CAPABILITY >= 90 else []
-        return [{}] + [dict(tiles=t) for t in self.TILES[pad] + tma + padded + ws]
+        # sm_90+, the candidates with an option, as the compile check builds them (on sm_80 the
+        # padded 128-wide tiles spill): q and the off-diagonal K/V tiles by TMA; head_dim 80
+        # padded to 128 (it runs as 64 + 16 by default); the warp-specialised kernel (no sweep
+        # shape has cached context)
+        options = []
+        if CAPABILITY >= 90:
+            options = attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
+            options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
+        return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
@@ -228,11 +222,8 @@ class Prefill:
         if config:
             return config
         # (no sweep shape has cached context, and ours() says so: the context-free default)
-        tiles = attention.default_tiles(c["head_dim"], DTYPE, c["batch"] * c["length"], c["batch"], CAPABILITY,
-                                        context_free=True)
-        # as short as the launcher's defaults allow (the report's labels)
-        short = 7 if tiles.warp_specialize else 6 if not tiles.split_head else 5 if tiles.tma else 4
-        return dict(tiles=tuple(tiles)[:short])
+        return dict(tiles=_short(attention.default_tiles(c["head_dim"], DTYPE, c["batch"] * c["length"], c["batch"],
+                                                         CAPABILITY, context_free=True)))
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
         return [self.resolve(c, cand) for cand in self.candidates(c, smoke)]
@@ -281,6 +272,15 @@ class Prefill:
 
     def flops(self, c: dict) -> int:
         return 4 * c["batch"] * c["heads"] * c["head_dim"] * c["length"] ** 2 // 2
+
+
+def _short(tiles: attention.Tiles) -> tuple:
+    """Prefill tiles as the shortest tuple that says them, trailing default options dropped, so
+    that labels stay short: (128, 64, 8, 3, True)."""
+    full, n = tuple(tiles), len(tiles)
+    while n > 4 and full[n - 1] == attention.Tiles._field_defaults[attention.Tiles._fields[n - 1]]:
+        n -= 1
+    return full[:n]
 
 
 def _launch(*tiles, **options) -> tuple:

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import attention, kv_cache, layernorm_linear, paged_decode, sampling  # noqa: E402
+from .device import check_interpreter  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ def get_ops(kind: str, device_type: str) -> KernelOps:
         return TORCH_OPS
     if kind not in ("auto", "triton"):
         raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kind!r}")
+    if device_type != "cuda":
+        check_interpreter()
     table = triton_ops()
     missing = table.missing()
     if kind == "triton" and missing:

@@ -475,8 +475,16 @@ _TILES = {
 # 116.9 / 118.1 / 145.5 us (128x64: 119.8 / 120.2 / 149.1); b8 L1024 287.6 / 290.5 / 365.4
 # (128x64: 279.1 / 286.5 / 359.8).
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
-# TMA twins of the sm_90 entries: candidates for the tile sweep until a GPU has timed them.
-TMA_CANDIDATES = {key: tiles._replace(tma=True) for key, tiles in _TILES_SM90.items()}
+# Sweep candidates with an option (sm_90), per padded head_dim; the compile check builds each and
+# the tile sweep times each, until a GPU has timed them. TMA: the twin of each sm_90 table entry,
+# and the 8-warp 128x64 tile at 64, one stage deeper and the 4-warp 64x64 at 128.
+TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)],
+                  128: [Tiles(128, 128, 8, 3, True), Tiles(128, 64, 8, 3, True), Tiles(128, 64, 8, 4, True),
+                        Tiles(64, 64, 8, 2, True), Tiles(64, 64, 4, 3, True)]}
+# head_dim 80 padded to one 128-wide tile, as before the 64 + 16 split (the best padded tiles of
+# the 2026-11-26 H100 sweep): timed beside the split.
+PADDED_80_CANDIDATES = [Tiles(128, 128, 8, 3, split_head=False), Tiles(128, 64, 8, 3, split_head=False),
+                        Tiles(64, 64, 8, 2, split_head=False)]
 # Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
 # candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
 # its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM.
@@ -736,8 +744,8 @@ def compile_specs() -> list:
     """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (64 + 16) and 128 at
     block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
-    and on sm_90 the sweep's candidates: head_dim 80 padded, the TMA twins, and the
-    warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90."""
+    and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES),
+    and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
@@ -782,16 +790,13 @@ def compile_specs() -> list:
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
               for head_dim in (64, 80, 128)]
-    # head_dim 80 padded to one 128-wide tile (tiles.split_head=False), as before the split: the
-    # sweep times it beside the split on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
-    for (kind, tile_head_dim), tiles in tile_table(_TMA_CAPABILITY).items():
-        if tile_head_dim == 128:
-            specs += [spec(dtype, 80, 16, tiles._replace(split_head=False), kind, (_TMA_CAPABILITY,))
-                      for dtype in ("fp16", "bf16")]
-    # The TMA twin of each sm_90 entry (TMA_CANDIDATES, not yet a default): the sweep times them.
-    for (kind, tile_head_dim), tiles in TMA_CANDIDATES.items():
+    # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
+    specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,))
+              for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16")]
+    for tile_head_dim, candidates in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
-            specs += [spec(dtype, head_dim, 16, tiles, kind, (_TMA_CAPABILITY,)) for dtype in ("fp16", "bf16")]
+            specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,))
+                      for tiles in candidates for dtype in ("fp16", "bf16")]
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).
     for tile_head_dim, candidates in WS_CANDIDATES.items():

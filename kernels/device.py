@@ -23,6 +23,19 @@ def nvidia_capability(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
+def check_interpreter() -> None:
+    """Kernels on CPU tensors run in Triton's interpreter, which covers Triton's own library
+    (tl.cdiv, ...) only if it was on when triton was first imported. Where another package
+    imported triton first (transformers' models do), fail here with the way out rather than deep
+    inside a kernel ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if not (INTERPRETED and isinstance(tl.standard.cdiv, InterpretedFunction)):
+        raise RuntimeError("Triton kernels on CPU need Triton's interpreter, switched on before triton is first "
+                           "imported: set TRITON_INTERPRET=1 in the environment, or import opt_fast before any "
+                           "package that imports triton (transformers' models do)")
+
+
 def tma_addressable(t: torch.Tensor) -> bool:
     """Whether a TMA descriptor can describe `t` as it is: unit last stride, a 16-byte aligned
     base, and every outer stride positive and a multiple of 16 bytes (the launchers' own checks

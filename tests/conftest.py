@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import opt_fast.kernels  # noqa: F401  (before any test module imports triton: see check_interpreter)
 from opt_testing import PADDING_ROWS, TINY_SHAPES, build_hf_model
 
 

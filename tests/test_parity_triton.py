@@ -33,3 +33,21 @@ def test_triton_model_matches_torch_and_hf(hf_checkpoint):
         expected = torch.log_softmax(logits[:, :vocab], dim=-1)
         for i in range(1, len(prompt)):
             assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(expected[i - 1, prompt[i]].item(), abs=2e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no CUDA")
+def test_triton_on_cpu_says_how_to_switch_the_interpreter_on():
+    """Another package imported triton before opt_fast could turn its interpreter on (HF's OPT
+    model does): kernels="triton" on CPU fails at once, saying what to do, instead of inside the
+    first kernel. Imported the other way round, the table builds."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "import {}; import {}; from opt_fast.kernels import get_ops; get_ops('triton', 'cpu')"
+    late = subprocess.run([sys.executable, "-c", script.format("triton", "opt_fast")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert late.returncode != 0 and "TRITON_INTERPRET=1" in late.stderr, late.stderr[-2000:]
+    early = subprocess.run([sys.executable, "-c", script.format("opt_fast", "triton")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert early.returncode == 0, early.stderr[-2000:]

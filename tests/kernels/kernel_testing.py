@@ -7,7 +7,10 @@ the torch reference and a Triton kernel still shows.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,16 @@ def kernel_device() -> str:
 
 
 DEVICE = kernel_device()
+
+
+@functools.cache
+def sweep_script():
+    """benchmarks/sweep_tiles.py as a module (the tile sweep: its candidates, its smoke run)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
+    spec = importlib.util.spec_from_file_location("sweep_tiles", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _TritonTable:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn
+from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, sweep_script
 from opt_fast.kernels import attention
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
@@ -56,16 +56,30 @@ def assert_matches(out, expected, dtype):
     torch.testing.assert_close(out.double().cpu(), expected, atol=atol, rtol=rtol)
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """torch.empty returns NaN-filled float tensors, so an output element the kernel never
-    writes shows up as NaN."""
+def fill_empty(monkeypatch, value: float) -> None:
+    """torch.empty returns float tensors filled with `value`."""
     real_empty = torch.empty
 
     def poisoned(*args, **kwargs):
         t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return t.fill_(value) if t.is_floating_point() else t
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """An output element the kernel never writes shows up as NaN."""
+    fill_empty(monkeypatch, float("nan"))
+
+
+# A finite value no output takes: rows that must stay unwritten keep it, where NaN could not
+# tell them from a 0 / 0 the kernel wrote.
+SENTINEL = -1234.0
+
+
+@pytest.fixture
+def sentinel_empty(monkeypatch):
+    fill_empty(monkeypatch, SENTINEL)
 
 
 # Sequences of several query blocks under the tiles the launcher picks itself, one shorter than
@@ -131,11 +145,11 @@ def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count)
     assert_matches(prefill_attention(*args, tiles=Tiles(16, 16, 4, 2)), expected, torch.float32)
 
 
-def test_packed_tokens_after_an_offset(nan_empty):
+def test_packed_tokens_after_an_offset(sentinel_empty):
     """cu_seqlens_q may start past 0 (tokens before it belong to no sequence): the programs of
     the blocks before the first sequence write nothing (the output rows there stay as torch.empty
-    left them, though those tokens' q, k, v are finite), and never read the context length or
-    block table row before sequence 0 (here a huge context through junk blocks)."""
+    left them), and never read the context length or block table row before sequence 0 (here a
+    huge context through junk blocks)."""
     args, expected = prefill_case([(3, 20), (5, 13)], 8, 1, 16, torch.float32, seed=6)
     q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
     lead = 40
@@ -146,7 +160,7 @@ def test_packed_tokens_after_an_offset(nan_empty):
     out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, contexts[1:], tables[1:], scale,
                             tiles=Tiles(16, 16, 4, 2))
     assert_matches(out[lead:], expected, torch.float32)
-    assert out[:lead].isnan().all()
+    assert (out[:lead] == SENTINEL).all()
 
 
 def test_head_splits():
@@ -226,6 +240,20 @@ def test_input_checks(change):
         prefill_attention(**{**named, **change(named)})
 
 
+def test_more_query_blocks_than_a_grid_holds_is_a_value_error(monkeypatch):
+    """CUDA's grid has at most 65535 programs along its second axis (query blocks + sequences
+    at the tiles that run): past it, a clear error before any launch, not a launch failure."""
+    monkeypatch.setattr(attention, "_prefill_attention_kernel", None)     # never reached
+    seqs = 65536
+    q = torch.zeros(16, 1, 16, device=DEVICE)
+    cache = torch.zeros(1, 16, 1, 16, device=DEVICE)
+    cu_seqlens = torch.zeros(seqs + 1, **I32)
+    cu_seqlens[-1] = 16
+    with pytest.raises(ValueError, match="65535"):
+        prefill_attention(q, q, q, cache, cache, cu_seqlens, torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
+                          1.0, tiles=Tiles(16, 16, 4, 2))
+
+
 def _table_tiles() -> list:
     """The distinct tile shapes of every capability's table in the interpreter (which ignores
     warps and stages, so one run per block shape covers an entry); on a GPU, of its own table
@@ -267,16 +295,41 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
                 picked.add(launch(attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
     half = ("*fp16", "*bf16")
     if capability >= 90:
-        picked |= {launch(tiles._replace(split_head=False), 80, name)
-                   for (_, pad), tiles in attention.tile_table(capability).items() if pad == 128 for name in half}
-        picked |= {launch(tiles, head_dim, name) for (_, pad), tiles in attention.TMA_CANDIDATES.items()
-                   for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half}
+        picked |= {launch(tiles, 80, name) for tiles in attention.PADDED_80_CANDIDATES for name in half}
+        picked |= {launch(tiles, head_dim, name) for pad, candidates in attention.TMA_CANDIDATES.items()
+                   for tiles in candidates for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128)
+                   for name in half}
     ws_tiles = [(pad, t) for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates]
     ws_tiles += [(pad, t) for (_, pad), t in attention._WS_TILES_SM90.items()]
     picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name) for pad, t in ws_tiles
                  for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
                  if capability >= 90}
     assert picked == built and picked_ws == built_ws
+
+
+def test_sweep_candidates_with_options_are_compile_checked():
+    """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
+    option (TMA, a padded head, warp specialisation) is a variant the compile check builds for
+    sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates hold the twin of
+    each sm_90 table entry."""
+    sweep = sweep_script()
+    specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
+    built = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages, c.get("USE_TMA", False), c.get("D_HI"),
+              s.uses_warp_specialize, c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
+    options = 0
+    family = sweep.FAMILIES["prefill"]
+    for case in family.cases(smoke=False):
+        for candidate in family.candidates(case, smoke=False):
+            tiles = Tiles(*candidate["tiles"]) if candidate else None
+            if tiles is None or tiles[4:] == Tiles(1, 1, 1, 1)[4:]:
+                continue          # the default, or plain tiles: the sweep skips any that fail
+            options += 1
+            d_hi = None if tiles.warp_specialize else attention._head_split(case["head_dim"], tiles.split_head)[1]
+            key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, case["head_dim"])
+            assert key in built, (case, candidate)
+    assert options, "the sweep has candidates with options (on sm_90, the capability it assumes off a GPU)"
+    twins = {(pad, tiles._replace(tma=True)) for (_, pad), tiles in attention.tile_table(90).items()}
+    assert twins <= {(pad, t) for pad, candidates in attention.TMA_CANDIDATES.items() for t in candidates}
 
 
 def test_narrow_and_wide_batches():
@@ -424,18 +477,30 @@ def test_warp_specialized_keeps_other_sequences_out(ws_launches):
     assert ws_launches
 
 
-def test_warp_specialized_packed_after_an_offset(nan_empty, ws_launches):
+def test_warp_specialized_packed_after_an_offset(sentinel_empty, ws_launches):
     """Tokens before cu_seqlens_q[0] (NaN here) belong to no sequence: never read, and their
-    output rows stay as torch.empty left them."""
+    output rows stay as torch.empty left them. More of them than a query block, so some
+    programs find no block at all."""
     args, expected = prefill_case([(0, 20), (0, 13)], 8, 1, 64, torch.float16, seed=6)
     q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
-    lead = 40
+    lead = 300
     shifted = [torch.cat([torch.full((lead, *t.shape[1:]), float("nan"), dtype=t.dtype, device=DEVICE), t])
                for t in (q, k, v)]
     out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, context_lens, block_tables, scale,
                             tiles=ws(128, 16, 4, 2), max_context_len=0)
     assert_matches(out[lead:], expected, torch.float16)
-    assert out[:lead].isnan().all() and ws_launches
+    assert (out[:lead] == SENTINEL).all() and ws_launches
+
+
+def test_warp_specialized_falls_back_where_descriptors_cannot_address_the_rows(nan_empty, ws_launches):
+    """As for the main kernel's TMA: a head stride that is not a multiple of 16 bytes leaves the
+    warp-specialised kernel (device-side descriptors) out; the main kernel runs."""
+    args, expected = prefill_case([(0, 40)], 16, 1, 64, torch.float16, seed=4)
+    rows = args[0].contiguous()
+    q = torch.as_strided(rows, rows.shape, (rows.stride(0), 3, 1))
+    out = prefill_attention(q, *args[1:], tiles=ws(128, 16, 4, 2), max_context_len=0)
+    assert_matches(out, expected, torch.float16)
+    assert ws_launches == []
 
 
 def test_warp_specialized_only_where_the_batch_has_no_context(monkeypatch, ws_launches):

@@ -53,10 +53,27 @@ def test_tma_specs_are_checked_for_bulk_tensor_copies():
         "import dataclasses\n"
         "from opt_fast.kernels import attention, compile_check as cc\n"
         "specs = attention.compile_specs()\n"
-        "tma = next(s for s in specs if s.uses_tma and 'narrow d64 fp16' in s.label)\n"
+        "tma = next(s for s in specs if s.uses_tma and 'sweep d64 fp16' in s.label)\n"
         "plain = next(s for s in specs if not s.uses_tma and 'narrow d64 fp16 bs16' in s.label)\n",
         "tma", "dataclasses.replace(plain, uses_tma=True)")
     assert verdicts[:2] == ("True", "False") and "bulk tensor copies" in verdicts[2]
+
+
+def test_what_each_spec_must_show_follows_its_variant():
+    """The checks a spec asks for (bulk copies, nothing before the wait) follow the variant it
+    builds: a spec that stopped asking would only make the compile check weaker, unnoticed."""
+    from opt_fast.kernels import attention, layernorm_linear as ll
+    specs = ll.compile_specs()
+    for spec in specs:
+        if "USE_TMA" in spec.constexprs:
+            assert spec.uses_tma == spec.constexprs["USE_TMA"], spec.label
+        if "PDL_WAIT" in spec.constexprs:
+            assert spec.dependent_launch == spec.constexprs["PDL_WAIT"], spec.label
+    assert any(s.uses_tma for s in specs) and any(s.dependent_launch for s in specs)
+    assert any(s.dependent_launch and s.kernel is ll._split_k_reduce_kernel for s in specs)
+    for spec in attention.compile_specs():
+        # (the warp-specialised kernel always loads by TMA: no USE_TMA there)
+        assert spec.uses_tma == spec.constexprs.get("USE_TMA", True), spec.label
 
 
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):

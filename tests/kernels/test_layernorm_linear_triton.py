@@ -13,7 +13,7 @@ import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernel_testing import DEVICE, TOL, gen, randn
+from kernel_testing import DEVICE, TOL, gen, randn, sweep_script
 from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
 from opt_fast.kernels.device import INTERPRETED
@@ -576,12 +576,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
     LnQkv) runs a GEMM variant the compile check builds for sm_80 and for sm_90 (the flags of
     the heaviest prologue, as the check builds them; the heuristic's own tiles are covered
     above)."""
-    import importlib.util
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
-    spec = importlib.util.spec_from_file_location("sweep_tiles_for_options", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = sweep_script()
     configs = [c["config"] for case in sweep.FAMILIES["ln_qkv"].cases(smoke=False)
                for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if c]
     with_options = set()
@@ -650,12 +645,13 @@ def test_no_inline_ptx_where_it_cannot_run():
         assert ll._capability(torch.device("cuda", 0)) is None
 
 
-@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
+@pytest.mark.parametrize("capability", [None, 0, 80, 90], ids=["interpreter", "rocm", "sm80", "sm90"])
 def test_overlap_launch_wiring(monkeypatch, capability):
     """Who waits on whom under overlap: on sm_90 each launch after the op's first is a
     programmatic dependent launch that waits before it reads (PDL_WAIT, launch_pdl) and the
     launch before it lets it start (LAUNCH_DEPENDENTS); sm_80 only prefetches; the interpreter,
-    which has no inline PTX, does neither. Without overlap nothing of it anywhere."""
+    which has no inline PTX, does neither, nor does ROCm (capability 0). Without overlap nothing
+    of it anywhere."""
     launches = record_without_running(monkeypatch, capability)
     x, ln_w, ln_b, w, b, _ = _valid()
     pdl = capability == 90
@@ -672,7 +668,7 @@ def test_overlap_launch_wiring(monkeypatch, capability):
             assert gemm["LAUNCH_DEPENDENTS"] == (overlap and pdl and options[0] > 1)
 
 
-@pytest.mark.parametrize("capability", [None, 80, 90], ids=["interpreter", "sm80", "sm90"])
+@pytest.mark.parametrize("capability", [None, 0, 80, 90], ids=["interpreter", "rocm", "sm80", "sm90"])
 def test_overlap_launch_wiring_without_layernorm(monkeypatch, capability):
     """linear_residual and linear_residual_layernorm under overlap: the GEMM is the first launch
     (prefetch only), the reduce after a split GEMM depends on it on sm_90, and the post-LN
@@ -789,8 +785,9 @@ def test_tma_linear_residual(monkeypatch, dtype):
 def test_tma_falls_back_where_no_descriptor_fits(monkeypatch):
     """Each tensor a descriptor cannot describe, the other one fine: x's row stride not a
     multiple of 16 bytes (7 columns of padding); x's rows 16-byte strided but its base 2 bytes
-    off; the weight's K (150 fp16 = 300 bytes) not a multiple of 16 bytes; K = 0 (zero-width
-    windows with aligned strides); and float32 (CUDA-core dots): pointer loads, same results."""
+    off; x one row broadcast (row stride 0); the weight's K (150 fp16 = 300 bytes) not a
+    multiple of 16 bytes; K = 0 (zero-width windows with aligned strides); and float32
+    (CUDA-core dots): pointer loads, same results."""
     launches = record_launches(monkeypatch, *KERNELS)
     g = gen(84)
     fp16 = torch.float16
@@ -803,6 +800,7 @@ def test_tma_falls_back_where_no_descriptor_fits(monkeypatch):
     bias = randn(70, g=g, dtype=fp16)
     cases = [(window(19, 600, 4, 7), *linear_params(600, 70, g, fp16)),
              (window(19, 600, 1, 8), *linear_params(600, 70, g, fp16)),
+             (randn(1, 600, g=g, dtype=fp16).expand(19, 600), *linear_params(600, 70, g, fp16)),
              # x: 150 columns of rows 168 wide, aligned; the weight's rows 156 wide
              (tma_window(randn(19, 160, g=g, dtype=torch.float64), fp16)[:, :150], window(70, 150, 0, 6), bias),
              (window(19, 0, 8, 8), window(70, 0, 8, 8), bias),

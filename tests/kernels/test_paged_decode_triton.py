@@ -107,12 +107,23 @@ def test_bfloat16_matches_the_torch_reference():
         torch.testing.assert_close(out.double().cpu(), expected.cpu(), atol=1e-2, rtol=8e-3)
 
 
-def test_zero_length_rows_give_zeros():
-    """A padding row of a CUDA-graph batch (length 0) must not make NaN, split or not."""
+def test_zero_length_rows_give_zeros(monkeypatch):
+    """A padding row of a CUDA-graph batch (length 0) must not make NaN, split or not (8-key
+    tiles, so that 50 keys really make 4 splits and the merge kernel runs)."""
     seq_lens = [0, 50, 0]
     q, cache, expected = filled_cache([1, 50, 1], 8, 2, 64, torch.float32, seed=2)
-    for num_splits in (1, 4):
-        out = decode(q, cache, seq_lens, num_splits=num_splits)
+    merge = paged_decode._merge_splits_kernel
+    merges = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge[grid]
+    monkeypatch.setattr(paged_decode, "_merge_splits_kernel", Recording())
+    for num_splits, merged in ((1, False), (4, True)):
+        merges.clear()
+        out = decode(q, cache, seq_lens, num_splits=num_splits, block_n=8)
+        assert bool(merges) == merged
         assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
         assert_close_to(out[1:2], expected[1:2], torch.float32, scale=1.0)
 

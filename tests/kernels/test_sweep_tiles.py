@@ -5,18 +5,17 @@ launchers' defaults against the last full sweep: at every shape it timed, the de
 one it timed, and the fastest or close to it."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from kernel_testing import sweep_script
 from opt_fast.kernels import attention, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "sweep_tiles.py"
 # The sweeps the launch defaults were set from (their comments quote them), oldest first: a later
 # sweep's shape replaces an earlier one's (a sweep may time some kernels only). And how far a
 # default may trail the fastest launch timed at a shape: one sweep does not tell apart launches
@@ -25,12 +24,9 @@ H100_SWEEPS = [ROOT / "benchmarks" / "results" / "2026-11-26-h100" / "sweep.json
 SLACK = 1.035
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_tiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sweep_script()
 
 
 def test_smoke_sweep_writes_a_report_per_kernel(sweep, tmp_path):

@@ -73,4 +73,6 @@ def get_ops(kind: str, device_type: str) -> KernelOps:
     if kind == "triton" and missing:
         raise NotImplementedError(f"kernels='triton': no Triton kernel yet for {', '.join(missing)}; "
                                   "use kernels='torch' or 'auto'")
+    if kind == "triton":
+        return table
     return replace(table, name="auto", **{op: getattr(TORCH_OPS, op) for op in set(missing) | set(CUBLAS_FASTER)})

@@ -67,9 +67,14 @@ class OPTConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "OPTConfig":
-        """Build from the keys of a Hugging Face config.json (unknown keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
+        """Build from the keys of a Hugging Face config.json as HF's OPT reads them: unknown keys
+        and null values are ignored, and so is layer_norm_eps (HF's OPT LayerNorms always use
+        1e-5). An untied LM head is refused: every OPT checkpoint ties it to the embedding."""
+        if raw.get("tie_word_embeddings", True) is False:
+            raise ValueError("OPTConfig: tie_word_embeddings=false (a separate lm_head) is not supported: "
+                             "every OPT checkpoint ties the LM head to the token embedding")
+        known = {f.name for f in fields(cls)} - {"layer_norm_eps"}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
         if "_remove_final_layer_norm" in raw:
             values["remove_final_layer_norm"] = bool(raw["_remove_final_layer_norm"])
         values.setdefault("word_embed_proj_dim", raw.get("hidden_size", cls.hidden_size))
@@ -84,6 +89,8 @@ class OPTConfig:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object, got a {type(raw).__name__}")
         if raw.get("model_type", "opt") != "opt":
             raise ValueError(f"{path}: model_type is {raw['model_type']!r}, expected 'opt'")
         return cls.from_dict(raw)

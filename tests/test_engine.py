@@ -357,6 +357,20 @@ def test_text_prompt_without_tokenizer_is_a_value_error(tmp_path, tiny_model_dir
     assert len(llm.generate([[2, 7, 9]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tiny_model_dir):
+    """The real OPT tokenizer (50265 ids) beside a tiny model: ids past the embedding's rows
+    would fail inside the model (a device-side assert on CUDA), so the engine refuses at once."""
+    from opt_testing import OPT_TOKENIZER_DIR
+    if not (OPT_TOKENIZER_DIR / "vocab.json").is_file():
+        pytest.skip("no OPT tokenizer files beside the project")
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((OPT_TOKENIZER_DIR / name).read_bytes())
+    with pytest.raises(ValueError, match=r"tokenizer has 50265 ids, the model's embedding only \d+ rows"):
+        Engine(str(tmp_path), device=test_device(), kernels="torch")
+
+
 def test_engine_config_errors_name_the_field(tiny_model_dir):
     with pytest.raises(ValueError, match="block_size"):
         LLM(str(tiny_model_dir), block_size=12)

@@ -313,6 +313,85 @@ def test_wrong_shape_names_tensor_and_both_shapes(hf_checkpoint, tmp_path, key, 
     assert str(folder) in message
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin_sharded"])
+def test_tensors_the_config_has_no_place_for_are_refused(hf_checkpoint, tmp_path, fmt):
+    """A config.json that does not describe its checkpoint (fewer layers than it holds, a tensor
+    the model has no parameter for) is an error naming them, not a model that runs on part of
+    the weights. lm_head.weight and tensors outside the decoder are ignored, as before."""
+    shape, src, hf_model = hf_checkpoint
+    state = hf_state(hf_model)
+    layers = 1 + max(int(k.split(".")[3]) for k in state if ".layers." in k)
+    extra = {k.replace(f".layers.{layers - 1}.", f".layers.{layers}."): v.clone() for k, v in state.items()
+             if f".layers.{layers - 1}." in k}
+    folder = write_checkpoint(fmt, src, hf_model, tmp_path, state={**state, **extra})
+    with pytest.raises(CheckpointError, match=rf"{len(extra)} tensor\(s\) .* no place for: (model\.)?decoder.layers.{layers}\."):
+        load_weights(fresh_model(folder), folder)
+    stray = {**state, "model.decoder.layers.0.self_attn.rotary.weight": torch.ones(3),
+             "lm_head.bias": torch.ones(3), "score.weight": torch.ones(3)}
+    folder = write_checkpoint(fmt, src, hf_model, tmp_path / "stray", state=stray)
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) .*rotary"):
+        load_weights(fresh_model(folder), folder)
+
+
+def test_a_tensor_given_twice_is_refused(hf_checkpoint, tmp_path):
+    _, src, hf_model = hf_checkpoint
+    state = hf_state(hf_model)
+    key = "model.decoder.layers.0.fc1.bias"
+    folder = write_checkpoint("safetensors", src, hf_model, tmp_path, state={**state, key[len("model."):]: state[key].clone()})
+    with pytest.raises(CheckpointError, match="twice"):
+        load_weights(fresh_model(folder), folder)
+
+
+def test_a_cast_that_overflows_is_refused(hf_checkpoint, tmp_path):
+    """bfloat16 holds values float16 cannot: loaded as float16, a weight of 1e6 would be inf."""
+    _, src, hf_model = hf_checkpoint
+    state = {k: v.to(torch.bfloat16) for k, v in hf_state(hf_model).items()}
+    state["model.decoder.layers.0.fc1.weight"][0, 0] = 1e6
+    folder = write_checkpoint("safetensors", src, hf_model, tmp_path, state=state)
+    with pytest.raises(CheckpointError, match=r"fc1.weight.* overflows torch.float16.*dtype='bfloat16'"):
+        load_weights(fresh_model(folder).to(torch.float16), folder)
+    load_weights(fresh_model(folder).to(torch.bfloat16), folder)     # as it is: fine
+
+
+def test_trainer_checkpoints_and_non_state_dicts(hf_checkpoint, tmp_path):
+    """FlagAI's and DeepSpeed's {"module": state dict} loads; a .bin holding something else
+    than a state dict says what it holds."""
+    _, src, hf_model = hf_checkpoint
+    copy_side_files(src, tmp_path)
+    torch.save({"module": bare(hf_state(hf_model))}, tmp_path / "pytorch_model.bin")
+    model = fresh_model(tmp_path)
+    load_weights(model, tmp_path)
+    assert_params_equal(model, expected_params(hf_state(hf_model)))
+    torch.save([torch.ones(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        load_weights(fresh_model(tmp_path), tmp_path)
+
+
+def test_a_shard_outside_the_checkpoint_directory_is_refused(hf_checkpoint, tmp_path):
+    _, src, hf_model = hf_checkpoint
+    folder = write_checkpoint("safetensors_sharded", src, hf_model, tmp_path / "ckpt")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    shutil.copy(folder / index["weight_map"][first], tmp_path / "elsewhere.safetensors")
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        load_weights(fresh_model(folder), folder)
+
+
+def test_config_fields_as_hf_reads_them(hf_checkpoint, tmp_path):
+    """layer_norm_eps is ignored (HF's OPT LayerNorms use 1e-5 whatever it says), null values
+    take the default, an untied LM head is refused, a non-object config is a ValueError."""
+    raw = json.loads((hf_checkpoint[1] / "config.json").read_text())
+    config = OPTConfig.from_dict({**raw, "layer_norm_eps": 1.0, "word_embed_proj_dim": None})
+    assert config.layer_norm_eps == 1e-5 and config.word_embed_proj_dim == config.hidden_size
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        OPTConfig.from_dict({**raw, "tie_word_embeddings": False})
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        OPTConfig.from_json(tmp_path / "config.json")
+
+
 # ---- model names --------------------------------------------------------------------------------
 
 def test_hub_name_offline_suggests_a_local_directory(tmp_path):

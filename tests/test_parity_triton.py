@@ -6,7 +6,7 @@ import torch
 
 from opt_testing import test_device
 from opt_fast import LLM, SamplingParams
-from opt_fast.kernels import triton_ops
+from opt_fast.kernels import CUBLAS_FASTER, TORCH_OPS, get_ops, triton_ops
 from test_parity_hf import PROMPTS, hf_greedy
 
 NEW_TOKENS = 6   # the interpreter runs every kernel in numpy: keep the decode short
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(bool(triton_ops().missing()),
 def test_triton_model_matches_torch_and_hf(hf_checkpoint):
     shape, ckpt, hf_model = hf_checkpoint
     triton_llm = LLM(str(ckpt), dtype="float32", device=test_device(), kernels="triton")
+    assert triton_llm.engine.runner.ops == triton_ops()     # every op, the fused GEMMs included
     torch_llm = LLM(str(ckpt), dtype="float32", device=test_device(), kernels="torch")
     vocab = triton_llm.get_tokenizer().vocab_size
     greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=1.2)
@@ -33,6 +34,17 @@ def test_triton_model_matches_torch_and_hf(hf_checkpoint):
         expected = torch.log_softmax(logits[:, :vocab], dim=-1)
         for i in range(1, len(prompt)):
             assert out.prompt_logprobs[i][prompt[i]] == pytest.approx(expected[i - 1, prompt[i]].item(), abs=2e-3)
+
+
+def test_op_tables_by_kind():
+    """"triton": every op a Triton kernel; "auto" on CUDA: Triton except where cuBLAS is faster;
+    "auto" off CUDA and "torch": the references."""
+    assert get_ops("triton", "cuda") == triton_ops() and get_ops("triton", "cuda").name == "triton"
+    auto = get_ops("auto", "cuda")
+    for op in ("write_kv_cache", "prefill_attention", "paged_decode_attention", "sample"):
+        assert getattr(auto, op) is getattr(triton_ops(), op) is not getattr(TORCH_OPS, op)
+    assert CUBLAS_FASTER and all(getattr(auto, op) is getattr(TORCH_OPS, op) for op in CUBLAS_FASTER)
+    assert get_ops("auto", "cpu") is TORCH_OPS and get_ops("torch", "cuda") is TORCH_OPS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no CUDA")

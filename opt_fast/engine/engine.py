@@ -92,6 +92,9 @@ class Engine:
         except FileNotFoundError:
             self.tokenizer = None     # token-id prompts still work; text prompts get a ValueError
         self.vocab_size = self.tokenizer.vocab_size if self.tokenizer else self.model_config.vocab_size
+        if self.vocab_size > self.model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {self.vocab_size} ids, the model's embedding only "
+                             f"{self.model_config.vocab_size} rows: they do not belong together")
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else self.model_config.eos_token_id
         positions = self.model_config.max_position_embeddings
         self.max_model_len = self.cfg.max_model_len or positions

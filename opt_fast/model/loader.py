@@ -75,20 +75,24 @@ def checkpoint_files(folder: Path) -> list[Path]:
                 raise CheckpointError(f"{folder / index}: not a valid shard index ({err!r})") from None
             shards = [folder / name for name in dict.fromkeys(weight_map.values())]
             for shard in shards:
+                if shard.resolve().parent != folder.resolve():
+                    raise CheckpointError(f"{folder / index}: shard {shard.name!r} lies outside the checkpoint directory")
                 if not shard.is_file():
                     raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
             return shards
     raise FileNotFoundError(f"{folder}: no checkpoint found (looked for {', '.join(_CHECKPOINT_FILES)})")
 
 
-def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor, read lazily: safetensors memory-mapped, .bin with mmap."""
+def iter_checkpoint_tensors(files: list[Path], wanted=lambda name: True) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, tensor) of every tensor, read lazily: safetensors memory-mapped (a tensor not
+    `wanted` is never read: None), .bin with mmap. A trainer's {"module": state dict} is
+    unwrapped (FlagAI and DeepSpeed save them so)."""
     for file in files:
         if file.suffix == ".safetensors":
             try:
                 with safe_open(file, framework="pt", device="cpu") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        yield name, f.get_tensor(name) if wanted(name) else None
             except SafetensorError as err:
                 raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({err})") from None
         else:
@@ -96,8 +100,12 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
                 # Only the zip format (torch >= 1.6) can be memory-mapped; older files load whole.
                 state = torch.load(file, map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
             except Exception as err:
-                raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint "
-                                      f"({type(err).__name__}: {err})") from None
+                raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint, or one holding "
+                                      f"more than tensors ({type(err).__name__}: {err})") from None
+            if isinstance(state, dict) and set(state) == {"module"} and isinstance(state["module"], dict):
+                state = state["module"]
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
             yield from state.items()
 
 
@@ -117,20 +125,32 @@ def _target(key: str) -> tuple[str, int | None] | None:
 
 @torch.no_grad()
 def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None:
-    """Copy every parameter of `model` from the checkpoint in `folder`, checking names and shapes."""
+    """Copy every parameter of `model` from the checkpoint in `folder`, checking names, shapes,
+    that each is loaded once, that a cast to the model's dtype stays finite, and that the
+    checkpoint has no decoder tensor the model lacks (a config.json that does not describe it:
+    more layers, projections; HF only warns)."""
     params = dict(model.named_parameters())
     expected = {(name, None) for name in params if ".qkv_proj." not in name}
     expected |= {(name, shard) for name in params if ".qkv_proj." in name for shard in range(3)}
     loaded: set[tuple[str, int | None]] = set()
+    unplaced: list[str] = []
     files = checkpoint_files(folder)
-    tensors = iter_checkpoint_tensors(files)
+    # lm_head.weight (tied: 0.5 GB at 13B) and tensors outside the decoder are never read
+    tensors = iter_checkpoint_tensors(files, wanted=lambda key: (_target(key) or ("",))[0] in params)
     if progress:
         from tqdm import tqdm
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=None)  # None: off unless a TTY
     for key, tensor in tensors:
         target = _target(key)
-        if target is None or target[0] not in params:
+        if target is None:
             continue
+        if target[0] not in params:
+            # (a post-LN config's unused final LayerNorm, which HF checkpoints carry, is fine)
+            if not target[0].startswith("decoder.final_layer_norm."):
+                unplaced.append(key)
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{folder}: {key!r} is a {type(tensor).__name__}, not a tensor")
         name, shard = target
         dest = params[name].data
         if shard is not None:
@@ -139,8 +159,17 @@ def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None
         if tuple(tensor.shape) != tuple(dest.shape):
             raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(dest.shape)}")
+        if target in loaded:
+            raise CheckpointError(f"{folder}: tensor {key!r} is in the checkpoint twice (with and without 'model.'?)")
         dest.copy_(tensor)
+        if dest.dtype != tensor.dtype and not torch.isfinite(dest).all():
+            raise CheckpointError(f"{folder}: tensor {key!r} overflows {dest.dtype} (the checkpoint holds "
+                                  f"{tensor.dtype}): load it with dtype={str(tensor.dtype).split('.')[-1]!r} or 'float32'")
         loaded.add(target)
+    if unplaced:
+        raise CheckpointError(f"{folder}: checkpoint has {len(unplaced)} tensor(s) the model of its config.json "
+                              f"({len(model.decoder.layers)} layers) has no place for: {', '.join(unplaced[:8])}"
+                              + (" ..." if len(unplaced) > 8 else ""))
     missing = sorted(expected - loaded, key=str)
     if missing:
         names = [_checkpoint_name(name, shard) for name, shard in missing]

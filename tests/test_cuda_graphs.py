@@ -96,10 +96,12 @@ def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     for want, have in zip(expected, got):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
     assert len({len(out.outputs[0].token_ids) for out in got}) > 1
+    # every graph writes its logits into the first rows of one buffer, none keeps its own
+    assert all(logits.data_ptr() == runner.graphs.logits.data_ptr() for logits, _, _ in runner.graphs.outputs.values())
 
 
 @on_cuda
-@pytest.mark.parametrize("kind", ["mixed", "min_tokens"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens"])
 def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
     batch = prompts(13, seed=2)
     params = _row_params(kind, batch)
@@ -135,3 +137,17 @@ def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
     while eng.has_unfinished_requests():
         eng.step()
     assert torch.cuda.max_memory_reserved() <= utilization * total
+
+
+@on_cuda
+def test_decode_graphs_stay_within_the_memory_share(tmp_path):
+    """37 graphs (max_num_seqs 256) on top of a KV pool sized from the share: their pool holds
+    one step's intermediates, not a logits tensor per graph (0.8 GiB of them before)."""
+    (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
+    total = torch.cuda.mem_get_info()[1]
+    utilization = 0.25
+    eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization, max_num_seqs=256)
+    graphs = eng.runner.graphs
+    assert graphs is not None and len(graphs.sizes) == 37
+    assert all(logits.data_ptr() == graphs.logits.data_ptr() for logits, _, _ in graphs.outputs.values())
+    assert torch.cuda.memory_reserved() <= utilization * total

@@ -51,9 +51,12 @@ def test_greedy_matches_hf_token_for_token(hf_checkpoint, penalty):
         assert out.outputs[0].finish_reason == "length"
 
 
-def test_prompt_logprobs_match_hf_log_softmax(hf_checkpoint):
+# max_num_seqs 2: the prompt rows' logits are taken two at a time (as many as the memory profile
+# ran), so a prompt's entries come from several pieces.
+@pytest.mark.parametrize("max_num_seqs", [256, 2])
+def test_prompt_logprobs_match_hf_log_softmax(hf_checkpoint, max_num_seqs):
     shape, ckpt, hf_model = hf_checkpoint
-    llm = make_llm(ckpt)
+    llm = make_llm(ckpt, max_num_seqs=max_num_seqs)
     vocab = llm.get_tokenizer().vocab_size
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):

@@ -1,6 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, samples. No policy decisions here."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..config import EngineConfig, OPTConfig, ceil_div
@@ -44,13 +46,25 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.ops = get_ops(cfg.kernels, self.device.type)
+        with self._current_device():
+            self._build(model_path, progress)
+
+    def _current_device(self):
+        """Triton launches, CUDA graph captures and the caching allocator's streams follow the
+        current CUDA device, not the tensors': on `cuda:1`, or on a worker thread (whose current
+        device is 0), every CUDA call of this runner must run inside this."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _build(self, model_path, progress: bool) -> None:
+        """The model with its weights, the KV cache and the decode graphs."""
+        cfg = self.cfg
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             # Built on the meta device, then given uninitialised storage: random init of billions
             # of parameters would be wasted, since the loader overwrites (and checks) every one.
             with torch.device("meta"):
-                self.model = OPTForCausalLM(config, self.ops)
+                self.model = OPTForCausalLM(self.config, self.ops)
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.to_empty(device=self.device)
@@ -240,9 +254,13 @@ class ModelRunner:
         return samples_raw_logits(seqs) and all(s.num_output_tokens >= s.params.min_tokens for s in seqs)
 
     # ---- the step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
         """Run one step; one result per `batch.sampled` sequence, in that order."""
+        with self._current_device():
+            return self._run(batch, eos_token_id)
+
+    @torch.inference_mode()
+    def _run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
         sampled = batch.sampled
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             graphs = self.graphs
@@ -298,9 +316,13 @@ class ModelRunner:
         for seq in batch.prefills:
             start, count = seq.num_cached_tokens, seq.num_scheduled_tokens
             rows = min(start + count, seq.num_prompt_tokens - 1) - start
-            if seq.prompt_logprobs is not None and seq.num_output_tokens == 0 and rows > 0:
-                targets = seq.token_ids[start + 1:start + 1 + rows]
-                logits = self.model.compute_logits(hidden[offset:offset + rows])[:, :self.vocab_size]
+            # At most max_num_seqs rows of logits at a time, as many as the memory profile ran:
+            # a whole chunk's (2048 rows of 50272) would take about 1 GiB.
+            for first in range(0, rows if seq.prompt_logprobs is not None and seq.num_output_tokens == 0 else 0,
+                               self.cfg.max_num_seqs):
+                last = min(rows, first + self.cfg.max_num_seqs)
+                targets = seq.token_ids[start + 1 + first:start + 1 + last]
+                logits = self.model.compute_logits(hidden[offset + first:offset + last])[:, :self.vocab_size]
                 logprobs = torch.log_softmax(logits, dim=-1)
                 actual = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
                 n = seq.params.prompt_logprobs
@@ -308,5 +330,5 @@ class ModelRunner:
                 for i, token in enumerate(targets):
                     entry = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else {}
                     entry[token] = actual[i]
-                    seq.prompt_logprobs[start + 1 + i] = entry
+                    seq.prompt_logprobs[start + 1 + first + i] = entry
             offset += count

@@ -33,18 +33,19 @@ class OPTAttention(nn.Module):
         ctx, ops = get_context(), self.ops
         q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         ops.write_kv_cache(k, v, self.key_cache, self.value_cache, ctx.slot_mapping)
-        out = torch.empty_like(q)
-        split = ctx.num_prefill_tokens
+        split, tokens = ctx.num_prefill_tokens, q.shape[0]
+        parts = []
         if split:
-            out[:split] = ops.prefill_attention(q[:split], k[:split], v[:split], self.key_cache,
-                                                self.value_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                                                ctx.prefill_block_tables, self.scale,
-                                                max_context_len=ctx.max_context_len)
-        if split < q.shape[0]:
-            out[split:] = ops.paged_decode_attention(q[split:], self.key_cache, self.value_cache,
-                                                     ctx.decode_block_tables, ctx.decode_seq_lens,
-                                                     self.scale)
-        return out.view(q.shape[0], -1)
+            parts.append(ops.prefill_attention(q[:split], k[:split], v[:split], self.key_cache,
+                                               self.value_cache, ctx.cu_seqlens_q, ctx.context_lens,
+                                               ctx.prefill_block_tables, self.scale,
+                                               max_context_len=ctx.max_context_len))
+        if split < tokens:
+            parts.append(ops.paged_decode_attention(q[split:], self.key_cache, self.value_cache,
+                                                    ctx.decode_block_tables, ctx.decode_seq_lens, self.scale))
+        # Only a step that mixes prefill and decode tokens pays for joining the two outputs.
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.view(tokens, -1)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -120,6 +121,8 @@ class OPTForCausalLM(nn.Module):
         decodes), with the Context set. Returns hidden states `[tokens, word_embed_proj_dim]`."""
         return self.decoder(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[rows, word_embed_proj_dim]` -> float32 logits `[rows, vocab_size]`."""
-        return torch.nn.functional.linear(hidden, self.decoder.embed_tokens.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`[rows, word_embed_proj_dim]` -> float32 logits `[rows, vocab_size]`, written into `out`
+        when given (the same one cast kernel as without it)."""
+        logits = torch.nn.functional.linear(hidden, self.decoder.embed_tokens.weight)
+        return logits.float() if out is None else out.copy_(logits)

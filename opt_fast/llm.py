@@ -68,7 +68,7 @@ class LLM:
                 self.engine.add_request(request_id, prompt, params)
         except ValueError:
             for request_id in ids:      # all or nothing: a bad prompt leaves no request behind
-                self.engine._retire(request_id)
+                self.engine.abort_request(request_id)
             raise
         try:
             return self._run(ids, use_tqdm)
@@ -76,7 +76,7 @@ class LLM:
             # An error or an interrupt (Ctrl-C) mid-run: these requests must not stay in the
             # engine, holding blocks and running in every later call. (Finished ids are ignored.)
             for request_id in ids:
-                self.engine._retire(request_id)
+                self.engine.abort_request(request_id)
             raise
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

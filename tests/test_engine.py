@@ -252,20 +252,15 @@ def test_abort_frees_blocks_and_others_finish(tiny_model_dir):
         engine.add_request(str(i), p, GREEDY)
     engine.step()
     engine.step()
-    engine.abort_request("2")
-    engine.abort_request("2")                 # twice, and an unknown id: no effect
-    engine.abort_request("unknown")
-    with pytest.raises(ValueError, match="already in use"):
-        engine.add_request("2", [2, 5], GREEDY)   # until its final output is out
-    outputs = engine.step()
-    aborted = [o for o in outputs if o.request_id == "2"]
-    assert len(aborted) == 1 and aborted[0].finished
-    assert aborted[0].outputs[0].finish_reason == "abort" and len(aborted[0].outputs[0].token_ids) == 2
+    aborted = engine.abort_request("2")
+    assert aborted.request_id == "2" and aborted.finished
+    assert aborted.outputs[0].finish_reason == "abort" and len(aborted.outputs[0].token_ids) == 2
+    assert engine.abort_request("2") is None and engine.abort_request("unknown") is None
     final = drain(engine)
-    assert sorted(final) == ["0", "1", "3", "4"]
+    assert sorted(final) == ["0", "1", "3", "4"]                # no step reports it again
     assert all(o.outputs[0].finish_reason == "length" for o in final.values())
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    engine.add_request("2", [2, 5], GREEDY)       # the id is free again
+    engine.add_request("2", [2, 5], GREEDY)                     # the id is free again
 
 
 def test_llm_generate_rejects_a_bad_prompt_without_leaving_requests(llm):

@@ -58,16 +58,14 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
     def output(self, finished: bool) -> RequestOutput:
-        """A snapshot: the lists are copies, so an output already handed out (streamed, or read
-        on another thread) never changes as generation goes on."""
+        """A snapshot: an output already handed out (streamed, or read on another thread) never
+        changes as generation goes on. The lists that grow are copied; the prompt's ids and
+        logprobs are complete before the first output and shared."""
         completions = [CompletionOutput(s.index, _visible_text(s), s.output_token_ids, s.cumulative_logprob,
-                                        _copy(s.output_logprobs), s.finish_reason, s.error) for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), _copy(self.prompt_logprobs),
+                                        None if s.output_logprobs is None else list(s.output_logprobs),
+                                        s.finish_reason, s.error) for s in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              completions, finished)
-
-
-def _copy(items: list | None) -> list | None:
-    return None if items is None else list(items)
 
 
 class Engine:
@@ -109,9 +107,6 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
-        # Aborted requests whose final output (finish_reason "abort") the next step returns;
-        # their ids stay in use until then.
-        self._aborted: dict[str, _Request] = {}
         self._num_requests = 0
 
     # ---- requests --------------------------------------------------------------------------
@@ -127,7 +122,7 @@ class Engine:
         params = dataclasses.replace(params)
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r:.80}")
-        if request_id in self.requests or request_id in self._aborted:
+        if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_ids(prompt)
         self._check_params(params)
@@ -180,40 +175,31 @@ class Engine:
                 raise ValueError(f"prompt token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
         return None, [int(token) for token in prompt]
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now; its blocks go back to the pool. The next `step()` returns its final
-        RequestOutput (samples still running end with finish_reason "abort"), and its id stays in
-        use until then. Unknown and finished ids are ignored."""
-        request = self._retire(request_id)
-        if request is not None:
-            self._aborted[request_id] = request
-
-    def _retire(self, request_id: str) -> _Request | None:
-        """Drop a request at once, returning its blocks, with no final output (LLM.generate
-        rolling back its own requests); returns it, or None for an unknown id."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: its blocks go back to the pool and its id is free again. Returns
+        its final RequestOutput (samples still running end with finish_reason "abort"); None
+        for an unknown or already finished id. No later step reports it."""
         request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else []:
+        if request is None:
+            return None
+        for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-        return request
+        return request.output(True)
 
     def has_unfinished_requests(self) -> bool:
-        """Whether a `step()` has work left: requests running or waiting, or an aborted
-        request's final output not yet returned."""
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """Whether any request is still running or waiting, so `step()` has work to do."""
+        return self.scheduler.has_unfinished()
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one model step. Returns the requests that advanced, with their text so far.
 
         A sample that fails on its own (non-finite logits, an error in its output processing)
-        finishes with finish_reason "error" and its message; the other requests go on. Requests
-        aborted since the last step come first, finished."""
-        outputs = [request.output(True) for request in self._aborted.values()]
-        self._aborted.clear()
+        finishes with finish_reason "error" and its message; the other requests go on."""
         batch = self.scheduler.schedule()
         if batch.empty:
-            return outputs
+            return []
         sampled = batch.sampled
         results = self.runner.run(batch, self.eos_token_id)
         for seq in batch.prefills + batch.decodes:
@@ -235,6 +221,7 @@ class Engine:
             except Exception as err:    # this sample alone fails; the batch goes on
                 seq.error = f"{type(err).__name__}: {err}"
                 self.scheduler.finish(seq, "error")
+        outputs = []
         for request_id, request in advanced.items():
             finished = request.finished
             if finished:

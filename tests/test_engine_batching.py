@@ -334,3 +334,19 @@ def test_prefill_attention_gets_the_hosts_context_bound(tiny_model_dir):
     drain(eng)
     assert seen and all(bound == actual for bound, actual in seen)
     assert {actual > 0 for _, actual in seen} == {True, False}
+
+
+def test_seen_ids_are_every_rows_tokens_padded_with_minus_one():
+    """The repetition penalty's `[rows, width]` input, from each sequence's packed ids (prompt
+    and every appended token), rows shorter than `width` padded with -1."""
+    from opt_fast.engine.host_tensors import seen_ids
+    from opt_fast.engine.sequence import Sequence
+    seqs = [Sequence("a", 0, [2, 7, 9], GREEDY, 0), Sequence("b", 0, [2], GREEDY, 0),
+            Sequence("c", 0, [2, 50000, 3, 4], GREEDY, 0)]
+    seqs[1].append_token(2 ** 40)
+    seqs[1].append_token(5)
+    seen = seen_ids(seqs, 5)
+    assert seen.dtype == torch.int64 and seen.tolist() == [[2, 7, 9, -1, -1], [2, 2 ** 40, 5, -1, -1],
+                                                           [2, 50000, 3, 4, -1]]
+    assert seqs[1].token_ids == [2, 2 ** 40, 5]
+    assert seen_ids(seqs, 0).shape == (3, 0)

@@ -232,7 +232,7 @@ class Engine:
 
     def _append(self, seq: Sequence, result: StepResult) -> None:
         token = result.token
-        seq.token_ids.append(token)
+        seq.append_token(token)
         seq.cumulative_logprob += result.logprob
         if seq.output_logprobs is not None:
             seq.output_logprobs.append({token: result.logprob, **(result.top_logprobs or {})})

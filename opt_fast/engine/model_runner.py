@@ -12,7 +12,7 @@ from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
-from .host_tensors import block_tables, host_tensor
+from .host_tensors import block_tables, host_tensor, seen_ids
 from .sequence import Sequence, samples_raw_logits
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -209,13 +209,12 @@ class ModelRunner:
         """Per-row sampler arguments as host tensors (moved to the device by the caller)."""
         params = [s.params for s in seqs]
         width = max(s.num_tokens for s in seqs) if any(p.repetition_penalty != 1.0 for p in params) else 0
-        seen = [t for s in seqs for t in s.token_ids + [-1] * (width - s.num_tokens)] if width else []
         return dict(
             temperature=host_tensor([p.temperature for p in params], torch.float32),
             top_k=host_tensor([p.top_k for p in params], torch.int64),
             top_p=host_tensor([p.top_p for p in params], torch.float32),
             repetition_penalty=host_tensor([p.repetition_penalty for p in params], torch.float32),
-            seen_ids=host_tensor(seen, torch.int64).view(len(seqs), width),
+            seen_ids=seen_ids(seqs, width),
             seeds=host_tensor([s.seed for s in seqs], torch.int64),
             steps=host_tensor([s.num_output_tokens for s in seqs], torch.int64),
         )

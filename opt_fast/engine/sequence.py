@@ -1,6 +1,7 @@
 """A sequence being generated: its tokens, its KV blocks and its stopping state."""
 from __future__ import annotations
 
+import array
 from enum import Enum, auto
 from itertools import count
 
@@ -21,6 +22,9 @@ class Sequence:
         self.seq_id = next(Sequence._ids)
         self.request_id, self.index = request_id, index
         self.token_ids = list(prompt_token_ids)
+        # The same ids packed as int64, grown with them (append_token): the sampler's seen_ids
+        # for a repetition penalty are then a memcpy per row, not a Python loop over every token.
+        self.token_array = array.array("q", self.token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params, self.seed = params, seed
         self.status = SequenceStatus.WAITING
@@ -37,6 +41,10 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detokenizer = None             # set by the engine when a tokenizer is loaded
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.token_array.append(token)
 
     @property
     def num_tokens(self) -> int:

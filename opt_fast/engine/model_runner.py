@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -296,9 +297,11 @@ class ModelRunner:
         # Its token may be garbage, so it is clamped before it indexes anything.
         tokens = tokens.clamp(0, self.vocab_size - 1)
         token_logprobs = raw_logits.gather(1, tokens[:, None])[:, 0] - logsumexp
-        finite = torch.isfinite(logsumexp)
-        results = [StepResult(t, lp) if ok else StepResult(-1, float("nan"), error="non-finite logits")
-                   for t, lp, ok in zip(tokens.tolist(), token_logprobs.tolist(), finite.tolist())]
+        # One device-to-host copy for all three (ids are exact in float64, float32 values too).
+        rows = torch.stack([tokens.to(torch.float64), token_logprobs.to(torch.float64), logsumexp.to(torch.float64)])
+        ids, token_lps, lses = rows.tolist()
+        results = [StepResult(int(t), lp) if math.isfinite(lse) else StepResult(-1, float("nan"), error="non-finite logits")
+                   for t, lp, lse in zip(ids, token_lps, lses)]
         want_top = [i for i, s in enumerate(seqs) if s.params.logprobs and results[i].error is None]
         if want_top:
             k = max(seqs[i].params.logprobs for i in want_top)

@@ -72,7 +72,8 @@ class OPTModel:
 
     @staticmethod
     def _expect(name: str, wanted, actual) -> None:
-        same = (wanted.type == actual.type and wanted.index in (None, actual.index)
+        # (a device without an index means the current one: "cuda" and "cuda:0" agree)
+        same = (wanted.type == actual.type and None in (wanted.index, actual.index) or wanted == actual
                 if isinstance(wanted, torch.device) else wanted == actual)
         if not same:
             warnings.warn(f"the model runs with {name} {actual}; opt_fast fixes it when the model loads, "

@@ -67,9 +67,10 @@ class OPTConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "OPTConfig":
-        """Build from the keys of a Hugging Face config.json as HF's OPT reads them: unknown keys
-        and null values are ignored, and so is layer_norm_eps (HF's OPT LayerNorms always use
-        1e-5). An untied LM head is refused: every OPT checkpoint ties it to the embedding."""
+        """Build from the keys of a Hugging Face config.json: unknown keys are ignored, null
+        values take the default (HF keeps them, but only word_embed_proj_dim may be null there,
+        meaning hidden_size), and so is layer_norm_eps (HF's OPT LayerNorms always use 1e-5). An
+        untied LM head is refused: every OPT checkpoint ties it to the embedding."""
         if raw.get("tie_word_embeddings", True) is False:
             raise ValueError("OPTConfig: tie_word_embeddings=false (a separate lm_head) is not supported: "
                              "every OPT checkpoint ties the LM head to the token embedding")

@@ -46,13 +46,17 @@ class OPTModel:
     # engine fixes device and dtype when it loads: where they already agree these return the
     # model; otherwise they warn and change nothing.
     def to(self, *args, **kwargs) -> OPTModel:
-        """`Module.to(device)`, `.to(dtype)` or `.to(device, dtype)`: a check, not a move."""
-        wanted = [*args, *kwargs.values()]
-        for value in wanted:
-            if isinstance(value, torch.dtype):
-                self._expect("dtype", value, self.llm.engine.runner.dtype)
-            elif value is not None and not isinstance(value, bool):
-                self._expect("device", torch.device(value), self.llm.engine.runner.device)
+        """`Module.to(device)`, `.to(dtype)`, `.to(device, dtype)` or `.to(tensor)`: a check, not a
+        move (other arguments, such as non_blocking or memory_format, change nothing here)."""
+        runner = self.llm.engine.runner
+        for value in [*args, kwargs.get("device"), kwargs.get("dtype"), kwargs.get("tensor")]:
+            if isinstance(value, torch.Tensor):
+                self._expect("device", value.device, runner.device)
+                self._expect("dtype", value.dtype, runner.dtype)
+            elif isinstance(value, torch.dtype):
+                self._expect("dtype", value, runner.dtype)
+            elif isinstance(value, (str, torch.device)) or (isinstance(value, int) and not isinstance(value, bool)):
+                self._expect("device", torch.device(value), runner.device)
         return self
 
     def cuda(self, device=None) -> OPTModel:

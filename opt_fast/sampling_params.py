@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import check_seed
@@ -56,8 +57,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) and s
-                                                                           for s in self.stop or []):
+        if not _many(self.stop) or not all(isinstance(s, str) and s for s in self.stop or []):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = _ids("stop_token_ids", self.stop_token_ids)
@@ -87,11 +87,16 @@ def _int(name: str, value, low: int | None) -> int:
     return int(value)
 
 
+def _many(value) -> bool:
+    """None, or a collection of items (a list, tuple, set, array): not a lone string or number."""
+    return value is None or (isinstance(value, Iterable) and not isinstance(value, (str, bytes)))
+
+
 def _ids(name: str, value) -> list[int]:
     """A list of token ids (None is empty)."""
-    if not isinstance(value, (list, tuple, type(None))):
+    if not _many(value):
         raise ValueError(f"{name} must be a list of token ids, got {value!r}")
-    return [_int(name, token, low=0) for token in value or []]
+    return [_int(name, token, low=0) for token in ([] if value is None else value)]
 
 
 def _float(name: str, value) -> None:

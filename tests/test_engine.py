@@ -263,6 +263,18 @@ def test_abort_frees_blocks_and_others_finish(tiny_model_dir):
     engine.add_request("2", [2, 5], GREEDY)                     # the id is free again
 
 
+@pytest.mark.parametrize("stream_outputs", [True, False])
+def test_an_aborted_request_reports_the_text_of_its_tokens(tiny_model_dir, stream_outputs):
+    """Its text is decoded when it ends, streamed or not (not streamed, text was only decoded
+    when a sample stopped on its own)."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", stream_outputs=stream_outputs)
+    engine.add_request("a", "import os", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for _ in range(7):
+        engine.step()
+    out = engine.abort_request("a").outputs[0]
+    assert len(out.token_ids) == 7 and out.text == engine.tokenizer.decode(out.token_ids) and out.text
+
+
 def test_llm_generate_rejects_a_bad_prompt_without_leaving_requests(llm):
     with pytest.raises(ValueError):
         llm.generate([[2, 5, 6], []], GREEDY, use_tqdm=False)

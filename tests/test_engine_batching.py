@@ -192,7 +192,7 @@ def test_waiting_samples_give_back_shared_blocks_to_an_idle_cache(tiny_model_dir
     eng.add_request("b", b_prompt, b_params)
     eng.add_request("a", a_prompt, a_params)
     final = drain(eng)
-    assert released and released[0] is True and preempted
+    assert True in released and preempted
     assert final["b"].outputs[0].token_ids == alone(b_prompt, b_params).outputs[0].token_ids
     single = alone(a_prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)).outputs[0].token_ids
     assert [c.token_ids for c in final["a"].outputs] == [single, single]
@@ -350,3 +350,26 @@ def test_seen_ids_are_every_rows_tokens_padded_with_minus_one():
                                                            [2, 50000, 3, 4, -1]]
     assert seqs[1].token_ids == [2, 2 ** 40, 5]
     assert seen_ids(seqs, 0).shape == (3, 0)
+
+
+def test_waiting_samples_keep_shared_blocks_their_parent_still_holds():
+    """Releasing the blocks of waiting samples frees nothing while the parent that shares them
+    runs: they keep their share (no prompt computed again). Once the parent has let go, the
+    blocks come free."""
+    from opt_fast.engine.block_manager import BlockManager
+    from opt_fast.engine.scheduler import Scheduler
+    from opt_fast.engine.sequence import Sequence
+    blocks = BlockManager(8, 4)
+    scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=16)
+    parent = Sequence("a", 0, list(range(2, 12)), GREEDY, 0)
+    child = Sequence("a", 1, list(range(2, 12)), GREEDY, 1)
+    blocks.grow(parent, 10)
+    blocks.share(parent, child, 2)
+    scheduler.running.append(parent)
+    scheduler.waiting.append(child)
+    assert not scheduler._release_waiting_blocks()
+    assert len(child.block_table) == 2 and blocks.num_free_blocks == 5
+    blocks.free(parent)                      # preempted: only the waiting sample holds them now
+    scheduler.running.clear()
+    assert scheduler._release_waiting_blocks()
+    assert not child.block_table and blocks.num_free_blocks == 8

@@ -212,6 +212,8 @@ def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, pre
         assert model.float() is model and model.to(torch.float32) is model       # the fixture's dtype
         assert model.to(runner.device, torch.float32) is model
         assert model.to(device=runner.device.type, dtype=torch.float32) is model
+        assert model.to(torch.zeros(1, device=runner.device), non_blocking=True) is model
+        assert model.to(memory_format=torch.contiguous_format) is model
     with pytest.warns(UserWarning, match="dtype torch.float32.*pass dtype= to AutoLoader"):
         assert model.half() is model
     assert runner.dtype == torch.float32

@@ -367,16 +367,26 @@ def test_trainer_checkpoints_and_non_state_dicts(hf_checkpoint, tmp_path):
         load_weights(fresh_model(tmp_path), tmp_path)
 
 
-def test_a_shard_outside_the_checkpoint_directory_is_refused(hf_checkpoint, tmp_path):
+def test_a_shard_named_outside_the_checkpoint_directory_is_refused(hf_checkpoint, tmp_path):
+    """Shards are judged by the names the index gives them: a path out of the folder is refused,
+    while symlinks into a blobs folder elsewhere (the hub cache's layout) load."""
     _, src, hf_model = hf_checkpoint
-    folder = write_checkpoint("safetensors_sharded", src, hf_model, tmp_path / "ckpt")
+    folder = write_checkpoint("safetensors_sharded", src, hf_model, tmp_path / "snapshots" / "rev")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in folder.glob("model-*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(Path("..") / ".." / "blobs" / shard.name)
+    model = fresh_model(folder)
+    load_weights(model, folder)
+    assert_params_equal(model, expected_params(hf_state(hf_model)))
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))
-    shutil.copy(folder / index["weight_map"][first], tmp_path / "elsewhere.safetensors")
-    index["weight_map"][first] = "../elsewhere.safetensors"
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
-        load_weights(fresh_model(folder), folder)
+    for name in ("../../blobs/" + index["weight_map"][first], str(blobs / index["weight_map"][first])):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {**index, "weight_map": {**index["weight_map"], first: name}}))
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            load_weights(fresh_model(folder), folder)
 
 
 def test_config_fields_as_hf_reads_them(hf_checkpoint, tmp_path):

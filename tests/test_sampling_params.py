@@ -46,3 +46,4 @@ def test_numpy_integers_are_taken_as_python_ints():
     values = (params.n, params.max_tokens, params.seed, params.logprobs, *params.stop_token_ids)
     assert values == (2, 7, 3, 1, 5) and all(type(v) is int for v in values)
     assert params.stop == ["a", "b"]
+    assert SamplingParams(stop_token_ids=np.array([3, 4]), stop={"x"}).stop_token_ids == [3, 4]

@@ -184,7 +184,7 @@ class Engine:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
+                self._finish(seq, "abort")
         return request.output(True)
 
     def has_unfinished_requests(self) -> bool:
@@ -214,13 +214,13 @@ class Engine:
                 self.scheduler.fork(seq)
             if result.error:
                 seq.error = result.error
-                self.scheduler.finish(seq, "error")
+                self._finish(seq, "error")
                 continue
             try:
                 self._append(seq, result)
             except Exception as err:    # this sample alone fails; the batch goes on
                 seq.error = f"{type(err).__name__}: {err}"
-                self.scheduler.finish(seq, "error")
+                self._finish(seq, "error")
         outputs = []
         for request_id, request in advanced.items():
             finished = request.finished
@@ -243,6 +243,22 @@ class Engine:
         if reason:
             self.scheduler.finish(seq, reason)
 
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` outside the stop checks (aborted, failed), with the text of its tokens."""
+        try:
+            self._final_text(seq)
+        except Exception:   # a sample failing in its detokenizer keeps the text it had
+            pass
+        self.scheduler.finish(seq, reason)
+
+    def _final_text(self, seq: Sequence) -> None:
+        """A finished sample's whole text: the incremental decoder's last, incomplete character,
+        or, where the text was not streamed, all of it decoded at once."""
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
+        elif self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+
     def _stop_reason(self, seq: Sequence, token: int, checked: int) -> str | None:
         """Why `seq` stops after `token`, or None; `checked` chars of its text had no stop string."""
         params = seq.params
@@ -253,10 +269,8 @@ class Engine:
             reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens:
             reason = "length"
-        if reason and seq.detokenizer is not None:
-            seq.text += seq.detokenizer.flush()   # a last, incomplete character is not lost
-        elif reason and self.tokenizer is not None:  # not streamed: the whole text at once
-            seq.text = self.tokenizer.decode(seq.output_token_ids, params.skip_special_tokens)
+        if reason:
+            self._final_text(seq)
         if may_stop:
             # The earliest stop string in the text wins, whichever is listed first.
             found = [at for stop in params.stop if (at := seq.text.find(stop, max(0, checked - len(stop) + 1))) >= 0]

@@ -8,7 +8,7 @@ the front of the queue to be recomputed (prompt + output so far), so it loses no
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -78,12 +78,14 @@ class Scheduler:
                 victim = pending.pop()
                 decodes_left -= victim.num_tokens - victim.num_cached_tokens == 1
                 self._preempt(victim, batch)
-            if not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
-                # Waiting forks may hold the blocks it needs (their shared prompt): without this,
-                # it would preempt itself, come back and stop at the same place, forever.
-                self._release_waiting_blocks()
+            wanted = chunk
             if not decode:
-                chunk = min(chunk, self._capacity(seq))
+                chunk = min(wanted, self._capacity(seq))
+            if ((chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk))
+                    and self._release_waiting_blocks()):
+                # Waiting forks held blocks it needs (their shared prompt): without this, it
+                # would preempt itself, come back and stop at the same place, forever.
+                chunk = wanted if decode else min(wanted, self._capacity(seq))
             if chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
                 self._preempt(seq, batch)
                 continue
@@ -111,11 +113,16 @@ class Scheduler:
     def _release_waiting_blocks(self) -> bool:
         """Let waiting forks' blocks (their shared prompt) go, so a running sequence that has run
         out of victims can still grow, and the head of the queue always fits an idle cache; the
-        forks recompute their prompt instead. Returns whether any block was let go."""
+        forks recompute their prompt instead. Only if a block would come free: while the forks'
+        parent runs it holds the same blocks, and dropping the forks' share would only make them
+        compute their prompt again. Returns whether blocks were let go."""
         holders = [s for s in self.waiting if s.block_table]
+        held = Counter(block for s in holders for block in s.block_table)
+        if not any(self.blocks.ref_counts[block] == count for block, count in held.items()):
+            return False
         for seq in holders:
             self.blocks.free(seq)
-        return bool(holders)
+        return True
 
     def _capacity(self, seq: Sequence) -> int:
         """Tokens `seq` can compute with its blocks plus every free one."""

@@ -45,7 +45,7 @@ class OPTAttention(nn.Module):
                                                     ctx.decode_block_tables, ctx.decode_seq_lens, self.scale))
         # Only a step that mixes prefill and decode tokens pays for joining the two outputs.
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.view(tokens, -1)
+        return out.reshape(tokens, -1)
 
 
 class OPTDecoderLayer(nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from opt_fast import LLM, SamplingParams
+from opt_fast.bench import card_name
 from opt_fast.config import preset_for
 from opt_fast.demo import write_random_checkpoint
 
@@ -90,7 +90,7 @@ def main() -> None:
     eager_modes = [False, True] if args.also_eager else [args.enforce_eager]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    card = card_name(torch.device(device))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -112,6 +112,10 @@ def main() -> None:
                                    kv_blocks, args.kernels, eager) for eager in eager_modes]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
+        for tokens in [hf_tokens] + [t for _, t in ours]:
+            # tok/s counts what was asked for: every run must have made exactly that
+            if sum(map(len, tokens)) != generated:
+                raise RuntimeError(f"{size}: a run made {sum(map(len, tokens))} tokens, not {generated}")
         for eager, (ours_s, ours_tokens) in zip(eager_modes, ours):
             agree = sum(a[:16] == b[:16] for a, b in zip(ours_tokens, hf_tokens)) / len(prompts)
             row = dict(size=size, enforce_eager=eager, device=device, card=card, dtype=str(dtype),

@@ -72,7 +72,7 @@ class AsyncEngine:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opt_fast-engine")
         self._streams: dict[str, _Stream] = {}     # touched on the event loop only
-        self._owned: set[str] = set()               # touched on the worker thread only
+        self._owned: dict[str, _Stream] = {}        # touched on the worker thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
@@ -97,7 +97,7 @@ class AsyncEngine:
         stream = self._streams[request_id] = _Stream()
         finished = False
         try:
-            await self._in_worker(self._add, request_id, prompt, params)
+            await self._in_worker(self._add, request_id, stream, prompt, params)
             self._wakeup.set()
             while not finished:
                 await stream.ready.wait()
@@ -111,25 +111,27 @@ class AsyncEngine:
             if not finished and not self.dead:
                 # Not awaited: this also runs when the generator is closed or garbage-collected.
                 # FIFO on the worker: it follows the add, even one still in flight.
-                self._executor.submit(self._abort, request_id)
+                self._executor.submit(self._abort, request_id, stream)
 
     # ---- the worker thread: every Engine call happens here -----------------------------------
-    def _add(self, request_id: str, prompt, params) -> None:
+    def _add(self, request_id: str, stream: _Stream, prompt, params) -> None:
         self.engine.add_request(request_id, prompt, params)
-        self._owned.add(request_id)
+        self._owned[request_id] = stream
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, stream: _Stream) -> None:
         # Only requests this wrapper added: a failed add must not abort a namesake.
-        if request_id in self._owned:
-            self._owned.discard(request_id)
+        if self._owned.get(request_id) is stream:
+            del self._owned[request_id]
             self.engine.abort_request(request_id)
 
-    def _step(self) -> tuple[list[RequestOutput], bool]:
-        outputs = self.engine.step()
-        for out in outputs:
+    def _step(self) -> tuple[list[tuple[_Stream | None, RequestOutput]], bool]:
+        # Each output goes to the stream that added its request, not to a namesake added later.
+        routed = []
+        for out in self.engine.step():
+            routed.append((self._owned.get(out.request_id), out))
             if out.finished:
-                self._owned.discard(out.request_id)
-        return outputs, self.engine.has_unfinished_requests()
+                self._owned.pop(out.request_id, None)
+        return routed, self.engine.has_unfinished_requests()
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
@@ -141,6 +143,9 @@ class AsyncEngine:
             return
         if self._loop is not None and self._loop is not loop and self._streams:
             raise RuntimeError("this AsyncEngine is serving requests on another event loop")
+        if self._loop_task is not None and not self._loop_task.done() and not self._loop.is_closed():
+            # the idle loop task of the loop served before: cancelled when that loop runs again
+            self._loop.call_soon_threadsafe(self._loop_task.cancel)
         self._loop, self._wakeup = loop, asyncio.Event()
         self._loop_task = loop.create_task(self._run(), name="opt_fast AsyncEngine loop")
 
@@ -155,15 +160,16 @@ class AsyncEngine:
                 except Exception as err:     # whatever failed, the engine's state is now unknown
                     self._fail(err)
                     return
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is not None:      # None: aborted while this step ran
+                for stream, out in outputs:
+                    if stream is not None and self._streams.get(out.request_id) is stream:
                         stream.latest = out
                         stream.ready.set()
 
     def _fail(self, err: BaseException) -> None:
         self._error = err
         for stream in self._streams.values():
+            if stream.latest is not None and stream.latest.finished:
+                continue                # finished before the failure: its client gets its result
             stream.error = err
             stream.ready.set()
 

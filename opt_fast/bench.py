@@ -47,6 +47,9 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
         path = _model_dir(model, random_weights, Path(tmp))
         engine = Engine(path, progress=progress, seed=seed, **engine_kwargs,
                         **({"load_format": "dummy"} if random_weights else {}))
+        if input_len + output_len > engine.max_model_len:
+            raise ValueError(f"input_len ({input_len}) + output_len ({output_len}) exceeds max_model_len="
+                             f"{engine.max_model_len}")
         prompts = _random_prompts(num_prompts, input_len, engine.vocab_size, seed)
         params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True)
         _warm_up(engine, prompts, params)
@@ -240,7 +243,7 @@ def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, inp
     return dict(model=str(model), size=size_name(engine.model_config), random_weights=random_weights,
                 num_parameters=engine.model_config.num_parameters(),
                 dtype=str(runner.dtype).removeprefix("torch."), device=str(runner.device),
-                card=_card_name(runner.device), kernels=engine.cfg.kernels, kernel_ops=kernel_ops,
+                card=card_name(runner.device), kernels=engine.cfg.kernels, kernel_ops=kernel_ops,
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 torch=torch.__version__, opt_fast=__version__,
                 num_prompts=num_prompts, input_len=input_len, output_len=output_len,
@@ -258,7 +261,8 @@ def size_name(config: OPTConfig) -> str:
             f"{config.num_parameters() / 1e6:.1f}M parameters)")
 
 
-def _card_name(device: torch.device) -> str:
+def card_name(device: torch.device) -> str:
+    """The GPU's name, or on CPU the processor model (what a timing was measured on)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:     # Linux names the CPU model here; platform.processor() often says only "x86_64"

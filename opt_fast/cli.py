@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", parents=[engine], help="generate text for one or more prompts")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    source.add_argument("--prompts-file", help="a file with one prompt per line (blank lines skipped)")
+    source.add_argument("--prompts-file", help="a file with one prompt per line (blank lines skipped; - reads stdin)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--min-tokens", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -92,8 +92,13 @@ def _engine_kwargs(args) -> dict:
 
 def _generate(args) -> int:
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        # "-" reads standard input; utf-8-sig drops the byte-order mark some editors write
+        if args.prompts_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(args.prompts_file, encoding="utf-8-sig") as f:
+                lines = f.read().splitlines()
+        prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts-file {args.prompts_file} holds no prompts")
     else:
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _generate(args) if args.command == "generate" else _bench(args)
+    except BrokenPipeError:
+        # the reader went away (`... --json | head -1`): nothing is left to tell it
+        sys.stdout = None
+        return 0
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"opt-fast: error: {err}", file=sys.stderr)
         return 2

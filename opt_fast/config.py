@@ -170,6 +170,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.device is not None:
+            _check_device(self.device)
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
@@ -201,6 +203,21 @@ class EngineConfig:
             raise TypeError(f"{owner} got unexpected keyword arguments {unknown}{hint}; it takes "
                             f"{[f.name for f in fields(cls)]}")
         return cls(**kwargs)
+
+
+def _check_device(device) -> None:
+    """A device torch knows, of a kind the engine runs on, that this machine has."""
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cuda', 'cuda:1' or 'cpu', got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: opt_fast runs on 'cuda' or 'cpu'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}, but this machine has no CUDA device")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 SEED_LIMIT = 1 << 63

@@ -71,7 +71,9 @@ class OPTTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are dropped when `skip_special_tokens`."""
-        ids = [int(i) for i in ids if not (skip_special_tokens and i in self._special_ids)]
+        ids = [int(i) for i in ids]      # first: tensor elements hash by identity, not value
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def incremental_decoder(self, prompt_ids: list[int] | None = None,

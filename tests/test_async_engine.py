@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from itertools import count
 
 import pytest
@@ -159,3 +160,51 @@ def test_an_engine_is_reusable_across_event_loops(llm):
     first = asyncio.run(collect(aeng, [2, 7, 8], SHORT))
     second = asyncio.run(collect(aeng, [2, 7, 8], SHORT))
     assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids
+
+
+def test_a_reused_request_id_never_gets_the_earlier_requests_outputs(tiny_model_dir):
+    """Client A cancels its request "x" while a step runs; client B starts another "x" at once.
+    The step's output for A (here its last) must not reach B, and B's own request runs to its
+    end under B's eyes (before, B's stream ended on A's result while B's request ran on)."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    real_step = engine.step
+    engine.step = lambda: (time.sleep(0.2), real_step())[1]     # a step slow enough to cancel in
+    aeng = AsyncEngine.from_engine(engine)
+    a_params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        first = aeng.generate([2, 5, 6], a_params, request_id="x")
+        await first.__anext__()
+        await first.aclose()
+        return await collect(aeng, [2, 9, 10, 11], SHORT, request_id="x")
+
+    outs = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert all(o.prompt_token_ids == [2, 9, 10, 11] for o in outs)
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == SHORT.max_tokens
+    assert_engine_idle(engine)
+
+
+def test_a_result_finished_before_a_failing_step_still_reaches_its_slow_client(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    real_step, steps = engine.step, count()
+
+    def step():
+        if next(steps) == 3:        # after the short request's last step, before its client reads it
+            raise RuntimeError("device lost")
+        return real_step()
+    engine.step = step
+    aeng = AsyncEngine.from_engine(engine)
+
+    async def slow_client():
+        outs = []
+        async for out in aeng.generate([2, 5], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)):
+            outs.append(out)
+            await asyncio.sleep(0.5)
+        return outs
+
+    async def main():
+        return await asyncio.gather(slow_client(), collect(aeng, [2, 6], LONG), return_exceptions=True)
+
+    short, long = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert isinstance(long, EngineDeadError)
+    assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 2

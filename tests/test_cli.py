@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from opt_fast.bench import format_table
 from opt_fast.cli import main
@@ -211,6 +212,29 @@ def test_bad_values_found_later_exit_2_without_a_traceback(capsys, tiny_model_di
     model = [] if "--model" in args else ["--model", tiny_model_dir]
     rc, out, err = cli(capsys, *args, *model, "--kernels", "torch", "--device", test_device())
     assert rc == 2 and named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["foo", "tpu", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_bad_device_exits_2_without_a_traceback(capsys, tiny_model_dir, device):
+    rc, out, err = cli(capsys, "generate", "--prompt", "x", "--model", tiny_model_dir, "--kernels", "torch",
+                       "--device", device)
+    assert rc == 2 and "device" in err and "Traceback" not in err
+
+
+def test_prompts_from_stdin_and_a_file_with_a_byte_order_mark(capsys, monkeypatch, tmp_path, tiny_model_dir):
+    """`--prompts-file -` reads standard input; a UTF-8 byte-order mark is not part of a prompt;
+    both give the prompts of --prompt."""
+    base = ["generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+            "--max-tokens", "3", "--temperature", "0", "--ignore-eos", "--json"]
+    rc, expected, err = cli(capsys, *base, "--prompt", "import os", "--prompt", "def f(x):")
+    assert rc == 0, err
+    bom = tmp_path / "prompts.txt"
+    bom.write_bytes("\ufeffimport os\r\n\r\ndef f(x):\r\n".encode("utf-8"))
+    rc, out, err = cli(capsys, *base, "--prompts-file", bom)
+    assert rc == 0 and out == expected, err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("import os\ndef f(x):\n"))
+    rc, out, err = cli(capsys, *base, "--prompts-file", "-")
+    assert rc == 0 and out == expected, err
 
 
 def test_no_progress_bars_off_a_terminal(capsys, tiny_model_dir):

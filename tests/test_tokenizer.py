@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from opt_fast.tokenizer import OPTTokenizer
 
@@ -106,6 +107,8 @@ def test_decode_skip_special_tokens(opt):
     assert opt.decode(ids) == "Hello,"
     assert opt.decode(ids, skip_special_tokens=True) == "Hello,"
     assert opt.decode(ids, skip_special_tokens=False) == "</s><s>Hello<unk>,<pad><mask></s>"
+    # ids as a tensor (its elements hash by identity, so they must be read as ints first)
+    assert opt.decode(torch.tensor(ids)) == "Hello,"
 
 
 def _stream(tok, ids, prompt_ids=None, skip_special_tokens=True):

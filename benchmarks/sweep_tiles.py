@@ -274,23 +274,24 @@ class Prefill:
         return 4 * c["batch"] * c["heads"] * c["head_dim"] * c["length"] ** 2 // 2
 
 
-def _short(tiles: attention.Tiles) -> tuple:
-    """Prefill tiles as the shortest tuple that says them, trailing default options dropped, so
-    that labels stay short: (128, 64, 8, 3, True)."""
-    full, n = tuple(tiles), len(tiles)
-    while n > 4 and full[n - 1] == attention.Tiles._field_defaults[attention.Tiles._fields[n - 1]]:
+def _trimmed(full: tuple, plain: tuple, keep: int) -> tuple:
+    """`full` without its trailing fields equal to `plain`'s (the defaults), keeping at least
+    `keep`: the shortest tuple that says the launch, so that labels stay short."""
+    n = len(full)
+    while n > keep and full[n - 1] == plain[n - 1]:
         n -= 1
     return full[:n]
+
+
+def _short(tiles: attention.Tiles) -> tuple:
+    """Prefill tiles as the shortest tuple that says them: (128, 64, 8, 3, True)."""
+    return _trimmed(tuple(tiles), tuple(attention.Tiles(*tiles[:4])), 4)
 
 
 def _launch(*tiles, **options) -> tuple:
-    """A fused-linear launch (ll.GemmLaunch) as the shortest tuple that says it, trailing default
-    options dropped, so that labels stay short: _launch(16, 128, 128, 4, 3, overlap=True)."""
-    full, plain = tuple(ll.GemmLaunch(*tiles, **options)), tuple(ll.GemmLaunch(*tiles))
-    n = len(full)
-    while n > len(tiles) and full[n - 1] == plain[n - 1]:
-        n -= 1
-    return full[:n]
+    """A fused-linear launch (ll.GemmLaunch) as the shortest tuple that says it:
+    _launch(16, 128, 128, 4, 3, overlap=True)."""
+    return _trimmed(tuple(ll.GemmLaunch(*tiles, **options)), tuple(ll.GemmLaunch(*tiles)), len(tiles))
 
 
 class LnQkv:

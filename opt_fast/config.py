@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -185,13 +186,12 @@ class EngineConfig:
                 or not isinstance(self.gpu_memory_utilization, (int, float))
                 or not 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        check_seed("seed", self.seed)
+        self.seed = check_seed("seed", self.seed)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
                              "is not built yet; only 1 is supported")
-
 
     @classmethod
     def from_kwargs(cls, owner: str, kwargs: dict) -> "EngineConfig":
@@ -223,10 +223,12 @@ def _check_device(device) -> None:
 SEED_LIMIT = 1 << 63
 
 
-def check_seed(name: str, value) -> None:
-    """Seeds are integers in [0, 2**63): each one its own Philox key, none folded onto another."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+def check_seed(name: str, value) -> int:
+    """`value` as a Python int, if it is a seed: an integer (numpy's too) in [0, 2**63), each one
+    its own Philox key, none folded onto another."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
         raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+    return int(value)
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -6,7 +6,6 @@ from itertools import count
 from pathlib import Path
 
 from .config import EngineConfig
-
 from .engine.engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams

@@ -63,8 +63,7 @@ class SamplingParams:
         self.stop_token_ids = _ids("stop_token_ids", self.stop_token_ids)
         self.banned_token_ids = _ids("banned_token_ids", self.banned_token_ids)
         if self.seed is not None:
-            self.seed = _int("seed", self.seed, low=None)
-            check_seed("seed", self.seed)
+            self.seed = check_seed("seed", self.seed)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), low=0))

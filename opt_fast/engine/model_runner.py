@@ -318,10 +318,10 @@ class ModelRunner:
         for seq in batch.prefills:
             start, count = seq.num_cached_tokens, seq.num_scheduled_tokens
             rows = min(start + count, seq.num_prompt_tokens - 1) - start
+            asks = seq.prompt_logprobs is not None and seq.num_output_tokens == 0
             # At most max_num_seqs rows of logits at a time, as many as the memory profile ran:
             # a whole chunk's (2048 rows of 50272) would take about 1 GiB.
-            for first in range(0, rows if seq.prompt_logprobs is not None and seq.num_output_tokens == 0 else 0,
-                               self.cfg.max_num_seqs):
+            for first in range(0, rows if asks else 0, self.cfg.max_num_seqs):
                 last = min(rows, first + self.cfg.max_num_seqs)
                 targets = seq.token_ids[start + 1 + first:start + 1 + last]
                 logits = self.model.compute_logits(hidden[offset + first:offset + last])[:, :self.vocab_size]

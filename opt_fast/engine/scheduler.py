@@ -78,19 +78,16 @@ class Scheduler:
                 victim = pending.pop()
                 decodes_left -= victim.num_tokens - victim.num_cached_tokens == 1
                 self._preempt(victim, batch)
-            wanted = chunk
-            if not decode:
-                chunk = min(wanted, self._capacity(seq))
-            if ((chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk))
-                    and self._release_waiting_blocks()):
+            fitted = self._fit(seq, chunk, decode)
+            if fitted <= 0 and self._release_waiting_blocks():
                 # Waiting forks held blocks it needs (their shared prompt): without this, it
                 # would preempt itself, come back and stop at the same place, forever.
-                chunk = wanted if decode else min(wanted, self._capacity(seq))
-            if chunk <= 0 or not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
+                fitted = self._fit(seq, chunk, decode)
+            if fitted <= 0:
                 self._preempt(seq, batch)
                 continue
-            self._schedule(seq, chunk, batch)
-            budget -= chunk
+            self._schedule(seq, fitted, batch)
+            budget -= fitted
             kept.append(seq)
         self.running = kept
         # Then waiting sequences while the budget, the sequence cap and the free blocks allow;
@@ -123,6 +120,13 @@ class Scheduler:
         for seq in holders:
             self.blocks.free(seq)
         return True
+
+    def _fit(self, seq: Sequence, chunk: int, decode: bool) -> int:
+        """The tokens of `chunk` that `seq` can compute now: a decode its one token or none, a
+        prompt chunk as much as its blocks plus every free one hold."""
+        if decode:
+            return chunk if self.blocks.can_grow(seq, seq.num_cached_tokens + chunk) else 0
+        return min(chunk, self._capacity(seq))
 
     def _capacity(self, seq: Sequence) -> int:
         """Tokens `seq` can compute with its blocks plus every free one."""

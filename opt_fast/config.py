@@ -189,9 +189,6 @@ class EngineConfig:
         self.seed = check_seed("seed", self.seed)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
-                             "is not built yet; only 1 is supported")
 
     @classmethod
     def from_kwargs(cls, owner: str, kwargs: dict) -> "EngineConfig":

@@ -5,7 +5,8 @@ packed prefills first, then decodes, so the attention layer splits them at `num_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,11 @@ class Context:
     prefill_block_tables: torch.Tensor | None = None  # [prefills, max_blocks] int32
     decode_seq_lens: torch.Tensor | None = None       # [decodes] int32, current token included
     decode_block_tables: torch.Tensor | None = None   # [decodes, max_blocks] int32
+
+    def to(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "Context":
+        """This Context with `move` (host to device) applied to each of its tensors."""
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 _CONTEXT: Context | None = None

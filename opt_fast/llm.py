@@ -19,7 +19,8 @@ class LLM:
     - dtype: "auto" (float16 on CUDA, float32 on CPU), "float16", "bfloat16" or "float32";
     - device: None picks "cuda" where available, else "cpu";
     - kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
-    - tensor_parallel_size: 1 (tensor parallelism is not built yet);
+    - tensor_parallel_size: split each layer over so many ranks (processes; one GPU each on CUDA,
+      consecutive from `device`); they stop on `close()`, or when this LLM is collected;
     - block_size, num_kv_blocks (None: sized from gpu_memory_utilization on CUDA), the paged KV cache;
     - max_num_seqs, max_num_batched_tokens: at most so many sequences and tokens per step;
     - max_model_len: prompt + output tokens per request (None: the model's positions);
@@ -40,6 +41,10 @@ class LLM:
                               enforce_eager, seed, load_format)
         self.engine = Engine(model, progress=progress, stream_outputs=False, **asdict(config))
         self._ids = count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes now (nothing to do without them)."""
+        self.engine.close()
 
     def get_tokenizer(self):
         """The model's `opt_fast.tokenizer.OPTTokenizer`, or None if its directory has no

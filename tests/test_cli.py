@@ -286,3 +286,16 @@ def test_bench_generate_smoke(tmp_path):
     report = json.loads((tmp_path / "bench_generate.json").read_text())
     assert report["rows"][0]["size"] == "opt-350m" and report["rows"][0]["opt_fast_tok_s"] > 0
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
+
+
+def test_generate_with_two_tensor_parallel_ranks(tiny_model_dir):
+    """--tp 2 from a CLI process: the same tokens as one rank, and the process exits (its
+    worker with it) without being told to."""
+    outputs = []
+    for tp in ("1", "2"):
+        done = run("-m", "opt_fast.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "import os",
+                   "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--kernels", "torch",
+                   "--device", "cpu", "--tp", tp, "--json", timeout=120)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout)["outputs"][0]["token_ids"])
+    assert len(outputs[0]) == 6 and outputs[1] == outputs[0]

@@ -232,8 +232,9 @@ def test_engine_config_defaults_and_edge_values_accepted():
     (dict(gpu_memory_utilization=1.01), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=-0.5), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization"),
-    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=True), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=2.0), "tensor_parallel_size"),
 ])
 def test_engine_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):

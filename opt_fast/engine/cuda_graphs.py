@@ -4,6 +4,10 @@ A decode step of a large model is hundreds of small kernel launches whose Python
 exceeds the GPU time at small batches. Replaying a captured graph launches them all at once.
 The graphs read their inputs from static device buffers that each step refills with one copy
 per dtype; padding rows have no cache slot and length 0, so they read and write nothing.
+
+Under tensor parallelism every rank captures the same graphs, all-reduces included, and replays
+them in lock-step; rank 0 stages the inputs and sends them to the others (`staged`, `load`). Only
+rank 0's graphs compute logits and sample.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class DecodeGraphs:
 
     def __init__(self, runner):
         self.runner = runner
+        self.samples = runner.rank == 0
         self.model, self.ops, self.vocab_size = runner.model, runner.ops, runner.vocab_size
         self.block_size = runner.block_size
         self.sizes = graph_batch_sizes(runner.cfg.max_num_seqs)
@@ -59,7 +64,8 @@ class DecodeGraphs:
         # Every graph's logits go to the first rows of one buffer, outside the graphs' pool: an
         # output of each graph would stay alive beside all the others' (float32 [rows, vocab]
         # per graph: 0.8 GiB over the 37 graphs of max_num_seqs=256).
-        self.logits = torch.empty(rows, runner.config.vocab_size, dtype=torch.float32, device=device)
+        self.logits = (torch.empty(rows, runner.config.vocab_size, dtype=torch.float32, device=device)
+                       if self.samples else None)
         self.graphs: dict = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         pool = None
@@ -76,7 +82,10 @@ class DecodeGraphs:
         """(graph, its static outputs, the memory pool) for one batch size."""
         self._step(size)                       # compiles every kernel outside the capture
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # With tensor parallelism, NCCL's watchdog thread queries events during the capture: in
+        # the default (global) mode that would invalidate it.
+        mode = "thread_local" if self.runner.world > 1 else "global"
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
             outputs = self._step(size)
         return graph, outputs, graph.pool()
 
@@ -84,7 +93,8 @@ class DecodeGraphs:
         return self.i64[_I64_ROWS.index(name)] if name in _I64_ROWS else self.f32[_F32_ROWS.index(name)]
 
     def _step(self, size: int):
-        """The decode step on the static buffers' first `size` rows: (logits, tokens, logsumexp)."""
+        """The decode step on the static buffers' first `size` rows: (logits, tokens, logsumexp),
+        or None on a rank that does not sample."""
         row = self._row
         set_context(Context(slot_mapping=row("slots")[:size], num_prefill_tokens=0,
                             decode_seq_lens=self.seq_lens[:size], decode_block_tables=self.block_tables[:size]))
@@ -92,6 +102,8 @@ class DecodeGraphs:
             hidden = self.model(row("input_ids")[:size], row("positions")[:size])
         finally:
             set_context(None)
+        if not self.samples:
+            return None
         logits = self.model.compute_logits(hidden, out=self.logits[:size])
         tokens, logsumexp = self.ops.sample(
             logits, self.vocab_size, temperature=row("temperature")[:size], top_k=row("top_k")[:size],
@@ -124,9 +136,9 @@ class DecodeGraphs:
         tables = block_tables(seqs)
         self.host_block_tables[:n, :tables.shape[1]] = tables
 
-    def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replay the smallest graph that holds `seqs` (all decodes). Returns views of its outputs,
-        valid until the next replay: (logits, tokens, logsumexp) for the first len(seqs) rows.
+    def stage(self, seqs: list[Sequence]) -> int:
+        """Fill the host buffers with the inputs of `seqs` (all decodes); returns the batch size
+        of the smallest graph that holds them, for `replay`.
 
         Host work is what changes each step: a new batch refills everything; the same batch
         refills the per-token rows, and in the block tables only the entry of each sequence
@@ -151,9 +163,26 @@ class DecodeGraphs:
         for i, name in enumerate(("input_ids", "positions", "slots", "steps")):
             self.host_i64[_I64_ROWS.index(name), :n] = rows[i]
         self.host_seq_lens[:n] = rows[1] + 1
+        return size
+
+    def staged(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a rank that does not sample needs of the staged inputs, for `load`."""
+        model_rows = len(("input_ids", "positions", "slots"))     # the first rows of _I64_ROWS
+        return self.host_i64[:model_rows, :size], self.host_seq_lens[:size], self.host_block_tables[:size]
+
+    def load(self, size: int, staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Take the inputs rank 0 staged (`staged`) into this rank's host buffers."""
+        model_rows, seq_lens, tables = staged
+        self.host_i64[:len(model_rows), :size] = model_rows
+        self.host_seq_lens[:size] = seq_lens
+        self.host_block_tables[:size] = tables
+
+    def replay(self, size: int):
+        """Copy the staged inputs to the device and replay the graph of `size` rows. Returns its
+        outputs (views valid until the next replay): (logits, tokens, logsumexp) of `size` rows,
+        or None on a rank that does not sample."""
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
         self.graphs[size].replay()
         self.replays += 1
-        logits, tokens, logsumexp = self.outputs[size]
-        return logits[:n], tokens[:n], logsumexp[:n]
+        return self.outputs[size]

@@ -10,6 +10,7 @@ from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import OPTTokenizer
 from ..model.loader import resolve_model_path
+from ..parallel import check_tensor_parallel
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepResult
 from .scheduler import Scheduler
@@ -102,6 +103,7 @@ class Engine:
         # Prompts are chunked, so the budget only bounds a step's work (and activation memory).
         self.max_num_batched_tokens = self.cfg.max_num_batched_tokens or max(_DEFAULT_STEP_TOKENS,
                                                                              self.cfg.max_num_seqs)
+        check_tensor_parallel(self.model_config, self.cfg.tensor_parallel_size)
         self.runner = ModelRunner(self.model_config, self.cfg, path, self.vocab_size,
                                   self.max_model_len, self.max_num_batched_tokens, progress=progress)
         self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
@@ -186,6 +188,11 @@ class Engine:
             if not seq.is_finished:
                 self._finish(seq, "abort")
         return request.output(True)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (if any) now, rather than when this engine
+        is garbage-collected or the interpreter exits. The engine cannot step afterwards."""
+        self.runner.close()
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is still running or waiting, so `step()` has work to do."""

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 
+from .. import parallel
 from ..config import EngineConfig, OPTConfig, ceil_div
 from ..context import Context, set_context
 from ..kernels import get_ops
@@ -15,6 +17,7 @@ from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
 from .host_tensors import block_tables, host_tensor, seen_ids
 from .sequence import Sequence, samples_raw_logits
+from .workers import WorkerError, Workers
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
@@ -22,8 +25,16 @@ _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
 _CUDA_HEADROOM_BYTES = 512 << 20
 
 
-def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(cfg: EngineConfig, rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """The device of tensor-parallel rank `rank` (on CUDA, ranks take consecutive devices from
+    the one asked for) and the dtype."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and cfg.tensor_parallel_size > 1:
+        first, count = device.index or 0, torch.cuda.device_count()
+        if first + cfg.tensor_parallel_size > count:
+            raise ValueError(f"tensor_parallel_size={cfg.tensor_parallel_size} from device {device} needs CUDA "
+                             f"devices {first}..{first + cfg.tensor_parallel_size - 1}; this machine has {count}")
+        device = torch.device("cuda", first + rank)
     if cfg.dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     return device, _DTYPES[cfg.dtype]
@@ -39,16 +50,78 @@ class StepResult:
 
 
 class ModelRunner:
+    """Rank 0 of `cfg.tensor_parallel_size` (the engine's runner; it starts and drives the other
+    ranks' runners, `workers.Workers`), or, with `rank` > 0, one of those."""
+
     def __init__(self, config: OPTConfig, cfg: EngineConfig, model_path, vocab_size: int,
-                 max_model_len: int, max_num_batched_tokens: int, progress: bool = False):
+                 max_model_len: int, max_num_batched_tokens: int, progress: bool = False,
+                 rank: int = 0, store_port: int | None = None):
         self.config, self.cfg = config, cfg
-        self.device, self.dtype = resolve_device_dtype(cfg)
+        self.rank, self.world = rank, cfg.tensor_parallel_size
+        self.device, self.dtype = resolve_device_dtype(cfg, rank)
         self.vocab_size = vocab_size
         self.block_size = cfg.block_size
+        self.num_heads = config.num_attention_heads // self.world    # this rank's
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.ops = get_ops(cfg.kernels, self.device.type)
-        with self._current_device():
-            self._build(model_path, progress)
+        self.workers = self.group = self.graphs = None
+        self.broken: str | None = None
+        self._release: weakref.finalize | None = None
+        try:
+            with self._current_device():
+                if self.world > 1:
+                    self._join(rank, store_port, dict(config=config, cfg=cfg, model_path=model_path,
+                                                      vocab_size=vocab_size, max_model_len=max_model_len,
+                                                      max_num_batched_tokens=max_num_batched_tokens))
+                self._load(model_path, progress)
+                if rank == 0:
+                    if self.workers is not None:
+                        self.workers.wait()     # every rank holds its weights
+                    self._on_all_ranks("_allocate")
+        except BaseException as err:
+            self.broken = f"it failed to start ({type(err).__name__}: {err})"
+            self.close()
+            raise
+
+    def _join(self, rank: int, store_port: int | None, runner_args: dict) -> None:
+        """Rank 0: start the other ranks' processes; every rank: join the group, and switch the
+        row-parallel GEMMs to ones that reduce across it."""
+        if rank == 0:
+            store = parallel.open_store(self.world)
+            self.workers = Workers(self.world, store.port, runner_args)
+            self.group = self.workers.watch(lambda: parallel.join(rank, self.world, store, self.device))
+        else:
+            self.group = parallel.join(rank, self.world, store_port, self.device)
+        self._release = weakref.finalize(self, _release, self.workers, self.group)
+        self.ops = parallel.parallel_ops(self.ops, self.group)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave the process group (nothing to do
+        without tensor parallelism). The runner cannot step afterwards."""
+        if self.workers is not None and self.broken:
+            self.workers.close(timeout=0)       # some may wait forever in a collective
+        if self._release is not None:
+            self._release()
+        self.workers = self.group = None
+        self.broken = self.broken or "the engine was closed"
+
+    def _on_all_ranks(self, method: str, *args):
+        """`method(*args)` here and on every other rank, in lock-step; returns this rank's result.
+        A failure on any rank between the two ends the runner: the ranks' collectives are no
+        longer matched."""
+        if self.workers is None:
+            return getattr(self, method)(*args)
+        if self.broken:
+            raise WorkerError(f"tensor parallelism stopped: {self.broken}")
+        try:
+            self.workers.send(method, *args)
+            result = getattr(self, method)(*args)
+            self.workers.wait()
+        except BaseException as err:
+            self.broken = f"{type(err).__name__}: {err}"
+            self.close()
+            raise
+        return result
 
     def _current_device(self):
         """Triton launches, CUDA graph captures and the caching allocator's streams follow the
@@ -56,8 +129,8 @@ class ModelRunner:
         device is 0), every CUDA call of this runner must run inside this."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _build(self, model_path, progress: bool) -> None:
-        """The model with its weights, the KV cache and the decode graphs."""
+    def _load(self, model_path, progress: bool) -> None:
+        """The model (this rank's share of it) with its weights."""
         cfg = self.cfg
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -66,24 +139,30 @@ class ModelRunner:
             # of parameters would be wasted, since the loader overwrites (and checks) every one.
             with torch.device("meta"):
                 self.model = OPTForCausalLM(self.config, self.ops)
+                if self.world > 1:
+                    parallel.shard_model(self.model, self.world)
         finally:
             torch.set_default_dtype(default_dtype)
         self.model.to_empty(device=self.device)
         if cfg.load_format == "dummy":
-            init_random_weights(self.model, cfg.seed)
+            init_random_weights(self.model, cfg.seed, self.rank, self.world)
         else:
-            load_weights(self.model, model_path, progress=progress)
+            load_weights(self.model, model_path, progress=progress, rank=self.rank, world=self.world)
         self.model.eval()
+
+    @torch.inference_mode()
+    def _allocate(self) -> None:
+        """The KV cache and the decode graphs (on every rank at once: both run collectives)."""
+        cfg = self.cfg
         self.num_kv_blocks = cfg.num_kv_blocks or self._default_num_blocks()
         self._allocate_kv_cache()
-        self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and DecodeGraphs.supported(self.ops):
             self.graphs = DecodeGraphs(self)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
         c = self.config
-        return 2 * c.num_hidden_layers * self.block_size * c.hidden_size * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_heads * c.head_dim * self.dtype.itemsize
 
     def _default_num_blocks(self) -> int:
         """On CUDA: what `gpu_memory_utilization` of the device leaves after the weights and the
@@ -95,6 +174,8 @@ class ModelRunner:
             budget = _CPU_KV_CACHE_BYTES
         needed = ceil_div(self.max_model_len, self.block_size)
         blocks = min(int(budget // self._bytes_per_block()), self.cfg.max_num_seqs * needed)
+        if self.group is not None:
+            blocks = self.group.min(blocks)     # every rank's cache holds the same blocks
         if blocks < needed:
             raise ValueError(f"KV cache of {max(blocks, 0)} blocks cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} tokens ({needed} blocks); lower "
@@ -112,7 +193,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.max_num_batched_tokens
         lengths = [min(self.max_model_len, tokens - start) for start in range(0, tokens, self.max_model_len)]
-        scratch = torch.zeros(2, 1, self.block_size, c.num_attention_heads, c.head_dim,
+        scratch = torch.zeros(2, 1, self.block_size, self.num_heads, c.head_dim,
                               dtype=self.dtype, device=self.device)
         for layer in self.model.decoder.layers:
             layer.self_attn.key_cache, layer.self_attn.value_cache = scratch
@@ -121,7 +202,7 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + n)
         ctx = Context(slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
                       num_prefill_tokens=tokens,
-                      cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+                      cu_seqlens_q=self._to_device(host_tensor(cu_seqlens, torch.int32)),
                       context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
                       max_context_len=0,
                       prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
@@ -155,8 +236,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         c = self.config
-        shape = (c.num_hidden_layers, 2, self.num_kv_blocks, self.block_size,
-                 c.num_attention_heads, c.head_dim)
+        shape = (c.num_hidden_layers, 2, self.num_kv_blocks, self.block_size, self.num_heads, c.head_dim)
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.decoder.layers):
             layer.self_attn.key_cache, layer.self_attn.value_cache = self.kv_cache[i]
@@ -166,16 +246,13 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _tensor(self, data, dtype) -> torch.Tensor:
-        """`data` (a flat list) on the device."""
-        return self._to_device(host_tensor(data, dtype))
-
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the device; through pinned memory on CUDA, so the copy doesn't block."""
         return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
-        """Flat input_ids, positions, the Context, and the row of each sampled sequence's last token."""
+        """Flat input_ids, positions and the Context, on the host (every tensor-parallel rank
+        moves them to its device), and the row of each sampled sequence's last token."""
         input_ids, positions, slots, last_index = [], [], [], []
         cu_seqlens, context_lens = [0], []
         for seq in batch.prefills:
@@ -195,16 +272,16 @@ class ModelRunner:
             positions += decode_positions
             slots += [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, decode_positions)]
             last_index += range(num_prefill_tokens, len(input_ids))
-        ctx = Context(slot_mapping=self._tensor(slots, torch.int64), num_prefill_tokens=num_prefill_tokens)
+        ctx = Context(slot_mapping=host_tensor(slots, torch.int64), num_prefill_tokens=num_prefill_tokens)
         if batch.prefills:
-            ctx.cu_seqlens_q = self._tensor(cu_seqlens, torch.int32)
-            ctx.context_lens = self._tensor(context_lens, torch.int32)
+            ctx.cu_seqlens_q = host_tensor(cu_seqlens, torch.int32)
+            ctx.context_lens = host_tensor(context_lens, torch.int32)
             ctx.max_context_len = max(context_lens)
-            ctx.prefill_block_tables = self._to_device(block_tables(batch.prefills))
+            ctx.prefill_block_tables = block_tables(batch.prefills)
         if batch.decodes:
-            ctx.decode_seq_lens = self._tensor([p + 1 for p in decode_positions], torch.int32)
-            ctx.decode_block_tables = self._to_device(block_tables(batch.decodes))
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx, last_index)
+            ctx.decode_seq_lens = host_tensor([p + 1 for p in decode_positions], torch.int32)
+            ctx.decode_block_tables = block_tables(batch.decodes)
+        return host_tensor(input_ids, torch.int64), host_tensor(positions, torch.int64), ctx, last_index
 
     def sampling_inputs(self, seqs: list[Sequence]) -> dict:
         """Per-row sampler arguments as host tensors (moved to the device by the caller)."""
@@ -256,6 +333,8 @@ class ModelRunner:
     # ---- the step ------------------------------------------------------------------------
     def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
         """Run one step; one result per `batch.sampled` sequence, in that order."""
+        if self.broken:
+            raise RuntimeError(f"the engine cannot step: {self.broken}")
         with self._current_device():
             return self._run(batch, eos_token_id)
 
@@ -264,7 +343,11 @@ class ModelRunner:
         sampled = batch.sampled
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             graphs = self.graphs
-            raw_logits, tokens, logsumexp = graphs.run(batch.decodes)
+            size = graphs.stage(batch.decodes)
+            staged = graphs.staged(size) if self.workers is not None else None
+            raw_logits, tokens, logsumexp = self._on_all_ranks("_replay", size, staged)
+            n = len(batch.decodes)
+            raw_logits, tokens, logsumexp = raw_logits[:n], tokens[:n], logsumexp[:n]
             # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
             if not graphs.plain or (graphs.has_min_tokens and not self.plain_sampling(sampled)):
                 tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
@@ -272,17 +355,30 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.invalidate()
             input_ids, positions, ctx, last_index = self.prepare(batch)
-            set_context(ctx)
-            try:
-                hidden = self.model(input_ids, positions)
-            finally:
-                set_context(None)
+            hidden = self._on_all_ranks("_forward", input_ids, positions, ctx)
             self._prompt_logprobs(hidden, batch)
             if not sampled:
                 return []
             raw_logits = self.model.compute_logits(hidden[last_index])
             tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
         return self._results(raw_logits, tokens, logsumexp, sampled)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs."""
+        set_context(ctx.to(self._to_device))
+        try:
+            return self.model(self._to_device(input_ids), self._to_device(positions))
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def _replay(self, size: int, staged: tuple | None):
+        """Replay the decode graph of `size` rows on the inputs rank 0 staged; a worker first
+        takes them (`staged`) into its own buffers. Returns the graph's outputs."""
+        if self.rank:
+            self.graphs.load(size, staged)
+        return self.graphs.replay(size)
 
     def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
         sampling_logits = self._sampling_logits(raw_logits, seqs, eos)
@@ -334,3 +430,12 @@ class ModelRunner:
                     entry[token] = actual[i]
                     seq.prompt_logprobs[start + 1 + first + i] = entry
             offset += count
+
+
+def _release(workers: Workers | None, group: parallel.TensorParallelGroup | None) -> None:
+    """Stop the workers, then leave the group (theirs is gone by then): on close, or when the
+    runner is collected or the interpreter exits."""
+    if workers is not None:
+        workers.close()
+    if group is not None:
+        group.close()

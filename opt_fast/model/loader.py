@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..config import hub_id_for
+from ..parallel import shard_dim, take_shard
 
 # (checkpoint name, packed parameter name, shard index within the packed parameter)
 _PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
@@ -127,11 +128,12 @@ def _target(key: str) -> tuple[str, int | None] | None:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None:
+def load_weights(model: nn.Module, folder: Path, progress: bool = False, rank: int = 0, world: int = 1) -> None:
     """Copy every parameter of `model` from the checkpoint in `folder`, checking names, shapes,
     that each is loaded once, that a cast to the model's dtype stays finite, and that the
     checkpoint has no decoder tensor the model lacks (a config.json that does not describe it:
-    more layers, projections; HF only warns)."""
+    more layers, projections; HF only warns). With `world` > 1 the model holds tensor-parallel
+    rank `rank`'s share (`parallel.shard_model`) and gets its slice of each split tensor."""
     params = dict(model.named_parameters())
     expected = {(name, None) for name in params if ".qkv_proj." not in name}
     expected |= {(name, shard) for name in params if ".qkv_proj." in name for shard in range(3)}
@@ -159,12 +161,13 @@ def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None
         if shard is not None:
             rows = dest.shape[0] // 3
             dest = dest[shard * rows:(shard + 1) * rows]
-        if tuple(tensor.shape) != tuple(dest.shape):
+        dim = shard_dim(name)
+        if tuple(tensor.shape) != _full_shape(dest.shape, dim, world):
             raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(dest.shape)}")
+                                  f"the model expects {_full_shape(dest.shape, dim, world)}")
         if target in loaded:
             raise CheckpointError(f"{folder}: tensor {key!r} is in the checkpoint twice (with and without 'model.'?)")
-        dest.copy_(tensor)
+        dest.copy_(take_shard(tensor, dim, rank, world))
         if dest.dtype != tensor.dtype and not torch.isfinite(dest).all():
             raise CheckpointError(f"{folder}: tensor {key!r} overflows {dest.dtype} (the checkpoint holds "
                                   f"{tensor.dtype}): load it with dtype={str(tensor.dtype).split('.')[-1]!r} or 'float32'")
@@ -181,16 +184,25 @@ def load_weights(model: nn.Module, folder: Path, progress: bool = False) -> None
 
 
 @torch.no_grad()
-def init_random_weights(model: nn.Module, seed: int = 0) -> None:
+def init_random_weights(model: nn.Module, seed: int = 0, rank: int = 0, world: int = 1) -> None:
     """Fill every parameter in place with small random values (for benchmarks without a checkpoint).
-    Drawn on the parameters' own device, so even 13B needs no host copy."""
+    Drawn on the parameters' own device, so even 13B needs no host copy. Tensor-parallel rank
+    `rank` of `world` draws each whole tensor and keeps its slice: the same model at any world."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
+        dim = shard_dim(name)
+        full = param.new_empty(_full_shape(param.shape, dim, world))
         if param.dim() == 1:
             fill = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
-            param.normal_(fill, 0.02, generator=generator)
+            full.normal_(fill, 0.02, generator=generator)
         else:
-            param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+            full.normal_(0.0, full.shape[-1] ** -0.5, generator=generator)
+        param.copy_(take_shard(full, dim, rank, world, packed=3 if ".qkv_proj." in name else 1))
+
+
+def _full_shape(shape: torch.Size, dim: int | None, world: int) -> tuple[int, ...]:
+    """The shape of the whole tensor whose rank shares have `shape`."""
+    return tuple(n * world if d == dim else n for d, n in enumerate(shape))
 
 
 def _checkpoint_name(name: str, shard: int | None) -> str:

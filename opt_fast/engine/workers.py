@@ -1,0 +1,166 @@
+"""Tensor-parallel ranks 1..N-1: one process each, running its own ModelRunner in lock-step with
+rank 0's (the engine's), which sends them every call that reaches a collective.
+
+A worker is a fresh interpreter that calls `serve(FD)`, not a multiprocessing spawn, which would
+run the user's main script again in each worker. It talks to rank 0 over a
+socket pair. Every call is acknowledged, so a worker's failure reaches the engine as an exception
+(and the worker exits, which also ends any collective rank 0 waits in) instead of a hang.
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+import multiprocessing
+import pickle
+import subprocess
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+_WORKER_MAIN = "import sys; from opt_fast.engine.workers import serve; serve(int(sys.argv[1]))"
+# How long close() lets a worker finish before killing it.
+_EXIT_TIMEOUT_S = 30
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker failed or died; the engine cannot go on."""
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
+
+
+class _Pickler(pickle.Pickler):
+    """Sends host tensors as their bytes. (Plain pickling goes through torch.save, and the
+    multiprocessing pickler moves each tensor into a new shared-memory segment: both far slower
+    for the few small tensors of a step.)"""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().contiguous()
+            if t.device.type != "cpu":
+                raise TypeError("only host tensors go to tensor-parallel workers")
+            return _tensor_from_bytes, (ctypes.string_at(t.data_ptr(), t.nbytes), t.dtype, tuple(t.shape))
+        return NotImplemented
+
+
+def _dumps(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+class Workers:
+    """The worker processes of ranks 1..world-1, seen from rank 0."""
+
+    def __init__(self, world: int, store_port: int, runner_args: dict):
+        self.processes: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        try:
+            for rank in range(1, world):
+                ours, theirs = multiprocessing.Pipe()
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()]))
+                theirs.close()
+                self.conns.append(ours)
+                ours.send_bytes(_dumps(dict(runner_args, rank=rank, store_port=store_port)))
+            self.wait()         # each has started and is about to join the group
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, method: str, *args) -> None:
+        """Have every worker call `method(*args)` on its runner; `wait()` collects the replies."""
+        message = _dumps((method, args))
+        for conn in self.conns:
+            conn.send_bytes(message)
+
+    def wait(self) -> None:
+        """One acknowledgement from every worker; WorkerError if one failed or died."""
+        pending = list(self.conns)
+        while pending:
+            for conn in wait(pending):
+                pending.remove(conn)
+                rank = self.conns.index(conn) + 1
+                try:
+                    status, detail = conn.recv()
+                except (EOFError, OSError):
+                    raise WorkerError(f"tensor-parallel worker {rank} exited "
+                                      f"(exit code {self.processes[rank - 1].poll()})") from None
+                if status != "ok":
+                    raise WorkerError(f"tensor-parallel worker {rank} failed:\n{detail}")
+
+    def watch(self, rendezvous):
+        """`rendezvous()` (rank 0's side of one with the workers), unless a worker fails first:
+        then WorkerError, where rendezvous alone would wait for it until its timeout."""
+        outcome: list = []
+
+        def attempt():
+            try:
+                outcome.append((True, rendezvous()))
+            except BaseException as err:   # handed to the caller
+                outcome.append((False, err))
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        while not outcome:
+            # A worker that fails exits (after saying why); one that joined may already be
+            # answering its next call, which must stay queued.
+            if any(process.poll() is not None for process in self.processes):
+                self.wait()
+                raise WorkerError("a tensor-parallel worker exited while joining")
+            thread.join(0.05)
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def close(self, timeout: float = _EXIT_TIMEOUT_S) -> None:
+        """Stop every worker (each leaves the process group first); kill one that has not
+        within `timeout` seconds (0: one stuck in a collective that will never complete)."""
+        for conn in self.conns:
+            try:
+                conn.send_bytes(_dumps(None))
+            except OSError:
+                pass        # already gone
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
+
+
+def serve(fd: int) -> None:
+    """A worker's life: build its runner, then run each call rank 0 sends (over the socket `fd`)
+    until told to stop."""
+    from .model_runner import ModelRunner
+    conn = Connection(fd)
+    args = pickle.loads(conn.recv_bytes())
+    conn.send(("ok", None))
+    # The ranks share this machine's cores; each rank's op would otherwise spin up a thread per core.
+    torch.set_num_threads(max(1, torch.get_num_threads() // args["cfg"].tensor_parallel_size))
+    runner = None
+    try:
+        runner = ModelRunner(**args)
+        conn.send(("ok", None))
+        while (message := pickle.loads(conn.recv_bytes())) is not None:
+            method, call_args = message
+            getattr(runner, method)(*call_args)
+            conn.send(("ok", None))
+    except EOFError:
+        pass                # rank 0 is gone
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        if runner is not None:
+            runner.close()
+

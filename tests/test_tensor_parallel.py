@@ -184,9 +184,9 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 def test_close_stops_the_workers_and_the_engine(tiny_model_dir):
     llm = cpu_llm(tiny_model_dir, 2)
-    pids = worker_pids(llm)
+    processes = list(llm.engine.runner.workers.processes)
     llm.close()
-    assert all(wait_gone(pid) for pid in pids)
+    assert [p.returncode for p in processes] == [0]     # stopped, not killed, and no abort on exit
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="closed"):
         llm.generate([[2, 5]], GREEDY, use_tqdm=False)

@@ -75,6 +75,10 @@ class DecodeGraphs:
         if pin:
             torch.cuda.synchronize(device)
         self.replays = 0
+        # Recorded after each step's host-to-device copies: the host buffers are not refilled
+        # before those copies have read them (rank 0's end-of-step sync ensures it there, but
+        # nothing else does on a tensor-parallel worker).
+        self.inputs_copied = torch.cuda.Event()
         self._batch: list[Sequence] | None = None
         self.plain, self.has_min_tokens = True, False
 
@@ -145,6 +149,7 @@ class DecodeGraphs:
         whose new token starts a block (a decode adds one token, so its table grows only then)."""
         n = len(seqs)
         size = next(s for s in self.sizes if s >= n)
+        self.inputs_copied.synchronize()
         bs = self.block_size
         positions = [len(s.token_ids) - 1 for s in seqs]
         if seqs != self._batch:                 # identity compare, element by element
@@ -173,6 +178,7 @@ class DecodeGraphs:
     def load(self, size: int, staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Take the inputs rank 0 staged (`staged`) into this rank's host buffers."""
         model_rows, seq_lens, tables = staged
+        self.inputs_copied.synchronize()
         self.host_i64[:len(model_rows), :size] = model_rows
         self.host_seq_lens[:size] = seq_lens
         self.host_block_tables[:size] = tables
@@ -183,6 +189,7 @@ class DecodeGraphs:
         or None on a rank that does not sample."""
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
+        self.inputs_copied.record()
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size]

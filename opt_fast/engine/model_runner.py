@@ -100,6 +100,7 @@ class ModelRunner:
         without tensor parallelism). The runner cannot step afterwards."""
         if self.workers is not None and self.broken:
             self.workers.close(timeout=0)       # some may wait forever in a collective
+        self.graphs = None          # their captured all-reduces use the group
         if self._release is not None:
             self._release()
         self.workers = self.group = None
@@ -433,9 +434,11 @@ class ModelRunner:
 
 
 def _release(workers: Workers | None, group: parallel.TensorParallelGroup | None) -> None:
-    """Stop the workers, then leave the group (theirs is gone by then): on close, or when the
-    runner is collected or the interpreter exits."""
+    """Stop the workers and leave the group: on close, or when the runner is collected or the
+    interpreter exits. Every rank leaves the group at once (NCCL's teardown may wait for peers)."""
     if workers is not None:
-        workers.close()
+        workers.stop()
     if group is not None:
         group.close()
+    if workers is not None:
+        workers.close()

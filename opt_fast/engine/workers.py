@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import io
 import multiprocessing
+import os
 import pickle
 import subprocess
 import sys
@@ -120,14 +121,18 @@ class Workers:
             raise value
         return value
 
-    def close(self, timeout: float = _EXIT_TIMEOUT_S) -> None:
-        """Stop every worker (each leaves the process group first); kill one that has not
-        within `timeout` seconds (0: one stuck in a collective that will never complete)."""
+    def stop(self) -> None:
+        """Tell every worker to leave the process group and exit (`close` waits for it)."""
         for conn in self.conns:
             try:
                 conn.send_bytes(_dumps(None))
             except OSError:
                 pass        # already gone
+
+    def close(self, timeout: float = _EXIT_TIMEOUT_S) -> None:
+        """Stop every worker (each leaves the process group first); kill one that has not
+        within `timeout` seconds (0: one stuck in a collective that will never complete)."""
+        self.stop()
         for process in self.processes:
             try:
                 process.wait(timeout)
@@ -148,7 +153,7 @@ def serve(fd: int) -> None:
     conn.send(("ok", None))
     # The ranks share this machine's cores; each rank's op would otherwise spin up a thread per core.
     torch.set_num_threads(max(1, torch.get_num_threads() // args["cfg"].tensor_parallel_size))
-    runner = None
+    runner, code = None, 0
     try:
         runner = ModelRunner(**args)
         conn.send(("ok", None))
@@ -159,8 +164,18 @@ def serve(fd: int) -> None:
     except EOFError:
         pass                # rank 0 is gone
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        code = 1
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass            # rank 0 is gone
     finally:
         if runner is not None:
             runner.close()
+        # Leave without the interpreter's teardown: in it, torch.distributed's threads abort
+        # the process now and then ("terminate called without an active exception"), after
+        # the group is already gone. A worker has nothing else to save.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 

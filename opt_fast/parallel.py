@@ -11,6 +11,7 @@ Ranks run on CPU over gloo (tests) or one GPU each over NCCL.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -25,6 +26,8 @@ from .kernels import KernelOps
 # Split by output rows (weight and bias) / by input columns (weight only; the bias is whole).
 _COLUMN_PARALLEL = ("qkv_proj", "fc1")
 _ROW_PARALLEL = ("out_proj", "fc2")
+# close() and abort() may race: the engine's thread closes while a watchdog thread aborts.
+_TEARDOWN = threading.Lock()
 # A collective waits at most this long for a rank: every rank loads its weights before the first
 # one, so a wait this long means a rank is gone or stuck.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -88,8 +91,17 @@ class TensorParallelGroup:
         return int(t.item())
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        with _TEARDOWN:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def abort(self) -> None:
+        """Leave the group at once, failing this rank's pending collectives (a peer is gone).
+        NCCL only: its collectives would wait on the GPU forever, where gloo's raise anyway.
+        (destroy_process_group, for a normal exit, first waits for them.)"""
+        with _TEARDOWN:
+            if dist.is_initialized() and dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
 
 
 def _collective_device() -> torch.device:

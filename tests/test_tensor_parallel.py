@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 
 from opt_fast import LLM, Engine, SamplingParams
-from opt_fast.config import OPTConfig
+from opt_fast.config import EngineConfig, OPTConfig
 from opt_fast.context import Context
-from opt_fast.engine.workers import _dumps
+from opt_fast import parallel
+from opt_fast.engine import workers
+from opt_fast.engine.model_runner import resolve_device_dtype
+from opt_fast.engine.workers import WorkerError, _dumps
 from opt_fast.model.loader import CheckpointError
 from opt_fast.parallel import check_tensor_parallel, shard_dim, take_shard
 from test_parity_hf import PROMPTS, hf_greedy
@@ -166,6 +169,17 @@ def test_more_ranks_than_gpus_is_a_value_error(tiny_model_dir):
         LLM(str(tiny_model_dir), device="cuda", tensor_parallel_size=2)
 
 
+def test_ranks_take_consecutive_gpus_from_the_device_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = EngineConfig(tensor_parallel_size=3)
+    cfg.device = "cuda:1"        # (EngineConfig itself refuses CUDA on a machine without it)
+    assert [resolve_device_dtype(cfg, rank)[0] for rank in range(3)] == [torch.device("cuda", i) for i in (1, 2, 3)]
+    cfg.device = "cuda:2"
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 from device cuda:2 needs CUDA devices 2..4; "
+                                         "this machine has 4"):
+        resolve_device_dtype(cfg)
+
+
 def worker_pids(llm: LLM) -> list[int]:
     return [p.pid for p in llm.engine.runner.workers.processes]
 
@@ -217,13 +231,78 @@ def test_a_dead_worker_fails_the_step_at_once_and_a_new_engine_starts(tiny_model
     assert generate(tiny_model_dir, 2, [[2, 5]], GREEDY)[0].outputs[0].finish_reason == "length"
 
 
-def test_a_corrupt_checkpoint_fails_the_start_and_leaves_nothing_running(tiny_model_dir, tmp_path):
+def test_ctrl_c_at_a_terminal_does_not_reach_the_workers(tiny_model_dir):
+    """Workers run in a session of their own: the terminal's SIGINT goes to rank 0's process
+    group only, so a caught KeyboardInterrupt leaves the engine usable."""
+    llm = cpu_llm(tiny_model_dir, 2)
+    try:
+        assert all(os.getpgid(pid) != os.getpgid(0) for pid in worker_pids(llm))
+    finally:
+        llm.close()
+
+
+def test_a_worker_failing_inside_a_collective_is_reported_with_its_own_error(tiny_model_dir, tmp_path, monkeypatch):
+    """Rank 1 raises between all-reduces of a step: rank 0's broken collective is not what the
+    user sees, the worker's error is."""
+    (tmp_path / "fail_on_rank1.py").write_text(
+        "from opt_fast import parallel\n"
+        "calls = [0]\n"
+        "reduce = parallel.TensorParallelGroup.all_reduce\n"
+        "def all_reduce(self, partial):\n"
+        "    calls[0] += 1\n"
+        "    if self.rank == 1 and calls[0] == 7:\n"
+        "        raise MemoryError('simulated: rank 1 out of memory in layer 1')\n"
+        "    return reduce(self, partial)\n"
+        "parallel.TensorParallelGroup.all_reduce = all_reduce\n")
+    monkeypatch.setattr(workers, "_WORKER_MAIN", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                                                 f"import fail_on_rank1; {workers._WORKER_MAIN}")
+    engine = Engine(str(tiny_model_dir), dtype="float32", device="cpu", kernels="torch", tensor_parallel_size=2,
+                    num_kv_blocks=64)     # (no profiling forward: the 7th all-reduce is a step's)
+    engine.add_request("r", [2, 5, 9], SamplingParams(max_tokens=50, ignore_eos=True))
+    with pytest.raises(WorkerError, match="simulated: rank 1 out of memory"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    with pytest.raises(RuntimeError, match="cannot step"):
+        engine.step()
+    engine.close()
+    assert not dist.is_initialized()
+
+
+def test_a_worker_dying_while_rank_0_still_joins_leaves_no_group_behind(tiny_model_dir, tmp_path, monkeypatch):
+    """The worker joins, fails on the corrupt checkpoint and exits while rank 0's side of the
+    join is still returning: rank 0 gives up on the join, and leaves the group once it is made."""
+    broken = corrupt_copy(tiny_model_dir, tmp_path)
+    join = parallel.join
+
+    def slow_join(*args):
+        group = join(*args)
+        time.sleep(1.5)
+        return group
+    monkeypatch.setattr(parallel, "join", slow_join)
+    with pytest.raises(WorkerError, match="truncated or corrupt"):
+        cpu_llm(broken, 2)
+    deadline = time.monotonic() + 10
+    while dist.is_initialized() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not dist.is_initialized()
+    monkeypatch.undo()
+    assert generate(tiny_model_dir, 2, [[2, 5]], GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def corrupt_copy(model_dir, tmp_path) -> Path:
+    """The checkpoint in `model_dir` with its safetensors file cut in half."""
     broken = tmp_path / "broken"
     broken.mkdir()
-    for f in Path(tiny_model_dir).iterdir():
+    for f in Path(model_dir).iterdir():
         data = f.read_bytes()
         (broken / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
-    with pytest.raises(CheckpointError):
+    return broken
+
+
+def test_a_corrupt_checkpoint_fails_the_start_and_leaves_nothing_running(tiny_model_dir, tmp_path):
+    broken = corrupt_copy(tiny_model_dir, tmp_path)
+    # (rank 0's own load fails, or, if the worker's failure wins the race, its report)
+    with pytest.raises((CheckpointError, WorkerError), match="truncated or corrupt"):
         cpu_llm(broken, 2)
     assert not dist.is_initialized()
     assert generate(tiny_model_dir, 2, [[2, 5]], GREEDY)[0].outputs[0].finish_reason == "length"

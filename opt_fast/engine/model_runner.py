@@ -89,7 +89,9 @@ class ModelRunner:
         if rank == 0:
             store = parallel.open_store(self.world)
             self.workers = Workers(self.world, store.port, runner_args)
-            self.group = self.workers.watch(lambda: parallel.join(rank, self.world, store, self.device))
+            self.group = self.workers.watch(lambda: parallel.join(rank, self.world, store, self.device),
+                                            discard=parallel.TensorParallelGroup.close)
+            self.workers.watch_deaths(self.group.abort)
         else:
             self.group = parallel.join(rank, self.world, store_port, self.device)
         self._release = weakref.finalize(self, _release, self.workers, self.group)
@@ -100,6 +102,8 @@ class ModelRunner:
         without tensor parallelism). The runner cannot step afterwards."""
         if self.workers is not None and self.broken:
             self.workers.close(timeout=0)       # some may wait forever in a collective
+            if self.group is not None:
+                self.group.abort()              # ... and so may this rank
         self.graphs = None          # their captured all-reduces use the group
         if self._release is not None:
             self._release()
@@ -120,7 +124,12 @@ class ModelRunner:
             self.workers.wait()
         except BaseException as err:
             self.broken = f"{type(err).__name__}: {err}"
+            # A worker's own report says more than the broken collective here (gloo's "connection
+            # closed by peer").
+            cause = self.workers.failure(timeout=2.0)
             self.close()
+            if cause is not None:
+                raise WorkerError(cause) from err
             raise
         return result
 

@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection, wait
 
@@ -65,16 +66,19 @@ class Workers:
         try:
             for rank in range(1, world):
                 ours, theirs = multiprocessing.Pipe()
+                # A session of its own: Ctrl-C at a terminal interrupts rank 0 alone (which may
+                # catch it and go on), not the workers too.
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()]))
+                    pass_fds=[theirs.fileno()], start_new_session=True))
                 theirs.close()
                 self.conns.append(ours)
                 ours.send_bytes(_dumps(dict(runner_args, rank=rank, store_port=store_port)))
             self.wait()         # each has started and is about to join the group
         except BaseException:
-            self.close()
+            self.close(timeout=0)
             raise
+        self._closing = False
 
     def send(self, method: str, *args) -> None:
         """Have every worker call `method(*args)` on its runner; `wait()` collects the replies."""
@@ -97,32 +101,69 @@ class Workers:
                 if status != "ok":
                     raise WorkerError(f"tensor-parallel worker {rank} failed:\n{detail}")
 
-    def watch(self, rendezvous):
+    def failure(self, timeout: float) -> str | None:
+        """What a worker reported as its failure (or that it exited), if one does within
+        `timeout` seconds: the cause to report when a collective on rank 0 broke."""
+        for conn in wait(self.conns, timeout):
+            try:
+                status, detail = conn.recv()
+            except (EOFError, OSError):
+                return f"tensor-parallel worker {self.conns.index(conn) + 1} exited"
+            if status != "ok":
+                return f"tensor-parallel worker {self.conns.index(conn) + 1} failed:\n{detail}"
+        return None
+
+    def watch(self, rendezvous, discard):
         """`rendezvous()` (rank 0's side of one with the workers), unless a worker fails first:
-        then WorkerError, where rendezvous alone would wait for it until its timeout."""
+        then WorkerError, where rendezvous alone would wait for it until its timeout. A result
+        that comes after that goes to `discard`."""
         outcome: list = []
+        lock = threading.Lock()
 
         def attempt():
             try:
-                outcome.append((True, rendezvous()))
+                result = (True, rendezvous())
             except BaseException as err:   # handed to the caller
-                outcome.append((False, err))
+                result = (False, err)
+            with lock:
+                outcome.append(result)
+                if len(outcome) > 1 and result[0]:
+                    discard(result[1])      # given up on already
         thread = threading.Thread(target=attempt, daemon=True)
         thread.start()
-        while not outcome:
-            # A worker that fails exits (after saying why); one that joined may already be
-            # answering its next call, which must stay queued.
-            if any(process.poll() is not None for process in self.processes):
-                self.wait()
-                raise WorkerError("a tensor-parallel worker exited while joining")
+        while True:
             thread.join(0.05)
+            with lock:
+                if outcome:
+                    break
+                # A worker that fails exits (after saying why); one that joined may already be
+                # answering its next call, which must stay queued.
+                if any(process.poll() is not None for process in self.processes):
+                    outcome.append((False, None))
+                    break
         ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
+        if ok:
+            return value
+        if value is None:
+            self.wait()
+            raise WorkerError("a tensor-parallel worker exited while joining")
+        raise value
+
+    def watch_deaths(self, on_death) -> None:
+        """From now on until `close`, call `on_death()` (from a helper thread) as soon as a
+        worker exits: rank 0 may be waiting on the GPU for a collective that can never end."""
+        def run():
+            while not self._closing:
+                if any(process.poll() is not None for process in self.processes):
+                    if not self._closing:
+                        on_death()
+                    return
+                time.sleep(0.1)
+        threading.Thread(target=run, daemon=True, name="opt_fast-tp-watchdog").start()
 
     def stop(self) -> None:
         """Tell every worker to leave the process group and exit (`close` waits for it)."""
+        self._closing = True
         for conn in self.conns:
             try:
                 conn.send_bytes(_dumps(None))
@@ -159,7 +200,8 @@ def serve(fd: int) -> None:
         conn.send(("ok", None))
         while (message := pickle.loads(conn.recv_bytes())) is not None:
             method, call_args = message
-            getattr(runner, method)(*call_args)
+            with runner._current_device():
+                getattr(runner, method)(*call_args)
             conn.send(("ok", None))
     except EOFError:
         pass                # rank 0 is gone

@@ -99,8 +99,10 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> di
     scheduler.schedule = _timed(record, "schedule", real_schedule)
     runner.prepare = _timed(record, "prepare", real_prepare)
     runner.model.forward = _timed(record, "model+sample (stub)", real_model)
-    if runner.graphs is not None:          # the graph path prepares by refilling static buffers
-        runner.graphs.run = _timed(record, "prepare", runner.graphs.run)
+    # The graph path prepares by refilling static buffers and copying them to the device.
+    graph_prepare = ("stage", "replay") if runner.graphs is not None else ()
+    for name in graph_prepare:
+        setattr(runner.graphs, name, _timed(record, "prepare", getattr(runner.graphs, name)))
     total = 0.0
     try:
         for _ in range(steps):
@@ -110,8 +112,8 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> di
             assert len(outputs) == (batch if engine.stream_outputs else 0)
     finally:
         scheduler.schedule, runner.prepare, runner.model.forward = real_schedule, real_prepare, real_model
-        if runner.graphs is not None:
-            del runner.graphs.run
+        for name in graph_prepare:
+            delattr(runner.graphs, name)
         for i in range(batch):
             engine.abort_request(f"r{i}")
     row = {phase: 1e3 * record[phase] / steps for phase in PHASES[:3]}

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from opt_fast.engine.cuda_graphs import DecodeGraphs
+from opt_fast.engine.model_runner import ModelRunner
+
 REPO = Path(__file__).resolve().parents[1]
 OPT_TOKENIZER_DIR = REPO.parent / "shared" / "opt-tokenizer"
 PADDING_ROWS = 7
@@ -59,3 +62,31 @@ def build_hf_model(shape: str, vocab_size: int, seed: int = 0):
     randomise_(model, seed)
     model.tie_weights()
     return model
+
+
+class _Replay:
+    """Stands in for a captured graph on CPU: replay runs the step again into the same outputs
+    (a tensor-parallel worker's step has none)."""
+
+    def __init__(self, graphs, size: int, outputs):
+        self.graphs, self.size, self.outputs = graphs, size, outputs
+
+    def replay(self):
+        fresh = self.graphs._step(self.size)
+        for static, new in zip(self.outputs or (), fresh or ()):
+            static.copy_(new)
+
+
+class EmulatedGraphs(DecodeGraphs):
+    """DecodeGraphs whose captures are emulated on CPU (each replay runs the step eagerly), so the
+    graph path's host side (staging, padding, refills, tensor-parallel hand-over) runs without CUDA."""
+
+    def _capture(self, size, pool):
+        outputs = self._step(size)
+        return _Replay(self, size, outputs), outputs, None
+
+
+def install_emulated_graphs() -> None:
+    """Give ModelRunner an `_emulate_graphs` call, which a tensor-parallel rank 0 can run on
+    every rank (`_on_all_ranks`): the workers' processes import this module first."""
+    ModelRunner._emulate_graphs = lambda runner: setattr(runner, "graphs", EmulatedGraphs(runner))

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from opt_testing import test_device
+from opt_testing import EmulatedGraphs, test_device
 from opt_fast import LLM, Engine, SamplingParams
 from opt_fast.config import preset_for
 from opt_fast.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -31,23 +31,6 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
           # not plain: the graph's draw is redone eagerly with the penalty / the min_tokens ban
           SamplingParams(temperature=0.7, repetition_penalty=1.5, max_tokens=20, seed=6, ignore_eos=True),
           SamplingParams(temperature=0, min_tokens=5, max_tokens=20, stop_token_ids=[7, 8, 9])]
-
-
-class _Replay:
-    """Stands in for a captured graph on CPU: replay runs the step again into the same outputs."""
-
-    def __init__(self, graphs: DecodeGraphs, size: int, outputs):
-        self.graphs, self.size, self.outputs = graphs, size, outputs
-
-    def replay(self):
-        for static, fresh in zip(self.outputs, self.graphs._step(self.size)):
-            static.copy_(fresh)
-
-
-class EmulatedGraphs(DecodeGraphs):
-    def _capture(self, size, pool):
-        outputs = self._step(size)
-        return _Replay(self, size, outputs), outputs, None
 
 
 def test_graph_batch_sizes():

@@ -24,7 +24,10 @@ from opt_fast.engine.model_runner import resolve_device_dtype
 from opt_fast.engine.workers import WorkerError, _dumps
 from opt_fast.model.loader import CheckpointError
 from opt_fast.parallel import check_tensor_parallel, shard_dim, take_shard
+from opt_testing import install_emulated_graphs
 from test_parity_hf import PROMPTS, hf_greedy
+
+TESTS = Path(__file__).resolve().parent
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
 
@@ -153,6 +156,29 @@ def test_two_ranks_on_triton_kernels(tiny_model_dir):
     one = generate(tiny_model_dir, 1, prompts, params)
     two = generate(tiny_model_dir, 2, prompts, params, kernels="triton")
     assert_same_outputs(one, two, atol=2e-3)
+
+
+def test_two_ranks_through_the_decode_graph_path(tiny_model_dir, monkeypatch):
+    """The graph path (captures emulated on CPU, opt_testing.EmulatedGraphs) on two ranks: rank 0
+    stages each step, the worker loads what it staged and replays its own forward-only graph.
+    Rows finish at different lengths, so batches shrink through padded sizes."""
+    install_emulated_graphs()
+    monkeypatch.setattr(workers, "_WORKER_MAIN", f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
+                                                 f"import opt_testing; opt_testing.install_emulated_graphs(); "
+                                                 f"{workers._WORKER_MAIN}")
+    prompts = [[2] + [(11 * i + 5 * j) % 300 + 4 for j in range(3 + 4 * i)] for i in range(11)]
+    params = [SamplingParams(temperature=0.8 if i % 2 else 0, top_p=0.9, seed=i, max_tokens=6 + i,
+                             ignore_eos=True) for i in range(len(prompts))]
+    one = generate(tiny_model_dir, 1, prompts, params, max_num_seqs=16)
+    llm = cpu_llm(tiny_model_dir, 2, max_num_seqs=16)
+    try:
+        runner = llm.engine.runner
+        runner._on_all_ranks("_emulate_graphs")
+        two = llm.generate(prompts, params, use_tqdm=False)
+        assert runner.graphs.replays >= 10
+    finally:
+        llm.close()
+    assert_same_outputs(one, two)
 
 
 # ---- bad input, failures, shutdown --------------------------------------------------------------

@@ -78,7 +78,7 @@ class DecodeGraphs:
         # Recorded after each step's host-to-device copies: the host buffers are not refilled
         # before those copies have read them (rank 0's end-of-step sync ensures it there, but
         # nothing else does on a tensor-parallel worker).
-        self.inputs_copied = torch.cuda.Event()
+        self.inputs_copied = torch.cuda.Event() if pin else None
         self._batch: list[Sequence] | None = None
         self.plain, self.has_min_tokens = True, False
 
@@ -123,6 +123,10 @@ class DecodeGraphs:
         regrown any sequence, so the next replay refills everything."""
         self._batch = None
 
+    def _wait_for_input_copies(self) -> None:
+        if self.inputs_copied is not None:
+            self.inputs_copied.synchronize()
+
     def _refill_batch(self, seqs: list[Sequence], n: int, size: int) -> None:
         """What stays fixed while the batch keeps its sequences: sampling settings, padding rows."""
         self._batch = list(seqs)
@@ -149,7 +153,7 @@ class DecodeGraphs:
         whose new token starts a block (a decode adds one token, so its table grows only then)."""
         n = len(seqs)
         size = next(s for s in self.sizes if s >= n)
-        self.inputs_copied.synchronize()
+        self._wait_for_input_copies()
         bs = self.block_size
         positions = [len(s.token_ids) - 1 for s in seqs]
         if seqs != self._batch:                 # identity compare, element by element
@@ -178,7 +182,7 @@ class DecodeGraphs:
     def load(self, size: int, staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Take the inputs rank 0 staged (`staged`) into this rank's host buffers."""
         model_rows, seq_lens, tables = staged
-        self.inputs_copied.synchronize()
+        self._wait_for_input_copies()
         self.host_i64[:len(model_rows), :size] = model_rows
         self.host_seq_lens[:size] = seq_lens
         self.host_block_tables[:size] = tables
@@ -189,7 +193,8 @@ class DecodeGraphs:
         or None on a rank that does not sample."""
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
-        self.inputs_copied.record()
+        if self.inputs_copied is not None:
+            self.inputs_copied.record()
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size]

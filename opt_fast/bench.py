@@ -57,13 +57,14 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
         result = _settings(engine, model, random_weights, num_prompts, input_len, output_len,
                            temperature, seed)
         result.update(timing)
-        result.update(peak_memory_mib=_peak_memory_mib(engine.runner.device),
-                      peak_memory_source="torch.cuda.max_memory_allocated"
-                      if engine.runner.device.type == "cuda" else "peak RSS")
+        source = "torch.cuda.max_memory_allocated" if engine.runner.device.type == "cuda" else "peak RSS"
+        if engine.cfg.tensor_parallel_size > 1:
+            source += " of rank 0 (each rank holds its share)"
+        result.update(peak_memory_mib=_peak_memory_mib(engine.runner.device), peak_memory_source=source)
         if compare == "hf":
             device, dtype = engine.runner.device, engine.runner.dtype
             config, batch = engine.model_config, engine.cfg.max_num_seqs
-            del engine      # free its weights and KV cache before HF loads its copy
+            engine.close()  # free its weights and KV cache (and workers) before HF loads its copy
             _release(device)
             hf_s = _time_hf(path, config, random_weights, prompts, output_len, device, dtype, batch,
                             progress)
@@ -248,6 +249,7 @@ def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, inp
                 torch=torch.__version__, opt_fast=__version__,
                 num_prompts=num_prompts, input_len=input_len, output_len=output_len,
                 temperature=temperature, seed=seed, max_num_seqs=engine.cfg.max_num_seqs,
+                tensor_parallel_size=engine.cfg.tensor_parallel_size,
                 num_kv_blocks=runner.num_kv_blocks, enforce_eager=engine.cfg.enforce_eager)
 
 

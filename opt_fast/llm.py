@@ -20,7 +20,8 @@ class LLM:
     - device: None picks "cuda" where available, else "cpu";
     - kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
     - tensor_parallel_size: split each layer over so many ranks (processes; one GPU each on CUDA,
-      consecutive from `device`); they stop on `close()`, or when this LLM is collected;
+      consecutive from `device`); they stop on `close()`, or when this LLM is collected; one
+      such LLM per process at a time;
     - block_size, num_kv_blocks (None: sized from gpu_memory_utilization on CUDA), the paged KV cache;
     - max_num_seqs, max_num_batched_tokens: at most so many sequences and tokens per step;
     - max_model_len: prompt + output tokens per request (None: the model's positions);
@@ -43,7 +44,8 @@ class LLM:
         self._ids = count()
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes now (nothing to do without them)."""
+        """Free the model and its memory now and stop the tensor-parallel worker processes (if
+        any), instead of when this LLM is garbage-collected. It cannot generate afterwards."""
         self.engine.close()
 
     def get_tokenizer(self):

@@ -111,7 +111,8 @@ def _collective_device() -> torch.device:
 def _check_no_group(world: int) -> None:
     if dist.is_initialized():
         raise ValueError(f"tensor_parallel_size={world}: this process already has a torch.distributed "
-                         "process group, and the engine needs its own")
+                         "process group, and the engine needs its own (close() another tensor-parallel "
+                         "LLM or Engine of this process first)")
 
 
 def open_store(world: int) -> dist.TCPStore:

@@ -86,7 +86,12 @@ class EmulatedGraphs(DecodeGraphs):
         return _Replay(self, size, outputs), outputs, None
 
 
+def emulate_graphs(runner) -> None:
+    runner.graphs = EmulatedGraphs(runner)
+
+
 def install_emulated_graphs() -> None:
     """Give ModelRunner an `_emulate_graphs` call, which a tensor-parallel rank 0 can run on
-    every rank (`_on_all_ranks`): the workers' processes import this module first."""
-    ModelRunner._emulate_graphs = lambda runner: setattr(runner, "graphs", EmulatedGraphs(runner))
+    every rank (`_on_all_ranks`); for a worker's process, which imports this module first. (In
+    the test's own process, monkeypatch the same method on, so it goes when the test ends.)"""
+    ModelRunner._emulate_graphs = emulate_graphs

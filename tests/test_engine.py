@@ -227,6 +227,8 @@ def test_bad_requests_fail_alone(tiny_model_dir):
            ("negative", [2, -1], GREEDY, "outside the vocabulary"),
            ("too-long", [2] * 60, SamplingParams(max_tokens=10), "max_model_len"),
            ("float-id", [2, 5.0], GREEDY, "integers"),
+           ("bool-id", [2, True], GREEDY, "integers"),     # a bool is an int to isinstance
+           ("bool-only", (True,), GREEDY, "integers"),
            ("good-0", good[1], GREEDY, "already in use"),
            ("not-params", good[1], {"temperature": 0}, "SamplingParams"),
            (7, good[1], GREEDY, "request_id must be a str"),
@@ -240,9 +242,11 @@ def test_bad_requests_fail_alone(tiny_model_dir):
         with pytest.raises(ValueError, match=message):
             engine.add_request(request_id, prompt, params)
     engine.add_request("good-1", good[1], GREEDY)
+    engine.add_request("good-tuple", tuple(good[1]), GREEDY)
     final = drain(engine)
-    assert sorted(final) == ["good-0", "good-1"]
+    assert sorted(final) == ["good-0", "good-1", "good-tuple"]
     assert all(len(o.outputs[0].token_ids) == 12 for o in final.values())
+    assert final["good-tuple"].outputs[0].token_ids == final["good-1"].outputs[0].token_ids
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 

@@ -20,11 +20,11 @@ from opt_fast.config import EngineConfig, OPTConfig
 from opt_fast.context import Context
 from opt_fast import parallel
 from opt_fast.engine import workers
-from opt_fast.engine.model_runner import resolve_device_dtype
+from opt_fast.engine.model_runner import ModelRunner, resolve_device_dtype
 from opt_fast.engine.workers import WorkerError, _dumps
 from opt_fast.model.loader import CheckpointError
 from opt_fast.parallel import check_tensor_parallel, shard_dim, take_shard
-from opt_testing import install_emulated_graphs
+from opt_testing import emulate_graphs
 from test_parity_hf import PROMPTS, hf_greedy
 
 TESTS = Path(__file__).resolve().parent
@@ -162,7 +162,7 @@ def test_two_ranks_through_the_decode_graph_path(tiny_model_dir, monkeypatch):
     """The graph path (captures emulated on CPU, opt_testing.EmulatedGraphs) on two ranks: rank 0
     stages each step, the worker loads what it staged and replays its own forward-only graph.
     Rows finish at different lengths, so batches shrink through padded sizes."""
-    install_emulated_graphs()
+    monkeypatch.setattr(ModelRunner, "_emulate_graphs", emulate_graphs, raising=False)
     monkeypatch.setattr(workers, "_WORKER_MAIN", f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
                                                  f"import opt_testing; opt_testing.install_emulated_graphs(); "
                                                  f"{workers._WORKER_MAIN}")
@@ -207,7 +207,7 @@ def test_ranks_take_consecutive_gpus_from_the_device_asked_for(monkeypatch):
 
 
 def worker_pids(llm: LLM) -> list[int]:
-    return [p.pid for p in llm.engine.runner.workers.processes]
+    return [p.pid for p in llm.engine.runner.tp.workers.processes]
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
@@ -224,11 +224,12 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 
 def test_close_stops_the_workers_and_the_engine(tiny_model_dir):
     llm = cpu_llm(tiny_model_dir, 2)
-    processes = list(llm.engine.runner.workers.processes)
+    processes = list(llm.engine.runner.tp.workers.processes)
     llm.close()
     assert [p.returncode for p in processes] == [0]     # stopped, not killed, and no abort on exit
     assert not dist.is_initialized()
-    with pytest.raises(RuntimeError, match="closed"):
+    assert llm.engine.runner.model is None and llm.engine.runner.kv_cache is None   # memory freed
+    with pytest.raises(RuntimeError, match="cannot take requests: the engine was closed"):
         llm.generate([[2, 5]], GREEDY, use_tqdm=False)
 
 
@@ -245,7 +246,7 @@ def test_a_dead_worker_fails_the_step_at_once_and_a_new_engine_starts(tiny_model
     engine = Engine(str(tiny_model_dir), dtype="float32", device="cpu", kernels="torch", tensor_parallel_size=2)
     engine.add_request("r", [2, 5, 9], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
-    os.kill(engine.runner.workers.processes[0].pid, signal.SIGKILL)
+    os.kill(engine.runner.tp.workers.processes[0].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(RuntimeError):
         engine.step()
@@ -259,7 +260,8 @@ def test_a_dead_worker_fails_the_step_at_once_and_a_new_engine_starts(tiny_model
 
 def test_ctrl_c_at_a_terminal_does_not_reach_the_workers(tiny_model_dir):
     """Workers run in a session of their own: the terminal's SIGINT goes to rank 0's process
-    group only, so a caught KeyboardInterrupt leaves the engine usable."""
+    group only, and rank 0 decides (an interrupt between steps leaves the engine usable; one in
+    the middle of a step's collectives ends it, and close() stops the workers)."""
     llm = cpu_llm(tiny_model_dir, 2)
     try:
         assert all(os.getpgid(pid) != os.getpgid(0) for pid in worker_pids(llm))

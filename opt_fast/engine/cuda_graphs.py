@@ -6,7 +6,8 @@ The graphs read their inputs from static device buffers that each step refills w
 per dtype; padding rows have no cache slot and length 0, so they read and write nothing.
 
 Under tensor parallelism every rank captures the same graphs, all-reduces included, and replays
-them in lock-step; rank 0 stages the inputs and sends them to the others (`staged`, `load`). Only
+them in lock-step; rank 0 stages the inputs and sends them to the others (`worker_inputs`,
+`load`). Only
 rank 0's graphs compute logits and sample.
 """
 from __future__ import annotations
@@ -174,9 +175,9 @@ class DecodeGraphs:
         self.host_seq_lens[:n] = rows[1] + 1
         return size
 
-    def staged(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What a rank that does not sample needs of the staged inputs, for `load`."""
-        model_rows = len(("input_ids", "positions", "slots"))     # the first rows of _I64_ROWS
+    def worker_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a rank that does not sample needs of the staged inputs, for its `load`."""
+        model_rows = _I64_ROWS.index("slots") + 1       # input_ids, positions, slots
         return self.host_i64[:model_rows, :size], self.host_seq_lens[:size], self.host_block_tables[:size]
 
     def load(self, size: int, staged: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:

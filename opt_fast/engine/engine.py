@@ -118,6 +118,8 @@ class Engine:
 
         The engine keeps its own copy of `params` (validated again), so changing the caller's
         object afterwards changes nothing here."""
+        if self.runner.broken:
+            raise RuntimeError(f"the engine cannot take requests: {self.runner.broken}")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -194,8 +196,9 @@ class Engine:
         return request.output(True)
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes (if any) now, rather than when this engine
-        is garbage-collected or the interpreter exits. The engine cannot step afterwards."""
+        """Free the model, its KV cache and its CUDA graphs now, and stop the tensor-parallel
+        worker processes (if any), rather than when this engine is garbage-collected or the
+        interpreter exits. The engine takes no requests and cannot step afterwards."""
         self.runner.close()
 
     def has_unfinished_requests(self) -> bool:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 
 import torch
 
@@ -17,7 +16,7 @@ from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
 from .host_tensors import block_tables, host_tensor, seen_ids
 from .sequence import Sequence, samples_raw_logits
-from .workers import WorkerError, Workers
+from .workers import TensorParallelRanks
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _CPU_KV_CACHE_BYTES = 1 << 30    # CPU default pool: 1 GiB of KV cache
@@ -51,7 +50,7 @@ class StepResult:
 
 class ModelRunner:
     """Rank 0 of `cfg.tensor_parallel_size` (the engine's runner; it starts and drives the other
-    ranks' runners, `workers.Workers`), or, with `rank` > 0, one of those."""
+    ranks' runners, see `workers`), or, with `rank` > 0, one of those."""
 
     def __init__(self, config: OPTConfig, cfg: EngineConfig, model_path, vocab_size: int,
                  max_model_len: int, max_num_batched_tokens: int, progress: bool = False,
@@ -64,74 +63,51 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads // self.world    # this rank's
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.ops = get_ops(cfg.kernels, self.device.type)
-        self.workers = self.group = self.graphs = None
-        self.broken: str | None = None
-        self._release: weakref.finalize | None = None
+        self.tp: TensorParallelRanks | None = None
+        self.model = self.kv_cache = self.graphs = None
+        self.broken: str | None = None      # why the runner cannot step (closed, or failed)
         try:
             with self._current_device():
                 if self.world > 1:
-                    self._join(rank, store_port, dict(config=config, cfg=cfg, model_path=model_path,
-                                                      vocab_size=vocab_size, max_model_len=max_model_len,
-                                                      max_num_batched_tokens=max_num_batched_tokens))
+                    self.tp = TensorParallelRanks(rank, self.world, self.device, store_port, dict(
+                        config=config, cfg=cfg, model_path=model_path, vocab_size=vocab_size,
+                        max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens))
+                    # the row-parallel GEMMs end in an all-reduce
+                    self.ops = parallel.parallel_ops(self.ops, self.tp.group)
                 self._load(model_path, progress)
+                if self.tp is not None and self.tp.workers is not None:
+                    self.tp.workers.wait()      # every rank holds its weights
                 if rank == 0:
-                    if self.workers is not None:
-                        self.workers.wait()     # every rank holds its weights
                     self._on_all_ranks("_allocate")
         except BaseException as err:
             self.broken = f"it failed to start ({type(err).__name__}: {err})"
             self.close()
             raise
 
-    def _join(self, rank: int, store_port: int | None, runner_args: dict) -> None:
-        """Rank 0: start the other ranks' processes; every rank: join the group, and switch the
-        row-parallel GEMMs to ones that reduce across it."""
-        if rank == 0:
-            store = parallel.open_store(self.world)
-            self.workers = Workers(self.world, store.port, runner_args)
-            self.group = self.workers.watch(lambda: parallel.join(rank, self.world, store, self.device),
-                                            discard=parallel.TensorParallelGroup.close)
-            self.workers.watch_deaths(self.group.abort)
-        else:
-            self.group = parallel.join(rank, self.world, store_port, self.device)
-        self._release = weakref.finalize(self, _release, self.workers, self.group)
-        self.ops = parallel.parallel_ops(self.ops, self.group)
-
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks and leave the process group (nothing to do
-        without tensor parallelism). The runner cannot step afterwards."""
-        if self.workers is not None and self.broken:
-            self.workers.close(timeout=0)       # some may wait forever in a collective
-            if self.group is not None:
-                self.group.abort()              # ... and so may this rank
-        self.graphs = None          # their captured all-reduces use the group
-        if self._release is not None:
-            self._release()
-        self.workers = self.group = None
+        """Free the model, the KV cache and the decode graphs and, with tensor parallelism, stop
+        the other ranks and leave the group. The runner cannot step afterwards."""
+        self.graphs = None          # (first: their captured all-reduces use the group)
+        if self.tp is not None:
+            self.tp.close(failed=self.broken is not None)
+            self.tp = None
+        self.model = self.kv_cache = None
+        if self.device.type == "cuda":
+            with self._current_device():
+                torch.cuda.empty_cache()
         self.broken = self.broken or "the engine was closed"
 
     def _on_all_ranks(self, method: str, *args):
         """`method(*args)` here and on every other rank, in lock-step; returns this rank's result.
-        A failure on any rank between the two ends the runner: the ranks' collectives are no
-        longer matched."""
-        if self.workers is None:
+        A failure on any rank ends the runner: the ranks' collectives are no longer matched."""
+        if self.tp is None:
             return getattr(self, method)(*args)
-        if self.broken:
-            raise WorkerError(f"tensor parallelism stopped: {self.broken}")
         try:
-            self.workers.send(method, *args)
-            result = getattr(self, method)(*args)
-            self.workers.wait()
+            return self.tp.call(self, method, *args)
         except BaseException as err:
             self.broken = f"{type(err).__name__}: {err}"
-            # A worker's own report says more than the broken collective here (gloo's "connection
-            # closed by peer").
-            cause = self.workers.failure(timeout=2.0)
             self.close()
-            if cause is not None:
-                raise WorkerError(cause) from err
             raise
-        return result
 
     def _current_device(self):
         """Triton launches, CUDA graph captures and the caching allocator's streams follow the
@@ -160,7 +136,6 @@ class ModelRunner:
             load_weights(self.model, model_path, progress=progress, rank=self.rank, world=self.world)
         self.model.eval()
 
-    @torch.inference_mode()
     def _allocate(self) -> None:
         """The KV cache and the decode graphs (on every rank at once: both run collectives)."""
         cfg = self.cfg
@@ -184,8 +159,8 @@ class ModelRunner:
             budget = _CPU_KV_CACHE_BYTES
         needed = ceil_div(self.max_model_len, self.block_size)
         blocks = min(int(budget // self._bytes_per_block()), self.cfg.max_num_seqs * needed)
-        if self.group is not None:
-            blocks = self.group.min(blocks)     # every rank's cache holds the same blocks
+        if self.tp is not None:
+            blocks = self.tp.group.min(blocks)  # every rank's cache holds the same blocks
         if blocks < needed:
             raise ValueError(f"KV cache of {max(blocks, 0)} blocks cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} tokens ({needed} blocks); lower "
@@ -354,8 +329,8 @@ class ModelRunner:
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             graphs = self.graphs
             size = graphs.stage(batch.decodes)
-            staged = graphs.staged(size) if self.workers is not None else None
-            raw_logits, tokens, logsumexp = self._on_all_ranks("_replay", size, staged)
+            inputs = graphs.worker_inputs(size) if self.tp is not None else None
+            raw_logits, tokens, logsumexp = self._on_all_ranks("_replay", size, inputs)
             n = len(batch.decodes)
             raw_logits, tokens, logsumexp = raw_logits[:n], tokens[:n], logsumexp[:n]
             # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
@@ -383,11 +358,11 @@ class ModelRunner:
             set_context(None)
 
     @torch.inference_mode()
-    def _replay(self, size: int, staged: tuple | None):
+    def _replay(self, size: int, worker_inputs: tuple | None):
         """Replay the decode graph of `size` rows on the inputs rank 0 staged; a worker first
-        takes them (`staged`) into its own buffers. Returns the graph's outputs."""
+        takes them (`worker_inputs`) into its own buffers. Returns the graph's outputs."""
         if self.rank:
-            self.graphs.load(size, staged)
+            self.graphs.load(size, worker_inputs)
         return self.graphs.replay(size)
 
     def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
@@ -441,13 +416,3 @@ class ModelRunner:
                     seq.prompt_logprobs[start + 1 + first + i] = entry
             offset += count
 
-
-def _release(workers: Workers | None, group: parallel.TensorParallelGroup | None) -> None:
-    """Stop the workers and leave the group: on close, or when the runner is collected or the
-    interpreter exits. Every rank leaves the group at once (NCCL's teardown may wait for peers)."""
-    if workers is not None:
-        workers.stop()
-    if group is not None:
-        group.close()
-    if workers is not None:
-        workers.close()

@@ -1,5 +1,6 @@
-"""Tensor-parallel ranks 1..N-1: one process each, running its own ModelRunner in lock-step with
-rank 0's (the engine's), which sends them every call that reaches a collective.
+"""Tensor-parallel ranks: each runner's membership of the group (`TensorParallelRanks`) and, on
+rank 0 (the engine's process), the processes of ranks 1..N-1 (`Workers`), each running its own
+ModelRunner in lock-step with rank 0's, which sends them every call that reaches a collective.
 
 A worker is a fresh interpreter that calls `serve(FD)`, not a multiprocessing spawn, which would
 run the user's main script again in each worker. It talks to rank 0 over a socket pair. Every
@@ -18,9 +19,12 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from multiprocessing.connection import Connection, wait
 
 import torch
+
+from .. import parallel
 
 _WORKER_MAIN = "import sys; from opt_fast.engine.workers import serve; serve(int(sys.argv[1]))"
 # How long close() lets a worker finish before killing it.
@@ -185,6 +189,62 @@ class Workers:
         self.processes, self.conns = [], []
 
 
+class TensorParallelRanks:
+    """One runner's place among the tensor-parallel ranks: the process group, and on rank 0 the
+    workers it starts and drives. Stopped by `close()`, or when collected (at the latest when
+    the interpreter exits)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, store_port: int | None, runner_args: dict):
+        self.workers: Workers | None = None
+        if rank == 0:
+            store = parallel.open_store(world)
+            self.workers = Workers(world, store.port, runner_args)
+            try:
+                self.group = self.workers.watch(lambda: parallel.join(rank, world, store, device),
+                                                discard=parallel.TensorParallelGroup.close)
+            except BaseException:
+                self.workers.close(timeout=0)     # they may wait in the join
+                raise
+            self.workers.watch_deaths(self.group.abort)
+        else:
+            self.group = parallel.join(rank, world, store_port, device)
+        self._finalizer = weakref.finalize(self, _leave, self.workers, self.group)
+
+    def call(self, runner, method: str, *args):
+        """Rank 0: `getattr(runner, method)(*args)` here and on every worker, in lock-step;
+        returns this rank's result. On a failure anywhere, raises the worker's own report when
+        one has one (it says more than rank 0's broken collective: gloo's "connection closed")."""
+        try:
+            self.workers.send(method, *args)
+            result = getattr(runner, method)(*args)
+            self.workers.wait()
+            return result
+        except BaseException as err:
+            cause = self.workers.failure(timeout=2.0)
+            if cause is not None:
+                raise WorkerError(cause) from err
+            raise
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the workers and leave the group. `failed`: after a failure some rank may wait
+        forever in a collective, so workers are killed and the group aborted, not left in order."""
+        if failed:
+            if self.workers is not None:
+                self.workers.close(timeout=0)
+            self.group.abort()
+        self._finalizer()
+
+
+def _leave(workers: Workers | None, group: parallel.TensorParallelGroup) -> None:
+    """Every rank leaves the group at once (NCCL's teardown may wait for peers), then the
+    workers are waited for."""
+    if workers is not None:
+        workers.stop()
+    group.close()
+    if workers is not None:
+        workers.close()
+
+
 def serve(fd: int) -> None:
     """A worker's life: build its runner, then run each call rank 0 sends (over the socket `fd`)
     until told to stop."""
@@ -192,7 +252,8 @@ def serve(fd: int) -> None:
     conn = Connection(fd)
     args = pickle.loads(conn.recv_bytes())
     conn.send(("ok", None))
-    # The ranks share this machine's cores; each rank's op would otherwise spin up a thread per core.
+    # The ranks share this machine's cores; each worker's op would otherwise spin up a thread per
+    # core (rank 0, the user's process, keeps its setting).
     torch.set_num_threads(max(1, torch.get_num_threads() // args["cfg"].tensor_parallel_size))
     runner, code = None, 0
     try:
@@ -214,7 +275,7 @@ def serve(fd: int) -> None:
     finally:
         if runner is not None and code == 0:
             runner.close()      # (after a failure, exiting is the way out: leaving the group
-                                # in order would wait for collectives that cannot finish)
+            # in order would wait for collectives that cannot finish)
         # Leave without the interpreter's teardown: in it, torch.distributed's threads abort
         # the process now and then ("terminate called without an active exception"), after
         # the group is already gone. A worker has nothing else to save.

@@ -190,14 +190,16 @@ def init_random_weights(model: nn.Module, seed: int = 0, rank: int = 0, world: i
     `rank` of `world` draws each whole tensor and keeps its slice: the same model at any world."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
-        dim = shard_dim(name)
-        full = param.new_empty(_full_shape(param.shape, dim, world))
+        dim = shard_dim(name) if world > 1 else None
+        # (a replicated parameter is drawn in place, with no whole-size copy)
+        full = param.new_empty(_full_shape(param.shape, dim, world)) if dim is not None else param
         if param.dim() == 1:
             fill = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
             full.normal_(fill, 0.02, generator=generator)
         else:
             full.normal_(0.0, full.shape[-1] ** -0.5, generator=generator)
-        param.copy_(take_shard(full, dim, rank, world, packed=3 if ".qkv_proj." in name else 1))
+        if full is not param:
+            param.copy_(take_shard(full, dim, rank, world, packed=3 if ".qkv_proj." in name else 1))
 
 
 def _full_shape(shape: torch.Size, dim: int | None, world: int) -> tuple[int, ...]:

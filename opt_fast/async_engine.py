@@ -113,6 +113,16 @@ class AsyncEngine:
                 # FIFO on the worker: it follows the add, even one still in flight.
                 self._executor.submit(self._abort, request_id, stream)
 
+    async def close(self) -> None:
+        """Stop serving and free the engine (its memory, its tensor-parallel workers) once the
+        step in flight is done. Requests still streaming end with EngineDeadError, as does every
+        later `generate`."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        await self._in_worker(self.engine.close)     # the engine's thread: after the step in flight
+        self._executor.shutdown()
+        self._fail(RuntimeError("the AsyncEngine was closed"))
+
     # ---- the worker thread: every Engine call happens here -----------------------------------
     def _add(self, request_id: str, stream: _Stream, prompt, params) -> None:
         self.engine.add_request(request_id, prompt, params)

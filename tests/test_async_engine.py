@@ -208,3 +208,27 @@ def test_a_result_finished_before_a_failing_step_still_reaches_its_slow_client(t
     short, long = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert isinstance(long, EngineDeadError)
     assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 2
+
+
+def test_close_ends_streaming_clients_and_frees_the_engine(tiny_model_dir):
+    aeng = AsyncEngine(str(tiny_model_dir), device=test_device(), kernels="torch")
+
+    async def scenario():
+        received = []
+
+        async def client():
+            async for out in aeng.generate([2, 5, 9], LONG):
+                received.append(out)
+        task = asyncio.create_task(client())
+        while not received:
+            await asyncio.sleep(0.01)
+        await aeng.close()
+        with pytest.raises(EngineDeadError, match="closed"):
+            await task
+        with pytest.raises(EngineDeadError, match="closed"):
+            await collect(aeng, [2, 7], SHORT)
+        return received
+
+    received = asyncio.run(scenario())
+    assert 0 < len(received[-1].outputs[0].token_ids) < LONG.max_tokens
+    assert aeng.dead and aeng.engine.runner.model is None

@@ -90,31 +90,35 @@ class Workers:
         for conn in self.conns:
             conn.send_bytes(message)
 
+    def _problem(self, conn: Connection) -> str | None:
+        """Read the next reply of `conn`'s worker: None for an acknowledgement, else what went wrong."""
+        rank = self.conns.index(conn) + 1
+        try:
+            status, detail = conn.recv()
+        except (EOFError, OSError):
+            return f"tensor-parallel worker {rank} exited (exit code {self.processes[rank - 1].poll()})"
+        return None if status == "ok" else f"tensor-parallel worker {rank} failed:\n{detail}"
+
+    def _any_exited(self) -> bool:
+        return any(process.poll() is not None for process in self.processes)
+
     def wait(self) -> None:
         """One acknowledgement from every worker; WorkerError if one failed or died."""
         pending = list(self.conns)
         while pending:
             for conn in wait(pending):
                 pending.remove(conn)
-                rank = self.conns.index(conn) + 1
-                try:
-                    status, detail = conn.recv()
-                except (EOFError, OSError):
-                    raise WorkerError(f"tensor-parallel worker {rank} exited "
-                                      f"(exit code {self.processes[rank - 1].poll()})") from None
-                if status != "ok":
-                    raise WorkerError(f"tensor-parallel worker {rank} failed:\n{detail}")
+                problem = self._problem(conn)
+                if problem is not None:
+                    raise WorkerError(problem)
 
     def failure(self, timeout: float) -> str | None:
         """What a worker reported as its failure (or that it exited), if one does within
         `timeout` seconds: the cause to report when a collective on rank 0 broke."""
         for conn in wait(self.conns, timeout):
-            try:
-                status, detail = conn.recv()
-            except (EOFError, OSError):
-                return f"tensor-parallel worker {self.conns.index(conn) + 1} exited"
-            if status != "ok":
-                return f"tensor-parallel worker {self.conns.index(conn) + 1} failed:\n{detail}"
+            problem = self._problem(conn)
+            if problem is not None:
+                return problem
         return None
 
     def watch(self, rendezvous, discard):
@@ -142,7 +146,7 @@ class Workers:
                     break
                 # A worker that fails exits (after saying why); one that joined may already be
                 # answering its next call, which must stay queued.
-                if any(process.poll() is not None for process in self.processes):
+                if self._any_exited():
                     outcome.append((False, None))
                     break
         ok, value = outcome[0]
@@ -158,7 +162,7 @@ class Workers:
         worker exits: rank 0 may be waiting on the GPU for a collective that can never end."""
         def run():
             while not self._closing:
-                if any(process.poll() is not None for process in self.processes):
+                if self._any_exited():
                     if not self._closing:
                         on_death()
                     return

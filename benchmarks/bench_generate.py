@@ -15,6 +15,7 @@ import gc
 import json
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,21 +38,33 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def model_config(size: str, smoke: bool):
+    """The published shape `size`, or with --smoke a tiny model of the same kind (pre-LN, or
+    350m's post-LN with project_in/out)."""
+    config = preset_for(size)
+    if smoke:
+        config = replace(config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                         word_embed_proj_dim=64 if config.word_embed_proj_dim == config.hidden_size else 32)
+    return config
+
+
 def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
-                   kernels: str, enforce_eager: bool):
+                   kernels: str, warmups=None, **engine_kwargs):
+    """(seconds, outputs) of one timed `LLM.generate(prompts)` after warm-up calls: by default
+    one on the first two prompts; `warmups` lists the prompt lists of each warm-up call instead."""
     llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
-              max_num_seqs=len(prompts), enforce_eager=enforce_eager)
+              max_num_seqs=len(prompts), **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for warmup in warmups or [prompts[:2]]:
+        llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     _sync(device)
     elapsed = time.perf_counter() - start
-    tokens = [o.outputs[0].token_ids for o in outs]
     del llm
     _release()
-    return elapsed, tokens
+    return elapsed, outs
 
 
 def bench_hf(ckpt: Path, prompts, output_len: int, device: str, dtype: torch.dtype):
@@ -71,6 +84,15 @@ def bench_hf(ckpt: Path, prompts, output_len: int, device: str, dtype: torch.dty
     del model
     _release()
     return elapsed, tokens
+
+
+def kernels_summary(kernels: str, device: str) -> str:
+    """Which implementation each op of `kernels` runs on `device`, for a report's header."""
+    from opt_fast.kernels import get_ops
+    ops = get_ops(kernels, device)
+    names = [(op, getattr(ops, op).__name__) for op in ("layernorm_linear", "write_kv_cache",
+                                                          "prefill_attention", "paged_decode_attention", "sample")]
+    return ", ".join(f"{op}: {'torch' if name.endswith('_ref') else 'triton'}" for op, name in names)
 
 
 def main() -> None:
@@ -96,11 +118,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     rows = []
     for size in args.sizes:
-        config = preset_for(size)
-        if args.smoke:
-            from dataclasses import replace
-            config = replace(config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             ffn_dim=128, word_embed_proj_dim=64 if config.word_embed_proj_dim == config.hidden_size else 32)
+        config = model_config(size, args.smoke)
         prompts = torch.randint(4, 50000, (args.num_prompts, args.input_len), generator=g).tolist()
         prompts = [[2] + p[1:] for p in prompts]
         kv_blocks = args.num_prompts * -(-(args.input_len + args.output_len) // 16) + 16
@@ -109,7 +127,8 @@ def main() -> None:
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
             ours = [bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                   kv_blocks, args.kernels, eager) for eager in eager_modes]
+                                   kv_blocks, args.kernels, enforce_eager=eager) for eager in eager_modes]
+            ours = [(seconds, [o.outputs[0].token_ids for o in outs]) for seconds, outs in ours]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
         for tokens in [hf_tokens] + [t for _, t in ours]:
@@ -127,11 +146,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    from opt_fast.kernels import get_ops
-    ops = get_ops(args.kernels, device)
-    ops = [(op, getattr(ops, op).__name__) for op in ("layernorm_linear", "write_kv_cache",
-                                                        "prefill_attention", "paged_decode_attention", "sample")]
-    kernels = ", ".join(f"{op}: {'torch' if name.endswith('_ref') else 'triton'}" for op, name in ops)
+    kernels = kernels_summary(args.kernels, device)
     meta = dict(date=stamp, card=card, torch=torch.__version__, kernels=kernels,
                 note="random weights; greedy; EOS ignored; one timed run after a warm-up")
     (out_dir / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -250,7 +250,8 @@ def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, inp
                 num_prompts=num_prompts, input_len=input_len, output_len=output_len,
                 temperature=temperature, seed=seed, max_num_seqs=engine.cfg.max_num_seqs,
                 tensor_parallel_size=engine.cfg.tensor_parallel_size,
-                num_kv_blocks=runner.num_kv_blocks, enforce_eager=engine.cfg.enforce_eager)
+                num_kv_blocks=runner.num_kv_blocks, enforce_eager=engine.cfg.enforce_eager,
+                enable_prefix_caching=engine.cfg.enable_prefix_caching)
 
 
 def size_name(config: OPTConfig) -> str:

@@ -30,6 +30,8 @@ def _engine_flags() -> argparse.ArgumentParser:
     flags.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit per sequence")
     flags.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks of 16 tokens")
     flags.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    flags.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                       help="compute every prompt in full, even where its start was computed before")
     flags.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
     return flags
 
@@ -86,7 +88,8 @@ def _model(args) -> str:
 def _engine_kwargs(args) -> dict:
     names = dict(dtype="dtype", device="device", kernels="kernels", max_num_seqs="max_num_seqs",
                  max_model_len="max_model_len", num_kv_blocks="num_kv_blocks",
-                 enforce_eager="enforce_eager", tp="tensor_parallel_size")
+                 enforce_eager="enforce_eager", enable_prefix_caching="enable_prefix_caching",
+                 tp="tensor_parallel_size")
     return {kwarg: getattr(args, flag) for flag, kwarg in names.items() if getattr(args, flag) is not None}
 
 

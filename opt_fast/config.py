@@ -165,6 +165,8 @@ class EngineConfig:
     # "auto" loads the checkpoint; "dummy" fills the weights at random on the device, so a
     # benchmark of any size needs only a config.json (vLLM names this option the same way).
     load_format: str = "auto"
+    # Reuse the KV blocks of prompt prefixes computed before (vLLM's option of the same name).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
@@ -187,8 +189,9 @@ class EngineConfig:
                 or not 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         self.seed = check_seed("seed", self.seed)
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def from_kwargs(cls, owner: str, kwargs: dict) -> "EngineConfig":

@@ -27,6 +27,9 @@ class LLM:
     - max_model_len: prompt + output tokens per request (None: the model's positions);
     - enforce_eager: no CUDA graphs; seed: the base of unseeded requests' draws;
     - load_format: "auto" reads the checkpoint, "dummy" draws random weights (benchmarks);
+    - enable_prefix_caching: a prompt whose leading blocks of tokens match blocks computed before
+      (a shared system prompt, few-shot preamble, or a preempted sequence's own) reuses their KV
+      cache instead of computing them again;
     - progress (keyword only): a weight-loading bar, on a terminal only.
     Bad values raise ValueError naming the field.
     """
@@ -35,11 +38,12 @@ class LLM:
                  tensor_parallel_size: int = 1, block_size: int = 16, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-                 enforce_eager: bool = False, seed: int = 0, load_format: str = "auto", *, progress: bool = True):
+                 enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
+                 enable_prefix_caching: bool = True, *, progress: bool = True):
         # (EngineConfig's fields, in this order; validated there)
         config = EngineConfig(dtype, device, kernels, tensor_parallel_size, block_size, num_kv_blocks,
                               gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-                              enforce_eager, seed, load_format)
+                              enforce_eager, seed, load_format, enable_prefix_caching)
         self.engine = Engine(model, progress=progress, stream_outputs=False, **asdict(config))
         self._ids = count()
 

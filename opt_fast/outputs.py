@@ -21,10 +21,12 @@ class CompletionOutput:
 class RequestOutput:
     """A request's state: its prompt, and its completions so far (final when `finished`).
     `prompt_logprobs[0]` is None; entry i maps the actual prompt token (and the top N) to its
-    logprob given the tokens before it."""
+    logprob given the tokens before it. `num_cached_tokens`: prompt tokens whose KV cache came
+    from the prefix cache instead of being computed (as in vLLM)."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     prompt_logprobs: list[dict[int, float] | None] | None
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int = 0

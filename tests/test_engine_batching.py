@@ -64,15 +64,22 @@ def alone(tiny_model_dir):
     return lambda prompt, params=GREEDY: llm.generate([prompt], params, use_tqdm=False)[0]
 
 
-def test_sixty_prompts_under_preemption_equal_each_prompt_alone(tiny_model_dir, alone):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_sixty_prompts_under_preemption_equal_each_prompt_alone(tiny_model_dir, alone, prefix_caching):
+    """With prefix caching, preempted sequences come back on what is left of their blocks."""
     batch = prompts(60, seed=1)
     # 60 sequences of up to 70 tokens want up to 300 blocks of 16; 24 forces many preemptions.
-    eng = engine(tiny_model_dir, num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32)
+    eng = engine(tiny_model_dir, num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32,
+                 enable_prefix_caching=prefix_caching)
     preempted = record_preemptions(eng)
+    reused = []
+    reuse = eng.blocks.reuse_prefix
+    eng.blocks.reuse_prefix = lambda seq: reused.append(reuse(seq)) or reused[-1]
     for i, p in enumerate(batch):
         eng.add_request(str(i), p, GREEDY)
     final = drain(eng)
     assert len(preempted) >= 10, "the pool was meant to force preemption"
+    assert (sum(reused) > 0) == prefix_caching
     assert sorted(final, key=int) == [str(i) for i in range(60)]
     for i, p in enumerate(batch):
         assert final[str(i)].outputs[0].token_ids == alone(p).outputs[0].token_ids, i
@@ -180,8 +187,9 @@ def test_waiting_samples_give_back_shared_blocks_to_an_idle_cache(tiny_model_dir
     needs a fifth block and is preempted (the newest), and cannot come back while B runs and the
     waiting sample holds those blocks. Once B finishes nothing runs: the waiting sample lets
     its blocks go (it recomputes its prompt later), A's first sample resumes, and every
-    request ends as it would alone, leaking nothing."""
-    eng = engine(tiny_model_dir, num_kv_blocks=4)
+    request ends as it would alone, leaking nothing. (Without prefix caching: with it, A's
+    first sample comes back on the cached prompt blocks it shares with the waiting one.)"""
+    eng = engine(tiny_model_dir, num_kv_blocks=4, enable_prefix_caching=False)
     released = []
     release = eng.scheduler._release_waiting_blocks
     eng.scheduler._release_waiting_blocks = lambda: released.append(release()) or released[-1]

@@ -66,7 +66,7 @@ class _Request:
                                         None if s.output_logprobs is None else list(s.output_logprobs),
                                         s.finish_reason, s.error) for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
-                             completions, finished)
+                             completions, finished, self.seqs[0].num_prompt_tokens_reused)
 
 
 class Engine:
@@ -106,7 +106,8 @@ class Engine:
         check_tensor_parallel(self.model_config, self.cfg.tensor_parallel_size)
         self.runner = ModelRunner(self.model_config, self.cfg, path, self.vocab_size,
                                   self.max_model_len, self.max_num_batched_tokens, progress=progress)
-        self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, self.cfg.block_size,
+                                   prefix_caching=self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._num_requests = 0
@@ -216,8 +217,10 @@ class Engine:
             return []
         sampled = batch.sampled
         results = self.runner.run(batch, self.eos_token_id)
-        for seq in batch.prefills + batch.decodes:
+        computed = batch.prefills + batch.decodes
+        for seq in computed:
             seq.num_cached_tokens += seq.num_scheduled_tokens
+        self.blocks.cache_computed(computed)
         advanced: dict[str, _Request] = {}
         for seq, result in zip(sampled, results):
             request = self.requests[seq.request_id]

@@ -95,8 +95,15 @@ class Scheduler:
         while (self.waiting and not batch.preempted and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
+            # Blocks computed before (prefix cache); not for prompt logprobs, which need the
+            # logits of every prompt token.
+            reused = 0 if seq.block_table or seq.prompt_logprobs is not None else self.blocks.reuse_prefix(seq)
+            if not seq.num_output_tokens:
+                seq.num_prompt_tokens_reused = reused
             chunk = min(seq.num_tokens - seq.num_cached_tokens, budget)
             if not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
+                if reused:
+                    self.blocks.free(seq)     # back to the pool, still cached, while it waits
                 if self.running or not self._release_waiting_blocks():
                     break
                 continue

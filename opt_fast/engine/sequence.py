@@ -8,6 +8,10 @@ from itertools import count
 from ..sampling_params import SamplingParams
 
 
+# The "block before" a sequence's first block, in prefix-cache keys (block_manager.py).
+NO_BLOCK = (-1, 0)
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -31,6 +35,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0          # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0       # tokens this step computes (a prefill chunk, or 1)
+        # Prefix cache: leading blocks already entered (or found) there, and the (block,
+        # generation) the next full block chains to.
+        self.num_keyed_blocks, self.prefix_parent = 0, NO_BLOCK
+        self.num_prompt_tokens_reused = 0   # found in the prefix cache when the prompt was scheduled
         self.forks: list[Sequence] = []     # samples 1..n-1, waiting to share this one's prompt
         # Filled chunk by chunk by the runner (sample 0 only); entry 0 has no context, so None.
         self.prompt_logprobs: list | None = ([None] * len(prompt_token_ids)

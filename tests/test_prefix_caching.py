@@ -1,0 +1,204 @@
+"""Prefix caching: prompts whose leading blocks were computed before reuse those KV blocks.
+
+The block manager's table on its own (which blocks a prompt finds, what evicts them, what must
+never match), then the engine: the tokens and logprobs of a reused prefix are those of HF's
+forward over the whole sequence, on every tiny shape, on the torch path and on the Triton
+kernels (interpreter); prompt logprobs, preemption and leaks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_testing import test_device
+from opt_fast import LLM, SamplingParams
+from opt_fast.engine.block_manager import BlockManager
+from opt_fast.engine.sequence import Sequence
+from opt_fast.kernels import triton_ops
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def sequence(tokens: list[int]) -> Sequence:
+    return Sequence("r", 0, tokens, GREEDY, 0)
+
+
+def computed(blocks: BlockManager, tokens: list[int]) -> Sequence:
+    """A sequence whose every token's K/V a step has just computed."""
+    seq = sequence(tokens)
+    blocks.grow(seq, len(tokens))
+    seq.num_cached_tokens = len(tokens)
+    blocks.cache_computed([seq])
+    return seq
+
+
+def reusable(blocks: BlockManager, tokens: list[int]) -> int:
+    """Tokens a new sequence of `tokens` would find cached (it lets them go again at once)."""
+    probe = sequence(tokens)
+    found = blocks.reuse_prefix(probe)
+    assert probe.num_cached_tokens == found == len(probe.block_table) * blocks.block_size
+    blocks.free(probe)
+    return found
+
+
+def assert_consistent(blocks: BlockManager) -> None:
+    """Every entry names a block that records it, and the pool is the blocks nobody holds."""
+    for key, block in blocks.cached.items():
+        assert blocks.block_keys[block] == key
+    assert sum(key is not None for key in blocks.block_keys) == len(blocks.cached)
+    assert sorted(blocks.free_blocks) == [b for b in range(blocks.num_blocks) if blocks.ref_counts[b] == 0]
+
+
+PREFIX = list(range(10, 18)) + list(range(30, 34))      # three full blocks of 4
+
+
+def test_a_prompt_takes_the_leading_full_blocks_it_shares_and_computes_its_last_token():
+    blocks = BlockManager(10, 4)
+    first = computed(blocks, PREFIX + [50, 51])             # 3 full blocks and a partial one
+    table = list(first.block_table)
+    blocks.free(first)
+    seq = sequence(PREFIX[:8] + [60, 61, 62])
+    assert blocks.reuse_prefix(seq) == 8
+    assert seq.block_table == table[:2] and seq.num_cached_tokens == 8
+    assert [blocks.ref_counts[b] for b in table] == [1, 1, 0, 0]
+    assert blocks.num_free_blocks == 8
+    blocks.free(seq)
+    assert reusable(blocks, PREFIX + [50, 51]) == 12       # the partial block was never entered
+    assert reusable(blocks, PREFIX) == 8                   # its last token is left to compute
+    assert reusable(blocks, PREFIX + [70]) == 12
+    assert reusable(blocks, [10, 11, 12, 99] + PREFIX[4:]) == 0   # first block differs: no later one
+    assert reusable(blocks, PREFIX[4:] + [1, 2, 3, 4, 5]) == 0    # the same block after other tokens
+    assert_consistent(blocks)
+
+
+def test_blocks_that_followed_a_reused_block_never_match_its_new_contents():
+    """Block generations: when the pool hands a cached block out again and new tokens fill it,
+    the entries of the blocks that followed its old tokens go stale. Keyed by block index alone,
+    the lookup below would find the old second block, whose K/V were computed after other tokens."""
+    blocks = BlockManager(4, 4)
+    old = computed(blocks, [1, 2, 3, 4, 5, 6, 7, 8, 9])     # blocks 0, 1 entered; 2 partial
+    head, tail = old.block_table[:2]
+    blocks.free(old)
+    blocks.free_blocks.move_to_end(tail)                    # the pool: 2, 3, head, tail
+    blocks.grow(sequence([0]), 8)                           # takes 2 and 3
+    newer = sequence([20, 21, 22, 23])
+    blocks.grow(newer, 4)
+    assert newer.block_table == [head] and tail in blocks.free_blocks   # head now holds [20..23]
+    newer.num_cached_tokens = 4
+    blocks.cache_computed([newer])
+    assert reusable(blocks, [20, 21, 22, 23, 5, 6, 7, 8, 9]) == 4   # not 8: the tail followed [1..4]
+    assert reusable(blocks, [1, 2, 3, 4, 5, 6, 7, 8, 9]) == 0
+    assert_consistent(blocks)
+
+
+def test_the_pool_hands_out_blocks_with_nothing_to_reuse_first_then_the_tail_of_the_oldest():
+    blocks = BlockManager(6, 4)
+    blocks.free(computed(blocks, PREFIX + [50]))             # 3 blocks entered, 1 partial
+    blocks.free(computed(blocks, [90, 91, 92, 93, 94]))      # freed later: 1 entered, 1 partial
+    holder = sequence([0])
+    blocks.grow(holder, 4 * 2)                               # the partial block and the unused one
+    assert reusable(blocks, PREFIX + [70]) == 12 and reusable(blocks, [90, 91, 92, 93, 1]) == 4
+    blocks.grow(holder, 4 * 3)                               # then the oldest prompt's tail ...
+    assert reusable(blocks, PREFIX + [70]) == 8 and reusable(blocks, [90, 91, 92, 93, 1]) == 4
+    blocks.grow(holder, 4 * 5)                               # ... and its start
+    assert reusable(blocks, PREFIX + [70]) == 0 and reusable(blocks, [90, 91, 92, 93, 1]) == 4
+    blocks.grow(holder, 4 * 6)
+    assert not blocks.cached
+    blocks.free(holder)
+    assert blocks.num_free_blocks == 6 and not any(blocks.ref_counts)
+    assert_consistent(blocks)
+
+
+def test_the_same_prefix_computed_twice_in_one_step_keeps_one_entry_and_leaks_nothing():
+    blocks = BlockManager(12, 4)
+    a, b = sequence(PREFIX + [1]), sequence(PREFIX + [2])
+    for seq in (a, b):
+        blocks.grow(seq, 13)
+        seq.num_cached_tokens = 13
+    blocks.cache_computed([a, b])
+    assert sorted(blocks.cached.values()) == sorted(a.block_table[:3])
+    c = sequence(PREFIX + [3])
+    assert blocks.reuse_prefix(c) == 12 and c.block_table == a.block_table[:3]
+    c.num_cached_tokens = 12
+    blocks.grow(c, 16)                                       # c goes on past the shared prefix
+    c.append_token(4)
+    c.append_token(5)
+    c.append_token(6)
+    c.num_cached_tokens = 16
+    blocks.cache_computed([c])
+    blocks.free(a)
+    assert reusable(blocks, PREFIX + [3, 4, 5, 6, 7]) == 16
+    for seq in (b, c):
+        blocks.free(seq)
+    assert blocks.num_free_blocks == 12 and not any(blocks.ref_counts)
+    assert_consistent(blocks)
+
+
+def test_nothing_is_reused_with_prefix_caching_off():
+    blocks = BlockManager(8, 4, prefix_caching=False)
+    blocks.free(computed(blocks, PREFIX + [1]))
+    assert not blocks.cached and reusable(blocks, PREFIX + [1]) == 0
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+def shared_prefix_prompts() -> tuple[list[int], list[list[int]]]:
+    """A 37-token prompt (two full blocks of 16 and 5 tokens), and later prompts that share
+    all of it, part of it, or nothing."""
+    g = torch.Generator().manual_seed(5)
+    head = [2] + torch.randint(4, 400, (36,), generator=g).tolist()
+    tail = lambda n: torch.randint(4, 400, (n,), generator=g).tolist()   # noqa: E731
+    later = [head, head + tail(1), head[:32] + tail(9), head[:20] + tail(3), [2] + tail(40)]
+    return head, later
+
+
+def hf_check(hf_model, vocab: int, out) -> None:
+    """Greedy tokens and their logprobs equal HF's forward over the prompt and the output."""
+    prompt, tokens = out.prompt_token_ids, out.outputs[0].token_ids
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    reference = torch.log_softmax(logits[:, :vocab], dim=-1)
+    assert tokens == reference.argmax(-1).tolist()
+    got = [entry[token] for entry, token in zip(out.outputs[0].logprobs, tokens)]
+    assert got == pytest.approx(reference.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_reused_prefixes_give_hf_tokens_and_logprobs(hf_checkpoint, kernels):
+    """A first request computes a prompt; the next ones share some, all or none of its blocks,
+    and a follow-up continues its output (blocks filled by decode steps). Each reports how much it
+    reused, and its greedy tokens and logprobs are HF's; no block is held at the end."""
+    if kernels == "triton" and triton_ops().missing():
+        pytest.skip(f"Triton kernels not built yet: {triton_ops().missing()}")
+    shape, ckpt, hf_model = hf_checkpoint
+    llm = LLM(str(ckpt), dtype="float32", device=test_device(), kernels=kernels, block_size=16)
+    vocab = llm.get_tokenizer().vocab_size
+    params = SamplingParams(temperature=0, max_tokens=24 if kernels == "torch" else 4, ignore_eos=True, logprobs=0)
+    head, later = shared_prefix_prompts()
+    first = llm.generate([head], params, use_tqdm=False)[0]
+    follow_up = head + first.outputs[0].token_ids + [7, 7]
+    outs = llm.generate(later + [follow_up], params, use_tqdm=False)
+    decoded = (len(head) + params.max_tokens - 1) // 16 * 16   # full blocks whose K/V were computed
+    assert [first.num_cached_tokens] + [o.num_cached_tokens for o in outs] == [0, 32, 32, 32, 16, 0, decoded]
+    for out in [first] + outs:
+        hf_check(hf_model, vocab, out)
+    blocks = llm.engine.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks and not any(blocks.ref_counts), shape
+    off = LLM(str(ckpt), dtype="float32", device=test_device(), kernels=kernels, enable_prefix_caching=False)
+    assert [o.num_cached_tokens for o in off.generate(later, params, use_tqdm=False)] == [0] * len(later)
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt(hf_checkpoint):
+    """prompt_logprobs need the logits of every prompt token, so such a request reuses nothing
+    and still reports an entry for each."""
+    shape, ckpt, hf_model = hf_checkpoint
+    llm = LLM(str(ckpt), dtype="float32", device=test_device(), kernels="torch")
+    head, _ = shared_prefix_prompts()
+    llm.generate([head], GREEDY, use_tqdm=False)
+    out = llm.generate([head], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor([head])).logits[0].float()
+    reference = torch.log_softmax(logits[:, :llm.get_tokenizer().vocab_size], dim=-1)
+    got = [out.prompt_logprobs[i][head[i]] for i in range(1, len(head))]
+    assert got == pytest.approx([reference[i - 1, head[i]].item() for i in range(1, len(head))], abs=1e-4)

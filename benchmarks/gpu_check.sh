@@ -7,7 +7,9 @@
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
 #   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 100 s
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
-# Whole run: about 8 minutes at worst. PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
+#   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
+#             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
+# Whole run: about 8 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
 # SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals;
@@ -90,5 +92,13 @@ if want serve; then
   serve_rc=${PIPESTATUS[0]}
 fi
 
-echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc"
-[ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$serve_rc" -eq 0 ]
+prefix_rc=0
+if want prefix; then
+  timeout 60 python3 benchmarks/bench_prefix_caching.py --sizes opt-125m opt-1.3b --out "$PARTS" 2>&1 | tail -6
+  prefix_rc=${PIPESTATUS[0]}
+  [ -f "$PARTS/bench_prefix_caching.md" ] && { echo; cat "$PARTS/bench_prefix_caching.md"; } >> "$OUT/bench_generate.md"
+fi
+
+echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc, prefix rc=$prefix_rc"
+[ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$serve_rc" -eq 0 ] \
+  && [ "$prefix_rc" -eq 0 ]

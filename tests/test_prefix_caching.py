@@ -202,3 +202,105 @@ def test_prompt_logprobs_requests_compute_their_whole_prompt(hf_checkpoint):
     reference = torch.log_softmax(logits[:, :llm.get_tokenizer().vocab_size], dim=-1)
     got = [out.prompt_logprobs[i][head[i]] for i in range(1, len(head))]
     assert got == pytest.approx([reference[i - 1, head[i]].item() for i in range(1, len(head))], abs=1e-4)
+
+
+def test_a_forked_sample_keeps_the_entries_of_the_blocks_it_shares():
+    """The samples of an n > 1 request share their parent's prompt blocks. When the parent's
+    first block was computed beside an identical one (which became the entry) that has since
+    been handed out again, the sample's own chain differs from the parent's: entering the shared
+    blocks again along it would leave their first entries in the table with no block recording
+    them, to be handed out after the blocks hold other tokens."""
+    blocks = BlockManager(8, 4)
+    first, parent = sequence(PREFIX[:4] + [100]), sequence(PREFIX[:8] + [200])
+    for seq in (first, parent):
+        blocks.grow(seq, len(seq.token_ids))
+        seq.num_cached_tokens = len(seq.token_ids)
+    blocks.cache_computed([first, parent])             # first's block 0 is the entry for PREFIX[:4]
+    child = Sequence("r", 1, parent.token_ids, GREEDY, 1)
+    blocks.share(parent, child, 2)
+    head = first.block_table[0]
+    blocks.free(first)
+    blocks.free_blocks.move_to_end(head, last=False)
+    holder = sequence([0])
+    blocks.grow(holder, 1)                              # the entry's block goes to other tokens
+    assert holder.block_table == [head]
+    blocks.grow(child, 9)
+    child.num_cached_tokens = 9
+    blocks.cache_computed([child])
+    assert_consistent(blocks)
+    for seq in (parent, child, holder):
+        blocks.free(seq)
+    assert_consistent(blocks)
+    assert blocks.num_free_blocks == 8
+
+
+def _shadowed_engine_trial(model_dir, seed: int) -> None:
+    """A random workload on a small pool, the model replaced by a stub that records, for every
+    KV slot written, the tokens it was computed for. After each step every position a sequence
+    counts as cached must hold exactly its own tokens up to there, the table and the pool agree
+    with the ref counts, and at the end nothing is held."""
+    import hashlib
+    import random
+    from opt_fast import Engine
+    from opt_fast.engine.model_runner import StepResult
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4, 8])
+    num_blocks, max_seqs = rng.randint(6, 30), rng.randint(1, 6)
+    eng = Engine(str(model_dir), device="cpu", kernels="torch", block_size=bs, num_kv_blocks=num_blocks,
+                 max_num_seqs=max_seqs, max_num_batched_tokens=rng.randint(max_seqs, 40),
+                 max_model_len=min(256, num_blocks * bs))
+    blocks, scheduler = eng.blocks, eng.scheduler
+    written = {}                                        # (block, offset) -> the tokens up to it
+
+    def run(batch, eos):
+        for seq in batch.prefills + batch.decodes:
+            for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens):
+                written[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[:p + 1])
+        # a token that depends on the whole sequence, mostly from a few ids (so prefixes recur)
+        return [StepResult(4 + int(hashlib.md5(repr(s.token_ids).encode()).hexdigest()[:8], 16)
+                           % (5 if rng.random() < 0.9 else 300), -0.5) for s in batch.sampled]
+
+    eng.runner.run = run
+
+    def check(when):
+        assert_consistent(blocks)
+        holders = scheduler.running + list(scheduler.waiting)
+        held = [0] * num_blocks
+        for seq in holders:
+            for block in seq.block_table:
+                held[block] += 1
+        assert held == blocks.ref_counts, when
+        for seq in holders:
+            for p in range(seq.num_cached_tokens):
+                assert written.get((seq.block_table[p // bs], p % bs)) == tuple(seq.token_ids[:p + 1]), (when, p)
+
+    prefixes = [[2] + [rng.randint(4, 300) for _ in range(rng.randint(1, 3 * bs))] for _ in range(3)]
+    live = set()
+    for step in range(300):
+        if rng.random() < 0.4:
+            base = rng.choice(prefixes)
+            prompt = base[:rng.randint(1, len(base))] + [rng.randint(4, 300) for _ in range(rng.randint(0, 2 * bs))]
+            params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 3 * bs), ignore_eos=True,
+                                    n=rng.choice([1, 1, 2, 3]), prompt_logprobs=1 if rng.random() < 0.1 else None)
+            if len(prompt) + params.max_tokens <= num_blocks * bs:
+                eng.add_request(str(step), prompt, params)
+                live.add(str(step))
+        if live and rng.random() < 0.05:
+            victim = rng.choice(sorted(live))
+            eng.abort_request(victim)
+            live.discard(victim)
+        live -= {out.request_id for out in eng.step() if out.finished}
+        check(step)
+    for _ in range(5000):
+        if not eng.has_unfinished_requests():
+            break
+        eng.step()
+        check("drain")
+    assert not eng.has_unfinished_requests()
+    assert blocks.num_free_blocks == num_blocks and not any(blocks.ref_counts)
+
+
+@pytest.mark.parametrize("seeds", [range(0, 12), range(12, 24)])
+def test_random_workloads_never_hand_a_sequence_kv_of_other_tokens(tiny_model_dir, seeds):
+    for seed in seeds:
+        _shadowed_engine_trial(tiny_model_dir, seed)

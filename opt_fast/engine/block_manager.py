@@ -96,7 +96,10 @@ class BlockManager:
         """Enter the blocks of `seqs` that this step's tokens filled into the prefix cache (call
         once their num_cached_tokens count this step). Where the cache already holds a block
         with the same prefix, that one stays the entry and this sequence's later blocks chain
-        to it."""
+        to it. A block already entered (shared by `share` with the sequence that computed it)
+        keeps its entry: entered again along this sequence's chain, which can differ from the
+        first one's, its first entry would stay in the table with nobody to remove it, and
+        outlive the block's contents."""
         if not self.prefix_caching:
             return
         bs, cached, keys, generations = self.block_size, self.cached, self.block_keys, self.generations
@@ -106,11 +109,12 @@ class BlockManager:
                 continue
             parent, tokens = seq.prefix_parent, seq.token_ids
             for i in range(seq.num_keyed_blocks, full):
-                block = seq.block_table[i]
-                key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
-                owner = cached.setdefault(key, block)
-                if owner == block:
-                    keys[block] = key
+                block = owner = seq.block_table[i]
+                if keys[block] is None:
+                    key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+                    owner = cached.setdefault(key, block)
+                    if owner == block:
+                        keys[block] = key
                 parent = (owner, generations[owner])
             seq.num_keyed_blocks, seq.prefix_parent = full, parent
 

@@ -98,8 +98,6 @@ class Scheduler:
             # Blocks computed before (prefix cache); not for prompt logprobs, which need the
             # logits of every prompt token.
             reused = 0 if seq.block_table or seq.prompt_logprobs is not None else self.blocks.reuse_prefix(seq)
-            if not seq.num_output_tokens:
-                seq.num_prompt_tokens_reused = reused
             chunk = min(seq.num_tokens - seq.num_cached_tokens, budget)
             if not self.blocks.can_grow(seq, seq.num_cached_tokens + chunk):
                 if reused:
@@ -108,6 +106,8 @@ class Scheduler:
                     break
                 continue
             self.waiting.popleft()
+            if not seq.num_output_tokens:
+                seq.num_prompt_tokens_reused = reused
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._schedule(seq, chunk, batch)

@@ -5,8 +5,7 @@ packed prefills first, then decodes, so the attention layer splits them at `num_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -22,10 +21,9 @@ class Context:
     decode_seq_lens: torch.Tensor | None = None       # [decodes] int32, current token included
     decode_block_tables: torch.Tensor | None = None   # [decodes, max_blocks] int32
 
-    def to(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "Context":
-        """This Context with `move` (host to device) applied to each of its tensors."""
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold a tensor, by name (to move them to the device together)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
 
 _CONTEXT: Context | None = None

@@ -344,6 +344,22 @@ def test_prefill_attention_gets_the_hosts_context_bound(tiny_model_dir):
     assert {actual > 0 for _, actual in seen} == {True, False}
 
 
+def test_a_steps_host_tensors_move_in_one_copy_as_aligned_views():
+    """to_device packs every tensor into one buffer (one host-to-device copy) and returns views
+    of it, each 16-byte aligned, with the values, dtypes and shapes it was given: empty,
+    two-dimensional, non-contiguous and odd-sized ones included."""
+    from opt_fast.engine.host_tensors import to_device
+    given = [torch.randint(-2**40, 2**40, (7,)), torch.arange(5, dtype=torch.int32), torch.empty(0, dtype=torch.int64),
+             torch.randn(3, 5).t(), torch.empty(3, 0, dtype=torch.int64), torch.tensor([0.25]),
+             torch.randint(0, 9, (4, 3), dtype=torch.int32)[:, ::2]]
+    moved = to_device(given, torch.device(test_device()))
+    for before, after in zip(given, moved):
+        assert after.dtype == before.dtype and after.shape == before.shape and after.is_contiguous()
+        assert torch.equal(after.cpu(), before) and after.data_ptr() % 16 == 0
+    assert len({t.untyped_storage().data_ptr() for t in moved}) == 1
+    assert to_device([], torch.device("cpu")) == []
+
+
 def test_seen_ids_are_every_rows_tokens_padded_with_minus_one():
     """The repetition penalty's `[rows, width]` input, from each sequence's packed ids (prompt
     and every appended token), rows shorter than `width` padded with -1."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -14,7 +15,7 @@ from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
 from .cuda_graphs import DecodeGraphs
-from .host_tensors import block_tables, host_tensor, seen_ids
+from .host_tensors import block_tables, host_tensor, seen_ids, to_device
 from .sequence import Sequence, samples_raw_logits
 from .workers import TensorParallelRanks
 
@@ -187,7 +188,7 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + n)
         ctx = Context(slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
                       num_prefill_tokens=tokens,
-                      cu_seqlens_q=self._to_device(host_tensor(cu_seqlens, torch.int32)),
+                      cu_seqlens_q=to_device([host_tensor(cu_seqlens, torch.int32)], self.device)[0],
                       context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
                       max_context_len=0,
                       prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
@@ -230,10 +231,6 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the device; through pinned memory on CUDA, so the copy doesn't block."""
-        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
         """Flat input_ids, positions and the Context, on the host (every tensor-parallel rank
@@ -335,7 +332,8 @@ class ModelRunner:
             raw_logits, tokens, logsumexp = raw_logits[:n], tokens[:n], logsumexp[:n]
             # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
             if not graphs.plain or (graphs.has_min_tokens and not self.plain_sampling(sampled)):
-                tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
+                tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id,
+                                                 self._sampling_inputs_on_device(sampled)[0])
         else:
             if self.graphs is not None:
                 self.graphs.invalidate()
@@ -344,16 +342,21 @@ class ModelRunner:
             self._prompt_logprobs(hidden, batch)
             if not sampled:
                 return []
-            raw_logits = self.model.compute_logits(hidden[last_index])
-            tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id)
+            # The rows to sample travel with the sampler's inputs: indexing by a Python list would
+            # copy it on its own and wait for the forward to finish before the host builds them.
+            inputs, rows = self._sampling_inputs_on_device(sampled, last_index)
+            raw_logits = self.model.compute_logits(hidden[rows])
+            tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id, inputs)
         return self._results(raw_logits, tokens, logsumexp, sampled)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs."""
-        set_context(ctx.to(self._to_device))
+        on_host = ctx.tensors()
+        input_ids, positions, *moved = to_device([input_ids, positions, *on_host.values()], self.device)
+        set_context(dataclasses.replace(ctx, **dict(zip(on_host, moved))))
         try:
-            return self.model(self._to_device(input_ids), self._to_device(positions))
+            return self.model(input_ids, positions)
         finally:
             set_context(None)
 
@@ -365,9 +368,15 @@ class ModelRunner:
             self.graphs.load(size, worker_inputs)
         return self.graphs.replay(size)
 
-    def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None):
+    def _sampling_inputs_on_device(self, seqs: list[Sequence], rows: list[int] = ()) -> tuple[dict, torch.Tensor]:
+        """The sampler's inputs for `seqs`, and `rows` as an int64 tensor, on the device in one copy."""
+        on_host = self.sampling_inputs(seqs)
+        *moved, rows = to_device([*on_host.values(), host_tensor(rows, torch.int64)], self.device)
+        return dict(zip(on_host, moved)), rows
+
+    def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None, inputs: dict):
+        """(tokens, logsumexp of the raw logits) of `seqs`' rows; `inputs` from _sampling_inputs_on_device."""
         sampling_logits = self._sampling_logits(raw_logits, seqs, eos)
-        inputs = {k: self._to_device(v) for k, v in self.sampling_inputs(seqs).items()}
         tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **inputs)
         if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)

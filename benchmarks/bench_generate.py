@@ -49,13 +49,14 @@ def model_config(size: str, smoke: bool):
 
 
 def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
-                   kernels: str, warmups=None, **engine_kwargs):
-    """(seconds, outputs) of one timed `LLM.generate(prompts)` after warm-up calls: by default
-    one on the first two prompts; `warmups` lists the prompt lists of each warm-up call instead."""
+                   kernels: str, warmups: list, **engine_kwargs):
+    """(seconds, outputs) of one timed `LLM.generate(prompts)` after one warm-up call per entry
+    of `warmups` (lists of prompts). Warm-up prompts must not share blocks with the timed ones,
+    or the timed run would reuse them from the prefix cache."""
     llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
               max_num_seqs=len(prompts), **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    for warmup in warmups or [prompts[:2]]:
+    for warmup in warmups:
         llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
     start = time.perf_counter()
@@ -119,15 +120,15 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         config = model_config(size, args.smoke)
-        prompts = torch.randint(4, 50000, (args.num_prompts, args.input_len), generator=g).tolist()
-        prompts = [[2] + p[1:] for p in prompts]
+        prompts = torch.randint(4, 50000, (args.num_prompts + 2, args.input_len), generator=g).tolist()
+        prompts, warmup = [[2] + p[1:] for p in prompts[2:]], [[2] + p[1:] for p in prompts[:2]]
         kv_blocks = args.num_prompts * -(-(args.input_len + args.output_len) // 16) + 16
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
             ours = [bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                   kv_blocks, args.kernels, enforce_eager=eager) for eager in eager_modes]
+                                   kv_blocks, args.kernels, [warmup], enforce_eager=eager) for eager in eager_modes]
             ours = [(seconds, [o.outputs[0].token_ids for o in outs]) for seconds, outs in ours]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len

@@ -47,7 +47,7 @@ def run(args) -> list[dict]:
             for caching in (True, False):
                 # two warm-up calls: the second reuses the first's prefix (that kernel path warms too)
                 runs[caching] = bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                               kv_blocks, args.kernels, warmups=[warmup[:1], warmup[1:]],
+                                               kv_blocks, args.kernels, [warmup[:1], warmup[1:]],
                                                enable_prefix_caching=caching)
         (on_s, on), (off_s, off) = runs[True], runs[False]
         tokens = args.num_prompts * (prompt_len + args.output_len)

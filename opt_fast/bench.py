@@ -52,7 +52,8 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
                              f"{engine.max_model_len}")
         prompts = _random_prompts(num_prompts, input_len, engine.vocab_size, seed)
         params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True)
-        _warm_up(engine, prompts, params)
+        # Other prompts than the timed ones: the same would find their blocks in the prefix cache.
+        _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, seed + 1), params)
         timing = _time_engine(engine, prompts, params, progress)
         result = _settings(engine, model, random_weights, num_prompts, input_len, output_len,
                            temperature, seed)
@@ -106,7 +107,7 @@ def _warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
     kernel compilation, lazy imports) stay out of the timed run."""
     short = SamplingParams(temperature=params.temperature, max_tokens=min(2, params.max_tokens),
                            ignore_eos=True)
-    for i, prompt in enumerate(prompts[:2]):
+    for i, prompt in enumerate(prompts):
         engine.add_request(f"warmup-{i}", prompt, short)
     while engine.has_unfinished_requests():
         engine.step()
@@ -117,6 +118,7 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParam
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    reused = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -136,6 +138,7 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParam
                 if out.finished:
                     finish[out.request_id] = now
                     tokens[out.request_id] = len(out.outputs[0].token_ids)
+                    reused += out.num_cached_tokens
                     if bar is not None:
                         bar.update(1)
     finally:
@@ -154,7 +157,8 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParam
     return dict(elapsed_s=round(elapsed, 6), output_tokens=output_tokens,
                 requests_per_s=round(len(ids) / elapsed, 3),
                 output_tokens_per_s=round(output_tokens / elapsed, 2),
-                ttft_p50_ms=ttft_p50, ttft_p99_ms=ttft_p99, tpot_p50_ms=tpot_p50, tpot_p99_ms=tpot_p99)
+                ttft_p50_ms=ttft_p50, ttft_p99_ms=ttft_p99, tpot_p50_ms=tpot_p50, tpot_p99_ms=tpot_p99,
+                prompt_tokens_reused=reused)
 
 
 def _percentiles_ms(seconds: list[float]) -> tuple[float, float]:

@@ -130,9 +130,10 @@ BENCH_KEYS = {"model", "size", "random_weights", "num_parameters", "dtype", "dev
 
 
 def test_bench_json(capsys, tiny_model_dir):
-    # 5 requests, 2 at a time: later ones wait, so TTFTs spread and p50 < p99.
+    # 5 requests, 2 at a time: later ones wait, so TTFTs spread and p50 < p99. Prompts of two
+    # full blocks and more: none may find its blocks cached (from the warm-up, say).
     rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(),
-                       "--kernels", "torch", "--num-prompts", "5", "--input-len", "12", "--output-len", "6",
+                       "--kernels", "torch", "--num-prompts", "5", "--input-len", "40", "--output-len", "6",
                        "--max-num-seqs", "2", "--json")
     assert rc == 0, err
     report = json.loads(out)
@@ -144,7 +145,7 @@ def test_bench_json(capsys, tiny_model_dir):
     assert 0 < report["tpot_p50_ms"] <= report["tpot_p99_ms"]
     assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
-    assert report["peak_memory_mib"] > 0
+    assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
 
 
 def test_bench_prompts_are_seeded_token_ids_after_bos():

@@ -13,9 +13,9 @@ lookups compare them, so a hash collision only costs a comparison), and it names
 it by (index, generation). A block's generation goes up each time the pool hands it out anew, so
 the keys of blocks that followed its old contents can never match again.
 
-A freed block keeps its entry until the pool hands it out again. The pool gives out blocks that
-hold nothing reusable first, then the least recently freed; a sequence's blocks are freed tail
-first, so the start of a prompt, the part other requests share, stays cached longest.
+A freed block keeps its entry until the pool hands it out again. The pool gives out blocks never
+entered first, then the least recently freed; a sequence's blocks are freed tail first, so the
+start of a prompt, the part other requests share, stays cached longest.
 """
 from __future__ import annotations
 

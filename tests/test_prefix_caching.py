@@ -304,3 +304,33 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
 def test_random_workloads_never_hand_a_sequence_kv_of_other_tokens(tiny_model_dir, seeds):
     for seed in seeds:
         _shadowed_engine_trial(tiny_model_dir, seed)
+
+
+def test_prompts_cached_but_for_their_last_token_join_as_decodes_on_the_graph_path(tiny_model_dir):
+    """Prompts of 33 tokens whose first 32 are cached have one token left: they are admitted as
+    decodes, so a step of only them runs the decode graph (captures emulated on CPU). Their
+    tokens and logprobs are those of computing the prompts in full."""
+    from opt_testing import EmulatedGraphs
+    head, _ = shared_prefix_prompts()
+    batch = [head[:32] + [tail] for tail in (5, 77, 301)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    plain = LLM(str(tiny_model_dir), device="cpu", kernels="torch", enable_prefix_caching=False)
+    expected = plain.generate(batch, params, use_tqdm=False)
+    graphed = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=8)
+    runner = graphed.engine.runner
+    runner.graphs = EmulatedGraphs(runner)
+    runner.graphs.host_i64.fill_(3)                  # poisoned: a row the refill forgets shows
+    runner.graphs.host_i32.fill_(5)
+    graphed.generate([head], params, use_tqdm=False)
+    replays = runner.graphs.replays
+    steps = []
+    schedule = graphed.engine.scheduler.schedule
+    graphed.engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+    got = graphed.generate(batch, params, use_tqdm=False)
+    assert not steps[0].prefills and len(steps[0].decodes) == 3      # admitted as decodes
+    assert runner.graphs.replays - replays == params.max_tokens
+    for want, have in zip(expected, got):
+        assert have.num_cached_tokens == 32
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+        assert [next(iter(d.values())) for d in have.outputs[0].logprobs] == pytest.approx(
+            [next(iter(d.values())) for d in want.outputs[0].logprobs], abs=1e-5)

@@ -152,7 +152,7 @@ def shared_prefix_prompts() -> tuple[list[int], list[list[int]]]:
     return head, later
 
 
-def hf_check(hf_model, vocab: int, out) -> None:
+def hf_check(hf_model, vocab: int, out, tolerance: float) -> None:
     """Greedy tokens and their logprobs equal HF's forward over the prompt and the output."""
     prompt, tokens = out.prompt_token_ids, out.outputs[0].token_ids
     with torch.no_grad():
@@ -160,7 +160,7 @@ def hf_check(hf_model, vocab: int, out) -> None:
     reference = torch.log_softmax(logits[:, :vocab], dim=-1)
     assert tokens == reference.argmax(-1).tolist()
     got = [entry[token] for entry, token in zip(out.outputs[0].logprobs, tokens)]
-    assert got == pytest.approx(reference.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist(), abs=1e-4)
+    assert got == pytest.approx(reference.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist(), abs=tolerance)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -180,8 +180,8 @@ def test_reused_prefixes_give_hf_tokens_and_logprobs(hf_checkpoint, kernels):
     outs = llm.generate(later + [follow_up], params, use_tqdm=False)
     decoded = (len(head) + params.max_tokens - 1) // 16 * 16   # full blocks whose K/V were computed
     assert [first.num_cached_tokens] + [o.num_cached_tokens for o in outs] == [0, 32, 32, 32, 16, 0, decoded]
-    for out in [first] + outs:
-        hf_check(hf_model, vocab, out)
+    for out in [first] + outs:     # the tolerances of test_parity_hf and test_parity_triton
+        hf_check(hf_model, vocab, out, 1e-4 if kernels == "torch" else 2e-3)
     blocks = llm.engine.blocks
     assert blocks.num_free_blocks == blocks.num_blocks and not any(blocks.ref_counts), shape
     off = LLM(str(ckpt), dtype="float32", device=test_device(), kernels=kernels, enable_prefix_caching=False)

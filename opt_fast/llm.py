@@ -52,6 +52,10 @@ class LLM:
         any), instead of when this LLM is garbage-collected. It cannot generate afterwards."""
         self.engine.close()
 
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache: later prompts reuse nothing computed before (Engine.reset_prefix_cache)."""
+        self.engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         """The model's `opt_fast.tokenizer.OPTTokenizer`, or None if its directory has no
         tokenizer files (token-id prompts still work)."""

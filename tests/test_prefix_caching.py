@@ -238,7 +238,8 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
     """A random workload on a small pool, the model replaced by a stub that records, for every
     KV slot written, the tokens it was computed for. After each step every position a sequence
     counts as cached must hold exactly its own tokens up to there, the table and the pool agree
-    with the ref counts, and at the end nothing is held."""
+    with the ref counts, and at the end nothing is held. Requests are aborted and the cache is
+    reset now and then."""
     import hashlib
     import random
     from opt_fast import Engine
@@ -289,6 +290,8 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
             victim = rng.choice(sorted(live))
             eng.abort_request(victim)
             live.discard(victim)
+        if rng.random() < 0.02:
+            eng.reset_prefix_cache()                    # with blocks held and entered
         live -= {out.request_id for out in eng.step() if out.finished}
         check(step)
     for _ in range(5000):
@@ -334,3 +337,18 @@ def test_prompts_cached_but_for_their_last_token_join_as_decodes_on_the_graph_pa
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
         assert [next(iter(d.values())) for d in have.outputs[0].logprobs] == pytest.approx(
             [next(iter(d.values())) for d in want.outputs[0].logprobs], abs=1e-5)
+
+
+def test_reset_prefix_cache_makes_later_prompts_compute_everything(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
+    head, _ = shared_prefix_prompts()
+    assert [o.num_cached_tokens for o in (llm.generate([head], GREEDY, use_tqdm=False)[0],
+                                          llm.generate([head], GREEDY, use_tqdm=False)[0])] == [0, 32]
+    llm.reset_prefix_cache()
+    assert not llm.engine.blocks.cached
+    again = llm.generate([head], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0
+    assert llm.generate([head], GREEDY, use_tqdm=False)[0].num_cached_tokens == 32
+    blocks = llm.engine.blocks
+    assert_consistent(blocks)
+    assert blocks.num_free_blocks == blocks.num_blocks

@@ -118,6 +118,13 @@ class BlockManager:
                 parent = (owner, generations[owner])
             seq.num_keyed_blocks, seq.prefix_parent = full, parent
 
+    def reset_cache(self) -> None:
+        """Forget every entry: no later prompt reuses a block computed before now. Blocks still
+        held stay with their sequences (whose later blocks are then entered under chains no
+        lookup reaches, which costs nothing but the entries)."""
+        self.cached.clear()
+        self.block_keys = [None] * self.num_blocks
+
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s hold on its blocks; a block returns to the pool when nobody holds it,
         keeping its cache entry until it is handed out again."""

@@ -202,6 +202,11 @@ class Engine:
         interpreter exits. The engine takes no requests and cannot step afterwards."""
         self.runner.close()
 
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache, so later prompts compute every block again (for benchmarks
+        that must not reuse an earlier run's blocks). Requests in flight are not affected."""
+        self.blocks.reset_cache()
+
     def has_unfinished_requests(self) -> bool:
         """Whether any request is still running or waiting, so `step()` has work to do."""
         return self.scheduler.has_unfinished()

@@ -126,8 +126,10 @@ def test_two_ranks_match_hf_greedy_and_one_rank_logprobs(hf_checkpoint):
 
 def test_two_ranks_batch_chunk_and_preempt_like_one(tiny_model_dir):
     """Mixed prefill and decode steps, prompts cut into chunks, sequences preempted and
-    recomputed, seeded sampling with penalties: the same as one rank."""
+    recomputed, seeded sampling with penalties, prompts reusing cached blocks: the same as one
+    rank."""
     prompts = [[2] + [(7 * i + 3 * j) % 300 + 4 for j in range(n)] for i, n in enumerate([40, 3, 25, 17, 60, 9, 33, 1])]
+    prompts += [prompts[0][:33] + [5, 6], prompts[4][:20]]        # their starts are cached by then
     params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=i,
                              max_tokens=20, ignore_eos=True, logprobs=1) if i % 2 else
               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True) for i in range(len(prompts))]
@@ -135,6 +137,8 @@ def test_two_ranks_batch_chunk_and_preempt_like_one(tiny_model_dir):
     one = generate(tiny_model_dir, 1, prompts, params, **settings)
     two = generate(tiny_model_dir, 2, prompts, params, **settings)
     assert all(len(o.outputs[0].token_ids) == 20 for o in two)
+    assert [o.num_cached_tokens for o in two] == [o.num_cached_tokens for o in one]
+    assert sum(o.num_cached_tokens for o in two) >= 32
     assert_same_outputs(one, two)
 
 

@@ -44,9 +44,24 @@ class _StubModel(torch.nn.Module):
         return self.logits[:hidden.shape[0]]
 
 
-def _stub_sample(logits, vocab_size, **inputs):
-    rows = logits.shape[0]
-    return torch.arange(4, 4 + rows) % vocab_size, torch.zeros(rows)
+class _StubSampler:
+    """Draws nothing: row i gets the i-th of `ids` (cycled). The ids are tokens that end in a whole
+    character, as a model's text mostly does: a row repeating a lone UTF-8 continuation byte would
+    make incremental detokenisation re-decode its whole growing run every step (tokenizers'
+    DecodeStream waits for a whole character), which measures that pathology, not the engine."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = torch.tensor(ids)
+
+    def __call__(self, logits, vocab_size, **inputs):
+        rows = logits.shape[0]
+        return self.ids[torch.arange(rows) % len(self.ids)], torch.zeros(rows)
+
+
+def whole_character_ids(engine: Engine) -> list[int]:
+    """Ordinary token ids whose text, repeated, ends in a whole character."""
+    tok = engine.tokenizer
+    return [i for i in range(4, engine.vocab_size) if not tok.decode([i, i]).endswith("\ufffd")]
 
 
 class _NoReplay:
@@ -60,7 +75,7 @@ class _StubGraphs(DecodeGraphs):
 
     def _capture(self, size, pool):
         logits = self.runner.model.compute_logits(torch.empty(size, 1))
-        tokens, logsumexp = _stub_sample(logits, self.vocab_size)
+        tokens, logsumexp = self.ops.sample(logits, self.vocab_size)
         return _NoReplay(), (logits, tokens, logsumexp), None
 
 
@@ -70,7 +85,7 @@ def build_engine(model_dir: Path, max_num_seqs: int, stream_outputs: bool = True
                     num_kv_blocks=max_num_seqs * 64, stream_outputs=stream_outputs)
     runner = engine.runner
     runner.model = _StubModel(engine.model_config)
-    runner.ops = runner.ops.__class__(**{**runner.ops.__dict__, "sample": _stub_sample})
+    runner.ops = runner.ops.__class__(**{**runner.ops.__dict__, "sample": _StubSampler(whole_character_ids(engine))})
     if graphs:
         runner.graphs = _StubGraphs(runner)
     return engine

@@ -83,6 +83,9 @@ class OPTTokenizer:
 
 
 _CONTEXT_IDS = 8
+# A run of ids that still ends mid-character after this many holds bytes that never form one.
+_STUCK_RUN = 16
+_OPEN_IDS = 3       # the last ids of a run, whose bytes (one each at least) may still begin a character
 
 
 class IncrementalDecoder:
@@ -94,15 +97,20 @@ class IncrementalDecoder:
         self._skip_special_tokens = skip_special_tokens
         self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()
         self._pending: list[int] = []  # ids fed since the last piece, i.e. an unfinished character
-        # The prompt's last ids give decoders that strip a leading space (Metaspace) their
-        # context; byte-level tokens carry their own spaces. Only the last few: the whole of a
-        # 2000-token prompt took 0.2 ms to decode for the check below, per request.
-        context = [i for i in (prompt_ids or ())[-_CONTEXT_IDS:] if i not in self._skip]
-        # A prompt ending mid-character would make DecodeStream put that character, prompt bytes
-        # included, into the first piece: leave such a prompt out.
-        if context and self._tok.decode(context, skip_special_tokens).endswith("\ufffd"):
+        self._stream = self._new_stream([i for i in (prompt_ids or ()) if i not in self._skip])
+
+    def _new_stream(self, before: list[int]) -> DecodeStream:
+        """A DecodeStream whose text starts after the ids `before` (already shown).
+
+        The last ids give decoders that strip a leading space (Metaspace) their context;
+        byte-level tokens carry their own spaces. Only the last few: the whole of a 2000-token
+        prompt took 0.2 ms to decode for the check below, per request. Context ending
+        mid-character would make DecodeStream put that character, context bytes included, into
+        the first piece: such context is left out."""
+        context = before[-_CONTEXT_IDS:]
+        if context and self._tok.decode(context, self._skip_special_tokens).endswith("\ufffd"):
             context = []
-        self._stream = DecodeStream(ids=context or None, skip_special_tokens=skip_special_tokens)
+        return DecodeStream(ids=context or None, skip_special_tokens=self._skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         """New text from `token_id`; "" while a multi-byte character is still incomplete."""
@@ -110,10 +118,25 @@ class IncrementalDecoder:
             return ""
         self._pending.append(token_id)
         piece = self._stream.step(self._tok, token_id)
-        if piece is None:
+        if piece is not None:
+            self._pending.clear()
+            return piece
+        return self._release_stuck_run() if len(self._pending) >= _STUCK_RUN else ""
+
+    def _release_stuck_run(self) -> str:
+        """The text of a run of ids that has ended mid-character for _STUCK_RUN ids: bytes that
+        never form a character (a model repeating a lone UTF-8 continuation byte, say).
+        DecodeStream decodes the whole run again at each id, so its cost grew with the run.
+        Shows all but the last _OPEN_IDS ids, whose bytes may still begin a character, and goes
+        on with a fresh stream; unless a character spans that split (the two parts would not
+        decode to the whole), then it waits for the next id."""
+        decode = lambda ids: self._tok.decode(ids, skip_special_tokens=self._skip_special_tokens)  # noqa: E731
+        shown, open_ids = self._pending[:-_OPEN_IDS], self._pending[-_OPEN_IDS:]
+        text = decode(shown)
+        if text + decode(open_ids) != decode(self._pending):
             return ""
-        self._pending.clear()
-        return piece
+        self._stream, self._pending = self._new_stream(shown), []
+        return text + "".join(self.step(i) for i in open_ids)
 
     def flush(self) -> str:
         """Text held back when the sequence ends mid-character (it decodes to U+FFFD); call last."""

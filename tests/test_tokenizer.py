@@ -230,3 +230,30 @@ def test_missing_files(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")  # merges.txt still missing
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         OPTTokenizer.from_dir(tmp_path)
+
+
+@needs_opt_files
+def test_incremental_runs_of_bytes_that_never_form_a_character(opt):
+    """A sample repeating a byte that is no character's start (a random-weight model can) stays
+    cheap: no more than a few ids are held at once, where tokenizers' DecodeStream would decode
+    the whole growing run at every id. Mixed with whole characters split over several ids, the
+    pieces still join to the text of all the ids."""
+    lone = [i for i in range(4, 2100) if opt.decode([i]) == "\ufffd"]    # bytes 0x80-0xff alone
+    dog = opt.encode("🐶 日本", add_special_tokens=False)                  # characters over several ids
+    assert len(lone) > 5 and len(dog) > 3
+    # 日 over three ids, the last of which ends in a stray byte (the run stays open): at the
+    # 16th id 日 spans the last three ids, so the run is let go only at a later split
+    sun = [opt._tok.token_to_id(t) for t in ("æ", "Ĺ", "¥ŀ")]
+    assert opt.decode(sun) == "日\ufffd"
+    rng = random.Random(0)
+    runs = [[lone[0]] * 300, [lone[1]] * 40 + dog + [lone[2]] * 25 + dog,
+            [lone[3]] * 12 + sun + [lone[4]] * 30,
+            [rng.choice(lone + dog + [31414, 6]) for _ in range(400)]]
+    for ids in runs:
+        dec = opt.incremental_decoder(opt.encode("Prompt:"))
+        pieces, held = [], []
+        for i in ids:
+            pieces.append(dec.step(i))
+            held.append(len(dec._pending))
+        assert "".join(pieces) + dec.flush() == opt.decode(ids)
+        assert max(held) <= 16 + 2        # 16, and up to two more while 日 spans the split

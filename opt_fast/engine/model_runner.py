@@ -299,11 +299,14 @@ class ModelRunner:
         if not bans and not normalise:
             return logits
         logits = logits.clone()
-        if normalise:
+        ban_rows, ban_tokens = zip(*bans) if bans else ((), ())
+        # As tensors in one copy: indexing by Python lists copies each on its own and waits.
+        normalise, ban_rows, ban_tokens = to_device(
+            [host_tensor(ids, torch.int64) for ids in (normalise, ban_rows, ban_tokens)], self.device)
+        if len(normalise):
             logits[normalise, :self.vocab_size] = torch.log_softmax(logits[normalise, :self.vocab_size], dim=-1)
-        if bans:
-            rows, tokens = zip(*bans)
-            logits[list(rows), list(tokens)] = float("-inf")
+        if len(ban_rows):
+            logits[ban_rows, ban_tokens] = float("-inf")
         return logits
 
     @staticmethod

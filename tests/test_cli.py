@@ -146,6 +146,14 @@ def test_bench_json(capsys, tiny_model_dir):
     assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
     assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
+    assert report["enable_prefix_caching"] is True
+
+
+def test_no_prefix_caching_flag_reaches_the_engine(capsys, tiny_model_dir):
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--num-prompts", "2", "--input-len", "20", "--output-len", "2", "--no-prefix-caching", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["enable_prefix_caching"] is False
 
 
 def test_bench_prompts_are_seeded_token_ids_after_bos():

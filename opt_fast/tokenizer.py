@@ -97,7 +97,13 @@ class IncrementalDecoder:
         self._skip_special_tokens = skip_special_tokens
         self._skip = tokenizer._special_ids if skip_special_tokens else frozenset()
         self._pending: list[int] = []  # ids fed since the last piece, i.e. an unfinished character
-        self._stream = self._new_stream([i for i in (prompt_ids or ()) if i not in self._skip])
+        context = []                   # the prompt's last ids that show as text, walked from its end
+        for i in reversed(prompt_ids or ()):
+            if len(context) == _CONTEXT_IDS:
+                break
+            if i not in self._skip:
+                context.append(i)
+        self._stream = self._new_stream(context[::-1])
 
     def _new_stream(self, before: list[int]) -> DecodeStream:
         """A DecodeStream whose text starts after the ids `before` (already shown).
@@ -129,7 +135,9 @@ class IncrementalDecoder:
         DecodeStream decodes the whole run again at each id, so its cost grew with the run.
         Shows all but the last _OPEN_IDS ids, whose bytes may still begin a character, and goes
         on with a fresh stream; unless a character spans that split (the two parts would not
-        decode to the whole), then it waits for the next id."""
+        decode to the whole), then it waits for the next id. (A run where every split does, such
+        as ids that each close one character with a stray byte and open the next, is never let
+        go: still correct, at DecodeStream's cost and three decodes of the run per id.)"""
         decode = lambda ids: self._tok.decode(ids, skip_special_tokens=self._skip_special_tokens)  # noqa: E731
         shown, open_ids = self._pending[:-_OPEN_IDS], self._pending[-_OPEN_IDS:]
         text = decode(shown)

@@ -42,29 +42,30 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     returned tensor a view of that copy.
 
     A step moves about fifteen small tensors; a pinned copy of each cost ~10-20 us of host time
-    (the pinning and the launch). Their bytes are packed into one buffer, pinned on CUDA so the
-    copy does not block the host. Each tensor starts 16-byte aligned, as its own allocation
-    would: Triton specialises kernels on pointer alignment, so unaligned views would compile new
-    variants mid-run. Tensors of one dtype are packed together and split with one call, since
-    per-tensor view calls cost more than the packing. Runs on CPU too (no copy there), so every
-    test goes through it.
+    (the pinning and the launch). Their bytes are written into one buffer, pinned on CUDA so the
+    copy does not block the host: each tensor is copied once on the host (through numpy, since
+    a torch op per tensor costs more than the copy; a penalty's `seen_ids` can be megabytes).
+    Each tensor starts 16-byte aligned, as its own allocation would: Triton specialises kernels
+    on pointer alignment, so unaligned views would compile new variants mid-run. Tensors of one
+    dtype are packed together and split with one call, since per-tensor view calls cost more than
+    the packing. Runs on CPU too (no copy there), so every test goes through it.
     """
     groups: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
-    parts, layout, size = [], [], 0
+    layout, size = [], 0
     for dtype, members in groups.items():
-        lengths = []          # elements per member, padded to the alignment
-        for i in members:
-            raw = tensors[i].numpy().tobytes()
-            pad = -len(raw) % _ALIGN
-            parts += (raw, bytes(pad))
-            lengths.append((len(raw) + pad) // dtype.itemsize)
+        # elements per member, each padded to the alignment
+        lengths = [-(-tensors[i].numel() * dtype.itemsize // _ALIGN) * _ALIGN // dtype.itemsize for i in members]
         layout.append((dtype, members, lengths, size))
         size += sum(lengths) * dtype.itemsize
-    host = torch.frombuffer(bytearray(b"".join(parts)) or bytearray(_ALIGN), dtype=torch.uint8)
-    if device.type == "cuda":
-        host = host.pin_memory()
+    host = torch.empty(max(size, _ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    raw = host.numpy()
+    for dtype, members, lengths, start in layout:
+        for i, length in zip(members, lengths):
+            data = tensors[i].numpy().reshape(-1).view(raw.dtype)
+            raw[start:start + data.size] = data
+            start += length * dtype.itemsize
     packed = host.to(device, non_blocking=True)
     moved: list[torch.Tensor] = [None] * len(tensors)
     for dtype, members, lengths, start in layout:

@@ -360,6 +360,17 @@ def test_a_steps_host_tensors_move_in_one_copy_as_aligned_views():
     assert to_device([], torch.device("cpu")) == []
 
 
+def test_block_tables_are_every_rows_blocks_padded_with_zero():
+    from opt_fast.engine.host_tensors import block_tables
+    from opt_fast.engine.sequence import Sequence
+    seqs = [Sequence(r, 0, [2], GREEDY, 0) for r in "abc"]
+    for seq, table in zip(seqs, ([7, 3, 2 ** 30], [], [5])):
+        seq.block_table.extend(table)
+    tables = block_tables(seqs)
+    assert tables.dtype == torch.int32 and tables.tolist() == [[7, 3, 2 ** 30], [0, 0, 0], [5, 0, 0]]
+    assert block_tables(seqs[1:2]).shape == (1, 0)
+
+
 def test_seen_ids_are_every_rows_tokens_padded_with_minus_one():
     """The repetition penalty's `[rows, width]` input, from each sequence's packed ids (prompt
     and every appended token), rows shorter than `width` padded with -1."""

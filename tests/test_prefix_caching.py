@@ -59,7 +59,7 @@ def test_a_prompt_takes_the_leading_full_blocks_it_shares_and_computes_its_last_
     blocks.free(first)
     seq = sequence(PREFIX[:8] + [60, 61, 62])
     assert blocks.reuse_prefix(seq) == 8
-    assert seq.block_table == table[:2] and seq.num_cached_tokens == 8
+    assert list(seq.block_table) == table[:2] and seq.num_cached_tokens == 8
     assert [blocks.ref_counts[b] for b in table] == [1, 1, 0, 0]
     assert blocks.num_free_blocks == 8
     blocks.free(seq)
@@ -83,7 +83,7 @@ def test_blocks_that_followed_a_reused_block_never_match_its_new_contents():
     blocks.grow(sequence([0]), 8)                           # takes 2 and 3
     newer = sequence([20, 21, 22, 23])
     blocks.grow(newer, 4)
-    assert newer.block_table == [head] and tail in blocks.free_blocks   # head now holds [20..23]
+    assert list(newer.block_table) == [head] and tail in blocks.free_blocks   # head now holds [20..23]
     newer.num_cached_tokens = 4
     blocks.cache_computed([newer])
     assert reusable(blocks, [20, 21, 22, 23, 5, 6, 7, 8, 9]) == 4   # not 8: the tail followed [1..4]
@@ -223,7 +223,7 @@ def test_a_forked_sample_keeps_the_entries_of_the_blocks_it_shares():
     blocks.free_blocks.move_to_end(head, last=False)
     holder = sequence([0])
     blocks.grow(holder, 1)                              # the entry's block goes to other tokens
-    assert holder.block_table == [head]
+    assert list(holder.block_table) == [head]
     blocks.grow(child, 9)
     child.num_cached_tokens = 9
     blocks.cache_computed([child])

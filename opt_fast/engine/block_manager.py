@@ -19,6 +19,7 @@ start of a prompt, the part other requests share, stays cached longest.
 """
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 
 from ..config import ceil_div
@@ -65,7 +66,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
-        seq.block_table = list(blocks)
+        seq.block_table = array("i", blocks)
         seq.num_cached_tokens = len(blocks) * self.block_size
 
     def share(self, source: Sequence, target: Sequence, num_blocks: int) -> None:
@@ -134,6 +135,6 @@ class BlockManager:
                 self.free_blocks[block] = None
                 if self.block_keys[block] is None:      # nothing to reuse: hand it out first
                     self.free_blocks.move_to_end(block, last=False)
-        seq.block_table = []
+        seq.block_table = array("i")
         seq.num_cached_tokens = 0
         seq.num_keyed_blocks, seq.prefix_parent = 0, NO_BLOCK

@@ -32,7 +32,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params, self.seed = params, seed
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
+        # int32, as the kernels read block tables: a step packs each sequence's with one byte copy.
+        self.block_table = array.array("i")
         self.num_cached_tokens = 0          # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0       # tokens this step computes (a prefill chunk, or 1)
         # Prefix cache: leading blocks already entered (or found) there, and the (block,

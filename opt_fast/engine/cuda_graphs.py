@@ -7,8 +7,7 @@ per dtype; padding rows have no cache slot and length 0, so they read and write 
 
 Under tensor parallelism every rank captures the same graphs, all-reduces included, and replays
 them in lock-step; rank 0 stages the inputs and sends them to the others (`worker_inputs`,
-`load`). Only
-rank 0's graphs compute logits and sample.
+`load`). Only rank 0's graphs compute logits and sample.
 """
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + n)
         ctx = Context(slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
                       num_prefill_tokens=tokens,
-                      cu_seqlens_q=to_device([host_tensor(cu_seqlens, torch.int32)], self.device)[0],
+                      cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
                       context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
                       max_context_len=0,
                       prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
@@ -427,4 +427,3 @@ class ModelRunner:
                     entry[token] = actual[i]
                     seq.prompt_logprobs[start + 1 + first + i] = entry
             offset += count
-

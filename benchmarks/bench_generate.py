@@ -3,10 +3,11 @@ side by side in one process, on random-weight OPT checkpoints of the published s
 
 Both run greedy decoding of the same token-id prompts for exactly `--output-len` new tokens
 (EOS ignored), in float16 on CUDA (float32 on CPU for the smoke mode). opt_fast runs with CUDA
-graphs for decode where the engine uses them (its default on CUDA); `--enforce-eager` runs it
-without, and `--also-eager` runs it both ways for each size (HF once), one row per run, so one
-report compares the two. Writes a markdown table and a JSON file to --out.
-Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager`.
+graphs for decode where the engine uses them (its default on CUDA). `--modes` runs it once per
+mode named, for each size (HF once), one row per run, so one report compares them: `default`,
+`eager` (enforce_eager=True) and `async` (async_scheduling=True). Writes a markdown table and a
+JSON file to --out.
+Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --modes default eager async`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from opt_fast import LLM, SamplingParams
 from opt_fast.bench import card_name
 from opt_fast.config import preset_for
 from opt_fast.demo import write_random_checkpoint
+
+
+# opt_fast runs by name: the engine keyword arguments each adds to its defaults
+MODES = {"default": {}, "eager": dict(enforce_eager=True), "async": dict(async_scheduling=True)}
 
 
 def _sync(device: str) -> None:
@@ -104,13 +109,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--kernels", default="auto", help="opt_fast kernels: auto (Triton on CUDA) | torch")
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--enforce-eager", action="store_true", help="opt_fast without CUDA graphs")
-    modes.add_argument("--also-eager", action="store_true",
-                       help="run opt_fast with its default (CUDA graphs on CUDA) and again eager, one row each")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["default"],
+                        help="opt_fast runs, one row each: its defaults (CUDA graphs on CUDA), "
+                             "enforce_eager=True, async_scheduling=True")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, so the script cannot rot")
     args = parser.parse_args()
-    eager_modes = [False, True] if args.also_eager else [args.enforce_eager]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     card = card_name(torch.device(device))
@@ -128,7 +131,7 @@ def main() -> None:
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
             ours = [bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                   kv_blocks, args.kernels, [warmup], enforce_eager=eager) for eager in eager_modes]
+                                   kv_blocks, args.kernels, [warmup], **MODES[mode]) for mode in args.modes]
             ours = [(seconds, [o.outputs[0].token_ids for o in outs]) for seconds, outs in ours]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
@@ -136,9 +139,9 @@ def main() -> None:
             # tok/s counts what was asked for: every run must have made exactly that
             if sum(map(len, tokens)) != generated:
                 raise RuntimeError(f"{size}: a run made {sum(map(len, tokens))} tokens, not {generated}")
-        for eager, (ours_s, ours_tokens) in zip(eager_modes, ours):
+        for mode, (ours_s, ours_tokens) in zip(args.modes, ours):
             agree = sum(a[:16] == b[:16] for a, b in zip(ours_tokens, hf_tokens)) / len(prompts)
-            row = dict(size=size, enforce_eager=eager, device=device, card=card, dtype=str(dtype),
+            row = dict(size=size, mode=mode, device=device, card=card, dtype=str(dtype),
                        num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                        opt_fast_s=round(ours_s, 4), hf_s=round(hf_s, 4),
                        opt_fast_tok_s=round(generated / ours_s, 1), hf_tok_s=round(generated / hf_s, 1),
@@ -154,10 +157,11 @@ def main() -> None:
     lines = [f"# LLM.generate vs HF generate — {card}, {stamp}", "",
              f"torch {torch.__version__}; opt_fast kernels: {kernels}; "
              f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, {dtype}.", "",
-             "opt_fast runs with its defaults (CUDA graphs for decode on CUDA) unless `enforce_eager` says so.", "",
-             "| size | enforce_eager | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
+             "Modes: `default` is opt_fast's defaults (CUDA graphs for decode on CUDA), `eager` "
+             "enforce_eager=True, `async` async_scheduling=True.", "",
+             "| size | mode | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
              "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['size']} | {r['enforce_eager']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "
+    lines += [f"| {r['size']} | {r['mode']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "
               f"{r['speedup_vs_hf']}x | {r['first16_greedy_agreement']:.2f} |" for r in rows]
     (out_dir / "bench_generate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,7 +5,7 @@
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
-#   generate  LLM.generate (with CUDA graphs, then eager) against HF generate, 100 s
+#   generate  LLM.generate (defaults, eager, async scheduling) against HF generate, 100 s
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
@@ -74,7 +74,8 @@ if [ -f "$PARTS/sweep/sweep.md" ]; then
 fi
 
 if want generate; then
-  timeout 100 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --also-eager --out "$OUT" 2>&1 | tail -10
+  timeout 100 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --modes default eager async \
+    --out "$OUT" 2>&1 | tail -12
   bench_rc=${PIPESTATUS[0]}
 fi
 

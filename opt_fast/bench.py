@@ -255,7 +255,8 @@ def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, inp
                 temperature=temperature, seed=seed, max_num_seqs=engine.cfg.max_num_seqs,
                 tensor_parallel_size=engine.cfg.tensor_parallel_size,
                 num_kv_blocks=runner.num_kv_blocks, enforce_eager=engine.cfg.enforce_eager,
-                enable_prefix_caching=engine.cfg.enable_prefix_caching)
+                enable_prefix_caching=engine.cfg.enable_prefix_caching,
+                async_scheduling=engine.cfg.async_scheduling)
 
 
 def size_name(config: OPTConfig) -> str:

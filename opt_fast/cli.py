@@ -32,6 +32,8 @@ def _engine_flags() -> argparse.ArgumentParser:
     flags.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     flags.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                        help="compute every prompt in full, even where its start was computed before")
+    flags.add_argument("--async-scheduling", action="store_true", default=None,
+                       help="overlap the host's work on each decode step with the GPU's on the next")
     flags.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
     return flags
 
@@ -89,6 +91,7 @@ def _engine_kwargs(args) -> dict:
     names = dict(dtype="dtype", device="device", kernels="kernels", max_num_seqs="max_num_seqs",
                  max_model_len="max_model_len", num_kv_blocks="num_kv_blocks",
                  enforce_eager="enforce_eager", enable_prefix_caching="enable_prefix_caching",
+                 async_scheduling="async_scheduling",
                  tp="tensor_parallel_size")
     return {kwarg: getattr(args, flag) for flag, kwarg in names.items() if getattr(args, flag) is not None}
 

@@ -167,6 +167,9 @@ class EngineConfig:
     load_format: str = "auto"
     # Reuse the KV blocks of prompt prefixes computed before (vLLM's option of the same name).
     enable_prefix_caching: bool = True
+    # Launch each decode step before the host has read the tokens of the step in flight, so the
+    # host's work on one step overlaps the GPU's on the next (vLLM's option of the same name).
+    async_scheduling: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
@@ -189,7 +192,7 @@ class EngineConfig:
                 or not 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         self.seed = check_seed("seed", self.seed)
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

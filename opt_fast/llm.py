@@ -30,6 +30,9 @@ class LLM:
     - enable_prefix_caching: a prompt whose leading blocks of tokens match blocks computed before
       (a shared system prompt, few-shot preamble, or a preempted sequence's own) reuses their KV
       cache instead of computing them again;
+    - async_scheduling: on the CUDA-graph decode path, launch each step before the host has read
+      the previous step's tokens (they feed the next step on the device), so the host's work
+      overlaps the GPU's; tokens are the same either way (see the README);
     - progress (keyword only): a weight-loading bar, on a terminal only.
     Bad values raise ValueError naming the field.
     """
@@ -39,11 +42,12 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
-                 enable_prefix_caching: bool = True, *, progress: bool = True):
+                 enable_prefix_caching: bool = True, async_scheduling: bool = False, *,
+                 progress: bool = True):
         # (EngineConfig's fields, in this order; validated there)
         config = EngineConfig(dtype, device, kernels, tensor_parallel_size, block_size, num_kv_blocks,
                               gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-                              enforce_eager, seed, load_format, enable_prefix_caching)
+                              enforce_eager, seed, load_format, enable_prefix_caching, async_scheduling)
         self.engine = Engine(model, progress=progress, stream_outputs=False, **asdict(config))
         self._ids = count()
 

@@ -146,14 +146,16 @@ def test_bench_json(capsys, tiny_model_dir):
     assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
     assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
-    assert report["enable_prefix_caching"] is True
+    assert report["enable_prefix_caching"] is True and report["async_scheduling"] is False
 
 
-def test_no_prefix_caching_flag_reaches_the_engine(capsys, tiny_model_dir):
+@pytest.mark.parametrize("flag, key, value", [("--no-prefix-caching", "enable_prefix_caching", False),
+                                              ("--async-scheduling", "async_scheduling", True)])
+def test_engine_flags_reach_the_engine(capsys, tiny_model_dir, flag, key, value):
     rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
-                       "--num-prompts", "2", "--input-len", "20", "--output-len", "2", "--no-prefix-caching", "--json")
+                       "--num-prompts", "2", "--input-len", "20", "--output-len", "2", flag, "--json")
     assert rc == 0, err
-    assert json.loads(out)["enable_prefix_caching"] is False
+    assert json.loads(out)[key] is value
 
 
 def test_bench_prompts_are_seeded_token_ids_after_bos():
@@ -290,10 +292,11 @@ def test_progress_bars_on_a_terminal_unless_json(capsys, monkeypatch, tiny_model
 
 def test_bench_generate_smoke(tmp_path):
     done = run("benchmarks/bench_generate.py", "--smoke", "--sizes", "opt-350m", "--num-prompts", "2",
-               "--input-len", "8", "--output-len", "3", "--out", str(tmp_path))
+               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench_generate.json").read_text())
-    assert report["rows"][0]["size"] == "opt-350m" and report["rows"][0]["opt_fast_tok_s"] > 0
+    assert [(r["size"], r["mode"]) for r in report["rows"]] == [("opt-350m", "default"), ("opt-350m", "async")]
+    assert all(r["opt_fast_tok_s"] > 0 for r in report["rows"])
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
 
 

@@ -40,8 +40,8 @@ def drain(engine: Engine) -> dict:
 def test_mixed_prefill_and_decode_step_equals_separate_runs(tiny_model_dir):
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
     batches = []
-    real_run = engine.runner.run
-    engine.runner.run = lambda batch, eos: batches.append((len(batch.prefills), len(batch.decodes))) or real_run(batch, eos)
+    real_launch = engine.runner.launch
+    engine.runner.launch = lambda batch, eos: batches.append((len(batch.prefills), len(batch.decodes))) or real_launch(batch, eos)
     a, b = prompts(2, seed=1)
     engine.add_request("a", a, GREEDY)
     engine.step()

@@ -111,9 +111,9 @@ def test_chunked_prefill_equals_unchunked(tiny_model_dir):
     for budget in (None, 24):
         eng = engine(tiny_model_dir, max_num_batched_tokens=budget, max_num_seqs=4)
         chunks = []
-        run = eng.runner.run
-        eng.runner.run = lambda batch, eos: chunks.extend(s.num_scheduled_tokens for s in batch.prefills) \
-            or run(batch, eos)
+        launch = eng.runner.launch
+        eng.runner.launch = lambda batch, eos: chunks.extend(s.num_scheduled_tokens for s in batch.prefills) \
+            or launch(batch, eos)
         for i, p in enumerate(long_prompts):
             eng.add_request(str(i), p, params)
         results[budget] = drain(eng)

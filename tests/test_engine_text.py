@@ -30,12 +30,12 @@ def scripted(tiny_model_dir):
             forced_rows[row, target] = 30.0
         return forced_rows
     model.compute_logits = forced
-    run = engine.runner.run
+    launch = engine.runner.launch
 
     def remember_rows(batch, eos):
         engine.runner.sampling_rows = batch.sampled
-        return run(batch, eos)
-    engine.runner.run = remember_rows
+        return launch(batch, eos)
+    engine.runner.launch = remember_rows
     return engine, script
 
 

@@ -243,7 +243,7 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
     import hashlib
     import random
     from opt_fast import Engine
-    from opt_fast.engine.model_runner import StepResult
+    from opt_fast.engine.model_runner import PendingStep, StepResult
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     num_blocks, max_seqs = rng.randint(6, 30), rng.randint(1, 6)
@@ -253,15 +253,17 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
     blocks, scheduler = eng.blocks, eng.scheduler
     written = {}                                        # (block, offset) -> the tokens up to it
 
-    def run(batch, eos):
+    def launch(batch, eos):
         for seq in batch.prefills + batch.decodes:
             for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens):
                 written[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[:p + 1])
         # a token that depends on the whole sequence, mostly from a few ids (so prefixes recur)
-        return [StepResult(4 + int(hashlib.md5(repr(s.token_ids).encode()).hexdigest()[:8], 16)
-                           % (5 if rng.random() < 0.9 else 300), -0.5) for s in batch.sampled]
+        results = [StepResult(4 + int(hashlib.md5(repr(s.token_ids).encode()).hexdigest()[:8], 16)
+                              % (5 if rng.random() < 0.9 else 300), -0.5) for s in batch.sampled]
+        return PendingStep(batch.sampled, to_host=results)
 
-    eng.runner.run = run
+    eng.runner.launch = launch
+    eng.runner.collect = lambda pending: pending.to_host
 
     def check(when):
         assert_consistent(blocks)

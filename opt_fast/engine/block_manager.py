@@ -95,7 +95,9 @@ class BlockManager:
 
     def cache_computed(self, seqs: list[Sequence]) -> None:
         """Enter the blocks of `seqs` that this step's tokens filled into the prefix cache (call
-        once their num_cached_tokens count this step). Where the cache already holds a block
+        once their num_cached_tokens count this step; a step launched ahead of this one's
+        results, whose input tokens the host does not have yet, is left for its own call).
+        Where the cache already holds a block
         with the same prefix, that one stays the entry and this sequence's later blocks chain
         to it. A block already entered (shared by `share` with the sequence that computed it)
         keeps its entry: entered again along this sequence's chain, which can differ from the
@@ -105,7 +107,7 @@ class BlockManager:
             return
         bs, cached, keys, generations = self.block_size, self.cached, self.block_keys, self.generations
         for seq in seqs:
-            full = seq.num_cached_tokens // bs
+            full = min(seq.num_cached_tokens, seq.num_tokens) // bs
             if full <= seq.num_keyed_blocks:    # most decode steps: no block filled
                 continue
             parent, tokens = seq.prefix_parent, seq.token_ids

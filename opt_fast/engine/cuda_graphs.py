@@ -144,9 +144,11 @@ class DecodeGraphs:
         tables = block_tables(seqs)
         self.host_block_tables[:n, :tables.shape[1]] = tables
 
-    def stage(self, seqs: list[Sequence]) -> int:
+    def stage(self, seqs: list[Sequence], pending_tokens: int = 0) -> int:
         """Fill the host buffers with the inputs of `seqs` (all decodes); returns the batch size
-        of the smallest graph that holds them, for `replay`.
+        of the smallest graph that holds them, for `replay`. With `pending_tokens=1`, the inputs
+        of the step after the one in flight: each sequence's input token is not on the host yet
+        (`replay` takes it on the device), its position is one further.
 
         Host work is what changes each step: a new batch refills everything; the same batch
         refills the per-token rows, and in the block tables only the entry of each sequence
@@ -155,7 +157,7 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= n)
         self._wait_for_input_copies()
         bs = self.block_size
-        positions = [len(s.token_ids) - 1 for s in seqs]
+        positions = [len(s.token_ids) - 1 + pending_tokens for s in seqs]
         if seqs != self._batch:                 # identity compare, element by element
             self._refill_batch(seqs, n, size)
             self._refill_tables(seqs, n)
@@ -165,7 +167,8 @@ class DecodeGraphs:
                 cols = [positions[i] // bs for i in rows]
                 blocks = [seqs[i].block_table[c] for i, c in zip(rows, cols)]
                 self.host_block_tables[rows, cols] = host_tensor(blocks, torch.int32)
-        dynamic = ([s.token_ids[-1] for s in seqs] + positions
+        inputs = [0] * n if pending_tokens else [s.token_ids[-1] for s in seqs]
+        dynamic = (inputs + positions
                    + [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
                    + [p + 1 - s.num_prompt_tokens for s, p in zip(seqs, positions)])
         rows = host_tensor(dynamic, torch.int64).view(4, n)
@@ -187,14 +190,17 @@ class DecodeGraphs:
         self.host_seq_lens[:size] = seq_lens
         self.host_block_tables[:size] = tables
 
-    def replay(self, size: int):
+    def replay(self, size: int, input_ids: torch.Tensor | None = None):
         """Copy the staged inputs to the device and replay the graph of `size` rows. Returns its
         outputs (views valid until the next replay): (logits, tokens, logsumexp) of `size` rows,
-        or None on a rank that does not sample."""
+        or None on a rank that does not sample. `input_ids` (int64 `[rows]`, on the device) are
+        the first rows' input tokens, where `stage` had none."""
         for host, dev in ((self.host_i64, self.i64), (self.host_f32, self.f32), (self.host_i32, self.i32)):
             dev.copy_(host, non_blocking=True)
         if self.inputs_copied is not None:
             self.inputs_copied.record()
+        if input_ids is not None:
+            self._row("input_ids")[:len(input_ids)].copy_(input_ids)
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size]

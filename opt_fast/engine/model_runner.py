@@ -49,6 +49,18 @@ class StepResult:
         self.token, self.logprob, self.top_logprobs, self.error = token, logprob, top_logprobs, error
 
 
+class PendingStep:
+    """A launched step whose results are on their way to the host: `collect` waits for them.
+
+    `tokens` (int64 `[rows]`, on the device) feeds a step launched ahead of the collect. What the
+    host reads (`to_host`) was computed from the step's outputs before anything else could be
+    launched: a decode graph's outputs are overwritten by its next replay."""
+    __slots__ = ("seqs", "tokens", "to_host", "top_rows", "copied")
+
+    def __init__(self, seqs: list[Sequence], tokens=None, to_host=(), top_rows=(), copied=None):
+        self.seqs, self.tokens, self.to_host, self.top_rows, self.copied = seqs, tokens, to_host, top_rows, copied
+
+
 class ModelRunner:
     """Rank 0 of `cfg.tensor_parallel_size` (the engine's runner; it starts and drives the other
     ranks' runners, see `workers`), or, with `rank` > 0, one of those."""
@@ -310,21 +322,28 @@ class ModelRunner:
         return logits
 
     @staticmethod
-    def plain_sampling(seqs: list[Sequence]) -> bool:
+    def plain_sampling(seqs: list[Sequence], pending_tokens: int = 0) -> bool:
         """Whether the sampler can draw from the raw logits with no per-step host-built inputs
-        (no penalty list, no bans): what a CUDA graph's built-in sampling handles."""
-        return samples_raw_logits(seqs) and all(s.num_output_tokens >= s.params.min_tokens for s in seqs)
+        (no penalty list, no bans): what a CUDA graph's built-in sampling handles. With
+        `pending_tokens`, for the step after that many more tokens each."""
+        return samples_raw_logits(seqs) and all(s.num_output_tokens + pending_tokens >= s.params.min_tokens
+                                                for s in seqs)
 
     # ---- the step ------------------------------------------------------------------------
     def run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
         """Run one step; one result per `batch.sampled` sequence, in that order."""
+        return self.collect(self.launch(batch, eos_token_id))
+
+    def launch(self, batch: ScheduledBatch, eos_token_id: int | None) -> PendingStep:
+        """Start one step; `collect` gives its results. Only the prompt logprobs of its prefills
+        (if any ask) wait for the device before this returns."""
         if self.broken:
             raise RuntimeError(f"the engine cannot step: {self.broken}")
         with self._current_device():
-            return self._run(batch, eos_token_id)
+            return self._launch(batch, eos_token_id)
 
     @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch, eos_token_id: int | None) -> list[StepResult]:
+    def _launch(self, batch: ScheduledBatch, eos_token_id: int | None) -> PendingStep:
         sampled = batch.sampled
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
             graphs = self.graphs
@@ -344,13 +363,33 @@ class ModelRunner:
             hidden = self._on_all_ranks("_forward", input_ids, positions, ctx)
             self._prompt_logprobs(hidden, batch)
             if not sampled:
-                return []
+                return PendingStep([])
             # The rows to sample travel with the sampler's inputs: indexing by a Python list would
             # copy it on its own and wait for the forward to finish before the host builds them.
             inputs, rows = self._sampling_inputs_on_device(sampled, last_index)
             raw_logits = self.model.compute_logits(hidden[rows])
             tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id, inputs)
-        return self._results(raw_logits, tokens, logsumexp, sampled)
+        return self._pending(raw_logits, tokens, logsumexp, sampled)
+
+    def can_launch_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the decode step after the one in flight, of the same `seqs`, can be launched
+        before that one's tokens reach the host: on the decode graph, drawing from the raw logits
+        (a repetition penalty needs the token in flight among the seen ids, a ban a host-built
+        input), on one rank (the other ranks would need the tokens sent to them)."""
+        return (self.cfg.async_scheduling and self.graphs is not None and self.tp is None
+                and self.graphs.fits(len(seqs)) and self.plain_sampling(seqs, pending_tokens=1))
+
+    def launch_ahead(self, previous: PendingStep) -> PendingStep:
+        """Start the decode step after `previous` (not collected yet) for the same sequences
+        (`can_launch_ahead`; each holds the slot of its next token): each one's input is the
+        token `previous` draws for it, copied on the device."""
+        if self.broken:
+            raise RuntimeError(f"the engine cannot step: {self.broken}")
+        seqs, n = previous.seqs, len(previous.seqs)
+        with self._current_device(), torch.inference_mode():
+            size = self.graphs.stage(seqs, pending_tokens=1)
+            raw_logits, tokens, logsumexp = self.graphs.replay(size, input_ids=previous.tokens)
+            return self._pending(raw_logits[:n], tokens[:n], logsumexp[:n], seqs)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -385,23 +424,44 @@ class ModelRunner:
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)
         return tokens, logsumexp
 
-    def _results(self, raw_logits, tokens, logsumexp, seqs: list[Sequence]) -> list[StepResult]:
-        # A row with NaN or infinite logits has a non-finite logsumexp: that sequence fails alone.
-        # Its token may be garbage, so it is clamped before it indexes anything.
+    def _pending(self, raw_logits, tokens, logsumexp, seqs: list[Sequence]) -> PendingStep:
+        """Queue what the host reads of a step's outputs, and its copy to the host."""
+        # Clamped: a row with non-finite logits (it fails alone, see collect) may draw garbage,
+        # and its token still indexes the logits here and, launched ahead, the embedding.
         tokens = tokens.clamp(0, self.vocab_size - 1)
         token_logprobs = raw_logits.gather(1, tokens[:, None])[:, 0] - logsumexp
-        # One device-to-host copy for all three (ids are exact in float64, float32 values too).
-        rows = torch.stack([tokens.to(torch.float64), token_logprobs.to(torch.float64), logsumexp.to(torch.float64)])
-        ids, token_lps, lses = rows.tolist()
+        # One copy for all three (ids are exact in float64, float32 values too).
+        to_host = [torch.stack([tokens.to(torch.float64), token_logprobs.to(torch.float64),
+                                logsumexp.to(torch.float64)])]
+        top_rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if top_rows:
+            k = max(seqs[i].params.logprobs for i in top_rows)
+            rows = to_device([host_tensor(top_rows, torch.int64)], self.device)[0]
+            top = (raw_logits[rows, :self.vocab_size] - logsumexp[rows, None]).topk(k)
+            to_host += [top.values, top.indices]
+        copied = None
+        if self.device.type == "cuda":
+            to_host = [t.to("cpu", non_blocking=True) for t in to_host]
+            copied = torch.cuda.Event()
+            copied.record()
+        return PendingStep(seqs, tokens, to_host, top_rows, copied)
+
+    def collect(self, step: PendingStep) -> list[StepResult]:
+        """Wait for `step`'s results: one per sampled sequence, in order. A row with NaN or
+        infinite logits (its logsumexp is not finite) is that sequence's failure alone."""
+        if not step.seqs:
+            return []
+        if step.copied is not None:
+            step.copied.synchronize()
+        ids, token_lps, lses = step.to_host[0].tolist()
         results = [StepResult(int(t), lp) if math.isfinite(lse) else StepResult(-1, float("nan"), error="non-finite logits")
                    for t, lp, lse in zip(ids, token_lps, lses)]
-        want_top = [i for i, s in enumerate(seqs) if s.params.logprobs and results[i].error is None]
-        if want_top:
-            k = max(seqs[i].params.logprobs for i in want_top)
-            top_lp = (raw_logits[want_top, :self.vocab_size] - logsumexp[want_top, None]).topk(k)
-            for row, values, ids in zip(want_top, top_lp.values.tolist(), top_lp.indices.tolist()):
-                n = seqs[row].params.logprobs
-                results[row].top_logprobs = dict(zip(ids[:n], values[:n]))
+        if step.top_rows:
+            values, indices = step.to_host[1].tolist(), step.to_host[2].tolist()
+            for row, row_values, row_ids in zip(step.top_rows, values, indices):
+                if results[row].error is None:
+                    n = step.seqs[row].params.logprobs
+                    results[row].top_logprobs = dict(zip(row_ids[:n], row_values[:n]))
         return results
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch) -> None:

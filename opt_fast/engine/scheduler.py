@@ -114,6 +114,26 @@ class Scheduler:
             budget -= chunk
         return batch
 
+    def schedule_ahead(self, seqs: list[Sequence]) -> bool:
+        """Schedule the decode step after the one in flight, before its tokens are known, if it
+        is the step `schedule` would then build: the same sequences, each computing the token
+        in flight. So `seqs` must be every running sequence, none sure to stop on that token
+        (max_tokens) nor with samples to fork, nothing waiting that could be admitted, and the
+        free blocks must hold every new token (no preemption). Gives each its slot; False (and
+        nothing changed) where the next step must be scheduled after this one's results."""
+        if seqs != self.running or (self.waiting and len(self.running) < self.max_num_seqs):
+            return False
+        if any(s.forks or s.num_output_tokens + 1 >= s.params.max_tokens for s in seqs):
+            return False
+        # each holds its tokens so far, cached (num_cached_tokens counts the step in flight)
+        needed = sum(self.blocks.blocks_needed(s, s.num_cached_tokens + 1) for s in seqs)
+        if needed > self.blocks.num_free_blocks:
+            return False
+        for seq in seqs:
+            self.blocks.grow(seq, seq.num_cached_tokens + 1)
+            seq.num_scheduled_tokens = 1
+        return True
+
     def _release_waiting_blocks(self) -> bool:
         """Let waiting forks' blocks (their shared prompt) go, so a running sequence that has run
         out of victims can still grow, and the head of the queue always fits an idle cache; the

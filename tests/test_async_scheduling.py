@@ -1,0 +1,240 @@
+"""Async scheduling: the next decode step is launched before the host has the tokens of the one
+in flight (its inputs are those tokens, copied on the device).
+
+On CPU the decode graphs are emulated (a replay re-runs the step into the same static outputs),
+so reading a step's outputs after the next replay, or staging a wrong row, changes the results
+here as it would on a GPU. Every test compares with the same work scheduled after each step's
+results (async_scheduling=False): the same tokens, logprobs, texts and finish reasons, and every
+KV block back in the pool at the end.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from opt_testing import EmulatedGraphs, test_device
+from opt_fast import LLM, Engine, SamplingParams
+
+on_cuda = pytest.mark.skipif(test_device() != "cuda", reason="needs a CUDA device")
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(4, 400, (n,), generator=g).tolist()
+            for n in torch.randint(1, 40, (count,), generator=g).tolist()]
+
+
+def count_launches_ahead(runner) -> list:
+    """Wrap `runner.launch_ahead`; the returned list gets an entry per step launched ahead."""
+    launched, launch_ahead = [], runner.launch_ahead
+    runner.launch_ahead = lambda previous: launched.append(len(previous.seqs)) or launch_ahead(previous)
+    return launched
+
+
+def emulated_engine(model_dir, **kwargs) -> Engine:
+    return emulate_graphs(Engine(str(model_dir), device="cpu", kernels="torch", **kwargs))
+
+
+def emulate_graphs(engine: Engine) -> Engine:
+    runner = engine.runner
+    runner.graphs = EmulatedGraphs(runner)
+    runner.graphs.host_i64.fill_(3)       # poisoned: a row the staging forgets shows
+    runner.graphs.host_i32.fill_(5)
+    runner.graphs.host_f32.fill_(2.5)
+    return engine
+
+
+def assert_same_outputs(want, have) -> None:
+    assert have.request_id == want.request_id
+    assert len(have.outputs) == len(want.outputs)
+    for a, b in zip(want.outputs, have.outputs):
+        assert b.token_ids == a.token_ids, want.request_id
+        assert (b.finish_reason, b.text) == (a.finish_reason, a.text)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-4)
+        if a.logprobs is not None:
+            assert [sorted(d) for d in b.logprobs] == [sorted(d) for d in a.logprobs]
+            assert [v for d in b.logprobs for v in d.values()] == pytest.approx(
+                [v for d in a.logprobs for v in d.values()], abs=1e-4)
+
+
+def assert_nothing_held(engine: Engine) -> None:
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert not any(engine.blocks.ref_counts)
+
+
+def mixed_params(batch: list, stops: list[int]) -> list[SamplingParams]:
+    """Greedy with logprobs, seeded top-k/top-p draws, two samples, min_tokens; lengths differ,
+    and some rows stop on a token (`stops`) part-way, so rows leave while a step is in flight."""
+    kinds = [dict(temperature=0, logprobs=2),
+             dict(temperature=0.9, top_k=20, top_p=0.9, seed=11),
+             dict(temperature=1.0, n=2, seed=3),
+             dict(temperature=0, min_tokens=2, logprobs=0)]
+    greedy = (0, 3)
+    return [SamplingParams(max_tokens=6 + 3 * (i % 5), stop_token_ids=[stops[i]] if i % 4 in greedy else None,
+                           **kinds[i % len(kinds)]) for i in range(len(batch))]
+
+
+def test_steps_launched_ahead_give_the_tokens_of_steps_scheduled_after_the_results(tiny_model_dir):
+    batch = prompts(11, seed=1)       # padded to the graph of 16 rows
+    # stop tokens that occur part-way through the rows' greedy outputs
+    free_run = LLM(str(tiny_model_dir), device="cpu", kernels="torch").generate(
+        batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    stops = [out.outputs[0].token_ids[3] for out in free_run]
+    params = mixed_params(batch, stops)
+    results = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch", max_num_seqs=16,
+                  async_scheduling=async_scheduling)
+        engine = emulate_graphs(llm.engine)
+        launched = count_launches_ahead(engine.runner)
+        results[async_scheduling] = llm.generate(batch, params, use_tqdm=False)
+        assert bool(launched) == async_scheduling
+        assert_nothing_held(engine)
+    assert sum(o.outputs[0].finish_reason == "stop" for o in results[False]) >= 3
+    for want, have in zip(results[False], results[True]):
+        assert_same_outputs(want, have)
+
+
+def test_penalties_and_bans_wait_for_the_results(tiny_model_dir):
+    """A repetition penalty needs the token in flight among the seen ids, a min_tokens ban a
+    host-built input: such a batch is scheduled after each step's results, and only once the
+    ban ends can steps be launched ahead."""
+    batch = prompts(3, seed=2)
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=8, ignore_eos=True)
+    banned = SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[7], max_tokens=10, ignore_eos=True)
+    for params, ahead_from_token in ((penalised, None), (banned, 4)):
+        outs = {}
+        for async_scheduling in (False, True):
+            engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
+            launched, steps = count_launches_ahead(engine.runner), []
+            for i, prompt in enumerate(batch):
+                engine.add_request(str(i), prompt, params)
+            while engine.has_unfinished_requests():
+                steps.append(len(launched))
+                outs[async_scheduling] = {o.request_id: o for o in engine.step() if o.finished} | outs.get(async_scheduling, {})
+            if ahead_from_token is None or not async_scheduling:
+                assert not launched
+            else:
+                # steps 0 (prefill) .. 3 draw under the ban; the step drawing token 4 is the first ahead
+                assert steps.index(1) == ahead_from_token + 1 and launched
+            assert_nothing_held(engine)
+        for i in map(str, range(len(batch))):
+            assert_same_outputs(outs[False][i], outs[True][i])
+
+
+def _random_workload(model_dir, seed: int, async_scheduling: bool):
+    """Requests added and aborted at random calls of `step` (the same calls in both modes), on
+    a small pool (preemption) with a short queue. Returns (final outputs, aborted ids, steps
+    launched ahead). After every step the pool agrees with the ref counts."""
+    rng = random.Random(seed)
+    engine = emulated_engine(model_dir, block_size=rng.choice([4, 8]), num_kv_blocks=rng.randint(40, 90),
+                             max_num_seqs=rng.randint(2, 8), async_scheduling=async_scheduling,
+                             enable_prefix_caching=rng.random() < 0.5)
+    launched = count_launches_ahead(engine.runner)
+    blocks, finals, aborted, added = engine.blocks, {}, set(), []
+    for call in range(120):
+        if rng.random() < 0.3:
+            prompt = [2] + [rng.randint(4, 399) for _ in range(rng.randint(1, 30))]
+            kind = rng.random()
+            params = SamplingParams(
+                max_tokens=rng.randint(1, 24), n=rng.choice([1, 1, 1, 2]),
+                temperature=0 if kind < 0.5 else 0.8, seed=call if kind < 0.8 else None,
+                top_k=rng.choice([0, 5]), logprobs=rng.choice([None, None, 1]),
+                stop_token_ids=[rng.randint(4, 399) for _ in range(rng.randint(0, 40))],
+                repetition_penalty=1.3 if rng.random() < 0.15 else 1.0)
+            engine.add_request(str(call), prompt, params)
+            added.append(str(call))
+        if added and rng.random() < 0.05:
+            victim = rng.choice(added)
+            if engine.abort_request(victim) is not None:
+                aborted.add(victim)
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        assert sum(1 for count in blocks.ref_counts if count == 0) == blocks.num_free_blocks, call
+    for _ in range(2000):
+        if not engine.has_unfinished_requests():
+            break
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert not engine.has_unfinished_requests()
+    assert_nothing_held(engine)
+    assert set(finals) | aborted == set(added)
+    return finals, aborted, len(launched)
+
+
+@pytest.mark.parametrize("seeds", [range(0, 4), range(4, 8)])
+def test_random_workloads_give_every_request_the_same_outputs(tiny_model_dir, seeds):
+    ahead = 0
+    for seed in seeds:
+        want, aborted_sync, _ = _random_workload(tiny_model_dir, seed, async_scheduling=False)
+        have, aborted_async, launched = _random_workload(tiny_model_dir, seed, async_scheduling=True)
+        ahead += launched
+        for request_id in set(want) - aborted_sync - aborted_async:
+            assert_same_outputs(want[request_id], have[request_id])
+    assert ahead > 50
+
+
+def test_a_request_aborted_while_its_next_step_is_in_flight_reports_nothing_more(tiny_model_dir):
+    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
+    launched = count_launches_ahead(engine.runner)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i, prompt in enumerate(prompts(3, seed=4)):
+        engine.add_request(str(i), prompt, params)
+    while len(launched) < 3:
+        engine.step()
+    assert engine._ahead is not None                       # a step is in flight
+    final = engine.abort_request("1")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    tokens = len(final.outputs[0].token_ids)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert "1" not in {o.request_id for o in outs}
+    assert {o.request_id for o in outs if o.finished} == {"0", "2"}
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs if o.finished)
+    assert 0 < tokens < 12
+    assert_nothing_held(engine)
+
+
+def test_blocks_filled_by_steps_launched_ahead_enter_the_prefix_cache(tiny_model_dir):
+    """A block whose last token a step launched ahead computed is entered under its full
+    tokens once they reach the host: a follow-up prompt (a chat turn: prompt, answer, more)
+    reuses every full block, as it does without async scheduling."""
+    first = prompts(1, seed=6)[0][:5]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reused = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch", block_size=4,
+                  async_scheduling=async_scheduling)
+        launched = count_launches_ahead(emulate_graphs(llm.engine).runner)
+        answer = llm.generate([first], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert bool(launched) == async_scheduling
+        follow_up = first + answer + [9, 10, 11]
+        reused[async_scheduling] = llm.generate([follow_up], params, use_tqdm=False)[0].num_cached_tokens
+    # 45 tokens computed (the last drawn token never is): 11 full blocks of 4
+    assert reused == {False: 44, True: 44}
+
+
+def test_async_scheduling_is_checked_and_reaches_the_engine(tiny_model_dir):
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLM(str(tiny_model_dir), device="cpu", async_scheduling="yes")
+    assert LLM(str(tiny_model_dir), device="cpu", async_scheduling=True).engine.cfg.async_scheduling
+
+
+@on_cuda
+def test_cuda_graph_steps_launched_ahead_give_the_same_tokens(tiny_model_dir):
+    batch = prompts(13, seed=5)
+    free_run = LLM(str(tiny_model_dir), dtype="float32").generate(
+        batch, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    params = mixed_params(batch, [out.outputs[0].token_ids[3] for out in free_run])
+    results = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny_model_dir), dtype="float32", max_num_seqs=32, async_scheduling=async_scheduling)
+        launched = count_launches_ahead(llm.engine.runner)
+        results[async_scheduling] = llm.generate(batch, params, use_tqdm=False)
+        assert bool(launched) == async_scheduling
+        assert_nothing_held(llm.engine)
+    for want, have in zip(results[False], results[True]):
+        assert_same_outputs(want, have)

@@ -204,7 +204,7 @@ def test_blocks_filled_by_steps_launched_ahead_enter_the_prefix_cache(tiny_model
     reuses every full block, as it does without async scheduling."""
     first = prompts(1, seed=6)[0][:5]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    reused = {}
+    reused, follow_ups = {}, {}
     for async_scheduling in (False, True):
         llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch", block_size=4,
                   async_scheduling=async_scheduling)
@@ -212,9 +212,112 @@ def test_blocks_filled_by_steps_launched_ahead_enter_the_prefix_cache(tiny_model
         answer = llm.generate([first], params, use_tqdm=False)[0].outputs[0].token_ids
         assert bool(launched) == async_scheduling
         follow_up = first + answer + [9, 10, 11]
-        reused[async_scheduling] = llm.generate([follow_up], params, use_tqdm=False)[0].num_cached_tokens
+        follow_ups[async_scheduling] = llm.generate([follow_up], params, use_tqdm=False)[0]
+        reused[async_scheduling] = follow_ups[async_scheduling].num_cached_tokens
     # 45 tokens computed (the last drawn token never is): 11 full blocks of 4
     assert reused == {False: 44, True: 44}
+    assert_same_outputs(follow_ups[False], follow_ups[True])
+
+
+def test_a_request_added_while_a_step_is_in_flight_is_admitted_at_the_next_step(tiny_model_dir):
+    engine = emulated_engine(tiny_model_dir, max_num_seqs=4, async_scheduling=True)
+    launched = count_launches_ahead(engine.runner)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, prompt in enumerate(prompts(2, seed=7)):
+        engine.add_request(str(i), prompt, params)
+    while len(launched) < 2:
+        engine.step()
+    engine.add_request("late", prompts(1, seed=8)[0], params)
+    # the step in flight is collected and none launched ahead; the next one admits "late"
+    first_seen = [call for call in range(1, 5) if "late" in {o.request_id for o in engine.step()}]
+    assert first_seen[0] == 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_nothing_held(engine)
+
+
+def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):
+    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
+    launched = count_launches_ahead(engine.runner)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, prompt in enumerate(prompts(2, seed=9)):
+        engine.add_request(str(i), prompt, params)
+    while len(launched) < 2:
+        engine.step()
+    for request_id in ("0", "1"):
+        engine.abort_request(request_id)
+    assert not engine.has_unfinished_requests()
+    engine.add_request("next", prompts(1, seed=10)[0], params)
+    assert [o.request_id for o in engine.step()] == ["next"]     # its prompt, at once
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_nothing_held(engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_step_interrupted_before_its_results_loses_nothing(tiny_model_dir, async_scheduling):
+    """KeyboardInterrupt (or a device error) while a step's results are awaited, with the next
+    step launched ahead: stepping on gives every request the tokens of an uninterrupted run."""
+    batch = prompts(3, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    finals = {}
+    for interrupt_at in (None, 5):
+        engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
+        collect, calls = engine.runner.collect, []
+
+        def interrupted(pending):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return collect(pending)
+        engine.runner.collect = interrupted
+        for i, prompt in enumerate(batch):
+            engine.add_request(str(i), prompt, params)
+        finals[interrupt_at] = {}
+        for _ in range(100):        # bounded: a sequence that lost count of a token never ends
+            if not engine.has_unfinished_requests():
+                break
+            try:
+                finals[interrupt_at].update((o.request_id, o) for o in engine.step() if o.finished)
+            except KeyboardInterrupt:
+                assert interrupt_at and engine._ahead is None
+        assert_nothing_held(engine)
+    for i in map(str, range(len(batch))):
+        assert_same_outputs(finals[None][i], finals[5][i])
+
+
+def test_async_engine_clients_stream_the_same_results(tiny_model_dir):
+    """AsyncEngine steps on its worker thread and applies adds and aborts between steps, with a
+    step in flight: clients get LLM.generate's results; one that leaves early aborts its request."""
+    import asyncio
+    from opt_fast.async_engine import AsyncEngine
+    batch = prompts(4, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = LLM(str(tiny_model_dir), device="cpu", kernels="torch").generate(batch, params, use_tqdm=False)
+    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
+    launched = count_launches_ahead(engine.runner)
+    aeng = AsyncEngine.from_engine(engine)
+
+    async def client(prompt, leave_after=None):
+        outs = []
+        async for out in aeng.generate(prompt, params):
+            outs.append(out)
+            if len(outs) == leave_after:
+                break
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(client(p, 3 if i == 1 else None) for i, p in enumerate(batch)))
+
+    streams = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert launched and len(streams[1]) == 3
+    for i, (outs, want) in enumerate(zip(streams, expected)):
+        if i != 1:
+            assert outs[-1].finished
+            assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+            assert outs[-1].outputs[0].text == want.outputs[0].text
+    assert not engine.has_unfinished_requests()
+    assert_nothing_held(engine)
 
 
 def test_async_scheduling_is_checked_and_reaches_the_engine(tiny_model_dir):

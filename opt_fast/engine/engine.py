@@ -13,7 +13,7 @@ from ..model.loader import resolve_model_path
 from ..parallel import check_tensor_parallel
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, PendingStep, StepResult
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import Scheduler
 from .sequence import Sequence
 
 _MASK63 = (1 << 63) - 1
@@ -111,8 +111,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._num_requests = 0
-        # The step launched ahead (async_scheduling), not collected yet: (its batch, its PendingStep).
-        self._ahead: tuple[ScheduledBatch, PendingStep] | None = None
+        # The step launched ahead (async_scheduling), not collected yet.
+        self._ahead: PendingStep | None = None
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int],
@@ -219,28 +219,45 @@ class Engine:
         """Run one model step. Returns the requests that advanced, with their text so far.
 
         A sample that fails on its own (non-finite logits, an error in its output processing)
-        finishes with finish_reason "error" and its message; the other requests go on.
+        finishes with finish_reason "error" and its message; the other requests go on. If the
+        step itself raises (a device error, KeyboardInterrupt), no sequence counts a token it
+        did not get, so stepping again goes on where the last step that completed left off.
 
         With async_scheduling, the next decode step is launched before this one's tokens reach
         the host, where it is the step the scheduler would build anyway (`Scheduler.schedule_ahead`):
         this call's host work then overlaps the GPU's work on the next. A sequence that stops
         on this step's token drops the token the next step draws for it."""
-        batch, pending = self._ahead or (None, None)
-        self._ahead = None
+        try:
+            return self._step()
+        except BaseException:
+            # Counts moved at launch, for tokens that never came: every running sequence has its
+            # last token to compute again (recomputing K/V already written costs one position).
+            self._ahead = None
+            for seq in self.scheduler.running:
+                seq.num_cached_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        pending, self._ahead = self._ahead, None
+        if pending is not None and all(s.is_finished for s in pending.seqs):
+            pending = None      # each token it draws would be dropped (later work follows it on the stream)
         if pending is None:
             batch = self.scheduler.schedule()
             if batch.empty:
                 return []
             pending = self.runner.launch(batch, self.eos_token_id)
-            for seq in batch.prefills + batch.decodes:
+            computed = batch.prefills + batch.decodes
+            for seq in computed:
                 seq.num_cached_tokens += seq.num_scheduled_tokens
-        sampled = pending.seqs      # (batch.sampled, which no longer tells once the counts moved)
+        else:
+            computed = pending.seqs     # launched ahead: one token each
+        sampled = pending.seqs
         if sampled and self.runner.can_launch_ahead(sampled) and self.scheduler.schedule_ahead(sampled):
-            self._ahead = ScheduledBatch(decodes=sampled), self.runner.launch_ahead(pending)
+            self._ahead = self.runner.launch_ahead(pending)
             for seq in sampled:
                 seq.num_cached_tokens += 1
         results = self.runner.collect(pending)
-        self.blocks.cache_computed(batch.prefills + batch.decodes)
+        self.blocks.cache_computed(computed)
         advanced: dict[str, _Request] = {}
         for seq, result in zip(sampled, results):
             if seq.is_finished:     # stopped (or aborted) after the step ahead was launched
@@ -260,9 +277,6 @@ class Engine:
             except Exception as err:    # this sample alone fails; the batch goes on
                 seq.error = f"{type(err).__name__}: {err}"
                 self._finish(seq, "error")
-        if self._ahead is not None and all(s.is_finished for s in self._ahead[0].decodes):
-            self.runner.collect(self._ahead[1])     # every token it draws would be dropped
-            self._ahead = None
         outputs = []
         for request_id, request in advanced.items():
             finished = request.finished

@@ -100,6 +100,11 @@ class ModelRunner:
     def close(self) -> None:
         """Free the model, the KV cache and the decode graphs and, with tensor parallelism, stop
         the other ranks and leave the group. The runner cannot step afterwards."""
+        if self.device.type == "cuda" and self.broken is None:
+            # a step launched ahead may still run (a device error here is the caller's to see
+            # elsewhere: closing goes on)
+            with self._current_device(), contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize(self.device)
         self.graphs = None          # (first: their captured all-reduces use the group)
         if self.tp is not None:
             self.tp.close(failed=self.broken is not None)

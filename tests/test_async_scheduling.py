@@ -29,7 +29,7 @@ def prompts(count: int, seed: int) -> list[list[int]]:
 def count_launches_ahead(runner) -> list:
     """Wrap `runner.launch_ahead`; the returned list gets an entry per step launched ahead."""
     launched, launch_ahead = [], runner.launch_ahead
-    runner.launch_ahead = lambda previous: launched.append(len(previous.seqs)) or launch_ahead(previous)
+    runner.launch_ahead = lambda previous, eos: launched.append(len(previous.seqs)) or launch_ahead(previous, eos)
     return launched
 
 
@@ -97,31 +97,38 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_scheduled_after_the_resul
         assert_same_outputs(want, have)
 
 
-def test_penalties_and_bans_wait_for_the_results(tiny_model_dir):
-    """A repetition penalty needs the token in flight among the seen ids, a min_tokens ban a
-    host-built input: such a batch is scheduled after each step's results, and only once the
-    ban ends can steps be launched ahead."""
+@pytest.mark.parametrize("kind", ["penalty", "min_tokens", "penalty_on_logprobs"])
+def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind):
+    """The graph's own draw ignores penalties and bans; a step launched ahead redraws eagerly
+    with them. Its seen ids end with the token in flight (filled on the device), its min_tokens
+    bans count that token, and FlagAI's penalty on log-probabilities applies as it would."""
     batch = prompts(3, seed=2)
-    penalised = SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=8, ignore_eos=True)
-    banned = SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[7], max_tokens=10, ignore_eos=True)
-    for params, ahead_from_token in ((penalised, None), (banned, 4)):
-        outs = {}
-        for async_scheduling in (False, True):
-            engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
-            launched, steps = count_launches_ahead(engine.runner), []
-            for i, prompt in enumerate(batch):
-                engine.add_request(str(i), prompt, params)
-            while engine.has_unfinished_requests():
-                steps.append(len(launched))
-                outs[async_scheduling] = {o.request_id: o for o in engine.step() if o.finished} | outs.get(async_scheduling, {})
-            if ahead_from_token is None or not async_scheduling:
-                assert not launched
-            else:
-                # steps 0 (prefill) .. 3 draw under the ban; the step drawing token 4 is the first ahead
-                assert steps.index(1) == ahead_from_token + 1 and launched
-            assert_nothing_held(engine)
-        for i in map(str, range(len(batch))):
-            assert_same_outputs(outs[False][i], outs[True][i])
+    params = {
+        "penalty": SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=12, ignore_eos=True),
+        # half the tiny vocabulary banned for each row's first min_tokens (3, 5, 7: while one
+        # row's ban ends, the others' still make the step redraw), then those ids stop a row
+        "min_tokens": [SamplingParams(temperature=0, min_tokens=3 + 2 * i, stop_token_ids=list(range(4, 200)),
+                                      max_tokens=12, ignore_eos=True) for i in range(3)],
+        "penalty_on_logprobs": SamplingParams(temperature=0.9, top_k=30, top_p=0.9, repetition_penalty=3.0,
+                                              penalty_on_logprobs=True, banned_token_ids=[3], seed=4,
+                                              max_tokens=12, ignore_eos=True),
+    }[kind]
+    outs = {}
+    for async_scheduling in (False, True):
+        engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
+        launched = count_launches_ahead(engine.runner)
+        for i, prompt in enumerate(batch):
+            engine.add_request(str(i), prompt, params[i] if isinstance(params, list) else params)
+        outs[async_scheduling] = {}
+        while engine.has_unfinished_requests():
+            outs[async_scheduling].update((o.request_id, o) for o in engine.step() if o.finished)
+        assert bool(launched) == async_scheduling
+        assert_nothing_held(engine)
+    for i in map(str, range(len(batch))):
+        assert_same_outputs(outs[False][i], outs[True][i])
+    if kind == "min_tokens":
+        assert all(len(outs[True][str(i)].outputs[0].token_ids) >= 3 + 2 * i for i in range(3))
+        assert sum(o.outputs[0].finish_reason == "stop" for o in outs[True].values()) >= 2
 
 
 def _random_workload(model_dir, seed: int, async_scheduling: bool):

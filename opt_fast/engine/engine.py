@@ -253,7 +253,7 @@ class Engine:
             computed = pending.seqs     # launched ahead: one token each
         sampled = pending.seqs
         if sampled and self.runner.can_launch_ahead(sampled) and self.scheduler.schedule_ahead(sampled):
-            self._ahead = self.runner.launch_ahead(pending)
+            self._ahead = self.runner.launch_ahead(pending, self.eos_token_id)
             for seq in sampled:
                 seq.num_cached_tokens += 1
         results = self.runner.collect(pending)

@@ -282,10 +282,13 @@ class ModelRunner:
             ctx.decode_block_tables = block_tables(batch.decodes)
         return host_tensor(input_ids, torch.int64), host_tensor(positions, torch.int64), ctx, last_index
 
-    def sampling_inputs(self, seqs: list[Sequence]) -> dict:
-        """Per-row sampler arguments as host tensors (moved to the device by the caller)."""
+    def sampling_inputs(self, seqs: list[Sequence], pending_tokens: int = 0) -> dict:
+        """Per-row sampler arguments as host tensors (moved to the device by the caller). With
+        `pending_tokens=1`, for the step after a token each that the host does not have yet:
+        `seen_ids` then ends in a padding column for the caller to fill on the device."""
         params = [s.params for s in seqs]
-        width = max(s.num_tokens for s in seqs) if any(p.repetition_penalty != 1.0 for p in params) else 0
+        penalised = any(p.repetition_penalty != 1.0 for p in params)
+        width = max(s.num_tokens for s in seqs) + pending_tokens if penalised else 0
         return dict(
             temperature=host_tensor([p.temperature for p in params], torch.float32),
             top_k=host_tensor([p.top_k for p in params], torch.int64),
@@ -293,10 +296,11 @@ class ModelRunner:
             repetition_penalty=host_tensor([p.repetition_penalty for p in params], torch.float32),
             seen_ids=seen_ids(seqs, width),
             seeds=host_tensor([s.seed for s in seqs], torch.int64),
-            steps=host_tensor([s.num_output_tokens for s in seqs], torch.int64),
+            steps=host_tensor([s.num_output_tokens + pending_tokens for s in seqs], torch.int64),
         )
 
-    def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None) -> torch.Tensor:
+    def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None,
+                         pending_tokens: int = 0) -> torch.Tensor:
         """The logits the sampler draws from. Returns `logits` itself when no row changes them,
         else a copy, so reported logprobs stay those of the raw distribution.
 
@@ -308,7 +312,7 @@ class ModelRunner:
         for row, seq in enumerate(seqs):
             p = seq.params
             bans += [(row, token) for token in p.banned_token_ids]
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens + pending_tokens < p.min_tokens:
                 stops = p.stop_token_ids + ([eos] if eos is not None and not p.ignore_eos else [])
                 bans += [(row, token) for token in stops]
             if p.penalty_on_logprobs:
@@ -349,52 +353,58 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _launch(self, batch: ScheduledBatch, eos_token_id: int | None) -> PendingStep:
-        sampled = batch.sampled
         if self.graphs is not None and not batch.prefills and self.graphs.fits(len(batch.decodes)):
-            graphs = self.graphs
-            size = graphs.stage(batch.decodes)
-            inputs = graphs.worker_inputs(size) if self.tp is not None else None
-            raw_logits, tokens, logsumexp = self._on_all_ranks("_replay", size, inputs)
-            n = len(batch.decodes)
-            raw_logits, tokens, logsumexp = raw_logits[:n], tokens[:n], logsumexp[:n]
-            # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
-            if not graphs.plain or (graphs.has_min_tokens and not self.plain_sampling(sampled)):
-                tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id,
-                                                 self._sampling_inputs_on_device(sampled)[0])
-        else:
-            if self.graphs is not None:
-                self.graphs.invalidate()
-            input_ids, positions, ctx, last_index = self.prepare(batch)
-            hidden = self._on_all_ranks("_forward", input_ids, positions, ctx)
-            self._prompt_logprobs(hidden, batch)
-            if not sampled:
-                return PendingStep([])
-            # The rows to sample travel with the sampler's inputs: indexing by a Python list would
-            # copy it on its own and wait for the forward to finish before the host builds them.
-            inputs, rows = self._sampling_inputs_on_device(sampled, last_index)
-            raw_logits = self.model.compute_logits(hidden[rows])
-            tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id, inputs)
+            return self._graph_decode(batch.decodes, eos_token_id)
+        if self.graphs is not None:
+            self.graphs.invalidate()
+        sampled = batch.sampled
+        input_ids, positions, ctx, last_index = self.prepare(batch)
+        hidden = self._on_all_ranks("_forward", input_ids, positions, ctx)
+        self._prompt_logprobs(hidden, batch)
+        if not sampled:
+            return PendingStep([])
+        # The rows to sample travel with the sampler's inputs: indexing by a Python list would
+        # copy it on its own and wait for the forward to finish before the host builds them.
+        inputs, rows = self._sampling_inputs_on_device(sampled, last_index)
+        raw_logits = self.model.compute_logits(hidden[rows])
+        tokens, logsumexp = self._sample(raw_logits, sampled, eos_token_id, inputs)
         return self._pending(raw_logits, tokens, logsumexp, sampled)
 
     def can_launch_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the decode step after the one in flight, of the same `seqs`, can be launched
-        before that one's tokens reach the host: on the decode graph, drawing from the raw logits
-        (a repetition penalty needs the token in flight among the seen ids, a ban a host-built
-        input), on one rank (the other ranks would need the tokens sent to them)."""
+        before that one's tokens reach the host: on the decode graph, on one rank (the other
+        ranks would need the tokens sent to them)."""
         return (self.cfg.async_scheduling and self.graphs is not None and self.tp is None
-                and self.graphs.fits(len(seqs)) and self.plain_sampling(seqs, pending_tokens=1))
+                and self.graphs.fits(len(seqs)))
 
-    def launch_ahead(self, previous: PendingStep) -> PendingStep:
+    def launch_ahead(self, previous: PendingStep, eos_token_id: int | None) -> PendingStep:
         """Start the decode step after `previous` (not collected yet) for the same sequences
         (`can_launch_ahead`; each holds the slot of its next token): each one's input is the
         token `previous` draws for it, copied on the device."""
         if self.broken:
             raise RuntimeError(f"the engine cannot step: {self.broken}")
-        seqs, n = previous.seqs, len(previous.seqs)
         with self._current_device(), torch.inference_mode():
-            size = self.graphs.stage(seqs, pending_tokens=1)
-            raw_logits, tokens, logsumexp = self.graphs.replay(size, input_ids=previous.tokens)
-            return self._pending(raw_logits[:n], tokens[:n], logsumexp[:n], seqs)
+            return self._graph_decode(previous.seqs, eos_token_id, previous)
+
+    def _graph_decode(self, seqs: list[Sequence], eos_token_id: int | None,
+                      previous: PendingStep | None = None) -> PendingStep:
+        """A decode step of `seqs` on the graphs; launched ahead of `previous`'s results if given."""
+        graphs, n = self.graphs, len(seqs)
+        pending_tokens = int(previous is not None)
+        size = graphs.stage(seqs, pending_tokens)
+        if previous is None:
+            inputs = graphs.worker_inputs(size) if self.tp is not None else None
+            raw_logits, tokens, logsumexp = self._on_all_ranks("_replay", size, inputs)
+        else:
+            raw_logits, tokens, logsumexp = graphs.replay(size, input_ids=previous.tokens)
+        raw_logits, tokens, logsumexp = raw_logits[:n], tokens[:n], logsumexp[:n]
+        # The graph's draw ignores penalties and bans: redo it eagerly where any applies.
+        if not graphs.plain or (graphs.has_min_tokens and not self.plain_sampling(seqs, pending_tokens)):
+            inputs = self._sampling_inputs_on_device(seqs, pending_tokens=pending_tokens)[0]
+            if previous is not None and inputs["seen_ids"].shape[1]:
+                inputs["seen_ids"][:, -1] = previous.tokens     # the token in flight is seen too
+            tokens, logsumexp = self._sample(raw_logits, seqs, eos_token_id, inputs, pending_tokens)
+        return self._pending(raw_logits, tokens, logsumexp, seqs)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -415,15 +425,17 @@ class ModelRunner:
             self.graphs.load(size, worker_inputs)
         return self.graphs.replay(size)
 
-    def _sampling_inputs_on_device(self, seqs: list[Sequence], rows: list[int] = ()) -> tuple[dict, torch.Tensor]:
+    def _sampling_inputs_on_device(self, seqs: list[Sequence], rows: list[int] = (),
+                                   pending_tokens: int = 0) -> tuple[dict, torch.Tensor]:
         """The sampler's inputs for `seqs`, and `rows` as an int64 tensor, on the device in one copy."""
-        on_host = self.sampling_inputs(seqs)
+        on_host = self.sampling_inputs(seqs, pending_tokens)
         *moved, rows = to_device([*on_host.values(), host_tensor(rows, torch.int64)], self.device)
         return dict(zip(on_host, moved)), rows
 
-    def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None, inputs: dict):
+    def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None, inputs: dict,
+                pending_tokens: int = 0):
         """(tokens, logsumexp of the raw logits) of `seqs`' rows; `inputs` from _sampling_inputs_on_device."""
-        sampling_logits = self._sampling_logits(raw_logits, seqs, eos)
+        sampling_logits = self._sampling_logits(raw_logits, seqs, eos, pending_tokens)
         tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **inputs)
         if sampling_logits is not raw_logits:   # logprobs are of the raw distribution, bans excluded
             logsumexp = torch.logsumexp(raw_logits[:, :self.vocab_size], dim=-1)

@@ -183,15 +183,22 @@ def test_random_workloads_give_every_request_the_same_outputs(tiny_model_dir, se
     assert ahead > 50
 
 
-def test_a_request_aborted_while_its_next_step_is_in_flight_reports_nothing_more(tiny_model_dir):
-    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
+def engine_with_a_step_in_flight(model_dir, num_requests: int, seed: int, max_tokens: int, **kwargs):
+    """(engine, its count of steps launched ahead): greedy requests stepped until a step is
+    launched ahead of the results for the `num_requests`-th time."""
+    engine = emulated_engine(model_dir, async_scheduling=True, **kwargs)
     launched = count_launches_ahead(engine.runner)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for i, prompt in enumerate(prompts(3, seed=4)):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts(num_requests, seed=seed)):
         engine.add_request(str(i), prompt, params)
-    while len(launched) < 3:
+    while len(launched) < num_requests:
         engine.step()
-    assert engine._ahead is not None                       # a step is in flight
+    assert engine._ahead is not None
+    return engine, params
+
+
+def test_a_request_aborted_while_its_next_step_is_in_flight_reports_nothing_more(tiny_model_dir):
+    engine, _ = engine_with_a_step_in_flight(tiny_model_dir, 3, seed=4, max_tokens=12)
     final = engine.abort_request("1")
     assert final.finished and final.outputs[0].finish_reason == "abort"
     tokens = len(final.outputs[0].token_ids)
@@ -227,13 +234,7 @@ def test_blocks_filled_by_steps_launched_ahead_enter_the_prefix_cache(tiny_model
 
 
 def test_a_request_added_while_a_step_is_in_flight_is_admitted_at_the_next_step(tiny_model_dir):
-    engine = emulated_engine(tiny_model_dir, max_num_seqs=4, async_scheduling=True)
-    launched = count_launches_ahead(engine.runner)
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    for i, prompt in enumerate(prompts(2, seed=7)):
-        engine.add_request(str(i), prompt, params)
-    while len(launched) < 2:
-        engine.step()
+    engine, params = engine_with_a_step_in_flight(tiny_model_dir, 2, seed=7, max_tokens=30, max_num_seqs=4)
     engine.add_request("late", prompts(1, seed=8)[0], params)
     # the step in flight is collected and none launched ahead; the next one admits "late"
     first_seen = [call for call in range(1, 5) if "late" in {o.request_id for o in engine.step()}]
@@ -244,13 +245,7 @@ def test_a_request_added_while_a_step_is_in_flight_is_admitted_at_the_next_step(
 
 
 def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):
-    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
-    launched = count_launches_ahead(engine.runner)
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    for i, prompt in enumerate(prompts(2, seed=9)):
-        engine.add_request(str(i), prompt, params)
-    while len(launched) < 2:
-        engine.step()
+    engine, params = engine_with_a_step_in_flight(tiny_model_dir, 2, seed=9, max_tokens=30)
     for request_id in ("0", "1"):
         engine.abort_request(request_id)
     assert not engine.has_unfinished_requests()

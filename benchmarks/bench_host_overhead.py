@@ -101,9 +101,10 @@ def _timed(record: dict, phase: str, fn):
     return wrapper
 
 
-def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512) -> dict:
+def measure(engine: Engine, batch: int, steps: int, prompt_len: int = 512, output_kind: str = "cumulative") -> dict:
     """Mean milliseconds per decode step, by phase, with `batch` sequences of ~prompt_len tokens."""
-    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=steps + 1_000, ignore_eos=True)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=steps + 1_000, ignore_eos=True,
+                            output_kind=output_kind)
     for i in range(batch):
         engine.add_request(f"r{i}", [2] + [10 + (i + j) % 200 for j in range(prompt_len)], params)
     while any(s.num_output_tokens == 0 for s in engine.scheduler.waiting) or engine.scheduler.waiting:
@@ -145,11 +146,12 @@ def tiny_model(out_dir: Path) -> Path:
     return write_random_checkpoint(out_dir, config)
 
 
-@pytest.mark.parametrize("stream_outputs, graphs", [(True, False), (False, False), (False, True)])
-def test_host_overhead_measures_every_phase(tmp_path, stream_outputs, graphs):
+@pytest.mark.parametrize("stream_outputs, graphs, kind", [(True, False, "cumulative"), (True, False, "delta"),
+                                                          (False, False, "cumulative"), (False, True, "cumulative")])
+def test_host_overhead_measures_every_phase(tmp_path, stream_outputs, graphs, kind):
     engine = build_engine(tiny_model(tmp_path), max_num_seqs=8, stream_outputs=stream_outputs, graphs=graphs)
     for batch in (8, 4):                     # one engine, batch after batch, as main() runs it
-        row = measure(engine, batch=batch, steps=3, prompt_len=20)
+        row = measure(engine, batch=batch, steps=3, prompt_len=20, output_kind=kind)
         assert all(row[phase] > 0 for phase in ("schedule", "prepare", "total"))
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
@@ -164,12 +166,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model(Path(tmp))
-        for mode, stream, graphs in (("Engine.step, streaming", True, False),
-                                     ("LLM.generate, final only", False, False),
-                                     ("LLM.generate, CUDA-graph inputs", False, True)):
+        for mode, stream, graphs, kind in (("Engine.step, streaming", True, False, "cumulative"),
+                                           ("Engine.step, streaming deltas", True, False, "delta"),
+                                           ("LLM.generate, final only", False, False, "cumulative"),
+                                           ("LLM.generate, CUDA-graph inputs", False, True, "cumulative")):
             engine = build_engine(model_dir, max(args.batches), stream_outputs=stream, graphs=graphs)
             for batch in args.batches:
-                rows.append({"mode": mode, "batch": batch, **measure(engine, batch, args.steps)})
+                rows.append({"mode": mode, "batch": batch, **measure(engine, batch, args.steps, output_kind=kind)})
     header = "| outputs | batch | " + " | ".join(PHASES) + " | total ms/step |"
     print(f"Host overhead per decode step (ms), {platform.processor() or platform.machine()}, "
           f"python {sys.version.split()[0]}, torch {torch.__version__}\n")

@@ -20,6 +20,7 @@ its cause); build a new engine to go on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import uuid
 from collections.abc import AsyncIterator
@@ -36,14 +37,31 @@ class EngineDeadError(RuntimeError):
 
 
 class _Stream:
-    """A request's newest output. Each output carries the whole text so far, so a slow reader
-    may skip intermediate states (memory stays bounded) but never the final one."""
-    __slots__ = ("latest", "error", "ready")
+    """A request's newest output, not yet read. A cumulative output carries the whole text so
+    far, so a slow reader may skip intermediate states (memory stays bounded) but never the
+    final one; delta outputs (output_kind "delta") that arrive before the reader takes them are
+    merged into one."""
+    __slots__ = ("latest", "error", "ready", "delta")
 
-    def __init__(self):
+    def __init__(self, delta: bool = False):
         self.latest: RequestOutput | None = None
         self.error: BaseException | None = None
         self.ready = asyncio.Event()
+        self.delta = delta
+
+    def put(self, out: RequestOutput) -> None:
+        if self.delta and self.ready.is_set():      # the reader has not taken the previous one
+            out = _merged(self.latest, out)
+        self.latest = out
+        self.ready.set()
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta output holding what `earlier` and then `later` (deltas of one request) hold."""
+    completions = [dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids,
+                                       logprobs=None if a.logprobs is None else a.logprobs + b.logprobs)
+                   for a, b in zip(earlier.outputs, later.outputs)]
+    return dataclasses.replace(later, outputs=completions)
 
 
 class AsyncEngine:
@@ -86,15 +104,16 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its RequestOutput after each step that advances it (text
-        so far), the last with `finished=True`. ValueError for bad input (this request only);
-        EngineDeadError if the engine failed. Stopping the iteration aborts the request."""
+        so far, or only what is new with `params.output_kind="delta"`), the last with
+        `finished=True`. ValueError for bad input (this request only); EngineDeadError if the
+        engine failed. Stopping the iteration aborts the request."""
         self._raise_if_dead()
         self._start_loop()
         if request_id is None:
             request_id = f"async-{uuid.uuid4().hex}"    # random, so no caller-chosen name clashes
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = self._streams[request_id] = _Stream()
+        stream = self._streams[request_id] = _Stream(getattr(params, "output_kind", None) == "delta")
         finished = False
         try:
             await self._in_worker(self._add, request_id, stream, prompt, params)
@@ -172,8 +191,7 @@ class AsyncEngine:
                     return
                 for stream, out in outputs:
                     if stream is not None and self._streams.get(out.request_id) is stream:
-                        stream.latest = out
-                        stream.ready.set()
+                        stream.put(out)
 
     def _fail(self, err: BaseException) -> None:
         self._error = err

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from .config import check_seed
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (DESIGN.md §3).
@@ -38,6 +41,11 @@ class SamplingParams:
     # values rather than raw logits (FlagAI's order), and ids that are never drawn (FlagAI bans <unk>).
     penalty_on_logprobs: bool = False
     banned_token_ids: list[int] | None = None
+    # What a streaming Engine / AsyncEngine returns after each step (vLLM's RequestOutputKind):
+    # "cumulative" every token and the whole text so far; "delta" only what is new since the
+    # request's previous output (cumulative_logprob stays the total); "final_only" the finished
+    # output alone. LLM.generate returns whole final outputs whatever this says.
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         self.n = _int("n", self.n, low=1)
@@ -67,6 +75,8 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), low=0))
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         for name in ("ignore_eos", "skip_special_tokens", "penalty_on_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

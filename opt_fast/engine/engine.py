@@ -53,6 +53,8 @@ class _Request:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.params, self.seqs = params, seqs
         self.prompt_logprobs = None
+        # output_kind "delta": each sample's tokens and characters already handed out
+        self.sent = [(0, 0)] * len(seqs) if params.output_kind == "delta" else None
 
     @property
     def finished(self) -> bool:
@@ -61,10 +63,17 @@ class _Request:
     def output(self, finished: bool) -> RequestOutput:
         """A snapshot: an output already handed out (streamed, or read on another thread) never
         changes as generation goes on. The lists that grow are copied; the prompt's ids and
-        logprobs are complete before the first output and shared."""
-        completions = [CompletionOutput(s.index, _visible_text(s), s.output_token_ids, s.cumulative_logprob,
-                                        None if s.output_logprobs is None else list(s.output_logprobs),
-                                        s.finish_reason, s.error) for s in self.seqs]
+        logprobs are complete before the first output and shared. With output_kind "delta",
+        only what no earlier output of this request held."""
+        completions = []
+        for i, s in enumerate(self.seqs):
+            text, tokens, logprobs = _visible_text(s), s.token_ids, s.output_logprobs
+            start, chars = (0, 0) if self.sent is None else self.sent[i]
+            if self.sent is not None:
+                self.sent[i] = (s.num_output_tokens, len(text))
+            completions.append(CompletionOutput(
+                s.index, text[chars:], tokens[s.num_prompt_tokens + start:], s.cumulative_logprob,
+                None if logprobs is None else logprobs[start:], s.finish_reason, s.error))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              completions, finished, self.seqs[0].num_prompt_tokens_reused)
 
@@ -282,7 +291,7 @@ class Engine:
             finished = request.finished
             if finished:
                 del self.requests[request_id]
-            if finished or self.stream_outputs:
+            if finished or (self.stream_outputs and request.params.output_kind != "final_only"):
                 outputs.append(request.output(finished))
         return outputs
 

@@ -1,0 +1,133 @@
+"""SamplingParams.output_kind: what a streaming Engine and AsyncEngine return after each step.
+
+"cumulative" (the default) gives every token and the whole text so far; "delta" only what the
+request's earlier outputs did not hold, so joining a request's deltas gives the cumulative final
+output; "final_only" the finished output alone.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from opt_testing import test_device
+from opt_fast import LLM, Engine, SamplingParams
+from opt_fast.async_engine import AsyncEngine
+
+PROMPTS = ["def wrap(text, width", "import os\n", [2, 45, 101, 7, 300]]
+
+
+def kinds_of(params: SamplingParams, kind: str) -> SamplingParams:
+    return SamplingParams(**{**params.__dict__, "output_kind": kind})
+
+
+def joined(deltas: list) -> list[tuple]:
+    """Per sample: (token ids, text, logprobs, cumulative logprob, finish reason) of the deltas
+    joined in order."""
+    samples = []
+    for index in range(len(deltas[-1].outputs)):
+        parts = [d.outputs[index] for d in deltas]
+        logprobs = None if parts[0].logprobs is None else [e for p in parts for e in p.logprobs]
+        samples.append(([t for p in parts for t in p.token_ids], "".join(p.text for p in parts), logprobs,
+                        parts[-1].cumulative_logprob, parts[-1].finish_reason))
+    return samples
+
+
+def whole(out) -> list[tuple]:
+    return [(c.token_ids, c.text, c.logprobs, c.cumulative_logprob, c.finish_reason) for c in out.outputs]
+
+
+@pytest.fixture(scope="module")
+def params(tiny_model_dir):
+    """Sampled with logprobs and two samples; greedy with a stop string from the middle of its
+    free-running text, so held-back text and the cut at the stop string are streamed too."""
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert stop.strip()
+    return [SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
+            SamplingParams(temperature=0.9, top_k=40, seed=7, n=2, logprobs=2, max_tokens=14, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)]
+
+
+def stream_all(engine: Engine, params: list[SamplingParams]) -> dict[str, list]:
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(str(i), prompt, p)
+    outs: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    return outs
+
+
+def test_joined_deltas_equal_the_cumulative_outputs(tiny_model_dir, params):
+    cumulative = stream_all(Engine(str(tiny_model_dir), device=test_device(), kernels="torch"), params)
+    delta = stream_all(Engine(str(tiny_model_dir), device=test_device(), kernels="torch"),
+                       [kinds_of(p, "delta") for p in params])
+    assert cumulative[str(0)][-1].outputs[0].finish_reason == "stop"
+    for request_id, outs in cumulative.items():
+        deltas = delta[request_id]
+        assert len(deltas) == len(outs) > 3 and deltas[-1].finished
+        assert joined(deltas) == whole(outs[-1])
+        # each step's delta holds the sampled token of every sample that advanced, no more
+        for out in deltas[1:]:
+            assert all(len(c.token_ids) <= 1 for c in out.outputs)
+        assert deltas[0].prompt_token_ids == outs[0].prompt_token_ids
+
+
+def test_final_only_streams_nothing_before_the_end(tiny_model_dir, params):
+    outs = stream_all(Engine(str(tiny_model_dir), device=test_device(), kernels="torch"),
+                      [kinds_of(p, "final_only") for p in params])
+    reference = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").generate(PROMPTS, params,
+                                                                                        use_tqdm=False)
+    for i, ref in enumerate(reference):
+        assert [o.finished for o in outs[str(i)]] == [True]
+        assert whole(outs[str(i)][0]) == whole(ref)
+
+
+def test_llm_generate_returns_whole_outputs_for_every_kind(tiny_model_dir, params):
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    want = [whole(o) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    for kind in ("delta", "final_only"):
+        got = llm.generate(PROMPTS, [kinds_of(p, kind) for p in params], use_tqdm=False)
+        assert [whole(o) for o in got] == want
+
+
+def test_an_aborted_delta_request_returns_what_it_had_not_sent(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine.add_request("a", [2, 9, 10], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                        output_kind="delta"))
+    sent = [t for _ in range(4) for out in engine.step() for t in out.outputs[0].token_ids]
+    final = engine.abort_request("a")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.outputs[0].token_ids == [] and len(sent) == 4
+
+
+def test_a_slow_async_client_gets_every_delta_merged(tiny_model_dir, params):
+    """The AsyncEngine keeps only a request's newest output: deltas a client has not read yet
+    are merged into it, so nothing is lost however slowly it reads."""
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    reference = llm.generate(PROMPTS, params, use_tqdm=False)
+    aeng = AsyncEngine.from_engine(llm.engine)
+
+    async def client(prompt, p, pause):
+        outs = []
+        async for out in aeng.generate(prompt, kinds_of(p, "delta")):
+            outs.append(out)
+            await asyncio.sleep(pause)      # steps go on meanwhile
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(client(prompt, p, 0.05 * i) for i, (prompt, p) in enumerate(zip(PROMPTS, params))))
+
+    streams = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    for outs, ref in zip(streams, reference):
+        assert joined(outs) == whole(ref)
+    # the slowest reader got merged deltas (a step adds one token per sample)
+    assert any(len(c.token_ids) > 1 for out in streams[2] for c in out.outputs)
+
+
+def test_output_kind_is_checked():
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="stream")

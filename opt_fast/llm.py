@@ -5,6 +5,7 @@ from dataclasses import asdict
 from itertools import count
 from pathlib import Path
 
+from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from .config import EngineConfig
 from .engine.engine import Engine
 from .outputs import RequestOutput
@@ -69,10 +70,7 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; returns one finished RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
@@ -97,6 +95,11 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
 
+    def beam_search(self, prompts: str | list[str] | list[list[int]], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (`opt_fast.beam_search`): for each prompt, its best `params.beam_width`
+        beams, best score first."""
+        return beam_search(self, _prompt_list(prompts), params)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(ids)
         finished: dict[str, RequestOutput] = {}
@@ -119,3 +122,10 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[i] for i in ids]
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a list of token ids) as a list of one; a list of prompts as is."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

@@ -1,0 +1,104 @@
+"""LLM.beam_search against Hugging Face's beam search (`generate(num_beams=...)`, canonical
+early stopping) on the tiny random checkpoints of the three shapes: the same beams, in the same
+order, with the same scores, with EOS ending beams part-way and without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_testing import TINY_SHAPES, build_hf_model
+from opt_fast import LLM, BeamSearchParams, SamplingParams
+
+VOCAB = 300     # no tokenizer: the engine scores all the model's rows, as HF does
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (3, 8, 13)[:count]]
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_SHAPES))
+def checkpoint(request, tmp_path_factory):
+    """(HF model, its directory): EOS is a token its greedy output reaches early, so beams end
+    on it part-way."""
+    model = build_hf_model(request.param, VOCAB)
+    greedy = model.generate(torch.tensor([prompts(1, seed=0)[0]]), do_sample=False, max_new_tokens=4,
+                            eos_token_id=None, pad_token_id=1)[0, -2].item()
+    model.config.eos_token_id = model.generation_config.eos_token_id = greedy
+    out = tmp_path_factory.mktemp(f"beam-{request.param}")
+    model.save_pretrained(out)
+    return model, out
+
+
+def hf_beams(model, prompt, width, max_tokens, length_penalty, eos) -> tuple[list[list[int]], list[float]]:
+    out = model.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                         max_new_tokens=max_tokens, length_penalty=length_penalty, early_stopping="never",
+                         eos_token_id=eos, pad_token_id=1, return_dict_in_generate=True, output_scores=True)
+    rows = out.sequences[:, len(prompt):].tolist()
+    # a beam that ended early is padded after its EOS
+    rows = [row[:row.index(eos) + 1] if eos is not None and eos in row else row for row in rows]
+    return rows, out.sequences_scores.tolist()
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beams_equal_hugging_faces(checkpoint, length_penalty):
+    model, path = checkpoint
+    llm = LLM(str(path), device="cpu", kernels="torch")
+    eos = model.config.eos_token_id
+    batch = prompts(3, seed=0)
+    got = llm.beam_search(batch, BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=length_penalty))
+    stopped = 0
+    for prompt, out in zip(batch, got):
+        want, scores = hf_beams(model, prompt, 3, 8, length_penalty, eos)
+        assert [s.token_ids for s in out.sequences] == want
+        assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
+        assert out.prompt_token_ids == prompt
+        for s in out.sequences:
+            assert (s.finish_reason == "stop") == (s.token_ids[-1] == eos) and eos not in s.token_ids[:-1]
+            stopped += s.finish_reason == "stop"
+    if length_penalty <= 1.0:       # (a penalty of 2 favours the longer beams that run on)
+        assert stopped, "no beam ended on EOS: the test would not cover it"
+
+
+def test_ignore_eos_runs_every_beam_to_max_tokens(checkpoint):
+    model, path = checkpoint
+    llm = LLM(str(path), device="cpu", kernels="torch")
+    prompt = prompts(1, seed=0)[0]
+    out = llm.beam_search(prompt, BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))[0]
+    want, scores = hf_beams(model, prompt, 4, 6, 1.0, None)
+    assert [s.token_ids for s in out.sequences] == want
+    assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
+    assert {s.finish_reason for s in out.sequences} == {"length"}
+
+
+def test_one_beam_is_greedy_decoding(checkpoint):
+    _, path = checkpoint
+    llm = LLM(str(path), device="cpu", kernels="torch")
+    batch = prompts(3, seed=1)
+    beams = llm.beam_search(batch, BeamSearchParams(beam_width=1, max_tokens=7, ignore_eos=True))
+    greedy = llm.generate(batch, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=0),
+                          use_tqdm=False)
+    for beam, out in zip(beams, greedy):
+        assert beam.sequences[0].token_ids == out.outputs[0].token_ids
+        assert beam.sequences[0].cumulative_logprob == pytest.approx(out.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_rounds_reuse_the_beams_blocks_and_leak_none(checkpoint):
+    _, path = checkpoint
+    llm = LLM(str(path), device="cpu", kernels="torch", block_size=4)
+    reused = []
+    generate = llm.generate
+    llm.generate = lambda *a, **k: reused.append([o.num_cached_tokens for o in generate(*a, **k)]) or generate(*a, **k)
+    llm.beam_search(prompts(1, seed=2)[0], BeamSearchParams(beam_width=2, max_tokens=9, ignore_eos=True))
+    assert max(reused[-1]) >= 8                     # later rounds start from cached blocks
+    blocks = llm.engine.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_bad_beam_search_params_name_the_field():
+    for kwargs, field in ((dict(beam_width=0, max_tokens=4), "beam_width"),
+                          (dict(beam_width=2, max_tokens=-1), "max_tokens"),
+                          (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), "length_penalty"),
+                          (dict(beam_width=2, max_tokens=4, ignore_eos=1), "ignore_eos")):
+        with pytest.raises(ValueError, match=field):
+            BeamSearchParams(**kwargs)

@@ -113,6 +113,8 @@ class AsyncEngine:
             request_id = f"async-{uuid.uuid4().hex}"    # random, so no caller-chosen name clashes
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(params, SamplingParams):
+            params = dataclasses.replace(params)    # the output kind streamed is the one the engine gets
         stream = self._streams[request_id] = _Stream(getattr(params, "output_kind", None) == "delta")
         finished = False
         try:

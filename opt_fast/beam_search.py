@@ -63,20 +63,30 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     engine = llm.engine
     prompt_ids = [engine._prompt_ids(p)[1] for p in prompts]
-    if any(len(ids) + params.max_tokens > engine.max_model_len for ids in prompt_ids):
-        raise ValueError(f"a prompt + max_tokens ({params.max_tokens}) exceeds max_model_len={engine.max_model_len}")
+    for ids in prompt_ids:      # what add_request would reject in a late round, up front
+        total = len(ids) + params.max_tokens
+        if total > engine.max_model_len:
+            raise ValueError(f"a prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len={engine.max_model_len}")
+        if -(-total // engine.blocks.block_size) > engine.blocks.num_blocks:
+            raise ValueError(f"a prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV "
+                             f"blocks than the cache has ({engine.blocks.num_blocks})")
     width, eos = params.beam_width, None if params.ignore_eos else engine.eos_token_id
-    step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=2 * width)
+    step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                          logprobs=min(2 * width, engine.vocab_size))
     live = [[([], 0.0)] for _ in prompts]           # per prompt: (new tokens, cumulative logprob)
     done: list[list[tuple[list[int], float, str]]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
+    for length in range(1, params.max_tokens + 1):
         beams = [(i, tokens, total) for i, beams_i in enumerate(live) for tokens, total in beams_i]
         if not beams:
             break
         outs = llm.generate([prompt_ids[i] + tokens for i, tokens, _ in beams], step, use_tqdm=False)
         candidates: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]
         for (i, tokens, total), out in zip(beams, outs):
-            for token, logprob in out.outputs[0].logprobs[0].items():
+            completion = out.outputs[0]
+            if completion.finish_reason == "error":
+                raise RuntimeError(f"beam search: the step after {len(tokens)} tokens failed: {completion.error}")
+            for token, logprob in completion.logprobs[0].items():
                 candidates[i].append((total + logprob, tokens + [token]))
         for i, ranked in enumerate(candidates):
             ranked.sort(key=lambda c: c[0], reverse=True)
@@ -89,14 +99,32 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
                 live[i].append((tokens, total))
                 if len(live[i]) == width:
                     break
+            if _cannot_improve(done[i], live[i], width, length, params):
+                live[i] = []
     tokenizer = engine.tokenizer
     results = []
     for i, prompt in enumerate(prompts):
         ended = done[i] + [(tokens, total, "length") for tokens, total in live[i]]
         sequences = [BeamSearchSequence(tokens, tokenizer.decode(tokens) if tokenizer else None, total,
-                                        total / len(tokens) ** params.length_penalty, reason)
+                                        _score(total, len(tokens), params), reason)
                      for tokens, total, reason in ended]
         sequences.sort(key=lambda s: s.score, reverse=True)
         results.append(BeamSearchOutput(prompt if isinstance(prompt, str) else None, prompt_ids[i],
                                         sequences[:width]))
     return results
+
+
+def _score(total: float, length: int, params: BeamSearchParams) -> float:
+    return total / length ** params.length_penalty
+
+
+def _cannot_improve(done: list, live: list, width: int, length: int, params: BeamSearchParams) -> bool:
+    """Whether no live beam can still beat the worst of the best `width` finished ones (so the
+    prompt's search ends; HF's canonical stop). Logprobs only lower a beam's total, so its best
+    attainable score is its total now over the length that favours it most: the longest
+    possible with a positive length_penalty, else the current one."""
+    if len(done) < width or not live:
+        return False
+    worst_kept = sorted((_score(total, len(tokens), params) for tokens, total, _ in done), reverse=True)[width - 1]
+    best_total = max(total for _, total in live)
+    return worst_kept >= _score(best_total, params.max_tokens if params.length_penalty > 0 else length, params)

@@ -1,7 +1,8 @@
 """LLM: the offline batch API over Engine."""
 from __future__ import annotations
 
-from dataclasses import asdict
+import numbers
+from dataclasses import asdict, replace
 from itertools import count
 from pathlib import Path
 
@@ -78,6 +79,10 @@ class LLM:
             params_list = sampling_params
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompts)
+        # Whole outputs, whatever output_kind says: an engine that an AsyncEngine also serves
+        # streams, and would hand back only the last delta.
+        params_list = [replace(p, output_kind="cumulative") if getattr(p, "output_kind", None) == "delta" else p
+                       for p in params_list]
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, params in zip(ids, prompts, params_list):
@@ -125,7 +130,9 @@ class LLM:
 
 
 def _prompt_list(prompts) -> list:
-    """One prompt (a string or a list of token ids) as a list of one; a list of prompts as is."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    """One prompt (a string, or a list or tuple of token ids) as a list of one; a list of
+    prompts as is."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], numbers.Integral)):
         return [prompts]
     return list(prompts)

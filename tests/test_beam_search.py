@@ -60,6 +60,23 @@ def test_beams_equal_hugging_faces(checkpoint, length_penalty):
         assert stopped, "no beam ended on EOS: the test would not cover it"
 
 
+def test_a_prompt_whose_finished_beams_cannot_be_beaten_stops_early(checkpoint):
+    """No length penalty: once beam_width beams have ended on EOS above every live beam's
+    total, further tokens (which only lower a total) cannot change the result, so that
+    prompt's rounds stop; the beams are still Hugging Face's."""
+    model, path = checkpoint
+    llm = LLM(str(path), device="cpu", kernels="torch")
+    rows, generate = [], llm.generate
+    llm.generate = lambda batch, *a, **k: rows.append(len(batch)) or generate(batch, *a, **k)
+    batch = prompts(3, seed=0)
+    got = llm.beam_search(batch, BeamSearchParams(beam_width=3, max_tokens=20, length_penalty=0.0))
+    assert rows[1] == 9 and rows[-1] < 9           # a prompt's beams left the rounds
+    for prompt, out in zip(batch, got):
+        want, scores = hf_beams(model, prompt, 3, 20, 0.0, model.config.eos_token_id)
+        assert [s.token_ids for s in out.sequences] == want
+        assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
+
+
 def test_ignore_eos_runs_every_beam_to_max_tokens(checkpoint):
     model, path = checkpoint
     llm = LLM(str(path), device="cpu", kernels="torch")
@@ -86,9 +103,13 @@ def test_one_beam_is_greedy_decoding(checkpoint):
 def test_rounds_reuse_the_beams_blocks_and_leak_none(checkpoint):
     _, path = checkpoint
     llm = LLM(str(path), device="cpu", kernels="torch", block_size=4)
-    reused = []
-    generate = llm.generate
-    llm.generate = lambda *a, **k: reused.append([o.num_cached_tokens for o in generate(*a, **k)]) or generate(*a, **k)
+    reused, generate = [], llm.generate
+
+    def remember_reuse(*args, **kwargs):
+        outs = generate(*args, **kwargs)
+        reused.append([o.num_cached_tokens for o in outs])
+        return outs
+    llm.generate = remember_reuse
     llm.beam_search(prompts(1, seed=2)[0], BeamSearchParams(beam_width=2, max_tokens=9, ignore_eos=True))
     assert max(reused[-1]) >= 8                     # later rounds start from cached blocks
     blocks = llm.engine.blocks
@@ -102,3 +123,34 @@ def test_bad_beam_search_params_name_the_field():
                           (dict(beam_width=2, max_tokens=4, ignore_eos=1), "ignore_eos")):
         with pytest.raises(ValueError, match=field):
             BeamSearchParams(**kwargs)
+
+
+def test_beam_search_rejects_what_cannot_fit_and_names_a_failing_step(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch", num_kv_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.beam_search([2, 5, 6], BeamSearchParams(beam_width=2, max_tokens=20))
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.beam_search([2, 5, 6], BeamSearchParams(beam_width=2, max_tokens=300))
+    engine = llm.engine
+    append = engine._append
+
+    def failing(seq, result):
+        if len(seq.token_ids) > 6:          # the fourth round's step fails
+            raise RuntimeError("boom")
+        append(seq, result)
+    engine._append = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.beam_search([2, 5, 6], BeamSearchParams(beam_width=2, max_tokens=8))
+    assert not engine.has_unfinished_requests()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_text_prompts_and_a_beam_wider_than_half_the_vocabulary(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
+    tokenizer = llm.get_tokenizer()
+    out = llm.beam_search("def wrap(text", BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True))[0]
+    assert out.prompt == "def wrap(text" and out.prompt_token_ids == tokenizer.encode("def wrap(text")
+    assert [s.text for s in out.sequences] == [tokenizer.decode(s.token_ids) for s in out.sequences]
+    wide = llm.beam_search([2, 5, 6], BeamSearchParams(beam_width=tokenizer.vocab_size // 2 + 3, max_tokens=2,
+                                                       ignore_eos=True))[0]
+    assert len(wide.sequences) == tokenizer.vocab_size // 2 + 3

@@ -76,6 +76,30 @@ def test_joined_deltas_equal_the_cumulative_outputs(tiny_model_dir, params):
         assert deltas[0].prompt_token_ids == outs[0].prompt_token_ids
 
 
+def test_a_stop_string_across_tokens_is_never_streamed_in_part(tiny_model_dir):
+    """The stop string begins in one token and ends in the next: its first character, held
+    back while it could begin the stop string, never goes out in a delta, and the cut text
+    is what the deltas join to."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    tokenizer = engine.tokenizer
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ids = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").generate(
+        PROMPTS[1], free, use_tqdm=False)[0].outputs[0].token_ids
+    text = tokenizer.decode(ids)
+    ends = [len(tokenizer.decode(ids[:k])) for k in range(1, len(ids) + 1)]
+    # a boundary with a character before it and two after it in the next token, first seen there
+    cut = next(b for a, b, c in zip(ends, ends[1:], ends[2:]) if c - b >= 2 and b > a
+               and text.find(text[b - 1:b + 2]) == b - 1 and text[b - 1:b + 2].strip())
+    stop = text[cut - 1:cut + 2]
+    engine.add_request("s", PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                        stop=[stop], output_kind="delta"))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += engine.step()
+    assert "".join(d.outputs[0].text for d in deltas) == text[:cut - 1]
+    assert deltas[-1].outputs[0].finish_reason == "stop"
+
+
 def test_final_only_streams_nothing_before_the_end(tiny_model_dir, params):
     outs = stream_all(Engine(str(tiny_model_dir), device=test_device(), kernels="torch"),
                       [kinds_of(p, "final_only") for p in params])
@@ -92,6 +116,14 @@ def test_llm_generate_returns_whole_outputs_for_every_kind(tiny_model_dir, param
     for kind in ("delta", "final_only"):
         got = llm.generate(PROMPTS, [kinds_of(p, kind) for p in params], use_tqdm=False)
         assert [whole(o) for o in got] == want
+
+
+def test_llm_generate_returns_whole_outputs_on_an_engine_an_async_engine_streams(tiny_model_dir, params):
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    want = [whole(o) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    AsyncEngine.from_engine(llm.engine)             # which makes its engine stream
+    got = llm.generate(PROMPTS, [kinds_of(p, "delta") for p in params], use_tqdm=False)
+    assert [whole(o) for o in got] == want
 
 
 def test_an_aborted_delta_request_returns_what_it_had_not_sent(tiny_model_dir):

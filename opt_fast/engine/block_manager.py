@@ -97,9 +97,8 @@ class BlockManager:
         """Enter the blocks of `seqs` that this step's tokens filled into the prefix cache (call
         once their num_cached_tokens count this step; a step launched ahead of this one's
         results, whose input tokens the host does not have yet, is left for its own call).
-        Where the cache already holds a block
-        with the same prefix, that one stays the entry and this sequence's later blocks chain
-        to it. A block already entered (shared by `share` with the sequence that computed it)
+        Where the cache already holds a block with the same prefix, that one stays the entry
+        and this sequence's later blocks chain to it. A block already entered (shared by `share` with the sequence that computed it)
         keeps its entry: entered again along this sequence's chain, which can differ from the
         first one's, its first entry would stay in the table with nobody to remove it, and
         outlive the block's contents."""

@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--logprobs", type=int, default=None, metavar="N",
                      help="report each output token's logprob and the top N")
+    gen.add_argument("--beam-width", type=_positive_int, default=None, metavar="W",
+                     help="beam search with W beams (greedy: the sampling flags other than --max-tokens "
+                          "and --ignore-eos do not apply); prints every beam, best first")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam score: cumulative logprob / length ** this (default 1.0)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, no progress bars")
 
     bench = commands.add_parser("bench", parents=[engine],
@@ -114,6 +119,8 @@ def _generate(args) -> int:
                             min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
                             ignore_eos=args.ignore_eos, seed=args.seed, logprobs=args.logprobs)
     from .llm import LLM
+    if args.beam_width is not None:
+        return _beam_search(args, prompts)
     llm = LLM(_model(args), progress=not args.json, **_engine_kwargs(args))
     outputs = llm.generate(prompts, params, use_tqdm=not args.json)
     for out in outputs:
@@ -128,6 +135,32 @@ def _generate(args) -> int:
             for c in out.outputs:
                 label = f"[{c.index}] " if len(out.outputs) > 1 else ""
                 print(f"{label}{out.prompt!r} -> {c.text!r} [{c.finish_reason}]")
+    return 0
+
+
+def _beam_search(args, prompts: list[str]) -> int:
+    from .beam_search import BeamSearchParams
+    from .llm import LLM
+    sampling = [flag for flag, used in (("--n", args.n != 1), ("--temperature", args.temperature != 1.0),
+                                        ("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                        ("--repetition-penalty", args.repetition_penalty != 1.0),
+                                        ("--min-tokens", args.min_tokens != 0), ("--seed", args.seed is not None),
+                                        ("--stop", bool(args.stop)), ("--stop-token-ids", bool(args.stop_token_ids)),
+                                        ("--logprobs", args.logprobs is not None)) if used]
+    if sampling:
+        raise ValueError(f"--beam-width does not combine with {', '.join(sampling)}")
+    params = BeamSearchParams(beam_width=args.beam_width, max_tokens=args.max_tokens,
+                              ignore_eos=args.ignore_eos, length_penalty=args.length_penalty)
+    llm = LLM(_model(args), progress=not args.json, **_engine_kwargs(args))
+    for prompt, out in zip(prompts, llm.beam_search(prompts, params)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "prompt_token_ids": out.prompt_token_ids,
+                              "beams": [{"text": b.text, "token_ids": b.token_ids, "finish_reason": b.finish_reason,
+                                         "cumulative_logprob": b.cumulative_logprob, "score": b.score}
+                                        for b in out.sequences]}, ensure_ascii=False))
+        else:
+            for rank, beam in enumerate(out.sequences):
+                print(f"[{rank}] {prompt!r} -> {beam.text!r} [{beam.finish_reason}, score {beam.score:.4f}]")
     return 0
 
 

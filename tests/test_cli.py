@@ -46,6 +46,21 @@ def test_generate_json(tiny_model_dir):
                for r in rows)
 
 
+def test_generate_beam_search(capsys, tiny_model_dir):
+    from opt_fast import LLM, BeamSearchParams
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--prompt", "import os", "--beam-width", "3", "--max-tokens", "5", "--ignore-eos", "--json")
+    assert rc == 0, err
+    beams = json.loads(out)["beams"]
+    want = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").beam_search(
+        "import os", BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True))[0].sequences
+    assert [b["token_ids"] for b in beams] == [w.token_ids for w in want]
+    assert [b["score"] for b in beams] == sorted((b["score"] for b in beams), reverse=True)
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "import os", "--beam-width", "2",
+                       "--temperature", "0.5", "--n", "2")
+    assert rc == 2 and "--beam-width does not combine with --n, --temperature" in err
+
+
 def test_generate_reports_bad_input_without_a_traceback(tiny_model_dir):
     done = run("-m", "opt_fast.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "x",
                "--top-p", "1.5")

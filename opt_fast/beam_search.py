@@ -64,13 +64,7 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
     engine = llm.engine
     prompt_ids = [engine._prompt_ids(p)[1] for p in prompts]
     for ids in prompt_ids:      # what add_request would reject in a late round, up front
-        total = len(ids) + params.max_tokens
-        if total > engine.max_model_len:
-            raise ValueError(f"a prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len={engine.max_model_len}")
-        if -(-total // engine.blocks.block_size) > engine.blocks.num_blocks:
-            raise ValueError(f"a prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV "
-                             f"blocks than the cache has ({engine.blocks.num_blocks})")
+        engine.check_fits(len(ids), params.max_tokens)
     width, eos = params.beam_width, None if params.ignore_eos else engine.eos_token_id
     step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
                           logprobs=min(2 * width, engine.vocab_size))

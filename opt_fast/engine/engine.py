@@ -142,14 +142,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_ids(prompt)
         self._check_params(params)
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{total} exceeds max_model_len={self.max_model_len}")
-        blocks = -(-total // self.cfg.block_size)
-        if blocks > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens needs {blocks} KV blocks, the cache has "
-                             f"{self.blocks.num_blocks}: raise num_kv_blocks or lower max_tokens")
+        self.check_fits(len(token_ids), params.max_tokens)
         base_seed = params.seed if params.seed is not None else derive_seed(self.cfg.seed, self._num_requests)
         self._num_requests += 1
         seqs = [Sequence(request_id, i, token_ids, params, base_seed if i == 0
@@ -161,6 +154,18 @@ class Engine:
         seqs[0].forks = seqs[1:]
         self.scheduler.add(seqs[0])
         self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError unless a prompt of `num_prompt_tokens` can grow by `max_tokens` within
+        max_model_len and the whole KV cache."""
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                             f"{total} exceeds max_model_len={self.max_model_len}")
+        blocks = -(-total // self.cfg.block_size)
+        if blocks > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {blocks} KV blocks, the cache has "
+                             f"{self.blocks.num_blocks}: raise num_kv_blocks or lower max_tokens")
 
     def _check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: bounds set by this model and tokenizer."""

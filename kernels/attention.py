@@ -487,9 +487,16 @@ PADDED_80_CANDIDATES = [Tiles(128, 128, 8, 3, split_head=False), Tiles(128, 64, 
                         Tiles(64, 64, 8, 2, split_head=False)]
 # Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
 # candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
-# its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM.
-WS_CANDIDATES = {pad: [Tiles(128, block_n, 4, stages, warp_specialize=True)
-                       for block_n, stages in ((64, 2), (64, 3), (32, 3), (128, 2))] for pad in (64, 128)}
+# its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM. At most
+# _WS_MAX_STAGES stages (below).
+WS_CANDIDATES = {pad: [Tiles(128, block_n, 4, 2, warp_specialize=True) for block_n in (64, 32, 128)]
+                 for pad in (64, 128)}
+# The warp-specialised kernel's pipeline depth: on an NVIDIA H200 (2026-11-27, benchmarks/results/
+# 2026-11-27-h200/kernels.md, "Failed candidates") every 3-stage candidate returned non-finite
+# outputs wherever its loop ran more than two key tiles (128x32 at every shape; 128x64 at 1024 and
+# 2048 tokens, not at 128), and no 2-stage one did; the CPU interpreter, which runs no pipeline,
+# matched the reference at both. Until a GPU shows deeper pipelines right, they are refused.
+_WS_MAX_STAGES = 2
 # (tile kind, padded head_dim) -> warp-specialised Tiles the launcher picks on sm_90 for batches
 # it knows have no cached context (max_context_len=0); other batches keep the tables above.
 # Empty until a GPU has timed WS_CANDIDATES beside the main kernel.
@@ -566,6 +573,9 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
         _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
               f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")
+    if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
+        _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
+              f"on an H200), got {tiles.num_stages}")
     return tiles
 
 

@@ -599,34 +599,39 @@ def _fail(message: str):
     raise ValueError(f"prefill_attention: {message}")
 
 
-def _row_aligned(t: torch.Tensor) -> bool:
-    """Every row of t starts 16-byte aligned: the kernel promises so to the compiler."""
-    if t.data_ptr() % 16:
+def _rows_aligned(t: torch.Tensor, strides: tuple) -> bool:
+    """Unit stride along the last dim (`strides` is t.stride()) and every row 16-byte aligned:
+    the kernel promises both to the compiler."""
+    if strides[-1] != 1 or t.data_ptr() % 16:
         return False
     item = t.element_size()
-    return all(stride * item % 16 == 0 or size == 1 for stride, size in zip(t.stride()[:-1], t.shape[:-1]))
+    return all(stride * item % 16 == 0 or size == 1 for stride, size in zip(strides[:-1], t.shape))
 
 
 def _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables) -> None:
-    """Shapes, dtypes, strides and devices; messages are built only on failure, as this runs on
-    every prefill step."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        _fail(f"q, k, v must share one [tokens, heads, head_dim] shape, got {tuple(q.shape)}, "
+    """Shapes, dtypes, strides and devices; messages are built only on failure, and each
+    attribute is read once, as this runs for every layer of every prefill step."""
+    shape = q.shape
+    if len(shape) != 3 or k.shape != shape or v.shape != shape:
+        _fail(f"q, k, v must share one [tokens, heads, head_dim] shape, got {tuple(shape)}, "
               f"{tuple(k.shape)}, {tuple(v.shape)}")
-    _, heads, head_dim = q.shape
-    if q.dtype not in _SUPPORTED_DTYPES:
-        _fail(f"dtype {q.dtype} is not float16, bfloat16 or float32")
-    if not (k.dtype == v.dtype == key_cache.dtype == value_cache.dtype == q.dtype):
-        _fail(f"q, k, v, key_cache, value_cache must share one dtype, got {q.dtype}, {k.dtype}, "
+    _, heads, head_dim = shape
+    dtype = q.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        _fail(f"dtype {dtype} is not float16, bfloat16 or float32")
+    if not (k.dtype == v.dtype == key_cache.dtype == value_cache.dtype == dtype):
+        _fail(f"q, k, v, key_cache, value_cache must share one dtype, got {dtype}, {k.dtype}, "
               f"{v.dtype}, {key_cache.dtype}, {value_cache.dtype}")
-    if key_cache.dim() != 4 or key_cache.shape[2:] != (heads, head_dim):
-        _fail(f"key_cache must be [num_blocks, block_size, {heads}, {head_dim}], got {tuple(key_cache.shape)}")
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+    cache_shape, cache_strides = key_cache.shape, key_cache.stride()
+    if len(cache_shape) != 4 or cache_shape[2:] != (heads, head_dim):
+        _fail(f"key_cache must be [num_blocks, block_size, {heads}, {head_dim}], got {tuple(cache_shape)}")
+    if value_cache.shape != cache_shape or value_cache.stride() != cache_strides:
         _fail("value_cache must have the key cache's shape and strides")
     if head_dim > 256:
         _fail(f"head_dim {head_dim} > 256 is not supported")
-    for name, t in (("q", q), ("k", k), ("v", v), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if t.stride(-1) != 1 or not _row_aligned(t):
+    for name, t, strides in (("q", q, q.stride()), ("k", k, k.stride()), ("v", v, v.stride()),
+                             ("key_cache", key_cache, cache_strides), ("value_cache", value_cache, cache_strides)):
+        if not _rows_aligned(t, strides):
             _fail(f"{name} needs unit stride along head_dim and 16-byte aligned rows, got strides "
                   f"{t.stride()} at address {t.data_ptr():#x}")
     if not (cu_seqlens_q.dtype == context_lens.dtype == block_tables.dtype == torch.int32):

@@ -9,6 +9,8 @@
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
+#   profile   (only when named) torch.profiler over LLM.generate on OPT-1.3B, default and async
+#             modes: the kernels that hold the device time, and how busy it was; profile.md, 75 s
 # Whole run: about 8 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
@@ -100,6 +102,14 @@ if want prefix; then
   [ -f "$PARTS/bench_prefix_caching.md" ] && { echo; cat "$PARTS/bench_prefix_caching.md"; } >> "$OUT/bench_generate.md"
 fi
 
-echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc, prefix rc=$prefix_rc"
+profile_rc=0
+if want profile; then
+  # which kernels hold the time of a whole generate (default and async modes): profile.md only
+  timeout 75 python3 benchmarks/profile_generate.py --size opt-1.3b --modes default async --out "$PARTS" 2>&1 | tail -3
+  profile_rc=${PIPESTATUS[0]}
+  [ -f "$PARTS/profile.md" ] && cp "$PARTS/profile.md" "$OUT/profile.md"
+fi
+
+echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc, prefix rc=$prefix_rc, profile rc=$profile_rc"
 [ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$serve_rc" -eq 0 ] \
-  && [ "$prefix_rc" -eq 0 ]
+  && [ "$prefix_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ]

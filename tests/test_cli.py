@@ -315,6 +315,22 @@ def test_bench_generate_smoke(tmp_path):
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
 
 
+def test_profile_generate_smoke(tmp_path):
+    done = run("benchmarks/profile_generate.py", "--smoke", "--size", "opt-125m", "--num-prompts", "2",
+               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "--top", "40",
+               "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["mode"] for r in report["results"]] == ["default", "async"]
+    for result in report["results"]:
+        assert result["tokens"] == 2 * 3 and 0 < len(result["rows"]) <= 40
+        assert result["traced_us"] >= sum(row["total_us"] for row in result["rows"]) > 0
+        # CPU ops off CUDA; on CUDA device kernels, among them ours (named *_kernel)
+        wanted = "_kernel" if torch.cuda.is_available() else "aten::"
+        assert any(wanted in row["name"] for row in result["rows"]), result["rows"]
+    assert "## mode `async`" in (tmp_path / "profile.md").read_text()
+
+
 def test_generate_with_two_tensor_parallel_ranks(tiny_model_dir):
     """--tp 2 from a CLI process: the same tokens as one rank, and the process exits (its
     worker with it) without being told to."""

@@ -6,7 +6,8 @@
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
 #   generate  LLM.generate (defaults, eager, async scheduling) against HF generate, 100 s
-#   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmark, 70 s
+#   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmarks (per decode
+#             step, and per launch of each kernel beside its torch peer), 95 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
 #   profile   (only when named) torch.profiler over LLM.generate on OPT-1.3B, default and async
@@ -91,7 +92,9 @@ if want serve; then
       --output-len 128 --json 2>&1 | tail -3
     echo '```'; echo; echo "## Host overhead per decode step (this machine's CPU)"; echo
     timeout 28 python3 benchmarks/bench_host_overhead.py --steps 30 2>&1 | tail -14
-  } | tee -a "$OUT/bench_generate.md" | tail -25
+    echo; timeout 25 python3 benchmarks/bench_launch_overhead.py --calls 1000 --out "$PARTS" >/dev/null 2>&1
+    [ -f "$PARTS/launch_overhead.md" ] && sed 's/^# /## /' "$PARTS/launch_overhead.md"
+  } | tee -a "$OUT/bench_generate.md" | tail -35
   serve_rc=${PIPESTATUS[0]}
 fi
 

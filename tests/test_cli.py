@@ -315,6 +315,15 @@ def test_bench_generate_smoke(tmp_path):
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
 
 
+def test_bench_launch_overhead_smoke(tmp_path):
+    done = run("benchmarks/bench_launch_overhead.py", "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "launch_overhead.json").read_text())["rows"]
+    assert [r["op"] for r in rows][1:] == ["prefill_attention", "write_kv_cache", "paged_decode_attention",
+                                           "layernorm_linear", "sample"]
+    assert all(r["ours_us"] > 0 and r["peer_us"] > 0 for r in rows)
+
+
 def test_profile_generate_smoke(tmp_path):
     done = run("benchmarks/profile_generate.py", "--smoke", "--size", "opt-125m", "--num-prompts", "2",
                "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "--top", "40",

@@ -201,7 +201,7 @@ def _prefill_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    SEQ_CHUNK: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
@@ -253,33 +253,35 @@ def _prefill_attention_kernel(
 
     # 1. The cached context, visible to every query: the partial tile, then full tiles unmasked.
     # The partial tile goes first: after the loop, its set-up stays live through the loop and
-    # spills registers on sm_80.
-    ctx_len = tl.load(context_lens_ptr + seq)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    ctx_full = (ctx_len // BLOCK_N) * BLOCK_N
-    if ctx_full < ctx_len:
-        pos = ctx_full + offs_n
-        in_ctx = pos < ctx_len
-        # Table entries past the context may be stale: never follow them.
-        blocks = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
-        rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-        k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
-                             MASK_D, D_HI)
-        v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
-                             MASK_D, D_HI)
-        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
-                                              in_ctx[None, :], True, UPCAST_DOT, D_HI)
+    # spills registers on sm_80. Without HAS_CONTEXT (a batch the host knows has none) none of
+    # it is compiled, and no program waits for its context length before its first key tile.
+    if HAS_CONTEXT:
+        ctx_len = tl.load(context_lens_ptr + seq)
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        ctx_full = (ctx_len // BLOCK_N) * BLOCK_N
+        if ctx_full < ctx_len:
+            pos = ctx_full + offs_n
+            in_ctx = pos < ctx_len
+            # Table entries past the context may be stale: never follow them.
+            blocks = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
+            rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
+            k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
+                                 MASK_D, D_HI)
+            v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
+                                 MASK_D, D_HI)
+            acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                                  in_ctx[None, :], True, UPCAST_DOT, D_HI)
 
-    for start in range(0, ctx_full, BLOCK_N):
-        pos = start + offs_n
-        blocks = tl.load(table + pos // BLOCK_SIZE)
-        rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-        k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
-                             MASK_D, D_HI)
-        v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
-                             MASK_D, D_HI)
-        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
-                                              0, False, UPCAST_DOT, D_HI)
+        for start in range(0, ctx_full, BLOCK_N):
+            pos = start + offs_n
+            blocks = tl.load(table + pos // BLOCK_SIZE)
+            rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
+            k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
+                                 MASK_D, D_HI)
+            v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
+                                 MASK_D, D_HI)
+            acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                                  0, False, UPCAST_DOT, D_HI)
 
     # 2. New tokens before this query block: all visible, all inside the sequence.
     k_head = k_ptr + head * stride_kh
@@ -477,10 +479,12 @@ _TILES = {
 _TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
 # Sweep candidates with an option (sm_90), per padded head_dim; the compile check builds each and
 # the tile sweep times each, until a GPU has timed them. TMA: the twin of each sm_90 table entry,
-# and the 8-warp 128x64 tile at 64, one stage deeper and the 4-warp 64x64 at 128.
+# and the 8-warp 128x64 tile at 64, one stage deeper and the 4-warp 64x64 at 128. Not the twin of
+# 128x128x8x3 at 128: it never won on the H200 (2026-11-27: 3-13% behind 64x64x4x3 with TMA at
+# every shape it ran) and without the context loops (HAS_CONTEXT) it spills 24 B on sm_90.
 TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)],
-                  128: [Tiles(128, 128, 8, 3, True), Tiles(128, 64, 8, 3, True), Tiles(128, 64, 8, 4, True),
-                        Tiles(64, 64, 8, 2, True), Tiles(64, 64, 4, 3, True)]}
+                  128: [Tiles(128, 64, 8, 3, True), Tiles(128, 64, 8, 4, True), Tiles(64, 64, 8, 2, True),
+                        Tiles(64, 64, 4, 3, True)]}
 # head_dim 80 padded to one 128-wide tile, as before the 64 + 16 split (the best padded tiles of
 # the 2026-11-26 H100 sweep): timed beside the split.
 PADDED_80_CANDIDATES = [Tiles(128, 128, 8, 3, split_head=False), Tiles(128, 64, 8, 3, split_head=False),
@@ -666,12 +670,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]])
     overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
     context_lens known on the host (None: unknown). Only 0 changes anything today: then the
-    defaults may come from the warp-specialised table (_WS_TILES_SM90) and tiles with
-    warp_specialize run the context-free warp-specialised kernel. Where that kernel cannot run
-    (context possible, float32, or q/k/v no TMA descriptor can describe), a warp-specialised
-    override is replaced as a whole by the main kernel's default tiles. Raises ValueError on any shape, dtype, device, stride or
-    alignment mismatch, on tiles outside the choices the kernel supports, or on a
-    max_context_len that is not None or an int >= 0.
+    main kernel is compiled without its context loops (never reading context_lens or
+    block_tables), the defaults may come from the warp-specialised table (_WS_TILES_SM90), and
+    tiles with warp_specialize run the context-free warp-specialised kernel. Where that kernel
+    cannot run (context possible, float32, or q/k/v no TMA descriptor can describe), a
+    warp-specialised override is replaced as a whole by the main kernel's default tiles. Raises
+    ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the
+    choices the kernel supports, or on a max_context_len that is not None or an int >= 0.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
     if max_context_len is not None and (not isinstance(max_context_len, int) or isinstance(max_context_len, bool)
@@ -712,8 +717,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_tables.stride(0),
         HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
-        USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=max_context_len != 0,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -760,11 +765,12 @@ def compile_specs() -> list:
     block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
     and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES),
-    and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90."""
+    and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90. Each main-kernel tile
+    also without its context loops (HAS_CONTEXT off), as batches without context run it."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
-             targets: tuple) -> CompileSpec:
+             targets: tuple, has_context: bool = True) -> CompileSpec:
         d_lo, d_hi = _head_split(head_dim, tiles.split_head)
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
                                                    "value_cache_ptr", "out_ptr")}
@@ -783,12 +789,12 @@ def compile_specs() -> list:
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
-                          SEQ_CHUNK=_SEQ_CHUNK)
+                          SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
                  f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
-                 f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}")
+                 f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                            targets=targets)
@@ -799,19 +805,23 @@ def compile_specs() -> list:
         for key, tiles in tile_table(capability).items():
             entries.setdefault((key, tiles), []).append(capability)
     specs = []
+    # Batches known to have no context (max_context_len=0) run each tile without its context
+    # loops, which never touch the cache: one block size stands for all.
     for ((kind, tile_head_dim), tiles), targets in entries.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
             specs += [spec(dtype, head_dim, block_size, tiles, kind, tuple(targets))
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
-    specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS))
-              for head_dim in (64, 80, 128)]
+            specs += [spec(dtype, head_dim, 16, tiles, kind, tuple(targets), has_context=False)
+                      for dtype in ("fp16", "bf16")]
+    specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS), has_context)
+              for head_dim in (64, 80, 128) for has_context in (True, False)]
     # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
-    specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,))
-              for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16")]
+    specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
+              for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16") for has_context in (True, False)]
     for tile_head_dim, candidates in TMA_CANDIDATES.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
-            specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,))
-                      for tiles in candidates for dtype in ("fp16", "bf16")]
+            specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
+                      for tiles in candidates for dtype in ("fp16", "bf16") for has_context in (True, False)]
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).
     for tile_head_dim, candidates in WS_CANDIDATES.items():

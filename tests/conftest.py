@@ -13,6 +13,24 @@ import pytest
 
 import opt_fast.kernels  # noqa: F401  (before any test module imports triton: see check_interpreter)
 from opt_testing import PADDING_ROWS, TINY_SHAPES, build_hf_model
+import async_switch
+
+
+def pytest_configure(config):
+    """OPT_FAST_TEST_ASYNC=1: every CPU Engine runs async scheduling on emulated decode graphs
+    (see async_switch.py); unset, nothing changes."""
+    async_switch.install()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    async_switch.set_current(item.nodeid)
+    yield
+    async_switch.set_current("<between tests>")
+
+
+def pytest_terminal_summary(terminalreporter):
+    async_switch.summary(terminalreporter.write_line)
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
-from .kv_cache import gather_cached_kv
+from .kv_cache import FP8, check_cache_dtype, gather_cached_kv
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = tl.constexpr(2 ** 31 - 1)   # a constexpr: compiled kernels may read no other global
@@ -89,6 +89,16 @@ def _load_head(row_ptrs, offs_d, offs_h, rows_ok, d_ok, MASK_ROWS: tl.constexpr,
     else:
         hi = lo
     return lo, hi
+
+
+@triton.jit
+def _load_cached_head(cache_ptr, rows, offs_d, offs_h, rows_ok, d_ok, MASK_ROWS: tl.constexpr,
+                      MASK_D: tl.constexpr, D_HI: tl.constexpr, DTYPE: tl.constexpr):
+    """_load_head of cache rows (`rows`: element offsets of each token's head), in DTYPE (the
+    query's): a float8 cache is widened before its tiles meet the query's in a dot."""
+    lo, hi = _load_head(tl.multiple_of(cache_ptr + rows, 16), offs_d, offs_h, rows_ok, d_ok, MASK_ROWS, MASK_D,
+                        D_HI)
+    return lo.to(DTYPE), hi.to(DTYPE)
 
 
 @triton.jit
@@ -265,10 +275,10 @@ def _prefill_attention_kernel(
             # Table entries past the context may be stale: never follow them.
             blocks = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
             rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-            k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
-                                 MASK_D, D_HI)
-            v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, in_ctx, d_ok, True,
-                                 MASK_D, D_HI)
+            k, k_hi = _load_cached_head(key_cache_ptr, rows, offs_d, offs_h, in_ctx, d_ok, True, MASK_D, D_HI,
+                                        q_ptr.dtype.element_ty)
+            v, v_hi = _load_cached_head(value_cache_ptr, rows, offs_d, offs_h, in_ctx, d_ok, True, MASK_D, D_HI,
+                                        q_ptr.dtype.element_ty)
             acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                                   in_ctx[None, :], True, UPCAST_DOT, D_HI)
 
@@ -276,10 +286,10 @@ def _prefill_attention_kernel(
             pos = start + offs_n
             blocks = tl.load(table + pos // BLOCK_SIZE)
             rows = blocks.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head * stride_ch
-            k, k_hi = _load_head(tl.multiple_of(key_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
-                                 MASK_D, D_HI)
-            v, v_hi = _load_head(tl.multiple_of(value_cache_ptr + rows, 16), offs_d, offs_h, pos, d_ok, False,
-                                 MASK_D, D_HI)
+            k, k_hi = _load_cached_head(key_cache_ptr, rows, offs_d, offs_h, pos, d_ok, False, MASK_D, D_HI,
+                                        q_ptr.dtype.element_ty)
+            v, v_hi = _load_cached_head(value_cache_ptr, rows, offs_d, offs_h, pos, d_ok, False, MASK_D, D_HI,
+                                        q_ptr.dtype.element_ty)
             acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                                   0, False, UPCAST_DOT, D_HI)
 
@@ -623,14 +633,15 @@ def _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, b
     dtype = q.dtype
     if dtype not in _SUPPORTED_DTYPES:
         _fail(f"dtype {dtype} is not float16, bfloat16 or float32")
-    if not (k.dtype == v.dtype == key_cache.dtype == value_cache.dtype == dtype):
-        _fail(f"q, k, v, key_cache, value_cache must share one dtype, got {dtype}, {k.dtype}, "
+    if not (k.dtype == v.dtype == dtype and key_cache.dtype == value_cache.dtype in (dtype, FP8)):
+        _fail(f"q, k, v must share one dtype and the caches it or float8_e4m3fn, got {dtype}, {k.dtype}, "
               f"{v.dtype}, {key_cache.dtype}, {value_cache.dtype}")
     cache_shape, cache_strides = key_cache.shape, key_cache.stride()
     if len(cache_shape) != 4 or cache_shape[2:] != (heads, head_dim):
         _fail(f"key_cache must be [num_blocks, block_size, {heads}, {head_dim}], got {tuple(cache_shape)}")
     if value_cache.shape != cache_shape or value_cache.stride() != cache_strides:
         _fail("value_cache must have the key cache's shape and strides")
+    check_cache_dtype(key_cache.dtype, key_cache.device)
     if head_dim > 256:
         _fail(f"head_dim {head_dim} > 256 is not supported")
     for name, t, strides in (("q", q, q.stride()), ("k", k, k.stride()), ("v", v, v.stride()),
@@ -766,14 +777,15 @@ def compile_specs() -> list:
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
     and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES),
     and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90. Each main-kernel tile
-    also without its context loops (HAS_CONTEXT off), as batches without context run it."""
+    also without its context loops (HAS_CONTEXT off), as batches without context run it, and
+    the sm_90 table's tiles reading a float8 cache."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
-             targets: tuple, has_context: bool = True) -> CompileSpec:
+             targets: tuple, has_context: bool = True, cache_dtype: str | None = None) -> CompileSpec:
         d_lo, d_hi = _head_split(head_dim, tiles.split_head)
-        signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "key_cache_ptr",
-                                                   "value_cache_ptr", "out_ptr")}
+        signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+        signature.update({name: f"*{cache_dtype or dtype}" for name in ("key_cache_ptr", "value_cache_ptr")})
         unused = []
         for part, width in (("", d_lo), ("_hi", d_hi)):
             for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
@@ -794,7 +806,8 @@ def compile_specs() -> list:
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
                  f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
-                 f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}")
+                 f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}"
+                 f"{f' {cache_dtype} cache' if cache_dtype else ''}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                            targets=targets)
@@ -813,6 +826,10 @@ def compile_specs() -> list:
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
             specs += [spec(dtype, head_dim, 16, tiles, kind, tuple(targets), has_context=False)
                       for dtype in ("fp16", "bf16")]
+            # a float8 cache (sm_89+; checked on sm_90 at the default block size)
+            if 90 in targets:
+                specs += [spec(dtype, head_dim, 16, tiles, kind, (90,), cache_dtype="fp8e4nv")
+                          for dtype in ("fp16", "bf16")]
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS), has_context)
               for head_dim in (64, 80, 128) for has_context in (True, False)]
     # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).

@@ -6,10 +6,46 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import nvidia_capability
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A KV cache may also hold float8 (e4m3, vLLM's kv_cache_dtype="fp8"): half the bytes of fp16 per
+# token, so twice the tokens fit and decode reads half as much. Values are stored unscaled, past
+# +-FP8_MAX saturated (float8_e4m3fn has no infinity), and read back into the query's dtype.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+CACHE_DTYPES = _DTYPES + (FP8,)
+# Triton converts to and from float8 e4m3 only on sm_89 (Ada) and later.
+FP8_CAPABILITY = 89
 # Elements of one head tile per program: enough for a few 16-byte vectors per thread at 4 warps,
 # small enough that decode (a handful of tokens) still spreads over several programs.
 _TILE_ELEMENTS = 2048
+
+
+@triton.jit
+def _e4m3_grid(x):
+    """float32 x in [-448, 448] rounded to the nearest float8 e4m3 value (ties to even, as torch
+    rounds), still as float32. The conversion after it is then exact: Triton 3.6's interpreter
+    rounds float8 conversions wrongly near the top of each binade (1.98 -> 1.0), and this way
+    the GPU and the interpreter store the same bits. e4m3 keeps 3 mantissa bits: the quantum is
+    2**(exponent - 3), and 2**-9 below 2**-6 (subnormals); the exponent comes from the bits."""
+    x_bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((x_bits >> 23) & 0xFF) - 127, -6)
+    quantum = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)
+    # adding and taking away 1.5 * 2**23 rounds to an integer, ties to even (|x| / quantum < 16)
+    steps = (tl.abs(x) * inverse + 12582912.0) - 12582912.0
+    # x's sign bit back on, so that what rounds to zero keeps it (-0.0004 -> -0, as torch)
+    return ((steps * quantum).to(tl.int32, bitcast=True) | (x_bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_cache(x, dtype: tl.constexpr):
+    """x rounded to the cache's dtype; to float8 through float32, saturated at +-FP8_MAX and
+    rounded to nearest even (_e4m3_grid)."""
+    if dtype == tl.float8e4nv:
+        x = _e4m3_grid(tl.clamp(x.to(tl.float32), -448.0, 448.0))
+    return x.to(dtype)
 
 
 @triton.jit
@@ -42,19 +78,33 @@ def _write_kv_cache_kernel(
                     mask=mask)
     dst = ((slot // block_size) * stride_cb + (slot % block_size) * stride_cs
            + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd)
-    tl.store(key_cache_ptr + dst, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(value_cache_ptr + dst, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(key_cache_ptr + dst, to_cache(key, key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + dst, to_cache(value, value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def check_cache_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """A float8 cache needs a GPU whose Triton kernels convert float8 (sm_89+); elsewhere any
+    cache dtype works (the interpreter, the torch references)."""
+    capability = nvidia_capability(device) if device.type == "cuda" else None
+    if dtype == FP8 and capability is not None and capability < FP8_CAPABILITY:
+        raise ValueError(f"a float8 KV cache (kv_cache_dtype='fp8') needs compute capability {FP8_CAPABILITY} or "
+                         f"later for the Triton kernels; this GPU has {capability}: use kernels='torch' or an "
+                         "fp16 / bf16 cache")
 
 
 def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    """Both caches `[num_blocks, block_size, heads, head_dim]` with one shape and one set of
-    strides: the kernels address both with the same offsets."""
+    """Both caches `[num_blocks, block_size, heads, head_dim]` with one shape, one set of strides
+    and one dtype: the kernels address both with the same offsets."""
     if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache and value_cache must both be [num_blocks, block_size, heads, head_dim], "
                          f"got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
     if key_cache.stride() != value_cache.stride():
         raise ValueError(f"key_cache and value_cache must share strides, got {key_cache.stride()} "
                          f"and {value_cache.stride()}")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"key_cache and value_cache must share one dtype of float16, bfloat16, float32, "
+                         f"float8_e4m3fn; got {key_cache.dtype} and {value_cache.dtype}")
+    check_cache_dtype(key_cache.dtype, key_cache.device)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -76,12 +126,11 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if slot_mapping.shape != (tokens,) or slot_mapping.dtype != torch.int64:
         raise ValueError(f"slot_mapping must be [{tokens}] int64, got {tuple(slot_mapping.shape)} "
                          f"{slot_mapping.dtype}")
-    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+    for name, t in (("key", key), ("value", value)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} not supported (float16, bfloat16, float32)")
-    if key.dtype != value.dtype or key_cache.dtype != value_cache.dtype:
-        raise ValueError(f"key/value dtypes {key.dtype}/{value.dtype} and cache dtypes "
-                         f"{key_cache.dtype}/{value_cache.dtype} must match pairwise")
+    if key.dtype != value.dtype:
+        raise ValueError(f"key and value dtypes {key.dtype} and {value.dtype} must match")
     devices = {t.device for t in (key, value, key_cache, value_cache, slot_mapping)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -97,22 +146,26 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 
 
 def compile_specs() -> list:
-    """Every specialisation OPT runs (head_dim 64/80/128; fp16/bf16 and fp32 caches), with the
-    unit last-dim strides that the JIT turns into constants, as on a real launch."""
+    """Every specialisation OPT runs (head_dim 64/80/128; fp16/bf16 and fp32 caches, and fp16 /
+    bf16 tokens into float8 caches on sm_90), with the unit last-dim strides that the JIT turns
+    into constants, as on a real launch."""
     from .compile_check import CompileSpec
     specs = []
-    for dtype in ("fp16", "bf16", "fp32"):
+    pairs = [(dtype, dtype, (80, 90)) for dtype in ("fp16", "bf16", "fp32")]
+    pairs += [(dtype, "fp8e4nv", (90,)) for dtype in ("fp16", "bf16")]
+    for dtype, cache_dtype, targets in pairs:
         for head_dim in (64, 80, 128):
             block_d = triton.next_power_of_2(head_dim)
-            sig = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}",
-                   "value_cache_ptr": f"*{dtype}", "slot_ptr": "*i64", "heads": "i32", "block_size": "i32"}
+            sig = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "key_cache_ptr": f"*{cache_dtype}",
+                   "value_cache_ptr": f"*{cache_dtype}", "slot_ptr": "*i64", "heads": "i32", "block_size": "i32"}
             sig.update({name: "i32" for name in ("stride_kt", "stride_kh", "stride_vt", "stride_vh",
                                                  "stride_cb", "stride_cs", "stride_ch")})
             sig.update({name: "constexpr" for name in ("stride_kd", "stride_vd", "stride_cd",
                                                        "HEAD_DIM", "BLOCK_H", "BLOCK_D")})
             consts = dict(stride_kd=1, stride_vd=1, stride_cd=1, HEAD_DIM=head_dim,
                           BLOCK_H=_TILE_ELEMENTS // block_d, BLOCK_D=block_d)
-            specs.append(CompileSpec(_write_kv_cache_kernel, f"{dtype} d{head_dim}", sig, consts))
+            label = f"{dtype} d{head_dim}" + ("" if cache_dtype == dtype else f" into {cache_dtype}")
+            specs.append(CompileSpec(_write_kv_cache_kernel, label, sig, consts, targets=targets))
     return specs
 
 
@@ -126,8 +179,15 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = to_cache_ref(key[keep], key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = to_cache_ref(value[keep], value_cache.dtype)
+
+
+def to_cache_ref(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`to_cache` in torch: x in the cache's dtype, float8 saturated at +-FP8_MAX."""
+    if dtype == FP8:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
 
 
 def gather_cached_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import check_cache_pair
+from .kv_cache import FP8, check_cache_pair
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -305,7 +305,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     `num_warps` (1, 2, 4, 8); `num_stages` (1..5, 1 = no software pipelining). Nothing here
     reads device memory, so the launch is CUDA-graph capturable. A sequence of length 0 (a
     padding row of a graph batch) gets zeros. Softmax in float32; cache slots past each
-    sequence's length and block-table entries past its last block are never read.
+    sequence's length and block-table entries past its last block are never read. The caches
+    may hold float8_e4m3fn (kv_cache.FP8) instead of q's dtype: read as float32 like any other.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [seqs, heads, head_dim], got {tuple(q.shape)}")
@@ -313,9 +314,9 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     seqs, heads, head_dim = q.shape
     if key_cache.shape[2:] != q.shape[1:]:
         raise ValueError(f"cache heads x head_dim {tuple(key_cache.shape[2:])} != q's {tuple(q.shape[1:])}")
-    if q.dtype not in _DTYPES or key_cache.dtype != q.dtype or value_cache.dtype != q.dtype:
-        raise ValueError(f"q, key_cache and value_cache must share one dtype of float16, bfloat16, "
-                         f"float32; got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    if q.dtype not in _DTYPES or key_cache.dtype not in (q.dtype, FP8):
+        raise ValueError(f"q must be float16, bfloat16 or float32 and the caches of its dtype or float8_e4m3fn; "
+                         f"got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != seqs or block_tables.dtype != torch.int32:
         raise ValueError(f"block_tables must be [{seqs}, max_blocks] int32, got "
                          f"{tuple(block_tables.shape)} {block_tables.dtype}")
@@ -363,7 +364,7 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
 def compile_specs() -> list:
     """Every specialisation OPT runs with the default launch: head_dim 64/80/128 x fp16/bf16 x
     block_size 8/16/32 x each loop tile of `launch_tiles`, split and not, on an aligned cache,
-    plus the merge; fp32 and the unaligned fallback at block_size 16. Unit last-dim strides are
+    plus the merge; fp32 and the unaligned fallback at block_size 16; float8 caches on sm_90. Unit last-dim strides are
     constants, as the JIT makes them on a real launch."""
     from .compile_check import CompileSpec
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -371,12 +372,16 @@ def compile_specs() -> list:
              for dtype in ("fp16", "bf16") for head_dim in (64, 80, 128) for block_size in (8, 16, 32)
              for aligned in (True, False) if aligned or block_size == 16]
     cases += [("fp32", head_dim, 16, aligned) for head_dim in (64, 80, 128) for aligned in (True, False)]
+    cases = [(dtype, dtype, head_dim, block_size, aligned, (80, 90)) for dtype, head_dim, block_size, aligned in cases]
+    # float8 caches (sm_89+; checked on sm_90) at the default block size: their rows are 16-byte
+    # multiples at every OPT head_dim, so always aligned
+    cases += [(dtype, "fp8e4nv", head_dim, 16, True, (90,)) for dtype in ("fp16", "bf16") for head_dim in (64, 80, 128)]
     specs = []
-    for dtype, head_dim, block_size, aligned in cases:
+    for dtype, cache_dtype, head_dim, block_size, aligned, targets in cases:
         block_d = _next_pow2(head_dim)
         for config in launch_tiles(head_dim, torch_dtype[dtype], aligned):
             for split in (False, True):
-                sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{dtype}", "value_cache_ptr": f"*{dtype}",
+                sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{cache_dtype}", "value_cache_ptr": f"*{cache_dtype}",
                        "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                        "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}",
                        "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
@@ -388,8 +393,9 @@ def compile_specs() -> list:
                 sig.update({name: "constexpr" for name in consts})
                 label = (f"{dtype} d{head_dim} bs{block_size} n{config.block_n}w{config.num_warps}"
                          f"s{config.num_stages} {'split' if split else 'direct'}")
-                label += "" if aligned else " unaligned"
-                specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps))
+                label += ("" if aligned else " unaligned") + ("" if cache_dtype == dtype else f" {cache_dtype} cache")
+                specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps,
+                                         targets=targets))
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in (64, 80, 128):
             sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dtype}",

@@ -256,7 +256,7 @@ def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, inp
                 tensor_parallel_size=engine.cfg.tensor_parallel_size,
                 num_kv_blocks=runner.num_kv_blocks, enforce_eager=engine.cfg.enforce_eager,
                 enable_prefix_caching=engine.cfg.enable_prefix_caching,
-                async_scheduling=engine.cfg.async_scheduling)
+                async_scheduling=engine.cfg.async_scheduling, kv_cache_dtype=engine.cfg.kv_cache_dtype)
 
 
 def size_name(config: OPTConfig) -> str:
@@ -291,7 +291,8 @@ def format_table(result: dict) -> str:
              f"size {r['size']}, {r['dtype']} on {r['device']} ({r['card']}), kernels {r['kernels']}",
              f"{r['date']}, torch {r['torch']}, opt_fast {r['opt_fast']}",
              f"{r['num_prompts']} prompts x {r['input_len']} tokens in, {r['output_len']} tokens out, "
-             f"{sampling}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks", ""]
+             f"{sampling}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
+             + (f" ({r['kv_cache_dtype']})" if r.get("kv_cache_dtype", "auto") != "auto" else ""), ""]
     rows = [("requests/s", r["requests_per_s"]), ("output tokens/s", r["output_tokens_per_s"]),
             ("TTFT p50 / p99 (ms)", f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']}"),
             ("TPOT p50 / p99 (ms)", f"{r['tpot_p50_ms']} / {r['tpot_p99_ms']}" if r["tpot_p50_ms"] is not None

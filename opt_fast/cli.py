@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .config import KV_CACHE_DTYPES
 from .sampling_params import SamplingParams
 
 
@@ -34,6 +35,8 @@ def _engine_flags() -> argparse.ArgumentParser:
                        help="compute every prompt in full, even where its start was computed before")
     flags.add_argument("--async-scheduling", action="store_true", default=None,
                        help="overlap the host's work on each decode step with the GPU's on the next")
+    flags.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
+                       help="auto: the model's dtype; fp8: float8 e4m3, twice the tokens per GiB")
     flags.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
     return flags
 
@@ -96,7 +99,7 @@ def _engine_kwargs(args) -> dict:
     names = dict(dtype="dtype", device="device", kernels="kernels", max_num_seqs="max_num_seqs",
                  max_model_len="max_model_len", num_kv_blocks="num_kv_blocks",
                  enforce_eager="enforce_eager", enable_prefix_caching="enable_prefix_caching",
-                 async_scheduling="async_scheduling",
+                 async_scheduling="async_scheduling", kv_cache_dtype="kv_cache_dtype",
                  tp="tensor_parallel_size")
     return {kwarg: getattr(args, flag) for flag, kwarg in names.items() if getattr(args, flag) is not None}
 

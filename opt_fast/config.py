@@ -147,6 +147,10 @@ def preset_for(name: str) -> OPTConfig:
     return OPT_PRESETS[hub_id.split("/", 1)[1]]
 
 
+# "auto": the model's dtype; "fp8" and its alias "fp8_e4m3": float8 e4m3 (sm_89+ with Triton kernels)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass
 class EngineConfig:
     """Validated keyword arguments of `LLM` and `Engine` (see DESIGN.md §3)."""
@@ -170,10 +174,16 @@ class EngineConfig:
     # Launch each decode step before the host has read the tokens of the step in flight, so the
     # host's work on one step overlaps the GPU's on the next (vLLM's option of the same name).
     async_scheduling: bool = False
+    # "fp8" stores the KV cache as float8 e4m3 (unscaled, saturated at +-448): twice the tokens
+    # fit, decode reads half the bytes, at some accuracy (vLLM's option of the same name).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is not None:

@@ -44,12 +44,13 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
                  enforce_eager: bool = False, seed: int = 0, load_format: str = "auto",
-                 enable_prefix_caching: bool = True, async_scheduling: bool = False, *,
-                 progress: bool = True):
+                 enable_prefix_caching: bool = True, async_scheduling: bool = False,
+                 kv_cache_dtype: str = "auto", *, progress: bool = True):
         # (EngineConfig's fields, in this order; validated there)
         config = EngineConfig(dtype, device, kernels, tensor_parallel_size, block_size, num_kv_blocks,
                               gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-                              enforce_eager, seed, load_format, enable_prefix_caching, async_scheduling)
+                              enforce_eager, seed, load_format, enable_prefix_caching, async_scheduling,
+                              kv_cache_dtype)
         self.engine = Engine(model, progress=progress, stream_outputs=False, **asdict(config))
         self._ids = count()
 

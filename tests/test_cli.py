@@ -162,15 +162,17 @@ def test_bench_json(capsys, tiny_model_dir):
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
     assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
     assert report["enable_prefix_caching"] is True and report["async_scheduling"] is False
+    assert report["kv_cache_dtype"] == "auto"
 
 
-@pytest.mark.parametrize("flag, key, value", [("--no-prefix-caching", "enable_prefix_caching", False),
-                                              ("--async-scheduling", "async_scheduling", True)])
-def test_engine_flags_reach_the_engine(capsys, tiny_model_dir, flag, key, value):
+@pytest.mark.parametrize("flags, key, value", [(["--no-prefix-caching"], "enable_prefix_caching", False),
+                                               (["--async-scheduling"], "async_scheduling", True),
+                                               (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8")])
+def test_engine_flags_reach_the_engine(capsys, tiny_model_dir, flags, key, value):
     rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
-                       "--num-prompts", "2", "--input-len", "20", "--output-len", "2", flag, "--json")
+                       "--num-prompts", "2", "--input-len", "20", "--output-len", "2", *flags, "--json")
     assert rc == 0, err
-    assert json.loads(out)[key] is value
+    assert json.loads(out)[key] == value
 
 
 def test_bench_prompts_are_seeded_token_ids_after_bos():

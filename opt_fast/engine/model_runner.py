@@ -11,6 +11,7 @@ from .. import parallel
 from ..config import EngineConfig, OPTConfig, ceil_div
 from ..context import Context, set_context
 from ..kernels import get_ops
+from ..kernels.kv_cache import FP8, check_cache_dtype
 from ..model.loader import init_random_weights, load_weights
 from ..model.opt import OPTForCausalLM
 from .scheduler import ScheduledBatch
@@ -71,11 +72,14 @@ class ModelRunner:
         self.config, self.cfg = config, cfg
         self.rank, self.world = rank, cfg.tensor_parallel_size
         self.device, self.dtype = resolve_device_dtype(cfg, rank)
+        self.cache_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else FP8
         self.vocab_size = vocab_size
         self.block_size = cfg.block_size
         self.num_heads = config.num_attention_heads // self.world    # this rank's
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.ops = get_ops(cfg.kernels, self.device.type)
+        if self.ops.name != "torch":     # the Triton launchers would refuse it at the first step
+            check_cache_dtype(self.cache_dtype, self.device)
         self.tp: TensorParallelRanks | None = None
         self.model = self.kv_cache = self.graphs = None
         self.broken: str | None = None      # why the runner cannot step (closed, or failed)
@@ -165,7 +169,7 @@ class ModelRunner:
     # ---- KV cache sizing -------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
         c = self.config
-        return 2 * c.num_hidden_layers * self.block_size * self.num_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_heads * c.head_dim * self.cache_dtype.itemsize
 
     def _default_num_blocks(self) -> int:
         """On CUDA: what `gpu_memory_utilization` of the device leaves after the weights and the
@@ -197,7 +201,7 @@ class ModelRunner:
         tokens = self.max_num_batched_tokens
         lengths = [min(self.max_model_len, tokens - start) for start in range(0, tokens, self.max_model_len)]
         scratch = torch.zeros(2, 1, self.block_size, self.num_heads, c.head_dim,
-                              dtype=self.dtype, device=self.device)
+                              dtype=self.cache_dtype, device=self.device)
         for layer in self.model.decoder.layers:
             layer.self_attn.key_cache, layer.self_attn.value_cache = scratch
         cu_seqlens = [0]
@@ -240,7 +244,7 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         c = self.config
         shape = (c.num_hidden_layers, 2, self.num_kv_blocks, self.block_size, self.num_heads, c.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         for i, layer in enumerate(self.model.decoder.layers):
             layer.self_attn.key_cache, layer.self_attn.value_cache = self.kv_cache[i]
 

@@ -457,48 +457,64 @@ class Tiles(NamedTuple):
     warp_specialize: bool = False
 
 
-# (tile kind, padded head_dim) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
+# (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
 # average at most _NARROW_TOKENS new tokens (short prompts, chunked-prefill steps), "wide" longer
-# ones. Every entry compiles without spills for its targets (the compile check builds each). On
-# sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each warp owns 16 query rows
-# and holds a 16x128 fp32 score row block beside its accumulator.
-# Measured on an NVIDIA H100 80GB HBM3, fp16, no cached context, 2026-11-26 (benchmarks/results/
-# 2026-11-26-h100/sweep.json, kernel medians): before, head 64 ran 128x128x8x3 and the narrow
-# entries 3 stages.
+# ones. Head classes (_tile_head_dim): 64 (heads up to 64), 80 (two exact tiles, 64 + 16: OPT-
+# 2.7B), 128 (the rest, padded). Every entry compiles without spills for its targets (the compile
+# check builds each). On sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each
+# warp owns 16 query rows and holds a 16x128 fp32 score row block beside its accumulator.
+# sm_80 (unmeasured there), from the NVIDIA H100 80GB HBM3 sweep of 2026-11-26 (benchmarks/
+# results/2026-11-26-h100/sweep.json, kernel medians, fp16, no cached context):
 # - narrow: 64x64 tiles, 2 stages (at 128 new tokens a query block's loops run one or two key
 #   tiles; not measured beside a long cached context). b64 L128: opt-1.3b (head 64, 4 warps)
-#   67.2 us (127.6 before; 3 stages 70.8); head 128 at 8 warps, opt-2.7b / 6.7b / 13b: 144.3 /
-#   149.1 / 183.7 (170.5 / 181.2 / 226.3 before; 3 stages 154.1 / 156.5 / 192.1), the best of
-#   the nine tile shapes swept at each.
-# - wide, head 64: 64x64, 4 warps, 3 stages. opt-1.3b b8 L1024 138.2 us, the best (189.2
-#   before); b1 L2048 63.7 (best 63.3 at 2 stages; 78.0 before).
-# - wide, head 128: 128x64 on sm_80 (unmeasured there), 128x128 on sm_90 (below).
+#   67.2 us; heads 80 / 128 at 8 warps, opt-2.7b / 6.7b / 13b: 144.3 / 149.1 / 183.7, the best
+#   of the nine tile shapes swept at each (4-warp tiles at head 128 were not timed).
+# - wide, head 64: 64x64, 4 warps, 3 stages. opt-1.3b b8 L1024 138.2 us, the best; b1 L2048 63.7
+#   (best 63.3 at 2 stages).
+# - wide, heads 80 / 128: 128x64 at 8 warps.
 _NARROW_TOKENS = 128
 _TILES = {
     ("wide", 64): Tiles(64, 64, 4, 3),
+    ("wide", 80): Tiles(128, 64, 8, 3),
     ("wide", 128): Tiles(128, 64, 8, 3),
     ("narrow", 64): Tiles(64, 64, 4, 2),
+    ("narrow", 80): Tiles(64, 64, 8, 2),
     ("narrow", 128): Tiles(64, 64, 8, 2),
 }
-# sm_90 (wgmma): each warpgroup of 4 warps owns 64 query rows with its accumulators in registers,
-# so 128x128 at head_dim 128 fits (254 registers, no spills, 224 KB of shared memory at 3
-# stages), and a 128-wide key tile doubles the N of every QK^T wgmma. On the H100 (2026-11-26)
-# it and 128x64 are within 3% of each other at every wide shape: b1 L2048 opt-2.7b / 6.7b / 13b
-# 116.9 / 118.1 / 145.5 us (128x64: 119.8 / 120.2 / 149.1); b8 L1024 287.6 / 290.5 / 365.4
-# (128x64: 279.1 / 286.5 / 359.8).
-_TILES_SM90 = {**_TILES, ("wide", 128): Tiles(128, 128, 8, 3)}
+# sm_90, from the NVIDIA H200 sweep of 2026-11-27 (benchmarks/results/2026-11-27-h200/sweep.json,
+# the same shapes and medians; 4-warp tiles at heads 80 / 128 and TMA timed for the first time).
+# One 4-warp warpgroup per 64 query rows won every head-80 / 128 shape: two such programs share
+# an SM, and one's softmax runs beside the other's wgmmas, where an 8-warp program's two
+# warpgroups wait on the same barriers. TMA won at heads 64 and 128, not at 80 (split into two
+# tiles, six descriptors). Before, wide heads 80 / 128 ran 128x128x8x3 and narrow ones 64x64x8x2.
+# - wide 64: 64x64x4x3 TMA. opt-1.3b b8 L1024 123.2 us, b1 L2048 56.4: the best (134.8 / 62.9
+#   before).
+# - wide 80: 64x64x4x3. opt-2.7b b8 L1024 187.7, b1 L2048 86.3: the best (245.6 / 99.3 before).
+# - wide 128: 64x64x4x3 TMA. opt-6.7b / 13b b8 L1024 240.5 / 302.9: the best (289.7 / 364.7
+#   before); b1 L2048 103.1 / 128.4 (117.9 / 146.0 before; the warp-specialised 128x128x4x2, a
+#   sweep candidate, 101.3 / 126.1).
+# - narrow 80 / 128: 64x64x4x2. opt-2.7b / 6.7b / 13b b64 L128 84.9 / 127.7 / 158.0: the best
+#   (194.0 / 139.3 / 172.1 before).
+# - narrow 64: 64x64x4x2 still: 60.7 us at opt-1.3b b64 L128 beside 58.1 for 64x32x4x3, which
+#   the H100 had the other way round (67.2 / 68.9).
+_TILES_SM90 = {
+    **_TILES,
+    ("wide", 64): Tiles(64, 64, 4, 3, True),
+    ("wide", 80): Tiles(64, 64, 4, 3),
+    ("wide", 128): Tiles(64, 64, 4, 3, True),
+    ("narrow", 80): Tiles(64, 64, 4, 2),
+    ("narrow", 128): Tiles(64, 64, 4, 2),
+}
 # Sweep candidates with an option (sm_90), per padded head_dim; the compile check builds each and
-# the tile sweep times each, until a GPU has timed them. TMA: the twin of each sm_90 table entry,
-# and the 8-warp 128x64 tile at 64, one stage deeper and the 4-warp 64x64 at 128. Not the twin of
-# 128x128x8x3 at 128: it never won on the H200 (2026-11-27: 3-13% behind 64x64x4x3 with TMA at
-# every shape it ran) and without the context loops (HAS_CONTEXT) it spills 24 B on sm_90.
+# the tile sweep times each. TMA: the twin of each sm_90 table entry, and the 8-warp 128x64 tile
+# (on the H200, 2026-11-27, 8-13% behind 64x64x4x3 with TMA at every head-128 shape; 128x64x8x4,
+# 64x64x8x2 and 128x128x8x3 with TMA, further behind, are no longer timed).
 TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)],
-                  128: [Tiles(128, 64, 8, 3, True), Tiles(128, 64, 8, 4, True), Tiles(64, 64, 8, 2, True),
-                        Tiles(64, 64, 4, 3, True)]}
-# head_dim 80 padded to one 128-wide tile, as before the 64 + 16 split (the best padded tiles of
-# the 2026-11-26 H100 sweep): timed beside the split.
-PADDED_80_CANDIDATES = [Tiles(128, 128, 8, 3, split_head=False), Tiles(128, 64, 8, 3, split_head=False),
-                        Tiles(64, 64, 8, 2, split_head=False)]
+                  128: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)]}
+# head_dim 80 padded to one 128-wide tile instead of the 64 + 16 split: the table's wide tile so
+# padded, timed beside the split (on the H200 the padded 8-warp tiles ran 292-364 us at opt-2.7b
+# b8 L1024, the split 4-warp tile 188).
+PADDED_80_CANDIDATES = [Tiles(64, 64, 4, 3, split_head=False)]
 # Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
 # candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
 # its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM. At most
@@ -554,15 +570,23 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
-    key = (kind, _tile_head_dim(_head_dim_pad(head_dim)))
-    if context_free and capability >= _TMA_CAPABILITY and key in _WS_TILES_SM90:
-        return _WS_TILES_SM90[key]
-    return tile_table(capability)[key]
+    if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
+        return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
+    return tile_table(capability)[(kind, _tile_head_dim(head_dim))]
 
 
-def _tile_head_dim(head_dim_pad: int) -> int:
-    # Smaller heads take the 64 entry, larger ones the 128 entry (OPT has only 64, 80, 128).
-    return 64 if head_dim_pad <= 64 else 128
+def _tile_head_dim(head_dim: int) -> int:
+    """The tile tables' head class: 64 (heads up to 64), 80 (two exact tiles, as OPT-2.7B's
+    64 + 16), 128 (the rest, padded to a power of two)."""
+    if head_dim <= 64:
+        return 64
+    return 80 if _head_split(head_dim, True)[1] else 128
+
+
+def _padded_class(head_dim: int) -> int:
+    """64 or 128: the key of the lists by padded head_dim (TMA_CANDIDATES, WS_CANDIDATES and
+    _WS_TILES_SM90: the warp-specialised kernel pads every head)."""
+    return 64 if head_dim <= 64 else 128
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
@@ -821,7 +845,7 @@ def compile_specs() -> list:
     # Batches known to have no context (max_context_len=0) run each tile without its context
     # loops, which never touch the cache: one block size stands for all.
     for ((kind, tile_head_dim), tiles), targets in entries.items():
-        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(d) == tile_head_dim):
             specs += [spec(dtype, head_dim, block_size, tiles, kind, tuple(targets))
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
             specs += [spec(dtype, head_dim, 16, tiles, kind, tuple(targets), has_context=False)
@@ -835,16 +859,16 @@ def compile_specs() -> list:
     # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
     specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
               for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16") for has_context in (True, False)]
-    for tile_head_dim, candidates in TMA_CANDIDATES.items():
-        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+    for pad, candidates in TMA_CANDIDATES.items():
+        for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
             specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
                       for tiles in candidates for dtype in ("fp16", "bf16") for has_context in (True, False)]
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).
-    for tile_head_dim, candidates in WS_CANDIDATES.items():
-        chosen = list(dict.fromkeys(t for (_, pad), t in _WS_TILES_SM90.items()
-                                    if pad == tile_head_dim and t not in candidates))
-        for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(_head_dim_pad(d)) == tile_head_dim):
+    for pad, candidates in WS_CANDIDATES.items():
+        chosen = list(dict.fromkeys(t for (_, table_pad), t in _WS_TILES_SM90.items()
+                                    if table_pad == pad and t not in candidates))
+        for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
             specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates + chosen for dtype in ("fp16", "bf16")]
     return specs
 

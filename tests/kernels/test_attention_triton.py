@@ -100,7 +100,7 @@ def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim, kind):
     if dtype != torch.float32:   # the batch selects the table entry it is named for
         cap = attention._capability(torch.device(DEVICE))
         picked = attention.default_tiles(head_dim, dtype, sum(n for _, n in seqs), len(seqs), cap)
-        assert picked == attention.tile_table(cap)[(kind, 64 if head_dim <= 64 else 128)]
+        assert picked == attention.tile_table(cap)[(kind, attention._tile_head_dim(head_dim))]
     args, expected = prefill_case(seqs, 16, 2, head_dim, dtype, seed=head_dim)
     assert_matches(prefill_attention(*args), expected, dtype)
 
@@ -311,7 +311,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
     """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
     option (TMA, a padded head, warp specialisation) is a variant the compile check builds for
     sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates hold the twin of
-    each sm_90 table entry but one."""
+    each sm_90 table entry."""
     sweep = sweep_script()
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
     built = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages, c.get("USE_TMA", False), c.get("D_HI"),
@@ -328,21 +328,23 @@ def test_sweep_candidates_with_options_are_compile_checked():
             key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, case["head_dim"])
             assert key in built, (case, candidate)
     assert options, "the sweep has candidates with options (on sm_90, the capability it assumes off a GPU)"
-    # all but the 128x128 tile at head 128, left out on purpose (see TMA_CANDIDATES)
-    twins = {(pad, tiles._replace(tma=True)) for (_, pad), tiles in attention.tile_table(90).items()}
-    assert twins - {(128, Tiles(128, 128, 8, 3, True))} <= {
-        (pad, t) for pad, candidates in attention.TMA_CANDIDATES.items() for t in candidates}
+    twins = {(attention._padded_class(head), tiles._replace(tma=True)) for (_, head), tiles in attention.tile_table(90).items()}
+    assert twins <= {(pad, t) for pad, candidates in attention.TMA_CANDIDATES.items() for t in candidates}
 
 
 def test_narrow_and_wide_batches():
     """Up to 128 new tokens a sequence on average takes the narrow tiles (2 stages), more the
-    wide ones; the table entries are the H100 sweep's (kernels/attention.py)."""
+    wide ones; the table entries are the H200 sweep's on sm_90, the H100 sweep's on sm_80
+    (kernels/attention.py), with head 80 (two exact tiles) an entry of its own."""
     fp16 = torch.float16
     assert attention.default_tiles(64, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
-    assert attention.default_tiles(64, fp16, 128 * 64 + 1, 64, 90) == Tiles(64, 64, 4, 3)
-    assert attention.default_tiles(128, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 8, 2)
-    assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(128, 128, 8, 3)
+    assert attention.default_tiles(64, fp16, 128 * 64 + 1, 64, 90) == Tiles(64, 64, 4, 3, True)
+    assert attention.default_tiles(128, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
+    assert attention.default_tiles(128, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3, True)
+    assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3)
     assert attention.default_tiles(80, fp16, 2048, 1, 80) == Tiles(128, 64, 8, 3)
+    assert attention.default_tiles(128, fp16, 128 * 64, 64, 80) == Tiles(64, 64, 8, 2)
+    assert [attention._tile_head_dim(d) for d in (32, 64, 80, 96, 112, 128)] == [64, 64, 80, 80, 128, 128]
 
 
 @pytest.mark.parametrize("tiles,field", [

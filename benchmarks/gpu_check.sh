@@ -10,6 +10,8 @@
 #             step, and per launch of each kernel beside its torch peer), 95 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
+#   kvfp8     (only when named) opt-fast bench on OPT-1.3B, 256 prompts x 1024 tokens in, 128 out,
+#             with kv_cache_dtype auto then fp8; appended to bench_generate.md, 140 s
 #   profile   (only when named) torch.profiler over LLM.generate on OPT-1.3B, default and async
 #             modes: the kernels that hold the device time, and how busy it was; profile.md, 75 s
 # Whole run: about 8 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
@@ -105,6 +107,19 @@ if want prefix; then
   [ -f "$PARTS/bench_prefix_caching.md" ] && { echo; cat "$PARTS/bench_prefix_caching.md"; } >> "$OUT/bench_generate.md"
 fi
 
+kvfp8_rc=0
+if want kvfp8; then
+  # decode at long contexts reads mostly KV cache: float8 halves those bytes
+  { echo; echo "## kv_cache_dtype auto vs fp8: opt-fast bench, OPT-1.3B random weights, 256 prompts x 1024 in, 128 out"
+    echo; echo '```json'
+    for kv in auto fp8; do
+      timeout 70 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 256 --input-len 1024 \
+        --output-len 128 --kv-cache-dtype "$kv" --json 2>&1 | tail -1 || kvfp8_rc=1
+    done
+    echo '```'
+  } | tee -a "$OUT/bench_generate.md" | tail -6
+fi
+
 profile_rc=0
 if want profile; then
   # which kernels hold the time of a whole generate (default and async modes): profile.md only
@@ -113,6 +128,6 @@ if want profile; then
   [ -f "$PARTS/profile.md" ] && cp "$PARTS/profile.md" "$OUT/profile.md"
 fi
 
-echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc, prefix rc=$prefix_rc, profile rc=$profile_rc"
+echo "gpu-check ($PHASES): sweep rc=$sweep_rc, tests rc=$tests_rc, kernel benchmarks rc=$kernels_rc, generate rc=$bench_rc, serve rc=$serve_rc, prefix rc=$prefix_rc, kvfp8 rc=$kvfp8_rc, profile rc=$profile_rc"
 [ "$sweep_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$kernels_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$serve_rc" -eq 0 ] \
-  && [ "$prefix_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ]
+  && [ "$prefix_rc" -eq 0 ] && [ "$kvfp8_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ]

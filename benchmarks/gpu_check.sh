@@ -110,14 +110,17 @@ fi
 kvfp8_rc=0
 if want kvfp8; then
   # decode at long contexts reads mostly KV cache: float8 halves those bytes
-  { echo; echo "## kv_cache_dtype auto vs fp8: opt-fast bench, OPT-1.3B random weights, 256 prompts x 1024 in, 128 out"
+  ( rc=0
+    echo; echo "## kv_cache_dtype auto vs fp8: opt-fast bench, OPT-1.3B random weights, 256 prompts x 1024 in, 128 out"
     echo; echo '```json'
     for kv in auto fp8; do
       timeout 70 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 256 --input-len 1024 \
-        --output-len 128 --kv-cache-dtype "$kv" --json 2>&1 | tail -1 || kvfp8_rc=1
+        --output-len 128 --kv-cache-dtype "$kv" --json 2>&1 | tail -1 || rc=1
     done
     echo '```'
-  } | tee -a "$OUT/bench_generate.md" | tail -6
+    exit $rc
+  ) | tee -a "$OUT/bench_generate.md" | tail -6
+  kvfp8_rc=${PIPESTATUS[0]}
 fi
 
 profile_rc=0

@@ -25,7 +25,7 @@ import os
 MODE = os.environ.get("OPT_FAST_TEST_ASYNC", "").strip().lower()
 ENABLED = MODE not in ("", "0", "false", "no", "off")
 FORCE_ASYNC = ENABLED and MODE != "graphs"
-EXEMPT = ("test_async_scheduling.py", "test_async_review.py")
+EXEMPT = ("test_async_scheduling.py",)
 
 # nodeid -> Counter(engines, steps, launch_ahead, replays)
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -288,6 +288,70 @@ def test_a_step_interrupted_before_its_results_loses_nothing(tiny_model_dir, asy
         assert_same_outputs(finals[None][i], finals[5][i])
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_interrupt_while_a_graph_batch_is_staged_loses_nothing(tiny_model_dir, async_scheduling):
+    """KeyboardInterrupt while the decode graphs' host buffers are refilled for a new batch (here
+    as its block tables are about to be written; a real Ctrl-C can land anywhere in that window):
+    the next step must refill them all, not replay half-written tables (poisoned: block 5) as
+    if the batch were staged. Found by running the suite under OPT_FAST_TEST_ASYNC=1; the
+    synchronous path had it too."""
+    batch = prompts(2, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    finals = {}
+    for interrupt in (False, True):
+        engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling, block_size=4, max_num_seqs=4)
+        graphs, refills = engine.runner.graphs, []
+        refill_tables = graphs._refill_tables
+
+        def interrupted(seqs, n):
+            refills.append(len(seqs))
+            if interrupt and len(refills) == 1:     # the first graph batch: both decodes
+                raise KeyboardInterrupt
+            return refill_tables(seqs, n)
+        graphs._refill_tables = interrupted
+        for i, prompt in enumerate(batch):
+            engine.add_request(str(i), prompt, params)
+        finals[interrupt] = {}
+        for _ in range(100):
+            if not engine.has_unfinished_requests():
+                break
+            try:
+                finals[interrupt].update((o.request_id, o) for o in engine.step() if o.finished)
+            except KeyboardInterrupt:
+                assert interrupt and engine._ahead is None
+        assert interrupt is (len(refills) > 1 and refills[0] == refills[1])   # restaged after it
+        assert_nothing_held(engine)
+    for i in map(str, range(len(batch))):
+        assert_same_outputs(finals[False][i], finals[True][i])
+
+
+def test_the_step_after_a_prompt_finishes_beside_decodes_is_launched_ahead(tiny_model_dir):
+    """A step that finishes a prompt samples it before the running decodes, while the scheduler
+    lists it after them: the same sequences in another order, so the next step still goes ahead."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for async_scheduling in (False, True):
+        engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling, max_num_seqs=4)
+        launched = count_launches_ahead(engine.runner)
+        first, late = prompts(2, seed=21)
+        engine.add_request("first", first, params)
+        for _ in range(3):
+            engine.step()
+        engine.add_request("late", late, params)
+        finals, launched_at_prompt_end = {}, None
+        while engine.has_unfinished_requests():
+            before = len(launched)
+            outputs = engine.step()
+            if launched_at_prompt_end is None and any(o.request_id == "late" for o in outputs):
+                launched_at_prompt_end = launched[before:]     # the step that ended late's prompt
+            finals.update((o.request_id, o) for o in outputs if o.finished)
+        assert_nothing_held(engine)
+        assert launched_at_prompt_end == ([2] if async_scheduling else [])
+        results[async_scheduling] = finals
+    for request_id in ("first", "late"):
+        assert_same_outputs(results[False][request_id], results[True][request_id])
+
+
 def test_async_engine_clients_stream_the_same_results(tiny_model_dir):
     """AsyncEngine steps on its worker thread and applies adds and aborts between steps, with a
     step in flight: clients get LLM.generate's results; one that leaves early aborts its request."""

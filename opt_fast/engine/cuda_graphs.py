@@ -129,7 +129,6 @@ class DecodeGraphs:
 
     def _refill_batch(self, seqs: list[Sequence], n: int, size: int) -> None:
         """What stays fixed while the batch keeps its sequences: sampling settings, padding rows."""
-        self._batch = list(seqs)
         row = _I64_ROWS.index
         self.host_i64[row("top_k"), :n] = host_tensor([s.params.top_k for s in seqs], torch.int64)
         self.host_i64[row("seeds"), :n] = host_tensor([s.seed for s in seqs], torch.int64)
@@ -159,8 +158,12 @@ class DecodeGraphs:
         bs = self.block_size
         positions = [len(s.token_ids) - 1 + pending_tokens for s in seqs]
         if seqs != self._batch:                 # identity compare, element by element
+            # forgotten until every buffer is refilled: an exception in between (a Ctrl-C) must
+            # leave the next stage refilling everything, not trusting half-written tables
+            self._batch = None
             self._refill_batch(seqs, n, size)
             self._refill_tables(seqs, n)
+            self._batch = list(seqs)
         else:                                   # a row gains the block its new token starts
             rows = [i for i, p in enumerate(positions) if p % bs == 0]
             if rows:

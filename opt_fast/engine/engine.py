@@ -249,6 +249,9 @@ class Engine:
             self._ahead = None
             for seq in self.scheduler.running:
                 seq.num_cached_tokens = min(seq.num_cached_tokens, seq.num_tokens - 1)
+            # and the decode graphs' staged inputs may be half written: the next replay refills them
+            if self.runner.graphs is not None:
+                self.runner.graphs.invalidate()
             raise
 
     def _step(self) -> list[RequestOutput]:

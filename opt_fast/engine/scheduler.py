@@ -121,7 +121,9 @@ class Scheduler:
         (max_tokens) nor with samples to fork, nothing waiting that could be admitted, and the
         free blocks must hold every new token (no preemption). Gives each its slot; False (and
         nothing changed) where the next step must be scheduled after this one's results."""
-        if seqs != self.running or (self.waiting and len(self.running) < self.max_num_seqs):
+        # as sets: a step that finished prefills samples them first, `running` lists them last
+        if len(seqs) != len(self.running) or set(seqs) != set(self.running) or (
+                self.waiting and len(self.running) < self.max_num_seqs):
             return False
         if any(s.forks or s.num_output_tokens + 1 >= s.params.max_tokens for s in seqs):
             return False

@@ -487,24 +487,43 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch) -> None:
         """Fill, chunk by chunk, entry p+1 of each asking prompt: the logprob of prompt token p+1
-        given tokens 0..p (plus the top N), from the hidden state of position p."""
-        offset = 0
+        given tokens 0..p (plus the top N), from the hidden state of position p. The targets go
+        to the device in one copy and every result comes back in one: a copy per chunk and per
+        result made the host wait for the device (and the device for the host) several times a
+        step, where one wait is needed."""
+        chunks, targets, offset = [], [], 0     # (seq, first hidden row, first position, rows)
         for seq in batch.prefills:
             start, count = seq.num_cached_tokens, seq.num_scheduled_tokens
             rows = min(start + count, seq.num_prompt_tokens - 1) - start
-            asks = seq.prompt_logprobs is not None and seq.num_output_tokens == 0
-            # At most max_num_seqs rows of logits at a time, as many as the memory profile ran:
-            # a whole chunk's (2048 rows of 50272) would take about 1 GiB.
-            for first in range(0, rows if asks else 0, self.cfg.max_num_seqs):
-                last = min(rows, first + self.cfg.max_num_seqs)
-                targets = seq.token_ids[start + 1 + first:start + 1 + last]
-                logits = self.model.compute_logits(hidden[offset + first:offset + last])[:, :self.vocab_size]
-                logprobs = torch.log_softmax(logits, dim=-1)
-                actual = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-                n = seq.params.prompt_logprobs
-                top = logprobs.topk(n) if n else None
-                for i, token in enumerate(targets):
-                    entry = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else {}
-                    entry[token] = actual[i]
-                    seq.prompt_logprobs[start + 1 + first + i] = entry
+            if seq.prompt_logprobs is not None and seq.num_output_tokens == 0 and rows > 0:
+                # At most max_num_seqs rows of logits at a time, as many as the memory profile
+                # ran: a whole chunk's (2048 rows of 50272) would take about 1 GiB.
+                for first in range(0, rows, self.cfg.max_num_seqs):
+                    n = min(rows - first, self.cfg.max_num_seqs)
+                    chunks.append((seq, offset + first, start + 1 + first, n))
+                    targets += seq.token_ids[start + 1 + first:start + 1 + first + n]
             offset += count
+        if not chunks:
+            return
+        top_n = max(seq.params.prompt_logprobs for seq, *_ in chunks)
+        targets_on_device = to_device([host_tensor(targets, torch.int64)], self.device)[0]
+        parts, row = [], 0
+        for seq, first_row, _, n in chunks:
+            logits = self.model.compute_logits(hidden[first_row:first_row + n])[:, :self.vocab_size]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            part = [logprobs.gather(1, targets_on_device[row:row + n, None]).double()]
+            if top_n:   # the widest request's top; each takes its own first N (sorted, so a prefix)
+                top = logprobs.topk(top_n)
+                part += [top.values.double(), top.indices.double()]      # ids are exact in float64
+            parts.append(torch.cat(part, dim=1))
+            row += n
+        results = torch.cat(parts).tolist()
+        row = 0
+        for seq, _, position, n in chunks:
+            want = seq.params.prompt_logprobs
+            for i, token in enumerate(targets[row:row + n]):
+                actual, *top = results[row + i]
+                entry = {int(t): v for t, v in zip(top[top_n:top_n + want], top[:want])}
+                entry[token] = actual
+                seq.prompt_logprobs[position + i] = entry
+            row += n

@@ -497,6 +497,10 @@ _TILES = {
 #   (194.0 / 139.3 / 172.1 before).
 # - narrow 64: 64x64x4x2 still: 60.7 us at opt-1.3b b64 L128 beside 58.1 for 64x32x4x3, which
 #   the H100 had the other way round (67.2 / 68.9).
+# TMA costs the host about 10 us a call (three descriptors built, then encoded at the launch):
+# its entries drop it below _TMA_MIN_TOKENS new tokens, where a call's GPU time is too short
+# for the 10-17% it saved at the sweep's 2048 to 8192 tokens to pay for that.
+_TMA_MIN_TOKENS = 1024
 _TILES_SM90 = {
     **_TILES,
     ("wide", 64): Tiles(64, 64, 4, 3, True),
@@ -572,7 +576,8 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
     if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
         return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
-    return tile_table(capability)[(kind, _tile_head_dim(head_dim))]
+    tiles = tile_table(capability)[(kind, _tile_head_dim(head_dim))]
+    return tiles._replace(tma=False) if tiles.tma and tokens < _TMA_MIN_TOKENS else tiles
 
 
 def _tile_head_dim(head_dim: int) -> int:
@@ -840,7 +845,9 @@ def compile_specs() -> list:
     entries: dict = {}
     for capability, _ in TARGETS:
         for key, tiles in tile_table(capability).items():
-            entries.setdefault((key, tiles), []).append(capability)
+            # a TMA entry runs without TMA below _TMA_MIN_TOKENS
+            for launched in dict.fromkeys((tiles, tiles._replace(tma=False))):
+                entries.setdefault((key, launched), []).append(capability)
     specs = []
     # Batches known to have no context (max_context_len=0) run each tile without its context
     # loops, which never touch the cache: one block size stands for all.

@@ -100,7 +100,8 @@ def test_long_sequences_with_own_tiles(nan_empty, dtype, head_dim, kind):
     if dtype != torch.float32:   # the batch selects the table entry it is named for
         cap = attention._capability(torch.device(DEVICE))
         picked = attention.default_tiles(head_dim, dtype, sum(n for _, n in seqs), len(seqs), cap)
-        assert picked == attention.tile_table(cap)[(kind, attention._tile_head_dim(head_dim))]
+        entry = attention.tile_table(cap)[(kind, attention._tile_head_dim(head_dim))]
+        assert picked == entry._replace(tma=False)      # (TMA only from _TMA_MIN_TOKENS on)
     args, expected = prefill_case(seqs, 16, 2, head_dim, dtype, seed=head_dim)
     assert_matches(prefill_attention(*args), expected, dtype)
 
@@ -290,7 +291,7 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
                 for spec in specs if spec.uses_warp_specialize for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
-        for tokens, seqs in ((4096, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
+        for tokens, seqs in ((4096, 2), (600, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
             for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
                 picked.add(launch(attention.default_tiles(head_dim, dtype, tokens, seqs, capability), head_dim, name))
     half = ("*fp16", "*bf16")
@@ -341,6 +342,8 @@ def test_narrow_and_wide_batches():
     assert attention.default_tiles(64, fp16, 128 * 64 + 1, 64, 90) == Tiles(64, 64, 4, 3, True)
     assert attention.default_tiles(128, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
     assert attention.default_tiles(128, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3, True)
+    # TMA's host cost pays only on longer batches
+    assert attention.default_tiles(128, fp16, 1023, 1, 90) == Tiles(64, 64, 4, 3)
     assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3)
     assert attention.default_tiles(80, fp16, 2048, 1, 80) == Tiles(128, 64, 8, 3)
     assert attention.default_tiles(128, fp16, 128 * 64, 64, 80) == Tiles(64, 64, 8, 2)
@@ -571,9 +574,9 @@ def test_warp_specialized_table_entries_serve_context_free_batches(monkeypatch, 
     cap = attention._capability(torch.device(DEVICE))
     seqs = [(0, 300), (0, 157)]
     args, expected = prefill_case(seqs, 16, 2, 64, torch.float16, seed=9)
-    assert attention.default_tiles(64, torch.float16, 457, 2, cap, context_free=True) == (chosen if cap >= 90 else
-                                                                                           attention.tile_table(cap)[("wide", 64)])
-    assert attention.default_tiles(64, torch.float16, 457, 2, cap) == attention.tile_table(cap)[("wide", 64)]
+    main = attention.tile_table(cap)[("wide", 64)]._replace(tma=False)     # (457 tokens: no TMA)
+    assert attention.default_tiles(64, torch.float16, 457, 2, cap, context_free=True) == (chosen if cap >= 90 else main)
+    assert attention.default_tiles(64, torch.float16, 457, 2, cap) == main
     for bound in (0, None):
         assert_matches(prefill_attention(*args, max_context_len=bound), expected, torch.float16)
     assert ws_launches == ([chosen] if cap >= 90 else [])

@@ -95,3 +95,23 @@ def install_emulated_graphs() -> None:
     every rank (`_on_all_ranks`); for a worker's process, which imports this module first. (In
     the test's own process, monkeypatch the same method on, so it goes when the test ends.)"""
     ModelRunner._emulate_graphs = emulate_graphs
+
+
+def track_sampled_rows(runner) -> dict:
+    """Wrap `runner.launch` and `runner.launch_ahead`; the dict returned holds, for the step
+    being launched, the sequences it samples in row order (`seqs`) and how many tokens each has
+    in flight past its num_output_tokens (`pending_tokens`: 1 for a step launched ahead under
+    async scheduling, which computes the token after the one in flight), for stubs that force
+    or poison a row's logits."""
+    rows = {"seqs": [], "pending_tokens": 0}
+    launch, launch_ahead = runner.launch, runner.launch_ahead
+
+    def tracked_launch(batch, eos):
+        rows.update(seqs=batch.sampled, pending_tokens=0)
+        return launch(batch, eos)
+
+    def tracked_launch_ahead(previous, eos):
+        rows.update(seqs=previous.seqs, pending_tokens=1)
+        return launch_ahead(previous, eos)
+    runner.launch, runner.launch_ahead = tracked_launch, tracked_launch_ahead
+    return rows

@@ -13,8 +13,9 @@ import torch
 
 from opt_fast.bench import format_table
 from opt_fast.cli import main
-from opt_fast.config import preset_for
+from opt_fast.config import EngineConfig, preset_for
 from opt_testing import test_device
+from async_switch import FORCE_ASYNC
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_MARKS = ("generating", "loading weights", "benchmarking", "%|")   # lower case
@@ -161,7 +162,9 @@ def test_bench_json(capsys, tiny_model_dir):
     assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
     assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
-    assert report["enable_prefix_caching"] is True and report["async_scheduling"] is False
+    # the engine's defaults (async scheduling is forced on by OPT_FAST_TEST_ASYNC=1, async_switch.py)
+    assert report["enable_prefix_caching"] is True
+    assert report["async_scheduling"] is (FORCE_ASYNC or EngineConfig().async_scheduling)
     assert report["kv_cache_dtype"] == "auto"
 
 

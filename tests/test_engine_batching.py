@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from opt_testing import test_device
+from opt_testing import test_device, track_sampled_rows
 from opt_fast import Engine, LLM, SamplingParams
 from opt_fast.engine.engine import derive_seed
 
@@ -131,8 +131,13 @@ def test_chunked_prefill_equals_unchunked(tiny_model_dir):
 
 def test_decodes_run_every_step_while_a_long_prompt_is_chunked(tiny_model_dir):
     eng = engine(tiny_model_dir, max_num_batched_tokens=16, max_num_seqs=4)
+    launched_ahead, launch_ahead = [], eng.runner.launch_ahead
+    eng.runner.launch_ahead = lambda previous, eos: launched_ahead.append(1) or launch_ahead(previous, eos)
     eng.add_request("short", [2, 10, 11], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     eng.step()
+    # With async scheduling the short request's next decode may be in flight already (launched
+    # ahead): a request added now joins the step after that one.
+    late = len(launched_ahead)
     eng.add_request("long", prompts(1, seed=5, low=150, high=151)[0], GREEDY)
     long_seq = eng.requests["long"].seqs[0]
     produced, prefilled = [], []
@@ -143,7 +148,7 @@ def test_decodes_run_every_step_while_a_long_prompt_is_chunked(tiny_model_dir):
     # the 151-token prompt needs 10 chunks of <= 15 tokens; the decode advanced on each of them,
     # and each step also spent the rest of its 16 tokens on the next chunk
     assert produced == list(range(2, 10))
-    assert prefilled == [15 * (i + 1) for i in range(8)]
+    assert prefilled == [0] * late + [15 * (i + 1) for i in range(8 - late)]
 
 
 def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_dir, alone):
@@ -230,22 +235,23 @@ def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
     eng = engine(tiny_model_dir)
     model = eng.runner.model
     real = model.compute_logits
-    poison_rows = []
+    # (under async scheduling the step computing that token may be launched ahead of the first)
+    rows = track_sampled_rows(eng.runner)
 
     def poisoned(hidden):
         logits = real(hidden)
-        for row in poison_rows:
-            logits[row] = float("nan")
+        for row, seq in enumerate(rows["seqs"]):
+            if seq.request_id == "1" and seq.num_output_tokens + rows["pending_tokens"] == 1:
+                logits[row] = float("nan")          # request "1"'s second token
         return logits
     model.compute_logits = poisoned
     batch = prompts(3, seed=8)
     for i, p in enumerate(batch):
         eng.add_request(str(i), p, GREEDY)
     eng.step()                                   # all three prefills sample
-    poison_rows.append(1)                        # the next decode step: request "1" is row 1
     outs = {o.request_id: o for o in eng.step()}
-    poison_rows.clear()
     assert outs["1"].finished and outs["1"].outputs[0].finish_reason == "error"
+    assert len(outs["1"].outputs[0].token_ids) == 1
     assert "non-finite" in outs["1"].outputs[0].error
     final = drain(eng)
     assert sorted(final) == ["0", "2"]

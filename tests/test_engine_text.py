@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import test_device
+from opt_testing import test_device, track_sampled_rows
 from opt_fast import Engine, SamplingParams
 
 TEXT = " Grüße, 世界! naïve café 🙂 — fin."
@@ -18,24 +18,23 @@ def scripted(tiny_model_dir):
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
     script = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(script) > len(TEXT.encode()) // 3       # the tiny vocabulary splits the text finely
-    model = engine.runner.model
+    runner = engine.runner
+    model = runner.model
     real = model.compute_logits
+
+    # (under async scheduling a step may be launched ahead: it computes the token after the one
+    # in flight, which num_output_tokens does not count yet)
+    rows = track_sampled_rows(runner)
 
     def forced(hidden):
         logits = real(hidden)
         forced_rows = torch.full_like(logits, -30.0)
-        for row, seq in enumerate(engine.runner.sampling_rows):
-            position = seq.num_output_tokens
+        for row, seq in enumerate(rows["seqs"]):
+            position = seq.num_output_tokens + rows["pending_tokens"]
             target = script[position] if position < len(script) else engine.eos_token_id
             forced_rows[row, target] = 30.0
         return forced_rows
     model.compute_logits = forced
-    launch = engine.runner.launch
-
-    def remember_rows(batch, eos):
-        engine.runner.sampling_rows = batch.sampled
-        return launch(batch, eos)
-    engine.runner.launch = remember_rows
     return engine, script
 
 

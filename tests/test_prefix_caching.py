@@ -253,16 +253,29 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
     blocks, scheduler = eng.blocks, eng.scheduler
     written = {}                                        # (block, offset) -> the tokens up to it
 
+    def draw(token_ids):
+        # a token that depends on the whole sequence, mostly from a few ids (so prefixes recur)
+        return StepResult(4 + int(hashlib.md5(repr(token_ids).encode()).hexdigest()[:8], 16)
+                          % (5 if rng.random() < 0.9 else 300), -0.5)
+
     def launch(batch, eos):
         for seq in batch.prefills + batch.decodes:
             for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens):
                 written[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[:p + 1])
-        # a token that depends on the whole sequence, mostly from a few ids (so prefixes recur)
-        results = [StepResult(4 + int(hashlib.md5(repr(s.token_ids).encode()).hexdigest()[:8], 16)
-                              % (5 if rng.random() < 0.9 else 300), -0.5) for s in batch.sampled]
-        return PendingStep(batch.sampled, to_host=results)
+        return PendingStep(batch.sampled, to_host=[draw(s.token_ids) for s in batch.sampled])
 
-    eng.runner.launch = launch
+    def launch_ahead(previous, eos):
+        # async scheduling: the step after `previous`, launched before its tokens reach the host.
+        # Each sequence computes the token in flight, at the slot its step in flight left it
+        # (num_cached_tokens already counts that step), and draws the one after it.
+        results = []
+        for seq, in_flight in zip(previous.seqs, previous.to_host):
+            token_ids, p = seq.token_ids + [in_flight.token], seq.num_cached_tokens
+            written[seq.block_table[p // bs], p % bs] = tuple(token_ids)
+            results.append(draw(token_ids))
+        return PendingStep(previous.seqs, to_host=results)
+
+    eng.runner.launch, eng.runner.launch_ahead = launch, launch_ahead
     eng.runner.collect = lambda pending: pending.to_host
 
     def check(when):

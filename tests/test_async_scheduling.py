@@ -97,11 +97,21 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_scheduled_after_the_resul
         assert_same_outputs(want, have)
 
 
+def async_engine(model_dir, path: str, **kwargs) -> Engine:
+    """A CPU engine whose decode steps run on emulated graphs (path "graphs") or eagerly
+    ("eager": no graphs, as with enforce_eager on a GPU); both launch steps ahead."""
+    if path == "graphs":
+        return emulated_engine(model_dir, **kwargs)
+    return Engine(str(model_dir), device="cpu", kernels="torch", **kwargs)
+
+
+@pytest.mark.parametrize("path", ["graphs", "eager"])
 @pytest.mark.parametrize("kind", ["penalty", "min_tokens", "penalty_on_logprobs"])
-def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind):
+def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind, path):
     """The graph's own draw ignores penalties and bans; a step launched ahead redraws eagerly
-    with them. Its seen ids end with the token in flight (filled on the device), its min_tokens
-    bans count that token, and FlagAI's penalty on log-probabilities applies as it would."""
+    with them (an eager step launched ahead draws with them at once). Its seen ids end with
+    the token in flight (filled on the device), its min_tokens bans count that token, and
+    FlagAI's penalty on log-probabilities applies as it would."""
     batch = prompts(3, seed=2)
     params = {
         "penalty": SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=12, ignore_eos=True),
@@ -115,7 +125,7 @@ def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind):
     }[kind]
     outs = {}
     for async_scheduling in (False, True):
-        engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
+        engine = async_engine(tiny_model_dir, path, async_scheduling=async_scheduling)
         launched = count_launches_ahead(engine.runner)
         for i, prompt in enumerate(batch):
             engine.add_request(str(i), prompt, params[i] if isinstance(params, list) else params)
@@ -131,14 +141,14 @@ def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind):
         assert sum(o.outputs[0].finish_reason == "stop" for o in outs[True].values()) >= 2
 
 
-def _random_workload(model_dir, seed: int, async_scheduling: bool):
+def _random_workload(model_dir, seed: int, async_scheduling: bool, path: str = "graphs"):
     """Requests added and aborted at random calls of `step` (the same calls in both modes), on
     a small pool (preemption) with a short queue. Returns (final outputs, aborted ids, steps
     launched ahead). After every step the pool agrees with the ref counts."""
     rng = random.Random(seed)
-    engine = emulated_engine(model_dir, block_size=rng.choice([4, 8]), num_kv_blocks=rng.randint(40, 90),
-                             max_num_seqs=rng.randint(2, 8), async_scheduling=async_scheduling,
-                             enable_prefix_caching=rng.random() < 0.5)
+    engine = async_engine(model_dir, path, block_size=rng.choice([4, 8]), num_kv_blocks=rng.randint(40, 90),
+                          max_num_seqs=rng.randint(2, 8), async_scheduling=async_scheduling,
+                          enable_prefix_caching=rng.random() < 0.5)
     launched = count_launches_ahead(engine.runner)
     blocks, finals, aborted, added = engine.blocks, {}, set(), []
     for call in range(120):
@@ -171,12 +181,12 @@ def _random_workload(model_dir, seed: int, async_scheduling: bool):
     return finals, aborted, len(launched)
 
 
-@pytest.mark.parametrize("seeds", [range(0, 4), range(4, 8)])
-def test_random_workloads_give_every_request_the_same_outputs(tiny_model_dir, seeds):
+@pytest.mark.parametrize("path,seeds", [("graphs", range(0, 4)), ("graphs", range(4, 8)), ("eager", range(8, 12))])
+def test_random_workloads_give_every_request_the_same_outputs(tiny_model_dir, path, seeds):
     ahead = 0
     for seed in seeds:
-        want, aborted_sync, _ = _random_workload(tiny_model_dir, seed, async_scheduling=False)
-        have, aborted_async, launched = _random_workload(tiny_model_dir, seed, async_scheduling=True)
+        want, aborted_sync, _ = _random_workload(tiny_model_dir, seed, async_scheduling=False, path=path)
+        have, aborted_async, launched = _random_workload(tiny_model_dir, seed, async_scheduling=True, path=path)
         ahead += launched
         for request_id in set(want) - aborted_sync - aborted_async:
             assert_same_outputs(want[request_id], have[request_id])

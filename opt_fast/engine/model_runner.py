@@ -253,9 +253,13 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
+    def prepare(self, batch: ScheduledBatch,
+                pending_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
         """Flat input_ids, positions and the Context, on the host (every tensor-parallel rank
-        moves them to its device), and the row of each sampled sequence's last token."""
+        moves them to its device), and the row of each sampled sequence's last token. With
+        `pending_tokens=1` (decodes only), for the step after the one in flight: each decode's
+        input is that step's token, not on the host yet (a 0 here, for the caller to replace on
+        the device), at the position after it."""
         input_ids, positions, slots, last_index = [], [], [], []
         cu_seqlens, context_lens = [0], []
         for seq in batch.prefills:
@@ -270,8 +274,8 @@ class ModelRunner:
         num_prefill_tokens = len(input_ids)
         if batch.decodes:             # list comprehensions: this runs for every sequence every step
             bs, decodes = self.block_size, batch.decodes
-            decode_positions = [len(s.token_ids) - 1 for s in decodes]
-            input_ids += [s.token_ids[-1] for s in decodes]
+            decode_positions = [len(s.token_ids) - 1 + pending_tokens for s in decodes]
+            input_ids += [0] * len(decodes) if pending_tokens else [s.token_ids[-1] for s in decodes]
             positions += decode_positions
             slots += [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, decode_positions)]
             last_index += range(num_prefill_tokens, len(input_ids))
@@ -376,19 +380,36 @@ class ModelRunner:
 
     def can_launch_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the decode step after the one in flight, of the same `seqs`, can be launched
-        before that one's tokens reach the host: on the decode graph, on one rank (the other
+        before that one's tokens reach the host: with async scheduling, on one rank (the other
         ranks would need the tokens sent to them)."""
-        return (self.cfg.async_scheduling and self.graphs is not None and self.tp is None
-                and self.graphs.fits(len(seqs)))
+        return self.cfg.async_scheduling and self.tp is None and bool(seqs)
 
     def launch_ahead(self, previous: PendingStep, eos_token_id: int | None) -> PendingStep:
         """Start the decode step after `previous` (not collected yet) for the same sequences
         (`can_launch_ahead`; each holds the slot of its next token): each one's input is the
-        token `previous` draws for it, copied on the device."""
+        token `previous` draws for it, taken on the device. On the decode graphs where they
+        fit, else eagerly (enforce_eager, a batch past the largest graph, CPU)."""
         if self.broken:
             raise RuntimeError(f"the engine cannot step: {self.broken}")
         with self._current_device(), torch.inference_mode():
-            return self._graph_decode(previous.seqs, eos_token_id, previous)
+            if self.graphs is not None and self.graphs.fits(len(previous.seqs)):
+                return self._graph_decode(previous.seqs, eos_token_id, previous)
+            return self._eager_decode_ahead(previous, eos_token_id)
+
+    def _eager_decode_ahead(self, previous: PendingStep, eos_token_id: int | None) -> PendingStep:
+        """launch_ahead without the graphs: the eager decode step of `previous.seqs`, with
+        `previous`'s tokens as its input ids on the device."""
+        if self.graphs is not None:
+            self.graphs.invalidate()
+        seqs = previous.seqs
+        _, positions, ctx, last_index = self.prepare(ScheduledBatch(decodes=seqs), pending_tokens=1)
+        hidden = self._forward(previous.tokens, positions, ctx)
+        inputs, rows = self._sampling_inputs_on_device(seqs, last_index, pending_tokens=1)
+        if inputs["seen_ids"].shape[1]:
+            inputs["seen_ids"][:, -1] = previous.tokens     # the token in flight is seen too
+        raw_logits = self.model.compute_logits(hidden[rows])
+        tokens, logsumexp = self._sample(raw_logits, seqs, eos_token_id, inputs, pending_tokens=1)
+        return self._pending(raw_logits, tokens, logsumexp, seqs)
 
     def _graph_decode(self, seqs: list[Sequence], eos_token_id: int | None,
                       previous: PendingStep | None = None) -> PendingStep:
@@ -412,9 +433,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs."""
+        """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs
+        (input_ids may already be on the device: a step launched ahead's)."""
         on_host = ctx.tensors()
-        input_ids, positions, *moved = to_device([input_ids, positions, *on_host.values()], self.device)
+        if input_ids.device == self.device:
+            positions, *moved = to_device([positions, *on_host.values()], self.device)
+        else:
+            input_ids, positions, *moved = to_device([input_ids, positions, *on_host.values()], self.device)
         set_context(dataclasses.replace(ctx, **dict(zip(on_host, moved))))
         try:
             return self.model(input_ids, positions)

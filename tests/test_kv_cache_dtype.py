@@ -23,9 +23,13 @@ def token_logprobs(out) -> list[float]:
     return [step[token] for step, token in zip(completion.logprobs, completion.token_ids)]
 
 
-def test_the_triton_kernels_and_the_torch_references_agree_on_a_float8_cache(tiny_model_dir):
-    _, ours = generate(tiny_model_dir, "triton", "fp8")
-    llm, reference = generate(tiny_model_dir, "torch", "fp8")
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole-prompts", "chunked-prompts"])
+def test_the_triton_kernels_and_the_torch_references_agree_on_a_float8_cache(tiny_model_dir, chunk):
+    """Chunked, a prompt's later chunks attend to its earlier ones through the float8 cache
+    (prefill attention's context path), besides every decode step."""
+    limits = {} if chunk is None else dict(max_num_batched_tokens=chunk, max_num_seqs=chunk)
+    _, ours = generate(tiny_model_dir, "triton", "fp8", **limits)
+    llm, reference = generate(tiny_model_dir, "torch", "fp8", **limits)
     assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
     for a, b in zip(ours, reference):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

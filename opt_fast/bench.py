@@ -28,35 +28,48 @@ _BOS = 2
 
 def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: int, *,
               random_weights: bool = False, compare: str | None = None, temperature: float = 0.0,
-              seed: int = 0, progress: bool = False, **engine_kwargs) -> dict:
+              seed: int = 0, random_range_ratio: float = 0.0, progress: bool = False,
+              **engine_kwargs) -> dict:
     """Time `num_prompts` requests of `input_len` random token ids, `output_len` tokens each.
 
     `model` is a checkpoint directory or name, as for `Engine`; with `random_weights` it may also
     be a size name (`opt-1.3b`), and the weights are drawn at random, so nothing is downloaded.
-    `compare="hf"` also times transformers' `generate` on the same prompts. `engine_kwargs` go to
-    `Engine` (dtype, device, kernels, max_num_seqs, ...). Returns one flat dict (see format_table).
+    `compare="hf"` also times transformers' `generate` on the same prompts. `random_range_ratio`
+    r in [0, 1) draws each request's input and output lengths uniformly from [len * (1 - r),
+    len * (1 + r)] instead (seeded; vLLM's benchmark option of the same name), which batches of
+    unequal requests need; not with compare. `engine_kwargs` go to `Engine` (dtype, device,
+    kernels, max_num_seqs, ...). Returns one flat dict (see format_table).
     """
     for name, value in (("num_prompts", num_prompts), ("input_len", input_len), ("output_len", output_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if compare not in (None, "hf"):
         raise ValueError(f"compare must be None or 'hf', got {compare!r}")
+    if isinstance(random_range_ratio, bool) or not isinstance(random_range_ratio, (int, float)) or \
+            not 0 <= random_range_ratio < 1:
+        raise ValueError(f"random_range_ratio must be in [0, 1), got {random_range_ratio!r}")
+    if random_range_ratio and compare:
+        raise ValueError("random_range_ratio > 0 cannot compare with HF: its batched generate needs equal lengths")
     if compare == "hf":
         _require_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         path = _model_dir(model, random_weights, Path(tmp))
         engine = Engine(path, progress=progress, seed=seed, **engine_kwargs,
                         **({"load_format": "dummy"} if random_weights else {}))
-        if input_len + output_len > engine.max_model_len:
-            raise ValueError(f"input_len ({input_len}) + output_len ({output_len}) exceeds max_model_len="
+        in_lens, out_lens = (_random_lengths(num_prompts, length, random_range_ratio, seed + i)
+                             for i, length in enumerate((input_len, output_len)))
+        if max(in_lens) + max(out_lens) > engine.max_model_len:
+            raise ValueError(f"input_len ({max(in_lens)}) + output_len ({max(out_lens)}) exceeds max_model_len="
                              f"{engine.max_model_len}")
-        prompts = _random_prompts(num_prompts, input_len, engine.vocab_size, seed)
-        params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True)
+        prompts = [_random_prompts(1, n, engine.vocab_size, seed * 1_000_003 + i)[0] for i, n in enumerate(in_lens)] \
+            if random_range_ratio else _random_prompts(num_prompts, input_len, engine.vocab_size, seed)
+        params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
         # Other prompts than the timed ones: the same would find their blocks in the prefix cache.
-        _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, seed + 1), params)
+        _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, seed + 1), params[0])
         timing = _time_engine(engine, prompts, params, progress)
         result = _settings(engine, model, random_weights, num_prompts, input_len, output_len,
                            temperature, seed)
+        result.update(random_range_ratio=random_range_ratio, input_tokens=sum(in_lens))
         result.update(timing)
         source = "torch.cuda.max_memory_allocated" if engine.runner.device.type == "cuda" else "peak RSS"
         if engine.cfg.tensor_parallel_size > 1:
@@ -94,6 +107,16 @@ def _model_dir(model: str | Path, random_weights: bool, tmp: Path) -> str | Path
     return tmp
 
 
+def _random_lengths(count: int, length: int, ratio: float, seed: int) -> list[int]:
+    """`count` lengths, each `length` or, with `ratio` > 0, uniform in [length * (1 - ratio),
+    length * (1 + ratio)] (at least 1)."""
+    if not ratio:
+        return [length] * count
+    rng = random.Random(seed)
+    low, high = max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio)))
+    return [rng.randint(low, high) for _ in range(count)]
+
+
 def _random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
     if vocab_size <= _FIRST_ORDINARY_ID:
         raise ValueError(f"vocab_size {vocab_size} leaves no ordinary token ids for random prompts")
@@ -113,7 +136,7 @@ def _warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
         engine.step()
 
 
-def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams, progress: bool) -> dict:
+def _time_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], progress: bool) -> dict:
     ids = [f"bench-{i}" for i in range(len(prompts))]
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
@@ -125,8 +148,8 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParam
         bar = tqdm(total=len(ids), desc="benchmarking", unit=" requests", disable=None)
     try:
         t0 = time.perf_counter()
-        for request_id, prompt in zip(ids, prompts):
-            engine.add_request(request_id, prompt, params)
+        for request_id, prompt, request_params in zip(ids, prompts, params):
+            engine.add_request(request_id, prompt, request_params)
         while len(finish) < len(ids):
             outputs = engine.step()     # returns host token ids, so the device work is done
             now = time.perf_counter()
@@ -144,7 +167,8 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: SamplingParam
     finally:
         if bar is not None:
             bar.close()
-    wrong = {i: n for i, n in tokens.items() if n != params.max_tokens}
+    asked = {i: p.max_tokens for i, p in zip(ids, params)}
+    wrong = {i: n for i, n in tokens.items() if n != asked[i]}
     if wrong:
         raise RuntimeError(f"requests stopped early, the numbers would not compare: {wrong}")
     elapsed = max(finish.values()) - t0
@@ -287,10 +311,11 @@ def format_table(result: dict) -> str:
     r = result
     weights = ", random weights" if r["random_weights"] else ""
     sampling = "greedy" if r["temperature"] == 0 else f"temperature {r['temperature']}"
+    spread = f" +-{r['random_range_ratio']:.0%}" if r.get("random_range_ratio") else ""
     lines = [f"opt-fast bench: {r['model']}{weights}",
              f"size {r['size']}, {r['dtype']} on {r['device']} ({r['card']}), kernels {r['kernels']}",
              f"{r['date']}, torch {r['torch']}, opt_fast {r['opt_fast']}",
-             f"{r['num_prompts']} prompts x {r['input_len']} tokens in, {r['output_len']} tokens out, "
+             f"{r['num_prompts']} prompts x {r['input_len']}{spread} tokens in, {r['output_len']}{spread} tokens out, "
              f"{sampling}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
              + (f" ({r['kv_cache_dtype']})" if r.get("kv_cache_dtype", "auto") != "auto" else ""), ""]
     rows = [("requests/s", r["requests_per_s"]), ("output tokens/s", r["output_tokens_per_s"]),

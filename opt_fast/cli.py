@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="random weights, nothing downloaded; --model may then be a size name (opt-1.3b)")
     bench.add_argument("--compare", choices=["hf"], default=None,
                        help="also time Hugging Face transformers' generate on the same prompts")
+    bench.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+                       help="draw each request's input and output lengths uniformly within +-R of "
+                            "--input-len / --output-len (0 <= R < 1; default 0: all equal)")
     bench.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     bench.add_argument("--seed", type=int, default=0, help="seeds the prompts and the engine")
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout, no progress bars")
@@ -171,7 +174,8 @@ def _bench(args) -> int:
     from .bench import format_table, run_bench
     result = run_bench(_model(args), args.num_prompts, args.input_len, args.output_len,
                        random_weights=args.random_weights, compare=args.compare,
-                       temperature=args.temperature, seed=args.seed, progress=not args.json,
+                       temperature=args.temperature, seed=args.seed,
+                       random_range_ratio=args.random_range_ratio, progress=not args.json,
                        **_engine_kwargs(args))
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -178,6 +178,31 @@ def test_engine_flags_reach_the_engine(capsys, tiny_model_dir, flags, key, value
     assert json.loads(out)[key] == value
 
 
+def test_bench_random_range_ratio_draws_seeded_lengths(capsys, tiny_model_dir):
+    """Each request's lengths uniform within +-50%: the report's token counts are their sums,
+    and a rerun draws the same."""
+    reports = []
+    for _ in range(2):
+        rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                           "--num-prompts", "6", "--input-len", "20", "--output-len", "8", "--max-num-seqs", "3",
+                           "--random-range-ratio", "0.5", "--json")
+        assert rc == 0, err
+        reports.append(json.loads(out))
+    report = reports[0]
+    assert report["random_range_ratio"] == 0.5 and 6 * 10 <= report["input_tokens"] <= 6 * 30
+    assert 6 * 4 <= report["output_tokens"] <= 6 * 12 and report["output_tokens"] != 6 * 8
+    assert (reports[1]["input_tokens"], reports[1]["output_tokens"]) == (report["input_tokens"], report["output_tokens"])
+    assert "+-50%" in format_table(report)
+
+
+@pytest.mark.parametrize("ratio, compare", [(1.0, None), (-0.1, None), (0.2, "hf")])
+def test_bench_random_range_ratio_is_checked(tiny_model_dir, ratio, compare):
+    from opt_fast.bench import run_bench
+    with pytest.raises(ValueError, match="random_range_ratio"):
+        run_bench(str(tiny_model_dir), 2, 8, 2, device="cpu", kernels="torch", random_range_ratio=ratio,
+                  compare=compare)
+
+
 def test_bench_prompts_are_seeded_token_ids_after_bos():
     from opt_fast.bench import _random_prompts
     prompts = _random_prompts(3, 9, vocab_size=50, seed=4)

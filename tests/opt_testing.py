@@ -97,21 +97,24 @@ def install_emulated_graphs() -> None:
     ModelRunner._emulate_graphs = emulate_graphs
 
 
-def track_sampled_rows(runner) -> dict:
-    """Wrap `runner.launch` and `runner.launch_ahead`; the dict returned holds, for the step
-    being launched, the sequences it samples in row order (`seqs`) and how many tokens each has
-    in flight past its num_output_tokens (`pending_tokens`: 1 for a step launched ahead under
-    async scheduling, which computes the token after the one in flight), for stubs that force
-    or poison a row's logits."""
-    rows = {"seqs": [], "pending_tokens": 0}
+def on_launch(runner, callback) -> None:
+    """Call `callback(batch, ahead)` before each step `runner` launches: by `launch` (ahead
+    False), or under async scheduling by `launch_ahead` (ahead True: before the previous step's
+    results, its decodes computing the token after the one in flight)."""
     launch, launch_ahead = runner.launch, runner.launch_ahead
+    runner.launch = lambda batch, eos: callback(batch, False) or launch(batch, eos)
+    runner.launch_ahead = lambda previous, batch, eos: callback(batch, True) or launch_ahead(previous, batch, eos)
 
-    def tracked_launch(batch, eos):
-        rows.update(seqs=batch.sampled, pending_tokens=0)
-        return launch(batch, eos)
 
-    def tracked_launch_ahead(previous, eos):
-        rows.update(seqs=previous.seqs, pending_tokens=1)
-        return launch_ahead(previous, eos)
-    runner.launch, runner.launch_ahead = tracked_launch, tracked_launch_ahead
+def track_sampled_rows(runner) -> dict:
+    """The dict returned holds, for the step being launched (on_launch), the sequences it
+    samples in row order (`seqs`) and how many tokens each has in flight past its
+    num_output_tokens (`pending`, per row: 1 for the decodes of a step launched ahead), for
+    stubs that force or poison a row's logits."""
+    rows = {"seqs": [], "pending": []}
+
+    def track(batch, ahead: bool):
+        prompts = len(batch.sampled) - len(batch.decodes)
+        rows.update(seqs=batch.sampled, pending=[0] * prompts + [int(ahead)] * len(batch.decodes))
+    on_launch(runner, track)
     return rows

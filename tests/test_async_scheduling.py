@@ -29,7 +29,8 @@ def prompts(count: int, seed: int) -> list[list[int]]:
 def count_launches_ahead(runner) -> list:
     """Wrap `runner.launch_ahead`; the returned list gets an entry per step launched ahead."""
     launched, launch_ahead = [], runner.launch_ahead
-    runner.launch_ahead = lambda previous, eos: launched.append(len(previous.seqs)) or launch_ahead(previous, eos)
+    runner.launch_ahead = lambda previous, batch, eos: launched.append(len(previous.seqs)) or launch_ahead(
+        previous, batch, eos)
     return launched
 
 
@@ -246,12 +247,49 @@ def test_blocks_filled_by_steps_launched_ahead_enter_the_prefix_cache(tiny_model
 def test_a_request_added_while_a_step_is_in_flight_is_admitted_at_the_next_step(tiny_model_dir):
     engine, params = engine_with_a_step_in_flight(tiny_model_dir, 2, seed=7, max_tokens=30, max_num_seqs=4)
     engine.add_request("late", prompts(1, seed=8)[0], params)
-    # the step in flight is collected and none launched ahead; the next one admits "late"
+    # the step in flight was launched before "late" came: the one launched ahead of its
+    # results admits it, and its first token comes with that step, at the second call
     first_seen = [call for call in range(1, 5) if "late" in {o.request_id for o in engine.step()}]
     assert first_seen[0] == 2
     while engine.has_unfinished_requests():
         engine.step()
     assert_nothing_held(engine)
+
+
+@pytest.mark.parametrize("path", ["graphs", "eager"])
+def test_prompts_that_arrive_meanwhile_join_the_step_launched_ahead(tiny_model_dir, path):
+    """Requests added while decodes are in flight are admitted into the next step launched
+    ahead (as prompt rows, beside the decodes whose inputs are the tokens in flight; a prompt
+    of BOS alone too, and one reusing a cached prefix), with the outputs of scheduling after
+    each step's results."""
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=1)
+    early, late = prompts(2, seed=31), prompts(3, seed=32)
+    late[1] = [2]
+    late[2] = early[0][:9] + late[2]
+    results = {}
+    for async_scheduling in (False, True):
+        engine = async_engine(tiny_model_dir, path, async_scheduling=async_scheduling, max_num_seqs=8, block_size=4)
+        admitted = []
+        launch_ahead = engine.runner.launch_ahead
+        engine.runner.launch_ahead = lambda previous, batch, eos: admitted.extend(
+            s.request_id for s in batch.prefills) or launch_ahead(previous, batch, eos)
+        for i, prompt in enumerate(early):
+            engine.add_request(f"early{i}", prompt, params)
+        finals = {}
+        for step in range(200):
+            if step == 3:
+                for i, prompt in enumerate(late):
+                    engine.add_request(f"late{i}", prompt, params)
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+            if not engine.has_unfinished_requests():
+                break
+        assert_nothing_held(engine)
+        assert sorted(admitted) == (["late0", "late1", "late2"] if async_scheduling else [])
+        results[async_scheduling] = finals
+    assert set(results[True]) == set(results[False]) == {"early0", "early1", "late0", "late1", "late2"}
+    assert results[True]["late2"].num_cached_tokens == results[False]["late2"].num_cached_tokens == 8
+    for request_id in results[False]:
+        assert_same_outputs(results[False][request_id], results[True][request_id])
 
 
 def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import test_device
+from opt_testing import on_launch, test_device
 from opt_fast import Engine, LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -40,8 +40,7 @@ def drain(engine: Engine) -> dict:
 def test_mixed_prefill_and_decode_step_equals_separate_runs(tiny_model_dir):
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
     batches = []
-    real_launch = engine.runner.launch
-    engine.runner.launch = lambda batch, eos: batches.append((len(batch.prefills), len(batch.decodes))) or real_launch(batch, eos)
+    on_launch(engine.runner, lambda batch, ahead: batches.append((len(batch.prefills), len(batch.decodes))))
     a, b = prompts(2, seed=1)
     engine.add_request("a", a, GREEDY)
     engine.step()

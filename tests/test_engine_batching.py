@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from opt_testing import test_device, track_sampled_rows
+from opt_testing import on_launch, test_device, track_sampled_rows
 from opt_fast import Engine, LLM, SamplingParams
 from opt_fast.engine.engine import derive_seed
 
@@ -130,25 +130,25 @@ def test_chunked_prefill_equals_unchunked(tiny_model_dir):
 
 
 def test_decodes_run_every_step_while_a_long_prompt_is_chunked(tiny_model_dir):
+    """Every step that computes a chunk of the long prompt also advances the running decode, and
+    spends the rest of its 16 tokens on that chunk. Steps are recorded as launched, so the test
+    holds whether or not they are launched ahead of the previous step's results (async)."""
     eng = engine(tiny_model_dir, max_num_batched_tokens=16, max_num_seqs=4)
-    launched_ahead, launch_ahead = [], eng.runner.launch_ahead
-    eng.runner.launch_ahead = lambda previous, eos: launched_ahead.append(1) or launch_ahead(previous, eos)
-    eng.add_request("short", [2, 10, 11], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    steps = []      # per launched step: (request ids decoding, {request id: prompt tokens computed})
+
+    on_launch(eng.runner, lambda batch, ahead: steps.append((
+        {s.request_id for s in batch.decodes}, {s.request_id: s.num_scheduled_tokens for s in batch.prefills})))
+    eng.add_request("short", [2, 10, 11], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     eng.step()
-    # With async scheduling the short request's next decode may be in flight already (launched
-    # ahead): a request added now joins the step after that one.
-    late = len(launched_ahead)
     eng.add_request("long", prompts(1, seed=5, low=150, high=151)[0], GREEDY)
     long_seq = eng.requests["long"].seqs[0]
-    produced, prefilled = [], []
-    for _ in range(8):
-        outs = {o.request_id: o for o in eng.step()}
-        produced.append(len(outs["short"].outputs[0].token_ids) if "short" in outs else None)
-        prefilled.append(long_seq.num_cached_tokens)
-    # the 151-token prompt needs 10 chunks of <= 15 tokens; the decode advanced on each of them,
-    # and each step also spent the rest of its 16 tokens on the next chunk
-    assert produced == list(range(2, 10))
-    assert prefilled == [0] * late + [15 * (i + 1) for i in range(8 - late)]
+    while long_seq.num_output_tokens == 0:
+        eng.step()
+    chunks = [(decoding, prefill["long"]) for decoding, prefill in steps if "long" in prefill]
+    # the 151-token prompt in chunks of 15 (16 less the decode's token); its last token then
+    # runs as a decode row
+    assert [n for _, n in chunks] == [15] * 10
+    assert all("short" in decoding for decoding, _ in chunks)
 
 
 def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_dir, alone):
@@ -240,8 +240,8 @@ def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
 
     def poisoned(hidden):
         logits = real(hidden)
-        for row, seq in enumerate(rows["seqs"]):
-            if seq.request_id == "1" and seq.num_output_tokens + rows["pending_tokens"] == 1:
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            if seq.request_id == "1" and seq.num_output_tokens + pending == 1:
                 logits[row] = float("nan")          # request "1"'s second token
         return logits
     model.compute_logits = poisoned

@@ -29,8 +29,8 @@ def scripted(tiny_model_dir):
     def forced(hidden):
         logits = real(hidden)
         forced_rows = torch.full_like(logits, -30.0)
-        for row, seq in enumerate(rows["seqs"]):
-            position = seq.num_output_tokens + rows["pending_tokens"]
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            position = seq.num_output_tokens + pending
             target = script[position] if position < len(script) else engine.eos_token_id
             forced_rows[row, target] = 30.0
         return forced_rows

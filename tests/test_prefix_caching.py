@@ -258,22 +258,30 @@ def _shadowed_engine_trial(model_dir, seed: int) -> None:
         return StepResult(4 + int(hashlib.md5(repr(token_ids).encode()).hexdigest()[:8], 16)
                           % (5 if rng.random() < 0.9 else 300), -0.5)
 
-    def launch(batch, eos):
-        for seq in batch.prefills + batch.decodes:
+    def write_prefills(batch):
+        for seq in batch.prefills:
             for p in range(seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens):
                 written[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[:p + 1])
-        return PendingStep(batch.sampled, to_host=[draw(s.token_ids) for s in batch.sampled])
+        return [draw(s.token_ids) for s in batch.prefills if s.samples_this_step]
 
-    def launch_ahead(previous, eos):
+    def launch(batch, eos):
+        results = write_prefills(batch)
+        for seq in batch.decodes:
+            p = seq.num_cached_tokens
+            written[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[:p + 1])
+        return PendingStep(batch.sampled, to_host=results + [draw(s.token_ids) for s in batch.decodes])
+
+    def launch_ahead(previous, batch, eos):
         # async scheduling: the step after `previous`, launched before its tokens reach the host.
-        # Each sequence computes the token in flight, at the slot its step in flight left it
-        # (num_cached_tokens already counts that step), and draws the one after it.
-        results = []
-        for seq, in_flight in zip(previous.seqs, previous.to_host):
+        # Its decodes (previous's rows) each compute the token in flight, at the slot its step in
+        # flight left it (num_cached_tokens already counts that step), and draw the one after
+        # it; prompts admitted meanwhile are computed as in `launch`.
+        results = write_prefills(batch)
+        for seq, in_flight in zip(batch.decodes, previous.to_host):
             token_ids, p = seq.token_ids + [in_flight.token], seq.num_cached_tokens
             written[seq.block_table[p // bs], p % bs] = tuple(token_ids)
             results.append(draw(token_ids))
-        return PendingStep(previous.seqs, to_host=results)
+        return PendingStep(batch.sampled, to_host=results)
 
     eng.runner.launch, eng.runner.launch_ahead = launch, launch_ahead
     eng.runner.collect = lambda pending: pending.to_host

@@ -237,10 +237,11 @@ class Engine:
         step itself raises (a device error, KeyboardInterrupt), no sequence counts a token it
         did not get, so stepping again goes on where the last step that completed left off.
 
-        With async_scheduling, the next decode step is launched before this one's tokens reach
-        the host, where it is the step the scheduler would build anyway (`Scheduler.schedule_ahead`):
-        this call's host work then overlaps the GPU's work on the next. A sequence that stops
-        on this step's token drops the token the next step draws for it."""
+        With async_scheduling, the next step is launched before this one's tokens reach the
+        host, where its decodes are the ones the scheduler would build anyway, and waiting
+        requests join it as prompt rows (`Scheduler.schedule_ahead`): this call's host work
+        then overlaps the GPU's work on the next. A sequence that stops on this step's token
+        drops the token the next step draws for it."""
         try:
             return self._step()
         except BaseException:
@@ -267,12 +268,14 @@ class Engine:
             for seq in computed:
                 seq.num_cached_tokens += seq.num_scheduled_tokens
         else:
-            computed = pending.seqs     # launched ahead: one token each
+            computed = pending.computed     # launched ahead: its decodes and admitted prompt chunks
         sampled = pending.seqs
-        if sampled and self.runner.can_launch_ahead(sampled) and self.scheduler.schedule_ahead(sampled):
-            self._ahead = self.runner.launch_ahead(pending, self.eos_token_id)
-            for seq in sampled:
-                seq.num_cached_tokens += 1
+        ahead = self.scheduler.schedule_ahead(sampled) if self.runner.can_launch_ahead(sampled) else None
+        if ahead is not None:
+            self._ahead = self.runner.launch_ahead(pending, ahead, self.eos_token_id)
+            self._ahead.computed = ahead.prefills + ahead.decodes
+            for seq in self._ahead.computed:
+                seq.num_cached_tokens += seq.num_scheduled_tokens
         results = self.runner.collect(pending)
         self.blocks.cache_computed(computed)
         advanced: dict[str, _Request] = {}

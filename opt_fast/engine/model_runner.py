@@ -41,6 +41,11 @@ def resolve_device_dtype(cfg: EngineConfig, rank: int = 0) -> tuple[torch.device
     return device, _DTYPES[cfg.dtype]
 
 
+def _per_row(pending_tokens: int | list[int], rows: int) -> list[int]:
+    """Tokens in flight per sampled row: one count for all, or one each."""
+    return [pending_tokens] * rows if isinstance(pending_tokens, int) else pending_tokens
+
+
 class StepResult:
     """What the runner hands back per sampled sequence: the token and its logprob data, or why
     this sequence alone failed."""
@@ -56,10 +61,11 @@ class PendingStep:
     `tokens` (int64 `[rows]`, on the device) feeds a step launched ahead of the collect. What the
     host reads (`to_host`) was computed from the step's outputs before anything else could be
     launched: a decode graph's outputs are overwritten by its next replay."""
-    __slots__ = ("seqs", "tokens", "to_host", "top_rows", "copied")
+    __slots__ = ("seqs", "tokens", "to_host", "top_rows", "copied", "computed")
 
     def __init__(self, seqs: list[Sequence], tokens=None, to_host=(), top_rows=(), copied=None):
         self.seqs, self.tokens, self.to_host, self.top_rows, self.copied = seqs, tokens, to_host, top_rows, copied
+        self.computed = seqs    # the sequences whose KV the step writes (the engine sets it ahead)
 
 
 class ModelRunner:
@@ -290,13 +296,15 @@ class ModelRunner:
             ctx.decode_block_tables = block_tables(batch.decodes)
         return host_tensor(input_ids, torch.int64), host_tensor(positions, torch.int64), ctx, last_index
 
-    def sampling_inputs(self, seqs: list[Sequence], pending_tokens: int = 0) -> dict:
+    def sampling_inputs(self, seqs: list[Sequence], pending_tokens: int | list[int] = 0) -> dict:
         """Per-row sampler arguments as host tensors (moved to the device by the caller). With
-        `pending_tokens=1`, for the step after a token each that the host does not have yet:
-        `seen_ids` then ends in a padding column for the caller to fill on the device."""
+        `pending_tokens=1` (or 1 in a per-row list), for the step after a token that the host
+        does not have yet: `seen_ids` then ends in a padding column for the caller to fill on
+        the device."""
         params = [s.params for s in seqs]
+        pending = _per_row(pending_tokens, len(seqs))
         penalised = any(p.repetition_penalty != 1.0 for p in params)
-        width = max(s.num_tokens for s in seqs) + pending_tokens if penalised else 0
+        width = max(s.num_tokens + k for s, k in zip(seqs, pending)) if penalised else 0
         return dict(
             temperature=host_tensor([p.temperature for p in params], torch.float32),
             top_k=host_tensor([p.top_k for p in params], torch.int64),
@@ -304,11 +312,11 @@ class ModelRunner:
             repetition_penalty=host_tensor([p.repetition_penalty for p in params], torch.float32),
             seen_ids=seen_ids(seqs, width),
             seeds=host_tensor([s.seed for s in seqs], torch.int64),
-            steps=host_tensor([s.num_output_tokens + pending_tokens for s in seqs], torch.int64),
+            steps=host_tensor([s.num_output_tokens + k for s, k in zip(seqs, pending)], torch.int64),
         )
 
     def _sampling_logits(self, logits: torch.Tensor, seqs: list[Sequence], eos: int | None,
-                         pending_tokens: int = 0) -> torch.Tensor:
+                         pending_tokens: int | list[int] = 0) -> torch.Tensor:
         """The logits the sampler draws from. Returns `logits` itself when no row changes them,
         else a copy, so reported logprobs stay those of the raw distribution.
 
@@ -317,10 +325,10 @@ class ModelRunner:
         so the CTRL penalty acts on log-probabilities as FlagAI applies it.
         """
         bans, normalise = [], []
-        for row, seq in enumerate(seqs):
+        for row, (seq, pending) in enumerate(zip(seqs, _per_row(pending_tokens, len(seqs)))):
             p = seq.params
             bans += [(row, token) for token in p.banned_token_ids]
-            if seq.num_output_tokens + pending_tokens < p.min_tokens:
+            if seq.num_output_tokens + pending < p.min_tokens:
                 stops = p.stop_token_ids + ([eos] if eos is not None and not p.ignore_eos else [])
                 bans += [(row, token) for token in stops]
             if p.penalty_on_logprobs:
@@ -384,31 +392,35 @@ class ModelRunner:
         ranks would need the tokens sent to them)."""
         return self.cfg.async_scheduling and self.tp is None and bool(seqs)
 
-    def launch_ahead(self, previous: PendingStep, eos_token_id: int | None) -> PendingStep:
-        """Start the decode step after `previous` (not collected yet) for the same sequences
-        (`can_launch_ahead`; each holds the slot of its next token): each one's input is the
-        token `previous` draws for it, taken on the device. On the decode graphs where they
-        fit, else eagerly (enforce_eager, a batch past the largest graph, CPU)."""
+    def launch_ahead(self, previous: PendingStep, batch: ScheduledBatch, eos_token_id: int | None) -> PendingStep:
+        """Start `batch` (Scheduler.schedule_ahead), the step after `previous` (not collected
+        yet): its decodes are `previous.seqs` in that order, each holding the slot of its next
+        token, and each one's input is the token `previous` draws for it, taken on the device;
+        its prefills are prompts admitted meanwhile. On the decode graphs where there are no
+        prefills and the decodes fit, else eagerly (enforce_eager, CPU, admitted prompts)."""
         if self.broken:
             raise RuntimeError(f"the engine cannot step: {self.broken}")
         with self._current_device(), torch.inference_mode():
-            if self.graphs is not None and self.graphs.fits(len(previous.seqs)):
-                return self._graph_decode(previous.seqs, eos_token_id, previous)
-            return self._eager_decode_ahead(previous, eos_token_id)
+            if not batch.prefills and self.graphs is not None and self.graphs.fits(len(batch.decodes)):
+                return self._graph_decode(batch.decodes, eos_token_id, previous)
+            return self._eager_ahead(previous, batch, eos_token_id)
 
-    def _eager_decode_ahead(self, previous: PendingStep, eos_token_id: int | None) -> PendingStep:
-        """launch_ahead without the graphs: the eager decode step of `previous.seqs`, with
-        `previous`'s tokens as its input ids on the device."""
+    def _eager_ahead(self, previous: PendingStep, batch: ScheduledBatch, eos_token_id: int | None) -> PendingStep:
+        """launch_ahead without the graphs: the eager step of `batch`, its decodes' input ids
+        `previous`'s tokens, on the device."""
         if self.graphs is not None:
             self.graphs.invalidate()
-        seqs = previous.seqs
-        _, positions, ctx, last_index = self.prepare(ScheduledBatch(decodes=seqs), pending_tokens=1)
-        hidden = self._forward(previous.tokens, positions, ctx)
-        inputs, rows = self._sampling_inputs_on_device(seqs, last_index, pending_tokens=1)
+        input_ids, positions, ctx, last_index = self.prepare(batch, pending_tokens=1)
+        hidden = self._forward(input_ids, positions, ctx, in_flight=previous.tokens)
+        self._prompt_logprobs(hidden, batch)
+        seqs = batch.sampled        # finished prompts (no token in flight), then the decodes (one each)
+        prompts = len(seqs) - len(batch.decodes)
+        pending = [0] * prompts + [1] * len(batch.decodes)
+        inputs, rows = self._sampling_inputs_on_device(seqs, last_index, pending_tokens=pending)
         if inputs["seen_ids"].shape[1]:
-            inputs["seen_ids"][:, -1] = previous.tokens     # the token in flight is seen too
+            inputs["seen_ids"][prompts:, -1] = previous.tokens     # the token in flight is seen too
         raw_logits = self.model.compute_logits(hidden[rows])
-        tokens, logsumexp = self._sample(raw_logits, seqs, eos_token_id, inputs, pending_tokens=1)
+        tokens, logsumexp = self._sample(raw_logits, seqs, eos_token_id, inputs, pending)
         return self._pending(raw_logits, tokens, logsumexp, seqs)
 
     def _graph_decode(self, seqs: list[Sequence], eos_token_id: int | None,
@@ -432,14 +444,15 @@ class ModelRunner:
         return self._pending(raw_logits, tokens, logsumexp, seqs)
 
     @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs
-        (input_ids may already be on the device: a step launched ahead's)."""
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context,
+                 in_flight: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states `[tokens, word_embed_proj_dim]` of an eager step, from its host inputs;
+        `in_flight` (on the device): the decodes' input ids of a step launched ahead, whose
+        places in input_ids hold zeros."""
         on_host = ctx.tensors()
-        if input_ids.device == self.device:
-            positions, *moved = to_device([positions, *on_host.values()], self.device)
-        else:
-            input_ids, positions, *moved = to_device([input_ids, positions, *on_host.values()], self.device)
+        input_ids, positions, *moved = to_device([input_ids, positions, *on_host.values()], self.device)
+        if in_flight is not None:
+            input_ids[ctx.num_prefill_tokens:] = in_flight
         set_context(dataclasses.replace(ctx, **dict(zip(on_host, moved))))
         try:
             return self.model(input_ids, positions)
@@ -455,14 +468,14 @@ class ModelRunner:
         return self.graphs.replay(size)
 
     def _sampling_inputs_on_device(self, seqs: list[Sequence], rows: list[int] = (),
-                                   pending_tokens: int = 0) -> tuple[dict, torch.Tensor]:
+                                   pending_tokens: int | list[int] = 0) -> tuple[dict, torch.Tensor]:
         """The sampler's inputs for `seqs`, and `rows` as an int64 tensor, on the device in one copy."""
         on_host = self.sampling_inputs(seqs, pending_tokens)
         *moved, rows = to_device([*on_host.values(), host_tensor(rows, torch.int64)], self.device)
         return dict(zip(on_host, moved)), rows
 
     def _sample(self, raw_logits: torch.Tensor, seqs: list[Sequence], eos: int | None, inputs: dict,
-                pending_tokens: int = 0):
+                pending_tokens: int | list[int] = 0):
         """(tokens, logsumexp of the raw logits) of `seqs`' rows; `inputs` from _sampling_inputs_on_device."""
         sampling_logits = self._sampling_logits(raw_logits, seqs, eos, pending_tokens)
         tokens, logsumexp = self.ops.sample(sampling_logits, self.vocab_size, **inputs)

@@ -90,8 +90,14 @@ class Scheduler:
             budget -= fitted
             kept.append(seq)
         self.running = kept
-        # Then waiting sequences while the budget, the sequence cap and the free blocks allow;
-        # none after a preemption this step, which would only be undone next step.
+        self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int, ahead: bool = False) -> None:
+        """Then waiting sequences while the budget, the sequence cap and the free blocks allow;
+        none after a preemption this step, which would only be undone next step. `ahead`
+        (schedule_ahead): each joins the batch as a prefill row, whatever it has left to
+        compute, since the decode rows are the step in flight's, in its order."""
         while (self.waiting and not batch.preempted and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
@@ -110,31 +116,38 @@ class Scheduler:
                 seq.num_prompt_tokens_reused = reused
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._schedule(seq, chunk, batch)
+            if ahead:
+                self.blocks.grow(seq, seq.num_cached_tokens + chunk)
+                seq.num_scheduled_tokens = chunk
+                batch.prefills.append(seq)
+            else:
+                self._schedule(seq, chunk, batch)
             budget -= chunk
-        return batch
 
-    def schedule_ahead(self, seqs: list[Sequence]) -> bool:
-        """Schedule the decode step after the one in flight, before its tokens are known, if it
-        is the step `schedule` would then build: the same sequences, each computing the token
-        in flight. So `seqs` must be every running sequence, none sure to stop on that token
-        (max_tokens) nor with samples to fork, nothing waiting that could be admitted, and the
-        free blocks must hold every new token (no preemption). Gives each its slot; False (and
-        nothing changed) where the next step must be scheduled after this one's results."""
+    def schedule_ahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """Schedule the step after the one in flight, before its tokens are known, if its decodes
+        are the ones `schedule` would then build: the same sequences, each computing the token in
+        flight (in `seqs`' order, the order of that step's rows). So `seqs` must be every running
+        sequence, none sure to stop on that token (max_tokens) nor with samples to fork, and the
+        free blocks must hold every new token (no preemption). Waiting sequences join as prefill
+        rows where the budget, the cap and the free blocks allow, as `schedule` admits them.
+        Gives each its slots; None (and nothing changed) where the next step must be scheduled
+        after this one's results."""
         # as sets: a step that finished prefills samples them first, `running` lists them last
-        if len(seqs) != len(self.running) or set(seqs) != set(self.running) or (
-                self.waiting and len(self.running) < self.max_num_seqs):
-            return False
+        if len(seqs) != len(self.running) or set(seqs) != set(self.running):
+            return None
         if any(s.forks or s.num_output_tokens + 1 >= s.params.max_tokens for s in seqs):
-            return False
+            return None
         # each holds its tokens so far, cached (num_cached_tokens counts the step in flight)
         needed = sum(self.blocks.blocks_needed(s, s.num_cached_tokens + 1) for s in seqs)
         if needed > self.blocks.num_free_blocks:
-            return False
+            return None
+        batch = ScheduledBatch(decodes=list(seqs))
         for seq in seqs:
             self.blocks.grow(seq, seq.num_cached_tokens + 1)
             seq.num_scheduled_tokens = 1
-        return True
+        self._admit(batch, self.max_num_batched_tokens - len(seqs), ahead=True)
+        return batch
 
     def _release_waiting_blocks(self) -> bool:
         """Let waiting forks' blocks (their shared prompt) go, so a running sequence that has run

@@ -292,6 +292,66 @@ def test_prompts_that_arrive_meanwhile_join_the_step_launched_ahead(tiny_model_d
         assert_same_outputs(results[False][request_id], results[True][request_id])
 
 
+def _random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(4, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run_calls(model_dir, path: str, async_scheduling: bool, calls: dict, **kwargs):
+    """(final outputs, request ids admitted into steps launched ahead); `calls` maps a step()
+    call's index to the requests added just before it."""
+    engine = async_engine(model_dir, path, async_scheduling=async_scheduling, **kwargs)
+    admitted, launch_ahead = [], engine.runner.launch_ahead
+    engine.runner.launch_ahead = lambda previous, batch, eos: admitted.extend(
+        s.request_id for s in batch.prefills) or launch_ahead(previous, batch, eos)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    finals = {}
+    for call in range(200):
+        for request_id, prompt in calls.get(call, ()):
+            engine.add_request(request_id, prompt, params)
+        if call > max(calls) and not engine.has_unfinished_requests():
+            break
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert_nothing_held(engine)
+    return finals, admitted
+
+
+@pytest.mark.parametrize("path", ["graphs", "eager"])
+def test_a_prompt_waiting_for_budget_reuses_the_prefix_the_step_in_flight_computed(tiny_model_dir, path):
+    """"first" (32 tokens) takes the whole token budget of step 0; "second" shares its first
+    block (16 tokens) and is admitted at step 1 either way: synchronously after step 0's blocks
+    entered the cache, launched ahead before step 0's results, which enters them first (both
+    reuse 16 tokens). Found by review: they once entered the cache only after the results."""
+    shared = [2] + _random_ids(15, 1)
+    calls = {0: [("first", shared + _random_ids(16, 2)), ("second", shared + _random_ids(10, 3))]}
+    results = {}
+    for async_scheduling in (False, True):
+        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
+                                                   max_num_seqs=8, max_num_batched_tokens=32)
+        assert admitted == (["second"] if async_scheduling else [])
+    assert results[False]["second"].num_cached_tokens == 16
+    assert results[True]["second"].num_cached_tokens == 16
+    for request_id in results[False]:
+        assert_same_outputs(results[False][request_id], results[True][request_id])
+
+
+@pytest.mark.parametrize("path", ["graphs", "eager"])
+def test_a_prompt_arriving_after_its_prefix_reuses_it_while_that_step_is_in_flight(tiny_model_dir, path):
+    """"a" arrives while decodes are in flight, "b" (a's first 23 tokens, then another) one call
+    later: each joins a step launched ahead, b's while a's prompt is in flight. Synchronously, b
+    reuses a's five full blocks of 4; launched ahead it must too."""
+    base = [2] + _random_ids(22, 4)
+    calls = {0: [("decoding", [2] + _random_ids(5, 5))], 2: [("a", base + [7])], 3: [("b", base + [8])]}
+    results = {}
+    for async_scheduling in (False, True):
+        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
+                                                   max_num_seqs=8, block_size=4)
+        assert admitted == (["a", "b"] if async_scheduling else [])
+    assert results[False]["b"].num_cached_tokens == 20
+    assert results[True]["b"].num_cached_tokens == 20
+    for request_id in results[False]:
+        assert_same_outputs(results[False][request_id], results[True][request_id])
+
+
 def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):
     engine, params = engine_with_a_step_in_flight(tiny_model_dir, 2, seed=9, max_tokens=30)
     for request_id in ("0", "1"):

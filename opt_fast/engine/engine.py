@@ -269,6 +269,10 @@ class Engine:
                 seq.num_cached_tokens += seq.num_scheduled_tokens
         else:
             computed = pending.computed     # launched ahead: its decodes and admitted prompt chunks
+        # The blocks this step fills enter the prefix cache now, before its results: a prompt
+        # admitted into the step launched ahead then reuses them as it would after the results
+        # (the step that reads them runs after this one on the device).
+        self.blocks.cache_computed(computed)
         sampled = pending.seqs
         ahead = self.scheduler.schedule_ahead(sampled) if self.runner.can_launch_ahead(sampled) else None
         if ahead is not None:
@@ -277,7 +281,6 @@ class Engine:
             for seq in self._ahead.computed:
                 seq.num_cached_tokens += seq.num_scheduled_tokens
         results = self.runner.collect(pending)
-        self.blocks.cache_computed(computed)
         advanced: dict[str, _Request] = {}
         for seq, result in zip(sampled, results):
             if seq.is_finished:     # stopped (or aborted) after the step ahead was launched

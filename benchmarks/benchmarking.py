@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is no CUDA)
+from device_time import try_graph_us
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -22,7 +23,9 @@ def shapes(gpu: list, smoke: list) -> list:
 
 
 def run_benchmark(benchmark, fn, *, bytes_moved: int, flops: int, roofline: dict, impl: str) -> None:
-    """Time `fn` (synchronising on CUDA) and record what the report needs in extra_info."""
+    """Time `fn` (synchronising on CUDA) and record what the report needs in extra_info; on CUDA
+    also its device time from CUDA graph replays (`device_us`, None where it cannot be
+    captured), which leaves out the host's launch path that the synchronised timing includes."""
     def call():
         fn()
         if ON_GPU:
@@ -38,6 +41,10 @@ def run_benchmark(benchmark, fn, *, bytes_moved: int, flops: int, roofline: dict
     info = benchmark.extra_info
     info.update(impl=impl, bytes=bytes_moved, flops=flops, gbps=bytes_moved / seconds / 1e9,
                 tflops=flops / seconds / 1e12, device=torch.cuda.get_device_name() if ON_GPU else "cpu")
+    if ON_GPU:
+        info["device_us"] = try_graph_us(fn)
+        if info["device_us"]:
+            info["device_gbps"] = bytes_moved / info["device_us"] / 1e3
     if roofline:
         info.update(copy_gbps=roofline["copy_gbps"], matmul_tflops=roofline["matmul_tflops"],
                     bandwidth_fraction=info["gbps"] / roofline["copy_gbps"],

@@ -27,16 +27,26 @@ def main(target: str, sources: list[str], merged_json: str | None = None) -> Non
     device = data["benchmarks"][0]["extra_info"].get("device", "?") if data["benchmarks"] else "?"
     lines = [f"# Kernel benchmarks — {device}, {data.get('datetime', '')[:16]}", "",
              f"host CPU: {machine.get('cpu', {}).get('brand_raw', '?')}", "",
-             "| group | impl | median us | GB/s | TFLOP/s | of copy BW | of matmul | ours / peer speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "`median us` is the wall time of a call and a synchronise (the host's launch path included); "
+             "`device us` is the device time of a call from CUDA graph replays with L2 flushed before it "
+             "(benchmarks/device_time.py; `-` where the call cannot be captured), what a decode step "
+             "replaying graphs pays. GB/s, TFLOP/s and the fractions are of the median.", "",
+             "| group | impl | median us | GB/s | TFLOP/s | of copy BW | of matmul | ours / peer speedup "
+             "| device us | device GB/s | device speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for group, impls in groups.items():
         ours = impls.get("triton")
         for impl, bench in impls.items():
             info, median = bench["extra_info"], bench["stats"]["median"]
-            ratio = f"{median / ours['stats']['median']:.2f}x" if ours and impl != "triton" else ""
+            peer_row = ours and impl != "triton"
+            ratio = f"{median / ours['stats']['median']:.2f}x" if peer_row else ""
+            device_us = info.get("device_us")
+            ours_device_us = ours["extra_info"].get("device_us") if ours else None
+            device_ratio = f"{device_us / ours_device_us:.2f}x" if peer_row and device_us and ours_device_us else ""
+            device = (f"{device_us:.1f} | {info['device_gbps']:.0f}" if device_us else "- | -")
             lines.append(f"| {group} | {impl} | {median * 1e6:.1f} | {info.get('gbps', 0):.0f} | "
                          f"{info.get('tflops', 0):.1f} | {info.get('bandwidth_fraction', 0):.0%} | "
-                         f"{info.get('matmul_fraction', 0):.0%} | {ratio} |")
+                         f"{info.get('matmul_fraction', 0):.0%} | {ratio} | {device} | {device_ratio} |")
     open(target, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

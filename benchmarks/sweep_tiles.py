@@ -3,9 +3,11 @@ open (paged decode, prefill attention, fused LN+QKV) at the goal shapes, beside 
 torch peer measured in the same process, and report the best configuration per shape.
 
 Every candidate is first checked against the peer's output on that shape; a candidate that fails
-to compile, to launch or to match is reported and skipped, never fatal. Times are medians of
-`triton.testing.do_bench` (CUDA events, L2 flushed before each call, so they are GPU times
-without launch overhead); for the default configuration and the peer the report also gives
+to compile, to launch or to match is reported and skipped, never fatal. Times are device times
+with L2 flushed before each call, from CUDA graph replays (benchmarks/device_time.py), so a
+launch option that adds launches is not charged the host's launch path; a call that cannot be
+captured falls back to `triton.testing.do_bench` (CUDA events around each call), and the report
+says which timed each row. For the default configuration and the peer the report also gives
 the wall time of a call followed by a synchronise (what the pytest-benchmark files measure,
 launch overhead included). Decode rows give achieved GB/s against the copy bandwidth measured
 here (a 1 GiB device copy, bytes read + written).
@@ -35,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is no CUDA, before any kernel)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/: loaded by path in the tests
+from device_time import try_graph_us  # noqa: E402
 from opt_fast.kernels import attention, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
@@ -448,18 +453,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def gpu_us(fn) -> float:
-    """Median time of one call: CUDA events around each call with L2 flushed before it, so
-    launch overhead hides behind the flush; wall clock of a few calls on CPU."""
+def gpu_time(fn) -> tuple[float, str]:
+    """(median device time of one call with L2 flushed before it, how it was timed): "graph"
+    from CUDA graph replays, or where the call cannot be captured "events" from CUDA events
+    around each call (do_bench, which charges a host path longer than its flush); off-GPU
+    "wall", the wall clock of a few calls."""
     if ON_GPU:
+        us = try_graph_us(fn)
+        if us is not None:
+            return us, "graph"
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=3, rep=15, return_mode="median") * 1e3
+        return triton.testing.do_bench(fn, warmup=3, rep=15, return_mode="median") * 1e3, "events"
     times = []
     for _ in range(3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6, "wall"
+
+
+def gpu_us(fn) -> float:
+    return gpu_time(fn)[0]
 
 
 def synced_us(fn) -> float:
@@ -605,7 +619,8 @@ def _measure(family, x: dict, config: dict, ref: torch.Tensor) -> dict:
         fn = family.ours(x, config)
         row["error"] = _mismatch(family.as_peer_layout(fn(), x), ref)
         if not row["error"]:
-            row["us"] = round(gpu_us(fn), 2)
+            us, row["timing"] = gpu_time(fn)
+            row["us"] = round(us, 2)
     except Exception as err:
         row["error"] = _error_text(err)
     return row
@@ -621,7 +636,8 @@ def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
         x = family.inputs(case)
         peer = family.peer(x)
         ref = peer()
-        result["peer_us"] = round(gpu_us(peer), 2)
+        peer_us, result["peer_timing"] = gpu_time(peer)
+        result["peer_us"] = round(peer_us, 2)
         result["peer_synced_us"] = round(synced_us(peer), 2)
         result["peer_parts_us"] = {name: round(gpu_us(fn), 2) for name, fn in family.peer_parts(x).items()}
     except Exception as err:   # e.g. out of memory: nothing to compare against
@@ -650,12 +666,12 @@ def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
     default = next((r for r in result["candidates"] if r["label"] == "default"), None)
     result["default_resolved"] = _label(family.resolve(case, {}))
     if default and default["us"] is not None:
-        result["default_us"] = default["us"]
+        result["default_us"], result["default_timing"] = default["us"], default.get("timing")
         result["default_synced_us"] = round(synced_us(family.ours(x, {})), 2)
     if timed:
         best = min(timed, key=lambda r: r["us"])
         result.update(best_label=_label(family.resolve(case, best["config"])), best_config=best["config"],
-                      best_us=best["us"], speedup_vs_peer=_sig(result["peer_us"] / best["us"]),
+                      best_us=best["us"], best_timing=best.get("timing"), speedup_vs_peer=_sig(result["peer_us"] / best["us"]),
                       best_gbps=round(result["bytes"] / best["us"] / 1e3, 1))
         if result.get("default_us"):
             result["default_speedup_vs_peer"] = _sig(result["peer_us"] / result["default_us"])
@@ -724,6 +740,11 @@ def _summary_line(r: dict) -> str:
             f"  best {r['best_us']:9.1f} ({r['speedup_vs_peer']:.2f}x peer{frac})  {r['best_label']}")
 
 
+def _mark(timing: str | None) -> str:
+    """* on a time that CUDA events took around each call (it may include launch overhead)."""
+    return "*" if timing == "events" else ""
+
+
 def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -738,8 +759,10 @@ def markdown(report: dict) -> str:
              + (f"; parallel compile of {pre['launches']} launches: {pre['done']}/{pre['tasks']} tasks in "
                 f"{pre['seconds']} s" if pre else "")
              + ".", "",
-             "Times are GPU medians (do_bench, L2 flushed); `synced` is the wall time of a call plus a "
-             "synchronise (launch overhead included, as in kernels.md). Speedup = peer time / ours.", ""]
+             "Times are device medians with L2 flushed, from CUDA graph replays (no launch overhead; "
+             "a time marked * could not be captured and comes from CUDA events around each call, "
+             "do_bench); `synced` is the wall time of a call plus a synchronise (launch overhead "
+             "included, as in kernels.md). Speedup = peer time / ours.", ""]
     for kernel, goal in report["goals"].items():
         rows = [r for r in report["cases"] if r["kernel"] == kernel]
         lines += [f"## {kernel} (goal: {goal})", "",
@@ -750,9 +773,10 @@ def markdown(report: dict) -> str:
             failed = sum(1 for c in r["candidates"] if c["error"])
             frac = f" ({r['best_copy_fraction']:.0%})" if "best_copy_fraction" in r else ""
             lines.append(
-                f"| {r['case']} | {_fmt(r.get('peer_us'))} ({_fmt(r.get('peer_synced_us'))}) | "
-                f"{_fmt(r.get('default_us'))} ({_fmt(r.get('default_synced_us'))}) | "
-                f"{_fmt(r.get('default_speedup_vs_peer'), '.2f')} | {_fmt(r.get('best_us'))} | "
+                f"| {r['case']} | {_fmt(r.get('peer_us'))}{_mark(r.get('peer_timing'))} "
+                f"({_fmt(r.get('peer_synced_us'))}) | "
+                f"{_fmt(r.get('default_us'))}{_mark(r.get('default_timing'))} ({_fmt(r.get('default_synced_us'))}) | "
+                f"{_fmt(r.get('default_speedup_vs_peer'), '.2f')} | {_fmt(r.get('best_us'))}{_mark(r.get('best_timing'))} | "
                 f"{_fmt(r.get('speedup_vs_peer'), '.2f')} | {_fmt(r.get('best_gbps'), '.0f')}{frac} | "
                 f"{r.get('best_label', r.get('error', '-'))} | {failed} / {r['skipped']} |")
         lines += ["", "Default configurations: " + "; ".join(f"{r['case']}: {r.get('default_resolved', '?')}"
@@ -767,8 +791,8 @@ def markdown(report: dict) -> str:
     for r in report["cases"]:
         timed = sorted((c for c in r["candidates"] if c["us"] is not None), key=lambda c: c["us"])
         parts = "".join(f"; {name} alone {us:.1f}" for name, us in r.get("peer_parts_us", {}).items())
-        lines.append(f"- {r['kernel']} {r['case']} (peer {_fmt(r.get('peer_us'))}{parts}): "
-                     + ", ".join(f"{c['label']} {c['us']:.1f}" for c in timed))
+        lines.append(f"- {r['kernel']} {r['case']} (peer {_fmt(r.get('peer_us'))}{_mark(r.get('peer_timing'))}"
+                     f"{parts}): " + ", ".join(f"{c['label']} {c['us']:.1f}{_mark(c.get('timing'))}" for c in timed))
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,79 @@
+"""Device time of one call, free of the host's launch path: for the kernel table and the tile sweep.
+
+`triton.testing.do_bench` records CUDA events around each call after flushing L2, and the flush
+(a 256 MB memset) hides the host's launch path only while that path is shorter than the flush.
+Ours is not always: a Triton launcher's checks and dispatch cost tens of microseconds a launch on
+the GPU machines' CPUs, and a launch option that adds launches (split-K's reduce, a separate
+LayerNorm or statistics kernel) adds that much again, so do_bench timed those options at the
+host's pace (on the H200, 2026-11-27, every split-K launch of the fused LN+QKV took 70-75 us
+whatever the model size). Here each call is captured once into a CUDA graph and replayed: the
+host's path runs at capture, never in the timing, as in the engine's decode steps, which replay
+graphs. One graph replays `calls` x (flush, call), another `calls` x flush alone, interleaved;
+a call's time is the median difference over `calls`.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+FLUSH_BYTES = 256 << 20   # as do_bench: well past the L2 of any current GPU (H100 / H200: 50 MB)
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_buffer() -> torch.Tensor:
+    device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[device]
+
+
+def _capture(step, calls: int) -> torch.cuda.CUDAGraph:
+    # a first run on a side stream, as torch asks before capturing (lazy initialisation, workspaces)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    return graph
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def graph_us(fn, calls: int = 10, replays: int = 9) -> float:
+    """Median device time of one call of `fn` with L2 flushed before it, in microseconds, from
+    CUDA graph replays (module docstring). Raises where `fn` cannot be captured: it
+    synchronises, or reads a device value on the host."""
+    flush = _flush_buffer()
+
+    def flushed_call():
+        flush.zero_()
+        fn()
+    with_calls = _capture(flushed_call, calls)
+    flush_only = _capture(flush.zero_, calls)
+    _replay_ms(with_calls), _replay_ms(flush_only)   # warm: the first replay uploads the graph
+    differences = [_replay_ms(with_calls) - _replay_ms(flush_only) for _ in range(replays)]
+    del with_calls, flush_only
+    return max(0.0, statistics.median(differences) / calls * 1e3)
+
+
+def try_graph_us(fn, **options) -> float | None:
+    """graph_us, or None off CUDA and where `fn` cannot be captured."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return graph_us(fn, **options)
+    except Exception:   # a launcher that synchronises or reads the device on the host
+        torch.cuda.synchronize()
+        return None

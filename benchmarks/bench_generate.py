@@ -5,8 +5,10 @@ Both run greedy decoding of the same token-id prompts for exactly `--output-len`
 (EOS ignored), in float16 on CUDA (float32 on CPU for the smoke mode). opt_fast runs with CUDA
 graphs for decode where the engine uses them (its default on CUDA). `--modes` runs it once per
 mode named, for each size (HF once), one row per run, so one report compares them: `default`,
-`eager` (enforce_eager=True) and `async` (async_scheduling=True). Writes a markdown table and a
-JSON file to --out.
+`eager` (enforce_eager=True), `async` (async_scheduling=True), and `triton` / `triton-async`
+(kernels="triton": the linear layers too run our fused Triton GEMMs, which `auto` leaves to
+cuBLAS, so the two rows tell whether the fusions pay off in whole decode steps). Writes a
+markdown table and a JSON file to --out.
 Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --modes default eager async`.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ from opt_fast.demo import write_random_checkpoint
 
 
 # opt_fast runs by name: the engine keyword arguments each adds to its defaults
-MODES = {"default": {}, "eager": dict(enforce_eager=True), "async": dict(async_scheduling=True)}
+MODES = {"default": {}, "eager": dict(enforce_eager=True), "async": dict(async_scheduling=True),
+         "triton": dict(kernels="triton"), "triton-async": dict(kernels="triton", async_scheduling=True)}
 
 
 def _sync(device: str) -> None:
@@ -51,6 +54,12 @@ def model_config(size: str, smoke: bool):
         config = replace(config, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                          word_embed_proj_dim=64 if config.word_embed_proj_dim == config.hidden_size else 32)
     return config
+
+
+def _kernels_and_options(mode: str, kernels: str) -> tuple[str, dict]:
+    """(kernels, the other engine options) of `mode`; `kernels` unless the mode names its own."""
+    options = dict(MODES[mode])
+    return options.pop("kernels", kernels), options
 
 
 def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
@@ -111,7 +120,8 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", help="opt_fast kernels: auto (Triton on CUDA) | torch")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["default"],
                         help="opt_fast runs, one row each: its defaults (CUDA graphs on CUDA), "
-                             "enforce_eager=True, async_scheduling=True")
+                             "enforce_eager=True, async_scheduling=True, kernels='triton' without and "
+                             "with async_scheduling")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, so the script cannot rot")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,8 +140,11 @@ def main() -> None:
             t0 = time.perf_counter()
             ckpt = write_random_checkpoint(tmp, config, seed=0, dtype=dtype)
             write_s = time.perf_counter() - t0
-            ours = [bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                   kv_blocks, args.kernels, [warmup], **MODES[mode]) for mode in args.modes]
+            ours = []
+            for mode in args.modes:
+                kernels, options = _kernels_and_options(mode, args.kernels)
+                ours.append(bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
+                                           kv_blocks, kernels, [warmup], **options))
             ours = [(seconds, [o.outputs[0].token_ids for o in outs]) for seconds, outs in ours]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len
@@ -158,7 +171,8 @@ def main() -> None:
              f"torch {torch.__version__}; opt_fast kernels: {kernels}; "
              f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, {dtype}.", "",
              "Modes: `default` is opt_fast's defaults (CUDA graphs for decode on CUDA), `eager` "
-             "enforce_eager=True, `async` async_scheduling=True.", "",
+             "enforce_eager=True, `async` async_scheduling=True; `triton` and `triton-async` run every "
+             f"op as a Triton kernel (kernels='triton': {kernels_summary('triton', device)}).", "",
              "| size | mode | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['size']} | {r['mode']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "

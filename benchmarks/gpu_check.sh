@@ -5,7 +5,9 @@
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
-#   generate  LLM.generate (defaults, eager, async scheduling) against HF generate, 100 s
+#   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
+#             "default async triton triton-async" for every op in Triton) against HF generate,
+#             100 s (GENERATE_TIMEOUT)
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmarks (per decode
 #             step, and per launch of each kernel beside its torch peer), 95 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
@@ -79,8 +81,9 @@ if [ -f "$PARTS/sweep/sweep.md" ]; then
 fi
 
 if want generate; then
-  timeout 100 python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --modes default eager async \
-    --out "$OUT" 2>&1 | tail -12
+  # shellcheck disable=SC2086  # GENERATE_MODES is a list of words
+  timeout "${GENERATE_TIMEOUT:-100}" python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b \
+    --modes ${GENERATE_MODES:-default eager async} --out "$OUT" 2>&1 | tail -12
   bench_rc=${PIPESTATUS[0]}
 fi
 

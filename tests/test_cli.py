@@ -337,11 +337,17 @@ def test_progress_bars_on_a_terminal_unless_json(capsys, monkeypatch, tiny_model
 
 def test_bench_generate_smoke(tmp_path):
     done = run("benchmarks/bench_generate.py", "--smoke", "--sizes", "opt-350m", "--num-prompts", "2",
-               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "--out", str(tmp_path))
+               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "triton",
+               "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench_generate.json").read_text())
-    assert [(r["size"], r["mode"]) for r in report["rows"]] == [("opt-350m", "default"), ("opt-350m", "async")]
+    assert [(r["size"], r["mode"]) for r in report["rows"]] == [("opt-350m", "default"), ("opt-350m", "async"),
+                                                                ("opt-350m", "triton")]
     assert all(r["opt_fast_tok_s"] > 0 for r in report["rows"])
+    # the triton mode ran the Triton kernels (the interpreter here) and matched HF's greedy tokens
+    assert report["rows"][2]["first16_greedy_agreement"] == 1.0
+    assert "`triton` and `triton-async` run every op as a Triton kernel (kernels='triton': layernorm_linear: " \
+           "triton" in (tmp_path / "bench_generate.md").read_text()
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
 
 

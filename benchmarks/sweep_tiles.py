@@ -213,10 +213,10 @@ class Prefill:
         # sm_90+, the candidates with an option, as the compile check builds them (on sm_80 the
         # padded 128-wide tiles spill): q and the off-diagonal K/V tiles by TMA; head_dim 80
         # padded to 128 (it runs as 64 + 16 by default); the warp-specialised kernel (no sweep
-        # shape has cached context)
+        # shape has cached context); each query block's key tiles as one masked loop (one_loop)
         options = []
         if CAPABILITY >= 90:
-            options = attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
+            options = attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad] + attention.ONE_LOOP_CANDIDATES[pad]
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
         return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]
 
@@ -671,7 +671,8 @@ def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
     if timed:
         best = min(timed, key=lambda r: r["us"])
         result.update(best_label=_label(family.resolve(case, best["config"])), best_config=best["config"],
-                      best_us=best["us"], best_timing=best.get("timing"), speedup_vs_peer=_sig(result["peer_us"] / best["us"]),
+                      best_us=best["us"], best_timing=best.get("timing"),
+                      speedup_vs_peer=_sig(result["peer_us"] / best["us"]),
                       best_gbps=round(result["bytes"] / best["us"] / 1e3, 1))
         if result.get("default_us"):
             result["default_speedup_vs_peer"] = _sig(result["peer_us"] / result["default_us"])
@@ -776,7 +777,8 @@ def markdown(report: dict) -> str:
                 f"| {r['case']} | {_fmt(r.get('peer_us'))}{_mark(r.get('peer_timing'))} "
                 f"({_fmt(r.get('peer_synced_us'))}) | "
                 f"{_fmt(r.get('default_us'))}{_mark(r.get('default_timing'))} ({_fmt(r.get('default_synced_us'))}) | "
-                f"{_fmt(r.get('default_speedup_vs_peer'), '.2f')} | {_fmt(r.get('best_us'))}{_mark(r.get('best_timing'))} | "
+                f"{_fmt(r.get('default_speedup_vs_peer'), '.2f')} | "
+                f"{_fmt(r.get('best_us'))}{_mark(r.get('best_timing'))} | "
                 f"{_fmt(r.get('speedup_vs_peer'), '.2f')} | {_fmt(r.get('best_gbps'), '.0f')}{frac} | "
                 f"{r.get('best_label', r.get('error', '-'))} | {failed} / {r['skipped']} |")
         lines += ["", "Default configurations: " + "; ".join(f"{r['case']}: {r.get('default_resolved', '?')}"

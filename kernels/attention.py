@@ -211,7 +211,7 @@ def _prefill_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
@@ -293,34 +293,43 @@ def _prefill_attention_kernel(
             acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                                   0, False, UPCAST_DOT, D_HI)
 
-    # 2. New tokens before this query block: all visible, all inside the sequence.
+    # 2. New tokens before this query block: all visible, all inside the sequence. With
+    # ONE_LOOP they join the diagonal tiles' loop below instead (Tiles.one_loop).
     k_head = k_ptr + head * stride_kh
     v_head = v_ptr + head * stride_vh
     diag_start = block_m * BLOCK_M
-    for start in range(0, diag_start, BLOCK_N):
-        if USE_TMA:
-            # one bulk copy per tile instead of a 16-byte copy per thread and row
-            k = k_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
-            v = v_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
-            if D_HI > 0:
-                k_hi = k_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
-                v_hi = v_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
+    if ONE_LOOP:
+        masked_start = 0
+    else:
+        masked_start = diag_start
+        for start in range(0, diag_start, BLOCK_N):
+            if USE_TMA:
+                # one bulk copy per tile instead of a 16-byte copy per thread and row
+                k = k_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
+                v = v_desc.load([q_start + start, head, 0]).reshape(BLOCK_N, D_LO)
+                if D_HI > 0:
+                    k_hi = k_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
+                    v_hi = v_hi_desc.load([q_start + start, head, D_LO]).reshape(BLOCK_N, D_HI)
+                else:
+                    k_hi, v_hi = k, v
             else:
-                k_hi, v_hi = k, v
-        else:
-            kv_rows = (q_start + start + offs_n).to(tl.int64)
-            k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
-            k, k_hi = _load_head(tl.multiple_of(k_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
-            v, v_hi = _load_head(tl.multiple_of(v_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
-        acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
-                                              0, False, UPCAST_DOT, D_HI)
+                kv_rows = (q_start + start + offs_n).to(tl.int64)
+                k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
+                k, k_hi = _load_head(tl.multiple_of(k_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
+                v, v_hi = _load_head(tl.multiple_of(v_rows, 16), offs_d, offs_h, offs_n, d_ok, False, MASK_D, D_HI)
+            acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                                  0, False, UPCAST_DOT, D_HI)
 
     # 3. The diagonal tiles: causal mask; the sequence may end inside them. Key diag_start is
     # visible to every row of the block, so the first of these tiles gives each row a finite max.
     # Always masked pointer loads, also under USE_TMA: a bulk copy would bring in the next
     # sequence's values, and a non-finite one times its zero weight would leak NaN into this one.
+    # With ONE_LOOP every new-token tile comes through here, from key 0 (visible to every row):
+    # one pipelined loop, so the diagonal tiles' loads are in flight while the tiles before them
+    # compute, where the split loops wait for them after the last unmasked tile; every tile pays
+    # the mask instead.
     diag_end = tl.minimum(diag_start + BLOCK_M, q_len)
-    for start in range(diag_start, diag_end, BLOCK_N):
+    for start in range(masked_start, diag_end, BLOCK_N):
         offs_kv = start + offs_n
         kv_rows = (q_start + offs_kv).to(tl.int64)
         in_seq = offs_kv < q_len
@@ -446,7 +455,11 @@ class Tiles(NamedTuple):
     powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128; and
     whether a batch known to have no cached context runs the warp-specialised kernel
     (_prefill_attention_ws_kernel: sm_90+, 4 warps, fp16 / bf16, TMA, heads padded, so tma
-    and split_head are moot there; batches that may have context run the main kernel).
+    and split_head are moot there; batches that may have context run the main kernel); and
+    whether the main kernel runs a query block's new-token key tiles as one causally masked,
+    pipelined loop (one_loop: the diagonal tiles' loads overlap the tiles before them; with tma
+    only q comes by TMA) rather than an unmasked loop and then the diagonal tiles (the
+    warp-specialised kernel always runs one loop).
     """
     block_m: int
     block_n: int
@@ -455,6 +468,7 @@ class Tiles(NamedTuple):
     tma: bool = False
     split_head: bool = True
     warp_specialize: bool = False
+    one_loop: bool = False
 
 
 # (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -519,6 +533,14 @@ TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Til
 # padded, timed beside the split (on the H200 the padded 8-warp tiles ran 292-364 us at opt-2.7b
 # b8 L1024, the split 4-warp tile 188).
 PADDED_80_CANDIDATES = [Tiles(64, 64, 4, 3, split_head=False)]
+# Tiles with one_loop, per padded head_dim: sweep candidates until a GPU has timed them, at the
+# 4-warp 64x64 tiles that won the H200 sweep and a 128-row 8-warp one, with q by TMA or not.
+# Short prompts gain most, if anything: at 128 tokens a query block has one or two key tiles, and
+# the split loops load the diagonal one only after the tile before it has computed.
+ONE_LOOP_CANDIDATES = {pad: [Tiles(64, 64, 4, 2, one_loop=True), Tiles(64, 64, 4, 3, one_loop=True),
+                             Tiles(64, 64, 4, 3, True, one_loop=True), Tiles(64, 32, 4, 3, one_loop=True),
+                             Tiles(128, 64, 8, 3, one_loop=True)]
+                       for pad in (64, 128)}
 # Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
 # candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
 # its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM. At most
@@ -595,9 +617,9 @@ def _padded_class(head_dim: int) -> int:
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 7:
-        _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]]), "
-              f"got {tiles!r}")
+    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 8:
+        _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
+              f"[, one_loop]]]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -607,7 +629,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize"):
+    for name in ("tma", "split_head", "warp_specialize", "one_loop"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
     for name in ("tma", "warp_specialize"):
@@ -616,6 +638,8 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
         _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
               f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")
+    if tiles.warp_specialize and tiles.one_loop:
+        _fail("tiles.one_loop is the main kernel's option; the warp-specialised kernel always runs one loop")
     if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
         _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
               f"on an H200), got {tiles.num_stages}")
@@ -758,7 +782,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
         USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=max_context_len != 0,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        ONE_LOOP=tiles.one_loop, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -804,7 +828,8 @@ def compile_specs() -> list:
     """Every specialisation the launcher can pick for OPT's head_dim 64, 80 (64 + 16) and 128 at
     block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
-    and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES),
+    and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES,
+    ONE_LOOP_CANDIDATES; on sm_80 the one-loop 64x64 tile at head 128 spills 40 B),
     and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90. Each main-kernel tile
     also without its context loops (HAS_CONTEXT off), as batches without context run it, and
     the sm_90 table's tiles reading a float8 cache."""
@@ -830,12 +855,13 @@ def compile_specs() -> list:
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
-                          SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context)
+                          SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
                  f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
                  f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}"
+                 f"{' one-loop' if tiles.one_loop else ''}"
                  f"{f' {cache_dtype} cache' if cache_dtype else ''}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -866,7 +892,7 @@ def compile_specs() -> list:
     # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
     specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
               for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16") for has_context in (True, False)]
-    for pad, candidates in TMA_CANDIDATES.items():
+    for pad, candidates in [*TMA_CANDIDATES.items(), *ONE_LOOP_CANDIDATES.items()]:
         for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
             specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
                       for tiles in candidates for dtype in ("fp16", "bf16") for has_context in (True, False)]

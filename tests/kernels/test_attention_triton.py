@@ -118,6 +118,27 @@ def test_forced_small_tiles(nan_empty, tiles, block_size):
     assert_matches(prefill_attention(*args, tiles=tiles), expected, torch.float16)
 
 
+# One masked loop over a query block's new-token key tiles (Tiles.one_loop): several diagonal key
+# tiles per block (BLOCK_N < BLOCK_M) and many before it, a sequence ending inside a tile, cached
+# context before the new tokens (also a partial context tile) or none (max_context_len=0, the
+# kernel without context loops); fp16 and fp32, head 80 split, with q by TMA (emulated here).
+@pytest.mark.parametrize("tiles,dtype,no_context", [
+    (Tiles(32, 16, 4, 2, one_loop=True), torch.float16, False),
+    (Tiles(64, 32, 4, 3, one_loop=True), torch.float16, True),
+    (Tiles(32, 32, 4, 2, True, one_loop=True), torch.float16, False),
+    (Tiles(16, 16, 4, 2, one_loop=True), torch.float32, False)],
+    ids=["32x16", "64x32-no-context", "32x32-tma", "16x16-fp32"])
+def test_one_loop_tiles(nan_empty, tiles, dtype, no_context):
+    seqs = [(0 if no_context else c, n) for c, n in ((1, 70), (7, 33), (9, 1), (0, 47), (129, 17), (200, 64))]
+    args, expected = prefill_case(seqs, 8, 2, 80, dtype, seed=tiles.block_m + tiles.block_n)
+    bound = 0 if no_context else None
+    out = prefill_attention(*args, tiles=tiles, max_context_len=bound)
+    assert_matches(out, expected, dtype)
+    if DEVICE == "cpu":   # the interpreter runs the same softmax steps in the same order as the split loops
+        split = prefill_attention(*args, tiles=tiles._replace(one_loop=False), max_context_len=bound)
+        assert torch.equal(out, split)
+
+
 def test_many_sequences():
     """37 sequences of random lengths and contexts: the block -> sequence search at depth."""
     g = gen(11)
@@ -281,11 +302,11 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     warp-specialised kernel's tiles), and the compile check builds nothing else there."""
     def launch(tiles, head_dim, name):
         return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma,
-                attention._head_split(head_dim, tiles.split_head), head_dim, name)
+                attention._head_split(head_dim, tiles.split_head), tiles.one_loop, head_dim, name)
 
     specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
-              c["HEAD_DIM"], spec.signature["q_ptr"])
+              c["ONE_LOOP"], c["HEAD_DIM"], spec.signature["q_ptr"])
              for spec in specs if not spec.uses_warp_specialize for c in [spec.constexprs]}
     built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
                 for spec in specs if spec.uses_warp_specialize for c in [spec.constexprs]}
@@ -297,7 +318,8 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     half = ("*fp16", "*bf16")
     if capability >= 90:
         picked |= {launch(tiles, 80, name) for tiles in attention.PADDED_80_CANDIDATES for name in half}
-        picked |= {launch(tiles, head_dim, name) for pad, candidates in attention.TMA_CANDIDATES.items()
+        picked |= {launch(tiles, head_dim, name)
+                   for pad, candidates in [*attention.TMA_CANDIDATES.items(), *attention.ONE_LOOP_CANDIDATES.items()]
                    for tiles in candidates for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128)
                    for name in half}
     ws_tiles = [(pad, t) for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates]
@@ -310,13 +332,13 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
 
 def test_sweep_candidates_with_options_are_compile_checked():
     """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
-    option (TMA, a padded head, warp specialisation) is a variant the compile check builds for
+    option (TMA, a padded head, warp specialisation, one loop) is a variant the compile check builds for
     sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates hold the twin of
     each sm_90 table entry."""
     sweep = sweep_script()
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
     built = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages, c.get("USE_TMA", False), c.get("D_HI"),
-              s.uses_warp_specialize, c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
+              s.uses_warp_specialize, c.get("ONE_LOOP", False), c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -326,7 +348,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
                 continue          # the default, or plain tiles: the sweep skips any that fail
             options += 1
             d_hi = None if tiles.warp_specialize else attention._head_split(case["head_dim"], tiles.split_head)[1]
-            key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, case["head_dim"])
+            key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, tiles.one_loop, case["head_dim"])
             assert key in built, (case, candidate)
     assert options, "the sweep has candidates with options (on sm_90, the capability it assumes off a GPU)"
     twins = {(attention._padded_class(head), tiles._replace(tma=True)) for (_, head), tiles in attention.tile_table(90).items()}

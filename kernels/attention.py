@@ -37,17 +37,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
 from .kv_cache import FP8, check_cache_dtype, gather_cached_kv
+from .launch_math import next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = tl.constexpr(2 ** 31 - 1)   # a constexpr: compiled kernels may read no other global
 # cu_seqlens entries a program reads per round trip while finding its sequence (kernel comment).
 _SEQ_CHUNK = 128
-
-
-def _next_pow2(n: int) -> int:
-    # triton.next_power_of_2 is a constexpr function whose every host call costs microseconds
-    # of wrapper; the launcher runs on every step, so plain integer math here.
-    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.jit

@@ -6,21 +6,12 @@ launch runs (_gemm_flags), for the launcher and the compile check alike.
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 
-
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv / next_power_of_2 are constexpr functions whose every host call costs
-    # microseconds of wrapper; launchers run on every step, so plain integer math here.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
+from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 GROUP_M = 8
 _LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
@@ -176,12 +167,19 @@ def _fit(config, dtype: torch.dtype):
     return config
 
 
-def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> dict:
+# The launch decisions below are pure functions of small hashable arguments and run on every
+# launch (each layer of every step): cached, they cost a dictionary lookup instead of several
+# microseconds of Python. Their dict results are read-only views, shared between calls.
+_launch_cache = functools.lru_cache(maxsize=4096)
+
+
+@_launch_cache
+def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> MappingProxyType:
     """The kernel's constexprs and launch options for a (fitted) config."""
     stats_k = max(config.block_k, _STATS_PER_WARP * config.num_warps // config.block_m)
-    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
+    return MappingProxyType(dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
                 STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def _tier(m: int) -> _Tier:
@@ -193,6 +191,7 @@ def _min_programs(m: int, sms: int) -> int:
     return int(_tier(m).min_programs_per_sm * sms)
 
 
+@_launch_cache
 def default_config(m: int, n: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
     """Tiles for an [m, k] x [k, n] GEMM from host-known shapes (reasoning at _M_TIERS)."""
     wanted = _min_programs(m, sms)
@@ -240,7 +239,9 @@ def _check_config(config) -> GemmLaunch:
     return config
 
 
-def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool, capability: int | None) -> dict:
+@_launch_cache
+def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool,
+                capability: int | None) -> MappingProxyType:
     """The _fused_linear_kernel variant a launch runs (its flag constexprs), for an op with or
     without a LayerNorm, ReLU and residual, on a GPU of `capability` (None: the interpreter):
     normalize_first takes the LayerNorm out of the GEMM; split-K moves the epilogue to the
@@ -255,9 +256,8 @@ def _gemm_flags(config: GemmLaunch, has_ln: bool, relu: bool, has_res: bool, cap
     stats_from_memory = fused_ln and (config.stats_kernel or partial)
     overlap = config.overlap and bool(capability)
     pdl = overlap and capability >= 90
-    return dict(HAS_LN=fused_ln, RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
-                STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial,
-                PREFETCH_K=_PREFETCH_K if overlap else 0,
-                PDL_WAIT=pdl and (stats_from_memory or (has_ln and not fused_ln)),
-                LAUNCH_DEPENDENTS=pdl and partial,
-                USE_TMA=config.tma and (capability is None or capability >= 90))
+    return MappingProxyType(dict(
+        HAS_LN=fused_ln, RELU=relu and not partial, HAS_RESIDUAL=has_res and not partial,
+        STATS_FROM_MEMORY=stats_from_memory, PARTIAL_OUT=partial, PREFETCH_K=_PREFETCH_K if overlap else 0,
+        PDL_WAIT=pdl and (stats_from_memory or (has_ln and not fused_ln)), LAUNCH_DEPENDENTS=pdl and partial,
+        USE_TMA=config.tma and (capability is None or capability >= 90)))

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .device import nvidia_capability
+from .launch_math import cdiv, next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A KV cache may also hold float8 (e4m3, vLLM's kv_cache_dtype="fp8"): half the bytes of fp16 per
@@ -136,9 +137,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if tokens == 0:
         return
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(heads), max(1, _TILE_ELEMENTS // block_d))
-    grid = (tokens, triton.cdiv(heads, block_h))
+    block_d = next_pow2(head_dim)
+    block_h = min(next_pow2(heads), max(1, _TILE_ELEMENTS // block_d))
+    grid = (tokens, cdiv(heads, block_h))
     _write_kv_cache_kernel[grid](
         key, value, key_cache, value_cache, slot_mapping, heads, key_cache.shape[1],
         *key.stride(), *value.stride(), *key_cache.stride(),
@@ -155,7 +156,7 @@ def compile_specs() -> list:
     pairs += [(dtype, "fp8e4nv", (90,)) for dtype in ("fp16", "bf16")]
     for dtype, cache_dtype, targets in pairs:
         for head_dim in (64, 80, 128):
-            block_d = triton.next_power_of_2(head_dim)
+            block_d = next_pow2(head_dim)
             sig = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "key_cache_ptr": f"*{cache_dtype}",
                    "value_cache_ptr": f"*{cache_dtype}", "slot_ptr": "*i64", "heads": "i32", "block_size": "i32"}
             sig.update({name: "i32" for name in ("stride_kt", "stride_kh", "stride_vt", "stride_vh",

@@ -374,21 +374,25 @@ def _split_k_reduce_kernel(ws_ptr,     # [SPLIT_K, M, N] float32 partial sums, c
 # Launchers
 # --------------------------------------------------------------------------------------------
 
+# The checks run on every launch (each layer of every step): each reads a tensor attribute once
+# and builds its message only on failure.
 def _check_2d(name: str, t, shape: tuple, x: torch.Tensor) -> None:
     """A 2-D tensor of `shape` (None: any size) with x's dtype and device; any strides."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or any(
-            want is not None and got != want for got, want in zip(t.shape, shape)):
+    size = t.shape if isinstance(t, torch.Tensor) else ()
+    rows, cols = shape
+    if len(size) != 2 or (rows is not None and size[0] != rows) or (cols is not None and size[1] != cols):
         want = "x".join("*" if d is None else str(d) for d in shape)
         raise ValueError(f"{name} must be a [{want}] tensor, got {getattr(t, 'shape', type(t))}")
-    if t.dtype != x.dtype or t.device != x.device:
+    if t.dtype != x.dtype or (t is not x and t.device != x.device):
         raise ValueError(f"{name} is {t.dtype} on {t.device}, expected {x.dtype} on {x.device} like x")
-    if sum((d - 1) * st for d, st in zip(t.shape, t.stride())) > _INT32_MAX:
+    row_stride, col_stride = t.stride()
+    if (size[0] - 1) * row_stride + (size[1] - 1) * col_stride > _INT32_MAX:
         raise ValueError(f"{name} with strides {t.stride()} does not fit the kernels' int32 offsets")
 
 
 def _check_vector(name: str, t, n: int, x: torch.Tensor) -> None:
     """A contiguous [n] tensor with x's dtype and device (LayerNorm parameters, biases)."""
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+    if not isinstance(t, torch.Tensor) or t.shape != (n,):
         raise ValueError(f"{name} must be a [{n}] tensor, got {getattr(t, 'shape', type(t))}")
     if t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"{name} is {t.dtype} on {t.device}, expected {x.dtype} on {x.device} like x")

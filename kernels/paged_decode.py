@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .kv_cache import FP8, check_cache_pair
+from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -84,16 +85,6 @@ _UNALIGNED_TILE = _Tile(2048, 4, 2)
 _BLOCK_N_CHOICES = (8, 16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8)
 _STAGE_CHOICES = (1, 2, 3, 4, 5)
-
-
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv / next_power_of_2 are constexpr functions whose every host call costs
-    # microseconds of wrapper; launchers run on every step, so plain integer math here.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.jit

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_math import cdiv
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -475,7 +477,7 @@ def sample_with_threshold(logits: torch.Tensor, vocab_size: int, temperature: to
     max_seen = seen_ids.shape[1]
     # an empty seen list has no storage to point at: pass any int64 tensor, never read
     seen = seen_ids if max_seen else steps
-    n_words = triton.cdiv(vocab_size, 32)
+    n_words = cdiv(vocab_size, 32)
     bitmap = torch.empty(seqs, n_words, dtype=torch.int32, device=device)   # zeroed by the kernel
     cand_x = torch.empty(seqs, _CAND, dtype=torch.float32, device=device)
     cand_id = torch.empty(seqs, _CAND, dtype=torch.int32, device=device)

@@ -4,7 +4,8 @@
 # then runs, each phase with its own timeout so one slow phase cannot eat the rest:
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
-#   kernels   each kernel benchmark against its torch peers (pytest-benchmark), 4 x 28 s
+#   kernels   each kernel benchmark against its torch peers (pytest-benchmark; wall time per call
+#             and device time from CUDA graph replays), 4 x 34 s
 #   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
 #             "default async triton triton-async" for every op in Triton) against HF generate,
 #             100 s (GENERATE_TIMEOUT)
@@ -16,7 +17,7 @@
 #             with kv_cache_dtype auto then fp8; appended to bench_generate.md, 140 s
 #   profile   (only when named) torch.profiler over LLM.generate on OPT-1.3B, default and async
 #             modes: the kernels that hold the device time, and how busy it was; profile.md, 75 s
-# Whole run: about 8 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
+# Whole run: about 8.5 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
 # SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals;
@@ -66,7 +67,7 @@ fi
 if want kernels; then
   # The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256.
   for name in paged_decode attention layernorm_linear sampling; do
-    timeout 28 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
+    timeout 34 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
       --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
   done
   ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \

@@ -10,6 +10,11 @@ whatever the model size). Here each call is captured once into a CUDA graph and 
 host's path runs at capture, never in the timing, as in the engine's decode steps, which replay
 graphs. One graph replays `calls` x (flush, call), another `calls` x flush alone, interleaved;
 a call's time is the median difference over `calls`.
+
+The flush reads a 256 MB buffer (a sum) where do_bench writes one (a memset): a memset leaves
+L2 full of dirty lines, whose write-back the timed call would pay for as it streams its own
+data in (up to 50 MB: about 12 us at 4 TB/s, an estimate, not measured). In a decode step the kernel before
+mostly read weights, so clean lines are the truer start.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ _flush_buffers: dict[torch.device, torch.Tensor] = {}
 def _flush_buffer() -> torch.Tensor:
     device = torch.device("cuda", torch.cuda.current_device())
     if device not in _flush_buffers:
-        _flush_buffers[device] = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _flush_buffers[device] = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     return _flush_buffers[device]
 
 
@@ -55,13 +60,16 @@ def graph_us(fn, calls: int = 10, replays: int = 9) -> float:
     """Median device time of one call of `fn` with L2 flushed before it, in microseconds, from
     CUDA graph replays (module docstring). Raises where `fn` cannot be captured: it
     synchronises, or reads a device value on the host."""
-    flush = _flush_buffer()
+    buffer = _flush_buffer()
+
+    def flush():
+        buffer.sum()
 
     def flushed_call():
-        flush.zero_()
+        flush()
         fn()
     with_calls = _capture(flushed_call, calls)
-    flush_only = _capture(flush.zero_, calls)
+    flush_only = _capture(flush, calls)
     _replay_ms(with_calls), _replay_ms(flush_only)   # warm: the first replay uploads the graph
     differences = [_replay_ms(with_calls) - _replay_ms(flush_only) for _ in range(replays)]
     del with_calls, flush_only

@@ -68,8 +68,14 @@ def graph_us(fn, calls: int = 10, replays: int = 9) -> float:
     def flushed_call():
         flush()
         fn()
-    with_calls = _capture(flushed_call, calls)
-    flush_only = _capture(flush, calls)
+    stream = torch.cuda.current_stream()
+    try:
+        with_calls = _capture(flushed_call, calls)
+        flush_only = _capture(flush, calls)
+    finally:
+        # torch.cuda.graph leaves its capture stream current where the capture fails (its exit
+        # raises before restoring the stream): every later launch would run on that stream
+        torch.cuda.set_stream(stream)
     _replay_ms(with_calls), _replay_ms(flush_only)   # warm: the first replay uploads the graph
     differences = [_replay_ms(with_calls) - _replay_ms(flush_only) for _ in range(replays)]
     del with_calls, flush_only

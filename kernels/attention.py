@@ -726,8 +726,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with contiguous rows. Returns a contiguous `[tokens, heads, head_dim]` tensor of q's dtype.
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
-    `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize]]])
-    overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
+    `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize[,
+    one_loop]]]]) overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
     context_lens known on the host (None: unknown). Only 0 changes anything today: then the
     main kernel is compiled without its context loops (never reading context_lens or
     block_tables), the defaults may come from the warp-specialised table (_WS_TILES_SM90), and
@@ -763,11 +763,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
         return out
     descs = [None] * 6
-    if tiles.tma and all(_tma_addressable(t) for t in (q, k, v)):
-        rows = (tiles.block_m, tiles.block_n, tiles.block_n)
-        descs[:3] = [_tma_descriptor(t, r, d_lo) for t, r in zip((q, k, v), rows)]
-        if d_hi:
-            descs[3:] = [_tma_descriptor(t, r, d_hi) for t, r in zip((q, k, v), rows)]
+    # one_loop loads every K/V tile through masked pointers: only q comes by TMA there
+    by_tma = (q,) if tiles.one_loop else (q, k, v)
+    if tiles.tma and all(_tma_addressable(t) for t in by_tma):
+        for i, (t, rows) in enumerate(zip(by_tma, (tiles.block_m, tiles.block_n, tiles.block_n))):
+            descs[i] = _tma_descriptor(t, rows, d_lo)
+            if d_hi:
+                descs[3 + i] = _tma_descriptor(t, rows, d_hi)
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
         seqs, scale * _LOG2E,
@@ -838,7 +840,7 @@ def compile_specs() -> list:
         unused = []
         for part, width in (("", d_lo), ("_hi", d_hi)):
             for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
-                if tiles.tma and width:
+                if tiles.tma and width and (name == "q" or not tiles.one_loop):   # as the launcher builds them
                     signature[f"{name}{part}_desc"] = f"tensordesc<{dtype}[{rows},1,{width}]>"
                 else:
                     signature[f"{name}{part}_desc"] = "constexpr"

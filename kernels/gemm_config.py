@@ -167,9 +167,11 @@ def _fit(config, dtype: torch.dtype):
     return config
 
 
-# The launch decisions below are pure functions of small hashable arguments and run on every
-# launch (each layer of every step): cached, they cost a dictionary lookup instead of several
-# microseconds of Python. Their dict results are read-only views, shared between calls.
+# The launch decisions below are pure functions of small hashable arguments and of this module's
+# tables, and run on every launch (each layer of every step): cached, they cost a dictionary
+# lookup instead of several microseconds of Python. Their dict results are read-only views,
+# shared between calls. Code that patches a table they read (_M_TIERS, _STATS_PER_WARP, ...)
+# must call their cache_clear().
 _launch_cache = functools.lru_cache(maxsize=4096)
 
 

@@ -80,6 +80,9 @@ def test_device_time_follows_the_work_and_not_the_launches():
 
 @cuda
 def test_a_call_that_synchronises_is_not_captured():
+    """It times as None, and leaves the process as it was: on its own stream, able to capture."""
     one = torch.zeros(1, device="cuda")
+    stream = torch.cuda.current_stream()
     assert device_time.try_graph_us(lambda: one.add_(1).item()) is None
-    assert device_time.try_graph_us(lambda: one.add_(1)) > 0   # and capture still works after it
+    assert torch.cuda.current_stream() == stream
+    assert device_time.try_graph_us(lambda: one.add_(1)) > 0

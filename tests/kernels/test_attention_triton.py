@@ -128,12 +128,26 @@ def test_forced_small_tiles(nan_empty, tiles, block_size):
     (Tiles(32, 32, 4, 2, True, one_loop=True), torch.float16, False),
     (Tiles(16, 16, 4, 2, one_loop=True), torch.float32, False)],
     ids=["32x16", "64x32-no-context", "32x32-tma", "16x16-fp32"])
-def test_one_loop_tiles(nan_empty, tiles, dtype, no_context):
+def test_one_loop_tiles(nan_empty, monkeypatch, tiles, dtype, no_context):
     seqs = [(0 if no_context else c, n) for c, n in ((1, 70), (7, 33), (9, 1), (0, 47), (129, 17), (200, 64))]
     args, expected = prefill_case(seqs, 8, 2, 80, dtype, seed=tiles.block_m + tiles.block_n)
     bound = 0 if no_context else None
+    kernel, launched = attention._prefill_attention_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*launch_args, **options):
+                launched.append((launch_args, options))
+                return kernel[grid](*launch_args, **options)
+            return launch
+    monkeypatch.setattr(attention, "_prefill_attention_kernel", Recording())
     out = prefill_attention(*args, tiles=tiles, max_context_len=bound)
     assert_matches(out, expected, dtype)
+    [(launch_args, options)] = launched
+    assert options["ONE_LOOP"] is True
+    # q by TMA (emulated here) where asked; K and V never (every tile is a masked pointer load)
+    q_desc, k_desc, v_desc = launch_args[6:9]
+    assert (q_desc is not None) == (tiles.tma and dtype != torch.float32) and k_desc is None and v_desc is None
     if DEVICE == "cpu":   # the interpreter runs the same softmax steps in the same order as the split loops
         split = prefill_attention(*args, tiles=tiles._replace(one_loop=False), max_context_len=bound)
         assert torch.equal(out, split)

@@ -296,9 +296,10 @@ def _random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(4, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _run_calls(model_dir, path: str, async_scheduling: bool, calls: dict, **kwargs):
+def _run_calls(model_dir, path: str, async_scheduling: bool, calls: dict, aborts: dict | None = None, **kwargs):
     """(final outputs, request ids admitted into steps launched ahead); `calls` maps a step()
-    call's index to the requests added just before it."""
+    call's index to the requests added just before it, `aborts` to the request ids aborted
+    before those are added."""
     engine = async_engine(model_dir, path, async_scheduling=async_scheduling, **kwargs)
     admitted, launch_ahead = [], engine.runner.launch_ahead
     engine.runner.launch_ahead = lambda previous, batch, eos: admitted.extend(
@@ -306,6 +307,8 @@ def _run_calls(model_dir, path: str, async_scheduling: bool, calls: dict, **kwar
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     finals = {}
     for call in range(200):
+        for request_id in (aborts or {}).get(call, ()):
+            assert engine.abort_request(request_id).finished
         for request_id, prompt in calls.get(call, ()):
             engine.add_request(request_id, prompt, params)
         if call > max(calls) and not engine.has_unfinished_requests():
@@ -350,6 +353,25 @@ def test_a_prompt_arriving_after_its_prefix_reuses_it_while_that_step_is_in_flig
     assert results[True]["b"].num_cached_tokens == 20
     for request_id in results[False]:
         assert_same_outputs(results[False][request_id], results[True][request_id])
+
+
+@pytest.mark.parametrize("path", ["graphs", "eager"])
+def test_a_prompt_aborted_while_its_step_is_in_flight_leaves_its_prefix_cached(tiny_model_dir, path):
+    """"a" joins the step launched ahead and is aborted before that step's results; "b" (a's
+    first 23 tokens, then another) arrives next. Synchronously a's step completed before the
+    abort and b reuses its five full blocks of 4; launched ahead too, as the step in flight fills
+    them all the same (a review found them lost: freed before they entered the cache)."""
+    base = [2] + _random_ids(22, 6)
+    calls = {0: [("decoding", [2] + _random_ids(5, 7))], 2: [("a", base + [7])], 4: [("b", base + [8])]}
+    results = {}
+    for async_scheduling in (False, True):
+        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
+                                                         aborts={3: ["a"]}, max_num_seqs=8, block_size=4)
+        assert ("a" in admitted) == async_scheduling      # the case under test: a's step in flight
+        assert "a" not in results[async_scheduling]
+    assert results[False]["b"].num_cached_tokens == 20
+    assert results[True]["b"].num_cached_tokens == 20
+    assert_same_outputs(results[False]["b"], results[True]["b"])
 
 
 def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):

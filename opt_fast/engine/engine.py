@@ -209,6 +209,11 @@ class Engine:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
+                # A prompt admitted into the step launched ahead counts that step's tokens as
+                # computed, but its blocks would enter the prefix cache only with the step's
+                # results: enter them now, as a synchronous step would have. The step runs on the
+                # device whatever happens here, before any later step that could read them.
+                self.blocks.cache_computed([seq])
                 self._finish(seq, "abort")
         return request.output(True)
 

@@ -26,6 +26,23 @@ def kernel_device() -> str:
 DEVICE = kernel_device()
 
 
+def record_launches(monkeypatch, module, *names) -> list:
+    """Replaces the kernels `names` of `module` by wrappers that record each launch as (name,
+    grid, args, kwargs) and then run it; returns the list they append to."""
+    launches = []
+    for name in names:
+        real = getattr(module, name)
+
+        class Recording:
+            def __getitem__(self, grid, real=real, name=name):
+                def launch(*args, **kwargs):
+                    launches.append((name, grid, args, kwargs))
+                    return real[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Recording())
+    return launches
+
+
 @functools.cache
 def sweep_script():
     """benchmarks/sweep_tiles.py as a module (the tile sweep: its candidates, its smoke run)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, sweep_script
+from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
 from opt_fast.kernels import attention
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
@@ -132,18 +132,10 @@ def test_one_loop_tiles(nan_empty, monkeypatch, tiles, dtype, no_context):
     seqs = [(0 if no_context else c, n) for c, n in ((1, 70), (7, 33), (9, 1), (0, 47), (129, 17), (200, 64))]
     args, expected = prefill_case(seqs, 8, 2, 80, dtype, seed=tiles.block_m + tiles.block_n)
     bound = 0 if no_context else None
-    kernel, launched = attention._prefill_attention_kernel, []
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*launch_args, **options):
-                launched.append((launch_args, options))
-                return kernel[grid](*launch_args, **options)
-            return launch
-    monkeypatch.setattr(attention, "_prefill_attention_kernel", Recording())
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
     out = prefill_attention(*args, tiles=tiles, max_context_len=bound)
     assert_matches(out, expected, dtype)
-    [(launch_args, options)] = launched
+    [(_, _, launch_args, options)] = launches
     assert options["ONE_LOOP"] is True
     # q by TMA (emulated here) where asked; K and V never (every tile is a masked pointer load)
     q_desc, k_desc, v_desc = launch_args[6:9]
@@ -551,24 +543,16 @@ def test_warp_specialized_only_where_the_batch_has_no_context(monkeypatch, ws_la
     """Without a host bound of 0 on the context, or in float32 (CUDA cores), the main kernel runs
     at the launcher's own tiles (the warp-specialised ones are compile-checked for their kernel
     only) and sees the context."""
-    main_tiles = []
-    real = attention._prefill_attention_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                main_tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
-                return real[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(attention, "_prefill_attention_kernel", Recording())
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
     cap = attention._capability(torch.device(DEVICE))
     for dtype, seqs, bound in ((torch.float16, [(17, 30), (0, 20)], None), (torch.float16, [(17, 30), (0, 20)], 17),
                                (torch.float32, [(0, 30)], 0)):
-        main_tiles.clear()
+        launches.clear()
         args, expected = prefill_case(seqs, 16, 2, 64, dtype, seed=5)
         assert_matches(prefill_attention(*args, tiles=ws(128, 16, 4, 2), max_context_len=bound), expected, dtype)
         own = attention.default_tiles(64, dtype, sum(n for _, n in seqs), len(seqs), cap)
-        assert main_tiles == [own[:4]]
+        assert [tuple(kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+                for _, _, _, kw in launches] == [own[:4]]
     assert ws_launches == []
 
 

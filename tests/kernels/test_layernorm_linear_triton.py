@@ -13,6 +13,7 @@ import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import kernel_testing
 from kernel_testing import DEVICE, TOL, gen, randn, sweep_script
 from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
@@ -216,17 +217,8 @@ OWN_CONFIG_CASES = [  # (tokens, out features, sms, GemmConfig the launcher must
 @pytest.mark.parametrize("tokens,n_out,sms,expected", OWN_CONFIG_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_each_default_tier_runs_and_matches(monkeypatch, tokens, n_out, sms, expected):
     assert ll.default_config(tokens, n_out, torch.float16, sms) == expected
-    launches = []
-    real_kernel = ll._fused_linear_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return real_kernel[grid](*args, **kwargs)
-            return launch
     monkeypatch.setattr(ll, "_num_sms", lambda device: sms)
-    monkeypatch.setattr(ll, "_fused_linear_kernel", Recording())
+    launches = record_launches(monkeypatch, "_fused_linear_kernel")
     g = gen(tokens + n_out)
     dtype = torch.float16
     x = (with_outliers(randn(tokens, 600, g=g, dtype=torch.float64), g) + 40.0).to(dtype)
@@ -235,7 +227,7 @@ def test_each_default_tier_runs_and_matches(monkeypatch, tokens, n_out, sms, exp
     bias = randn(n_out, g=g, dtype=dtype, scale=0.2)
     out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS)
     check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
-    [kwargs] = launches
+    [(_, _, _, kwargs)] = launches
     assert tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) == expected
 
 
@@ -264,20 +256,8 @@ OPTION_TILES = (16, 32, 32, 4, 2)   # the same tile in fp32 (_fit) and fp16: K t
 
 
 def record_launches(monkeypatch, *names):
-    """Replaces the ll kernels `names` by wrappers that record each launch as (name, grid, args,
-    kwargs) and then run it."""
-    launches = []
-    for name in names:
-        real = getattr(ll, name)
-
-        class Recording:
-            def __getitem__(self, grid, real=real, name=name):
-                def launch(*args, **kwargs):
-                    launches.append((name, grid, args, kwargs))
-                    return real[grid](*args, **kwargs)
-                return launch
-        monkeypatch.setattr(ll, name, Recording())
-    return launches
+    """kernel_testing.record_launches of the ll kernels `names`."""
+    return kernel_testing.record_launches(monkeypatch, ll, *names)
 
 
 KERNELS = ("_row_stats_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import DEVICE, PagedCache, assert_close_to, gen, naive_causal_attention, packed_qkv, randn
+from kernel_testing import (DEVICE, PagedCache, assert_close_to, gen, naive_causal_attention, packed_qkv, randn,
+                            record_launches)
 from opt_fast.kernels import kv_cache, paged_decode
 from opt_fast.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
@@ -204,19 +205,10 @@ def test_each_default_tier_runs_and_matches(monkeypatch, head_dim, sms, seq_lens
     config = paged_decode.default_config(len(seq_lens), 2, head_dim, torch.float16,
                                          cache.block_tables.shape[1] * 16, sms=sms)
     assert config == expected
-    launches = []
-    real_kernel = paged_decode._paged_decode_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((grid, kwargs))
-                return real_kernel[grid](*args, **kwargs)
-            return launch
     monkeypatch.setattr(paged_decode, "_sm_count", lambda device: sms)
-    monkeypatch.setattr(paged_decode, "_paged_decode_kernel", Recording())
+    launches = record_launches(monkeypatch, paged_decode, "_paged_decode_kernel")
     assert_close_to(decode(q, cache, seq_lens), reference, torch.float16, scale=1.0)
-    [(grid, kwargs)] = launches
+    [(_, grid, _, kwargs)] = launches
     assert grid[2] == config.num_splits
     assert (kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["NUM_STAGES"]) == config[1:]
 

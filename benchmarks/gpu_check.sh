@@ -72,6 +72,9 @@ if want kernels; then
   done
   ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \
     --merged-json "$OUT/kernels.json" | tail -70
+  # the goals, one verdict each (device time where there is one), after the table
+  [ -f "$OUT/kernels.json" ] && { echo; python3 benchmarks/goals.py "$OUT/kernels.json"; } >> "$OUT/kernels.md" \
+    && sed -n '/^## Goals/,/^| goal | shape/p' "$OUT/kernels.md"
 fi
 if [ -f "$PARTS/sweep/sweep.md" ]; then
   if want kernels && [ -s "$OUT/kernels.md" ]; then

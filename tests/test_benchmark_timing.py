@@ -1,6 +1,7 @@
-"""The benchmarks' device timing (benchmarks/device_time.py) and the kernel table built from it
-(benchmarks/report.py): the table gives ours against the peer both as synchronised wall time and
-as device time, and the device time leaves out the host's launch path (CUDA only)."""
+"""The benchmarks' device timing (benchmarks/device_time.py) and what is built from it: the kernel
+table (benchmarks/report.py) gives ours against the peer both as synchronised wall time and as
+device time, the goal verdicts (benchmarks/goals.py) judge from device time where both sides have
+one, and the device time leaves out the host's launch path (CUDA only)."""
 from __future__ import annotations
 
 import json
@@ -13,13 +14,14 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import device_time  # noqa: E402
+import goals  # noqa: E402
 import report  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _bench(group: str, impl: str, median_s: float, device_us: float | None) -> dict:
-    info = dict(impl=impl, gbps=1.0, tflops=0.0, bandwidth_fraction=0.1, matmul_fraction=0.0, device="card")
+def _bench(group: str, impl: str, median_s: float, device_us: float | None, **info) -> dict:
+    info.update(impl=impl, gbps=1.0, tflops=0.0, bandwidth_fraction=0.1, matmul_fraction=0.0, device="card")
     if device_us is not None:
         info.update(device_us=device_us, device_gbps=1e3 / device_us)
     return dict(name=f"{group}-{impl}", group=group, stats=dict(median=median_s), extra_info=info)
@@ -44,6 +46,45 @@ def test_report_gives_the_wall_and_the_device_speedups_of_each_peer(tmp_path):
     assert rows[("sample b256", "torch")][5] == "2.00x"
     assert rows[("sample b256", "torch")][8] == ""       # ours has no device time to divide by
     assert rows[("sample b256", "triton")][6:] == ["-", "-", ""]
+
+
+def test_goals_judge_each_shape_from_device_time_where_both_sides_have_it():
+    benches = [
+        # decode: 1 GB in 300 us of device time = 3.33 TB/s, of a 4 TB/s copy: 0.83 (wall: 0.42)
+        _bench("paged_decode opt-6.7b b64 ctx1024", "triton", 600e-6, 300.0, bytes=10 ** 9, copy_gbps=4000.0),
+        _bench("paged_decode opt-6.7b b64 ctx1024", "sdpa", 250e-6, 240.0),
+        _bench("paged_decode opt-1.3b b64 ctx1024", "triton", 1.0, 1.0, bytes=1, copy_gbps=4000.0),  # not the goal's
+        # prefill: met on device time (1.0x) where wall says 0.5x; a shape without device time on
+        # one side falls back to wall (0.8x)
+        _bench("prefill_attention opt-1.3b b8 L1024", "triton", 100e-6, 50.0),
+        _bench("prefill_attention opt-1.3b b8 L1024", "sdpa", 50e-6, 50.0),
+        _bench("prefill_attention opt-13b b1 L2048", "triton", 100e-6, None),
+        _bench("prefill_attention opt-13b b1 L2048", "sdpa", 80e-6, 70.0),
+        # LN+QKV: only <= 64 tokens count
+        _bench("ln_qkv opt-13b tokens=64", "triton", 60e-6, 40.0),
+        _bench("ln_qkv opt-13b tokens=64", "torch", 50e-6, 48.0),
+        _bench("ln_qkv opt-13b tokens=256", "triton", 1.0, 1.0),
+        _bench("ln_qkv opt-13b tokens=256", "torch", 1e-6, 1e-3),
+        _bench("sampling b256 v50272", "triton", 100e-6, 90.0),
+        _bench("sampling b256 v50272", "torch_sort", 400e-6, 300.0)]
+    rows = {(r["goal"], r["shape"]): r for r in goals.judge(dict(benchmarks=benches))}
+    assert set(rows) == {("paged decode", "paged_decode opt-6.7b b64 ctx1024"),
+                         ("prefill attention", "prefill_attention opt-1.3b b8 L1024"),
+                         ("prefill attention", "prefill_attention opt-13b b1 L2048"),
+                         ("fused LN+QKV", "ln_qkv opt-13b tokens=64"), ("sampling", "sampling b256 v50272")}
+    decode = rows[("paged decode", "paged_decode opt-6.7b b64 ctx1024")]
+    assert decode["value"] == pytest.approx(10 ** 9 / 300e-6 / 1e9 / 4000)
+    assert decode["met"] and decode["timing"] == "device"
+    prefill = rows[("prefill attention", "prefill_attention opt-1.3b b8 L1024")]
+    assert prefill["value"] == pytest.approx(1.0) and prefill["met"] and prefill["timing"] == "device"
+    fallback = rows[("prefill attention", "prefill_attention opt-13b b1 L2048")]
+    assert fallback["value"] == pytest.approx(0.8) and not fallback["met"] and fallback["timing"] == "wall"
+    ln_qkv = rows[("fused LN+QKV", "ln_qkv opt-13b tokens=64")]
+    assert ln_qkv["value"] == pytest.approx(1.2) and ln_qkv["met"]
+    sampling = rows[("sampling", "sampling b256 v50272")]
+    assert sampling["value"] == pytest.approx(300 / 90) and sampling["met"]
+    text = goals.markdown(goals.judge(dict(benchmarks=benches)), "card")
+    assert "| prefill attention | >= 0.9x SDPA | 1 / 2 | prefill_attention opt-13b b1 L2048 | 0.80 (wall) |" in text
 
 
 def test_off_cuda_there_is_no_device_time():

@@ -8,7 +8,8 @@
 #             and device time from CUDA graph replays), 4 x 34 s
 #   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
 #             "default async triton triton-async" for every op in Triton) against HF generate,
-#             100 s (GENERATE_TIMEOUT)
+#             100 s (GENERATE_TIMEOUT); GENERATE_ARGS adds bench_generate options, e.g.
+#             "--num-prompts 256" for the batch a throughput user runs
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmarks (per decode
 #             step, and per launch of each kernel beside its torch peer), 95 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
@@ -85,9 +86,9 @@ if [ -f "$PARTS/sweep/sweep.md" ]; then
 fi
 
 if want generate; then
-  # shellcheck disable=SC2086  # GENERATE_MODES is a list of words
+  # shellcheck disable=SC2086  # GENERATE_MODES and GENERATE_ARGS are lists of words
   timeout "${GENERATE_TIMEOUT:-100}" python3 benchmarks/bench_generate.py --sizes opt-125m opt-1.3b \
-    --modes ${GENERATE_MODES:-default eager async} --out "$OUT" 2>&1 | tail -12
+    --modes ${GENERATE_MODES:-default eager async} ${GENERATE_ARGS:-} --out "$OUT" 2>&1 | tail -12
   bench_rc=${PIPESTATUS[0]}
 fi
 

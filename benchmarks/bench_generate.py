@@ -162,6 +162,13 @@ def main() -> None:
                        checkpoint_write_s=round(write_s, 1), smoke=args.smoke)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        # after every size: a run stopped from outside (gpu-check's timeout) keeps what it measured
+        text = write_report(out_dir, rows, args, card, device, dtype)
+    print(text)
+
+
+def write_report(out_dir: Path, rows: list, args, card: str, device: str, dtype: torch.dtype) -> str:
+    """Writes bench_generate.json and .md for the rows so far; returns the markdown."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     kernels = kernels_summary(args.kernels, device)
     meta = dict(date=stamp, card=card, torch=torch.__version__, kernels=kernels,
@@ -178,7 +185,7 @@ def main() -> None:
     lines += [f"| {r['size']} | {r['mode']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "
               f"{r['speedup_vs_hf']}x | {r['first16_greedy_agreement']:.2f} |" for r in rows]
     (out_dir / "bench_generate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

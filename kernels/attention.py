@@ -766,10 +766,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # one_loop loads every K/V tile through masked pointers: only q comes by TMA there
     by_tma = (q,) if tiles.one_loop else (q, k, v)
     if tiles.tma and all(_tma_addressable(t) for t in by_tma):
-        for i, (t, rows) in enumerate(zip(by_tma, (tiles.block_m, tiles.block_n, tiles.block_n))):
-            descs[i] = _tma_descriptor(t, rows, d_lo)
-            if d_hi:
-                descs[3 + i] = _tma_descriptor(t, rows, d_hi)
+        for first, width in ((0, d_lo), (3, d_hi)):   # [q, k, v] over D_LO, then over D_HI
+            for i, (t, rows) in enumerate(zip(by_tma, (tiles.block_m, tiles.block_n, tiles.block_n))):
+                if width:
+                    descs[first + i] = _tma_descriptor(t, rows, width)
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
         seqs, scale * _LOG2E,

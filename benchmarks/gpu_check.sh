@@ -10,15 +10,16 @@
 #             "default async triton triton-async" for every op in Triton) against HF generate,
 #             100 s (GENERATE_TIMEOUT); GENERATE_ARGS adds bench_generate options, e.g.
 #             "--num-prompts 256" for the batch a throughput user runs
-#   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, then the host-overhead benchmarks (per decode
-#             step, and per launch of each kernel beside its torch peer), 95 s
+#   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, all at once and at 32 requests/s, then the
+#             host-overhead benchmarks (per decode step, and per launch of each kernel beside its
+#             torch peer), 125 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
 #   kvfp8     (only when named) opt-fast bench on OPT-1.3B, 256 prompts x 1024 tokens in, 128 out,
 #             with kv_cache_dtype auto then fp8; appended to bench_generate.md, 140 s
 #   profile   (only when named) torch.profiler over LLM.generate on OPT-1.3B, default and async
 #             modes: the kernels that hold the device time, and how busy it was; profile.md, 75 s
-# Whole run: about 8.5 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
+# Whole run: about 9 minutes at worst (the default phases). PHASES picks some, e.g. `PHASES="sweep generate" make gpu-check`;
 # SWEEP_BUDGET (seconds, default 70) gives the sweep more time when it runs alone, e.g.
 # `PHASES=sweep SWEEP_BUDGET=400 make gpu-check` to time every candidate at every shape, and
 # SWEEP_ONLY (default "decode prefill ln_qkv") spends it on some kernels, e.g. the open goals;
@@ -100,6 +101,10 @@ if want serve; then
     echo '```json'
     timeout 42 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 64 --input-len 128 \
       --output-len 128 --json 2>&1 | tail -3
+    echo '```'; echo; echo "## The same at 32 requests/s (Poisson arrivals: prompts join steps already decoding)"; echo
+    echo '```json'
+    timeout 30 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 64 --input-len 128 \
+      --output-len 128 --request-rate 32 --json 2>&1 | tail -3
     echo '```'; echo; echo "## Host overhead per decode step (this machine's CPU)"; echo
     timeout 28 python3 benchmarks/bench_host_overhead.py --steps 30 2>&1 | tail -14
     echo; timeout 25 python3 benchmarks/bench_launch_overhead.py --calls 1000 --out "$PARTS" >/dev/null 2>&1

@@ -1,12 +1,15 @@
 """`opt-fast bench`: serving-style throughput and latency of the Engine, optionally beside HF.
 
-All requests enter the engine at t0, then `step()` runs until every one is done; each request's
-first-token time and finish time give time-to-first-token (TTFT) and time-per-output-token
-(TPOT). Every request produces exactly `output_len` tokens (EOS ignored), so runs compare.
+All requests enter the engine at t0, or with a request rate at Poisson arrival times from t0 (as
+vLLM's serving benchmark sends them); `step()` runs until every one is done. Each request's
+arrival, first-token time and finish time give time-to-first-token (TTFT, from its arrival) and
+time-per-output-token (TPOT). Every request produces exactly `output_len` tokens (EOS ignored),
+so runs compare.
 """
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import sys
@@ -28,8 +31,8 @@ _BOS = 2
 
 def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: int, *,
               random_weights: bool = False, compare: str | None = None, temperature: float = 0.0,
-              seed: int = 0, random_range_ratio: float = 0.0, progress: bool = False,
-              **engine_kwargs) -> dict:
+              seed: int = 0, random_range_ratio: float = 0.0, request_rate: float = math.inf,
+              progress: bool = False, **engine_kwargs) -> dict:
     """Time `num_prompts` requests of `input_len` random token ids, `output_len` tokens each.
 
     `model` is a checkpoint directory or name, as for `Engine`; with `random_weights` it may also
@@ -37,8 +40,10 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
     `compare="hf"` also times transformers' `generate` on the same prompts. `random_range_ratio`
     r in [0, 1) draws each request's input and output lengths uniformly from [len * (1 - r),
     len * (1 + r)] instead (seeded; vLLM's benchmark option of the same name), which batches of
-    unequal requests need; not with compare. `engine_kwargs` go to `Engine` (dtype, device,
-    kernels, max_num_seqs, ...). Returns one flat dict (see format_table).
+    unequal requests need; not with compare. `request_rate` (requests per second, > 0; inf: all
+    at t0) sends request i at the i-th arrival of a seeded Poisson process from t0 (the first at
+    t0), and TTFT counts from each request's arrival; not with compare. `engine_kwargs` go to
+    `Engine` (dtype, device, kernels, max_num_seqs, ...). Returns one flat dict (see format_table).
     """
     for name, value in (("num_prompts", num_prompts), ("input_len", input_len), ("output_len", output_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -50,6 +55,10 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
         raise ValueError(f"random_range_ratio must be in [0, 1), got {random_range_ratio!r}")
     if random_range_ratio and compare:
         raise ValueError("random_range_ratio > 0 cannot compare with HF: its batched generate needs equal lengths")
+    if isinstance(request_rate, bool) or not isinstance(request_rate, (int, float)) or not request_rate > 0:
+        raise ValueError(f"request_rate must be a number > 0 (inf: all requests at once), got {request_rate!r}")
+    if compare and request_rate != math.inf:
+        raise ValueError("a finite request_rate cannot compare with HF: its generate takes the whole batch at once")
     if compare == "hf":
         _require_transformers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,10 +75,12 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
         params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
         # Other prompts than the timed ones: the same would find their blocks in the prefix cache.
         _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, seed + 1), params[0])
-        timing = _time_engine(engine, prompts, params, progress)
+        arrivals = _arrival_times(num_prompts, request_rate, seed)
+        timing = _time_engine(engine, prompts, params, arrivals, progress)
         result = _settings(engine, model, random_weights, num_prompts, input_len, output_len,
                            temperature, seed)
-        result.update(random_range_ratio=random_range_ratio, input_tokens=sum(in_lens))
+        result.update(random_range_ratio=random_range_ratio, input_tokens=sum(in_lens),
+                      request_rate=None if request_rate == math.inf else request_rate)
         result.update(timing)
         source = "torch.cuda.max_memory_allocated" if engine.runner.device.type == "cuda" else "peak RSS"
         if engine.cfg.tensor_parallel_size > 1:
@@ -117,6 +128,20 @@ def _random_lengths(count: int, length: int, ratio: float, seed: int) -> list[in
     return [rng.randint(low, high) for _ in range(count)]
 
 
+def _arrival_times(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds from t0 at which each of `count` requests arrives: all at 0 for an infinite rate,
+    else 0 and then exponential gaps of mean 1 / rate (a Poisson process), seeded."""
+    if rate == math.inf:
+        return [0.0] * count
+    rng = random.Random(seed * 7919 + 17)
+    times, now = [], 0.0
+    for i in range(count):
+        if i:
+            now += rng.expovariate(rate)
+        times.append(now)
+    return times
+
+
 def _random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
     if vocab_size <= _FIRST_ORDINARY_ID:
         raise ValueError(f"vocab_size {vocab_size} leaves no ordinary token ids for random prompts")
@@ -136,7 +161,10 @@ def _warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
         engine.step()
 
 
-def _time_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], progress: bool) -> dict:
+def _time_engine(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], arrivals: list[float],
+                 progress: bool) -> dict:
+    """Sends request i at t0 + arrivals[i] (the engine steps in between; idle, it waits for the
+    next arrival) and times every request from its arrival."""
     ids = [f"bench-{i}" for i in range(len(prompts))]
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
@@ -146,15 +174,21 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(ids), desc="benchmarking", unit=" requests", disable=None)
+    sent = 0
     try:
         t0 = time.perf_counter()
-        for request_id, prompt, request_params in zip(ids, prompts, params):
-            engine.add_request(request_id, prompt, request_params)
         while len(finish) < len(ids):
+            now = time.perf_counter()
+            while sent < len(ids) and t0 + arrivals[sent] <= now:
+                engine.add_request(ids[sent], prompts[sent], params[sent])
+                sent += 1
+            if not engine.has_unfinished_requests():
+                if sent == len(ids):
+                    raise RuntimeError("engine stopped with requests unfinished")
+                time.sleep(max(0.0, t0 + arrivals[sent] - time.perf_counter()))   # idle until the next arrival
+                continue
             outputs = engine.step()     # returns host token ids, so the device work is done
             now = time.perf_counter()
-            if not outputs and not engine.has_unfinished_requests():
-                raise RuntimeError("engine stopped with requests unfinished")
             for out in outputs:
                 if out.outputs[0].token_ids:    # a step may advance a prompt without sampling
                     first.setdefault(out.request_id, now)
@@ -173,7 +207,7 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
         raise RuntimeError(f"requests stopped early, the numbers would not compare: {wrong}")
     elapsed = max(finish.values()) - t0
     output_tokens = sum(tokens.values())
-    ttft = [first[i] - t0 for i in ids]
+    ttft = [first[i] - (t0 + arrival) for i, arrival in zip(ids, arrivals)]
     # TPOT excludes the first token (that is TTFT); one-token requests have no decode to time.
     tpot = [(finish[i] - first[i]) / (tokens[i] - 1) for i in ids if tokens[i] > 1]
     ttft_p50, ttft_p99 = _percentiles_ms(ttft)
@@ -312,11 +346,13 @@ def format_table(result: dict) -> str:
     weights = ", random weights" if r["random_weights"] else ""
     sampling = "greedy" if r["temperature"] == 0 else f"temperature {r['temperature']}"
     spread = f" +-{r['random_range_ratio']:.0%}" if r.get("random_range_ratio") else ""
+    arrivals = (f", Poisson arrivals at {r['request_rate']} requests/s" if r.get("request_rate")
+                else ", all sent at once")
     lines = [f"opt-fast bench: {r['model']}{weights}",
              f"size {r['size']}, {r['dtype']} on {r['device']} ({r['card']}), kernels {r['kernels']}",
              f"{r['date']}, torch {r['torch']}, opt_fast {r['opt_fast']}",
              f"{r['num_prompts']} prompts x {r['input_len']}{spread} tokens in, {r['output_len']}{spread} tokens out, "
-             f"{sampling}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
+             f"{sampling}{arrivals}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
              + (f" ({r['kv_cache_dtype']})" if r.get("kv_cache_dtype", "auto") != "auto" else ""), ""]
     rows = [("requests/s", r["requests_per_s"]), ("output tokens/s", r["output_tokens_per_s"]),
             ("TTFT p50 / p99 (ms)", f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']}"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .config import KV_CACHE_DTYPES
@@ -71,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, no progress bars")
 
     bench = commands.add_parser("bench", parents=[engine],
-                                help="throughput and latency on random prompts (all sent at once)")
+                                help="throughput and latency on random prompts (all sent at once, or at a "
+                                     "request rate)")
     bench.add_argument("--num-prompts", type=_positive_int, default=32, metavar="N",
-                       help="requests, all added at once (default 32)")
+                       help="requests (default 32)")
     bench.add_argument("--input-len", type=_positive_int, default=128, metavar="I",
                        help="prompt tokens, BOS included (default 128)")
     bench.add_argument("--output-len", type=_positive_int, default=128, metavar="O",
@@ -85,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
                        help="draw each request's input and output lengths uniformly within +-R of "
                             "--input-len / --output-len (0 <= R < 1; default 0: all equal)")
+    bench.add_argument("--request-rate", type=float, default=math.inf, metavar="RPS",
+                       help="requests per second, sent at seeded Poisson arrival times (TTFT counts from "
+                            "each arrival); default inf: all at once")
     bench.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
     bench.add_argument("--seed", type=int, default=0, help="seeds the prompts and the engine")
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout, no progress bars")
@@ -175,7 +180,8 @@ def _bench(args) -> int:
     result = run_bench(_model(args), args.num_prompts, args.input_len, args.output_len,
                        random_weights=args.random_weights, compare=args.compare,
                        temperature=args.temperature, seed=args.seed,
-                       random_range_ratio=args.random_range_ratio, progress=not args.json,
+                       random_range_ratio=args.random_range_ratio, request_rate=args.request_rate,
+                       progress=not args.json,
                        **_engine_kwargs(args))
     print(json.dumps(result) if args.json else format_table(result))
     return 0

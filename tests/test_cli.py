@@ -4,8 +4,10 @@ Most tests call `opt_fast.cli.main` in-process, which is faster than a subproces
 """
 import io
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,7 +144,7 @@ BENCH_KEYS = {"model", "size", "random_weights", "num_parameters", "dtype", "dev
               "kernel_ops", "date", "torch", "opt_fast", "num_prompts", "input_len", "output_len",
               "temperature", "seed", "max_num_seqs", "num_kv_blocks", "enforce_eager", "elapsed_s",
               "output_tokens", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-              "tpot_p50_ms", "tpot_p99_ms", "peak_memory_mib", "peak_memory_source"}
+              "tpot_p50_ms", "tpot_p99_ms", "peak_memory_mib", "peak_memory_source", "request_rate"}
 
 
 def test_bench_json(capsys, tiny_model_dir):
@@ -166,6 +168,7 @@ def test_bench_json(capsys, tiny_model_dir):
     assert report["enable_prefix_caching"] is True
     assert report["async_scheduling"] is (FORCE_ASYNC or EngineConfig().async_scheduling)
     assert report["kv_cache_dtype"] == "auto"
+    assert report["request_rate"] is None       # all sent at once
 
 
 @pytest.mark.parametrize("flags, key, value", [(["--no-prefix-caching"], "enable_prefix_caching", False),
@@ -193,6 +196,60 @@ def test_bench_random_range_ratio_draws_seeded_lengths(capsys, tiny_model_dir):
     assert 6 * 4 <= report["output_tokens"] <= 6 * 12 and report["output_tokens"] != 6 * 8
     assert (reports[1]["input_tokens"], reports[1]["output_tokens"]) == (report["input_tokens"], report["output_tokens"])
     assert "+-50%" in format_table(report)
+
+
+def test_bench_request_rate_sends_requests_at_seeded_poisson_arrivals(capsys, monkeypatch, tiny_model_dir):
+    """With --request-rate each request enters the engine no earlier than its arrival (recorded
+    at add_request), arrivals are a seeded Poisson process from t0, and TTFT counts from each
+    arrival: it stays below the time from t0 to the first token."""
+    import opt_fast.bench as bench
+    from opt_fast.engine.engine import Engine
+    added, real_add = {}, Engine.add_request
+
+    def add_request(self, request_id, *args, **kwargs):
+        added[request_id] = time.perf_counter()
+        return real_add(self, request_id, *args, **kwargs)
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    timings = []
+    real_time_engine = bench._time_engine
+
+    def time_engine(engine, prompts, params, arrivals, progress):
+        start = time.perf_counter()
+        timings.append((start, arrivals))
+        return real_time_engine(engine, prompts, params, arrivals, progress)
+    monkeypatch.setattr(bench, "_time_engine", time_engine)
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--num-prompts", "6", "--input-len", "20", "--output-len", "4", "--request-rate", "20",
+                       "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["request_rate"] == 20 and report["output_tokens"] == 24
+    [(start, arrivals)] = timings
+    assert arrivals == bench._arrival_times(6, 20.0, 0) and arrivals[0] == 0.0
+    assert all(b > a for a, b in zip(arrivals, arrivals[1:]))
+    for i, arrival in enumerate(arrivals):
+        assert added[f"bench-{i}"] >= start + arrival
+    # the last request arrives about 5 gaps of 50 ms after t0 (seeded), and the run waits for it
+    assert report["elapsed_s"] >= arrivals[-1]
+    assert report["ttft_p99_ms"] < report["elapsed_s"] * 1e3
+    assert "Poisson arrivals at 20.0 requests/s" in format_table(report)
+
+
+def test_bench_arrival_times_are_a_seeded_poisson_process():
+    from opt_fast.bench import _arrival_times
+    assert _arrival_times(3, math.inf, 0) == [0.0, 0.0, 0.0]
+    times = _arrival_times(4001, 50.0, 1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0.0 and min(gaps) > 0
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.05)     # mean gap 1 / rate
+    assert _arrival_times(4001, 50.0, 1) == times and _arrival_times(4001, 50.0, 2) != times
+
+
+@pytest.mark.parametrize("rate, compare", [(0, None), (-1.0, None), (True, None), ("5", None), (10.0, "hf")])
+def test_bench_request_rate_is_checked(tiny_model_dir, rate, compare):
+    from opt_fast.bench import run_bench
+    with pytest.raises(ValueError, match="request_rate"):
+        run_bench(str(tiny_model_dir), 2, 8, 2, device="cpu", kernels="torch", request_rate=rate, compare=compare)
 
 
 @pytest.mark.parametrize("ratio, compare", [(1.0, None), (-0.1, None), (0.2, "hf")])

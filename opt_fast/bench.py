@@ -169,6 +169,8 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    seen: dict[str, tuple[int, float]] = {}    # tokens received so far, and when the last came
+    gaps: list[float] = []                     # inter-token latencies: between a request's outputs
     reused = 0
     bar = None
     if progress:
@@ -190,8 +192,14 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
             outputs = engine.step()     # returns host token ids, so the device work is done
             now = time.perf_counter()
             for out in outputs:
-                if out.outputs[0].token_ids:    # a step may advance a prompt without sampling
+                count = len(out.outputs[0].token_ids)
+                if count:    # a step may advance a prompt without sampling
                     first.setdefault(out.request_id, now)
+                    before, last = seen.get(out.request_id, (0, None))
+                    if count > before:
+                        if last is not None:
+                            gaps.append(now - last)
+                        seen[out.request_id] = (count, now)
                 if out.finished:
                     finish[out.request_id] = now
                     tokens[out.request_id] = len(out.outputs[0].token_ids)
@@ -210,19 +218,22 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
     ttft = [first[i] - (t0 + arrival) for i, arrival in zip(ids, arrivals)]
     # TPOT excludes the first token (that is TTFT); one-token requests have no decode to time.
     tpot = [(finish[i] - first[i]) / (tokens[i] - 1) for i in ids if tokens[i] > 1]
-    ttft_p50, ttft_p99 = _percentiles_ms(ttft)
-    tpot_p50, tpot_p99 = _percentiles_ms(tpot) if tpot else (None, None)
-    return dict(elapsed_s=round(elapsed, 6), output_tokens=output_tokens,
-                requests_per_s=round(len(ids) / elapsed, 3),
-                output_tokens_per_s=round(output_tokens / elapsed, 2),
-                ttft_p50_ms=ttft_p50, ttft_p99_ms=ttft_p99, tpot_p50_ms=tpot_p50, tpot_p99_ms=tpot_p99,
-                prompt_tokens_reused=reused)
+    result = dict(elapsed_s=round(elapsed, 6), output_tokens=output_tokens,
+                  requests_per_s=round(len(ids) / elapsed, 3),
+                  output_tokens_per_s=round(output_tokens / elapsed, 2), prompt_tokens_reused=reused)
+    # mean, p50, p99 of each latency (vLLM's serving benchmark reports the same three); ITL: the
+    # time between two outputs of one request, so a step that stalls some requests shows in it
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", gaps)):
+        result.update(zip((f"{name}_mean_ms", f"{name}_p50_ms", f"{name}_p99_ms"),
+                          _summary_ms(values) if values else (None, None, None)))
+    return result
 
 
-def _percentiles_ms(seconds: list[float]) -> tuple[float, float]:
-    """p50 and p99 in milliseconds, linearly interpolated between samples."""
-    q = torch.tensor(seconds, dtype=torch.float64).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
-    return round(q[0].item() * 1e3, 3), round(q[1].item() * 1e3, 3)
+def _summary_ms(seconds: list[float]) -> tuple[float, float, float]:
+    """Mean, p50 and p99 in milliseconds (percentiles linearly interpolated between samples)."""
+    values = torch.tensor(seconds, dtype=torch.float64)
+    q = values.quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+    return round(values.mean().item() * 1e3, 3), round(q[0].item() * 1e3, 3), round(q[1].item() * 1e3, 3)
 
 
 def _time_hf(path, config: OPTConfig, random_weights: bool, prompts: list[list[int]], output_len: int,
@@ -355,9 +366,11 @@ def format_table(result: dict) -> str:
              f"{sampling}{arrivals}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
              + (f" ({r['kv_cache_dtype']})" if r.get("kv_cache_dtype", "auto") != "auto" else ""), ""]
     rows = [("requests/s", r["requests_per_s"]), ("output tokens/s", r["output_tokens_per_s"]),
-            ("TTFT p50 / p99 (ms)", f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']}"),
-            ("TPOT p50 / p99 (ms)", f"{r['tpot_p50_ms']} / {r['tpot_p99_ms']}" if r["tpot_p50_ms"] is not None
-             else "- (one output token: no decode step)"),
+            ("TTFT mean / p50 / p99 (ms)", f"{r['ttft_mean_ms']} / {r['ttft_p50_ms']} / {r['ttft_p99_ms']}"),
+            ("TPOT mean / p50 / p99 (ms)", f"{r['tpot_mean_ms']} / {r['tpot_p50_ms']} / {r['tpot_p99_ms']}"
+             if r["tpot_p50_ms"] is not None else "- (one output token: no decode step)"),
+            ("ITL mean / p50 / p99 (ms)", f"{r['itl_mean_ms']} / {r['itl_p50_ms']} / {r['itl_p99_ms']}"
+             if r["itl_p50_ms"] is not None else "- (one output token: no decode step)"),
             ("peak memory (MiB)", f"{r['peak_memory_mib']} ({r['peak_memory_source']})"),
             ("output tokens", r["output_tokens"]), ("elapsed (s)", r["elapsed_s"])]
     if "hf_output_tokens_per_s" in r:

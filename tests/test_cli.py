@@ -144,7 +144,8 @@ BENCH_KEYS = {"model", "size", "random_weights", "num_parameters", "dtype", "dev
               "kernel_ops", "date", "torch", "opt_fast", "num_prompts", "input_len", "output_len",
               "temperature", "seed", "max_num_seqs", "num_kv_blocks", "enforce_eager", "elapsed_s",
               "output_tokens", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
-              "tpot_p50_ms", "tpot_p99_ms", "peak_memory_mib", "peak_memory_source", "request_rate"}
+              "tpot_p50_ms", "tpot_p99_ms", "peak_memory_mib", "peak_memory_source", "request_rate",
+              "ttft_mean_ms", "tpot_mean_ms", "itl_mean_ms", "itl_p50_ms", "itl_p99_ms"}
 
 
 def test_bench_json(capsys, tiny_model_dir):
@@ -161,6 +162,11 @@ def test_bench_json(capsys, tiny_model_dir):
     assert set(report["kernel_ops"].values()) == {"torch"}
     assert 0 < report["ttft_p50_ms"] < report["ttft_p99_ms"] <= report["elapsed_s"] * 1e3
     assert 0 < report["tpot_p50_ms"] <= report["tpot_p99_ms"]
+    assert 0 < report["itl_p50_ms"] <= report["itl_p99_ms"]
+    # one token per output and six per request: the mean gap between a request's tokens is the
+    # mean TPOT (each request's TPOT is the mean of its five gaps)
+    assert report["itl_mean_ms"] == pytest.approx(report["tpot_mean_ms"], abs=2e-3)
+    assert report["ttft_mean_ms"] <= report["ttft_p99_ms"]
     assert report["output_tokens_per_s"] == pytest.approx(30 / report["elapsed_s"], rel=1e-2)
     assert report["requests_per_s"] == pytest.approx(5 / report["elapsed_s"], rel=1e-2)
     assert report["peak_memory_mib"] > 0 and report["prompt_tokens_reused"] == 0
@@ -291,9 +297,9 @@ def test_bench_compare_hf(capsys, tiny_model_dir):
     assert report["speedup_vs_hf"] == pytest.approx(
         report["output_tokens_per_s"] / report["hf_output_tokens_per_s"], rel=1e-2)
     assert not has_progress_bar(err), err    # transformers' loading bar included, off a terminal
-    table = format_table(report)
-    assert f"HF output tokens/s   {report['hf_output_tokens_per_s']}" in table
-    assert f"opt_fast / HF        {report['speedup_vs_hf']}x" in table
+    rows = dict(line.split("  ", 1) for line in format_table(report).splitlines() if "  " in line)
+    assert rows["HF output tokens/s"].strip() == str(report["hf_output_tokens_per_s"])
+    assert rows["opt_fast / HF"].strip() == f"{report['speedup_vs_hf']}x"
 
 
 def test_bench_compare_hf_without_transformers(capsys, monkeypatch, tiny_model_dir):

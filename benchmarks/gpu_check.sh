@@ -12,7 +12,7 @@
 #             "--num-prompts 256" for the batch a throughput user runs
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, all at once and at 32 requests/s, then the
 #             host-overhead benchmarks (per decode step, and per launch of each kernel beside its
-#             torch peer), 125 s
+#             torch peer), 140 s
 #   prefix    (only when named) LLM.generate with prefix caching on vs off, 64 prompts sharing
 #             1024 tokens, OPT-125m and 1.3B, 60 s; appended to bench_generate.md
 #   kvfp8     (only when named) opt-fast bench on OPT-1.3B, 256 prompts x 1024 tokens in, 128 out,
@@ -103,7 +103,7 @@ if want serve; then
       --output-len 128 --json 2>&1 | tail -3
     echo '```'; echo; echo "## The same at 32 requests/s (Poisson arrivals: prompts join steps already decoding)"; echo
     echo '```json'
-    timeout 30 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 64 --input-len 128 \
+    timeout 45 python3 -m opt_fast.cli bench --model opt-1.3b --random-weights --num-prompts 64 --input-len 128 \
       --output-len 128 --request-rate 32 --json 2>&1 | tail -3
     echo '```'; echo; echo "## Host overhead per decode step (this machine's CPU)"; echo
     timeout 28 python3 benchmarks/bench_host_overhead.py --steps 30 2>&1 | tail -14

@@ -55,8 +55,10 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
         raise ValueError(f"random_range_ratio must be in [0, 1), got {random_range_ratio!r}")
     if random_range_ratio and compare:
         raise ValueError("random_range_ratio > 0 cannot compare with HF: its batched generate needs equal lengths")
-    if isinstance(request_rate, bool) or not isinstance(request_rate, (int, float)) or not request_rate > 0:
-        raise ValueError(f"request_rate must be a number > 0 (inf: all requests at once), got {request_rate!r}")
+    if isinstance(request_rate, bool) or not isinstance(request_rate, (int, float)) or not request_rate > 0 \
+            or not math.isfinite(1 / request_rate):
+        raise ValueError(f"request_rate must be a number > 0 whose inverse is finite (inf: all requests at once), "
+                         f"got {request_rate!r}")
     if compare and request_rate != math.inf:
         raise ValueError("a finite request_rate cannot compare with HF: its generate takes the whole batch at once")
     if compare == "hf":
@@ -74,7 +76,9 @@ def run_bench(model: str | Path, num_prompts: int, input_len: int, output_len: i
             if random_range_ratio else _random_prompts(num_prompts, input_len, engine.vocab_size, seed)
         params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
         # Other prompts than the timed ones: the same would find their blocks in the prefix cache.
-        _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, seed + 1), params[0])
+        # A seed of its own kind: an int one (seed + 1) was the seed of a timed prompt at
+        # --random-range-ratio with seed 0, whose blocks the warm-up then supplied.
+        _warm_up(engine, _random_prompts(2, input_len, engine.vocab_size, f"warm-up {seed}"), params[0])
         arrivals = _arrival_times(num_prompts, request_rate, seed)
         timing = _time_engine(engine, prompts, params, arrivals, progress)
         result = _settings(engine, model, random_weights, num_prompts, input_len, output_len,
@@ -142,7 +146,7 @@ def _arrival_times(count: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-def _random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+def _random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int | str) -> list[list[int]]:
     if vocab_size <= _FIRST_ORDINARY_ID:
         raise ValueError(f"vocab_size {vocab_size} leaves no ordinary token ids for random prompts")
     rng = random.Random(seed)

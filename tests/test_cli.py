@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from opt_fast import SamplingParams
 from opt_fast.bench import format_table
 from opt_fast.cli import main
 from opt_fast.config import EngineConfig, preset_for
@@ -199,6 +201,8 @@ def test_bench_random_range_ratio_draws_seeded_lengths(capsys, tiny_model_dir):
         reports.append(json.loads(out))
     report = reports[0]
     assert report["random_range_ratio"] == 0.5 and 6 * 10 <= report["input_tokens"] <= 6 * 30
+    # no timed prompt shares a block with the warm-up's (at seed 0 one did: a review found 16 reused)
+    assert report["prompt_tokens_reused"] == 0
     assert 6 * 4 <= report["output_tokens"] <= 6 * 12 and report["output_tokens"] != 6 * 8
     assert (reports[1]["input_tokens"], reports[1]["output_tokens"]) == (report["input_tokens"], report["output_tokens"])
     assert "+-50%" in format_table(report)
@@ -241,6 +245,74 @@ def test_bench_request_rate_sends_requests_at_seeded_poisson_arrivals(capsys, mo
     assert "Poisson arrivals at 20.0 requests/s" in format_table(report)
 
 
+class _FakeClock:
+    """time.perf_counter and time.sleep for opt_fast.bench: time moves only when told to."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.now += seconds
+
+
+class _FakeEngine:
+    """Each step takes 10 ms of the fake clock and gives every admitted request one more token
+    (cumulative outputs); the clock's value at each add is recorded."""
+    STEP = 0.010
+
+    def __init__(self, clock, tokens: int):
+        self.clock, self.tokens = clock, tokens
+        self.requests, self.added, self.added_while_busy = {}, {}, []
+
+    def add_request(self, request_id, prompt, params):
+        self.added[request_id] = self.clock.now
+        if self.requests:
+            self.added_while_busy.append(request_id)
+        self.requests[request_id] = []
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        self.clock.now += self.STEP
+        outputs = []
+        for request_id, ids in list(self.requests.items()):
+            ids.append(7)
+            finished = len(ids) == self.tokens
+            outputs.append(SimpleNamespace(request_id=request_id, finished=finished, num_cached_tokens=0,
+                                           outputs=[SimpleNamespace(token_ids=list(ids))]))
+            if finished:
+                del self.requests[request_id]
+        return outputs
+
+
+def test_bench_times_each_request_from_its_arrival(monkeypatch):
+    """On a fake clock and engine (10 ms a step, 3 tokens a request): requests join at the step
+    boundary after their arrival, also while others decode; an idle engine waits for the next
+    arrival; TTFT counts from each arrival; ITL and TPOT are the 10 ms steps."""
+    import opt_fast.bench as bench
+    clock = _FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(bench.time, "sleep", clock.sleep)
+    engine = _FakeEngine(clock, tokens=3)
+    arrivals = [0.0, 0.015, 0.1]      # the second arrives mid-step of the first; the third after both end
+    params = [SamplingParams(max_tokens=3)] * 3
+    result = bench._time_engine(engine, [[2]] * 3, params, arrivals, progress=False)
+    t0 = 100.0
+    assert engine.added == {"bench-0": t0, "bench-1": pytest.approx(t0 + 0.02), "bench-2": pytest.approx(t0 + 0.1)}
+    assert engine.added_while_busy == ["bench-1"]
+    # first tokens at 10, 30 and 110 ms: TTFT 10, 15 and 10 ms from the arrivals
+    assert result["ttft_mean_ms"] == pytest.approx((10 + 15 + 10) / 3, abs=1e-3)   # rounded to us
+    assert result["ttft_p50_ms"] == pytest.approx(10.0)
+    assert result["tpot_mean_ms"] == pytest.approx(10.0) and result["itl_p99_ms"] == pytest.approx(10.0)
+    assert result["elapsed_s"] == pytest.approx(0.13)          # the last request ends at 130 ms
+    assert result["output_tokens"] == 9
+
+
 def test_bench_arrival_times_are_a_seeded_poisson_process():
     from opt_fast.bench import _arrival_times
     assert _arrival_times(3, math.inf, 0) == [0.0, 0.0, 0.0]
@@ -251,7 +323,8 @@ def test_bench_arrival_times_are_a_seeded_poisson_process():
     assert _arrival_times(4001, 50.0, 1) == times and _arrival_times(4001, 50.0, 2) != times
 
 
-@pytest.mark.parametrize("rate, compare", [(0, None), (-1.0, None), (True, None), ("5", None), (10.0, "hf")])
+@pytest.mark.parametrize("rate, compare", [(0, None), (-1.0, None), (True, None), ("5", None), (math.nan, None),
+                                           (1e-320, None), (10.0, "hf")])
 def test_bench_request_rate_is_checked(tiny_model_dir, rate, compare):
     from opt_fast.bench import run_bench
     with pytest.raises(ValueError, match="request_rate"):

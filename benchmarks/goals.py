@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections import defaultdict
 from dataclasses import dataclass
+
+from report import device_name, grouped   # benchmarks/, beside this script
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,9 @@ def _has_device_time(*benches: dict) -> bool:
 
 def judge(data: dict) -> list[dict]:
     """One row per goal and shape: value, target, met, and the timing it came from."""
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        groups[bench.get("group") or bench["name"]][bench["extra_info"].get("impl")] = bench
     rows = []
     for goal in GOALS:
-        for group, impls in groups.items():
+        for group, impls in grouped(data).items():
             ours = impls.get("triton")
             if not re.search(goal.groups, group) or ours is None:
                 continue
@@ -92,8 +90,7 @@ def markdown(rows: list[dict], device_name: str = "?") -> str:
 
 def main(source: str, target: str | None = None) -> str:
     data = json.loads(open(source).read())
-    device = data["benchmarks"][0]["extra_info"].get("device", "?") if data["benchmarks"] else "?"
-    text = markdown(judge(data), device)
+    text = markdown(judge(data), device_name(data))
     if target:
         open(target, "w").write(text)
     print(text)

@@ -10,6 +10,19 @@ import json
 from collections import defaultdict
 
 
+def grouped(data: dict) -> dict[str, dict[str, dict]]:
+    """A pytest-benchmark run's benchmarks as group (one shape) -> impl -> benchmark."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench.get("group") or bench["name"]][bench["extra_info"].get("impl", bench["name"])] = bench
+    return groups
+
+
+def device_name(data: dict) -> str:
+    """The device a run's benchmarks name ("?" for an empty run)."""
+    return data["benchmarks"][0]["extra_info"].get("device", "?") if data["benchmarks"] else "?"
+
+
 def main(target: str, sources: list[str], merged_json: str | None = None) -> None:
     data = None
     for source in sources:
@@ -20,11 +33,9 @@ def main(target: str, sources: list[str], merged_json: str | None = None) -> Non
             data["benchmarks"] += part["benchmarks"]
     if merged_json:
         open(merged_json, "w").write(json.dumps(data, indent=1))
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        groups[bench.get("group") or bench["name"]][bench["extra_info"].get("impl", bench["name"])] = bench
+    groups = grouped(data)
     machine = data.get("machine_info", {})
-    device = data["benchmarks"][0]["extra_info"].get("device", "?") if data["benchmarks"] else "?"
+    device = device_name(data)
     lines = [f"# Kernel benchmarks — {device}, {data.get('datetime', '')[:16]}", "",
              f"host CPU: {machine.get('cpu', {}).get('brand_raw', '?')}", "",
              "`median us` is the wall time of a call and a synchronise (the host's launch path included); "

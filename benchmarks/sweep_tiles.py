@@ -216,7 +216,8 @@ class Prefill:
         # shape has cached context); each query block's key tiles as one masked loop (one_loop)
         options = []
         if CAPABILITY >= 90:
-            options = attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad] + attention.ONE_LOOP_CANDIDATES[pad]
+            options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
+                       + attention.ONE_LOOP_CANDIDATES[pad])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
         return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]
 

@@ -727,8 +727,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize[,
-    one_loop]]]]) overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an upper bound of
-    context_lens known on the host (None: unknown). Only 0 changes anything today: then the
+    one_loop]]]]) overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an
+    upper bound of context_lens known on the host (None: unknown). Only 0 changes anything today: then the
     main kernel is compiled without its context loops (never reading context_lens or
     block_tables), the defaults may come from the warp-specialised table (_WS_TILES_SM90), and
     tiles with warp_specialize run the context-free warp-specialised kernel. Where that kernel
@@ -763,13 +763,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
         return out
     descs = [None] * 6
-    # one_loop loads every K/V tile through masked pointers: only q comes by TMA there
-    by_tma = (q,) if tiles.one_loop else (q, k, v)
-    if tiles.tma and all(_tma_addressable(t) for t in by_tma):
-        for first, width in ((0, d_lo), (3, d_hi)):   # [q, k, v] over D_LO, then over D_HI
-            for i, (t, rows) in enumerate(zip(by_tma, (tiles.block_m, tiles.block_n, tiles.block_n))):
+    if tiles.tma:
+        names = _tma_operands(tiles)
+        by_tma = [(t, tiles.block_m if name == "q" else tiles.block_n)
+                  for name, t in zip("qkv", (q, k, v)) if name in names]
+        if all(_tma_addressable(t) for t, _ in by_tma):
+            for first, width in ((0, d_lo), (3, d_hi)):   # [q, k, v] over D_LO, then over D_HI
                 if width:
-                    descs[first + i] = _tma_descriptor(t, rows, width)
+                    for i, (t, rows) in enumerate(by_tma):
+                        descs[first + i] = _tma_descriptor(t, rows, width)
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
         seqs, scale * _LOG2E,
@@ -815,6 +817,12 @@ def _descriptor_scratch(device: torch.device, size: int, alignment: int, stream)
     return torch.empty(size, dtype=torch.int8, device=device)
 
 
+def _tma_operands(tiles: Tiles) -> tuple[str, ...]:
+    """Which of q, k, v the main kernel loads by TMA where tiles.tma holds: all three, or with
+    one_loop q alone (every K/V tile there is a masked pointer load)."""
+    return ("q",) if tiles.one_loop else ("q", "k", "v")
+
+
 def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
     """[tokens, heads, head_dim] in boxes of one head's `rows` tokens and `width` columns; TMA
     fills what a box holds past the tensor (past head_dim, past the last token) with zeros."""
@@ -840,7 +848,7 @@ def compile_specs() -> list:
         unused = []
         for part, width in (("", d_lo), ("_hi", d_hi)):
             for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
-                if tiles.tma and width and (name == "q" or not tiles.one_loop):   # as the launcher builds them
+                if tiles.tma and width and name in _tma_operands(tiles):
                     signature[f"{name}{part}_desc"] = f"tensordesc<{dtype}[{rows},1,{width}]>"
                 else:
                     signature[f"{name}{part}_desc"] = "constexpr"

@@ -179,9 +179,10 @@ _launch_cache = functools.lru_cache(maxsize=4096)
 def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> MappingProxyType:
     """The kernel's constexprs and launch options for a (fitted) config."""
     stats_k = max(config.block_k, _STATS_PER_WARP * config.num_warps // config.block_m)
-    return MappingProxyType(dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
-                STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
-                num_warps=config.num_warps, num_stages=config.num_stages))
+    return MappingProxyType(dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
+        STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
+        num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def _tier(m: int) -> _Tier:

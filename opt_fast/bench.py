@@ -206,7 +206,7 @@ def _time_engine(engine: Engine, prompts: list[list[int]], params: list[Sampling
                         seen[out.request_id] = (count, now)
                 if out.finished:
                     finish[out.request_id] = now
-                    tokens[out.request_id] = len(out.outputs[0].token_ids)
+                    tokens[out.request_id] = count
                     reused += out.num_cached_tokens
                     if bar is not None:
                         bar.update(1)
@@ -370,11 +370,10 @@ def format_table(result: dict) -> str:
              f"{sampling}{arrivals}, max_num_seqs {r['max_num_seqs']}, {r['num_kv_blocks']} KV blocks"
              + (f" ({r['kv_cache_dtype']})" if r.get("kv_cache_dtype", "auto") != "auto" else ""), ""]
     rows = [("requests/s", r["requests_per_s"]), ("output tokens/s", r["output_tokens_per_s"]),
-            ("TTFT mean / p50 / p99 (ms)", f"{r['ttft_mean_ms']} / {r['ttft_p50_ms']} / {r['ttft_p99_ms']}"),
-            ("TPOT mean / p50 / p99 (ms)", f"{r['tpot_mean_ms']} / {r['tpot_p50_ms']} / {r['tpot_p99_ms']}"
-             if r["tpot_p50_ms"] is not None else "- (one output token: no decode step)"),
-            ("ITL mean / p50 / p99 (ms)", f"{r['itl_mean_ms']} / {r['itl_p50_ms']} / {r['itl_p99_ms']}"
-             if r["itl_p50_ms"] is not None else "- (one output token: no decode step)"),
+            *((f"{name.upper()} mean / p50 / p99 (ms)",
+               f"{r[f'{name}_mean_ms']} / {r[f'{name}_p50_ms']} / {r[f'{name}_p99_ms']}"
+               if r[f"{name}_p50_ms"] is not None else "- (one output token: no decode step)")
+              for name in ("ttft", "tpot", "itl")),
             ("peak memory (MiB)", f"{r['peak_memory_mib']} ({r['peak_memory_source']})"),
             ("output tokens", r["output_tokens"]), ("elapsed (s)", r["elapsed_s"])]
     if "hf_output_tokens_per_s" in r:

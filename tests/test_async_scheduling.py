@@ -318,6 +318,24 @@ def _run_calls(model_dir, path: str, async_scheduling: bool, calls: dict, aborts
     return finals, admitted
 
 
+def _run_both_ways(model_dir, path: str, calls: dict, **kwargs) -> tuple[dict, dict]:
+    """_run_calls synchronously and with async scheduling: ({async: finals}, {async: admitted})."""
+    results, admitted = {}, {}
+    for async_scheduling in (False, True):
+        results[async_scheduling], admitted[async_scheduling] = _run_calls(model_dir, path, async_scheduling,
+                                                                           calls, **kwargs)
+    return results, admitted
+
+
+def assert_both_ways_reuse(results: dict, request_id: str, tokens: int, compared=None) -> None:
+    """`request_id` reused `tokens` prompt tokens from the prefix cache both ways, and the
+    requests `compared` (default: all) got the same outputs both ways."""
+    assert results[False][request_id].num_cached_tokens == tokens
+    assert results[True][request_id].num_cached_tokens == tokens
+    for other in results[False] if compared is None else compared:
+        assert_same_outputs(results[False][other], results[True][other])
+
+
 @pytest.mark.parametrize("path", ["graphs", "eager"])
 def test_a_prompt_waiting_for_budget_reuses_the_prefix_the_step_in_flight_computed(tiny_model_dir, path):
     """"first" (32 tokens) takes the whole token budget of step 0; "second" shares its first
@@ -326,15 +344,9 @@ def test_a_prompt_waiting_for_budget_reuses_the_prefix_the_step_in_flight_comput
     reuse 16 tokens). Found by review: they once entered the cache only after the results."""
     shared = [2] + _random_ids(15, 1)
     calls = {0: [("first", shared + _random_ids(16, 2)), ("second", shared + _random_ids(10, 3))]}
-    results = {}
-    for async_scheduling in (False, True):
-        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
-                                                   max_num_seqs=8, max_num_batched_tokens=32)
-        assert admitted == (["second"] if async_scheduling else [])
-    assert results[False]["second"].num_cached_tokens == 16
-    assert results[True]["second"].num_cached_tokens == 16
-    for request_id in results[False]:
-        assert_same_outputs(results[False][request_id], results[True][request_id])
+    results, admitted = _run_both_ways(tiny_model_dir, path, calls, max_num_seqs=8, max_num_batched_tokens=32)
+    assert admitted == {False: [], True: ["second"]}
+    assert_both_ways_reuse(results, "second", 16)
 
 
 @pytest.mark.parametrize("path", ["graphs", "eager"])
@@ -344,15 +356,9 @@ def test_a_prompt_arriving_after_its_prefix_reuses_it_while_that_step_is_in_flig
     reuses a's five full blocks of 4; launched ahead it must too."""
     base = [2] + _random_ids(22, 4)
     calls = {0: [("decoding", [2] + _random_ids(5, 5))], 2: [("a", base + [7])], 3: [("b", base + [8])]}
-    results = {}
-    for async_scheduling in (False, True):
-        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
-                                                   max_num_seqs=8, block_size=4)
-        assert admitted == (["a", "b"] if async_scheduling else [])
-    assert results[False]["b"].num_cached_tokens == 20
-    assert results[True]["b"].num_cached_tokens == 20
-    for request_id in results[False]:
-        assert_same_outputs(results[False][request_id], results[True][request_id])
+    results, admitted = _run_both_ways(tiny_model_dir, path, calls, max_num_seqs=8, block_size=4)
+    assert admitted == {False: [], True: ["a", "b"]}
+    assert_both_ways_reuse(results, "b", 20)
 
 
 @pytest.mark.parametrize("path", ["graphs", "eager"])
@@ -363,15 +369,12 @@ def test_a_prompt_aborted_while_its_step_is_in_flight_leaves_its_prefix_cached(t
     them all the same (a review found them lost: freed before they entered the cache)."""
     base = [2] + _random_ids(22, 6)
     calls = {0: [("decoding", [2] + _random_ids(5, 7))], 2: [("a", base + [7])], 4: [("b", base + [8])]}
-    results = {}
+    results, admitted = _run_both_ways(tiny_model_dir, path, calls, aborts={3: ["a"]}, max_num_seqs=8,
+                                       block_size=4)
     for async_scheduling in (False, True):
-        results[async_scheduling], admitted = _run_calls(tiny_model_dir, path, async_scheduling, calls,
-                                                         aborts={3: ["a"]}, max_num_seqs=8, block_size=4)
-        assert ("a" in admitted) == async_scheduling      # the case under test: a's step in flight
+        assert ("a" in admitted[async_scheduling]) == async_scheduling   # the case under test: a's step in flight
         assert "a" not in results[async_scheduling]
-    assert results[False]["b"].num_cached_tokens == 20
-    assert results[True]["b"].num_cached_tokens == 20
-    assert_same_outputs(results[False]["b"], results[True]["b"])
+    assert_both_ways_reuse(results, "b", 20, compared=["b"])
 
 
 def test_a_step_in_flight_whose_requests_all_ended_holds_up_nothing(tiny_model_dir):

@@ -103,11 +103,8 @@ def bench_hf(ckpt: Path, prompts, output_len: int, device: str, dtype: torch.dty
 
 def kernels_summary(kernels: str, device: str) -> str:
     """Which implementation each op of `kernels` runs on `device`, for a report's header."""
-    from opt_fast.kernels import get_ops
-    ops = get_ops(kernels, device)
-    names = [(op, getattr(ops, op).__name__) for op in ("layernorm_linear", "write_kv_cache",
-                                                          "prefill_attention", "paged_decode_attention", "sample")]
-    return ", ".join(f"{op}: {'torch' if name.endswith('_ref') else 'triton'}" for op, name in names)
+    from opt_fast.kernels import get_ops, implementations
+    return ", ".join(f"{op}: {kind}" for op, kind in implementations(get_ops(kernels, device)).items())
 
 
 def main() -> None:

@@ -23,7 +23,9 @@ from .device import check_interpreter  # noqa: E402
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The op table one model instance runs on; see each reference for shapes."""
+    """The op table one model instance runs on; see each reference for shapes. The layers store
+    new keys and values through the attention ops (their slot_mapping / new_kv arguments);
+    write_kv_cache is the same store as a launch of its own."""
     name: str
     layer_norm: Callable | None
     layernorm_linear: Callable | None
@@ -44,6 +46,15 @@ _HOMES = dict(layer_norm=layernorm_linear, layernorm_linear=layernorm_linear,
               paged_decode_attention=paged_decode, sample=sampling)
 
 TORCH_OPS = KernelOps(name="torch", **{op: getattr(home, f"{op}_ref") for op, home in _HOMES.items()})
+
+
+# The ops whose implementation a benchmark report names (write_kv_cache runs inside the attentions).
+REPORTED_OPS = ("layernorm_linear", "prefill_attention", "paged_decode_attention", "sample")
+
+
+def implementations(ops: KernelOps) -> dict[str, str]:
+    """"torch" or "triton" for each of REPORTED_OPS in `ops`."""
+    return {op: "torch" if getattr(ops, op).__name__.endswith("_ref") else "triton" for op in REPORTED_OPS}
 
 
 def triton_ops() -> KernelOps:

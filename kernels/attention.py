@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
-from .kv_cache import FP8, check_cache_dtype, gather_cached_kv
+from .kv_cache import FP8, check_cache_dtype, gather_cached_kv, to_cache, write_kv_cache, write_kv_cache_ref
 from .launch_math import next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -94,6 +94,26 @@ def _load_cached_head(cache_ptr, rows, offs_d, offs_h, rows_ok, d_ok, MASK_ROWS:
     lo, hi = _load_head(tl.multiple_of(cache_ptr + rows, 16), offs_d, offs_h, rows_ok, d_ok, MASK_ROWS, MASK_D,
                         D_HI)
     return lo.to(DTYPE), hi.to(DTYPE)
+
+
+@triton.jit
+def _store_new_rows(slot_ptr,          # [q_len] int64 cache slot of each of the sequence's new tokens
+                    offs, rows_ok, key_cache_ptr, value_cache_ptr, head_offset, stride_cb, stride_cs,
+                    k, k_hi, v, v_hi, offs_d, offs_h, d_ok, MASK_D: tl.constexpr, D_HI: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
+    """Store the new tokens `offs` (where rows_ok and their slot is >= 0) of one head, loaded as
+    _load_head tiles, in the caches at their slots, rounded as write_kv_cache rounds them."""
+    slots = tl.load(slot_ptr + offs, mask=rows_ok, other=-1)
+    keep = rows_ok & (slots >= 0)
+    rows = (slots // BLOCK_SIZE) * stride_cb + (slots % BLOCK_SIZE) * stride_cs + head_offset
+    cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
+    # cache rows start 16-byte aligned (the launcher checks it), as for the context loads
+    key_rows, value_rows = tl.multiple_of(key_cache_ptr + rows, 16), tl.multiple_of(value_cache_ptr + rows, 16)
+    _store_rows(key_rows, offs_d, to_cache(k, cache_dtype), keep, d_ok, MASK_D)
+    _store_rows(value_rows, offs_d, to_cache(v, cache_dtype), keep, d_ok, MASK_D)
+    if D_HI > 0:
+        _store_rows(key_rows, offs_h, to_cache(k_hi, cache_dtype), keep, d_ok, False)
+        _store_rows(value_rows, offs_h, to_cache(v_hi, cache_dtype), keep, d_ok, False)
 
 
 @triton.jit
@@ -201,12 +221,13 @@ def _prefill_attention_kernel(
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
     block_tables_ptr,  # [seqs, max_blocks] int32 cache block ids
+    slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
     num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
-    SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr, ONE_LOOP: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr, ONE_LOOP: tl.constexpr, WRITE_KV: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
@@ -331,6 +352,14 @@ def _prefill_attention_kernel(
         k_rows, v_rows = k_head + kv_rows * stride_kt, v_head + kv_rows * stride_vt
         k, k_hi = _load_head(tl.multiple_of(k_rows, 16), offs_d, offs_h, in_seq, d_ok, True, MASK_D, D_HI)
         v, v_hi = _load_head(tl.multiple_of(v_rows, 16), offs_d, offs_h, in_seq, d_ok, True, MASK_D, D_HI)
+        if WRITE_KV:
+            # The KV-cache write, fused: this query block's own rows are its diagonal keys, so
+            # each new token is stored once, by one program per head (from key diag_start: with
+            # ONE_LOOP the tiles before it belong to earlier blocks). No program of this launch
+            # reads them back from the cache: context reads stop before the new tokens.
+            _store_new_rows(slot_ptr + q_start, offs_kv, in_seq & (offs_kv >= diag_start), key_cache_ptr,
+                            value_cache_ptr, head * stride_ch, stride_cb, stride_cs, k, k_hi, v, v_hi, offs_d,
+                            offs_h, d_ok, MASK_D, D_HI, BLOCK_SIZE)
         causal = offs_kv[None, :] <= offs_m[:, None]
         acc, acc_hi, m_i, l_i = _softmax_step(acc, acc_hi, m_i, l_i, q, q_hi, k, k_hi, v, v_hi, qk_scale,
                                               causal, True, UPCAST_DOT, D_HI)
@@ -421,7 +450,8 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_cache: torch.Tensor, value_cache: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                           block_tables: torch.Tensor, scale: float, *,
-                          max_context_len: int | None = None) -> torch.Tensor:
+                          max_context_len: int | None = None,
+                          slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for the new tokens of a batch of sequences, packed back to back.
 
     q, k, v: `[tokens, heads, head_dim]` new tokens; key_cache, value_cache:
@@ -429,8 +459,13 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence in the packed tokens; context_lens: `[seqs]` int32 tokens already cached before the
     new ones; block_tables: `[seqs, max_blocks]` int32. Returns `[tokens, heads, head_dim]`.
     max_context_len (the launcher's host-side bound of context_lens) is not needed here: the
-    reference reads the lengths.
+    reference reads the lengths. slot_mapping: `[tokens]` int64; where given, k and v are also
+    stored in the caches at these slots (negative: not stored), as `write_kv_cache_ref` stores
+    them. The new tokens' attention reads them from k and v, never back from the cache, so the
+    slots must lie past every sequence's context, as the engine's do.
     """
+    if slot_mapping is not None:
+        write_kv_cache_ref(k, v, key_cache, value_cache, slot_mapping)
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
     for i, context in enumerate(context_lens.tolist()):
@@ -480,12 +515,14 @@ class Tiles(NamedTuple):
 #   of the nine tile shapes swept at each (4-warp tiles at head 128 were not timed).
 # - wide, head 64: 64x64, 4 warps, 3 stages. opt-1.3b b8 L1024 138.2 us, the best; b1 L2048 63.7
 #   (best 63.3 at 2 stages).
-# - wide, heads 80 / 128: 128x64 at 8 warps.
+# - wide, heads 80 / 128: 128x64 at 8 warps; at head 128 on sm_80, 128x32: with the new tokens'
+#   store to the cache in its diagonal loop (WRITE_KV) 128x64 spills 32 B there, 128x32 compiles
+#   with 200 registers (neither timed on an A100).
 _NARROW_TOKENS = 128
 _TILES = {
     ("wide", 64): Tiles(64, 64, 4, 3),
     ("wide", 80): Tiles(128, 64, 8, 3),
-    ("wide", 128): Tiles(128, 64, 8, 3),
+    ("wide", 128): Tiles(128, 32, 8, 3),
     ("narrow", 64): Tiles(64, 64, 4, 2),
     ("narrow", 80): Tiles(64, 64, 8, 2),
     ("narrow", 128): Tiles(64, 64, 8, 2),
@@ -715,7 +752,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_cache: torch.Tensor, value_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, *, tiles: Tiles | None = None,
-                      max_context_len: int | None = None) -> torch.Tensor:
+                      max_context_len: int | None = None, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Causal flash attention for the new tokens of a batch of sequences, packed back to back,
     each also attending to its `context_lens[i]` tokens already in the paged cache.
 
@@ -736,8 +773,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     warp-specialised override is replaced as a whole by the main kernel's default tiles. Raises
     ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the
     choices the kernel supports, or on a max_context_len that is not None or an int >= 0.
+    `slot_mapping` (`[tokens]` int64, as `prefill_attention_ref` takes it): the KV-cache write
+    of k and v runs inside this launch, each query block's program storing its own rows.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
+    if slot_mapping is not None and (slot_mapping.shape != (q.shape[0],) or slot_mapping.dtype != torch.int64
+                                     or slot_mapping.device != q.device):
+        _fail(f"slot_mapping must be [{q.shape[0]}] int64 on q's device, got {tuple(slot_mapping.shape)} "
+              f"{slot_mapping.dtype} on {slot_mapping.device}")
     if max_context_len is not None and (not isinstance(max_context_len, int) or isinstance(max_context_len, bool)
                                         or max_context_len < 0):
         _fail(f"max_context_len must be None or an int >= 0, got {max_context_len!r}")
@@ -747,7 +790,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tokens, heads, head_dim = q.shape
     seqs = context_lens.shape[0]
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
-    if tokens == 0 or seqs == 0:
+    if tokens == 0:
+        return out
+    if seqs == 0:   # no sequence to attend for, but the slots may still name cache rows
+        if slot_mapping is not None:
+            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
         return out
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0)
@@ -760,6 +807,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.warp_specialize:
+        if slot_mapping is not None:   # its loop reads K/V by TMA, never into registers to store
+            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
         _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
         return out
     descs = [None] * 6
@@ -773,7 +822,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     for i, (t, rows) in enumerate(by_tma):
                         descs[first + i] = _tma_descriptor(t, rows, width)
     _prefill_attention_kernel[grid](
-        q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables,
+        q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables, slot_mapping,
         seqs, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
@@ -781,7 +830,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
         USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=max_context_len != 0,
-        ONE_LOOP=tiles.one_loop, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        ONE_LOOP=tiles.one_loop, WRITE_KV=slot_mapping is not None, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return out
 
 
@@ -837,11 +887,14 @@ def compile_specs() -> list:
     ONE_LOOP_CANDIDATES; on sm_80 the one-loop 64x64 tile at head 128 spills 40 B),
     and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90. Each main-kernel tile
     also without its context loops (HAS_CONTEXT off), as batches without context run it, and
-    the sm_90 table's tiles reading a float8 cache."""
+    the sm_90 table's tiles reading a float8 cache. The table's tiles store the new tokens in the
+    cache (WRITE_KV, as the engine launches them), and without context also not (as the
+    benchmarks do); the sweep's candidates store them where they read context."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
-             targets: tuple, has_context: bool = True, cache_dtype: str | None = None) -> CompileSpec:
+             targets: tuple, has_context: bool = True, cache_dtype: str | None = None,
+             write_kv: bool = True) -> CompileSpec:
         d_lo, d_hi = _head_split(head_dim, tiles.split_head)
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
         signature.update({name: f"*{cache_dtype or dtype}" for name in ("key_cache_ptr", "value_cache_ptr")})
@@ -854,20 +907,24 @@ def compile_specs() -> list:
                     signature[f"{name}{part}_desc"] = "constexpr"
                     unused.append(f"{name}{part}_desc")
         signature.update({name: "*i32" for name in ("cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr")})
+        signature["slot_ptr"] = "*i64" if write_kv else "constexpr"
+        if not write_kv:
+            unused.append("slot_ptr")
         signature.update(num_seqs="i32", qk_scale="fp32")
         signature.update({name: "i32" for name in (
             "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
-                          SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop)
+                          SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop,
+                          WRITE_KV=write_kv)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
                  f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
                  f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}"
                  f"{' one-loop' if tiles.one_loop else ''}"
-                 f"{f' {cache_dtype} cache' if cache_dtype else ''}")
+                 f"{f' {cache_dtype} cache' if cache_dtype else ''}{'' if write_kv else ' no-write'}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                            targets=targets)
@@ -881,25 +938,29 @@ def compile_specs() -> list:
                 entries.setdefault((key, launched), []).append(capability)
     specs = []
     # Batches known to have no context (max_context_len=0) run each tile without its context
-    # loops, which never touch the cache: one block size stands for all.
+    # loops, which never read the cache: one block size stands for all. The engine's launches
+    # store the new tokens (slot_mapping); the benchmarks' and the sweep's, without context,
+    # do not (write_kv=False).
     for ((kind, tile_head_dim), tiles), targets in entries.items():
         for head_dim in (d for d in (64, 80, 128) if _tile_head_dim(d) == tile_head_dim):
             specs += [spec(dtype, head_dim, block_size, tiles, kind, tuple(targets))
                       for dtype in ("fp16", "bf16") for block_size in (8, 16, 32)]
-            specs += [spec(dtype, head_dim, 16, tiles, kind, tuple(targets), has_context=False)
-                      for dtype in ("fp16", "bf16")]
+            specs += [spec(dtype, head_dim, 16, tiles, kind, tuple(targets), has_context=False, write_kv=write_kv)
+                      for dtype in ("fp16", "bf16") for write_kv in (True, False)]
             # a float8 cache (sm_89+; checked on sm_90 at the default block size)
             if 90 in targets:
                 specs += [spec(dtype, head_dim, 16, tiles, kind, (90,), cache_dtype="fp8e4nv")
                           for dtype in ("fp16", "bf16")]
     specs += [spec("fp32", head_dim, 16, _TILES_FP32, "ieee", tuple(cap for cap, _ in TARGETS), has_context)
               for head_dim in (64, 80, 128) for has_context in (True, False)]
-    # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B).
-    specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
+    # The sweep's candidates with an option, on sm_90 (on sm_80 the padded 128x64 tile spills 24 B),
+    # as the sweep runs them (no context, no store) and as the engine would once in a table.
+    specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context, write_kv=has_context)
               for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16") for has_context in (True, False)]
     for pad, candidates in [*TMA_CANDIDATES.items(), *ONE_LOOP_CANDIDATES.items()]:
         for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
-            specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context)
+            specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context,
+                           write_kv=has_context)
                       for tiles in candidates for dtype in ("fp16", "bf16") for has_context in (True, False)]
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).

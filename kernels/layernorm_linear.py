@@ -56,8 +56,12 @@ def layernorm_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     Serves the fused QKV projection (`weight` is `[3*hidden, hidden]`) and fc1 + ReLU.
     """
     h = x if ln_weight is None else layer_norm_ref(x, ln_weight, ln_bias, eps)
-    out = F.linear(h, weight, bias)
-    return torch.relu_(out) if relu else out
+    if relu:
+        # fc1 + ReLU as one GEMM: on CUDA the ReLU rides cuBLASLt's bias epilogue (one kernel per
+        # layer fewer than F.linear then relu_; same values, as rounding keeps signs). Where
+        # cuBLASLt cannot take the shapes, torch falls back to the GEMM and a separate ReLU.
+        return torch._addmm_activation(bias, h, weight.t())
+    return F.linear(h, weight, bias)
 
 
 def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

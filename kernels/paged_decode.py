@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import FP8, check_cache_pair
+from .kv_cache import FP8, check_cache_pair, to_cache, write_kv_cache, write_kv_cache_ref
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,6 +85,9 @@ _UNALIGNED_TILE = _Tile(2048, 4, 2)
 _BLOCK_N_CHOICES = (8, 16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8)
 _STAGE_CHOICES = (1, 2, 3, 4, 5)
+# The new keys' and values' strides where a launch has no new_kv (the kernel reads neither them
+# nor the None pointers beside them).
+_NO_STRIDES = (0,) * 6
 
 
 @triton.jit
@@ -96,11 +99,15 @@ def _paged_decode_kernel(
     seq_lens_ptr,       # [seqs] int32, keys per sequence (current token included)
     out_ptr,            # SPLIT: [seqs, heads, kv_splits, HEAD_DIM] fp32, else [seqs, heads, HEAD_DIM], contiguous
     lse_ptr,            # SPLIT: [seqs, heads, kv_splits] fp32 log2-sum-exp2 of each split; unused otherwise
+    new_key_ptr,        # WRITE_NEW: [seqs, heads, head_dim] the current tokens' keys, any strides
+    new_value_ptr,      # WRITE_NEW: [seqs, heads, head_dim] their values
+    slot_ptr,           # WRITE_NEW: [seqs] int64 cache slot of each current token, < 0: not stored
     qk_scale,           # softmax scale * log2(e): the kernel works in base 2 (exp2 is one instruction)
     max_blocks, split_tokens,
     stride_qs, stride_qh, stride_qd,
     stride_bs, stride_bb,
     stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,   # tokens per cache block
     BLOCK_N: tl.constexpr,      # tokens per loop iteration (may span several cache blocks)
@@ -108,6 +115,7 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,        # write partial output + lse for the merge kernel
     ALIGNED: tl.constexpr,      # every cache row starts 16-byte aligned (checked by the launcher)
     NUM_STAGES: tl.constexpr,   # software-pipeline depth of the loop over the context
+    WRITE_NEW: tl.constexpr,    # store the current tokens in the cache, and read them from registers
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -116,6 +124,10 @@ def _paged_decode_kernel(
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_blocks * BLOCK_SIZE)
     start = split * split_tokens
     end = tl.minimum(start + split_tokens, seq_len)
+    if WRITE_NEW:
+        # The current token (the last position) is not read from the cache: another program of
+        # this launch may not have stored it yet. The split that holds it folds it in below.
+        end = tl.minimum(end, seq_len - 1)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -158,6 +170,13 @@ def _paged_decode_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
 
+    if WRITE_NEW:
+        acc, m_i, l_i = _store_and_fold_new_token(
+            new_key_ptr + seq * stride_ks + head * stride_kh, new_value_ptr + seq * stride_vs + head * stride_vh,
+            stride_kd, stride_vd, slot_ptr + seq, key_cache_ptr, value_cache_ptr, head_offset, stride_cb,
+            stride_cs, stride_cd, q, acc, m_i, l_i, offs_d, d_mask, split == 0,
+            (seq_len > start) & (seq_len <= start + split_tokens), BLOCK_SIZE)
+
     # l_i is 0 only for an empty split (or a zero-length padding row): write zeros, not NaN.
     has_keys = l_i > 0
     out = tl.where(has_keys, acc / tl.where(has_keys, l_i, 1.0), 0.0)
@@ -168,6 +187,41 @@ def _paged_decode_kernel(
         tl.store(lse_ptr + part, tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf")))
     else:
         tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _store_and_fold_new_token(key_ptr,     # [head_dim] the current token's key in one head, stride stride_kd
+                              value_ptr,   # [head_dim] its value, stride stride_vd
+                              stride_kd, stride_vd,
+                              slot_ptr,    # [1] int64 its cache slot, < 0: not stored
+                              key_cache_ptr,    # [num_blocks, block_size, heads, head_dim]
+                              value_cache_ptr,  # [num_blocks, block_size, heads, head_dim], the same strides
+                              head_offset, stride_cb, stride_cs, stride_cd,
+                              q, acc, m_i, l_i, offs_d, d_mask, STORE, FOLD, BLOCK_SIZE: tl.constexpr):
+    """The KV-cache write of a decode step, fused into its attention: where STORE (one split
+    per sequence and head), the current token's key and value go to their slot, rounded to the
+    cache's dtype; where FOLD (the split whose range holds the last position), the same rounded
+    values join the online softmax as one more key, exactly what reading them back would give.
+    Returns (acc, m_i, l_i)."""
+    cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
+    key = to_cache(tl.load(key_ptr + offs_d * stride_kd, mask=d_mask, other=0.0), cache_dtype)
+    value = to_cache(tl.load(value_ptr + offs_d * stride_vd, mask=d_mask, other=0.0), cache_dtype)
+    slot = tl.load(slot_ptr)
+    # A negative slot (a padding row) stores nothing: every lane's mask is off, whatever address
+    # the division gives.
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head_offset + offs_d * stride_cd
+    keep = d_mask & STORE & (slot >= 0)
+    tl.store(key_cache_ptr + dst, key, mask=keep)
+    tl.store(value_cache_ptr + dst, value, mask=keep)
+    if FOLD:
+        qk = tl.sum(key.to(tl.float32) * q, axis=0)
+        m_new = tl.maximum(m_i, qk)
+        alpha = tl.exp2(m_i - m_new)   # 0 where no cached key came before (m_i = -inf)
+        p = tl.exp2(qk - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha + p * value.to(tl.float32)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -286,9 +340,11 @@ def _check_overrides(num_splits, block_n, num_warps, num_stages) -> None:
 
 def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           *, num_splits: int | None = None, block_n: int | None = None,
+                           *, new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                           num_splits: int | None = None, block_n: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """Triton version of `paged_decode_attention_ref` (same arguments and result).
+    """Triton version of `paged_decode_attention_ref` (same arguments and result), `new_kv`
+    included: the step's KV-cache write then runs inside this launch.
 
     The keyword-only options override the launch heuristics (`default_config`), for tests and
     the tile sweep: `num_splits` (1..32) is an upper bound, lowered where needed so that every
@@ -317,6 +373,19 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     _check_overrides(num_splits, block_n, num_warps, num_stages)
+    if new_kv is not None:
+        new_key, new_value, slots = new_kv
+        if new_key.shape != q.shape or new_value.shape != q.shape or not new_key.dtype == new_value.dtype == q.dtype:
+            raise ValueError(f"new_kv keys and values must be {q.dtype} of q's shape {tuple(q.shape)}, got "
+                             f"{new_key.dtype} {tuple(new_key.shape)} and {new_value.dtype} {tuple(new_value.shape)}")
+        if slots.shape != (seqs,) or slots.dtype != torch.int64:
+            raise ValueError(f"new_kv slot_mapping must be [{seqs}] int64, got {tuple(slots.shape)} {slots.dtype}")
+        if not new_key.device == new_value.device == slots.device == q.device:
+            raise ValueError("new_kv tensors must be on q's device")
+        new_strides = (*new_key.stride(), *new_value.stride())
+    else:
+        new_key = new_value = slots = None
+        new_strides = _NO_STRIDES
 
     out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
     max_blocks, block_size = block_tables.shape[1], key_cache.shape[1]
@@ -324,6 +393,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     if seqs == 0 or heads == 0:
         return out
     if max_tokens == 0:
+        if new_kv is not None:   # no table to read, but the slots may still name blocks
+            write_kv_cache(new_key, new_value, key_cache, value_cache, slots)
         return out.zero_()
     aligned = _rows_aligned(key_cache) and _rows_aligned(value_cache)
     config = default_config(seqs, heads, head_dim, q.dtype, max_tokens, aligned, _sm_count(q.device))
@@ -340,11 +411,12 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     else:
         target, lse = out, out   # lse is never touched without SPLIT
     _paged_decode_kernel[(seqs, heads, splits)](
-        q, key_cache, value_cache, block_tables, seq_lens, target, lse,
+        q, key_cache, value_cache, block_tables, seq_lens, target, lse, new_key, new_value, slots,
         float(scale) * _LOG2E, max_blocks, split_tokens,
         *q.stride(), *block_tables.stride(), *key_cache.stride(),
+        *new_strides,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split,
-        ALIGNED=aligned, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        ALIGNED=aligned, NUM_STAGES=config.num_stages, WRITE_NEW=new_kv is not None, num_warps=config.num_warps)
     if split:
         _merge_splits_kernel[(seqs, heads)](
             target, lse, seq_lens, out, splits, split_tokens, max_tokens,
@@ -370,23 +442,13 @@ def compile_specs() -> list:
     specs = []
     for dtype, cache_dtype, head_dim, block_size, aligned, targets in cases:
         block_d = _next_pow2(head_dim)
+        # the engine's launches store the current tokens (new_kv); the benchmarks' do not
+        writes = (True, False) if block_size == 16 and aligned and cache_dtype == dtype else (True,)
         for config in launch_tiles(head_dim, torch_dtype[dtype], aligned):
             for split in (False, True):
-                sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{cache_dtype}", "value_cache_ptr": f"*{cache_dtype}",
-                       "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                       "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}",
-                       "qk_scale": "fp32", "max_blocks": "i32", "split_tokens": "i32"}
-                sig.update({name: "i32" for name in ("stride_qs", "stride_qh", "stride_bs",
-                                                     "stride_cb", "stride_cs", "stride_ch")})
-                consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-                              BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split, ALIGNED=aligned,
-                              NUM_STAGES=config.num_stages)
-                sig.update({name: "constexpr" for name in consts})
-                label = (f"{dtype} d{head_dim} bs{block_size} n{config.block_n}w{config.num_warps}"
-                         f"s{config.num_stages} {'split' if split else 'direct'}")
-                label += ("" if aligned else " unaligned") + ("" if cache_dtype == dtype else f" {cache_dtype} cache")
-                specs.append(CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps,
-                                         targets=targets))
+                for write in writes:
+                    specs.append(_decode_spec(dtype, cache_dtype, head_dim, block_size, block_d, aligned, config,
+                                              split, write, targets))
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in (64, 80, 128):
             sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
@@ -398,16 +460,51 @@ def compile_specs() -> list:
     return specs
 
 
+def _decode_spec(dtype: str, cache_dtype: str, head_dim: int, block_size: int, block_d: int, aligned: bool,
+                 config: DecodeConfig, split: bool, write: bool, targets: tuple):
+    """The compile-check specialisation of _paged_decode_kernel for one launch."""
+    from .compile_check import CompileSpec
+    sig = {"q_ptr": f"*{dtype}", "key_cache_ptr": f"*{cache_dtype}", "value_cache_ptr": f"*{cache_dtype}",
+           "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+           "out_ptr": "*fp32" if split else f"*{dtype}", "lse_ptr": "*fp32" if split else f"*{dtype}"}
+    new_args = ("new_key_ptr", "new_value_ptr", "slot_ptr")
+    sig.update(dict(zip(new_args, (f"*{dtype}", f"*{dtype}", "*i64") if write else ("constexpr",) * 3)))
+    sig.update(qk_scale="fp32", max_blocks="i32", split_tokens="i32")
+    strides = ["stride_qs", "stride_qh", "stride_bs", "stride_cb", "stride_cs", "stride_ch"]
+    strides += ["stride_ks", "stride_kh", "stride_vs", "stride_vh"] if write else []
+    sig.update({name: "i32" for name in strides})
+    # the new tokens' strides: unit along head_dim, or 0 (and never read) without them
+    consts = dict(stride_qd=1, stride_bb=1, stride_cd=1, stride_kd=int(write), stride_vd=int(write))
+    if not write:
+        consts.update(dict.fromkeys(new_args), stride_ks=0, stride_kh=0, stride_vs=0, stride_vh=0)
+    consts.update(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, BLOCK_D=block_d, SPLIT=split,
+                  ALIGNED=aligned, NUM_STAGES=config.num_stages, WRITE_NEW=write)
+    sig.update({name: "constexpr" for name in consts if name not in sig or sig[name] == "constexpr"})
+    label = (f"{dtype} d{head_dim} bs{block_size} n{config.block_n}w{config.num_warps}"
+             f"s{config.num_stages} {'split' if split else 'direct'}")
+    label += ("" if aligned else " unaligned") + ("" if cache_dtype == dtype else f" {cache_dtype} cache")
+    label += "" if write else " no-write"
+    return CompileSpec(_paged_decode_kernel, label, sig, consts, num_warps=config.num_warps, targets=targets)
+
+
 def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                               block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               *, new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                               ) -> torch.Tensor:
     """q: `[seqs, heads, head_dim]`; key_cache, value_cache: `[num_blocks, block_size, heads,
     head_dim]`; block_tables: `[seqs, max_blocks]` int32; seq_lens: `[seqs]` int32 keys per
     sequence, the current token's included. Returns `[seqs, heads, head_dim]`.
 
+    new_kv: (key, value, slot_mapping) of the current tokens, `[seqs, heads, head_dim]` twice and
+    `[seqs]` int64: first stored in the caches as `write_kv_cache_ref` stores them, then read
+    like every other key. Each slot must be where its sequence's block table puts position
+    seq_lens[i] - 1 (negative: not stored), as the engine's slot mapping does.
+
     Gathers every sequence's blocks (vLLM's `ref_paged_attn` idea), batched: slots past a
     sequence's length are zeroed, not just masked, so NaN garbage there cannot leak in via 0*NaN.
     """
+    if new_kv is not None:
+        write_kv_cache_ref(*new_kv[:2], key_cache, value_cache, new_kv[2])
     seqs, max_blocks = block_tables.shape
     block_size = key_cache.shape[1]
     table = block_tables.long()

@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .config import OPT_PRESETS, OPTConfig, preset_for
 from .engine.engine import Engine
+from .kernels import implementations
 from .sampling_params import SamplingParams
 
 _FIRST_ORDINARY_ID = 4      # ids 0-3 are <s> <pad> </s> <unk>; prompts draw from the rest
@@ -314,10 +315,7 @@ def _peak_memory_mib(device: torch.device) -> float:
 def _settings(engine: Engine, model, random_weights: bool, num_prompts: int, input_len: int,
               output_len: int, temperature: float, seed: int) -> dict:
     runner = engine.runner
-    ops = runner.ops
-    kernel_ops = {op: "torch" if getattr(ops, op).__name__.endswith("_ref") else "triton"
-                  for op in ("layernorm_linear", "write_kv_cache", "prefill_attention",
-                             "paged_decode_attention", "sample")}
+    kernel_ops = implementations(runner.ops)
     return dict(model=str(model), size=size_name(engine.model_config), random_weights=random_weights,
                 num_parameters=engine.model_config.num_parameters(),
                 dtype=str(runner.dtype).removeprefix("torch."), device=str(runner.device),

@@ -19,8 +19,8 @@ from .host_tensors import block_tables, host_tensor
 from .sequence import Sequence, samples_raw_logits
 
 # The ops a captured step launches must never wait on the host; the torch references of these
-# three do (they gather on the host's say-so), so graphs need the Triton versions.
-_CAPTURED_OPS = ("write_kv_cache", "paged_decode_attention", "sample")
+# two do (they gather on the host's say-so), so graphs need the Triton versions.
+_CAPTURED_OPS = ("paged_decode_attention", "sample")
 _I64_ROWS = ("input_ids", "positions", "slots", "top_k", "seeds", "steps")
 _F32_ROWS = ("temperature", "top_p")
 

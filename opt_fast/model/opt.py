@@ -32,17 +32,19 @@ class OPTAttention(nn.Module):
         """qkv: `[tokens, 3*hidden]` -> attention output `[tokens, hidden]`."""
         ctx, ops = get_context(), self.ops
         q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        ops.write_kv_cache(k, v, self.key_cache, self.value_cache, ctx.slot_mapping)
-        split, tokens = ctx.num_prefill_tokens, q.shape[0]
+        split, tokens, slots = ctx.num_prefill_tokens, q.shape[0], ctx.slot_mapping
         parts = []
+        # Each attention op also stores its tokens' k and v in the cache (the KV-cache write
+        # fused into the attention launch: one kernel per layer fewer).
         if split:
             parts.append(ops.prefill_attention(q[:split], k[:split], v[:split], self.key_cache,
                                                self.value_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                                ctx.prefill_block_tables, self.scale,
-                                               max_context_len=ctx.max_context_len))
+                                               max_context_len=ctx.max_context_len, slot_mapping=slots[:split]))
         if split < tokens:
             parts.append(ops.paged_decode_attention(q[split:], self.key_cache, self.value_cache,
-                                                    ctx.decode_block_tables, ctx.decode_seq_lens, self.scale))
+                                                    ctx.decode_block_tables, ctx.decode_seq_lens, self.scale,
+                                                    new_kv=(k[split:], v[split:], slots[split:])))
         # Only a step that mixes prefill and decode tokens pays for joining the two outputs.
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(tokens, -1)

@@ -12,6 +12,7 @@ import torch
 
 from kernel_testing import (DEVICE, DTYPES, OPS, PagedCache, assert_close_to, gen, naive_causal_attention,
                             packed_qkv, randn)
+from opt_fast.kernels.kv_cache import write_kv_cache_ref
 
 
 def run_prefill(ops, seqs: list[tuple[int, int]], block_size: int, heads: int, head_dim: int,
@@ -88,3 +89,31 @@ def test_prefill_output_does_not_depend_on_other_sequences(ops):
                                   torch.tensor([0, 12], dtype=torch.int32, device=DEVICE),
                                   torch.zeros(1, dtype=torch.int32, device=DEVICE), tables[1:2], scale)
     torch.testing.assert_close(both[9:21], alone, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_with_slot_mapping_stores_the_new_tokens(ops, dtype):
+    """slot_mapping: the step's KV write inside the prefill op. Each new token lands in its slot
+    as write_kv_cache_ref puts it (a padding token, slot -1, nowhere), the rest of the cache is
+    untouched, and the output is the one without it."""
+    seqs, block_size, heads, head_dim = [(9, 20), (0, 33), (17, 1)], 8, 2, 80
+    g = gen(9)
+    q, k, v = packed_qkv(sum(n for _, n in seqs), heads, head_dim, g, dtype)
+    cache = PagedCache([c + n for c, n in seqs], block_size, heads, head_dim, dtype, g)
+    for i, (context, _) in enumerate(seqs):
+        cache.store(i, randn(context, heads, head_dim, g=g, dtype=dtype),
+                    randn(context, heads, head_dim, g=g, dtype=dtype))
+    slots = [cache.slot(i, pos) for i, (context, new) in enumerate(seqs) for pos in range(context, context + new)]
+    slots[7] = -1
+    slots = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    expect_k, expect_v = cache.key_cache.clone(), cache.value_cache.clone()
+    write_kv_cache_ref(k, v, expect_k, expect_v, slots)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, cache.key_cache, cache.value_cache, torch.tensor([0, 20, 53, 54], **i32),
+            torch.tensor([c for c, _ in seqs], **i32), cache.block_tables, head_dim ** -0.5)
+    plain = ops.prefill_attention(*args)
+    out = ops.prefill_attention(*args, slot_mapping=slots)
+    torch.testing.assert_close(cache.key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cache.value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(out, plain)

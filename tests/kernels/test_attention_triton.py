@@ -600,3 +600,82 @@ def test_warp_specialized_table_entries_serve_context_free_batches(monkeypatch, 
     for bound in (0, None):
         assert_matches(prefill_attention(*args, max_context_len=bound), expected, torch.float16)
     assert ws_launches == ([chosen] if cap >= 90 else [])
+
+
+# --------------------------------------------------------------------------------------------
+# slot_mapping: the KV-cache write inside the launch
+# --------------------------------------------------------------------------------------------
+
+def new_token_slots(seqs, block_tables: torch.Tensor, block_size: int, skipped=()) -> torch.Tensor:
+    """The cache slot of every new token of `seqs` ((context, new) pairs) through its table row,
+    -1 for the packed token indices in `skipped` (padding)."""
+    table = block_tables.tolist()
+    slots = [table[i][pos // block_size] * block_size + pos % block_size
+             for i, (context, new) in enumerate(seqs) for pos in range(context, context + new)]
+    for t in skipped:
+        slots[t] = -1
+    return torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+
+
+# Each query block's program stores its own rows: several diagonal tiles per block (32x16), key
+# tiles before the block in the same loop (one_loop, also with q by TMA), the launcher's own tiles,
+# head 80 as two exact tiles and padded, float32, float8 caches, and the warp-specialised kernel
+# (whose launcher runs write_kv_cache first). Contexts before the new tokens, a sequence of one
+# token, and padding tokens (slot -1) that must not be stored.
+@pytest.mark.parametrize("dtype,head_dim,tiles,cache_dtype,no_context", [
+    (torch.float16, 80, Tiles(32, 16, 4, 2), None, False),
+    (torch.float16, 80, Tiles(32, 16, 4, 2, split_head=False), None, False),
+    (torch.float16, 64, Tiles(64, 32, 4, 3, one_loop=True), None, False),
+    (torch.float16, 64, Tiles(32, 32, 4, 2, True, one_loop=True), None, True),
+    (torch.float16, 128, None, None, False),
+    (torch.float32, 80, None, None, False),
+    (torch.float16, 80, Tiles(32, 16, 4, 2), torch.float8_e4m3fn, False),
+    (torch.bfloat16, 64, Tiles(128, 32, 4, 2, warp_specialize=True), None, True)],
+    ids=["32x16-split-80", "32x16-padded-80", "one-loop", "one-loop-tma-no-ctx", "own-tiles-128", "fp32",
+         "fp8-cache", "warp-specialized"])
+def test_slot_mapping_stores_each_new_token_once(nan_empty, dtype, head_dim, tiles, cache_dtype, no_context):
+    seqs = [(0 if no_context else c, n) for c, n in ((9, 70), (0, 33), (17, 1), (1, 47))]
+    args, expected = prefill_case(seqs, 8, 2, head_dim, dtype, seed=head_dim + (tiles.block_n if tiles else 0))
+    q, k, v, key_cache, value_cache = args[:5]
+    if cache_dtype is not None:   # the context as a float8 cache holds it, NaN elsewhere as before
+        key_cache, value_cache = key_cache.to(cache_dtype), value_cache.to(cache_dtype)
+        args = (*args[:3], key_cache, value_cache, *args[5:])
+    slots = new_token_slots(seqs, args[7], 8, skipped=(5, 71))
+    expect_k, expect_v = key_cache.clone(), value_cache.clone()
+    attention.write_kv_cache_ref(k, v, expect_k, expect_v, slots)
+    bound = 0 if no_context else None
+    extra = {} if tiles is None else dict(tiles=tiles)
+    plain = prefill_attention(*args, max_context_len=bound, **extra)
+    out = prefill_attention(*args, max_context_len=bound, slot_mapping=slots, **extra)
+    torch.testing.assert_close(key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
+    # the write changes nothing the attention reads: the same output as without it
+    assert torch.equal(out, plain)
+    if cache_dtype is None:
+        assert_matches(out, expected, dtype)
+
+
+def test_slot_mapping_reaches_the_kernel(monkeypatch):
+    """With slot_mapping the main kernel is compiled with its store (no write_kv_cache launch
+    beside it); without, the slot argument is None and nothing is stored."""
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    writes = []
+    monkeypatch.setattr(attention, "write_kv_cache", lambda *args: writes.append(args))
+    seqs = [(3, 20)]
+    args, _ = prefill_case(seqs, 8, 2, 64, torch.float16, seed=1)
+    slots = new_token_slots(seqs, args[7], 8)
+    prefill_attention(*args, slot_mapping=slots)
+    prefill_attention(*args)
+    (_, _, with_slots, options), (_, _, without, plain_options) = launches
+    assert with_slots[15] is slots and options["WRITE_KV"] is True
+    assert without[15] is None and plain_options["WRITE_KV"] is False
+    assert writes == []
+
+
+@pytest.mark.parametrize("bad", ["short", "int32"])
+def test_slot_mapping_is_checked(bad):
+    args, _ = prefill_case([(0, 20)], 8, 1, 64, torch.float16, seed=2)
+    slots = torch.arange(20, device=DEVICE)
+    slots = slots[:19] if bad == "short" else slots.int()
+    with pytest.raises(ValueError, match="slot_mapping"):
+        prefill_attention(*args, slot_mapping=slots)

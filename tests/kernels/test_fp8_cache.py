@@ -95,6 +95,31 @@ def test_paged_decode_splits_over_a_float8_cache():
 
 
 @pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_with_new_kv_rounds_the_current_tokens_as_the_cache_holds_them(ops, dtype):
+    """new_kv into a float8 cache: the current token is stored rounded and saturated as
+    write_kv_cache stores it, and attended to as read back from there, not at full precision."""
+    # lengths whose last position falls in a block the cache already gives the first n - 1
+    seq_lens = [1, 37, 10, 130]
+    g = gen(13)
+    q, new_keys, new_values = packed_qkv(len(seq_lens), 2, 64, g, dtype)
+    new_keys[1, 0, :2] = torch.tensor([1000.0, -1000.0], dtype=dtype)   # past float8's range
+    cache, held = float8_paged_cache([n - 1 for n in seq_lens], 8, 2, 64, dtype, g)
+    slots = torch.tensor([cache.slot(i, n - 1) for i, n in enumerate(seq_lens)], dtype=torch.int64, device=DEVICE)
+    out = ops.paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
+                                     torch.tensor(seq_lens, **I32), 0.125, new_kv=(new_keys, new_values, slots))
+    flat_k = cache.key_cache.view(-1, 2, 64)
+    assert flat_k[slots[1], 0, :2].float().tolist() == [448.0, -448.0]
+    expected = []
+    for i, (n, (k, v)) in enumerate(zip(seq_lens, held)):
+        k = torch.cat([k, fp8(new_keys[i:i + 1]).double()])
+        v = torch.cat([v, fp8(new_values[i:i + 1]).double()])
+        assert torch.equal(bits(flat_k[slots[i]]), bits(fp8(new_keys[i])))
+        expected.append(naive_causal_attention(q[i:i + 1], k, v, 0.125, n - 1))
+    assert_close_to(out, torch.cat(expected), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("dtype,head_dim,tiles", [
     (torch.float32, 80, None), (torch.float16, 64, None), (torch.float16, 80, None),
     (torch.bfloat16, 128, None), (torch.float16, 80, attention.Tiles(32, 16, 4, 2)),

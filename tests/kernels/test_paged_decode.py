@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import (DEVICE, DTYPES, OPS, PagedCache, assert_close_to, gen, naive_causal_attention,
-                            packed_qkv, randn)
+from kernel_testing import (DEVICE, DTYPES, OPS, PagedCache, assert_close_to, fused_write_case, gen,
+                            naive_causal_attention, packed_qkv, randn)
+from opt_fast.kernels.kv_cache import write_kv_cache_ref
 
 
 def decode_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -82,3 +83,26 @@ def test_decode_of_last_token_equals_last_row_of_prefill(ops, dtype, block_size,
     torch.testing.assert_close(chunked, full[-1:], atol=atol, rtol=rtol)
     expected = naive_causal_attention(q, k, v, scale, query_start=0)
     assert_close_to(full, expected, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,head_dim", [(8, 64), (16, 80), (32, 128)])
+def test_decode_with_new_kv_stores_then_reads_the_current_tokens(ops, dtype, block_size, head_dim):
+    """new_kv: the step's KV write inside the decode op. The current tokens land in their slots
+    exactly as write_kv_cache puts them, nothing else in the cache changes, and the output is
+    attention over every position, the current one included."""
+    seq_lens = [1, block_size, block_size + 1, 37, 2 * block_size + 3]
+    q, cache, new_kv, keys, values = fused_write_case(seq_lens, block_size, 3, head_dim, dtype,
+                                                      seed=block_size + head_dim)
+    expect_k, expect_v = cache.key_cache.clone(), cache.value_cache.clone()
+    write_kv_cache_ref(*new_kv[:2], expect_k, expect_v, new_kv[2])
+    scale = head_dim ** -0.5
+    out = ops.paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
+                                     torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), scale,
+                                     new_kv=new_kv)
+    torch.testing.assert_close(cache.key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cache.value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
+    expected = torch.cat([naive_causal_attention(q[i:i + 1], keys[i], values[i], scale, query_start=n - 1)
+                          for i, n in enumerate(seq_lens)])
+    assert_close_to(out, expected, dtype, scale=1.0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import (DEVICE, PagedCache, assert_close_to, gen, naive_causal_attention, packed_qkv, randn,
-                            record_launches)
+from kernel_testing import (DEVICE, PagedCache, assert_close_to, fused_write_case, gen, naive_causal_attention,
+                            packed_qkv, randn, record_launches)
 from opt_fast.kernels import kv_cache, paged_decode
 from opt_fast.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
@@ -127,6 +127,42 @@ def test_zero_length_rows_give_zeros(monkeypatch):
         assert bool(merges) == merged
         assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
         assert_close_to(out[1:2], expected[1:2], torch.float32, scale=1.0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_new_kv_is_folded_in_by_the_split_that_holds_it(num_splits):
+    """With new_kv the current token is read from registers by the one split whose range holds
+    the last position, wherever that is (first, middle or last split, or a split boundary), and
+    its slot is written once. Zero-length padding rows (slot -1) write nothing and get zeros;
+    the sequences' poisoned table padding and spare blocks stay NaN."""
+    seq_lens = [0, 64, 65, 1, 200, 0, 127]
+    q, cache, new_kv, keys, values = fused_write_case(seq_lens, 8, 2, 64, torch.float16, seed=num_splits)
+    before_k = cache.key_cache.clone()
+    out = decode(q, cache, seq_lens, new_kv=new_kv, num_splits=num_splits, block_n=8)
+    written = torch.zeros(cache.key_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    for i, n in enumerate(seq_lens):
+        if n:
+            b, o = divmod(cache.slot(i, n - 1), 8)
+            written[b, o] = True
+            assert torch.equal(cache.key_cache[b, o], new_kv[0][i])
+            assert torch.equal(cache.value_cache[b, o], new_kv[1][i])
+    torch.testing.assert_close(cache.key_cache[~written], before_k[~written], atol=0, rtol=0, equal_nan=True)
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+        else:
+            expected = naive_causal_attention(q[i:i + 1], keys[i], values[i], 64 ** -0.5, n - 1)
+            assert_close_to(out[i:i + 1], expected, torch.float16, scale=1.0)
+
+
+def test_new_kv_is_checked():
+    q, cache, new_kv, _, _ = fused_write_case([5, 9], 8, 2, 64, torch.float16, seed=1)
+    keys, values, slots = new_kv
+    for bad, match in (((keys[:1], values, slots), "new_kv keys and values"),
+                       ((keys, values.float(), slots), "new_kv keys and values"),
+                       ((keys, values, slots.int()), "slot_mapping"), ((keys, values, slots[:1]), "slot_mapping")):
+        with pytest.raises(ValueError, match=match):
+            decode(q, cache, [5, 9], new_kv=bad)
 
 
 def test_empty_batch():

@@ -339,9 +339,9 @@ def test_prefill_attention_gets_the_hosts_context_bound(tiny_model_dir):
         attn = layer.self_attn
         real = attn.ops.prefill_attention
 
-        def spy(*args, max_context_len=None, real=real):
+        def spy(*args, max_context_len=None, real=real, **kwargs):
             seen.append((max_context_len, int(args[6].max())))
-            return real(*args, max_context_len=max_context_len)
+            return real(*args, max_context_len=max_context_len, **kwargs)
         attn.ops = dataclasses.replace(attn.ops, prefill_attention=spy)
     for i, p in enumerate(prompts(3, seed=9, low=30, high=60)):
         eng.add_request(str(i), p, GREEDY)

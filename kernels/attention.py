@@ -36,7 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
-from .kv_cache import FP8, check_cache_dtype, gather_cached_kv, to_cache, write_kv_cache, write_kv_cache_ref
+from .kv_cache import (FP8, check_cache_dtype, gather_cached_kv, slot_offset, to_cache, write_kv_cache,
+                       write_kv_cache_ref)
 from .launch_math import next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -105,7 +106,7 @@ def _store_new_rows(slot_ptr,          # [q_len] int64 cache slot of each of the
     _load_head tiles, in the caches at their slots, rounded as write_kv_cache rounds them."""
     slots = tl.load(slot_ptr + offs, mask=rows_ok, other=-1)
     keep = rows_ok & (slots >= 0)
-    rows = (slots // BLOCK_SIZE) * stride_cb + (slots % BLOCK_SIZE) * stride_cs + head_offset
+    rows = slot_offset(slots, BLOCK_SIZE, stride_cb, stride_cs) + head_offset
     cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
     # cache rows start 16-byte aligned (the launcher checks it), as for the context loads
     key_rows, value_rows = tl.multiple_of(key_cache_ptr + rows, 16), tl.multiple_of(value_cache_ptr + rows, 16)

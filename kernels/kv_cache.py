@@ -50,6 +50,14 @@ def to_cache(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def slot_offset(slot, block_size, stride_cb, stride_cs):
+    """Element offset of flat cache slot `slot` (int64: block * block_size + position in it) in
+    a [num_blocks, block_size, ...] cache of those strides; shared by every kernel that stores
+    new tokens."""
+    return (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr,            # [tokens, heads, head_dim] new keys, any strides
     value_ptr,          # [tokens, heads, head_dim] new values, any strides
@@ -77,7 +85,7 @@ def _write_kv_cache_kernel(
                   mask=mask)
     value = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
                     mask=mask)
-    dst = ((slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+    dst = (slot_offset(slot, block_size, stride_cb, stride_cs)
            + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd)
     tl.store(key_cache_ptr + dst, to_cache(key, key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + dst, to_cache(value, value_cache_ptr.dtype.element_ty), mask=mask)

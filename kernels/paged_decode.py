@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import FP8, check_cache_pair, to_cache, write_kv_cache, write_kv_cache_ref
+from .kv_cache import FP8, check_cache_pair, slot_offset, to_cache, write_kv_cache, write_kv_cache_ref
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -209,7 +209,7 @@ def _store_and_fold_new_token(key_ptr,     # [head_dim] the current token's key 
     slot = tl.load(slot_ptr)
     # A negative slot (a padding row) stores nothing: every lane's mask is off, whatever address
     # the division gives.
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + head_offset + offs_d * stride_cd
+    dst = slot_offset(slot, BLOCK_SIZE, stride_cb, stride_cs) + head_offset + offs_d * stride_cd
     keep = d_mask & STORE & (slot >= 0)
     tl.store(key_cache_ptr + dst, key, mask=keep)
     tl.store(value_cache_ptr + dst, value, mask=keep)

@@ -460,15 +460,18 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence in the packed tokens; context_lens: `[seqs]` int32 tokens already cached before the
     new ones; block_tables: `[seqs, max_blocks]` int32. Returns `[tokens, heads, head_dim]`.
     max_context_len (the launcher's host-side bound of context_lens) is not needed here: the
-    reference reads the lengths. slot_mapping: `[tokens]` int64; where given, k and v are also
-    stored in the caches at these slots (negative: not stored), as `write_kv_cache_ref` stores
-    them. The new tokens' attention reads them from k and v, never back from the cache, so the
-    slots must lie past every sequence's context, as the engine's do.
+    reference reads the lengths. slot_mapping: `[tokens]` int64; where given, the k and v of
+    every token of a sequence (tokens before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong
+    to none) are also stored in the caches at these slots (negative: not stored), as
+    `write_kv_cache_ref` stores them. The new tokens' attention reads them from k and v, never
+    back from the cache, so no slot may hold context that a sequence of the batch reads (the
+    engine's slots lie past each sequence's context, and it shares only full blocks).
     """
-    if slot_mapping is not None:
-        write_kv_cache_ref(k, v, key_cache, value_cache, slot_mapping)
-    out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
+    if slot_mapping is not None:
+        first, end = starts[0], starts[-1]
+        write_kv_cache_ref(k[first:end], v[first:end], key_cache, value_cache, slot_mapping[first:end])
+    out = torch.empty_like(q)
     for i, context in enumerate(context_lens.tolist()):
         s, e = starts[i], starts[i + 1]
         keys, values = k[s:e], v[s:e]
@@ -774,8 +777,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     warp-specialised override is replaced as a whole by the main kernel's default tiles. Raises
     ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the
     choices the kernel supports, or on a max_context_len that is not None or an int >= 0.
-    `slot_mapping` (`[tokens]` int64, as `prefill_attention_ref` takes it): the KV-cache write
-    of k and v runs inside this launch, each query block's program storing its own rows.
+    `slot_mapping` (`[tokens]` int64, as `prefill_attention_ref` takes it, with its limits): the
+    KV-cache write of k and v runs inside this launch, each query block's program storing its
+    own rows.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
     if slot_mapping is not None and (slot_mapping.shape != (q.shape[0],) or slot_mapping.dtype != torch.int64
@@ -791,11 +795,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tokens, heads, head_dim = q.shape
     seqs = context_lens.shape[0]
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
-    if tokens == 0:
-        return out
-    if seqs == 0:   # no sequence to attend for, but the slots may still name cache rows
-        if slot_mapping is not None:
-            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+    if tokens == 0 or seqs == 0:   # without sequences no token is stored either
         return out
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0)

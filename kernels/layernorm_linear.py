@@ -56,12 +56,14 @@ def layernorm_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bia
     Serves the fused QKV projection (`weight` is `[3*hidden, hidden]`) and fc1 + ReLU.
     """
     h = x if ln_weight is None else layer_norm_ref(x, ln_weight, ln_bias, eps)
-    if relu:
-        # fc1 + ReLU as one GEMM: on CUDA the ReLU rides cuBLASLt's bias epilogue (one kernel per
-        # layer fewer than F.linear then relu_; same values, as rounding keeps signs). Where
-        # cuBLASLt cannot take the shapes, torch falls back to the GEMM and a separate ReLU.
+    if relu and bias is not None and h.dim() == 2:
+        # fc1 + ReLU as one GEMM: on CUDA the ReLU rides cuBLASLt's bias epilogue, one kernel
+        # per layer fewer than F.linear then relu_ (the ReLU itself commutes with the rounding;
+        # cuBLASLt may pick another GEMM algorithm than F.linear's, not compared on a GPU yet).
+        # Where cuBLASLt cannot take the shapes, torch runs the GEMM and a separate ReLU.
         return torch._addmm_activation(bias, h, weight.t())
-    return F.linear(h, weight, bias)
+    out = F.linear(h, weight, bias)
+    return torch.relu_(out) if relu else out
 
 
 def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import FP8, check_cache_pair, slot_offset, to_cache, write_kv_cache, write_kv_cache_ref
+from .kv_cache import (FP8, check_cache_pair, slot_offset, to_cache, to_cache_ref, write_kv_cache,
+                       write_kv_cache_ref)
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -201,8 +202,8 @@ def _store_and_fold_new_token(key_ptr,     # [head_dim] the current token's key 
     """The KV-cache write of a decode step, fused into its attention: where STORE (one split
     per sequence and head), the current token's key and value go to their slot, rounded to the
     cache's dtype; where FOLD (the split whose range holds the last position), the same rounded
-    values join the online softmax as one more key, exactly what reading them back would give.
-    Returns (acc, m_i, l_i)."""
+    values join the online softmax as that position's key, exactly what reading them back
+    would give. Returns (acc, m_i, l_i)."""
     cache_dtype: tl.constexpr = key_cache_ptr.dtype.element_ty
     key = to_cache(tl.load(key_ptr + offs_d * stride_kd, mask=d_mask, other=0.0), cache_dtype)
     value = to_cache(tl.load(value_ptr + offs_d * stride_vd, mask=d_mask, other=0.0), cache_dtype)
@@ -496,20 +497,29 @@ def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_c
     sequence, the current token's included. Returns `[seqs, heads, head_dim]`.
 
     new_kv: (key, value, slot_mapping) of the current tokens, `[seqs, heads, head_dim]` twice and
-    `[seqs]` int64: first stored in the caches as `write_kv_cache_ref` stores them, then read
-    like every other key. Each slot must be where its sequence's block table puts position
-    seq_lens[i] - 1 (negative: not stored), as the engine's slot mapping does.
+    `[seqs]` int64: stored in the caches as `write_kv_cache_ref` stores them (a negative slot:
+    not stored), and each sequence's last position (seq_lens[i] - 1, within its table) is its
+    current token, as stored, whatever the cache holds there. So a slot >= 0 should be that
+    position, as the engine's slot mapping makes it, and no other sequence of the batch may
+    read its block (the engine shares only full blocks, never stored again): the Triton op
+    stores in the same launch that reads.
 
     Gathers every sequence's blocks (vLLM's `ref_paged_attn` idea), batched: slots past a
     sequence's length are zeroed, not just masked, so NaN garbage there cannot leak in via 0*NaN.
     """
-    if new_kv is not None:
-        write_kv_cache_ref(*new_kv[:2], key_cache, value_cache, new_kv[2])
     seqs, max_blocks = block_tables.shape
     block_size = key_cache.shape[1]
     table = block_tables.long()
+    if new_kv is not None:
+        write_kv_cache_ref(*new_kv[:2], key_cache, value_cache, new_kv[2])
     keys = key_cache[table].flatten(1, 2).float()      # [seqs, max_blocks*block_size, heads, dim]
     values = value_cache[table].flatten(1, 2).float()
+    if new_kv is not None and keys.shape[1]:
+        # the current tokens as the cache holds them, at each sequence's last position
+        last = (seq_lens.long().clamp(max=keys.shape[1]) - 1).clamp(min=0)
+        rows = torch.arange(seqs, device=q.device)
+        keys[rows, last] = to_cache_ref(new_kv[0], key_cache.dtype).float()
+        values[rows, last] = to_cache_ref(new_kv[1], value_cache.dtype).float()
     valid = torch.arange(max_blocks * block_size, device=q.device)[None, :] < seq_lens[:, None]
     keys = torch.where(valid[:, :, None, None], keys, 0.0)
     values = torch.where(valid[:, :, None, None], values, 0.0)

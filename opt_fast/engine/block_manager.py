@@ -16,6 +16,10 @@ the keys of blocks that followed its old contents can never match again.
 A freed block keeps its entry until the pool hands it out again. The pool gives out blocks never
 entered first, then the least recently freed; a sequence's blocks are freed tail first, so the
 start of a prompt, the part other requests share, stays cached longest.
+
+Only full blocks are shared, and a full block is never written again. The attention kernels
+rely on it: they store a step's new keys and values in the same launch that reads other
+sequences' blocks, so a block being written must belong to its sequence alone.
 """
 from __future__ import annotations
 

@@ -151,23 +151,27 @@ class PagedCache:
 
 
 def fused_write_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype,
-                     seed: int):
+                     seed: int, unstored: tuple[int, ...] = ()):
     """A decode step's inputs with its KV write (new_kv): each sequence's cache holds all its
-    tokens but the last, whose slot stays NaN; the last token's key and value come strided
-    from a packed qkv, as the model passes them, with its slot (-1 for a zero-length padding
-    row, which only the Triton op takes). Returns (q, cache, new_kv, keys, values), the keys
-    and values of every position."""
+    tokens but the last, whose slot stays NaN; the last token's key comes strided from a packed
+    qkv, as the model passes it, its value from a tensor of other strides, with its slot (-1
+    for a zero-length padding row, which only the Triton op takes). The rows in `unstored` get
+    slot -1 and hold some other value at their last position in the cache: the op must attend
+    to their new token all the same, and store nothing. Returns (q, cache, new_kv, keys,
+    values), the keys and values the op attends to at every position."""
     g = gen(seed)
     q, new_keys, new_values = packed_qkv(len(seq_lens), heads, head_dim, g, dtype)
+    new_values = new_values.contiguous()
     cache = PagedCache(seq_lens, block_size, heads, head_dim, dtype, g)
     keys, values, slots = [], [], []
     for i, n in enumerate(seq_lens):
-        old_k = randn(max(n - 1, 0), heads, head_dim, g=g, dtype=dtype)
-        old_v = randn(max(n - 1, 0), heads, head_dim, g=g, dtype=dtype)
+        held = n if i in unstored else max(n - 1, 0)
+        old_k = randn(held, heads, head_dim, g=g, dtype=dtype)
+        old_v = randn(held, heads, head_dim, g=g, dtype=dtype)
         cache.store(i, old_k, old_v)
-        keys.append(torch.cat([old_k, new_keys[i:i + 1]])[:n])
-        values.append(torch.cat([old_v, new_values[i:i + 1]])[:n])
-        slots.append(cache.slot(i, n - 1) if n else -1)
+        keys.append(torch.cat([old_k[:n - 1], new_keys[i:i + 1]])[:n])
+        values.append(torch.cat([old_v[:n - 1], new_values[i:i + 1]])[:n])
+        slots.append(cache.slot(i, n - 1) if n and i not in unstored else -1)
     return q, cache, (new_keys, new_values, torch.tensor(slots, dtype=torch.int64, device=DEVICE)), keys, values
 
 

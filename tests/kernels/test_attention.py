@@ -117,3 +117,22 @@ def test_prefill_with_slot_mapping_stores_the_new_tokens(ops, dtype):
     torch.testing.assert_close(cache.key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(cache.value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
     assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_prefill_stores_only_the_tokens_of_its_sequences(ops):
+    """Tokens packed before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence:
+    their slots are not written, even where they are >= 0."""
+    g = gen(12)
+    q, k, v = packed_qkv(40, 1, 64, g, torch.float32)
+    key_cache = torch.full((8, 8, 1, 64), float("nan"), device=DEVICE)
+    value_cache = key_cache.clone()
+    slots = torch.arange(40, dtype=torch.int64, device=DEVICE)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    tables = torch.tensor([[0, 1], [2, 3]], **i32)
+    # sequences at tokens 5..15 and 15..30, in blocks 0-1 and 2-3: slots 5..29 are theirs
+    ops.prefill_attention(q, k, v, key_cache, value_cache, torch.tensor([5, 15, 30], **i32),
+                          torch.zeros(2, **i32), tables, 0.125, slot_mapping=slots)
+    flat_k, flat_v = key_cache.view(-1, 1, 64), value_cache.view(-1, 1, 64)
+    assert torch.equal(flat_k[5:30], k[5:30]) and torch.equal(flat_v[5:30], v[5:30])
+    assert flat_k[:5].isnan().all() and flat_k[30:].isnan().all() and flat_v[30:].isnan().all()

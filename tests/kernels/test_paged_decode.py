@@ -91,10 +91,11 @@ def test_decode_of_last_token_equals_last_row_of_prefill(ops, dtype, block_size,
 def test_decode_with_new_kv_stores_then_reads_the_current_tokens(ops, dtype, block_size, head_dim):
     """new_kv: the step's KV write inside the decode op. The current tokens land in their slots
     exactly as write_kv_cache puts them, nothing else in the cache changes, and the output is
-    attention over every position, the current one included."""
+    attention over every position, the current one included; a row with slot -1 stores
+    nothing and still attends to its current token, not to what the cache holds there."""
     seq_lens = [1, block_size, block_size + 1, 37, 2 * block_size + 3]
     q, cache, new_kv, keys, values = fused_write_case(seq_lens, block_size, 3, head_dim, dtype,
-                                                      seed=block_size + head_dim)
+                                                      seed=block_size + head_dim, unstored=(3,))
     expect_k, expect_v = cache.key_cache.clone(), cache.value_cache.clone()
     write_kv_cache_ref(*new_kv[:2], expect_k, expect_v, new_kv[2])
     scale = head_dim ** -0.5

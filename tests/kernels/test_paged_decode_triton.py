@@ -133,16 +133,18 @@ def test_zero_length_rows_give_zeros(monkeypatch):
 def test_new_kv_is_folded_in_by_the_split_that_holds_it(num_splits):
     """With new_kv the current token is read from registers by the one split whose range holds
     the last position, wherever that is (first, middle or last split, or a split boundary), and
-    its slot is written once. Zero-length padding rows (slot -1) write nothing and get zeros;
-    the sequences' poisoned table padding and spare blocks stay NaN."""
+    its slot is written once. Zero-length rows get zeros: a padding row (slot -1) writes
+    nothing, one with a slot stores there all the same (as the reference would); the sequences'
+    poisoned table padding and spare blocks stay NaN."""
     seq_lens = [0, 64, 65, 1, 200, 0, 127]
     q, cache, new_kv, keys, values = fused_write_case(seq_lens, 8, 2, 64, torch.float16, seed=num_splits)
+    new_kv[2][5] = cache.slot(5, 0)     # a block the zero-length row holds
     before_k = cache.key_cache.clone()
     out = decode(q, cache, seq_lens, new_kv=new_kv, num_splits=num_splits, block_n=8)
     written = torch.zeros(cache.key_cache.shape[:2], dtype=torch.bool, device=DEVICE)
     for i, n in enumerate(seq_lens):
-        if n:
-            b, o = divmod(cache.slot(i, n - 1), 8)
+        if n or i == 5:
+            b, o = divmod(int(new_kv[2][i]), 8)
             written[b, o] = True
             assert torch.equal(cache.key_cache[b, o], new_kv[0][i])
             assert torch.equal(cache.value_cache[b, o], new_kv[1][i])
@@ -153,6 +155,19 @@ def test_new_kv_is_folded_in_by_the_split_that_holds_it(num_splits):
         else:
             expected = naive_causal_attention(q[i:i + 1], keys[i], values[i], 64 ** -0.5, n - 1)
             assert_close_to(out[i:i + 1], expected, torch.float16, scale=1.0)
+
+
+def test_new_kv_is_stored_where_the_table_has_no_column():
+    """With block tables of no columns nothing is read, but the current tokens still go to
+    their slots (the reference stores them before it reads)."""
+    q, cache, new_kv, _, _ = fused_write_case([3, 5], 8, 2, 64, torch.float32, seed=4)
+    expect_k, expect_v = cache.key_cache.clone(), cache.value_cache.clone()
+    kv_cache.write_kv_cache_ref(*new_kv[:2], expect_k, expect_v, new_kv[2])
+    out = paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables[:, :0],
+                                 torch.tensor([3, 5], **I32), 0.125, new_kv=new_kv)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(cache.key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cache.value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
 
 
 def test_new_kv_is_checked():

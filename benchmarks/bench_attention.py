@@ -6,7 +6,8 @@ has no padding and both sides do the same causal work. Ours reads q, k, v as the
 them (strided views into one packed [tokens, 3, heads, head_dim] tensor); SDPA gets contiguous
 [batch, heads, L, head_dim] tensors, its best case. flops count the causal half of QK^T and PV;
 bytes_moved counts q, k, v read once and the output written. The goal on H100/H200 is >= 0.9x
-SDPA's time at every shape.
+SDPA's time at every shape. A second group times the kernel with the KV-cache write inside it
+(slot_mapping, as the model runs it) beside write_kv_cache and then the kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from benchmarking import DEVICE, ON_GPU, run_benchmark, shapes
 from opt_fast.kernels.attention import prefill_attention
+from opt_fast.kernels.kv_cache import write_kv_cache
 
 HEADS = {"opt-1.3b": (32, 64), "opt-6.7b": (32, 128), "opt-13b": (40, 128)}
 CASES = shapes(
@@ -61,4 +63,42 @@ def test_prefill_attention(benchmark, roofline, case, impl):
             return prefill_attention(q, k, v, key_cache, value_cache, cu_seqlens, context_lens,
                                      block_tables, scale, max_context_len=0)
     run_benchmark(benchmark, fn, bytes_moved=4 * elements * DTYPE.itemsize,
+                  flops=4 * batch * heads * head_dim * length ** 2 // 2, roofline=roofline, impl=impl)
+
+
+# The prefill step's KV write inside the kernel ("triton", slot_mapping) beside write_kv_cache and
+# then the kernel ("triton_write_then_attend"): fresh prompts at 6.7B, short and long.
+WRITE_CASES = shapes(gpu=[("opt-6.7b", 32, 128, 64, 128), ("opt-6.7b", 32, 128, 8, 1024)],
+                     smoke=[("tiny", 2, 64, 2, 40)])
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_write_then_attend"])
+@pytest.mark.parametrize("case", WRITE_CASES, ids=_case_id)
+def test_prefill_attention_with_kv_write(benchmark, roofline, case, impl):
+    size, heads, head_dim, batch, length = case
+    tokens = batch * length
+    elements = tokens * heads * head_dim
+    benchmark.group = f"prefill_attention {size} b{batch} L{length}, with the KV write"
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = torch.randn(tokens, 3, heads, head_dim, generator=g, device=DEVICE, dtype=DTYPE).unbind(1)
+    # each sequence's tokens in blocks of its own, scattered by a permutation, as the engine holds them
+    blocks_per_seq = -(-length // 16)
+    perm = torch.randperm(batch * blocks_per_seq, generator=g, device=DEVICE)
+    block_tables = perm.view(batch, blocks_per_seq).to(torch.int32)
+    key_cache = torch.empty((batch * blocks_per_seq, 16, heads, head_dim), device=DEVICE, dtype=DTYPE)
+    value_cache = torch.empty_like(key_cache)
+    positions = torch.arange(length, device=DEVICE)
+    slots = (block_tables.long()[:, positions // 16] * 16 + positions % 16).flatten()
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, key_cache, value_cache, torch.arange(0, tokens + 1, length, **i32), torch.zeros(batch, **i32),
+            block_tables, head_dim ** -0.5)
+    if impl == "triton":
+        def fn():
+            return prefill_attention(*args, max_context_len=0, slot_mapping=slots)
+    else:
+        def fn():
+            write_kv_cache(k, v, key_cache, value_cache, slots)
+            return prefill_attention(*args, max_context_len=0)
+    # q, k, v read, the output written, and k, v written again into the cache
+    run_benchmark(benchmark, fn, bytes_moved=6 * elements * DTYPE.itemsize,
                   flops=4 * batch * heads * head_dim * length ** 2 // 2, roofline=roofline, impl=impl)

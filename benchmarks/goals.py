@@ -27,7 +27,7 @@ class Goal:
 GOALS = (
     Goal("paged decode", r"paged_decode opt-6\.7b b64 ctx1024$", None, 0.70,
          ">= 70% of the measured copy bandwidth at OPT-6.7B, batch 64, context 1024"),
-    Goal("prefill attention", r"prefill_attention ", "sdpa", 0.90, ">= 0.9x SDPA"),
+    Goal("prefill attention", r"prefill_attention \S+ b\d+ L\d+$", "sdpa", 0.90, ">= 0.9x SDPA"),
     Goal("fused LN+QKV", r"ln_qkv .* tokens=([1-9]|[1-5][0-9]|6[0-4])$", "torch", 1.10,
          ">= 1.1x F.layer_norm + F.linear at <= 64 tokens"),
     Goal("sampling", r"sampling b256 v50272$", "torch_sort", 3.00,

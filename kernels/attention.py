@@ -36,8 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
-from .kv_cache import (FP8, check_cache_dtype, gather_cached_kv, slot_offset, to_cache, write_kv_cache,
-                       write_kv_cache_ref)
+from .kv_cache import FP8, check_cache_dtype, gather_cached_kv, slot_offset, to_cache, write_kv_cache_ref
 from .launch_math import next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -380,10 +379,14 @@ def _prefill_attention_ws_kernel(
     v_ptr,             # [tokens, heads, head_dim] new values
     out_ptr,           # [tokens, heads, head_dim]
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
+    key_cache_ptr,     # WRITE_KV: [num_blocks, block_size, heads, head_dim]
+    value_cache_ptr,   # WRITE_KV: [num_blocks, block_size, heads, head_dim], the key cache's strides
+    slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
     tokens, num_seqs, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, SEQ_CHUNK: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, SEQ_CHUNK: tl.constexpr, BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr,
 ):
     """_prefill_attention_kernel for a batch with no cached context, as one warp-specialised
     loop (Triton's automatic split on sm_90: a 4-warp TMA producer feeds, through shared
@@ -427,9 +430,21 @@ def _prefill_attention_ws_kernel(
                                          True, UPCAST_DOT, 0)
 
     offs_d = tl.arange(0, D_PAD)
+    rows_ok = (offs_m >= 0) & (offs_m < q_len)
+    d_ok = offs_d < HEAD_DIM
     o_rows = _output_rows(out_ptr, q_start, head, offs_m, stride_ot, stride_oh, HEAD_DIM)
-    _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                (offs_m >= 0) & (offs_m < q_len), offs_d < HEAD_DIM, HEAD_DIM < D_PAD)
+    _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), rows_ok, d_ok, HEAD_DIM < D_PAD)
+    if WRITE_KV:
+        # The KV-cache write, fused: after the loop (a store in it would have to bring the TMA
+        # tiles out of shared memory in the consumers' instruction stream), this block's own
+        # rows once more by pointers, from L2 where the loop just read them.
+        kv_rows = (q_start + offs_m).to(tl.int64)
+        k, _ = _load_head(tl.multiple_of(k_ptr + kv_rows * stride_kt + head * stride_kh, 16), offs_d, offs_d,
+                          rows_ok, d_ok, True, HEAD_DIM < D_PAD, 0)
+        v, _ = _load_head(tl.multiple_of(v_ptr + kv_rows * stride_vt + head * stride_vh, 16), offs_d, offs_d,
+                          rows_ok, d_ok, True, HEAD_DIM < D_PAD, 0)
+        _store_new_rows(slot_ptr + q_start, offs_m, rows_ok, key_cache_ptr, value_cache_ptr, head * stride_ch,
+                        stride_cb, stride_cs, k, k, v, v, offs_d, offs_d, d_ok, HEAD_DIM < D_PAD, 0, BLOCK_SIZE)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -808,9 +823,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.warp_specialize:
-        if slot_mapping is not None:   # its loop reads K/V by TMA, never into registers to store
-            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
-        _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
+        _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache,
+                                 slot_mapping)
         return out
     descs = [None] * 6
     if tiles.tma:
@@ -836,16 +850,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, grid: tuple) -> None:
+def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, grid: tuple,
+                             key_cache, value_cache, slot_mapping) -> None:
     tokens, _, head_dim = q.shape
 
     def launch():
         _prefill_attention_ws_kernel[grid](
-            q, k, v, out, cu_seqlens_q, tokens, cu_seqlens_q.shape[0] - 1, scale * _LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, SEQ_CHUNK=_SEQ_CHUNK,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            q, k, v, out, cu_seqlens_q, key_cache, value_cache, slot_mapping, tokens, cu_seqlens_q.shape[0] - 1,
+            scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+            UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, SEQ_CHUNK=_SEQ_CHUNK,
+            BLOCK_SIZE=key_cache.shape[1], WRITE_KV=slot_mapping is not None, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
     if q.is_cuda:
         # The kernel builds its TMA descriptors on the device, in scratch memory that Triton asks
         # its allocator for at launch. Ours is set in a copy of the context (Triton keeps the
@@ -969,22 +986,31 @@ def compile_specs() -> list:
         chosen = list(dict.fromkeys(t for (_, table_pad), t in _WS_TILES_SM90.items()
                                     if table_pad == pad and t not in candidates))
         for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
-            specs += [_ws_spec(dtype, head_dim, tiles) for tiles in candidates + chosen for dtype in ("fp16", "bf16")]
+            # with the store (the engine), and without (the sweep and the benchmarks)
+            specs += [_ws_spec(dtype, head_dim, tiles, write_kv) for tiles in candidates + chosen
+                      for dtype in ("fp16", "bf16") for write_kv in (True, False)]
     return specs
 
 
-def _ws_spec(dtype: str, head_dim: int, tiles: Tiles):
-    """The compile-check specialisation of _prefill_attention_ws_kernel at `tiles`."""
+def _ws_spec(dtype: str, head_dim: int, tiles: Tiles, write_kv: bool):
+    """The compile-check specialisation of _prefill_attention_ws_kernel at `tiles` (block size
+    16 where it stores the new tokens)."""
     from .compile_check import CompileSpec
-    signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    signature.update(cu_seqlens_ptr="*i32", tokens="i32", num_seqs="i32", qk_scale="fp32")
+    signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr",
+                                                 "key_cache_ptr", "value_cache_ptr")}
+    signature.update(cu_seqlens_ptr="*i32", slot_ptr="*i64" if write_kv else "constexpr", tokens="i32",
+                     num_seqs="i32", qk_scale="fp32")
     signature.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
-                                                "stride_vh", "stride_ot", "stride_oh")})
+                                                "stride_vh", "stride_ot", "stride_oh", "stride_cb", "stride_cs",
+                                                "stride_ch")})
     constexprs = dict(HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
-                      BLOCK_N=tiles.block_n, UPCAST_DOT=False, SEQ_CHUNK=_SEQ_CHUNK)
+                      BLOCK_N=tiles.block_n, UPCAST_DOT=False, SEQ_CHUNK=_SEQ_CHUNK, BLOCK_SIZE=16,
+                      WRITE_KV=write_kv)
     signature.update({name: "constexpr" for name in constexprs})
+    if not write_kv:
+        constexprs["slot_ptr"] = None
     label = (f"ws d{head_dim} {dtype} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}"
-             f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}")
+             f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}{'' if write_kv else ' no-write'}")
     # row strides of OPT's packed qkv and of the output are multiples of 16 elements
     return CompileSpec(_prefill_attention_ws_kernel, label, signature, constexprs, uses_mma=True, uses_tma=True,
                        uses_warp_specialize=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -466,9 +466,9 @@ def ws_launches(monkeypatch):
     launched = []
     real = attention._launch_warp_specialized
 
-    def recording(q, k, v, out, cu_seqlens_q, scale, tiles, grid):
+    def recording(q, k, v, out, cu_seqlens_q, scale, tiles, grid, *caches_and_slots):
         launched.append(tiles)
-        return real(q, k, v, out, cu_seqlens_q, scale, tiles, grid)
+        return real(q, k, v, out, cu_seqlens_q, scale, tiles, grid, *caches_and_slots)
     monkeypatch.setattr(attention, "_launch_warp_specialized", recording)
     return launched
 
@@ -620,7 +620,7 @@ def new_token_slots(seqs, block_tables: torch.Tensor, block_size: int, skipped=(
 # Each query block's program stores its own rows: several diagonal tiles per block (32x16), key
 # tiles before the block in the same loop (one_loop, also with q by TMA), the launcher's own tiles,
 # head 80 as two exact tiles and padded, float32, float8 caches, and the warp-specialised kernel
-# (whose launcher runs write_kv_cache first). Contexts before the new tokens, a sequence of one
+# (which stores its block's rows after its loop). Contexts before the new tokens, a sequence of one
 # token, and padding tokens (slot -1) that must not be stored.
 @pytest.mark.parametrize("dtype,head_dim,tiles,cache_dtype,no_context", [
     (torch.float16, 80, Tiles(32, 16, 4, 2), None, False),
@@ -630,10 +630,12 @@ def new_token_slots(seqs, block_tables: torch.Tensor, block_size: int, skipped=(
     (torch.float16, 128, None, None, False),
     (torch.float32, 80, None, None, False),
     (torch.float16, 80, Tiles(32, 16, 4, 2), torch.float8_e4m3fn, False),
-    (torch.bfloat16, 64, Tiles(128, 32, 4, 2, warp_specialize=True), None, True)],
+    (torch.bfloat16, 64, Tiles(128, 32, 4, 2, warp_specialize=True), None, True),
+    (torch.float16, 80, Tiles(128, 64, 4, 2, warp_specialize=True), torch.float8_e4m3fn, True)],
     ids=["32x16-split-80", "32x16-padded-80", "one-loop", "one-loop-tma-no-ctx", "own-tiles-128", "fp32",
-         "fp8-cache", "warp-specialized"])
-def test_slot_mapping_stores_each_new_token_once(nan_empty, dtype, head_dim, tiles, cache_dtype, no_context):
+         "fp8-cache", "warp-specialized", "warp-specialized-80-fp8"])
+def test_slot_mapping_stores_each_new_token_once(nan_empty, ws_launches, dtype, head_dim, tiles, cache_dtype,
+                                                 no_context):
     seqs = [(0 if no_context else c, n) for c, n in ((9, 70), (0, 33), (17, 1), (1, 47))]
     args, expected = prefill_case(seqs, 8, 2, head_dim, dtype, seed=head_dim + (tiles.block_n if tiles else 0))
     q, k, v, key_cache, value_cache = args[:5]
@@ -651,16 +653,15 @@ def test_slot_mapping_stores_each_new_token_once(nan_empty, dtype, head_dim, til
     torch.testing.assert_close(value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
     # the write changes nothing the attention reads: the same output as without it
     assert torch.equal(out, plain)
+    assert bool(ws_launches) == bool(tiles and tiles.warp_specialize)
     if cache_dtype is None:
         assert_matches(out, expected, dtype)
 
 
 def test_slot_mapping_reaches_the_kernel(monkeypatch):
-    """With slot_mapping the main kernel is compiled with its store (no write_kv_cache launch
-    beside it); without, the slot argument is None and nothing is stored."""
+    """With slot_mapping the main kernel is compiled with its store; without, the slot argument
+    is None and nothing is stored."""
     launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
-    writes = []
-    monkeypatch.setattr(attention, "write_kv_cache", lambda *args: writes.append(args))
     seqs = [(3, 20)]
     args, _ = prefill_case(seqs, 8, 2, 64, torch.float16, seed=1)
     slots = new_token_slots(seqs, args[7], 8)
@@ -669,7 +670,6 @@ def test_slot_mapping_reaches_the_kernel(monkeypatch):
     (_, _, with_slots, options), (_, _, without, plain_options) = launches
     assert with_slots[15] is slots and options["WRITE_KV"] is True
     assert without[15] is None and plain_options["WRITE_KV"] is False
-    assert writes == []
 
 
 @pytest.mark.parametrize("bad", ["short", "int32"])

@@ -112,6 +112,6 @@ def test_warp_specialized_specs_are_checked_for_the_split():
     verdicts = _passes_and_fails(
         "from opt_fast.kernels import attention, compile_check as cc\n"
         "from opt_fast.kernels.attention import Tiles\n",
-        "attention._ws_spec('fp16', 128, attention.WS_CANDIDATES[128][0])",
-        "attention._ws_spec('fp16', 64, Tiles(32, 16, 4, 2, warp_specialize=True))")
+        "attention._ws_spec('fp16', 128, attention.WS_CANDIDATES[128][0], True)",
+        "attention._ws_spec('fp16', 64, Tiles(32, 16, 4, 2, warp_specialize=True), True)")
     assert verdicts[:2] == ("True", "False") and "not warp-specialised" in verdicts[2]

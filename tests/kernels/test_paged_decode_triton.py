@@ -170,6 +170,24 @@ def test_new_kv_is_stored_where_the_table_has_no_column():
     torch.testing.assert_close(cache.value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
 
 
+def test_new_kv_with_a_length_past_the_table_takes_its_last_position():
+    """A length longer than the table row (clamped) makes the table's last position the
+    current token, in the kernel as in the reference."""
+    q, cache, new_kv, _, _ = fused_write_case([9, 17], 8, 2, 64, torch.float32, seed=6)
+    width = cache.block_tables.shape[1] * 8
+    new_kv[2][1] = cache.slot(1, width - 1)
+    lens = torch.tensor([9, width + 5], **I32)
+    ref_k, ref_v = cache.key_cache.clone(), cache.value_cache.clone()
+    ref_k[ref_k.isnan()] = 0.0    # the reference reads the poisoned padding the table points at
+    ref_v[ref_v.isnan()] = 0.0
+    expected = paged_decode.paged_decode_attention_ref(q, ref_k, ref_v, cache.block_tables, lens, 0.125,
+                                                       new_kv=new_kv)
+    zeroed_k, zeroed_v = cache.key_cache.nan_to_num(0.0), cache.value_cache.nan_to_num(0.0)
+    out = paged_decode_attention(q, zeroed_k, zeroed_v, cache.block_tables, lens, 0.125, new_kv=new_kv)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zeroed_k, ref_k, atol=0, rtol=0)
+
+
 def test_new_kv_is_checked():
     q, cache, new_kv, _, _ = fused_write_case([5, 9], 8, 2, 64, torch.float16, seed=1)
     keys, values, slots = new_kv

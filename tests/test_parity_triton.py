@@ -63,3 +63,24 @@ def test_triton_on_cpu_says_how_to_switch_the_interpreter_on():
     early = subprocess.run([sys.executable, "-c", script.format("opt_fast", "triton")], env=env,
                            capture_output=True, text=True, timeout=120)
     assert early.returncode == 0, early.stderr[-2000:]
+
+
+def test_the_model_stores_keys_and_values_through_its_attentions(tiny_model_dir, monkeypatch):
+    """With the Triton kernels a step launches no write_kv_cache kernel: prefill and decode
+    attention store the new keys and values themselves (a prompt chunked over several steps,
+    then decodes, all reading back what the earlier steps stored)."""
+    from opt_fast.kernels import kv_cache
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the model launched write_kv_cache")
+    monkeypatch.setattr(kv_cache, "_write_kv_cache_kernel", NoLaunch())
+    llm = LLM(str(tiny_model_dir), dtype="float32", device=test_device(), kernels="triton",
+              max_num_batched_tokens=16, max_num_seqs=4)
+    torch_llm = LLM(str(tiny_model_dir), dtype="float32", device=test_device(), kernels="torch",
+                    max_num_batched_tokens=16, max_num_seqs=4)
+    prompt = list(range(4, 44))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    [ours], [reference] = llm.generate([prompt], greedy, use_tqdm=False), torch_llm.generate([prompt], greedy,
+                                                                                          use_tqdm=False)
+    assert ours.outputs[0].token_ids == reference.outputs[0].token_ids

@@ -36,7 +36,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
-from .kv_cache import FP8, check_cache_dtype, gather_cached_kv, slot_offset, to_cache, write_kv_cache_ref
+from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
+                       write_kv_cache_ref)
 from .launch_math import next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -797,10 +798,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     own rows.
     """
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
-    if slot_mapping is not None and (slot_mapping.shape != (q.shape[0],) or slot_mapping.dtype != torch.int64
-                                     or slot_mapping.device != q.device):
-        _fail(f"slot_mapping must be [{q.shape[0]}] int64 on q's device, got {tuple(slot_mapping.shape)} "
-              f"{slot_mapping.dtype} on {slot_mapping.device}")
+    if slot_mapping is not None:
+        check_slot_mapping(slot_mapping, q.shape[0], q.device)
     if max_context_len is not None and (not isinstance(max_context_len, int) or isinstance(max_context_len, bool)
                                         or max_context_len < 0):
         _fail(f"max_context_len must be None or an int >= 0, got {max_context_len!r}")

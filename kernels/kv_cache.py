@@ -116,6 +116,14 @@ def check_cache_pair(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None
     check_cache_dtype(key_cache.dtype, key_cache.device)
 
 
+def check_slot_mapping(slot_mapping: torch.Tensor, tokens: int, device: torch.device) -> None:
+    """One int64 cache slot per new token, on the tokens' device: what every launcher that
+    stores new tokens (this module's and both attentions') takes."""
+    if slot_mapping.shape != (tokens,) or slot_mapping.dtype != torch.int64 or slot_mapping.device != device:
+        raise ValueError(f"slot_mapping must be [{tokens}] int64 on {device}, got {tuple(slot_mapping.shape)} "
+                         f"{slot_mapping.dtype} on {slot_mapping.device}")
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Triton version of `write_kv_cache_ref` (same arguments): one launch for keys and values.
@@ -132,9 +140,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if key_cache.shape[2:] != key.shape[1:]:
         raise ValueError(f"cache heads x head_dim {tuple(key_cache.shape[2:])} != new tokens' "
                          f"{tuple(key.shape[1:])}")
-    if slot_mapping.shape != (tokens,) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be [{tokens}] int64, got {tuple(slot_mapping.shape)} "
-                         f"{slot_mapping.dtype}")
+    check_slot_mapping(slot_mapping, tokens, key.device)
     for name, t in (("key", key), ("value", value)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} not supported (float16, bfloat16, float32)")

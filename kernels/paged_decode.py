@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import (FP8, check_cache_pair, slot_offset, to_cache, to_cache_ref, write_kv_cache,
-                       write_kv_cache_ref)
+from .kv_cache import (FP8, check_cache_pair, check_slot_mapping, slot_offset, to_cache, to_cache_ref,
+                       write_kv_cache, write_kv_cache_ref)
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -379,10 +379,9 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         if new_key.shape != q.shape or new_value.shape != q.shape or not new_key.dtype == new_value.dtype == q.dtype:
             raise ValueError(f"new_kv keys and values must be {q.dtype} of q's shape {tuple(q.shape)}, got "
                              f"{new_key.dtype} {tuple(new_key.shape)} and {new_value.dtype} {tuple(new_value.shape)}")
-        if slots.shape != (seqs,) or slots.dtype != torch.int64:
-            raise ValueError(f"new_kv slot_mapping must be [{seqs}] int64, got {tuple(slots.shape)} {slots.dtype}")
-        if not new_key.device == new_value.device == slots.device == q.device:
-            raise ValueError("new_kv tensors must be on q's device")
+        check_slot_mapping(slots, seqs, q.device)
+        if not new_key.device == new_value.device == q.device:
+            raise ValueError("new_kv keys and values must be on q's device")
         new_strides = (*new_key.stride(), *new_value.stride())
     else:
         new_key = new_value = slots = None

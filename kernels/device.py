@@ -8,6 +8,8 @@ import torch
 
 # Triton picks interpretation when a kernel is defined, by this same test.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# SMs assumed off CUDA (CPU, interpreter): an H100's, so the launchers pick what a GPU would.
+DEFAULT_SMS = 132
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,6 +23,14 @@ def nvidia_capability(device: torch.device) -> int | None:
         return 0
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (DEFAULT_SMS off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
 
 
 def check_interpreter() -> None:

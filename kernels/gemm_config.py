@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from .device import DEFAULT_SMS
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 GROUP_M = 8
@@ -38,13 +39,6 @@ def _stats_blocks(k: int) -> tuple[int, int]:
     (a 5120-wide row in three round trips, pipelined); narrow rows share a program."""
     block_k = min(_STATS_TILE, _next_pow2(k))
     return max(1, 1024 // block_k), block_k
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132    # an H100, so the interpreter picks the tiles a GPU would
 
 
 class GemmConfig(NamedTuple):
@@ -195,7 +189,7 @@ def _min_programs(m: int, sms: int) -> int:
 
 
 @_launch_cache
-def default_config(m: int, n: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
+def default_config(m: int, n: int, dtype: torch.dtype, sms: int = DEFAULT_SMS) -> GemmConfig:
     """Tiles for an [m, k] x [k, n] GEMM from host-known shapes (reasoning at _M_TIERS)."""
     wanted = _min_programs(m, sms)
 

@@ -25,10 +25,10 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .device import nvidia_capability as _capability, tma_addressable as _tma_addressable
+from .device import nvidia_capability as _capability, sm_count as _num_sms, tma_addressable as _tma_addressable
 from .gemm_config import (_REDUCE_BLOCK, _SPLIT_CHOICES, _STATS_STAGES, GemmConfig, GemmLaunch, _cdiv,
                           _check_config, _fit, _gemm_configs, _gemm_flags, _kernel_options, _ln_blocks,
-                          _num_sms, _stats_blocks, default_config)
+                          _stats_blocks, default_config)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1

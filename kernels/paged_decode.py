@@ -10,7 +10,6 @@ block table and write a partial output with its log-sum-exp, merged by a second 
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -19,12 +18,11 @@ import triton.language as tl
 
 from .kv_cache import (FP8, check_cache_pair, check_slot_mapping, slot_offset, to_cache, to_cache_ref,
                        write_kv_cache, write_kv_cache_ref)
+from .device import DEFAULT_SMS as _DEFAULT_SMS, sm_count as _sm_count
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-# SM count assumed where none can be queried (CPU, interpreter, compile check): H100 / H200.
-_DEFAULT_SMS = 132
 # Split only while (seqs x heads) programs are fewer than this many per SM...
 _FILL_PER_SM = 2
 # ...aiming for this many programs per SM once split, so that several tiles per SM are in flight.
@@ -256,13 +254,6 @@ def _merge_splits_kernel(
     total = tl.sum(weight, axis=0)
     out = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
 
 
 class DecodeConfig(NamedTuple):

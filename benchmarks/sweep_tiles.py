@@ -206,18 +206,21 @@ class Prefill:
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
-            return [{}, dict(tiles=(32, 16, 4, 2))] + ([dict(tiles=(32, 16, 4, 2, True)),
-                                                       dict(tiles=(128, 16, 4, 2, False, True, True))]
-                                                      if CAPABILITY >= 90 else [])
+            persistent = _short(attention.Tiles(64, 64, 4, 1, persistent=True))
+            return [{}, dict(tiles=(32, 16, 4, 2)), dict(tiles=persistent)] + (
+                [dict(tiles=(32, 16, 4, 2, True)), dict(tiles=(128, 16, 4, 2, False, True, True))]
+                if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
         # sm_90+, the candidates with an option, as the compile check builds them (on sm_80 the
         # padded 128-wide tiles spill): q and the off-diagonal K/V tiles by TMA; head_dim 80
         # padded to 128 (it runs as 64 + 16 by default); the warp-specialised kernel (no sweep
-        # shape has cached context); each query block's key tiles as one masked loop (one_loop)
+        # shape has cached context); each query block's key tiles as one masked loop (one_loop);
+        # the persistent kernel where a prompt fits its tile
         options = []
         if CAPABILITY >= 90:
             options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
-                       + attention.ONE_LOOP_CANDIDATES[pad])
+                       + attention.ONE_LOOP_CANDIDATES[pad]
+                       + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
         return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]
 
@@ -229,7 +232,7 @@ class Prefill:
             return config
         # (no sweep shape has cached context, and ours() says so: the context-free default)
         return dict(tiles=_short(attention.default_tiles(c["head_dim"], DTYPE, c["batch"] * c["length"], c["batch"],
-                                                         CAPABILITY, context_free=True)))
+                                                         CAPABILITY, context_free=True, max_query_len=c["length"])))
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
         return [self.resolve(c, cand) for cand in self.candidates(c, smoke)]
@@ -258,10 +261,10 @@ class Prefill:
         return x
 
     def ours(self, x: dict, config: dict):
-        # the host knows there is no cached context, as the engine does for a fresh prompt
+        # the host knows there is no cached context, and the prompts' length, as the engine does
         return lambda: attention.prefill_attention(
             x["q"], x["k"], x["v"], x["key_cache"], x["value_cache"], x["cu_seqlens"], x["context_lens"],
-            x["block_tables"], x["scale"], max_context_len=0, **config)
+            x["block_tables"], x["scale"], max_context_len=0, max_query_len=x["length"], **config)
 
     def peer(self, x: dict):
         q, k, v = x["padded"]

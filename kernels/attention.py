@@ -22,6 +22,9 @@ the sums (a select, never a multiplication by zero).
 A second kernel serves batches known to have no cached context on sm_90 (tiles.warp_specialize):
 the same blocks and online softmax as one warp-specialised loop over all key tiles, with K and V
 from per-sequence TMA descriptors (_prefill_attention_ws_kernel explains why it is separate).
+A third serves short prompts without cached context (tiles.persistent): one tile per sequence
+and head, taken in turn by a fixed number of programs that prefetch their next tile's rows into
+L2 while they compute (_prefill_persistent_kernel).
 """
 from __future__ import annotations
 
@@ -35,10 +38,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import INTERPRETED as _INTERPRETED
-from .device import nvidia_capability, tma_addressable as _tma_addressable
+from .device import nvidia_capability, sm_count, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
                        write_kv_cache_ref)
-from .launch_math import next_pow2 as _next_pow2
+from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = tl.constexpr(2 ** 31 - 1)   # a constexpr: compiled kernels may read no other global
@@ -448,6 +451,107 @@ def _prefill_attention_ws_kernel(
                         stride_cb, stride_cs, k, k, v, v, offs_d, offs_d, d_ok, HEAD_DIM < D_PAD, 0, BLOCK_SIZE)
 
 
+@triton.jit
+def _prefetch_rows_l2(row_ptrs,   # [BLOCK] the first element of each head row to prefetch
+                      HEAD_DIM: tl.constexpr, LINES: tl.constexpr):
+    """Asks L2 for LINES 128-byte lines of each row, from its start, cut at its last element
+    (a row that does not start on a line may leave part of its last line out); nothing waits
+    on it."""
+    LINE: tl.constexpr = 1024 // row_ptrs.dtype.element_ty.primitive_bitwidth   # elements a line
+    cols = tl.minimum(tl.arange(0, LINES) * LINE, HEAD_DIM - 1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [row_ptrs[:, None] + cols[None, :]],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+# num_seqs as in _prefill_attention_kernel.
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_persistent_kernel(
+    q_ptr,             # [tokens, heads, head_dim] new queries, any token/head strides
+    k_ptr,             # [tokens, heads, head_dim] new keys
+    v_ptr,             # [tokens, heads, head_dim] new values
+    out_ptr,           # [tokens, heads, head_dim]
+    cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens, at most BLOCK each
+    key_cache_ptr,     # WRITE_KV: [num_blocks, block_size, heads, head_dim]
+    value_cache_ptr,   # WRITE_KV: [num_blocks, block_size, heads, head_dim], the key cache's strides
+    slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
+    num_seqs, heads, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch,
+    HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+):
+    """Prefill of short prompts with no cached context (tiles.persistent): every sequence has
+    at most BLOCK new tokens, so one BLOCK x BLOCK tile holds all of a (sequence, head)'s
+    queries and keys. A fixed number of programs (_PERSISTENT_PROGRAMS_PER_SM per SM) take
+    these items in turn, item = program id + i * programs, heads fastest.
+
+    Why: at 128 tokens attention moves more bytes than it does math (an H200 ran the main
+    kernel at b64 L128 at about half of its copy bandwidth, SDPA at 85%). A main-kernel program
+    finds its sequence, waits for its own loads, then computes, so an SM that holds a program
+    or two asks memory for little while they compute. Here each item first asks L2 for the
+    next item's rows (PREFETCH_LINES lines a row; 0: none), for HBM to stream while this
+    item's dots and softmax run, and reads the next item's bounds one item ahead: no item
+    waits for cu_seqlens before its loads. Whether that wins is for the tile sweep to say.
+    Each item also stores its k and v in the cache (WRITE_KV), once per token and head."""
+    MASK_D: tl.constexpr = HEAD_DIM < D_LO
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_LO)
+    d_ok = offs_d < HEAD_DIM
+    if D_HI > 0:
+        offs_h = D_LO + tl.arange(0, D_HI)
+    else:
+        offs_h = offs_d
+    causal = offs[None, :] <= offs[:, None]
+    items = num_seqs * heads
+    programs = tl.num_programs(0)
+    first = tl.program_id(0)
+    q_start = tl.load(cu_seqlens_ptr + first // heads, mask=first < items, other=0)
+    q_end = tl.load(cu_seqlens_ptr + first // heads + 1, mask=first < items, other=0)
+    for item in range(first, items, programs):
+        head = item % heads
+        later = item + programs
+        has_next = later < items
+        next_start = tl.load(cu_seqlens_ptr + later // heads, mask=has_next, other=0)
+        next_end = tl.load(cu_seqlens_ptr + later // heads + 1, mask=has_next, other=0)
+        if q_end > q_start:   # a sequence without new tokens has nothing to attend or store
+            in_seq = offs < q_end - q_start
+            rows = (q_start + offs).to(tl.int64)
+            q, q_hi = _load_head(tl.multiple_of(q_ptr + rows * stride_qt + head * stride_qh, 16), offs_d, offs_h,
+                                 in_seq, d_ok, True, MASK_D, D_HI)
+            k, k_hi = _load_head(tl.multiple_of(k_ptr + rows * stride_kt + head * stride_kh, 16), offs_d, offs_h,
+                                 in_seq, d_ok, True, MASK_D, D_HI)
+            v, v_hi = _load_head(tl.multiple_of(v_ptr + rows * stride_vt + head * stride_vh, 16), offs_d, offs_h,
+                                 in_seq, d_ok, True, MASK_D, D_HI)
+            # After this item's loads, so they need not wait for the next item's bounds.
+            if PREFETCH_LINES > 0 and next_end > next_start:
+                # rows past the sequence repeat its last one: every address stays inside q, k, v
+                next_rows = (next_start + tl.minimum(offs, next_end - next_start - 1)).to(tl.int64)
+                next_head = later % heads
+                _prefetch_rows_l2(q_ptr + next_rows * stride_qt + next_head * stride_qh, HEAD_DIM, PREFETCH_LINES)
+                _prefetch_rows_l2(k_ptr + next_rows * stride_kt + next_head * stride_kh, HEAD_DIM, PREFETCH_LINES)
+                _prefetch_rows_l2(v_ptr + next_rows * stride_vt + next_head * stride_vh, HEAD_DIM, PREFETCH_LINES)
+            if WRITE_KV:
+                _store_new_rows(slot_ptr + q_start, offs, in_seq, key_cache_ptr, value_cache_ptr, head * stride_ch,
+                                stride_cb, stride_cs, k, k_hi, v, v_hi, offs_d, offs_h, d_ok, MASK_D, D_HI,
+                                BLOCK_SIZE)
+            # One masked step of the online softmax from an empty state: key 0 is visible to
+            # every row, so each row's max is finite (rows past the sequence: computed, not stored).
+            acc = tl.zeros([BLOCK, D_LO], tl.float32)
+            if D_HI > 0:
+                acc_hi = tl.zeros([BLOCK, D_HI], tl.float32)
+            else:
+                acc_hi = tl.zeros([1, 1], tl.float32)   # never read
+            acc, acc_hi, _, l_i = _softmax_step(acc, acc_hi, tl.full([BLOCK], float("-inf"), tl.float32),
+                                                tl.zeros([BLOCK], tl.float32), q, q_hi, k, k_hi, v, v_hi, qk_scale,
+                                                causal & in_seq[None, :], True, UPCAST_DOT, D_HI)
+            o_rows = _output_rows(out_ptr, q_start, head, offs, stride_ot, stride_oh, HEAD_DIM)
+            _store_rows(o_rows, offs_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), in_seq, d_ok, MASK_D)
+            if D_HI > 0:
+                _store_rows(o_rows, offs_h, (acc_hi / l_i[:, None]).to(out_ptr.dtype.element_ty), in_seq, d_ok,
+                            False)
+        q_start, q_end = next_start, next_end
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   query_start: int) -> torch.Tensor:
     """Causal attention of one sequence in float32.
@@ -468,15 +572,16 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                           block_tables: torch.Tensor, scale: float, *,
                           max_context_len: int | None = None,
-                          slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+                          slot_mapping: torch.Tensor | None = None,
+                          max_query_len: int | None = None) -> torch.Tensor:
     """Attention for the new tokens of a batch of sequences, packed back to back.
 
     q, k, v: `[tokens, heads, head_dim]` new tokens; key_cache, value_cache:
     `[num_blocks, block_size, heads, head_dim]`; cu_seqlens_q: `[seqs + 1]` int32 offsets of each
     sequence in the packed tokens; context_lens: `[seqs]` int32 tokens already cached before the
     new ones; block_tables: `[seqs, max_blocks]` int32. Returns `[tokens, heads, head_dim]`.
-    max_context_len (the launcher's host-side bound of context_lens) is not needed here: the
-    reference reads the lengths. slot_mapping: `[tokens]` int64; where given, the k and v of
+    max_context_len and max_query_len (the launcher's host-side bounds of context_lens and of
+    the new tokens per sequence) are not needed here: the reference reads the lengths. slot_mapping: `[tokens]` int64; where given, the k and v of
     every token of a sequence (tokens before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong
     to none) are also stored in the caches at these slots (negative: not stored), as
     `write_kv_cache_ref` stores them. The new tokens' attention reads them from k and v, never
@@ -509,7 +614,10 @@ class Tiles(NamedTuple):
     whether the main kernel runs a query block's new-token key tiles as one causally masked,
     pipelined loop (one_loop: the diagonal tiles' loads overlap the tiles before them; with tma
     only q comes by TMA) rather than an unmasked loop and then the diagonal tiles (the
-    warp-specialised kernel always runs one loop).
+    warp-specialised kernel always runs one loop); and whether a batch known to have no cached
+    context and at most block_m new tokens per sequence runs the persistent kernel
+    (_prefill_persistent_kernel: one block_m x block_m tile per sequence and head, block_n ==
+    block_m; other batches run the main kernel at its default tiles).
     """
     block_m: int
     block_n: int
@@ -519,6 +627,7 @@ class Tiles(NamedTuple):
     split_head: bool = True
     warp_specialize: bool = False
     one_loop: bool = False
+    persistent: bool = False
 
 
 # (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -609,6 +718,18 @@ _WS_MAX_STAGES = 2
 # it knows have no cached context (max_context_len=0); other batches keep the tables above.
 # Empty until a GPU has timed WS_CANDIDATES beside the main kernel.
 _WS_TILES_SM90: dict = {}
+# Persistent tiles (batches without cached context whose prompts fit one tile), per padded
+# head_dim: sweep candidates until a GPU has timed them. 128 x 128 tiles at 8 warps hold a
+# 128-token prompt whole (212 registers at head 128 with the cache write: one program an SM;
+# at 4 warps head 64 spills). One stage: the loop's loads sit under a branch, which Triton does
+# not pipeline; the L2 prefetch is what overlaps them.
+PERSISTENT_CANDIDATES = {pad: [Tiles(128, 128, 8, 1, persistent=True)] for pad in (64, 128)}
+# padded head_dim -> persistent Tiles the launcher picks on sm_90 for a batch it knows has no
+# cached context and at most block_m new tokens per sequence. Empty until a GPU has timed
+# PERSISTENT_CANDIDATES beside the main kernel.
+_PERSISTENT_TILES_SM90: dict = {}
+# Persistent programs per SM: one is what a 128 x 128 tile's registers allow at 8 warps.
+_PERSISTENT_PROGRAMS_PER_SM = 1
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)
@@ -642,12 +763,17 @@ def tile_table(capability: int) -> dict:
 
 
 def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
-                  capability: int = _DEFAULT_CAPABILITY, context_free: bool = False) -> Tiles:
+                  capability: int = _DEFAULT_CAPABILITY, context_free: bool = False,
+                  max_query_len: int | None = None) -> Tiles:
     """Tiles for one launch, from shapes known on the host (no device sync); `context_free`: the
-    batch is known to have no cached context, which lets sm_90 pick a warp-specialised entry."""
+    batch is known to have no cached context, which lets sm_90 pick a warp-specialised entry,
+    and with `max_query_len` (an upper bound of the new tokens per sequence) a persistent one."""
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
+    persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
+    if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
+        return persistent
     if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
         return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
     tiles = tile_table(capability)[(kind, _tile_head_dim(head_dim))]
@@ -669,9 +795,9 @@ def _padded_class(head_dim: int) -> int:
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 8:
+    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 9:
         _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
-              f"[, one_loop]]]]), got {tiles!r}")
+              f"[, one_loop[, persistent]]]]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -681,7 +807,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize", "one_loop"):
+    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
     for name in ("tma", "warp_specialize"):
@@ -695,6 +821,10 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
         _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
               f"on an H200), got {tiles.num_stages}")
+    if tiles.persistent and tiles.block_n != tiles.block_m:
+        _fail(f"tiles.persistent needs block_n == block_m (one tile a sequence), got {tiles.block_m}x{tiles.block_n}")
+    if tiles.persistent and (tiles.tma or tiles.warp_specialize or tiles.one_loop):
+        _fail("tiles.persistent is a kernel of its own: no tma, warp_specialize or one_loop")
     return tiles
 
 
@@ -772,7 +902,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_cache: torch.Tensor, value_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, *, tiles: Tiles | None = None,
-                      max_context_len: int | None = None, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+                      max_context_len: int | None = None, slot_mapping: torch.Tensor | None = None,
+                      max_query_len: int | None = None) -> torch.Tensor:
     """Causal flash attention for the new tokens of a batch of sequences, packed back to back,
     each also attending to its `context_lens[i]` tokens already in the paged cache.
 
@@ -784,15 +915,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize[,
-    one_loop]]]]) overrides `default_tiles`, for tests and the tile sweep. `max_context_len`: an
-    upper bound of context_lens known on the host (None: unknown). Only 0 changes anything today: then the
-    main kernel is compiled without its context loops (never reading context_lens or
-    block_tables), the defaults may come from the warp-specialised table (_WS_TILES_SM90), and
-    tiles with warp_specialize run the context-free warp-specialised kernel. Where that kernel
-    cannot run (context possible, float32, or q/k/v no TMA descriptor can describe), a
-    warp-specialised override is replaced as a whole by the main kernel's default tiles. Raises
+    one_loop[, persistent]]]]]) overrides `default_tiles`, for tests and the tile sweep.
+    `max_context_len`: an upper bound of context_lens known on the host (None: unknown). Only 0
+    changes anything today: then the main kernel is compiled without its context loops (never
+    reading context_lens or block_tables), the defaults may come from the warp-specialised table
+    (_WS_TILES_SM90), and tiles with warp_specialize run the context-free warp-specialised
+    kernel. Where that kernel cannot run (context possible, float32, or q/k/v no TMA descriptor
+    can describe), a warp-specialised override is replaced as a whole by the main kernel's
+    default tiles. `max_query_len`: an upper bound of every sequence's new tokens known on the
+    host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
+    (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
+    kernel's default tiles replace them. A bound below a real length gives wrong outputs for
+    that sequence's later tokens, like a table that does not cover its context. Raises
     ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the
-    choices the kernel supports, or on a max_context_len that is not None or an int >= 0.
+    choices the kernel supports, or on a max_context_len or max_query_len that is not None or
+    an int >= 0.
     `slot_mapping` (`[tokens]` int64, as `prefill_attention_ref` takes it, with its limits): the
     KV-cache write of k and v runs inside this launch, each query block's program storing its
     own rows.
@@ -800,9 +937,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_inputs(q, k, v, key_cache, value_cache, cu_seqlens_q, context_lens, block_tables)
     if slot_mapping is not None:
         check_slot_mapping(slot_mapping, q.shape[0], q.device)
-    if max_context_len is not None and (not isinstance(max_context_len, int) or isinstance(max_context_len, bool)
-                                        or max_context_len < 0):
-        _fail(f"max_context_len must be None or an int >= 0, got {max_context_len!r}")
+    for name, bound in (("max_context_len", max_context_len), ("max_query_len", max_query_len)):
+        if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 0):
+            _fail(f"{name} must be None or an int >= 0, got {bound!r}")
     capability = _capability(q.device)
     if tiles is not None:
         tiles = _check_tiles(tiles, capability)
@@ -812,10 +949,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tokens == 0 or seqs == 0:   # without sequences no token is stored either
         return out
     if tiles is None:
-        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0)
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0,
+                              max_query_len=max_query_len)
     if tiles.warp_specialize and not (max_context_len == 0 and q.dtype != torch.float32
                                       and all(_tma_addressable(t) for t in (q, k, v))):
         # the main kernel at its own tiles: warp-specialised ones are checked for their kernel only
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
+    if tiles.persistent:
+        if max_context_len == 0 and max_query_len is not None and max_query_len <= tiles.block_m:
+            _launch_persistent(q, k, v, out, cu_seqlens_q, scale, tiles, key_cache, value_cache, slot_mapping)
+            return out
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     d_lo, d_hi = _head_split(head_dim, tiles.split_head)
     grid = (heads, tokens // tiles.block_m + seqs)
@@ -870,6 +1013,24 @@ def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Ti
         contextvars.copy_context().run(_with_allocator, functools.partial(_descriptor_scratch, q.device), launch)
     else:
         launch()
+
+
+def _launch_persistent(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, key_cache, value_cache,
+                       slot_mapping) -> None:
+    tokens, heads, head_dim = q.shape
+    seqs = cu_seqlens_q.shape[0] - 1
+    d_lo, d_hi = _head_split(head_dim, tiles.split_head)
+    # L2 prefetch is inline PTX: NVIDIA GPUs only (the interpreter and ROCm run without it).
+    lines = _next_pow2(_cdiv(head_dim * q.element_size(), 128)) if nvidia_capability(q.device) else 0
+    grid = (min(seqs * heads, _PERSISTENT_PROGRAMS_PER_SM * sm_count(q.device)),)
+    _prefill_persistent_kernel[grid](
+        q, k, v, out, cu_seqlens_q, key_cache, value_cache, slot_mapping, seqs, heads, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK=tiles.block_m,
+        UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, BLOCK_SIZE=key_cache.shape[1],
+        WRITE_KV=slot_mapping is not None, PREFETCH_LINES=lines, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
 
 
 def _with_allocator(allocator, launch) -> None:
@@ -988,31 +1149,57 @@ def compile_specs() -> list:
             # with the store (the engine), and without (the sweep and the benchmarks)
             specs += [_ws_spec(dtype, head_dim, tiles, write_kv) for tiles in candidates + chosen
                       for dtype in ("fp16", "bf16") for write_kv in (True, False)]
+    # The persistent kernel likewise, at PERSISTENT_CANDIDATES and _PERSISTENT_TILES_SM90.
+    for pad, candidates in PERSISTENT_CANDIDATES.items():
+        chosen = [t for table_pad, t in _PERSISTENT_TILES_SM90.items() if table_pad == pad and t not in candidates]
+        for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
+            specs += [_persistent_spec(dtype, head_dim, tiles, write_kv) for tiles in candidates + chosen
+                      for dtype in ("fp16", "bf16") for write_kv in (True, False)]
     return specs
 
 
 def _ws_spec(dtype: str, head_dim: int, tiles: Tiles, write_kv: bool):
     """The compile-check specialisation of _prefill_attention_ws_kernel at `tiles` (block size
     16 where it stores the new tokens)."""
+    label = (f"ws d{head_dim} {dtype} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}"
+             f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}")
+    return _context_free_spec(_prefill_attention_ws_kernel, label, dtype, tiles, write_kv,
+                              dict(tokens="i32", num_seqs="i32", qk_scale="fp32"),
+                              dict(HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
+                                   BLOCK_N=tiles.block_n, SEQ_CHUNK=_SEQ_CHUNK),
+                              uses_tma=True, uses_warp_specialize=True)
+
+
+def _persistent_spec(dtype: str, head_dim: int, tiles: Tiles, write_kv: bool):
+    """The compile-check specialisation of _prefill_persistent_kernel at `tiles`, with its L2
+    prefetch (block size 16 where it stores the new tokens)."""
+    d_lo, d_hi = _head_split(head_dim, tiles.split_head)
+    label = f"persistent d{head_dim} {dtype} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}"
+    return _context_free_spec(_prefill_persistent_kernel, label, dtype, tiles, write_kv,
+                              dict(num_seqs="i32", heads="i32", qk_scale="fp32"),
+                              dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK=tiles.block_m,
+                                   PREFETCH_LINES=_next_pow2(_cdiv(head_dim * 2, 128))))
+
+
+def _context_free_spec(kernel, label: str, dtype: str, tiles: Tiles, write_kv: bool, scalars: dict,
+                       constexprs: dict, **options):
+    """A compile-check specialisation (sm_90) of a kernel for batches without cached context (the
+    warp-specialised and the persistent one), which share their pointer and stride arguments:
+    q, k, v, out and the caches of `dtype`, cu_seqlens, and slot_mapping (None without
+    write_kv); `scalars` types their other runtime arguments."""
     from .compile_check import CompileSpec
     signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr",
                                                  "key_cache_ptr", "value_cache_ptr")}
-    signature.update(cu_seqlens_ptr="*i32", slot_ptr="*i64" if write_kv else "constexpr", tokens="i32",
-                     num_seqs="i32", qk_scale="fp32")
+    signature.update(cu_seqlens_ptr="*i32", slot_ptr="*i64" if write_kv else "constexpr", **scalars)
     signature.update({name: "i32" for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
                                                 "stride_vh", "stride_ot", "stride_oh", "stride_cb", "stride_cs",
                                                 "stride_ch")})
-    constexprs = dict(HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m,
-                      BLOCK_N=tiles.block_n, UPCAST_DOT=False, SEQ_CHUNK=_SEQ_CHUNK, BLOCK_SIZE=16,
-                      WRITE_KV=write_kv)
+    constexprs = dict(constexprs, UPCAST_DOT=False, BLOCK_SIZE=16, WRITE_KV=write_kv)
     signature.update({name: "constexpr" for name in constexprs})
     if not write_kv:
         constexprs["slot_ptr"] = None
-    label = (f"ws d{head_dim} {dtype} {tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}"
-             f"{' padded' if head_dim != _head_dim_pad(head_dim) else ''}{'' if write_kv else ' no-write'}")
     # row strides of OPT's packed qkv and of the output are multiples of 16 elements
-    return CompileSpec(_prefill_attention_ws_kernel, label, signature, constexprs, uses_mma=True, uses_tma=True,
-                       uses_warp_specialize=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                       targets=(_TMA_CAPABILITY,),
+    return CompileSpec(kernel, label + ("" if write_kv else " no-write"), signature, constexprs, uses_mma=True,
+                       num_warps=tiles.num_warps, num_stages=tiles.num_stages, targets=(_TMA_CAPABILITY,),
                        divisible_by_16=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
-                                        "stride_vh", "stride_ot", "stride_oh"))
+                                        "stride_vh", "stride_ot", "stride_oh"), **options)

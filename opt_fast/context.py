@@ -17,6 +17,7 @@ class Context:
     cu_seqlens_q: torch.Tensor | None = None          # [prefills + 1] int32
     context_lens: torch.Tensor | None = None          # [prefills] int32 tokens cached before this step
     max_context_len: int | None = None                # the largest of them, known on the host
+    max_query_len: int | None = None                  # the most new tokens of one prefill, on the host
     prefill_block_tables: torch.Tensor | None = None  # [prefills, max_blocks] int32
     decode_seq_lens: torch.Tensor | None = None       # [decodes] int32, current token included
     decode_block_tables: torch.Tensor | None = None   # [decodes, max_blocks] int32

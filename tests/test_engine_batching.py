@@ -329,25 +329,29 @@ def test_step_budget_must_hold_every_decode(tiny_model_dir):
         engine(tiny_model_dir, max_num_batched_tokens=8, max_num_seqs=16)
 
 
-def test_prefill_attention_gets_the_hosts_context_bound(tiny_model_dir):
+def test_prefill_attention_gets_the_hosts_bounds(tiny_model_dir):
     """Every prefill attention call gets max_context_len, the largest context of its batch as
-    the host knows it (what lets the launcher pick the context-free kernel): 0 for fresh
-    prompts, the chunk's start for a continued one."""
+    the host knows it (what lets the launcher pick the context-free kernels): 0 for fresh
+    prompts, the chunk's start for a continued one; and max_query_len, the most new tokens of
+    one of its sequences (what lets it pick the persistent kernel)."""
     eng = engine(tiny_model_dir, max_num_batched_tokens=24, max_num_seqs=4)
     seen = []
     for layer in eng.runner.model.decoder.layers:
         attn = layer.self_attn
         real = attn.ops.prefill_attention
 
-        def spy(*args, max_context_len=None, real=real, **kwargs):
-            seen.append((max_context_len, int(args[6].max())))
-            return real(*args, max_context_len=max_context_len, **kwargs)
+        def spy(*args, max_context_len=None, max_query_len=None, real=real, **kwargs):
+            cu_seqlens, context_lens = args[5], args[6]
+            seen.append(((max_context_len, max_query_len),
+                         (int(context_lens.max()), int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))))
+            return real(*args, max_context_len=max_context_len, max_query_len=max_query_len, **kwargs)
         attn.ops = dataclasses.replace(attn.ops, prefill_attention=spy)
     for i, p in enumerate(prompts(3, seed=9, low=30, high=60)):
         eng.add_request(str(i), p, GREEDY)
     drain(eng)
-    assert seen and all(bound == actual for bound, actual in seen)
-    assert {actual > 0 for _, actual in seen} == {True, False}
+    assert seen and all(bounds == actual for bounds, actual in seen)
+    assert {context > 0 for _, (context, _) in seen} == {True, False}
+    assert len({new for _, (_, new) in seen}) > 1
 
 
 def test_a_steps_host_tensors_move_in_one_copy_as_aligned_views():

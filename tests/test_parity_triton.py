@@ -84,3 +84,31 @@ def test_the_model_stores_keys_and_values_through_its_attentions(tiny_model_dir,
     [ours], [reference] = llm.generate([prompt], greedy, use_tqdm=False), torch_llm.generate([prompt], greedy,
                                                                                           use_tqdm=False)
     assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
+
+
+def test_short_prompts_through_the_persistent_prefill_kernel(tiny_model_dir, monkeypatch):
+    """Where the tile table picks the persistent prefill kernel (here for float32, by a patched
+    table), fresh prompts that fit its tile run it with the bounds the engine knows, store their
+    keys and values for the decodes that follow, and give the torch path's tokens; a prompt
+    longer than the tile runs the main kernel."""
+    from opt_fast.kernels import attention
+    monkeypatch.setattr(attention, "_TILES_FP32", attention.Tiles(32, 32, 4, 1, persistent=True))
+    launches = []
+    for name in ("_prefill_persistent_kernel", "_prefill_attention_kernel"):
+        kernel = getattr(attention, name)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launches.append(name)
+                return kernel[grid]
+        monkeypatch.setattr(attention, name, Recording())
+    prompts = [list(range(4, 4 + n)) for n in (5, 32, 17)]
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm = LLM(str(tiny_model_dir), dtype="float32", device=test_device(), kernels="triton")
+    torch_llm = LLM(str(tiny_model_dir), dtype="float32", device=test_device(), kernels="torch")
+    longer = list(range(100, 133))   # (no prefix shared with the others: nothing cached)
+    for batch, kernel in ((prompts, "_prefill_persistent_kernel"), ([longer], "_prefill_attention_kernel")):
+        launches.clear()
+        ours, reference = (m.generate(batch, greedy, use_tqdm=False) for m in (llm, torch_llm))
+        assert [o.outputs[0].token_ids for o in ours] == [r.outputs[0].token_ids for r in reference]
+        assert launches and set(launches) == {kernel}

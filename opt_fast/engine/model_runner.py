@@ -217,7 +217,7 @@ class ModelRunner:
                       num_prefill_tokens=tokens,
                       cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device),
                       context_lens=torch.zeros(len(lengths), dtype=torch.int32, device=self.device),
-                      max_context_len=0,
+                      max_context_len=0, max_query_len=max(lengths),
                       prefill_block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device))
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         set_context(ctx)
@@ -290,6 +290,7 @@ class ModelRunner:
             ctx.cu_seqlens_q = host_tensor(cu_seqlens, torch.int32)
             ctx.context_lens = host_tensor(context_lens, torch.int32)
             ctx.max_context_len = max(context_lens)
+            ctx.max_query_len = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
             ctx.prefill_block_tables = block_tables(batch.prefills)
         if batch.decodes:
             ctx.decode_seq_lens = host_tensor([p + 1 for p in decode_positions], torch.int32)

@@ -40,7 +40,8 @@ class OPTAttention(nn.Module):
             parts.append(ops.prefill_attention(q[:split], k[:split], v[:split], self.key_cache,
                                                self.value_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                                ctx.prefill_block_tables, self.scale,
-                                               max_context_len=ctx.max_context_len, slot_mapping=slots[:split]))
+                                               max_context_len=ctx.max_context_len, slot_mapping=slots[:split],
+                                               max_query_len=ctx.max_query_len))
         if split < tokens:
             parts.append(ops.paged_decode_attention(q[split:], self.key_cache, self.value_cache,
                                                     ctx.decode_block_tables, ctx.decode_seq_lens, self.scale,

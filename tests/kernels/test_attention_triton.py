@@ -305,17 +305,25 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     """Each tile the launcher can pick on a target (OPT's heads; narrow and wide batches, the
     boundary between them at 128 new tokens a sequence) is compiled for that target in its
     dtype, beside the sweep's candidates on sm_90 (head_dim 80 padded, the TMA twins, the
-    warp-specialised kernel's tiles), and the compile check builds nothing else there."""
+    warp-specialised and the persistent kernels' tiles), and the compile check builds nothing
+    else there."""
     def launch(tiles, head_dim, name):
         return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma,
                 attention._head_split(head_dim, tiles.split_head), tiles.one_loop, head_dim, name)
 
     specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
+    by_kernel = {kernel: [s for s in specs if s.kernel is kernel] for kernel in (
+        attention._prefill_attention_kernel, attention._prefill_attention_ws_kernel,
+        attention._prefill_persistent_kernel)}
+    assert sum(map(len, by_kernel.values())) == len(specs)
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
               c["ONE_LOOP"], c["HEAD_DIM"], spec.signature["q_ptr"])
-             for spec in specs if not spec.uses_warp_specialize for c in [spec.constexprs]}
+             for spec in by_kernel[attention._prefill_attention_kernel] for c in [spec.constexprs]}
     built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
-                for spec in specs if spec.uses_warp_specialize for c in [spec.constexprs]}
+                for spec in by_kernel[attention._prefill_attention_ws_kernel] for c in [spec.constexprs]}
+    built_persistent = {(c["BLOCK"], spec.num_warps, spec.num_stages, (c["D_LO"], c["D_HI"]), c["HEAD_DIM"],
+                         spec.signature["q_ptr"])
+                        for spec in by_kernel[attention._prefill_persistent_kernel] for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (600, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
@@ -333,18 +341,25 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name) for pad, t in ws_tiles
                  for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
                  if capability >= 90}
-    assert picked == built and picked_ws == built_ws
+    persistent_tiles = [(pad, t) for pad, candidates in attention.PERSISTENT_CANDIDATES.items() for t in candidates]
+    persistent_tiles += list(attention._PERSISTENT_TILES_SM90.items())
+    picked_persistent = {(t.block_m, t.num_warps, t.num_stages, attention._head_split(head_dim, t.split_head),
+                          head_dim, name) for pad, t in persistent_tiles
+                         for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
+                         if capability >= 90}
+    assert picked == built and picked_ws == built_ws and picked_persistent == built_persistent
 
 
 def test_sweep_candidates_with_options_are_compile_checked():
     """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
-    option (TMA, a padded head, warp specialisation, one loop) is a variant the compile check builds for
-    sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates hold the twin of
-    each sm_90 table entry."""
+    option (TMA, a padded head, warp specialisation, one loop, persistent) is a variant the compile
+    check builds for sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates
+    hold the twin of each sm_90 table entry."""
     sweep = sweep_script()
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
-    built = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages, c.get("USE_TMA", False), c.get("D_HI"),
-              s.uses_warp_specialize, c.get("ONE_LOOP", False), c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
+    built = {(c.get("BLOCK_M", c.get("BLOCK")), c.get("BLOCK_N", c.get("BLOCK")), s.num_warps, s.num_stages,
+              c.get("USE_TMA", False), c.get("D_HI"), s.uses_warp_specialize, c.get("ONE_LOOP", False),
+              s.kernel is attention._prefill_persistent_kernel, c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -354,7 +369,8 @@ def test_sweep_candidates_with_options_are_compile_checked():
                 continue          # the default, or plain tiles: the sweep skips any that fail
             options += 1
             d_hi = None if tiles.warp_specialize else attention._head_split(case["head_dim"], tiles.split_head)[1]
-            key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, tiles.one_loop, case["head_dim"])
+            key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, tiles.one_loop, tiles.persistent,
+                   case["head_dim"])
             assert key in built, (case, candidate)
     assert options, "the sweep has candidates with options (on sm_90, the capability it assumes off a GPU)"
     twins = {(attention._padded_class(head), tiles._replace(tma=True)) for (_, head), tiles in attention.tile_table(90).items()}
@@ -385,7 +401,12 @@ def test_narrow_and_wide_batches():
     ((128, 64, 8, 2, True, True, True), "tiles.warp_specialize needs num_warps=4 and block_m=128"),
     ((64, 64, 4, 2, True, True, True), "tiles.warp_specialize needs num_warps=4 and block_m=128"),
     ((128, 64, 4, 3, False, True, True), "tiles.warp_specialize needs num_stages <= 2"),
-    ((64, 64, 4, 2, True, True, True, 1), "tiles")])
+    ((64, 64, 4, 2, True, True, True, 1), "tiles"),
+    ((64, 32, 4, 1, False, True, False, False, True), "tiles.persistent needs block_n == block_m"),
+    ((64, 64, 4, 1, True, True, False, False, True), "tiles.persistent is a kernel of its own"),
+    ((64, 64, 4, 1, False, True, False, True, True), "tiles.persistent is a kernel of its own"),
+    ((64, 64, 4, 1, False, True, False, False, 1), "tiles.persistent must be a bool"),
+    ((64, 64, 4, 1, False, True, False, False, True, 1), "tiles")])
 def test_tile_overrides_are_checked(tiles, field):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match=field):
@@ -571,13 +592,6 @@ def test_batches_known_to_have_no_context_never_read_it(nan_empty, dtype, tiles)
     assert not torch.isfinite(prefill_attention(*poisoned, tiles=tiles)).all()
 
 
-@pytest.mark.parametrize("bound", [-1, True, 1.0, "0"])
-def test_max_context_len_is_checked(bound):
-    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
-    with pytest.raises(ValueError, match="max_context_len"):
-        prefill_attention(*args, max_context_len=bound)
-
-
 def test_warp_specialize_needs_hopper(monkeypatch):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     monkeypatch.setattr(attention, "_capability", lambda device: 80)
@@ -679,3 +693,100 @@ def test_slot_mapping_is_checked(bad):
     slots = slots[:19] if bad == "short" else slots.int()
     with pytest.raises(ValueError, match="slot_mapping"):
         prefill_attention(*args, slot_mapping=slots)
+
+
+# --------------------------------------------------------------------------------------------
+# The persistent kernel (tiles.persistent): prompts that fit one tile, no cached context
+# --------------------------------------------------------------------------------------------
+
+def persistent(block: int, warps: int = 4, **options) -> Tiles:
+    return Tiles(block, block, warps, 1, persistent=True, **options)
+
+
+@pytest.fixture
+def persistent_launches(monkeypatch):
+    """(grid, items) of each launch of the persistent kernel: proof that it, not the main one, ran."""
+    launches = record_launches(monkeypatch, attention, "_prefill_persistent_kernel", "_prefill_attention_kernel")
+
+    def persistent_only():
+        return [(grid, args[8] * args[9]) for name, grid, args, _ in launches if name == "_prefill_persistent_kernel"]
+    persistent_only.all = launches
+    return persistent_only
+
+
+# A full tile, one token, an empty sequence, a tile less one, a prime length, and padding tokens
+# (slot -1) that must not be stored, over NaN-poisoned permuted cache blocks. Fewer programs
+# than (sequence, head) items, so each program runs several and reads its next item's bounds
+# ahead, and more programs than items; head 80 as two exact tiles and padded; fp32 and bf16.
+@pytest.mark.parametrize("dtype,head_dim,block,programs,split_head", [
+    (torch.float16, 128, 32, 2, True), (torch.bfloat16, 64, 64, 132, True), (torch.float32, 80, 32, 5, True),
+    (torch.float16, 80, 16, 3, False)],
+    ids=["fp16-128-2-programs", "bf16-64-more-programs-than-items", "fp32-80-split", "fp16-80-padded"])
+def test_persistent_kernel_matches_the_reference(nan_empty, monkeypatch, persistent_launches, dtype, head_dim,
+                                                 block, programs, split_head):
+    monkeypatch.setattr(attention, "sm_count", lambda device: programs)
+    seqs = [(0, n) for n in (block, 1, 0, block - 1, 13 % block, 2)]
+    heads = 3
+    args, expected = prefill_case(seqs, 8, heads, head_dim, dtype, seed=block + head_dim)
+    q, k, v, key_cache, value_cache = args[:5]
+    slots = new_token_slots(seqs, args[7], 8, skipped=(block + 2,))
+    expect_k, expect_v = key_cache.clone(), value_cache.clone()
+    attention.write_kv_cache_ref(k, v, expect_k, expect_v, slots)
+    out = prefill_attention(*args, tiles=persistent(block, split_head=split_head), max_context_len=0,
+                            max_query_len=block, slot_mapping=slots)
+    assert_matches(out, expected, dtype)
+    torch.testing.assert_close(key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
+    items = len(seqs) * heads
+    assert persistent_launches() == [((min(programs, items),), items)]
+    # without the store: the same output, and the cache as it was
+    before = key_cache.clone()
+    assert torch.equal(prefill_attention(*args, tiles=persistent(block, split_head=split_head), max_context_len=0,
+                                         max_query_len=block), out)
+    torch.testing.assert_close(key_cache, before, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("seqs,max_context_len,max_query_len", [
+    ([(0, 20), (0, 32)], 0, None), ([(0, 20), (0, 33)], 0, 33), ([(5, 20), (0, 32)], 5, 32),
+    ([(0, 20), (0, 32)], None, 32)],
+    ids=["length-unknown", "longer-than-the-tile", "cached-context", "context-unknown"])
+def test_persistent_tiles_run_the_main_kernel_where_the_host_cannot_promise_a_fit(
+        nan_empty, persistent_launches, seqs, max_context_len, max_query_len):
+    """Without a host bound of at most block_m new tokens a sequence, or one of 0 on the context,
+    the main kernel runs at the launcher's own tiles and sees all of each sequence."""
+    args, expected = prefill_case(seqs, 8, 2, 64, torch.float16, seed=7)
+    out = prefill_attention(*args, tiles=persistent(32), max_context_len=max_context_len,
+                            max_query_len=max_query_len)
+    assert_matches(out, expected, torch.float16)
+    cap = attention._capability(torch.device(DEVICE))
+    own = attention.default_tiles(64, torch.float16, sum(n for _, n in seqs), len(seqs), cap)
+    assert persistent_launches() == []
+    assert [tuple(kw[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            for _, _, _, kw in persistent_launches.all] == [own[:4]]
+
+
+def test_persistent_table_entries_serve_short_context_free_batches(monkeypatch, persistent_launches):
+    """A persistent entry in the sm_90 table (what a sweep that shows it winning would add) runs
+    for a batch the host knows has no context and prompts that fit, and for no other batch."""
+    chosen = persistent(64)
+    monkeypatch.setitem(attention._PERSISTENT_TILES_SM90, 64, chosen)
+    fp16 = torch.float16
+    assert attention.default_tiles(64, fp16, 100, 2, 90, context_free=True, max_query_len=64) == chosen
+    for kwargs in (dict(context_free=True, max_query_len=65), dict(context_free=True), dict(max_query_len=64)):
+        assert not attention.default_tiles(64, fp16, 100, 2, 90, **kwargs).persistent
+    assert not attention.default_tiles(64, fp16, 100, 2, 80, context_free=True, max_query_len=64).persistent
+    assert not attention.default_tiles(128, fp16, 100, 2, 90, context_free=True, max_query_len=64).persistent
+    seqs = [(0, 64), (0, 36)]
+    args, expected = prefill_case(seqs, 16, 2, 64, fp16, seed=4)
+    cap = attention._capability(torch.device(DEVICE))
+    assert_matches(prefill_attention(*args, max_context_len=0, max_query_len=64), expected, fp16)
+    assert_matches(prefill_attention(*args, max_context_len=0, max_query_len=100), expected, fp16)
+    assert len(persistent_launches()) == (1 if cap >= 90 else 0)
+
+
+@pytest.mark.parametrize("name", ["max_context_len", "max_query_len"])
+@pytest.mark.parametrize("bound", [-1, True, 1.0, "0"])
+def test_host_bounds_are_checked(name, bound):
+    args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
+    with pytest.raises(ValueError, match=name):
+        prefill_attention(*args, **{name: bound})

@@ -71,9 +71,10 @@ def test_what_each_spec_must_show_follows_its_variant():
             assert spec.dependent_launch == spec.constexprs["PDL_WAIT"], spec.label
     assert any(s.uses_tma for s in specs) and any(s.dependent_launch for s in specs)
     assert any(s.dependent_launch and s.kernel is ll._split_k_reduce_kernel for s in specs)
+    always_tma = {attention._prefill_attention_ws_kernel: True, attention._prefill_persistent_kernel: False}
     for spec in attention.compile_specs():
-        # (the warp-specialised kernel always loads by TMA: no USE_TMA there)
-        assert spec.uses_tma == spec.constexprs.get("USE_TMA", True), spec.label
+        # (the warp-specialised kernel always loads by TMA, the persistent one never: no USE_TMA there)
+        assert spec.uses_tma == spec.constexprs.get("USE_TMA", always_tma.get(spec.kernel)), spec.label
 
 
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .device import DEFAULT_SMS
+from .device import DEFAULT_SMS, INTERPRETED
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 GROUP_M = 8
@@ -176,6 +176,7 @@ def _kernel_options(config: GemmConfig, dtype: torch.dtype) -> MappingProxyType:
     return MappingProxyType(dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
         STATS_K=stats_k, STATS_STAGES=1 if dtype == torch.float32 else _STATS_STAGES,
+        UPCAST_DOT=INTERPRETED and dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages))
 
 

@@ -226,7 +226,7 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
                          GROUP_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
                          STATS_FROM_MEMORY: tl.constexpr, PARTIAL_OUT: tl.constexpr,
                          PREFETCH_K: tl.constexpr, PDL_WAIT: tl.constexpr,
-                         LAUNCH_DEPENDENTS: tl.constexpr, USE_TMA: tl.constexpr):
+                         LAUNCH_DEPENDENTS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """out = [relu]([LN](x) @ w^T + bias) [+ residual], fp32 accumulation. The LayerNorm row
     statistics come from a first pass over x in chunks of STATS_K columns, or with
     STATS_FROM_MEMORY from `stats_ptr` (written by _row_stats_kernel).
@@ -328,6 +328,10 @@ def _fused_linear_kernel(x_ptr,      # [M, K] activations, any strides
         else:
             b = tl.load(w_ptr + b_cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                         mask=k_mask[:, None] & b_col_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits; products
+            # of bf16 values are exact in fp32, as on tensor cores.
+            a, b = a.to(tl.float32), b.to(tl.float32)
         # ieee: fp32 inputs would otherwise run as TF32 on GPUs (no effect on fp16 / bf16)
         acc = tl.dot(a, b, acc, input_precision="ieee")
 
@@ -703,7 +707,7 @@ def compile_specs() -> list:
                         BLOCK_K="constexpr", GROUP_M="constexpr", STATS_K="constexpr",
                         STATS_STAGES="constexpr", STATS_FROM_MEMORY="constexpr", PARTIAL_OUT="constexpr",
                         PREFETCH_K="constexpr", PDL_WAIT="constexpr", LAUNCH_DEPENDENTS="constexpr",
-                        USE_TMA="constexpr", x_desc="constexpr", w_desc="constexpr")
+                        USE_TMA="constexpr", UPCAST_DOT="constexpr", x_desc="constexpr", w_desc="constexpr")
 
         for (config, flag_items), targets in _gemm_variants(dtype).items():
             flags = dict(flag_items)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .config import _check_positive_int
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, finite_float
 
 
 @dataclass
@@ -32,9 +32,7 @@ class BeamSearchParams:
         _check_positive_int("max_tokens", self.max_tokens)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if (isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float))
-                or not math.isfinite(self.length_penalty)):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        self.length_penalty = finite_float("length_penalty", self.length_penalty)
 
 
 @dataclass
@@ -109,7 +107,13 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
 
 
 def _score(total: float, length: int, params: BeamSearchParams) -> float:
-    return total / length ** params.length_penalty
+    try:
+        return total / length ** params.length_penalty
+    except (OverflowError, ZeroDivisionError):
+        # A penalty in the hundreds takes length ** penalty past float's range (or to 0): the
+        # same score with the exponent held inside it, about -0 or -inf.
+        exponent = -params.length_penalty * math.log(length)
+        return total * math.exp(max(-700.0, min(700.0, exponent)))
 
 
 def _cannot_improve(done: list, live: list, width: int, length: int, params: BeamSearchParams) -> bool:

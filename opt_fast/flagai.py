@@ -21,14 +21,13 @@ top-k and top-p, and draws; `</s>` ends the output and is not part of it; at mos
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from pathlib import Path
 
 import torch
 
 from .llm import LLM
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, finite_float
 
 
 class OPTModel:
@@ -169,10 +168,8 @@ class Predictor:
                             ("top_k", top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("top_p", top_p), ("repetition_penalty", repetition_penalty),
-                            ("temperature", temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        top_p, repetition_penalty, temperature = (finite_float(name, value) for name, value in (
+            ("top_p", top_p), ("repetition_penalty", repetition_penalty), ("temperature", temperature)))
         if not 0 <= top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
         for name, value in (("repetition_penalty", repetition_penalty), ("temperature", temperature)):
@@ -180,8 +177,8 @@ class Predictor:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if top_p == 0:     # FlagAI's top-p then keeps only the most likely token: top-k 1
             top_k, top_p = 1, 1.0
-        return SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                              repetition_penalty=float(repetition_penalty), max_tokens=out_max_length,
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, max_tokens=out_max_length,
                               seed=seed, penalty_on_logprobs=True,
                               banned_token_ids=[self._unk_token_id()])
 

@@ -88,8 +88,9 @@ class LLM:
         try:
             for request_id, prompt, params in zip(ids, prompts, params_list):
                 self.engine.add_request(request_id, prompt, params)
-        except ValueError:
-            for request_id in ids:      # all or nothing: a bad prompt leaves no request behind
+        except BaseException:
+            # All or nothing: a bad prompt (or an interrupt) leaves no request behind.
+            for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
         try:
@@ -131,9 +132,12 @@ class LLM:
 
 
 def _prompt_list(prompts) -> list:
-    """One prompt (a string, or a list or tuple of token ids) as a list of one; a list of
-    prompts as is."""
+    """One prompt (a string, or a list or tuple of token ids) as a list of one; a list or tuple
+    of prompts as a list. Anything else is a ValueError (each prompt is checked when added)."""
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and isinstance(prompts[0], numbers.Integral)):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a list of token ids, or a list of those, got "
+                         f"{type(prompts).__name__} {prompts!r:.80}")
     return list(prompts)

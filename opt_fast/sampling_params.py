@@ -10,18 +10,25 @@ from .config import check_seed
 
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+# Temperatures below this are greedy (vLLM's rule): dividing logits by much less overflows
+# float32 (at about 1e-37 for logits near 10) and the draw would take garbage.
+GREEDY_BELOW = 1e-5
+# The sampler's per-row integers travel as int64.
+_INT64_MAX = 2 ** 63 - 1
 
 
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (DESIGN.md §3).
 
-    temperature 0 is greedy; top_k 0 or -1 is off; repetition_penalty follows Hugging Face (CTRL)
-    over prompt + output ids and is applied before temperature, then top-k, then top-p. `seed`
+    temperature 0 is greedy (as is any temperature below GREEDY_BELOW, stored as 0); top_k 0 or
+    -1 is off; repetition_penalty follows Hugging Face (CTRL) over prompt + output ids and is
+    applied before temperature, then top-k, then top-p. `seed`
     makes the draws reproducible whatever else is in the batch. `logprobs` / `prompt_logprobs`
     ask for the sampled (or actual prompt) token plus the top N of the raw distribution.
-    Bad values raise ValueError naming the field. Integer fields also take numpy integers (kept
-    as Python ints). `n > 1` with temperature 0 gives n copies of the greedy output.
+    Bad values raise ValueError naming the field. Integer fields also take numpy integers, up to
+    2**63 - 1 (kept as Python ints), and float fields numpy floats (kept as Python floats).
+    `n > 1` with temperature 0 gives n copies of the greedy output.
     """
     n: int = 1
     temperature: float = 1.0
@@ -49,14 +56,16 @@ class SamplingParams:
 
     def __post_init__(self):
         self.n = _int("n", self.n, low=1)
-        _float("temperature", self.temperature)
+        self.temperature = finite_float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         self.top_k = _int("top_k", self.top_k, low=-1)
-        _float("top_p", self.top_p)
+        self.top_p = finite_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _float("repetition_penalty", self.repetition_penalty)
+        self.repetition_penalty = finite_float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         self.max_tokens = _int("max_tokens", self.max_tokens, low=1)
@@ -88,11 +97,14 @@ class SamplingParams:
 
 
 def _int(name: str, value, low: int | None) -> int:
-    """`value` as a Python int (numpy integers included; bools are not integers here)."""
+    """`value` as a Python int (numpy integers included; bools are not integers here), at most
+    2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if value > _INT64_MAX:
+        raise ValueError(f"{name} must be <= 2**63 - 1, got {value!r}")
     return int(value)
 
 
@@ -108,6 +120,14 @@ def _ids(name: str, value) -> list[int]:
     return [_int(name, token, low=0) for token in ([] if value is None else value)]
 
 
-def _float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def finite_float(name: str, value) -> float:
+    """`value` as a Python float (ints and numpy floats included; bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    try:
+        result = float(value)
+    except OverflowError:           # an int past float's range
+        result = math.inf
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.80}")
+    return result

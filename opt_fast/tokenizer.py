@@ -6,6 +6,7 @@ Ids match Hugging Face's OPT tokenizer (`GPT2Tokenizer` with `</s>` as bos/eos/u
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -64,14 +65,30 @@ class OPTTokenizer:
         return self._vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`, with `</s>` prepended as BOS when `add_special_tokens`."""
+        """Token ids of `text`, with `</s>` prepended as BOS when `add_special_tokens`. Text that is
+        no valid Unicode (lone surrogates, as undecodable bytes in a command line become) is a
+        ValueError."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text is not valid Unicode: {err.reason} at index {err.start} "
+                             f"({text[err.start:err.end]!r})") from None
         # BOS is added here, never by the library: a tokenizer.json post-processor would double it.
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; special tokens are dropped when `skip_special_tokens`."""
-        ids = [int(i) for i in ids]      # first: tensor elements hash by identity, not value
+        """Text of `ids` (ints, numpy or 0-d tensor integers); special tokens are dropped when
+        `skip_special_tokens`. An id that is no integer in [0, 2**32) is a ValueError (ids past
+        the vocabulary decode to nothing)."""
+        try:   # first: tensor elements hash by identity, not value
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise ValueError(f"ids must be integers, got {ids!r:.80}") from None
+        if ids and not 0 <= min(ids) <= max(ids) < 2 ** 32:
+            raise ValueError(f"ids must be in [0, 2**32), got {min(ids) if min(ids) < 0 else max(ids)}")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

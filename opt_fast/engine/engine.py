@@ -180,6 +180,15 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs text, but the model directory has no tokenizer "
                              "files; use stop_token_ids instead")
+        # Every id banned (until min_tokens, stop ids and EOS too): the draw would have nothing left.
+        banned = set(params.banned_token_ids)
+        if params.min_tokens:
+            banned.update(params.stop_token_ids)
+            if self.eos_token_id is not None and not params.ignore_eos:
+                banned.add(self.eos_token_id)
+        if len(banned) >= self.vocab_size and sum(token < self.vocab_size for token in banned) == self.vocab_size:
+            what = "banned_token_ids" + (", stop_token_ids and EOS (until min_tokens)" if params.min_tokens else "")
+            raise ValueError(f"{what} ban all {self.vocab_size} ids of the vocabulary: nothing is left to draw")
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -250,7 +250,14 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         c = self.config
         shape = (c.num_hidden_layers, 2, self.num_kv_blocks, self.block_size, self.num_heads, c.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
+        try:
+            self.kv_cache = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
+        except RuntimeError as err:   # out of memory (CUDA's OutOfMemoryError included), or past any size
+            if not self.cfg.num_kv_blocks:
+                raise
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} (block_size={self.block_size}) asks for "
+                             f"{self.num_kv_blocks * self._bytes_per_block() / 2 ** 30:.1f} GiB of KV cache, "
+                             f"which {self.device} cannot allocate: {str(err).splitlines()[0][:200]}") from err
         for i, layer in enumerate(self.model.decoder.layers):
             layer.self_attn.key_cache, layer.self_attn.value_cache = self.kv_cache[i]
 

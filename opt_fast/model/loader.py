@@ -29,21 +29,29 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or lacks or mis-shapes a tensor the model needs."""
 
 
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """A model argument that names no checkpoint: a FileNotFoundError, and a ValueError like
+    every other bad argument."""
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """A local directory as is; otherwise a hub id (`facebook/opt-1.3b`) or a FlagAI/short name
     (`opt-1.3b-en`, `opt-1.3b`) downloaded through huggingface_hub's snapshot cache."""
+    if not isinstance(model, (str, Path)) or not str(model).strip():
+        # ("" would be the working directory)
+        raise ValueError(f"model must name a checkpoint directory or a hub id, got {model!r:.80}")
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     name = str(model)
     if isinstance(model, Path) or name.startswith((".", "/", "~")) or path.exists():
         # written as a path (hub ids never start so): a missing directory, not a hub id
-        raise FileNotFoundError(f"model {name!r}: no such directory" if not path.exists()
-                                else f"model {name!r} is a file, not a checkpoint directory")
+        raise ModelNotFoundError(f"model {name!r}: no such directory" if not path.exists()
+                                 else f"model {name!r} is a file, not a checkpoint directory")
     hub_id = hub_id_for(name) or (name if name.count("/") == 1 else None)
     if hub_id is None:
-        raise FileNotFoundError(f"model {name!r} is neither a local directory nor a hub id "
-                                "(like 'facebook/opt-125m' or 'opt-125m-en')")
+        raise ModelNotFoundError(f"model {name!r} is neither a local directory nor a hub id "
+                                 "(like 'facebook/opt-125m' or 'opt-125m-en')")
     return _download(hub_id)
 
 

@@ -156,10 +156,17 @@ def test_a_failing_step_reaches_every_client_and_the_wrapper_stays_dead(tiny_mod
 
 
 def test_an_engine_is_reusable_across_event_loops(llm):
+    """Each asyncio.run gets LLM.generate's result (a loop that never steps times out)."""
+    expected = llm.generate([[2, 7, 8]], SHORT, use_tqdm=False)[0].outputs[0]
+    assert len(expected.token_ids) == SHORT.max_tokens
     aeng = AsyncEngine.from_engine(llm.engine)
-    first = asyncio.run(collect(aeng, [2, 7, 8], SHORT))
-    second = asyncio.run(collect(aeng, [2, 7, 8], SHORT))
-    assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids
+    for _ in range(2):
+        outs = asyncio.run(asyncio.wait_for(collect(aeng, [2, 7, 8], SHORT), timeout=60))
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+        assert outs[-1].outputs[0].token_ids == expected.token_ids
+        assert len(outs[-1].outputs[0].token_ids) == SHORT.max_tokens
+        assert outs[-1].outputs[0].text == expected.text
+    assert_engine_idle(llm.engine)
 
 
 def test_a_reused_request_id_never_gets_the_earlier_requests_outputs(tiny_model_dir):

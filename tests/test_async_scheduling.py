@@ -485,6 +485,25 @@ def test_the_step_after_a_prompt_finishes_beside_decodes_is_launched_ahead(tiny_
         assert_same_outputs(results[False][request_id], results[True][request_id])
 
 
+def test_no_step_is_launched_ahead_for_a_request_sure_to_stop_on_the_token_in_flight(tiny_model_dir):
+    """One greedy request with max_tokens=5 on the emulated graphs: its prompt step and 4 decode
+    steps. The steps of tokens 2..5 are launched ahead of the previous step's results, and none
+    after the step that draws token 5 (max_tokens reached: its token would only be dropped)."""
+    engine = emulated_engine(tiny_model_dir, async_scheduling=True)
+    launched = count_launches_ahead(engine.runner)
+    engine.add_request("r", prompts(1, seed=13)[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    finals, calls = [], 0
+    while engine.has_unfinished_requests():
+        calls += 1
+        finals += [o for o in engine.step() if o.finished]
+        assert calls <= 5
+    assert launched == [1, 1, 1, 1]
+    assert engine._ahead is None
+    assert len(finals) == 1 and len(finals[0].outputs[0].token_ids) == 5
+    assert finals[0].outputs[0].finish_reason == "length"
+    assert_nothing_held(engine)
+
+
 def test_async_engine_clients_stream_the_same_results(tiny_model_dir):
     """AsyncEngine steps on its worker thread and applies adds and aborts between steps, with a
     step in flight: clients get LLM.generate's results; one that leaves early aborts its request."""

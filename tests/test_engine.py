@@ -132,7 +132,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
         assert max(out.outputs[0].token_ids) < vocab
 
 
-def test_stop_token_ids_max_tokens_and_min_tokens(llm):
+def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):
     prompt = prompts(1, seed=8)[0]
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     stop_at = free[3]
@@ -140,11 +140,25 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llm):
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at],
                                                 ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == free[:first + 1] and out.finish_reason == "stop"
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 3,
-                                                stop_token_ids=[stop_at], ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    min_tokens = SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 3, stop_token_ids=[stop_at],
+                                ignore_eos=True)
+    out = llm.generate([prompt], min_tokens, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) >= first + 3
-    assert stop_at not in out.token_ids[:first + 2]
+    assert stop_at not in out.token_ids[:first + 3]        # every one of the first min_tokens tokens
+    # The greedy run above may not want stop_at where the ban ends; a model that always puts
+    # stop_at first does: banned for exactly min_tokens tokens, then it ends the output.
+    favouring = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    model = favouring.engine.runner.model
+    real = model.compute_logits
+
+    def stop_at_first(hidden):
+        logits = real(hidden)
+        logits[:, stop_at] = logits.max(dim=-1).values + 20.0
+        return logits
+    model.compute_logits = stop_at_first
+    out = favouring.generate([prompt], min_tokens, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == first + 4 and out.finish_reason == "stop"
+    assert stop_at not in out.token_ids[:first + 3] and out.token_ids[first + 3] == stop_at
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == free[:5] and out.finish_reason == "length"
@@ -180,6 +194,56 @@ def test_text_and_stop_strings(llm):
     assert cut.finish_reason == "stop"
     assert cut.text == full[:full.index(stop)]
     assert stop not in cut.text
+
+
+def test_stop_strings_wait_for_min_tokens(llm, tiny_model_dir):
+    """A stop string completed before min_tokens tokens are out does not stop the output, and
+    is not looked for again (only text that later tokens add is); one completed at or after
+    min_tokens stops it as usual, the text cut where that occurrence starts."""
+    prompt, greedy = "def main():\n    return", dict(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine.add_request("free", prompt, SamplingParams(**greedy))
+    texts = [""]                # texts[n]: the text of the first n tokens, as the engine decodes it
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts.append(out.outputs[0].text)
+            ids = out.outputs[0].token_ids
+    assert len(texts) == 25 and len(ids) == 24
+    full = texts[-1]
+
+    def completed(stop: str, after: int = 0) -> int | None:
+        """The first token after `after` whose text completes an occurrence of `stop`."""
+        return next((n for n in range(after + 1, len(texts))
+                     if stop in texts[n][max(0, len(texts[n - 1]) - len(stop) + 1):]), None)
+    candidates = [full[i:i + size] for size in (3, 2, 1) for i in range(len(full) - size + 1)
+                  if all(c.isascii() and c.isprintable() for c in full[i:i + size])]
+
+    def run(stop: str, min_tokens: int):
+        return llm.generate([prompt], SamplingParams(**greedy, stop=[stop], min_tokens=min_tokens),
+                            use_tqdm=False)[0].outputs[0]
+
+    # A string found once, completed by token k (2 <= k <= 21, so min_tokens k + 3 fits).
+    once = [s for s in candidates if full.count(s) == 1 and 2 <= completed(s) <= 21]
+    assert once, f"no printable string occurs once in {full!r}"
+    stop = once[0]
+    k = completed(stop)
+    for min_tokens in (0, k):
+        out = run(stop, min_tokens)
+        assert (out.token_ids, out.finish_reason) == (ids[:k], "stop"), min_tokens
+        assert out.text == full[:full.index(stop)]
+    out = run(stop, k + 3)        # its only occurrence came too early: it runs to max_tokens
+    assert (out.token_ids, out.finish_reason, out.text) == (ids, "length", full)
+
+    # A string completed at token k1 and next at token k2 >= k1 + 3: with min_tokens k1 + 3 the
+    # output stops at k2, cut before the later occurrence.
+    twice = [(s, completed(s), completed(s, completed(s))) for s in dict.fromkeys(candidates)]
+    twice = [(s, k1, k2) for s, k1, k2 in twice if k2 is not None and k2 >= k1 + 3]
+    assert twice, f"no printable string recurs 3 tokens apart in {full!r}"
+    stop, k1, k2 = twice[0]
+    cut = texts[k2].find(stop, max(0, len(texts[k2 - 1]) - len(stop) + 1))
+    assert cut > full.index(stop)
+    out = run(stop, k1 + 3)
+    assert (out.token_ids, out.finish_reason, out.text) == (ids[:k2], "stop", full[:cut])
 
 
 def test_the_earliest_stop_string_wins_whichever_is_listed_first(llm):

@@ -101,6 +101,15 @@ def test_quick_start_runs_as_written(flagai_root, monkeypatch):
     out = predictor.predict_generate_randomsample(text, input_max_length=100, out_max_length=300,
                                                   top_k=30, top_p=0.9, repetition_penalty=3.0)
     assert isinstance(out, str) and out
+    assert "</s>" not in out and "<unk>" not in out
+    # the script run again (a fresh loader, the LLM's default seed) prints the same text
+    again = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir="./checkpoints",
+                       kernels="torch", device=test_device())
+    assert Predictor(again.get_model(), again.get_tokenizer()).predict_generate_randomsample(
+        text, input_max_length=100, out_max_length=300, top_k=30, top_p=0.9, repetition_penalty=3.0) == out
+    seeded = [predictor.predict_generate_randomsample(text, input_max_length=100, out_max_length=300, top_k=30,
+                                                      top_p=0.9, repetition_penalty=3.0, seed=5) for _ in range(2)]
+    assert seeded[0] == seeded[1] and "</s>" not in seeded[0] and "<unk>" not in seeded[0]
 
 
 def test_deterministic_output_equals_flagai_loop_and_differs_from_hf_order(predictor, flagai_root):
@@ -143,6 +152,48 @@ def test_unk_is_never_drawn(flagai_root, tiny_tokenizer_dir, tmp_path):
         TEXTS[0], out_max_length=8, top_k=1)
     assert out and "<unk>" not in out
     assert out == flagai_loop(hf_model, loader.get_tokenizer(), TEXTS[0], 256, 8, 1.0, 1.0, 1.0)
+
+
+def test_the_end_token_ends_the_output_and_is_not_part_of_it(flagai_root, tiny_tokenizer_dir, tmp_path,
+                                                            monkeypatch):
+    """A model whose position rows, from the 6th output token's on, point far along </s>'s
+    embedding: 5 tokens, then </s> is drawn. It ends the output and is not in the text, which
+    equals FlagAI's loop's."""
+    _, hf_model = flagai_root
+    tokenizer = OPTTokenizer.from_dir(tiny_tokenizer_dir)
+    eos, text = tokenizer.eos_token_id, TEXTS[0]
+    state = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    direction = torch.nn.functional.normalize(torch.randn(hf_model.config.hidden_size,
+                                                          generator=torch.Generator().manual_seed(0)), dim=0)
+    state["model.decoder.embed_tokens.weight"][eos] = 5 * direction
+    state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]
+    # HF's OPT reads position p from row p + 2; output token i is drawn at position len(prompt) - 1 + i
+    state["model.decoder.embed_positions.weight"][2 + len(tokenizer.encode(text)) - 1 + 5:] += 100 * direction
+    hf_model = type(hf_model)(hf_model.config).eval()
+    hf_model.load_state_dict(state)
+    save_flagai_checkpoint(hf_model, tmp_path / "opt-125m-en", tiny_tokenizer_dir)
+    loader = AutoLoader(model_name="opt-125m-en", model_dir=tmp_path, kernels="torch", device=test_device(),
+                        dtype="float32")
+    llm, drawn = loader.get_model().llm, []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda p, *a, **k: (lambda outs: drawn.extend(
+        o.outputs[0].token_ids for o in outs) or outs)(generate(p, *a, **k)))
+    out = Predictor(loader.get_model(), loader.get_tokenizer()).predict_generate_randomsample(
+        text, out_max_length=12, top_k=1)
+    assert len(drawn) == 1 and len(drawn[0]) == 6 and drawn[0][-1] == eos and eos not in drawn[0][:-1]
+    assert out and "</s>" not in out
+    assert out == tokenizer.decode(drawn[0][:-1], skip_special_tokens=False)
+    assert out == flagai_loop(hf_model, tokenizer, text, 256, 12, 1.0, 1.0, 1.0)
+
+
+def test_top_p_zero_keeps_the_most_likely_token(predictor, flagai_root):
+    """FlagAI's top-p with p = 0 keeps only the most likely token: the same as top-k 1."""
+    _, hf_model = flagai_root
+    out = predictor.predict_generate_randomsample(TEXTS[0], out_max_length=16, top_p=0, seed=1)
+    assert out == predictor.predict_generate_randomsample(TEXTS[0], out_max_length=16, top_k=1, seed=1)
+    assert out == flagai_loop(hf_model, predictor.tokenizer, TEXTS[0], 256, 16, 1.0, 1.0, 1.0)
+    # (while the default top-k 30 draws something else: top_p=0 is not simply ignored)
+    assert out != predictor.predict_generate_randomsample(TEXTS[0], out_max_length=16, seed=1)
 
 
 def test_prompt_is_truncated_and_loses_a_trailing_end_token(predictor, monkeypatch):

@@ -16,6 +16,8 @@ BAD = [
     ("logprobs", -1), ("prompt_logprobs", -1),
     ("stop", [""]), ("stop", [3]), ("stop", 5), ("stop_token_ids", [-1]), ("stop_token_ids", 5),
     ("stop_token_ids", [2.0]), ("ignore_eos", 1),
+    ("banned_token_ids", [-1]), ("banned_token_ids", 5), ("banned_token_ids", [2.0]),
+    ("penalty_on_logprobs", 1), ("skip_special_tokens", "yes"),
 ]
 
 
@@ -36,6 +38,9 @@ def test_min_tokens_above_max_tokens_is_rejected():
                                     dict(logprobs=0)])
 def test_edge_values_are_accepted(kwargs):
     params = SamplingParams(**kwargs)
+    for name, value in kwargs.items():
+        # kept as given (a lone stop string becomes a list of one)
+        assert getattr(params, name) == ([value] if name == "stop" else value), name
     assert isinstance(params.stop, list)
 
 

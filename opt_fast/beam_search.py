@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import _check_positive_int
+from .config import positive_int
 from .sampling_params import SamplingParams, finite_float
 
 
@@ -28,8 +28,8 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self):
-        _check_positive_int("beam_width", self.beam_width)
-        _check_positive_int("max_tokens", self.max_tokens)
+        self.beam_width = positive_int("beam_width", self.beam_width)
+        self.max_tokens = positive_int("max_tokens", self.max_tokens)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         self.length_penalty = finite_float("length_penalty", self.length_penalty)

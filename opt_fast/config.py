@@ -191,10 +191,10 @@ class EngineConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
-            _check_positive_int(name, getattr(self, name))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         for name in ("num_kv_blocks", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+                setattr(self, name, positive_int(name, getattr(self, name)))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if (isinstance(self.gpu_memory_utilization, bool)
@@ -244,9 +244,11 @@ def check_seed(name: str, value) -> int:
     return int(value)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def positive_int(name: str, value) -> int:
+    """`value` as a Python int if it is a positive integer (numpy's too; bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def ceil_div(a: int, b: int) -> int:

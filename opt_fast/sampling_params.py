@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .config import check_seed
@@ -109,8 +109,9 @@ def _int(name: str, value, low: int | None) -> int:
 
 
 def _many(value) -> bool:
-    """None, or a collection of items (a list, tuple, set, array): not a lone string or number."""
-    return value is None or (isinstance(value, Iterable) and not isinstance(value, (str, bytes)))
+    """None, or a collection of items (a list, tuple, set, array): not a lone string or number,
+    nor a dict (whose keys would pass for the items)."""
+    return value is None or (isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)))
 
 
 def _ids(name: str, value) -> list[int]:

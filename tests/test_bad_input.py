@@ -123,3 +123,19 @@ def test_length_penalties_past_floats_range(llm):
         [out] = llm.beam_search([[2, 5, 6]], BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=penalty))
         assert len(out.sequences) == 2
     assert_engine_empty(llm)
+
+
+def test_numpy_integers_configure_an_engine_as_python_ints(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch", block_size=np.int64(4), num_kv_blocks=np.int32(40),
+              max_num_seqs=np.int16(3))
+    cfg = llm.engine.cfg
+    assert (cfg.block_size, cfg.num_kv_blocks, cfg.max_num_seqs) == (4, 40, 3)
+    assert all(type(v) is int for v in (cfg.block_size, cfg.num_kv_blocks, cfg.max_num_seqs))
+    params = BeamSearchParams(beam_width=np.int64(2), max_tokens=np.int8(3))
+    assert (type(params.beam_width), type(params.max_tokens)) == (int, int)
+
+
+@pytest.mark.parametrize("field", ["stop", "stop_token_ids", "banned_token_ids"])
+def test_a_dict_is_no_list_of_stops_or_ids(field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: {"a": 1} if field == "stop" else {3: 1}})

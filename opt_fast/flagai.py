@@ -55,7 +55,11 @@ class OPTModel:
             elif isinstance(value, torch.dtype):
                 self._expect("dtype", value, runner.dtype)
             elif isinstance(value, (str, torch.device)) or (isinstance(value, int) and not isinstance(value, bool)):
-                self._expect("device", torch.device(value), runner.device)
+                try:
+                    device = torch.device(value)
+                except RuntimeError:      # torch's error for a string that names no device
+                    raise ValueError(f"device {value!r} names no device") from None
+                self._expect("device", device, runner.device)
         return self
 
     def cuda(self, device=None) -> OPTModel:

@@ -270,6 +270,8 @@ def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, pre
     assert runner.dtype == torch.float32
     with pytest.warns(UserWarning, match="device"):
         model.to("meta")
+    with pytest.raises(ValueError, match="'junk' names no device"):
+        model.to("junk")
     root, _ = flagai_root
     loader = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=root / "checkpoints",
                         kernels="torch", device=test_device(), torch_dtype=torch.bfloat16)

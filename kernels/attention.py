@@ -925,8 +925,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     default tiles. `max_query_len`: an upper bound of every sequence's new tokens known on the
     host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
-    kernel's default tiles replace them. A bound below a real length gives wrong outputs for
-    that sequence's later tokens, like a table that does not cover its context. Raises
+    kernel's default tiles replace them. A bound below a real length leaves that sequence's
+    later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
+    context, it is not checked: that would need the lengths on the host). Raises
     ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the
     choices the kernel supports, or on a max_context_len or max_query_len that is not None or
     an int >= 0.

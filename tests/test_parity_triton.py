@@ -93,6 +93,7 @@ def test_short_prompts_through_the_persistent_prefill_kernel(tiny_model_dir, mon
     longer than the tile runs the main kernel."""
     from opt_fast.kernels import attention
     monkeypatch.setattr(attention, "_TILES_FP32", attention.Tiles(32, 32, 4, 1, persistent=True))
+    monkeypatch.setattr(attention, "sm_count", lambda device: 2)    # each program several items
     launches = []
     for name in ("_prefill_persistent_kernel", "_prefill_attention_kernel"):
         kernel = getattr(attention, name)

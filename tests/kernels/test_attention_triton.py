@@ -5,6 +5,7 @@ with other strides, every output element written, the launch grid without a host
 input checks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -744,6 +745,102 @@ def test_persistent_kernel_matches_the_reference(nan_empty, monkeypatch, persist
     assert torch.equal(prefill_attention(*args, tiles=persistent(block, split_head=split_head), max_context_len=0,
                                          max_query_len=block), out)
     torch.testing.assert_close(key_cache, before, atol=0, rtol=0, equal_nan=True)
+
+
+def test_persistent_kernel_writes_only_its_sequences_rows(sentinel_empty, monkeypatch):
+    """Tokens before cu_seqlens[0] and after cu_seqlens[-1] (NaN there) belong to no item: their
+    output rows keep what torch.empty left, their slots stay unstored; a short last sequence
+    before the padding."""
+    monkeypatch.setattr(attention, "sm_count", lambda device: 2)
+    seqs = [(0, 16), (0, 3), (0, 1)]
+    args, expected = prefill_case(seqs, 8, 2, 64, torch.float32, seed=12)
+    q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
+    lead, tail = 5, 7
+    nan = torch.full((1, *q.shape[1:]), float("nan"), device=DEVICE)
+    padded = [torch.cat([nan.expand(lead, -1, -1), t, nan.expand(tail, -1, -1)]) for t in (q, k, v)]
+    slots = torch.cat([torch.zeros(lead, dtype=torch.int64, device=DEVICE),
+                       new_token_slots(seqs, block_tables, 8),
+                       torch.ones(tail, dtype=torch.int64, device=DEVICE)])
+    expect_k, expect_v = key_cache.clone(), value_cache.clone()
+    attention.write_kv_cache_ref(k, v, expect_k, expect_v, slots[lead:lead + k.shape[0]])
+    out = prefill_attention(*padded, key_cache, value_cache, cu + lead, context_lens, block_tables, scale,
+                            tiles=persistent(16), max_context_len=0, max_query_len=16, slot_mapping=slots)
+    assert_matches(out[lead:-tail], expected, torch.float32)
+    assert (out[:lead] == SENTINEL).all() and (out[-tail:] == SENTINEL).all()
+    torch.testing.assert_close(key_cache, expect_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache, expect_v, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.fixture
+def recorded_prefetches(monkeypatch):
+    """The persistent kernel's L2 prefetch, which is inline PTX, runs in the interpreter as a
+    recorder: each call's addresses (an int64 array) in the list returned, in call order."""
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter alone can record what a kernel's inline PTX is asked to do")
+    from triton.runtime import interpreter
+    calls = []
+
+    def record(builder, asm, constraints, values, type, is_pure, pack):
+        assert "prefetch.global.L2" in asm, asm
+        (addresses,) = values
+        calls.append(addresses.data.astype(np.int64).ravel())
+        dummy = interpreter.TensorHandle(np.zeros(addresses.data.shape, dtype=np.int32), interpreter.tl.int32)
+
+        class Result:
+            def get_result(self, index):
+                return dummy
+        return Result()
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", record)
+    monkeypatch.setattr(attention, "nvidia_capability", lambda device: 90)   # as on a GPU: prefetch on
+    return calls
+
+
+# fp32 head 80: 320-byte rows, 4 lines asked for (the last clamped to the row's last element);
+# bf16 head 128 with separate q, k, v; tokens before and after the sequences; sequences of 1 and
+# 0 tokens, the last one short; 2 and 3 programs, so each runs several items.
+@pytest.mark.parametrize("dtype,head_dim,separate,programs", [
+    (torch.float32, 80, False, 2), (torch.bfloat16, 128, True, 3)], ids=["fp32-80-packed", "bf16-128-separate"])
+def test_persistent_prefetch_asks_only_for_the_next_items_rows(recorded_prefetches, monkeypatch, dtype, head_dim,
+                                                              separate, programs):
+    """Every address the L2 prefetch asks for is an element of q, k or v (the order of the
+    calls) in a row of a sequence, at a column inside the head; and the (token, head) rows asked
+    for are exactly those of each program's next item."""
+    monkeypatch.setattr(attention, "sm_count", lambda device: programs)
+    lens, heads, lead, tail = [16, 1, 0, 9, 16, 2], 3, 2, 3
+    tokens = lead + sum(lens) + tail
+    q, k, v = packed_qkv(tokens, heads, head_dim, gen(3), dtype)
+    if separate:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = [lead]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    cache = torch.zeros(1, 8, heads, head_dim, dtype=dtype, device=DEVICE)
+    # cu_seqlens as the head of a longer buffer whose next entries would send a read past the
+    # last sequence (the last items have no next one) far past the tokens
+    cu_seqlens = torch.tensor(cu + [10 ** 6] * 4, **I32)[:len(cu)]
+    prefill_attention(q, k, v, cache, cache.clone(), cu_seqlens, torch.zeros(len(lens), **I32),
+                      torch.zeros(len(lens), 1, **I32), head_dim ** -0.5, tiles=persistent(16), max_context_len=0,
+                      max_query_len=16)
+    seq_of = {t: s for s in range(len(lens)) for t in range(cu[s], cu[s + 1])}
+    asked = set()
+    assert recorded_prefetches and len(recorded_prefetches) % 3 == 0
+    for i, addresses in enumerate(recorded_prefetches):
+        name, t = "qkv"[i % 3], (q, k, v)[i % 3]
+        for address in addresses.tolist():
+            offset, misaligned = divmod(address - t.data_ptr(), t.element_size())
+            token, within = divmod(offset, t.stride(0))
+            head, column = divmod(within, t.stride(1))
+            assert not misaligned and token in seq_of and head < heads and column < head_dim, (name, address)
+            asked.add((name, token, head))
+    items = len(lens) * heads
+    expected = set()
+    for program in range(programs):
+        mine = list(range(program, items, programs))
+        for item, later in zip(mine, mine[1:]):
+            if lens[item // heads] and lens[later // heads]:
+                seq = later // heads
+                expected |= {(name, token, later % heads) for name in "qkv" for token in range(cu[seq], cu[seq + 1])}
+    assert asked == expected
 
 
 @pytest.mark.parametrize("seqs,max_context_len,max_query_len", [

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILES_FP32, _TMA_CAPABILITY,
+                              _WS_TILES_SM90, ONE_LOOP_CANDIDATES, PADDED_80_CANDIDATES, PERSISTENT_CANDIDATES,
+                              TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail, _head_dim_pad, _head_split,
+                              _padded_class, _tile_head_dim, default_tiles, tile_table)
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, sm_count, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
@@ -603,249 +606,14 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-class Tiles(NamedTuple):
-    """One launch configuration: query rows per program, keys per step, warps, pipeline stages;
-    whether the new tokens' q and off-diagonal K/V tiles arrive by TMA (sm_90+; on rows whose
-    layout TMA cannot address the launcher keeps pointer loads); whether a head of two
-    powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128; and
-    whether a batch known to have no cached context runs the warp-specialised kernel
-    (_prefill_attention_ws_kernel: sm_90+, 4 warps, fp16 / bf16, TMA, heads padded, so tma
-    and split_head are moot there; batches that may have context run the main kernel); and
-    whether the main kernel runs a query block's new-token key tiles as one causally masked,
-    pipelined loop (one_loop: the diagonal tiles' loads overlap the tiles before them; with tma
-    only q comes by TMA) rather than an unmasked loop and then the diagonal tiles (the
-    warp-specialised kernel always runs one loop); and whether a batch known to have no cached
-    context and at most block_m new tokens per sequence runs the persistent kernel
-    (_prefill_persistent_kernel: one block_m x block_m tile per sequence and head, block_n ==
-    block_m; other batches run the main kernel at its default tiles).
-    """
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    tma: bool = False
-    split_head: bool = True
-    warp_specialize: bool = False
-    one_loop: bool = False
-    persistent: bool = False
-
-
-# (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
-# average at most _NARROW_TOKENS new tokens (short prompts, chunked-prefill steps), "wide" longer
-# ones. Head classes (_tile_head_dim): 64 (heads up to 64), 80 (two exact tiles, 64 + 16: OPT-
-# 2.7B), 128 (the rest, padded). Every entry compiles without spills for its targets (the compile
-# check builds each). On sm_80 that rules out 128-key tiles at head_dim 128: with 8 warps each
-# warp owns 16 query rows and holds a 16x128 fp32 score row block beside its accumulator.
-# sm_80 (unmeasured there), from the NVIDIA H100 80GB HBM3 sweep of 2026-11-26 (benchmarks/
-# results/2026-11-26-h100/sweep.json, kernel medians, fp16, no cached context):
-# - narrow: 64x64 tiles, 2 stages (at 128 new tokens a query block's loops run one or two key
-#   tiles; not measured beside a long cached context). b64 L128: opt-1.3b (head 64, 4 warps)
-#   67.2 us; heads 80 / 128 at 8 warps, opt-2.7b / 6.7b / 13b: 144.3 / 149.1 / 183.7, the best
-#   of the nine tile shapes swept at each (4-warp tiles at head 128 were not timed).
-# - wide, head 64: 64x64, 4 warps, 3 stages. opt-1.3b b8 L1024 138.2 us, the best; b1 L2048 63.7
-#   (best 63.3 at 2 stages).
-# - wide, heads 80 / 128: 128x64 at 8 warps; at head 128 on sm_80, 128x32: with the new tokens'
-#   store to the cache in its diagonal loop (WRITE_KV) 128x64 spills 32 B there, 128x32 compiles
-#   with 200 registers (neither timed on an A100).
-_NARROW_TOKENS = 128
-_TILES = {
-    ("wide", 64): Tiles(64, 64, 4, 3),
-    ("wide", 80): Tiles(128, 64, 8, 3),
-    ("wide", 128): Tiles(128, 32, 8, 3),
-    ("narrow", 64): Tiles(64, 64, 4, 2),
-    ("narrow", 80): Tiles(64, 64, 8, 2),
-    ("narrow", 128): Tiles(64, 64, 8, 2),
-}
-# sm_90, from the NVIDIA H200 sweep of 2026-11-27 (benchmarks/results/2026-11-27-h200/sweep.json,
-# the same shapes and medians; 4-warp tiles at heads 80 / 128 and TMA timed for the first time).
-# One 4-warp warpgroup per 64 query rows won every head-80 / 128 shape: two such programs share
-# an SM, and one's softmax runs beside the other's wgmmas, where an 8-warp program's two
-# warpgroups wait on the same barriers. TMA won at heads 64 and 128, not at 80 (split into two
-# tiles, six descriptors). Before, wide heads 80 / 128 ran 128x128x8x3 and narrow ones 64x64x8x2.
-# - wide 64: 64x64x4x3 TMA. opt-1.3b b8 L1024 123.2 us, b1 L2048 56.4: the best (134.8 / 62.9
-#   before).
-# - wide 80: 64x64x4x3. opt-2.7b b8 L1024 187.7, b1 L2048 86.3: the best (245.6 / 99.3 before).
-# - wide 128: 64x64x4x3 TMA. opt-6.7b / 13b b8 L1024 240.5 / 302.9: the best (289.7 / 364.7
-#   before); b1 L2048 103.1 / 128.4 (117.9 / 146.0 before; the warp-specialised 128x128x4x2, a
-#   sweep candidate, 101.3 / 126.1).
-# - narrow 80 / 128: 64x64x4x2. opt-2.7b / 6.7b / 13b b64 L128 84.9 / 127.7 / 158.0: the best
-#   (194.0 / 139.3 / 172.1 before).
-# - narrow 64: 64x64x4x2 still: 60.7 us at opt-1.3b b64 L128 beside 58.1 for 64x32x4x3, which
-#   the H100 had the other way round (67.2 / 68.9).
-# TMA costs the host about 10 us a call (three descriptors built, then encoded at the launch):
-# its entries drop it below _TMA_MIN_TOKENS new tokens, where a call's GPU time is too short
-# for the 10-17% it saved at the sweep's 2048 to 8192 tokens to pay for that.
-_TMA_MIN_TOKENS = 1024
-_TILES_SM90 = {
-    **_TILES,
-    ("wide", 64): Tiles(64, 64, 4, 3, True),
-    ("wide", 80): Tiles(64, 64, 4, 3),
-    ("wide", 128): Tiles(64, 64, 4, 3, True),
-    ("narrow", 80): Tiles(64, 64, 4, 2),
-    ("narrow", 128): Tiles(64, 64, 4, 2),
-}
-# Sweep candidates with an option (sm_90), per padded head_dim; the compile check builds each and
-# the tile sweep times each. TMA: the twin of each sm_90 table entry, and the 8-warp 128x64 tile
-# (on the H200, 2026-11-27, 8-13% behind 64x64x4x3 with TMA at every head-128 shape; 128x64x8x4,
-# 64x64x8x2 and 128x128x8x3 with TMA, further behind, are no longer timed).
-TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)],
-                  128: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)]}
-# head_dim 80 padded to one 128-wide tile instead of the 64 + 16 split: the table's wide tile so
-# padded, timed beside the split (on the H200 the padded 8-warp tiles ran 292-364 us at opt-2.7b
-# b8 L1024, the split 4-warp tile 188).
-PADDED_80_CANDIDATES = [Tiles(64, 64, 4, 3, split_head=False)]
-# Tiles with one_loop, per padded head_dim: sweep candidates until a GPU has timed them, at the
-# 4-warp 64x64 tiles that won the H200 sweep and a 128-row 8-warp one, with q by TMA or not.
-# Short prompts gain most, if anything: at 128 tokens a query block has one or two key tiles, and
-# the split loops load the diagonal one only after the tile before it has computed.
-ONE_LOOP_CANDIDATES = {pad: [Tiles(64, 64, 4, 2, one_loop=True), Tiles(64, 64, 4, 3, one_loop=True),
-                             Tiles(64, 64, 4, 3, True, one_loop=True), Tiles(64, 32, 4, 3, one_loop=True),
-                             Tiles(128, 64, 8, 3, one_loop=True)]
-                       for pad in (64, 128)}
-# Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
-# candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
-# its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM. At most
-# _WS_MAX_STAGES stages (below).
-WS_CANDIDATES = {pad: [Tiles(128, block_n, 4, 2, warp_specialize=True) for block_n in (64, 32, 128)]
-                 for pad in (64, 128)}
-# The warp-specialised kernel's pipeline depth: on an NVIDIA H200 (2026-11-27, benchmarks/results/
-# 2026-11-27-h200/kernels.md, "Failed candidates") every 3-stage candidate returned non-finite
-# outputs wherever its loop ran more than two key tiles (128x32 at every shape; 128x64 at 1024 and
-# 2048 tokens, not at 128), and no 2-stage one did; the CPU interpreter, which runs no pipeline,
-# matched the reference at both. Until a GPU shows deeper pipelines right, they are refused.
-_WS_MAX_STAGES = 2
-# (tile kind, padded head_dim) -> warp-specialised Tiles the launcher picks on sm_90 for batches
-# it knows have no cached context (max_context_len=0); other batches keep the tables above.
-# Empty until a GPU has timed WS_CANDIDATES beside the main kernel.
-_WS_TILES_SM90: dict = {}
-# Persistent tiles (batches without cached context whose prompts fit one tile), per padded
-# head_dim: sweep candidates until a GPU has timed them. 128 x 128 tiles at 8 warps hold a
-# 128-token prompt whole (212 registers at head 128 with the cache write: one program an SM;
-# at 4 warps head 64 spills). One stage: the loop's loads sit under a branch, which Triton does
-# not pipeline; the L2 prefetch is what overlaps them.
-PERSISTENT_CANDIDATES = {pad: [Tiles(128, 128, 8, 1, persistent=True)] for pad in (64, 128)}
-# padded head_dim -> persistent Tiles the launcher picks on sm_90 for a batch it knows has no
-# cached context and at most block_m new tokens per sequence. Empty until a GPU has timed
-# PERSISTENT_CANDIDATES beside the main kernel.
-_PERSISTENT_TILES_SM90: dict = {}
 # Persistent programs per SM: one is what a 128 x 128 tile's registers allow at 8 warps.
 _PERSISTENT_PROGRAMS_PER_SM = 1
-# fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
-# stages: at 2, head_dim 64 spills 8 B on sm_90).
-_TILES_FP32 = Tiles(16, 16, 4, 3)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# What an override may ask for (benchmarks/sweep_tiles.py); BLOCK_M must be a multiple of BLOCK_N.
-_BLOCK_CHOICES = (16, 32, 64, 128, 256)
-_WARP_CHOICES = (1, 2, 4, 8, 16)
-_STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
-# Capability assumed where none can be queried (CPU, interpreter): an H100, as for SM counts.
-# (ROCm reports 0, no NVIDIA feature: the sm_80 tables, no TMA.)
-_DEFAULT_CAPABILITY = 90
-# TMA (host-built descriptors for tiles.tma, device-built ones in the warp-specialised kernel) and
-# Triton's warp specialisation need Hopper or later.
-_TMA_CAPABILITY = 90
-# Warps of a warp-specialised program: the one count at which Triton 3.6 splits the loop on sm_90
-# (into a 4-warp producer and two 4-warp consumers). Query rows of its block: at 128 each consumer
-# takes 64; at 64 both consumers compute the whole block (the compiled TTGIR shows the two
-# partitions identical), twice the work for the same result.
-_WS_WARPS = 4
-_WS_BLOCK_M = 128
 
 
 def _capability(device: torch.device) -> int:
     found = nvidia_capability(device)
     return _DEFAULT_CAPABILITY if found is None else found
-
-
-def tile_table(capability: int) -> dict:
-    """The (kind, padded head_dim) -> Tiles table the launcher uses on a GPU of `capability`."""
-    return _TILES_SM90 if capability >= 90 else _TILES
-
-
-def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
-                  capability: int = _DEFAULT_CAPABILITY, context_free: bool = False,
-                  max_query_len: int | None = None) -> Tiles:
-    """Tiles for one launch, from shapes known on the host (no device sync); `context_free`: the
-    batch is known to have no cached context, which lets sm_90 pick a warp-specialised entry,
-    and with `max_query_len` (an upper bound of the new tokens per sequence) a persistent one."""
-    if dtype == torch.float32:
-        return _TILES_FP32
-    kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
-    persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
-    if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
-        return persistent
-    if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
-        return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
-    tiles = tile_table(capability)[(kind, _tile_head_dim(head_dim))]
-    return tiles._replace(tma=False) if tiles.tma and tokens < _TMA_MIN_TOKENS else tiles
-
-
-def _tile_head_dim(head_dim: int) -> int:
-    """The tile tables' head class: 64 (heads up to 64), 80 (two exact tiles, as OPT-2.7B's
-    64 + 16), 128 (the rest, padded to a power of two)."""
-    if head_dim <= 64:
-        return 64
-    return 80 if _head_split(head_dim, True)[1] else 128
-
-
-def _padded_class(head_dim: int) -> int:
-    """64 or 128: the key of the lists by padded head_dim (TMA_CANDIDATES, WS_CANDIDATES and
-    _WS_TILES_SM90: the warp-specialised kernel pads every head)."""
-    return 64 if head_dim <= 64 else 128
-
-
-def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 9:
-        _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
-              f"[, one_loop[, persistent]]]]]), got {tiles!r}")
-    tiles = Tiles(*tiles)
-    for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
-                                 ("block_n", tiles.block_n, _BLOCK_CHOICES),
-                                 ("num_warps", tiles.num_warps, _WARP_CHOICES),
-                                 ("num_stages", tiles.num_stages, _STAGE_CHOICES)):
-        if isinstance(value, bool) or value not in allowed:
-            _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
-    if tiles.block_m % tiles.block_n:
-        _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent"):
-        if not isinstance(getattr(tiles, name), bool):
-            _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
-    for name in ("tma", "warp_specialize"):
-        if getattr(tiles, name) and capability < _TMA_CAPABILITY:
-            _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
-    if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
-        _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
-              f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")
-    if tiles.warp_specialize and tiles.one_loop:
-        _fail("tiles.one_loop is the main kernel's option; the warp-specialised kernel always runs one loop")
-    if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
-        _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
-              f"on an H200), got {tiles.num_stages}")
-    if tiles.persistent and tiles.block_n != tiles.block_m:
-        _fail(f"tiles.persistent needs block_n == block_m (one tile a sequence), got {tiles.block_m}x{tiles.block_n}")
-    if tiles.persistent and (tiles.tma or tiles.warp_specialize or tiles.one_loop):
-        _fail("tiles.persistent is a kernel of its own: no tma, warp_specialize or one_loop")
-    return tiles
-
-
-def _head_dim_pad(head_dim: int) -> int:
-    # tl.dot needs power-of-two tiles of at least 16 along the reduction.
-    return max(16, _next_pow2(head_dim))
-
-
-def _head_split(head_dim: int, split_head: bool) -> tuple[int, int]:
-    """(D_LO, D_HI): with split_head, a head that is the sum of two powers of two of at least 16
-    (OPT-2.7B's 80 = 64 + 16) runs as two exact tiles; any other head as one tile padded to a
-    power of two, its tail masked (D_HI = 0)."""
-    low = 1 << (head_dim.bit_length() - 1)
-    high = head_dim - low
-    if split_head and low >= 16 and high >= 16 and high & (high - 1) == 0:
-        return low, high
-    return _head_dim_pad(head_dim), 0
-
-
-def _fail(message: str):
-    raise ValueError(f"prefill_attention: {message}")
 
 
 def _rows_aligned(t: torch.Tensor, strides: tuple) -> bool:

@@ -91,8 +91,8 @@ def test_short_prompts_through_the_persistent_prefill_kernel(tiny_model_dir, mon
     table), fresh prompts that fit its tile run it with the bounds the engine knows, store their
     keys and values for the decodes that follow, and give the torch path's tokens; a prompt
     longer than the tile runs the main kernel."""
-    from opt_fast.kernels import attention
-    monkeypatch.setattr(attention, "_TILES_FP32", attention.Tiles(32, 32, 4, 1, persistent=True))
+    from opt_fast.kernels import attention, attention_tiles
+    monkeypatch.setattr(attention_tiles, "_TILES_FP32", attention.Tiles(32, 32, 4, 1, persistent=True))
     monkeypatch.setattr(attention, "sm_count", lambda device: 2)    # each program several items
     launches = []
     for name in ("_prefill_persistent_kernel", "_prefill_attention_kernel"):

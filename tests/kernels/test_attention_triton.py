@@ -381,7 +381,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
 def test_narrow_and_wide_batches():
     """Up to 128 new tokens a sequence on average takes the narrow tiles (2 stages), more the
     wide ones; the table entries are the H200 sweep's on sm_90, the H100 sweep's on sm_80
-    (kernels/attention.py), with head 80 (two exact tiles) an entry of its own."""
+    (kernels/attention_tiles.py), with head 80 (two exact tiles) an entry of its own."""
     fp16 = torch.float16
     assert attention.default_tiles(64, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
     assert attention.default_tiles(64, fp16, 128 * 64 + 1, 64, 90) == Tiles(64, 64, 4, 3, True)

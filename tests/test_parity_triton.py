@@ -113,3 +113,27 @@ def test_short_prompts_through_the_persistent_prefill_kernel(tiny_model_dir, mon
         ours, reference = (m.generate(batch, greedy, use_tqdm=False) for m in (llm, torch_llm))
         assert [o.outputs[0].token_ids for o in ours] == [r.outputs[0].token_ids for r in reference]
         assert launches and set(launches) == {kernel}
+
+
+def test_triton_path_under_preemption_matches_torch(tiny_model_dir):
+    """A KV pool too small for every sequence at once, with prefix caching: sequences are
+    preempted and come back (recomputed as prefills with cached context where their blocks
+    survived, in chunks), and the Triton kernels give the torch path's tokens."""
+    kwargs = dict(dtype="float32", device=test_device(), num_kv_blocks=14, block_size=4, max_num_batched_tokens=12,
+                  max_num_seqs=4)
+    prompts = [[2] + list(range(4 + 3 * i, 15 + 3 * i)) for i in range(4)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(tiny_model_dir), kernels="triton", **kwargs)
+    preempted = []
+    schedule = llm.engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        preempted.extend(batch.preempted)
+        return batch
+    llm.engine.scheduler.schedule = recording
+    ours = llm.generate(prompts, greedy, use_tqdm=False)
+    reference = LLM(str(tiny_model_dir), kernels="torch", **kwargs).generate(prompts, greedy, use_tqdm=False)
+    assert preempted, "the pool was meant to force preemption"
+    assert [o.outputs[0].token_ids for o in ours] == [r.outputs[0].token_ids for r in reference]
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks

@@ -584,10 +584,10 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence in the packed tokens; context_lens: `[seqs]` int32 tokens already cached before the
     new ones; block_tables: `[seqs, max_blocks]` int32. Returns `[tokens, heads, head_dim]`.
     max_context_len and max_query_len (the launcher's host-side bounds of context_lens and of
-    the new tokens per sequence) are not needed here: the reference reads the lengths. slot_mapping: `[tokens]` int64; where given, the k and v of
-    every token of a sequence (tokens before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong
-    to none) are also stored in the caches at these slots (negative: not stored), as
-    `write_kv_cache_ref` stores them. The new tokens' attention reads them from k and v, never
+    the new tokens per sequence) are not needed here: the reference reads the lengths.
+    slot_mapping: `[tokens]` int64; where given, the k and v of every token of a sequence
+    (tokens before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to none) are also stored
+    in the caches at these slots (negative: not stored), as `write_kv_cache_ref` stores them. The new tokens' attention reads them from k and v, never
     back from the cache, so no slot may hold context that a sequence of the batch reads (the
     engine's slots lie past each sequence's context, and it shares only full blocks).
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, replace
 from itertools import count
 from pathlib import Path
@@ -132,12 +133,13 @@ class LLM:
 
 
 def _prompt_list(prompts) -> list:
-    """One prompt (a string, or a list or tuple of token ids) as a list of one; a list or tuple
-    of prompts as a list. Anything else is a ValueError (each prompt is checked when added)."""
+    """One prompt (a string, or a list or tuple of token ids) as a list of one; any other
+    collection of prompts (a list, a generator, ...) as a list. A number, a dict or bytes is a
+    ValueError (each prompt is checked when added)."""
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                     and isinstance(prompts[0], numbers.Integral)):
         return [prompts]
-    if not isinstance(prompts, (list, tuple)):
+    if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, Mapping)):
         raise ValueError(f"prompts must be a string, a list of token ids, or a list of those, got "
                          f"{type(prompts).__name__} {prompts!r:.80}")
     return list(prompts)

@@ -63,11 +63,19 @@ def test_a_text_that_is_no_unicode_adds_no_request(llm):
         llm.get_tokenizer().encode("x\udcff")
 
 
-@pytest.mark.parametrize("prompts", [None, 5, 1.5, {"a": 1}])
+@pytest.mark.parametrize("prompts", [None, 5, 1.5, {"a": 1}, b"ab"])
 def test_prompts_of_another_type_are_value_errors(llm, prompts):
     with pytest.raises(ValueError, match="prompts must be"):
         llm.generate(prompts, GREEDY, use_tqdm=False)
     assert_engine_empty(llm)
+
+
+def test_any_collection_of_prompts_is_taken(llm):
+    """A generator or a tuple of prompts is a batch, as a list is."""
+    batch = [[2, 5, 6], "ab"]
+    expected = [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+    for given in ((p for p in batch), tuple(batch)):
+        assert [o.outputs[0].token_ids for o in llm.generate(given, GREEDY, use_tqdm=False)] == expected
 
 
 @pytest.mark.parametrize("ids", [[-1], [2 ** 70], [1.5], ["3"]])

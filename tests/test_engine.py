@@ -132,6 +132,17 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
         assert max(out.outputs[0].token_ids) < vocab
 
 
+def favour(model, token: int) -> None:
+    """Make `model` put nearly all mass on `token` at every step (its logit 20 above the max)."""
+    real = model.compute_logits
+
+    def favoured(hidden):
+        logits = real(hidden)
+        logits[:, token] = logits.max(dim=-1).values + 20.0
+        return logits
+    model.compute_logits = favoured
+
+
 def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):
     prompt = prompts(1, seed=8)[0]
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
@@ -148,14 +159,7 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):
     # The greedy run above may not want stop_at where the ban ends; a model that always puts
     # stop_at first does: banned for exactly min_tokens tokens, then it ends the output.
     favouring = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
-    model = favouring.engine.runner.model
-    real = model.compute_logits
-
-    def stop_at_first(hidden):
-        logits = real(hidden)
-        logits[:, stop_at] = logits.max(dim=-1).values + 20.0
-        return logits
-    model.compute_logits = stop_at_first
+    favour(favouring.engine.runner.model, stop_at)
     out = favouring.generate([prompt], min_tokens, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == first + 4 and out.finish_reason == "stop"
     assert stop_at not in out.token_ids[:first + 3] and out.token_ids[first + 3] == stop_at
@@ -463,14 +467,8 @@ def test_min_tokens_bans_eos_until_they_are_out(tiny_model_dir, temperature):
     min_tokens=3 three tokens come first (greedy and sampled, as HF and vLLM count), then EOS
     ends it."""
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
-    model, eos = engine.runner.model, engine.eos_token_id
-    real = model.compute_logits
-
-    def eos_first(hidden):
-        logits = real(hidden)
-        logits[:, eos] = logits.max(dim=-1).values + 20.0
-        return logits
-    model.compute_logits = eos_first
+    eos = engine.eos_token_id
+    favour(engine.runner.model, eos)
     prompt = prompts(1, seed=13)[0]
     free = dict(temperature=temperature, max_tokens=8, seed=5)
     engine.add_request("free", prompt, SamplingParams(**free))

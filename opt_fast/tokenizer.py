@@ -68,15 +68,18 @@ class OPTTokenizer:
         """Token ids of `text`, with `</s>` prepended as BOS when `add_special_tokens`. Text that is
         no valid Unicode (lone surrogates, as undecodable bytes in a command line become) is a
         ValueError."""
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {type(text).__name__}")
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(f"text is not valid Unicode: {err.reason} at index {err.start} "
-                             f"({text[err.start:err.end]!r})") from None
-        # BOS is added here, never by the library: a tokenizer.json post-processor would double it.
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+            # BOS is added here, never by the library: a tokenizer.json post-processor would double it.
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:    # tokenizers' error for a non-str and for lone surrogates: say which
+            if not isinstance(text, str):
+                raise ValueError(f"text must be a str, got {type(text).__name__}") from None
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"text is not valid Unicode: {err.reason} at index {err.start} "
+                                 f"({text[err.start:err.end]!r})") from None
+            raise
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -274,7 +274,7 @@ class ModelRunner:
         input is that step's token, not on the host yet (a 0 here, for the caller to replace on
         the device), at the position after it."""
         input_ids, positions, slots, last_index = [], [], [], []
-        cu_seqlens, context_lens = [0], []
+        cu_seqlens, context_lens, max_query_len = [0], [], 0
         for seq in batch.prefills:
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
             input_ids += seq.token_ids[start:end]
@@ -282,6 +282,7 @@ class ModelRunner:
             slots += self._slots(seq, start, end)
             context_lens.append(start)
             cu_seqlens.append(cu_seqlens[-1] + end - start)
+            max_query_len = max(max_query_len, end - start)
             if seq.samples_this_step:
                 last_index.append(len(input_ids) - 1)
         num_prefill_tokens = len(input_ids)
@@ -297,7 +298,7 @@ class ModelRunner:
             ctx.cu_seqlens_q = host_tensor(cu_seqlens, torch.int32)
             ctx.context_lens = host_tensor(context_lens, torch.int32)
             ctx.max_context_len = max(context_lens)
-            ctx.max_query_len = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
+            ctx.max_query_len = max_query_len
             ctx.prefill_block_tables = block_tables(batch.prefills)
         if batch.decodes:
             ctx.decode_seq_lens = host_tensor([p + 1 for p in decode_positions], torch.int32)

@@ -207,19 +207,21 @@ class Prefill:
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
             persistent = _short(attention.Tiles(64, 64, 4, 1, persistent=True))
+            q_smem = _short(attention.Tiles(32, 16, 4, 2, True, q_smem=True, max_registers=128))
             return [{}, dict(tiles=(32, 16, 4, 2)), dict(tiles=persistent)] + (
-                [dict(tiles=(32, 16, 4, 2, True)), dict(tiles=(128, 16, 4, 2, False, True, True))]
-                if CAPABILITY >= 90 else [])
+                [dict(tiles=(32, 16, 4, 2, True)), dict(tiles=(128, 16, 4, 2, False, True, True)),
+                 dict(tiles=q_smem)] if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
         # sm_90+, the candidates with an option, as the compile check builds them (on sm_80 the
         # padded 128-wide tiles spill): q and the off-diagonal K/V tiles by TMA; head_dim 80
         # padded to 128 (it runs as 64 + 16 by default); the warp-specialised kernel (no sweep
         # shape has cached context); each query block's key tiles as one masked loop (one_loop);
-        # the persistent kernel where a prompt fits its tile
+        # q kept in shared memory (q_smem), some with a register cap; the persistent kernel where
+        # a prompt fits its tile
         options = []
         if CAPABILITY >= 90:
             options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
-                       + attention.ONE_LOOP_CANDIDATES[pad]
+                       + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]
                        + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
         return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]

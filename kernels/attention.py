@@ -38,8 +38,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILES_FP32, _TMA_CAPABILITY,
                               _WS_TILES_SM90, ONE_LOOP_CANDIDATES, PADDED_80_CANDIDATES, PERSISTENT_CANDIDATES,
-                              TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail, _head_dim_pad, _head_split,
-                              _padded_class, _tile_head_dim, default_tiles, tile_table)
+                              Q_SMEM_CANDIDATES, TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail,
+                              _head_dim_pad, _head_split, _padded_class, _tile_head_dim, default_tiles, tile_table)
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, sm_count, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
@@ -221,9 +221,9 @@ def _prefill_attention_kernel(
     out_ptr,           # [tokens, heads, head_dim]
     q_desc,            # TMA descriptors of q, k, v [tokens, heads, head_dim] in boxes of
     k_desc,            # [BLOCK_M (q) or BLOCK_N, 1, D_LO] (columns past head_dim read as
-    v_desc,            # zero), or None when USE_TMA is off
-    q_hi_desc,         # the same for the last D_HI columns, [BLOCK_M or BLOCK_N, 1, D_HI]
-    k_hi_desc,         # boxes from column D_LO; None without a split head or without TMA
+    v_desc,            # zero), or None when USE_TMA is off; with Q_2D, q's views q as
+    q_hi_desc,         # [tokens, heads * HEAD_DIM] in [BLOCK_M, D_LO] boxes. The same for the last
+    k_hi_desc,         # D_HI columns, from column D_LO ([..., D_HI] boxes); None without a split head or TMA
     v_hi_desc,
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
@@ -235,6 +235,7 @@ def _prefill_attention_kernel(
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr, ONE_LOOP: tl.constexpr, WRITE_KV: tl.constexpr,
+    Q_2D: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
@@ -267,11 +268,19 @@ def _prefill_attention_kernel(
         # Rows past the sequence hold the next one's queries (or TMA's zeros past the last
         # token): their outputs are never stored, and no valid row reads them.
         q_row0 = q_start + block_m * BLOCK_M
-        q = q_desc.load([q_row0, head, 0]).reshape(BLOCK_M, D_LO)
-        if D_HI > 0:
-            q_hi = q_hi_desc.load([q_row0, head, D_LO]).reshape(BLOCK_M, D_HI)
+        if Q_2D:
+            # No reshape: q stays in shared memory, where the QK^T wgmma reads it (Tiles.q_smem).
+            q = q_desc.load([q_row0, head * HEAD_DIM])
+            if D_HI > 0:
+                q_hi = q_hi_desc.load([q_row0, head * HEAD_DIM + D_LO])
+            else:
+                q_hi = q
         else:
-            q_hi = q
+            q = q_desc.load([q_row0, head, 0]).reshape(BLOCK_M, D_LO)
+            if D_HI > 0:
+                q_hi = q_hi_desc.load([q_row0, head, D_LO]).reshape(BLOCK_M, D_HI)
+            else:
+                q_hi = q
     else:
         q_rows = (q_start + offs_m).to(tl.int64)
         q_row_ptrs = tl.multiple_of(q_ptr + q_rows * stride_qt + head * stride_qh, 16)
@@ -738,15 +747,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  slot_mapping)
         return out
     descs = [None] * 6
+    # q_smem's 2-D box of q's columns holds exactly one head where heads sit back to back in a row
+    # and none is padded (a padded box would read the next head's columns, not zeros).
+    q_2d = tiles.q_smem and q.stride(1) == head_dim and d_lo + d_hi == head_dim
     if tiles.tma:
         names = _tma_operands(tiles)
-        by_tma = [(t, tiles.block_m if name == "q" else tiles.block_n)
+        by_tma = [(t, tiles.block_m if name == "q" else tiles.block_n, q_2d and name == "q")
                   for name, t in zip("qkv", (q, k, v)) if name in names]
-        if all(_tma_addressable(t) for t, _ in by_tma):
+        if all(_tma_addressable(t) for t, _, _ in by_tma):
             for first, width in ((0, d_lo), (3, d_hi)):   # [q, k, v] over D_LO, then over D_HI
                 if width:
-                    for i, (t, rows) in enumerate(by_tma):
-                        descs[first + i] = _tma_descriptor(t, rows, width)
+                    for i, (t, rows, flat) in enumerate(by_tma):
+                        descs[first + i] = _tma_descriptor(t, rows, width, flat)
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables, slot_mapping,
         seqs, scale * _LOG2E,
@@ -756,8 +768,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
         USE_TMA=descs[0] is not None, SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=max_context_len != 0,
-        ONE_LOOP=tiles.one_loop, WRITE_KV=slot_mapping is not None, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        ONE_LOOP=tiles.one_loop, WRITE_KV=slot_mapping is not None, Q_2D=q_2d and descs[0] is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
     return out
 
 
@@ -773,7 +785,7 @@ def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Ti
             HEAD_DIM=head_dim, D_PAD=_head_dim_pad(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
             UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, SEQ_CHUNK=_SEQ_CHUNK,
             BLOCK_SIZE=key_cache.shape[1], WRITE_KV=slot_mapping is not None, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
+            num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
     if q.is_cuda:
         # The kernel builds its TMA descriptors on the device, in scratch memory that Triton asks
         # its allocator for at launch. Ours is set in a copy of the context (Triton keeps the
@@ -799,7 +811,7 @@ def _launch_persistent(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, k
         HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK=tiles.block_m,
         UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16, BLOCK_SIZE=key_cache.shape[1],
         WRITE_KV=slot_mapping is not None, PREFETCH_LINES=lines, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
 
 
 def _with_allocator(allocator, launch) -> None:
@@ -820,9 +832,14 @@ def _tma_operands(tiles: Tiles) -> tuple[str, ...]:
     return ("q",) if tiles.one_loop else ("q", "k", "v")
 
 
-def _tma_descriptor(t: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
+def _tma_descriptor(t: torch.Tensor, rows: int, width: int, flat: bool = False) -> TensorDescriptor:
     """[tokens, heads, head_dim] in boxes of one head's `rows` tokens and `width` columns; TMA
-    fills what a box holds past the tensor (past head_dim, past the last token) with zeros."""
+    fills what a box holds past the tensor (past head_dim, past the last token) with zeros.
+    `flat`: the same rows as [tokens, heads * head_dim] (heads back to back in a row) in 2-D
+    [rows, width] boxes, which the kernel need not reshape (Tiles.q_smem)."""
+    if flat:
+        return TensorDescriptor(t, shape=[t.shape[0], t.shape[1] * t.shape[2]], strides=[t.stride(0), 1],
+                                block_shape=[rows, width])
     return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=[rows, 1, width])
 
 
@@ -831,7 +848,7 @@ def compile_specs() -> list:
     block_size 8, 16, 32: each tile-table entry in fp16 and bf16 (tensor cores) for the
     targets whose table holds it, and the fp32 tiles (CUDA cores, by design) at block_size 16;
     and on sm_90 the sweep's candidates with an option (PADDED_80_CANDIDATES, TMA_CANDIDATES,
-    ONE_LOOP_CANDIDATES; on sm_80 the one-loop 64x64 tile at head 128 spills 40 B),
+    ONE_LOOP_CANDIDATES, Q_SMEM_CANDIDATES; on sm_80 the one-loop 64x64 tile at head 128 spills 40 B),
     and the warp-specialised kernel at WS_CANDIDATES and _WS_TILES_SM90. Each main-kernel tile
     also without its context loops (HAS_CONTEXT off), as batches without context run it, and
     the sm_90 table's tiles reading a float8 cache. The table's tiles store the new tokens in the
@@ -846,10 +863,12 @@ def compile_specs() -> list:
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
         signature.update({name: f"*{cache_dtype or dtype}" for name in ("key_cache_ptr", "value_cache_ptr")})
         unused = []
+        q_2d = tiles.q_smem and d_lo + d_hi == head_dim   # as the launcher decides for packed heads
         for part, width in (("", d_lo), ("_hi", d_hi)):
             for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
                 if tiles.tma and width and name in _tma_operands(tiles):
-                    signature[f"{name}{part}_desc"] = f"tensordesc<{dtype}[{rows},1,{width}]>"
+                    box = f"{rows},{width}" if q_2d and name == "q" else f"{rows},1,{width}"
+                    signature[f"{name}{part}_desc"] = f"tensordesc<{dtype}[{box}]>"
                 else:
                     signature[f"{name}{part}_desc"] = "constexpr"
                     unused.append(f"{name}{part}_desc")
@@ -864,17 +883,18 @@ def compile_specs() -> list:
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
                           SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop,
-                          WRITE_KV=write_kv)
+                          WRITE_KV=write_kv, Q_2D=q_2d and tiles.tma)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
                  f"w{tiles.num_warps}s{tiles.num_stages}{' tma' if tiles.tma else ''}"
                  f"{' padded' if d_hi == 0 and head_dim != d_lo else ''}{'' if has_context else ' no-ctx'}"
-                 f"{' one-loop' if tiles.one_loop else ''}"
+                 f"{' one-loop' if tiles.one_loop else ''}{' q-smem' if q_2d else ''}"
+                 f"{f' maxnreg{tiles.max_registers}' if tiles.max_registers else ''}"
                  f"{f' {cache_dtype} cache' if cache_dtype else ''}{'' if write_kv else ' no-write'}")
         return CompileSpec(_prefill_attention_kernel, label, signature, constexprs, uses_mma=dtype != "fp32",
                            uses_tma=tiles.tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                           targets=targets)
+                           max_registers=tiles.max_registers, targets=targets)
 
     # Each distinct (entry, tiles) once, for the targets whose table picks it.
     entries: dict = {}
@@ -904,7 +924,7 @@ def compile_specs() -> list:
     # as the sweep runs them (no context, no store) and as the engine would once in a table.
     specs += [spec(dtype, 80, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context, write_kv=has_context)
               for tiles in PADDED_80_CANDIDATES for dtype in ("fp16", "bf16") for has_context in (True, False)]
-    for pad, candidates in [*TMA_CANDIDATES.items(), *ONE_LOOP_CANDIDATES.items()]:
+    for pad, candidates in [*TMA_CANDIDATES.items(), *ONE_LOOP_CANDIDATES.items(), *Q_SMEM_CANDIDATES.items()]:
         for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
             specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context,
                            write_kv=has_context)

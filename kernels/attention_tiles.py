@@ -24,7 +24,13 @@ class Tiles(NamedTuple):
     warp-specialised kernel always runs one loop); and whether a batch known to have no cached
     context and at most block_m new tokens per sequence runs the persistent kernel
     (_prefill_persistent_kernel: one block_m x block_m tile per sequence and head, block_n ==
-    block_m; other batches run the main kernel at its default tiles).
+    block_m; other batches run the main kernel at its default tiles); and whether, with tma,
+    the main kernel takes q as a 2-D box of its rows' columns and keeps it in shared memory as
+    the QK^T wgmma's operand (q_smem: a 3-D box must be reshaped, which brings q into
+    registers for the whole program; q_smem frees them and holds q's shared memory instead;
+    where q's heads are not packed back to back in a row, or a head is padded, the launcher
+    keeps the 3-D box); and a cap on the registers of a thread (max_registers, ptxas's maxnreg;
+    0: the compiler's choice), which lets two 8-warp programs share an SM at 128.
     """
     block_m: int
     block_n: int
@@ -35,6 +41,8 @@ class Tiles(NamedTuple):
     warp_specialize: bool = False
     one_loop: bool = False
     persistent: bool = False
+    q_smem: bool = False
+    max_registers: int = 0
 
 
 # (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -109,6 +117,17 @@ ONE_LOOP_CANDIDATES = {pad: [Tiles(64, 64, 4, 2, one_loop=True), Tiles(64, 64, 4
                              Tiles(64, 64, 4, 3, True, one_loop=True), Tiles(64, 32, 4, 3, one_loop=True),
                              Tiles(128, 64, 8, 3, one_loop=True)]
                        for pad in (64, 128)}
+# Tiles with q in shared memory (q_smem), per padded head_dim: sweep candidates until a GPU has
+# timed them. The H200 sweep's winners are 64-row tiles, two programs an SM, one's softmax beside
+# the other's wgmmas; but every 64-row query block reads its keys and values again, twice the
+# traffic of 128-row blocks, whose 8-warp programs held 212 registers at head 128 (one an SM).
+# With q out of registers a 128x32 program holds 125 registers at head 128 without context loops
+# (the sweep's launches: two programs an SM) and 160 with them and the cache write, which a cap
+# of 128 brings to two an SM without spills. At head 64 a 128x64 program fits 128 registers
+# uncapped. The 64x32 4-warp tile at head 128 needs 134 registers and 67 KB: three an SM.
+Q_SMEM_CANDIDATES = {64: [Tiles(128, 64, 8, 3, True, q_smem=True)],
+                     128: [Tiles(128, 32, 8, 3, True, q_smem=True, max_registers=128),
+                           Tiles(64, 32, 4, 3, True, q_smem=True)]}
 # Warp-specialised tiles (sm_90, batches without cached context) per padded head_dim: sweep
 # candidates until a GPU has timed them. 128 query rows, the one block Triton 3.6 splits between
 # its two consumer warpgroups (_WS_BLOCK_M); 168 registers x 12 warps, one program an SM. At most
@@ -142,6 +161,9 @@ _TILES_FP32 = Tiles(16, 16, 4, 3)
 _BLOCK_CHOICES = (16, 32, 64, 128, 256)
 _WARP_CHOICES = (1, 2, 4, 8, 16)
 _STAGE_CHOICES = (1, 2, 3, 4, 5, 6)
+# A register cap per thread (tiles.max_registers): 0 for none, else at most the 255 a thread
+# can address; a tile that does not fit its cap spills (the compile check fails on any spill).
+_REGISTER_CAPS = (0, *range(16, 256))
 # Capability assumed where none can be queried (CPU, interpreter): an H100, as for SM counts.
 # (ROCm reports 0, no NVIDIA feature: the sm_80 tables, no TMA.)
 _DEFAULT_CAPABILITY = 90
@@ -194,9 +216,9 @@ def _padded_class(head_dim: int) -> int:
 
 
 def _check_tiles(tiles, capability: int) -> Tiles:
-    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= 9:
+    if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= len(Tiles._fields):
         _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
-              f"[, one_loop[, persistent]]]]]), got {tiles!r}")
+              f"[, one_loop[, persistent[, q_smem[, max_registers]]]]]]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -206,7 +228,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent"):
+    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
     for name in ("tma", "warp_specialize"):
@@ -215,8 +237,15 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
         _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
               f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")
+    if type(tiles.max_registers) is not int or tiles.max_registers not in _REGISTER_CAPS:
+        _fail(f"tiles.max_registers must be 0 (no cap) or an int from {_REGISTER_CAPS[1]} to {_REGISTER_CAPS[-1]}, "
+              f"got {tiles.max_registers!r}")
+    if tiles.q_smem and not tiles.tma:
+        _fail("tiles.q_smem needs tiles.tma (q's 2-D box is a TMA load)")
     if tiles.warp_specialize and tiles.one_loop:
         _fail("tiles.one_loop is the main kernel's option; the warp-specialised kernel always runs one loop")
+    if tiles.warp_specialize and tiles.q_smem:
+        _fail("tiles.q_smem is the main kernel's option; the warp-specialised kernel keeps q in shared memory anyway")
     if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
         _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
               f"on an H200), got {tiles.num_stages}")

@@ -7,7 +7,8 @@ became bulk tensor copies, that loops marked warp_specialize were split into pro
 consumer, and that programmatic dependent launches touch no memory but L2 prefetches before
 their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
 (or `make compile-check`); exits non-zero on any compile error or spill, more shared memory than
-one block may have on the target (a launch there would fail), a GEMM-like kernel without `mma` /
+one block may have on the target (a launch there would fail), more registers than a spec's cap
+(max_registers, ptxas's maxnreg), a GEMM-like kernel without `mma` /
 `wgmma`, TMA loads without them, a warp-specialised loop left whole, or a memory access before
 the wait.
 """
@@ -52,6 +53,7 @@ class CompileSpec:
     divisible_by_16: tuple[str, ...] = ()
     num_warps: int = 4
     num_stages: int = 3
+    max_registers: int = 0            # ptxas's cap per thread (maxnreg); 0: none
     # Compute capabilities to build for: a launch configuration that only one architecture's
     # heuristics pick (sm_90-only attention tiles) is checked only there.
     targets: tuple[int, ...] = tuple(capability for capability, _ in TARGETS)
@@ -93,7 +95,8 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
                  if kind.startswith("*") or arg in spec.divisible_by_16}
         source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                           "maxnreg": spec.max_registers or None})
     except Exception as err:  # a compile error is a finding, reported in the table
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
         return result
@@ -109,6 +112,8 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
     regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     result.registers = int(regs.group(1)) if regs else -1
     result.spill_bytes = int(stack.group(1)) if stack else -1
+    if spec.max_registers and result.registers > spec.max_registers:
+        result.error = result.error or f"{result.registers} registers past the cap of {spec.max_registers}"
     ptx = compiled.asm["ptx"]
     found = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
     result.tensor_cores = found

@@ -305,12 +305,14 @@ def test_every_table_tile_at_head_dim_128(nan_empty, tiles):
 def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     """Each tile the launcher can pick on a target (OPT's heads; narrow and wide batches, the
     boundary between them at 128 new tokens a sequence) is compiled for that target in its
-    dtype, beside the sweep's candidates on sm_90 (head_dim 80 padded, the TMA twins, the
-    warp-specialised and the persistent kernels' tiles), and the compile check builds nothing
-    else there."""
+    dtype, beside the sweep's candidates on sm_90 (head_dim 80 padded, the TMA twins, one loop,
+    q in shared memory with its register caps, the warp-specialised and the persistent kernels'
+    tiles), and the compile check builds nothing else there."""
     def launch(tiles, head_dim, name):
-        return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma,
-                attention._head_split(head_dim, tiles.split_head), tiles.one_loop, head_dim, name)
+        d_lo, d_hi = attention._head_split(head_dim, tiles.split_head)
+        return (tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.tma, (d_lo, d_hi),
+                tiles.one_loop, tiles.q_smem and tiles.tma and d_lo + d_hi == head_dim, tiles.max_registers,
+                head_dim, name)
 
     specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
     by_kernel = {kernel: [s for s in specs if s.kernel is kernel] for kernel in (
@@ -318,7 +320,7 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
         attention._prefill_persistent_kernel)}
     assert sum(map(len, by_kernel.values())) == len(specs)
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
-              c["ONE_LOOP"], c["HEAD_DIM"], spec.signature["q_ptr"])
+              c["ONE_LOOP"], c["Q_2D"], spec.max_registers, c["HEAD_DIM"], spec.signature["q_ptr"])
              for spec in by_kernel[attention._prefill_attention_kernel] for c in [spec.constexprs]}
     built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
                 for spec in by_kernel[attention._prefill_attention_ws_kernel] for c in [spec.constexprs]}
@@ -334,7 +336,8 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     if capability >= 90:
         picked |= {launch(tiles, 80, name) for tiles in attention.PADDED_80_CANDIDATES for name in half}
         picked |= {launch(tiles, head_dim, name)
-                   for pad, candidates in [*attention.TMA_CANDIDATES.items(), *attention.ONE_LOOP_CANDIDATES.items()]
+                   for pad, candidates in [*attention.TMA_CANDIDATES.items(), *attention.ONE_LOOP_CANDIDATES.items(),
+                                           *attention.Q_SMEM_CANDIDATES.items()]
                    for tiles in candidates for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128)
                    for name in half}
     ws_tiles = [(pad, t) for pad, candidates in attention.WS_CANDIDATES.items() for t in candidates]
@@ -353,14 +356,15 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
 
 def test_sweep_candidates_with_options_are_compile_checked():
     """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
-    option (TMA, a padded head, warp specialisation, one loop, persistent) is a variant the compile
-    check builds for sm_90 at that head_dim, in fp16 (the sweep's dtype); and the TMA candidates
-    hold the twin of each sm_90 table entry."""
+    option (TMA, a padded head, warp specialisation, one loop, q_smem, a register cap, persistent)
+    is a variant the compile check builds for sm_90 at that head_dim, in fp16 (the sweep's dtype);
+    and the TMA candidates hold the twin of each sm_90 table entry."""
     sweep = sweep_script()
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
     built = {(c.get("BLOCK_M", c.get("BLOCK")), c.get("BLOCK_N", c.get("BLOCK")), s.num_warps, s.num_stages,
               c.get("USE_TMA", False), c.get("D_HI"), s.uses_warp_specialize, c.get("ONE_LOOP", False),
-              s.kernel is attention._prefill_persistent_kernel, c["HEAD_DIM"]) for s in specs for c in [s.constexprs]}
+              s.kernel is attention._prefill_persistent_kernel, c.get("Q_2D", False), s.max_registers, c["HEAD_DIM"])
+             for s in specs for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -371,7 +375,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
             options += 1
             d_hi = None if tiles.warp_specialize else attention._head_split(case["head_dim"], tiles.split_head)[1]
             key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, tiles.one_loop, tiles.persistent,
-                   case["head_dim"])
+                   tiles.q_smem, tiles.max_registers, case["head_dim"])
             assert key in built, (case, candidate)
     assert options, "the sweep has candidates with options (on sm_90, the capability it assumes off a GPU)"
     twins = {(attention._padded_class(head), tiles._replace(tma=True)) for (_, head), tiles in attention.tile_table(90).items()}
@@ -407,7 +411,14 @@ def test_narrow_and_wide_batches():
     ((64, 64, 4, 1, True, True, False, False, True), "tiles.persistent is a kernel of its own"),
     ((64, 64, 4, 1, False, True, False, True, True), "tiles.persistent is a kernel of its own"),
     ((64, 64, 4, 1, False, True, False, False, 1), "tiles.persistent must be a bool"),
-    ((64, 64, 4, 1, False, True, False, False, True, 1), "tiles")])
+    ((64, 64, 4, 2, True, True, False, False, False, 1), "tiles.q_smem must be a bool"),
+    ((64, 64, 4, 2, False, True, False, False, False, True), "tiles.q_smem needs tiles.tma"),
+    ((128, 64, 4, 2, True, True, True, False, False, True), "tiles.q_smem is the main kernel's option"),
+    ((64, 64, 4, 2, False, True, False, False, False, False, True), "tiles.max_registers"),
+    ((64, 64, 4, 2, False, True, False, False, False, False, 128.0), "tiles.max_registers"),
+    ((64, 64, 4, 2, False, True, False, False, False, False, 8), "tiles.max_registers"),
+    ((64, 64, 4, 2, False, True, False, False, False, False, 256), "tiles.max_registers"),
+    ((64, 64, 4, 2, False, True, False, False, False, False, 0, 1), "tiles")])
 def test_tile_overrides_are_checked(tiles, field):
     args, _ = prefill_case([(0, 9)], 8, 2, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match=field):
@@ -424,9 +435,9 @@ def tma_count(monkeypatch):
     built = []
     real = attention._tma_descriptor
 
-    def counting(t, rows, width):
-        built.append((rows, width))
-        return real(t, rows, width)
+    def counting(t, rows, width, flat=False):
+        built.append((rows, width, flat))
+        return real(t, rows, width, flat)
     monkeypatch.setattr(attention, "_tma_descriptor", counting)
     return built
 
@@ -445,7 +456,7 @@ def test_tma_tiles_match_the_reference(nan_empty, tma_count, dtype, head_dim, ti
     args, expected = prefill_case(seqs, 16, 3, head_dim, dtype, seed=head_dim + tiles.block_m)
     assert_matches(prefill_attention(*args, tiles=tiles), expected, dtype)
     rows = (tiles.block_m, tiles.block_n, tiles.block_n)
-    assert tma_count == [(r, width) for width in widths for r in rows]
+    assert tma_count == [(r, width, False) for width in widths for r in rows]
 
 
 def test_tma_keeps_other_sequences_out(tma_count):
@@ -469,6 +480,65 @@ def test_tma_falls_back_where_descriptors_cannot_address_the_rows(nan_empty, tma
     q = torch.as_strided(rows, rows.shape, (rows.stride(0), 3, 1))
     assert_matches(prefill_attention(q, *args[1:], tiles=Tiles(16, 16, 4, 2, True)), expected, torch.float32)
     assert tma_count == []
+
+
+# q in shared memory (Tiles.q_smem): q by 2-D boxes of its rows' columns, k and v as with tma;
+# several query blocks, a sequence ending inside a tile, an empty one, cached contexts with
+# partial tiles; head 80 split in two 2-D boxes (64 + 16 columns from the head's start).
+@pytest.mark.parametrize("dtype,head_dim,tiles,widths", [
+    (torch.float16, 64, Tiles(64, 32, 4, 2, True, q_smem=True), (64,)),
+    (torch.float16, 80, Tiles(32, 16, 8, 2, True, q_smem=True, max_registers=128), (64, 16)),
+    (torch.float32, 128, Tiles(16, 16, 4, 2, True, q_smem=True), (128,)),
+    (torch.bfloat16, 128, Tiles(64, 32, 4, 3, True, q_smem=True), (128,))],
+    ids=["fp16-64", "fp16-80", "fp32-128", "bf16-128"])
+def test_q_smem_tiles_match_the_reference(nan_empty, tma_count, dtype, head_dim, tiles, widths):
+    seqs = [(0, 150), (17, 5), (0, 0), (33, 97)]
+    args, expected = prefill_case(seqs, 16, 3, head_dim, dtype, seed=head_dim + tiles.block_n)
+    assert_matches(prefill_attention(*args, tiles=tiles), expected, dtype)
+    assert tma_count == [(rows, width, flat) for width in widths
+                         for rows, flat in ((tiles.block_m, True), (tiles.block_n, False), (tiles.block_n, False))]
+
+
+def test_q_smem_keeps_other_sequences_and_heads_out(tma_count):
+    """q's 2-D box spans every head's columns of its rows: a NaN in the neighbouring heads, and in
+    the next sequence's rows, which the box also covers, leaves this head's outputs exact."""
+    args, expected = prefill_case([(5, 45), (0, 40)], 16, 3, 64, torch.float16, seed=5)
+    q, k, v = args[:3]
+    q[:, 0] = q[:, 2] = float("nan")       # every token's heads 0 and 2
+    for t in (q, k, v):
+        t[45:] = float("nan")
+    out = prefill_attention(*args, tiles=Tiles(32, 16, 4, 2, True, q_smem=True))
+    assert_matches(out[:45, 1], expected[:45, 1], torch.float16)
+    assert (32, 64, True) in tma_count
+
+
+@pytest.mark.parametrize("layout", ["padded-head", "heads-apart"])
+def test_q_smem_keeps_the_3d_box_where_a_2d_one_would_read_other_columns(nan_empty, tma_count, layout):
+    """A head padded to its tile (80 in one 128-wide box) or q rows whose heads do not sit back to
+    back: a 2-D box would take the next head's or another tensor's columns (NaN here) for the
+    padding, so q comes by the 3-D box, which reads zeros past the head."""
+    args, expected = prefill_case([(3, 70), (0, 21)], 16, 2, 80, torch.float16, seed=6)
+    tiles = Tiles(32, 32, 4, 2, True, q_smem=True)
+    if layout == "padded-head":
+        tiles, width = tiles._replace(split_head=False), 128
+        args[0][:, 1] = float("nan")        # head 1, whose columns follow head 0's
+    else:   # q's heads 96 elements apart in its rows, as in a [tokens, heads, 96] tensor's first 80 columns
+        wide = torch.full((args[0].shape[0], 2, 96), float("nan"), dtype=torch.float16, device=DEVICE)
+        wide[:, :, :80] = args[0]
+        args, width = (wide[:, :, :80], *args[1:]), 64
+    assert_matches(prefill_attention(*args, tiles=tiles)[:, 0], expected[:, 0], torch.float16)
+    assert tma_count[0] == (32, width, False)
+
+
+def test_register_cap_reaches_the_launch(monkeypatch):
+    """max_registers goes to the launch as ptxas's maxnreg (the interpreter ignores it; on a GPU it
+    decides how many programs share an SM); 0 asks for no cap."""
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    args, expected = prefill_case([(0, 40)], 16, 2, 64, torch.float16, seed=7)
+    for cap in (128, 0):
+        assert_matches(prefill_attention(*args, tiles=Tiles(32, 16, 4, 2, max_registers=cap)), expected,
+                       torch.float16)
+    assert [kwargs["maxnreg"] for _, _, _, kwargs in launches] == [128, None]
 
 
 def test_tma_needs_hopper(monkeypatch):

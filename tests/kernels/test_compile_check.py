@@ -77,6 +77,38 @@ def test_what_each_spec_must_show_follows_its_variant():
         assert spec.uses_tma == spec.constexprs.get("USE_TMA", always_tma.get(spec.kernel)), spec.label
 
 
+def test_q_smem_keeps_q_in_shared_memory_and_register_caps_reach_ptxas():
+    """The point of Tiles.q_smem and max_registers, in the compiled code: the QK^T wgmma of a
+    q_smem candidate reads q from shared memory, where its twin with the 3-D box reads it from
+    registers; the capped candidate (with its context loops and the cache write, as the engine
+    would launch it) compiles within its cap and no spill, and the same tiles uncapped take more
+    registers (so the cap is what lets two programs share an SM)."""
+    script = (
+        "import dataclasses, re, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from opt_fast.kernels import attention, compile_check as cc\n"
+        "spec = next(s for s in attention.compile_specs() if s.max_registers and 'd128 fp16' in s.label\n"
+        "            and 'q-smem' in s.label and 'no-ctx' not in s.label)\n"
+        "box = dict(spec.signature, q_desc=spec.signature['q_desc'].replace(',128]', ',1,128]'))\n"
+        "twin = dataclasses.replace(spec, signature=box, constexprs=dict(spec.constexprs, Q_2D=False))\n"
+        "def q_operand(s):\n"
+        "    names = s.kernel.arg_names\n"
+        "    attrs = {(names.index(a),): [['tt.divisibility', 16]] for a, k in s.signature.items()\n"
+        "             if k.startswith('*') or a in s.divisible_by_16}\n"
+        "    ttgir = triton.compile(ASTSource(s.kernel, s.signature, s.constexprs, attrs), GPUTarget('cuda', 90, 32),\n"
+        "                           {'num_warps': s.num_warps, 'num_stages': s.num_stages}).asm['ttgir']\n"
+        "    first = re.search(r'warp_group_dot %\\S+, %\\S+, %\\S+[^:]*: (\\S+)', ttgir).group(1)\n"
+        "    return 'shared' if first.startswith('!ttg.memdesc') else 'registers'\n"
+        "capped = cc.compile_one(spec, 90, 'sm_90')\n"
+        "free = cc.compile_one(dataclasses.replace(spec, max_registers=0), 90, 'sm_90')\n"
+        "print(q_operand(spec), q_operand(twin), capped.ok, capped.registers <= spec.max_registers < free.registers)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["shared", "registers", "True", "True"], done.stdout
+
+
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):
     """A programmatic dependent launch (dependent_launch) passes only if it touches no memory before
     griddepcontrol.wait but L2 prefetches: the same kernel with the wait before and after its

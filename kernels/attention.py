@@ -221,9 +221,9 @@ def _prefill_attention_kernel(
     out_ptr,           # [tokens, heads, head_dim]
     q_desc,            # TMA descriptors of q, k, v [tokens, heads, head_dim] in boxes of
     k_desc,            # [BLOCK_M (q) or BLOCK_N, 1, D_LO] (columns past head_dim read as
-    v_desc,            # zero), or None when USE_TMA is off; with Q_2D, q's views q as
-    q_hi_desc,         # [tokens, heads * HEAD_DIM] in [BLOCK_M, D_LO] boxes. The same for the last
-    k_hi_desc,         # D_HI columns, from column D_LO ([..., D_HI] boxes); None without a split head or TMA
+    v_desc,            # zero), or None when USE_TMA is off; with Q_2D q_desc views q as
+    q_hi_desc,         # [tokens, heads * HEAD_DIM] in [BLOCK_M, D_LO] boxes. The same for the
+    k_hi_desc,         # last D_HI columns, from column D_LO; None without a split head or TMA
     v_hi_desc,
     cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones

@@ -39,7 +39,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILES_FP32, _TMA_CAPABILITY,
                               _WS_TILES_SM90, ONE_LOOP_CANDIDATES, PADDED_80_CANDIDATES, PERSISTENT_CANDIDATES,
                               Q_SMEM_CANDIDATES, TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail,
-                              _head_dim_pad, _head_split, _padded_class, _tile_head_dim, default_tiles, tile_table)
+                              _head_dim_pad, _head_split, _padded_class, _q_box_2d, _tile_head_dim, default_tiles,
+                              tile_table)
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, sm_count, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
@@ -748,8 +749,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     descs = [None] * 6
     # q_smem's 2-D box of q's columns holds exactly one head where heads sit back to back in a row
-    # and none is padded (a padded box would read the next head's columns, not zeros).
-    q_2d = tiles.q_smem and q.stride(1) == head_dim and d_lo + d_hi == head_dim
+    q_2d = _q_box_2d(tiles, head_dim) and q.stride(1) == head_dim
     if tiles.tma:
         names = _tma_operands(tiles)
         by_tma = [(t, tiles.block_m if name == "q" else tiles.block_n, q_2d and name == "q")
@@ -863,7 +863,7 @@ def compile_specs() -> list:
         signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
         signature.update({name: f"*{cache_dtype or dtype}" for name in ("key_cache_ptr", "value_cache_ptr")})
         unused = []
-        q_2d = tiles.q_smem and d_lo + d_hi == head_dim   # as the launcher decides for packed heads
+        q_2d = _q_box_2d(tiles, head_dim)   # as the launcher decides for packed heads
         for part, width in (("", d_lo), ("_hi", d_hi)):
             for name, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n)):
                 if tiles.tma and width and name in _tma_operands(tiles):
@@ -883,7 +883,7 @@ def compile_specs() -> list:
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
                           SEQ_CHUNK=_SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop,
-                          WRITE_KV=write_kv, Q_2D=q_2d and tiles.tma)
+                          WRITE_KV=write_kv, Q_2D=q_2d)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "

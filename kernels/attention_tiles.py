@@ -272,5 +272,12 @@ def _head_split(head_dim: int, split_head: bool) -> tuple[int, int]:
     return _head_dim_pad(head_dim), 0
 
 
+def _q_box_2d(tiles: Tiles, head_dim: int) -> bool:
+    """Whether q comes by 2-D TMA boxes of its row's columns (Tiles.q_smem): only where no head
+    is padded, since a padded box would read the next head's columns, not zeros. The launcher
+    also needs q's heads back to back in a row."""
+    return tiles.q_smem and tiles.tma and sum(_head_split(head_dim, tiles.split_head)) == head_dim
+
+
 def _fail(message: str):
     raise ValueError(f"prefill_attention: {message}")

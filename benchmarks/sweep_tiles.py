@@ -40,7 +40,7 @@ import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/: loaded by path in the tests
 from device_time import try_graph_us  # noqa: E402
-from opt_fast.kernels import attention, paged_decode
+from opt_fast.kernels import attention, attention_tiles, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
 ON_GPU = torch.cuda.is_available()
@@ -220,11 +220,15 @@ class Prefill:
         # a prompt fits its tile
         options = []
         if CAPABILITY >= 90:
-            options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
+            # first after the default: the newest kernel, the one a short budget should reach
+            options = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], []) if _wgmma_probe_passed(c, t)]
+            options += (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]
                        + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
-        return [{}] + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options]
+        wgmma = [dict(tiles=_short(t)) for t in options if t.wgmma]
+        return ([{}] + wgmma + [dict(tiles=t) for t in self.TILES[pad]]
+                + [dict(tiles=_short(t)) for t in options if not t.wgmma])
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
@@ -283,6 +287,24 @@ class Prefill:
 
     def flops(self, c: dict) -> int:
         return 4 * c["batch"] * c["heads"] * c["head_dim"] * c["length"] ** 2 // 2
+
+
+# What benchmarks/wgmma_probe.py found (on a GPU, once a run): {"results": label -> error or "",
+# "note": ...}. The Gluon kernel's first launches happen there, in a child process with a time
+# limit, since a hang would cost the whole sweep; the sweep times only the candidates it passed.
+WGMMA_PROBE: dict = {}
+
+
+def _wgmma_probe_passed(case: dict, tiles: attention.Tiles) -> bool:
+    """Whether to time wgmma candidate `tiles` at `case`'s head_dim: off a GPU always (the list
+    the compile check covers; nothing runs), on one where the probe ran it right."""
+    if not ON_GPU:
+        return True
+    from wgmma_probe import _label as probe_label, probe
+    if not WGMMA_PROBE:
+        results, note = probe()
+        WGMMA_PROBE.update(results=results, note=note)
+    return WGMMA_PROBE["results"].get(probe_label(case["head_dim"], tiles)) == ""
 
 
 def _trimmed(full: tuple, plain: tuple, keep: int) -> tuple:
@@ -714,6 +736,8 @@ def run(families: list, budget: float, jobs: int, smoke: bool, log=print, save=N
         failed = meta["precompile"].pop("failed")
         log(f"  {meta['precompile']['done']} done in {meta['precompile']['seconds']} s, "
             f"{len(meta['precompile']['errors'])} failed")
+    if WGMMA_PROBE:
+        meta["wgmma_probe"] = dict(WGMMA_PROBE)
     meta["copy_gbps"] = 0.0 if smoke else round(copy_gbps(), 1)
     cases = []
     report = dict(meta=meta, goals={f.name: GOALS[f.name] for f in families}, cases=cases)
@@ -770,6 +794,10 @@ def markdown(report: dict) -> str:
              "a time marked * could not be captured and comes from CUDA events around each call, "
              "do_bench); `synced` is the wall time of a call plus a synchronise (launch overhead "
              "included, as in kernels.md). Speedup = peer time / ours.", ""]
+    probe = meta.get("wgmma_probe")
+    if probe:
+        lines += [f"Gluon wgmma prefill kernel, first launches (benchmarks/wgmma_probe.py): {probe['note']}"
+                  + "".join(f"; {label}: {error or 'right'}" for label, error in probe["results"].items()) + ".", ""]
     for kernel, goal in report["goals"].items():
         rows = [r for r in report["cases"] if r["kernel"] == kernel]
         lines += [f"## {kernel} (goal: {goal})", "",

@@ -24,7 +24,8 @@ the same blocks and online softmax as one warp-specialised loop over all key til
 from per-sequence TMA descriptors (_prefill_attention_ws_kernel explains why it is separate).
 A third serves short prompts without cached context (tiles.persistent): one tile per sequence
 and head, taken in turn by a fixed number of programs that prefetch their next tile's rows into
-L2 while they compute (_prefill_persistent_kernel).
+L2 while they compute (_prefill_persistent_kernel). A fourth, in Gluon, serves batches without
+cached context on sm_90 with its wgmma pipeline written out (tiles.wgmma, kernels/attention_wgmma.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import attention_wgmma
 from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILES_FP32, _TMA_CAPABILITY,
                               _WS_TILES_SM90, ONE_LOOP_CANDIDATES, PADDED_80_CANDIDATES, PERSISTENT_CANDIDATES,
                               Q_SMEM_CANDIDATES, TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail,
@@ -44,7 +46,7 @@ from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILE
 from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, sm_count, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, slot_offset, to_cache,
-                       write_kv_cache_ref)
+                       write_kv_cache, write_kv_cache_ref)
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 _LOG2E = 1.4426950408889634
@@ -693,7 +695,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize[,
-    one_loop[, persistent]]]]]) overrides `default_tiles`, for tests and the tile sweep.
+    one_loop[, persistent[, q_smem[, max_registers[, wgmma]]]]]]]]) overrides `default_tiles`,
+    for tests and the tile sweep.
     `max_context_len`: an upper bound of context_lens known on the host (None: unknown). Only 0
     changes anything today: then the main kernel is compiled without its context loops (never
     reading context_lens or block_tables), the defaults may come from the warp-specialised table
@@ -703,6 +706,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     default tiles. `max_query_len`: an upper bound of every sequence's new tokens known on the
     host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
+    kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
+    (kernels/attention_wgmma.py) where max_context_len is 0 on an sm_90+ GPU and its `takes`
+    holds (there the KV-cache write is a launch of its own before it); elsewhere the main
     kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
     context, it is not checked: that would need the lengths on the host). Raises
@@ -730,6 +736,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0,
                               max_query_len=max_query_len)
+    if tiles.wgmma and not (max_context_len == 0 and _wgmma_takes(q, k, v, capability)):
+        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     if tiles.warp_specialize and not (max_context_len == 0 and q.dtype != torch.float32
                                       and all(_tma_addressable(t) for t in (q, k, v))):
         # the main kernel at its own tiles: warp-specialised ones are checked for their kernel only
@@ -743,6 +751,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (heads, tokens // tiles.block_m + seqs)
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
+    if tiles.wgmma:
+        if slot_mapping is not None:   # not fused there: the new tokens go to the cache first
+            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+        attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * _LOG2E, tiles.block_m,
+                                             tiles.block_n, tiles.num_warps, tiles.num_stages, grid, _SEQ_CHUNK)
+        return out
     if tiles.warp_specialize:
         _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache,
                                  slot_mapping)
@@ -771,6 +785,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ONE_LOOP=tiles.one_loop, WRITE_KV=slot_mapping is not None, Q_2D=q_2d and descs[0] is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
     return out
+
+
+def _wgmma_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: int) -> bool:
+    """Whether the Gluon wgmma kernel runs this launch: compiled Gluon on an sm_90+ GPU (the
+    interpreter runs no Gluon), on inputs it takes as they lie."""
+    return (q.is_cuda and not _INTERPRETED and capability >= attention_wgmma.WGMMA_CAPABILITY
+            and attention_wgmma.takes(q, k, v))
 
 
 def _launch_warp_specialized(q, k, v, out, cu_seqlens_q, scale: float, tiles: Tiles, grid: tuple,

@@ -30,7 +30,11 @@ class Tiles(NamedTuple):
     registers for the whole program; q_smem frees them and holds q's shared memory instead;
     where q's heads are not packed back to back in a row, or a head is padded, the launcher
     keeps the 3-D box); and a cap on the registers of a thread (max_registers, ptxas's maxnreg;
-    0: the compiler's choice), which lets two 8-warp programs share an SM at 128.
+    0: the compiler's choice), which lets two 8-warp programs share an SM at 128; and whether a
+    batch known to have no cached context runs the Gluon kernel with its wgmma pipeline written
+    out (wgmma: kernels/attention_wgmma.py; sm_90+, fp16 / bf16, head_dim 64 or 128, packed
+    heads TMA can address; num_warps 4 or 8 with block_m a multiple of 16 * num_warps, at least
+    2 stages; other batches run the main kernel at its default tiles).
     """
     block_m: int
     block_n: int
@@ -43,6 +47,7 @@ class Tiles(NamedTuple):
     persistent: bool = False
     q_smem: bool = False
     max_registers: int = 0
+    wgmma: bool = False
 
 
 # (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -154,6 +159,16 @@ PERSISTENT_CANDIDATES = {pad: [Tiles(128, 128, 8, 1, persistent=True)] for pad i
 # cached context and at most block_m new tokens per sequence. Empty until a GPU has timed
 # PERSISTENT_CANDIDATES beside the main kernel.
 _PERSISTENT_TILES_SM90: dict = {}
+# Tiles of the Gluon wgmma kernel (batches without cached context, heads 64 and 128), per padded
+# head_dim: sweep candidates until a GPU has run them; no GPU has yet. Compiled for sm_90 here
+# (fp16, registers / shared memory): head 128: 128x128 at 8 warps, 2 stages (FlashAttention-3's
+# tile: 230 / 160 KB, one program an SM), 64x64 at 4 warps (167 / 80 KB, two an SM), 128x64 at
+# 8 warps, 3 stages (176 / 128 KB); head 64: 128x128x8x2 (172 / 80 KB), 128x64x8x3 (119 / 64 KB),
+# 64x64x4x3 (122 / 56 KB).
+WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
+                          Tiles(128, 64, 8, 3, wgmma=True)],
+                    64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
+                         Tiles(64, 64, 4, 3, wgmma=True)]}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)
@@ -176,6 +191,8 @@ _TMA_CAPABILITY = 90
 # partitions identical), twice the work for the same result.
 _WS_WARPS = 4
 _WS_BLOCK_M = 128
+# Warps of a program of the wgmma kernel: one or two warpgroups.
+_WGMMA_WARPS = (4, 8)
 
 
 def tile_table(capability: int) -> dict:
@@ -218,7 +235,7 @@ def _padded_class(head_dim: int) -> int:
 def _check_tiles(tiles, capability: int) -> Tiles:
     if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= len(Tiles._fields):
         _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
-              f"[, one_loop[, persistent[, q_smem[, max_registers]]]]]]]), got {tiles!r}")
+              f"[, one_loop[, persistent[, q_smem[, max_registers[, wgmma]]]]]]]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -228,10 +245,10 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem"):
+    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem", "wgmma"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
-    for name in ("tma", "warp_specialize"):
+    for name in ("tma", "warp_specialize", "wgmma"):
         if getattr(tiles, name) and capability < _TMA_CAPABILITY:
             _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
@@ -253,7 +270,21 @@ def _check_tiles(tiles, capability: int) -> Tiles:
         _fail(f"tiles.persistent needs block_n == block_m (one tile a sequence), got {tiles.block_m}x{tiles.block_n}")
     if tiles.persistent and (tiles.tma or tiles.warp_specialize or tiles.one_loop):
         _fail("tiles.persistent is a kernel of its own: no tma, warp_specialize or one_loop")
+    if tiles.wgmma:
+        _check_wgmma_tiles(tiles)
     return tiles
+
+
+def _check_wgmma_tiles(tiles: Tiles) -> None:
+    others = [name for name in ("warp_specialize", "one_loop", "persistent", "q_smem") if getattr(tiles, name)]
+    if others:
+        _fail(f"tiles.wgmma is a kernel of its own (TMA, q in shared memory, no context): no {', '.join(others)}")
+    if tiles.num_warps not in _WGMMA_WARPS or tiles.block_m % (16 * tiles.num_warps):
+        _fail(f"tiles.wgmma needs num_warps in {_WGMMA_WARPS} and block_m a multiple of 16 * num_warps (each warp "
+              f"owns 16-row slices of the block), got {tiles.num_warps} warps and block_m {tiles.block_m}")
+    if tiles.num_stages < 2:
+        _fail(f"tiles.wgmma needs num_stages >= 2 (a slot is refilled only after its tile's PV), "
+              f"got {tiles.num_stages}")
 
 
 def _head_dim_pad(head_dim: int) -> int:

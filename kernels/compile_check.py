@@ -87,13 +87,16 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
     name = getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
     result = CompileResult(name, spec.label, target_name)
     try:
         arg_names = spec.kernel.arg_names
         attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in spec.signature.items()
                  if kind.startswith("*") or arg in spec.divisible_by_16}
-        source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        # Gluon kernels (kernels/attention_wgmma.py) start from their own front end
+        source_type = GluonASTSource if getattr(spec.kernel, "is_gluon", lambda: False)() else ASTSource
+        source = source_type(spec.kernel, spec.signature, spec.constexprs, attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
                                            "maxnreg": spec.max_registers or None})
@@ -133,9 +136,9 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
 
 
 def all_specs() -> list[CompileSpec]:
-    from . import attention, kv_cache, layernorm_linear, paged_decode, sampling
+    from . import attention, attention_wgmma, kv_cache, layernorm_linear, paged_decode, sampling
     specs = []
-    for module in (layernorm_linear, kv_cache, attention, paged_decode, sampling):
+    for module in (layernorm_linear, kv_cache, attention, attention_wgmma, paged_decode, sampling):
         if hasattr(module, "compile_specs"):
             specs += module.compile_specs()
     return specs

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
-from opt_fast.kernels import attention
+from opt_fast.kernels import attention, attention_wgmma
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
@@ -356,8 +356,9 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
 
 def test_sweep_candidates_with_options_are_compile_checked():
     """Every prefill candidate of the tile sweep (benchmarks/sweep_tiles.py) that asks for an
-    option (TMA, a padded head, warp specialisation, one loop, q_smem, a register cap, persistent)
-    is a variant the compile check builds for sm_90 at that head_dim, in fp16 (the sweep's dtype);
+    option (TMA, a padded head, warp specialisation, one loop, q_smem, a register cap, persistent,
+    the Gluon wgmma kernel) is a variant the compile check builds for sm_90 at that head_dim, in
+    fp16 (the sweep's dtype);
     and the TMA candidates hold the twin of each sm_90 table entry."""
     sweep = sweep_script()
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
@@ -365,6 +366,9 @@ def test_sweep_candidates_with_options_are_compile_checked():
               c.get("USE_TMA", False), c.get("D_HI"), s.uses_warp_specialize, c.get("ONE_LOOP", False),
               s.kernel is attention._prefill_persistent_kernel, c.get("Q_2D", False), s.max_registers, c["HEAD_DIM"])
              for s in specs for c in [s.constexprs]}
+    built_wgmma = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, c["STAGES"], c["HEAD_DIM"])
+                   for s in attention_wgmma.compile_specs() if s.signature["out_ptr"] == "*fp16"
+                   for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -373,6 +377,9 @@ def test_sweep_candidates_with_options_are_compile_checked():
             if tiles is None or tiles[4:] == Tiles(1, 1, 1, 1)[4:]:
                 continue          # the default, or plain tiles: the sweep skips any that fail
             options += 1
+            if tiles.wgmma:   # the Gluon kernel (kernels/attention_wgmma.py)
+                assert (*tiles[:4], case["head_dim"]) in built_wgmma, (case, candidate)
+                continue
             d_hi = None if tiles.warp_specialize else attention._head_split(case["head_dim"], tiles.split_head)[1]
             key = (*tiles[:4], tiles.tma, d_hi, tiles.warp_specialize, tiles.one_loop, tiles.persistent,
                    tiles.q_smem, tiles.max_registers, case["head_dim"])

@@ -1,0 +1,283 @@
+"""Prefill attention for Hopper (sm_90) in Gluon, with the wgmma pipeline written out by hand.
+
+Why a second kernel: Triton 3.6 compiles the main kernel (kernels/attention.py) so that each
+QK^T wgmma is waited for at once, and the softmax of a key tile never overlaps a matrix multiply
+of its own program. Here the order is explicit, as in FlashAttention-3's intra-warpgroup
+pipelining: the QK^T of key tile j is issued, then the PV of tile j-1, and the softmax of tile j
+runs while that PV is still on the tensor cores. K and V arrive by TMA into a ring of
+`num_stages` shared-memory slots, each with its own mbarrier; q stays in shared memory as the
+QK^T operand, P goes to the PV wgmma from registers.
+
+Scope: fp16 / bf16, head_dim 64 or 128 (no padding: a 2-D TMA box is exactly one head), batches
+with no cached context (the launcher knows it: max_context_len=0), q, k, v rows whose heads sit
+back to back and that a TMA descriptor can address. The KV-cache write is not fused: the
+launcher stores k and v with kernels/kv_cache.py first. Gluon does not run in the Triton
+interpreter, so on CPU this kernel is only compiled (kernels/compile_check.py); it is tested
+against the reference on CUDA (tests/kernels/test_attention_wgmma.py). It is a sweep candidate
+(Tiles.wgmma), never a default until a GPU has shown it right and faster.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .device import tma_addressable
+
+# Head sizes the kernel takes: a TMA box and a wgmma N of exactly one head, 16-byte rows.
+WGMMA_HEAD_DIMS = (64, 128)
+# Capability it needs (wgmma, TMA).
+WGMMA_CAPABILITY = 90
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+@gluon.jit
+def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+                      num_seqs, BLOCK_M: gl.constexpr, SEQ_CHUNK: gl.constexpr):
+    """(sequence, its first token, its length, query block within it) of this program, as
+    kernels/attention.py's _find_query_block (same virtual block axis, same grid): the block is
+    < 0 or past the sequence's blocks where the program has none."""
+    chunk_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    vblock = gl.num_programs(1) - 1 - gl.program_id(1)   # last blocks first: they see the most keys
+    seq = num_seqs * 0 - 1
+    q_start = num_seqs * 0
+    q_end = num_seqs * 0 + 2147483647
+    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
+        s = s0 + gl.arange(0, SEQ_CHUNK, layout=chunk_layout)
+        bounds = gl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=2147483647)
+        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
+        seq += gl.sum(qualifies.to(gl.int32), axis=0)
+        q_start = gl.maximum(q_start, gl.max(gl.where(qualifies, bounds, 0), axis=0))
+        q_end = gl.minimum(q_end, gl.min(gl.where(qualifies, 2147483647, bounds), axis=0))
+    return seq, q_start, q_end - q_start, vblock - (q_start // BLOCK_M + seq)
+
+
+@gluon.jit
+def _issue_kv_tile(k_desc, v_desc, k_slots, v_slots, k_ready, v_ready, tile, n_tiles, row0, col,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA copies of key tile `tile` and its values into ring slot tile % STAGES;
+    nothing past the query block's last tile (n_tiles)."""
+    slot = tile % STAGES
+    wanted = tile < n_tiles
+    row = row0 + tile * BLOCK_N
+    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes, pred=wanted)
+    tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(slot), k_slots.index(slot), pred=wanted)
+    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes, pred=wanted)
+    tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(slot), v_slots.index(slot), pred=wanted)
+
+
+@gluon.jit
+def _wait_kv_tile(ready, tile, STAGES: gl.constexpr):
+    """Wait for tile `tile`'s copy into its slot (the slot's (tile // STAGES)-th use)."""
+    mbarrier.wait(ready.index(tile % STAGES), (tile // STAGES) & 1)
+
+
+@gluon.jit
+def _clear_rows_past(v_slot,   # [BLOCK_N, HEAD_DIM] shared-memory slot of one value tile
+                     first_key, q_len, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Zero the rows of a value tile past its sequence. Their weights are exactly 0, but the box
+    holds the next sequence's values there, and 0 times a non-finite one would leak NaN into
+    this sequence. Only the tile where a sequence ends pays for it."""
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [gl.num_warps(), 1],
+                                                 [1, 0])
+    values = v_slot.load(rows_layout)
+    keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
+    v_slot.store(gl.where((keys < q_len)[:, None], values, gl.zeros_like(values)))
+    # every warp's stores done, and visible to the wgmma's (async proxy) reads
+    gl.thread_barrier()
+    fence_async_shared()
+
+
+@gluon.jit
+def _softmax_tile(s, m_i, l_i, qk_scale, first_key, queries, MASKED: gl.constexpr):
+    """Fold the scores `s` ([BLOCK_M, BLOCK_N] fp32) of one key tile into the running max and
+    sum of an online softmax in base 2; returns (p, new max, new sum, alpha: how much the
+    accumulator shrinks). With MASKED the causal mask applies (query row index `queries`, key
+    index first_key + column)."""
+    if MASKED:
+        keys = first_key + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        s = gl.where(keys[None, :] <= queries[:, None], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        p = gl.exp2(s - m_new[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit(do_not_specialize=["num_seqs"])
+def _prefill_wgmma_kernel(
+    q_desc,           # [tokens, heads * HEAD_DIM] queries, boxes of [BLOCK_M, HEAD_DIM] (one head)
+    k_desc,           # [tokens, heads * HEAD_DIM] keys, boxes of [BLOCK_N, HEAD_DIM]
+    v_desc,           # [tokens, heads * HEAD_DIM] values, boxes of [BLOCK_N, HEAD_DIM]
+    out_ptr,          # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
+    cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+    num_seqs, qk_scale, stride_ot, stride_oh,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    SEQ_CHUNK: gl.constexpr,
+):
+    gl.static_assert(BLOCK_M % BLOCK_N == 0)   # the unmasked tiles end where the query block starts
+    gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
+    head = gl.program_id(0)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    if (block_m < 0) | (block_m * BLOCK_M >= q_len):
+        return
+
+    # One wgmma row block of 16 per warp, warps stacked along the query rows: each warpgroup owns
+    # 64 rows. Scores are [BLOCK_M, BLOCK_N] in s_layout, the accumulator [BLOCK_M, HEAD_DIM] in
+    # o_layout; P feeds the PV wgmma from registers in p_layout.
+    num_warps: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_slot = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_slots = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_slots = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+    fence_async_shared()   # the barriers' initialisation visible to the TMA unit
+
+    # Key tiles: [0, n_unmasked) before the query block, unmasked; then the diagonal ones up to
+    # the block's last query (or the sequence's end), causally masked.
+    diag_start = block_m * BLOCK_M
+    n_unmasked = diag_start // BLOCK_N
+    n_tiles = (gl.minimum(diag_start + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
+    col = head * HEAD_DIM
+    mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_start + diag_start, col], q_ready, q_slot)
+    for t in gl.static_range(STAGES):
+        _issue_kv_tile(k_desc, v_desc, k_slots, v_slots, k_ready, v_ready, t, n_tiles, q_start, col, BLOCK_N, STAGES)
+
+    queries = diag_start + gl.arange(0, BLOCK_M, layout=s_rows)   # query index within the sequence
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, s_rows)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    # Tile 0 alone: key 0 is visible to every query row, so every row's max is finite after it.
+    mbarrier.wait(q_ready, 0)
+    _wait_kv_tile(k_ready, 0, STAGES)
+    s = warpgroup_mma(q_slot, k_slots.index(0).permute((1, 0)), s_zero, use_acc=False)
+    if n_unmasked > 0:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, queries, False)
+    else:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, queries, True)
+    p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+
+    for j in range(1, n_tiles):
+        # QK^T of tile j, then PV of tile j-1, both in flight; the softmax of tile j waits only
+        # for the first and runs beside the second.
+        _wait_kv_tile(k_ready, j, STAGES)
+        s_token = warpgroup_mma(q_slot, k_slots.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                is_async=True)
+        prev = j - 1
+        _wait_kv_tile(v_ready, prev, STAGES)
+        if (prev + 1) * BLOCK_N > q_len:
+            _clear_rows_past(v_slots.index(prev % STAGES), prev * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+        acc_token = warpgroup_mma(p, v_slots.index(prev % STAGES), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_token, ))
+        if j >= n_unmasked:
+            p_next, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, queries, True)
+        else:
+            p_next, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, queries, False)
+        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, p))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p = gl.convert_layout(p_next.to(q_desc.dtype), p_layout)
+        # tile j-1's slot is free (its QK^T and PV are done): refill it
+        _issue_kv_tile(k_desc, v_desc, k_slots, v_slots, k_ready, v_ready, prev + STAGES, n_tiles, q_start, col,
+                       BLOCK_N, STAGES)
+
+    last = n_tiles - 1
+    _wait_kv_tile(v_ready, last, STAGES)
+    if (last + 1) * BLOCK_N > q_len:
+        _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+    acc = warpgroup_mma(p, v_slots.index(last % STAGES), acc)
+
+    mbarrier.invalidate(q_ready)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+
+    # 16-byte stores of whole rows; rows past the sequence are not this program's to write.
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
+    out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty), out_layout)
+    rows = diag_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
+    gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these `[tokens, heads, head_dim]` inputs as they lie: fp16 / bf16,
+    a head of exactly one TMA box (WGMMA_HEAD_DIMS), and rows whose heads sit back to back and
+    that a TMA descriptor can address as [tokens, heads * head_dim] (the device is the caller's
+    to check)."""
+    head_dim = q.shape[2]
+    return (q.dtype in _GL_DTYPES and head_dim in WGMMA_HEAD_DIMS
+            and all(t.stride(1) == head_dim and tma_addressable(t) for t in (q, k, v)))
+
+
+def shared_layout(block: list, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared-memory layout of a [rows, head_dim] TMA box of `dtype`."""
+    return gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[dtype])
+
+
+def head_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """`t` ([tokens, heads, head_dim], heads back to back in a row) as [tokens, heads * head_dim]
+    in boxes of `rows` tokens of one head; TMA reads zeros past the last token."""
+    tokens, heads, head_dim = t.shape
+    block = [rows, head_dim]
+    return TensorDescriptor(t, [tokens, heads * head_dim], [t.stride(0), 1], block, shared_layout(block, t.dtype))
+
+
+def compile_specs() -> list:
+    """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES), for
+    sm_90, in fp16 and bf16, at head_dim 64 and 128 (OPT-1.3B; 6.7B and 13B)."""
+    from .attention import _SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
+    from .attention_tiles import WGMMA_CANDIDATES
+    from .compile_check import CompileSpec
+    specs = []
+    for head_dim in WGMMA_HEAD_DIMS:
+        for tiles in WGMMA_CANDIDATES[head_dim]:
+            for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+                signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
+                                                f"{shared_layout([rows, head_dim], dtype)!r}>"
+                             for operand, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n))}
+                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", num_seqs="i32", qk_scale="fp32",
+                                 stride_ot="i32", stride_oh="i32")
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                                  STAGES=tiles.num_stages, SEQ_CHUNK=_SEQ_CHUNK)
+                signature.update(dict.fromkeys(constexprs, "constexpr"))
+                label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
+                         f"w{tiles.num_warps}s{tiles.num_stages}")
+                specs.append(CompileSpec(_prefill_wgmma_kernel, label, signature, constexprs, uses_mma=True,
+                                         uses_tma=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                                         targets=(WGMMA_CAPABILITY,), divisible_by_16=("stride_ot", "stride_oh")))
+    return specs
+
+
+def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
+                         num_stages: int, grid: tuple, seq_chunk: int) -> None:
+    """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
+    input, that the kernel takes them (`takes`) and that the device runs it."""
+    _prefill_wgmma_kernel[grid](
+        head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
+        cu_seqlens_q.shape[0] - 1, qk_scale, out.stride(0), out.stride(1),
+        HEAD_DIM=q.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk,
+        num_warps=num_warps)

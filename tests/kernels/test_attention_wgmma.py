@@ -1,0 +1,269 @@
+"""The Gluon wgmma prefill kernel (kernels/attention_wgmma.py, Tiles.wgmma).
+
+Gluon does not run in the Triton interpreter, so on CPU only what surrounds the kernel is
+tested: the tile checks, which inputs it takes, that its tiles fall back to the main kernel where
+it cannot run, and (by the compile check) that it compiles for sm_90 with the QK^T of one key
+tile in flight beside the PV of the one before. On an sm_90+ GPU the kernel itself runs against
+the float64 reference, after benchmarks/wgmma_probe.py has run its first launches in a child
+process with a time limit (a wrong barrier phase hangs rather than fails)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_testing import DEVICE, gen, packed_qkv, randn, record_launches
+from opt_fast.kernels import attention, attention_tiles, attention_wgmma
+from opt_fast.kernels.attention import Tiles, prefill_attention
+from opt_fast.kernels.kv_cache import write_kv_cache_ref
+from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
+
+I32 = dict(dtype=torch.int32, device=DEVICE)
+ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x"
+                           f"{tiles.num_stages}")
+              for head_dim, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items()) for tiles in candidates]
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Gluon runs on an sm_90+ GPU only (no interpreter)")
+
+
+def context_free_case(lengths, heads, head_dim, dtype, seed, padding_tokens=0):
+    """Prompts of `lengths` new tokens with no cached context, packed back to back (q, k, v strided
+    views of one [T, 3, H, D] tensor, as the model passes them), then `padding_tokens` rows past
+    the last sequence holding NaN. Returns the launcher's arguments and the float64 expectation."""
+    g = gen(seed)
+    tokens = sum(lengths) + padding_tokens
+    q, k, v = packed_qkv(tokens, heads, head_dim, g, dtype)
+    q.data[sum(lengths):] = float("nan")
+    k.data[sum(lengths):] = float("nan")
+    v.data[sum(lengths):] = float("nan")
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    expected = torch.cat([causal_reference64(q[s:e], k[s:e], v[s:e], head_dim ** -0.5, 0)
+                          for s, e in zip(cu, cu[1:])])
+    cache = torch.full((1, 16, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    args = (q, k, v, cache, cache.clone(), torch.tensor(cu, **I32), torch.zeros(len(lengths), **I32),
+            torch.zeros(len(lengths), 1, **I32), head_dim ** -0.5)
+    return args, expected
+
+
+# --------------------------------------------------------------------------------------------
+# Everywhere (CPU included)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+def test_candidates_pass_the_tile_checks(head_dim, tiles):
+    assert attention._check_tiles(tuple(tiles), 90) == tiles and tiles.wgmma
+    assert head_dim in attention_wgmma.WGMMA_HEAD_DIMS
+
+
+@pytest.mark.parametrize("tiles, message", [
+    (Tiles(64, 64, 8, 2, wgmma=True), "block_m a multiple of 16 * num_warps"),
+    (Tiles(128, 64, 2, 2, wgmma=True), "num_warps in (4, 8)"),
+    (Tiles(128, 64, 8, 1, wgmma=True), "num_stages >= 2"),
+    (Tiles(128, 64, 8, 2, wgmma=True, one_loop=True), "no one_loop"),
+    (Tiles(128, 64, 8, 2, True, wgmma=True, q_smem=True), "no q_smem"),
+    (Tiles(128, 128, 8, 2, wgmma=True, persistent=True), "no persistent"),
+    (Tiles(128, 64, 4, 2, wgmma=True, warp_specialize=True), "no warp_specialize"),
+    (Tiles(128, 64, 8, 2, wgmma=1), "tiles.wgmma must be a bool"),
+])
+def test_tile_checks_name_what_the_kernel_cannot_take(tiles, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attention._check_tiles(tuple(tiles), 90)
+
+
+def test_tile_check_refuses_wgmma_before_hopper():
+    with pytest.raises(ValueError, match="tiles.wgmma needs compute capability 90"):
+        attention._check_tiles(tuple(Tiles(128, 128, 8, 2, wgmma=True)), 80)
+
+
+def test_which_inputs_the_kernel_takes():
+    """fp16 / bf16 heads of 64 or 128 columns, packed back to back, 16-byte aligned rows: the
+    model's strided views of one qkv tensor. Not float32, not head 80, not a padded head (the
+    2-D box would read the next head's columns), not rows a TMA descriptor cannot address."""
+    g = gen(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            assert attention_wgmma.takes(*packed_qkv(5, 3, head_dim, g, dtype))
+    assert not attention_wgmma.takes(*packed_qkv(5, 3, 128, g, torch.float32))
+    assert not attention_wgmma.takes(*packed_qkv(5, 3, 80, g, torch.float16))
+    padded = randn(5, 3, 136, g=g, dtype=torch.float16)[:, :, :128]
+    assert not attention_wgmma.takes(padded, padded, padded)
+    odd_rows = randn(5 * 3 * 128 + 8, g=g, dtype=torch.float16)[1:1 + 5 * 3 * 128].view(5, 3, 128)
+    assert not attention_wgmma.takes(odd_rows, odd_rows, odd_rows)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="where the kernel can run it does; tested below")
+def test_wgmma_tiles_fall_back_to_the_main_kernel(monkeypatch):
+    """Where the Gluon kernel cannot run (here: no sm_90 GPU, or the interpreter), its tiles are
+    replaced by the main kernel's defaults, which match the reference; the Gluon kernel is never
+    launched."""
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma",
+                        lambda *a, **k: pytest.fail("the Gluon kernel was launched off an sm_90 GPU"))
+    args, expected = context_free_case([5, 17], 2, 64, torch.float16, seed=1)
+    tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCES[torch.float16][0],
+                               rtol=TOLERANCES[torch.float16][1])
+    assert [name for name, *_ in launches] == ["_prefill_attention_kernel"]
+    assert launches[0][3]["BLOCK_M"] == attention.default_tiles(64, torch.float16, 22, 2).block_m
+
+
+def test_with_possible_context_the_main_kernel_runs(monkeypatch):
+    """The Gluon kernel reads no cache: a batch that may have context (max_context_len not 0)
+    runs the main kernel whatever the device."""
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma",
+                        lambda *a, **k: pytest.fail("the Gluon kernel was launched for a batch with context"))
+    args, _ = context_free_case([9], 2, 64, torch.float16, seed=2)
+    prefill_attention(*args, tiles=attention_tiles.WGMMA_CANDIDATES[64][0])
+    assert len(launches) == 1
+
+
+def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
+    """Compiled for sm_90 (no GPU needed): the loop waits for its QK^T with one wgmma group still
+    in flight (the PV of the tile before), the kernel has no spills, and the loads are TMA bulk
+    copies. Without is_async on the QK^T, or with a wait for 0 there, this fails."""
+    script = (
+        "from opt_fast.kernels import attention_wgmma, compile_check as cc\n"
+        "import triton\n"
+        "spec = next(s for s in attention_wgmma.compile_specs() if 'd128 fp16 128x128' in s.label)\n"
+        "r = cc.compile_one(spec, 90, 'sm_90')\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.experimental.gluon._runtime import GluonASTSource\n"
+        "k = spec.kernel\n"
+        "attrs = {(k.arg_names.index(a),): [['tt.divisibility', 16]] for a, t in spec.signature.items()"
+        " if t.startswith('*')}\n"
+        "c = triton.compile(GluonASTSource(k, spec.signature, spec.constexprs, attrs),"
+        " target=GPUTarget('cuda', 90, 32), options={'num_warps': spec.num_warps})\n"
+        "ptx = c.asm['ptx']\n"
+        "print(r.ok, r.spill_bytes, 'wgmma.wait_group.sync.aligned 1;' in ptx, 'cp.async.bulk.tensor' in ptx)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "0", "True", "True"]
+
+
+def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
+    """On a GPU the tile sweep asks benchmarks/wgmma_probe.py once and keeps only the wgmma
+    candidates it found right (a hang or a mismatch there keeps a candidate out of the sweep)."""
+    sweep = _sweep_module()
+    probe_path = Path(__file__).resolve().parents[2] / "benchmarks" / "wgmma_probe.py"
+    spec = importlib.util.spec_from_file_location("wgmma_probe", probe_path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    calls = []
+    right, wrong = attention_tiles.WGMMA_CANDIDATES[128][:2]
+
+    def fake_probe(timeout=90.0):
+        calls.append(timeout)
+        return {probe._label(128, right): "", probe._label(128, wrong): "the probe did not finish"}, "note"
+    monkeypatch.setattr(probe, "probe", fake_probe)
+    monkeypatch.setitem(sys.modules, "wgmma_probe", probe)
+    monkeypatch.setattr(sweep, "ON_GPU", True)
+    monkeypatch.setattr(sweep, "CAPABILITY", 90)
+    case = dict(model="opt-6.7b", heads=32, head_dim=128, batch=8, length=1024)
+    timed = [Tiles(*c["tiles"]) for c in sweep.FAMILIES["prefill"].candidates(case, smoke=False)
+             if c and Tiles(*c["tiles"]).wgmma]
+    sweep.FAMILIES["prefill"].candidates(case, smoke=False)
+    assert timed == [right] and len(calls) == 1
+    head_80 = dict(case, model="opt-2.7b", head_dim=80)
+    assert not [c for c in sweep.FAMILIES["prefill"].candidates(head_80, smoke=False)
+                if c and Tiles(*c["tiles"]).wgmma]
+
+
+def _sweep_module():
+    """A fresh copy of benchmarks/sweep_tiles.py (its probe cache starts empty)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
+    spec = importlib.util.spec_from_file_location("sweep_tiles_wgmma_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# On an sm_90+ GPU
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probed():
+    """The probe's verdicts, from a child process with a time limit: a hang fails these tests
+    instead of hanging them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from wgmma_probe import _label, probe
+    results, note = probe(timeout=240)
+    return {label: error for label, error in results.items()}, note, _label
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+def test_probe_runs_each_candidate_right(probed, head_dim, tiles):
+    results, note, label = probed
+    assert results[label(head_dim, tiles)] == "", note
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
+    """Prompts of 1 token, block sizes +-1 (64, 128), several blocks with a partial last one, a
+    long one; NaN in the rows past the last prompt (TMA boxes reach into them) and in every
+    element torch.empty returns (each output element written)."""
+    if probed[0][probed[2](head_dim, tiles)]:
+        pytest.fail(f"the probe found this candidate wrong: {probed[0][probed[2](head_dim, tiles)]}")
+    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    args, expected = context_free_case([1, 63, 64, 65, 127, 128, 129, 300, 1031, 2], 3, head_dim, dtype, seed=3,
+                                       padding_tokens=37)
+    fill_empty(monkeypatch, float("nan"))
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
+    assert len(launches) == 1
+    rows = expected.shape[0]
+    assert torch.isfinite(out[:rows]).all()
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4])
+def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
+    """A prompt ending inside a key tile: the box holds the next prompt's values there, with
+    weight 0; NaN in them must not reach this prompt (their rows are cleared, not multiplied)."""
+    if probed[0][probed[2](head_dim, tiles)]:
+        pytest.fail("the probe found this candidate wrong")
+    args, expected = context_free_case([70, 50], 2, head_dim, torch.float16, seed=4)
+    q, k, v = args[:3]
+    k.data[70:] = float("nan")
+    v.data[70:] = float("nan")
+    q.data[70:] = float("nan")
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
+    assert torch.isfinite(out[:70]).all()
+    torch.testing.assert_close(out[:70].double().cpu(), expected[:70], atol=3e-3, rtol=3e-3)
+
+
+@needs_hopper
+def test_stores_the_new_tokens_in_the_cache(probed):
+    """With slot_mapping the new keys and values reach the cache (a launch of its own before the
+    kernel); negative slots are not stored."""
+    tiles = attention_tiles.WGMMA_CANDIDATES[128][0]
+    if probed[0][probed[2](128, tiles)]:
+        pytest.fail("the probe found this candidate wrong")
+    args, expected = context_free_case([20, 45], 2, 128, torch.float16, seed=5)
+    q, k, v, key_cache, value_cache = args[:5]
+    key_cache = torch.full((8, 16, 2, 128), float("nan"), dtype=torch.float16, device=DEVICE)
+    value_cache = key_cache.clone()
+    slots = torch.randperm(8 * 16, generator=gen(6))[:65].to(DEVICE)
+    slots[3] = -1
+    out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
+                            slot_mapping=slots)
+    want_k, want_v = torch.full_like(key_cache, float("nan")), torch.full_like(value_cache, float("nan"))
+    write_kv_cache_ref(k, v, want_k, want_v, slots)
+    assert torch.equal(key_cache.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(value_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))
+    torch.testing.assert_close(out.double().cpu(), expected, atol=3e-3, rtol=3e-3)

@@ -169,6 +169,10 @@ WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2,
                           Tiles(128, 64, 8, 3, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True)]}
+# (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
+# cached context, where the kernel takes the inputs (else the tables above). Empty until a GPU
+# has run WGMMA_CANDIDATES right and faster than the main kernel.
+_WGMMA_TILES_SM90: dict = {}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)
@@ -204,14 +208,17 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
                   capability: int = _DEFAULT_CAPABILITY, context_free: bool = False,
                   max_query_len: int | None = None) -> Tiles:
     """Tiles for one launch, from shapes known on the host (no device sync); `context_free`: the
-    batch is known to have no cached context, which lets sm_90 pick a warp-specialised entry,
-    and with `max_query_len` (an upper bound of the new tokens per sequence) a persistent one."""
+    batch is known to have no cached context, which lets sm_90 pick a wgmma or a
+    warp-specialised entry, and with `max_query_len` (an upper bound of the new tokens per
+    sequence) a persistent one."""
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
     persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
     if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
         return persistent
+    if context_free and capability >= _TMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:
+        return _WGMMA_TILES_SM90[(kind, head_dim)]
     if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
         return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
     tiles = tile_table(capability)[(kind, _tile_head_dim(head_dim))]

@@ -246,14 +246,16 @@ def head_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def compile_specs() -> list:
-    """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES), for
-    sm_90, in fp16 and bf16, at head_dim 64 and 128 (OPT-1.3B; 6.7B and 13B)."""
+    """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES) and of
+    the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
+    128 (OPT-1.3B; 6.7B and 13B)."""
     from .attention import _SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
-    from .attention_tiles import WGMMA_CANDIDATES
+    from .attention_tiles import _WGMMA_TILES_SM90, WGMMA_CANDIDATES
     from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
-        for tiles in WGMMA_CANDIDATES[head_dim]:
+        chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
+        for tiles in dict.fromkeys(WGMMA_CANDIDATES[head_dim] + chosen):
             for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
                 signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
                                                 f"{shared_layout([rows, head_dim], dtype)!r}>"

@@ -127,6 +127,26 @@ def test_with_possible_context_the_main_kernel_runs(monkeypatch):
     assert len(launches) == 1
 
 
+def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
+    """Once _WGMMA_TILES_SM90 holds an entry (empty until a GPU has timed the kernel), sm_90
+    launches known to have no cached context pick it, by tile kind and exact head_dim; others
+    keep the main kernel's tables; the compile check builds it; and where the kernel cannot run
+    (here on CPU) the launch falls back to the main kernel and still matches the reference."""
+    chosen = Tiles(128, 32, 4, 2, wgmma=True)
+    monkeypatch.setitem(attention_tiles._WGMMA_TILES_SM90, ("wide", 128), chosen)
+    fp16 = torch.float16
+    assert attention.default_tiles(128, fp16, 2048, 1, 90, context_free=True) == chosen
+    assert attention.default_tiles(128, fp16, 2048, 1, 90) == attention.tile_table(90)[("wide", 128)]
+    assert attention.default_tiles(128, fp16, 2048, 1, 80, context_free=True) == attention.tile_table(80)[("wide", 128)]
+    assert not attention.default_tiles(128, fp16, 128 * 8, 8, 90, context_free=True).wgmma   # narrow
+    assert not attention.default_tiles(96, fp16, 2048, 1, 90, context_free=True).wgmma
+    assert any("128x32 w4s2" in spec.label for spec in attention_wgmma.compile_specs())
+    if not ON_HOPPER:
+        args, expected = context_free_case([300], 2, 128, fp16, seed=7)
+        out = prefill_attention(*args, max_context_len=0)
+        torch.testing.assert_close(out.double().cpu(), expected, atol=3e-3, rtol=3e-3)
+
+
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
     """Compiled for sm_90 (no GPU needed): the loop waits for its QK^T with one wgmma group still
     in flight (the PV of the tile before), the kernel has no spills, and the loads are TMA bulk

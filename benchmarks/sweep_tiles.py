@@ -221,7 +221,9 @@ class Prefill:
         options = []
         if CAPABILITY >= 90:
             # first after the default: the newest kernel, the one a short budget should reach
-            options = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], []) if _wgmma_probe_passed(c, t)]
+            # (wgmma: sm_90 alone)
+            options = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], [])
+                       if CAPABILITY == 90 and _wgmma_probe_passed(c, t)]
             options += (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]
                        + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])

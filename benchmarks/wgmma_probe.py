@@ -7,7 +7,7 @@ returns, for each candidate of attention_tiles.WGMMA_CANDIDATES, "" where it mat
 reference on a small batch, or what went wrong (a hang, a crash, a mismatch). The tile sweep
 times only the candidates that passed; the CUDA tests start from it.
 
-    python benchmarks/wgmma_probe.py     # prints the JSON result (CUDA, sm_90+)
+    python benchmarks/wgmma_probe.py     # prints the JSON result (an sm_90 GPU)
 """
 from __future__ import annotations
 

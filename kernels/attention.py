@@ -707,7 +707,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
     kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
-    (kernels/attention_wgmma.py) where max_context_len is 0 on an sm_90+ GPU and its `takes`
+    (kernels/attention_wgmma.py) where max_context_len is 0 on an sm_90 GPU and its `takes`
     holds (there the KV-cache write is a launch of its own before it); elsewhere the main
     kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
@@ -788,9 +788,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _wgmma_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: int) -> bool:
-    """Whether the Gluon wgmma kernel runs this launch: compiled Gluon on an sm_90+ GPU (the
-    interpreter runs no Gluon), on inputs it takes as they lie."""
-    return (q.is_cuda and not _INTERPRETED and capability >= attention_wgmma.WGMMA_CAPABILITY
+    """Whether the Gluon wgmma kernel runs this launch: compiled Gluon on an sm_90 GPU (the
+    interpreter runs no Gluon; later GPUs have no wgmma), on inputs it takes as they lie."""
+    return (q.is_cuda and not _INTERPRETED and capability == attention_wgmma.WGMMA_CAPABILITY
             and attention_wgmma.takes(q, k, v))
 
 

@@ -32,7 +32,7 @@ class Tiles(NamedTuple):
     keeps the 3-D box); and a cap on the registers of a thread (max_registers, ptxas's maxnreg;
     0: the compiler's choice), which lets two 8-warp programs share an SM at 128; and whether a
     batch known to have no cached context runs the Gluon kernel with its wgmma pipeline written
-    out (wgmma: kernels/attention_wgmma.py; sm_90+, fp16 / bf16, head_dim 64 or 128, packed
+    out (wgmma: kernels/attention_wgmma.py; sm_90 only, fp16 / bf16, head_dim 64 or 128, packed
     heads TMA can address; num_warps 4 or 8 with block_m a multiple of 16 * num_warps, at least
     2 stages; other batches run the main kernel at its default tiles).
     """
@@ -159,12 +159,12 @@ PERSISTENT_CANDIDATES = {pad: [Tiles(128, 128, 8, 1, persistent=True)] for pad i
 # cached context and at most block_m new tokens per sequence. Empty until a GPU has timed
 # PERSISTENT_CANDIDATES beside the main kernel.
 _PERSISTENT_TILES_SM90: dict = {}
-# Tiles of the Gluon wgmma kernel (batches without cached context, heads 64 and 128), per padded
+# Tiles of the Gluon wgmma kernel (batches without cached context, heads 64 and 128), per
 # head_dim: sweep candidates until a GPU has run them; no GPU has yet. Compiled for sm_90 here
 # (fp16, registers / shared memory): head 128: 128x128 at 8 warps, 2 stages (FlashAttention-3's
-# tile: 230 / 160 KB, one program an SM), 64x64 at 4 warps (167 / 80 KB, two an SM), 128x64 at
-# 8 warps, 3 stages (176 / 128 KB); head 64: 128x128x8x2 (172 / 80 KB), 128x64x8x3 (119 / 64 KB),
-# 64x64x4x3 (122 / 56 KB).
+# tile: 246 / 160 KB, one program an SM), 64x64 at 4 warps (152 / 80 KB, two an SM), 128x64 at
+# 8 warps, 3 stages (165 / 128 KB); head 64: 128x128x8x2 (225 / 80 KB), 128x64x8x3 (120 / 64 KB),
+# 64x64x4x3 (120 / 56 KB).
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
@@ -195,8 +195,10 @@ _TMA_CAPABILITY = 90
 # partitions identical), twice the work for the same result.
 _WS_WARPS = 4
 _WS_BLOCK_M = 128
-# Warps of a program of the wgmma kernel: one or two warpgroups.
+# Warps of a program of the wgmma kernel: one or two warpgroups; the one capability it runs on
+# (attention_wgmma.WGMMA_CAPABILITY).
 _WGMMA_WARPS = (4, 8)
+_WGMMA_CAPABILITY = 90
 
 
 def tile_table(capability: int) -> dict:
@@ -217,7 +219,7 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
     if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
         return persistent
-    if context_free and capability >= _TMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:
+    if context_free and capability == _WGMMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:
         return _WGMMA_TILES_SM90[(kind, head_dim)]
     if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
         return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
@@ -255,9 +257,12 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem", "wgmma"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
-    for name in ("tma", "warp_specialize", "wgmma"):
+    for name in ("tma", "warp_specialize"):
         if getattr(tiles, name) and capability < _TMA_CAPABILITY:
             _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
+    if tiles.wgmma and capability != _WGMMA_CAPABILITY:
+        _fail(f"tiles.wgmma needs compute capability {_WGMMA_CAPABILITY} (wgmma is sm_90's alone), "
+              f"this device has {capability}")
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
         _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "
               f"splits into two 64-row consumers), got {tiles.num_warps} and {tiles.block_m}")

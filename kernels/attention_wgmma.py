@@ -29,7 +29,8 @@ from .device import tma_addressable
 
 # Head sizes the kernel takes: a TMA box and a wgmma N of exactly one head, 16-byte rows.
 WGMMA_HEAD_DIMS = (64, 128)
-# Capability it needs (wgmma, TMA).
+# The one capability it runs on: wgmma is sm_90a's alone (compiled for sm_100 or sm_120, LLVM
+# aborts the process on its first wgmma, a crash no caller could catch).
 WGMMA_CAPABILITY = 90
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -186,9 +187,7 @@ def _prefill_wgmma_kernel(
         s_token = warpgroup_mma(q_slot, k_slots.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
         prev = j - 1
-        _wait_kv_tile(v_ready, prev, STAGES)
-        if (prev + 1) * BLOCK_N > q_len:
-            _clear_rows_past(v_slots.index(prev % STAGES), prev * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+        _wait_kv_tile(v_ready, prev, STAGES)   # (only the last tile can reach past the sequence)
         acc_token = warpgroup_mma(p, v_slots.index(prev % STAGES), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_token, ))
         if j >= n_unmasked:

@@ -3,7 +3,7 @@
 Gluon does not run in the Triton interpreter, so on CPU only what surrounds the kernel is
 tested: the tile checks, which inputs it takes, that its tiles fall back to the main kernel where
 it cannot run, and (by the compile check) that it compiles for sm_90 with the QK^T of one key
-tile in flight beside the PV of the one before. On an sm_90+ GPU the kernel itself runs against
+tile in flight beside the PV of the one before. On an sm_90 GPU the kernel itself runs against
 the float64 reference, after benchmarks/wgmma_probe.py has run its first launches in a child
 process with a time limit (a wrong barrier phase hangs rather than fails)."""
 from __future__ import annotations
@@ -25,11 +25,11 @@ from opt_fast.kernels.kv_cache import write_kv_cache_ref
 from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
-ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x"
                            f"{tiles.num_stages}")
               for head_dim, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items()) for tiles in candidates]
-needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Gluon runs on an sm_90+ GPU only (no interpreter)")
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the wgmma kernel runs on an sm_90 GPU only (no interpreter)")
 
 
 def context_free_case(lengths, heads, head_dim, dtype, seed, padding_tokens=0):
@@ -78,9 +78,11 @@ def test_tile_checks_name_what_the_kernel_cannot_take(tiles, message):
         attention._check_tiles(tuple(tiles), 90)
 
 
-def test_tile_check_refuses_wgmma_before_hopper():
+@pytest.mark.parametrize("capability", [80, 89, 100, 120])
+def test_tile_check_refuses_wgmma_off_sm90(capability):
+    """wgmma is sm_90's alone: compiled for sm_100 or sm_120 LLVM aborts the process."""
     with pytest.raises(ValueError, match="tiles.wgmma needs compute capability 90"):
-        attention._check_tiles(tuple(Tiles(128, 128, 8, 2, wgmma=True)), 80)
+        attention._check_tiles(tuple(Tiles(128, 128, 8, 2, wgmma=True)), capability)
 
 
 def test_which_inputs_the_kernel_takes():
@@ -138,6 +140,7 @@ def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
     assert attention.default_tiles(128, fp16, 2048, 1, 90, context_free=True) == chosen
     assert attention.default_tiles(128, fp16, 2048, 1, 90) == attention.tile_table(90)[("wide", 128)]
     assert attention.default_tiles(128, fp16, 2048, 1, 80, context_free=True) == attention.tile_table(80)[("wide", 128)]
+    assert not attention.default_tiles(128, fp16, 2048, 1, 100, context_free=True).wgmma
     assert not attention.default_tiles(128, fp16, 128 * 8, 8, 90, context_free=True).wgmma   # narrow
     assert not attention.default_tiles(96, fp16, 2048, 1, 90, context_free=True).wgmma
     assert any("128x32 w4s2" in spec.label for spec in attention_wgmma.compile_specs())
@@ -209,7 +212,7 @@ def _sweep_module():
 
 
 # --------------------------------------------------------------------------------------------
-# On an sm_90+ GPU
+# On an sm_90 GPU
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

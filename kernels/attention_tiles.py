@@ -195,10 +195,11 @@ _TMA_CAPABILITY = 90
 # partitions identical), twice the work for the same result.
 _WS_WARPS = 4
 _WS_BLOCK_M = 128
-# Warps of a program of the wgmma kernel: one or two warpgroups; the one capability it runs on
-# (attention_wgmma.WGMMA_CAPABILITY).
+# Warps of a program of the wgmma kernel: one or two warpgroups. The one capability it runs on:
+# wgmma is sm_90a's alone (compiled for sm_100 or sm_120, LLVM aborts the process on its first
+# wgmma, a crash no caller could catch).
 _WGMMA_WARPS = (4, 8)
-_WGMMA_CAPABILITY = 90
+WGMMA_CAPABILITY = 90
 
 
 def tile_table(capability: int) -> dict:
@@ -219,7 +220,7 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
     if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
         return persistent
-    if context_free and capability == _WGMMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:
+    if context_free and capability == WGMMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:
         return _WGMMA_TILES_SM90[(kind, head_dim)]
     if context_free and capability >= _TMA_CAPABILITY and (kind, _padded_class(head_dim)) in _WS_TILES_SM90:
         return _WS_TILES_SM90[(kind, _padded_class(head_dim))]
@@ -260,8 +261,8 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     for name in ("tma", "warp_specialize"):
         if getattr(tiles, name) and capability < _TMA_CAPABILITY:
             _fail(f"tiles.{name} needs compute capability {_TMA_CAPABILITY} or later, this device has {capability}")
-    if tiles.wgmma and capability != _WGMMA_CAPABILITY:
-        _fail(f"tiles.wgmma needs compute capability {_WGMMA_CAPABILITY} (wgmma is sm_90's alone), "
+    if tiles.wgmma and capability != WGMMA_CAPABILITY:
+        _fail(f"tiles.wgmma needs compute capability {WGMMA_CAPABILITY} (wgmma is sm_90's alone), "
               f"this device has {capability}")
     if tiles.warp_specialize and (tiles.num_warps, tiles.block_m) != (_WS_WARPS, _WS_BLOCK_M):
         _fail(f"tiles.warp_specialize needs num_warps={_WS_WARPS} and block_m={_WS_BLOCK_M} (the one shape Triton 3.6 "

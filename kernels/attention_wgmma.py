@@ -25,13 +25,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .attention_tiles import _WGMMA_TILES_SM90, WGMMA_CANDIDATES, WGMMA_CAPABILITY
 from .device import tma_addressable
 
 # Head sizes the kernel takes: a TMA box and a wgmma N of exactly one head, 16-byte rows.
 WGMMA_HEAD_DIMS = (64, 128)
-# The one capability it runs on: wgmma is sm_90a's alone (compiled for sm_100 or sm_120, LLVM
-# aborts the process on its first wgmma, a crash no caller could catch).
-WGMMA_CAPABILITY = 90
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
@@ -249,7 +247,6 @@ def compile_specs() -> list:
     the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
     128 (OPT-1.3B; 6.7B and 13B)."""
     from .attention import _SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
-    from .attention_tiles import _WGMMA_TILES_SM90, WGMMA_CANDIDATES
     from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:

@@ -41,7 +41,7 @@ def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequen
     < 0 or past the sequence's blocks where the program has none."""
     chunk_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     vblock = gl.num_programs(1) - 1 - gl.program_id(1)   # last blocks first: they see the most keys
-    seq = num_seqs * 0 - 1
+    seq = num_seqs * 0 - 1      # int32 scalars from the start, as the loop carries them
     q_start = num_seqs * 0
     q_end = num_seqs * 0 + 2147483647
     for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
@@ -185,7 +185,8 @@ def _prefill_wgmma_kernel(
         s_token = warpgroup_mma(q_slot, k_slots.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
         prev = j - 1
-        _wait_kv_tile(v_ready, prev, STAGES)   # (only the last tile can reach past the sequence)
+        # (no rows to clear here: only the last tile can reach past the sequence)
+        _wait_kv_tile(v_ready, prev, STAGES)
         acc_token = warpgroup_mma(p, v_slots.index(prev % STAGES), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_token, ))
         if j >= n_unmasked:

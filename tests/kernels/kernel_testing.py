@@ -43,14 +43,20 @@ def record_launches(monkeypatch, module, *names) -> list:
     return launches
 
 
-@functools.cache
-def sweep_script():
-    """benchmarks/sweep_tiles.py as a module (the tile sweep: its candidates, its smoke run)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
-    spec = importlib.util.spec_from_file_location("sweep_tiles", path)
+def load_benchmark(filename: str, module_name: str):
+    """benchmarks/`filename` loaded afresh as a module named `module_name` (the benchmarks are
+    scripts, not a package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / filename
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def sweep_script():
+    """benchmarks/sweep_tiles.py as a module (the tile sweep: its candidates, its smoke run)."""
+    return load_benchmark("sweep_tiles.py", "sweep_tiles")
 
 
 class _TritonTable:

@@ -8,7 +8,6 @@ the float64 reference, after benchmarks/wgmma_probe.py has run its first launche
 process with a time limit (a wrong barrier phase hangs rather than fails)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_testing import DEVICE, gen, packed_qkv, randn, record_launches
+from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
 from opt_fast.kernels import attention, attention_tiles, attention_wgmma
 from opt_fast.kernels.attention import Tiles, prefill_attention
 from opt_fast.kernels.kv_cache import write_kv_cache_ref
@@ -177,11 +176,8 @@ def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
 def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
     """On a GPU the tile sweep asks benchmarks/wgmma_probe.py once and keeps only the wgmma
     candidates it found right (a hang or a mismatch there keeps a candidate out of the sweep)."""
-    sweep = _sweep_module()
-    probe_path = Path(__file__).resolve().parents[2] / "benchmarks" / "wgmma_probe.py"
-    spec = importlib.util.spec_from_file_location("wgmma_probe", probe_path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    sweep = load_benchmark("sweep_tiles.py", "sweep_tiles_wgmma_test")   # a fresh copy: no probe cached
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe")
     calls = []
     right, wrong = attention_tiles.WGMMA_CANDIDATES[128][:2]
 
@@ -200,15 +196,6 @@ def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
     head_80 = dict(case, model="opt-2.7b", head_dim=80)
     assert not [c for c in sweep.FAMILIES["prefill"].candidates(head_80, smoke=False)
                 if c and Tiles(*c["tiles"]).wgmma]
-
-
-def _sweep_module():
-    """A fresh copy of benchmarks/sweep_tiles.py (its probe cache starts empty)."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_tiles.py"
-    spec = importlib.util.spec_from_file_location("sweep_tiles_wgmma_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------

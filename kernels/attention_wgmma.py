@@ -118,7 +118,7 @@ def _prefill_wgmma_kernel(
     cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
     num_seqs, qk_scale, stride_ot, stride_oh,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    SEQ_CHUNK: gl.constexpr,
+    SEQ_CHUNK: gl.constexpr, OVERLAP: gl.constexpr,
 ):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)   # the unmasked tiles end where the query block starts
     gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
@@ -188,7 +188,8 @@ def _prefill_wgmma_kernel(
         # (no rows to clear here: only the last tile can reach past the sequence)
         _wait_kv_tile(v_ready, prev, STAGES)
         acc_token = warpgroup_mma(p, v_slots.index(prev % STAGES), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_token, ))
+        # OVERLAP off (a diagnosis of the probe, never a launcher's choice) waits for both here
+        s = warpgroup_mma_wait(num_outstanding=1 if OVERLAP else 0, deps=(s_token, ))
         if j >= n_unmasked:
             p_next, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, queries, True)
         else:
@@ -260,7 +261,7 @@ def compile_specs() -> list:
                 signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", num_seqs="i32", qk_scale="fp32",
                                  stride_ot="i32", stride_oh="i32")
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                  STAGES=tiles.num_stages, SEQ_CHUNK=_SEQ_CHUNK)
+                                  STAGES=tiles.num_stages, SEQ_CHUNK=_SEQ_CHUNK, OVERLAP=True)
                 signature.update(dict.fromkeys(constexprs, "constexpr"))
                 label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
                          f"w{tiles.num_warps}s{tiles.num_stages}")
@@ -272,11 +273,13 @@ def compile_specs() -> list:
 
 def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
-                         num_stages: int, grid: tuple, seq_chunk: int) -> None:
+                         num_stages: int, grid: tuple, seq_chunk: int, overlap: bool = True) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
-    input, that the kernel takes them (`takes`) and that the device runs it."""
+    input, that the kernel takes them (`takes`) and that the device runs it. `overlap=False`
+    waits for each PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right
+    without the overlap, wrong with it, puts a fault in the overlap)."""
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
         cu_seqlens_q.shape[0] - 1, qk_scale, out.stride(0), out.stride(1),
         HEAD_DIM=q.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk,
-        num_warps=num_warps)
+        OVERLAP=overlap, num_warps=num_warps)

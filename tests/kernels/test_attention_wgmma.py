@@ -8,11 +8,14 @@ the float64 reference, after benchmarks/wgmma_probe.py has run its first launche
 process with a time limit (a wrong barrier phase hangs rather than fails)."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -198,25 +201,79 @@ def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
                 if c and Tiles(*c["tiles"]).wgmma]
 
 
+def test_probe_reports_each_child_on_its_own(monkeypatch):
+    """Each probed launch runs in a child process of its own: one that fails (here: no GPU)
+    is reported with its error, one still running at the time limit is killed and reported as
+    a hang, and the note counts the candidates right (not the diagnoses without overlap)."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_test")
+    monkeypatch.setattr(probe, "cases", lambda: [("a", 64, 0, True), ("a" + probe.SYNC, 64, 0, False)])
+    if not ON_HOPPER:
+        results, note = probe.probe(timeout=120)
+        assert set(results) == {"a", "a" + probe.SYNC} and note == "0 of 1 candidates right"
+        assert all(error.startswith("exited with 1") for error in results.values())
+    results, note = probe.probe(timeout=0.01)
+    assert results == dict.fromkeys(["a", "a" + probe.SYNC], "did not finish in 0 s (a hang?)")
+
+
+def test_probe_covers_every_candidate():
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_cases")
+    labels = [label for label, *_ in probe.cases()]
+    assert labels == list(dict.fromkeys(labels))   # no two the same
+    assert {probe._label(d, t) for d, candidates in attention_tiles.WGMMA_CANDIDATES.items()
+            for t in candidates} | {probe._label(d, c[0]) + probe.SYNC
+                                    for d, c in attention_tiles.WGMMA_CANDIDATES.items()} == set(labels)
+
+
 # --------------------------------------------------------------------------------------------
 # On an sm_90 GPU
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def probed():
-    """The probe's verdicts, from a child process with a time limit: a hang fails these tests
-    instead of hanging them."""
+def probed(tmp_path_factory):
+    """The probe's verdicts, from child processes with a time limit: a hang fails these tests
+    instead of hanging them. Under pytest-xdist the first worker to get here probes and the
+    others read its verdicts from this run's shared temporary directory (the probe starts a
+    process per candidate; eight workers doing so at once would be too many)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from wgmma_probe import _label, probe
-    results, note = probe(timeout=240)
-    return {label: error for label, error in results.items()}, note, _label
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return Verdicts(*probe(timeout=240), _label)
+    shared = tmp_path_factory.getbasetemp().parent / "wgmma_probe.json"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        if not shared.exists():
+            shared.write_text(json.dumps(probe(timeout=240)))
+        results, note = json.loads(shared.read_text())
+    return Verdicts(results, note, _label)
+
+
+class Verdicts(NamedTuple):
+    """The probe's verdicts (label -> "" or what went wrong), its note, and its label rule."""
+    results: dict
+    note: str
+    label: object
+
+    def of(self, head_dim: int, tiles: Tiles) -> str:
+        return self.results[self.label(head_dim, tiles)]
+
+    def require_right(self, head_dim: int, tiles: Tiles) -> None:
+        """Fail (never launch in this process) a candidate the probe found wrong or hanging."""
+        if self.of(head_dim, tiles):
+            pytest.fail(f"the probe found this candidate wrong: {self.of(head_dim, tiles)} ({self.note})")
 
 
 @needs_hopper
 @pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
 def test_probe_runs_each_candidate_right(probed, head_dim, tiles):
-    results, note, label = probed
-    assert results[label(head_dim, tiles)] == "", note
+    assert probed.of(head_dim, tiles) == "", probed.note
+
+
+@needs_hopper
+def test_probe_runs_each_head_size_right_without_the_overlap(probed):
+    """The diagnosis: the first candidate of each head size with every PV waited for before the
+    next softmax (if only this passes, the fault is in the overlap)."""
+    wrong = {label: error for label, error in probed.results.items() if label.endswith(" without overlap") and error}
+    assert not wrong, probed.note
 
 
 @needs_hopper
@@ -226,8 +283,7 @@ def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
     """Prompts of 1 token, block sizes +-1 (64, 128), several blocks with a partial last one, a
     long one; NaN in the rows past the last prompt (TMA boxes reach into them) and in every
     element torch.empty returns (each output element written)."""
-    if probed[0][probed[2](head_dim, tiles)]:
-        pytest.fail(f"the probe found this candidate wrong: {probed[0][probed[2](head_dim, tiles)]}")
+    probed.require_right(head_dim, tiles)
     launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
     args, expected = context_free_case([1, 63, 64, 65, 127, 128, 129, 300, 1031, 2], 3, head_dim, dtype, seed=3,
                                        padding_tokens=37)
@@ -245,8 +301,7 @@ def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
 def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
     """A prompt ending inside a key tile: the box holds the next prompt's values there, with
     weight 0; NaN in them must not reach this prompt (their rows are cleared, not multiplied)."""
-    if probed[0][probed[2](head_dim, tiles)]:
-        pytest.fail("the probe found this candidate wrong")
+    probed.require_right(head_dim, tiles)
     args, expected = context_free_case([70, 50], 2, head_dim, torch.float16, seed=4)
     q, k, v = args[:3]
     k.data[70:] = float("nan")
@@ -262,8 +317,7 @@ def test_stores_the_new_tokens_in_the_cache(probed):
     """With slot_mapping the new keys and values reach the cache (a launch of its own before the
     kernel); negative slots are not stored."""
     tiles = attention_tiles.WGMMA_CANDIDATES[128][0]
-    if probed[0][probed[2](128, tiles)]:
-        pytest.fail("the probe found this candidate wrong")
+    probed.require_right(128, tiles)
     args, expected = context_free_case([20, 45], 2, 128, torch.float16, seed=5)
     q, k, v, key_cache, value_cache = args[:5]
     key_cache = torch.full((8, 16, 2, 128), float("nan"), dtype=torch.float16, device=DEVICE)

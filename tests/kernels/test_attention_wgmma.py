@@ -4,8 +4,8 @@ Gluon does not run in the Triton interpreter, so on CPU only what surrounds the 
 tested: the tile checks, which inputs it takes, that its tiles fall back to the main kernel where
 it cannot run, and (by the compile check) that it compiles for sm_90 with the QK^T of one key
 tile in flight beside the PV of the one before. On an sm_90 GPU the kernel itself runs against
-the float64 reference, after benchmarks/wgmma_probe.py has run its first launches in a child
-process with a time limit (a wrong barrier phase hangs rather than fails)."""
+the float64 reference, after benchmarks/wgmma_probe.py has run its first launches in child
+processes with a time limit (a wrong barrier phase hangs rather than fails)."""
 from __future__ import annotations
 
 import fcntl

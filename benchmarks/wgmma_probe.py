@@ -92,11 +92,14 @@ def probe(timeout: float = 90.0) -> tuple[dict, str]:
             results[label] = f"did not finish in {timeout:.0f} s (a hang?)"
             continue
         lines = out.strip().splitlines()
-        if child.returncode != 0 or not lines:
-            tail = (err.strip().splitlines() or ["no output"])[-1][:200]
-            results[label] = f"exited with {child.returncode}: {tail}"
-        else:
-            results[label] = json.loads(lines[-1])
+        try:
+            verdict = json.loads(lines[-1]) if child.returncode == 0 and lines else None
+        except ValueError:
+            verdict = None
+        if not isinstance(verdict, str):
+            tail = (err.strip().splitlines() or lines or ["no output"])[-1][:200]
+            verdict = f"exited with {child.returncode}: {tail}"
+        results[label] = verdict
     probed = [label for label in results if not label.endswith(SYNC)]
     note = f"{sum(not results[label] for label in probed)} of {len(probed)} candidates right"
     return results, note

@@ -201,6 +201,24 @@ def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
                 if c and Tiles(*c["tiles"]).wgmma]
 
 
+def test_sweep_goes_on_when_the_probe_itself_fails(monkeypatch):
+    """A probe that raises (not a candidate failing: the probe's own machinery) leaves the
+    sweep running without the Gluon kernel, and the report says why."""
+    sweep = load_benchmark("sweep_tiles.py", "sweep_tiles_probe_fails")
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe")
+
+    def broken(timeout=90.0):
+        raise OSError("no such file")
+    monkeypatch.setattr(probe, "probe", broken)
+    monkeypatch.setitem(sys.modules, "wgmma_probe", probe)
+    monkeypatch.setattr(sweep, "ON_GPU", True)
+    monkeypatch.setattr(sweep, "CAPABILITY", 90)
+    case = dict(model="opt-6.7b", heads=32, head_dim=128, batch=8, length=1024)
+    candidates = sweep.FAMILIES["prefill"].candidates(case, smoke=False)
+    assert candidates and not [c for c in candidates if c and Tiles(*c["tiles"]).wgmma]
+    assert sweep.WGMMA_PROBE["note"] == "the probe itself failed: OSError: no such file"
+
+
 def test_probe_reports_each_child_on_its_own(monkeypatch):
     """Each probed launch runs in a child process of its own: one that fails (here: no GPU)
     is reported with its error, one still running at the time limit is killed and reported as

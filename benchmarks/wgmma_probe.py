@@ -68,10 +68,23 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
         torch.cuda.synchronize()
     except Exception as exc:   # a finding, reported by label
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
-    if not torch.isfinite(out).all():
-        return "non-finite output"
-    err = (out - expected).abs().max().item()
-    return "" if err <= 1e-2 else f"max error {err:.3g}"
+    bad = _wrong_blocks(out, expected, tiles.block_m)
+    return "" if not bad else f"wrong at (prompt length, query block): {bad}"
+
+
+def _wrong_blocks(out, expected, block_m: int) -> list[tuple[int, int]]:
+    """Where `out` is non-finite or off the reference by more than 1e-2: (prompt length, query
+    block) pairs, so that a failure says which part of the schedule broke (the first key tile,
+    later ones, a prompt ending inside a tile)."""
+    bad, start = [], 0
+    for length in LENGTHS:
+        for block in range(0, length, block_m):
+            rows = slice(start + block, start + min(block + block_m, length))
+            got, want = out[rows], expected[rows]
+            if not got.isfinite().all() or (got - want).abs().max().item() > 1e-2:
+                bad.append((length, block // block_m))
+        start += length
+    return bad
 
 
 def probe(timeout: float = 90.0) -> tuple[dict, str]:

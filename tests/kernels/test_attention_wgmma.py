@@ -233,6 +233,20 @@ def test_probe_reports_each_child_on_its_own(monkeypatch):
     assert results == dict.fromkeys(["a", "a" + probe.SYNC], "did not finish in 0 s (a hang?)")
 
 
+def test_probe_says_where_a_launch_went_wrong():
+    """A failing candidate's verdict names the (prompt length, query block) pairs that are off
+    the reference or non-finite, nothing else."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_blocks")
+    expected = torch.randn(sum(probe.LENGTHS), 3, 64, generator=gen(8))
+    out = expected.clone()
+    assert probe._wrong_blocks(out, expected, 64) == []
+    starts = dict(zip(probe.LENGTHS, [0, *torch.tensor(probe.LENGTHS).cumsum(0).tolist()]))
+    out[starts[200] + 70, 2, 5] += 0.5          # the second 64-row block of the 200-token prompt
+    out[starts[129] + 128, 0, 0] = float("nan")  # the last (one-row) block of the 129-token prompt
+    assert probe._wrong_blocks(out, expected, 64) == [(200, 1), (129, 2)]
+    assert probe._wrong_blocks(out, expected, 128) == [(200, 0), (129, 1)]
+
+
 def test_probe_covers_every_candidate():
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_cases")
     labels = [label for label, *_ in probe.cases()]

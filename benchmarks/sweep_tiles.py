@@ -219,18 +219,17 @@ class Prefill:
         # q kept in shared memory (q_smem), some with a register cap; the persistent kernel where
         # a prompt fits its tile
         options = []
+        # the wgmma kernel (sm_90 alone) first after the default: the newest kernel, the one a
+        # short budget should reach
+        wgmma = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], [])
+                 if CAPABILITY == 90 and _wgmma_probe_passed(c, t)]
         if CAPABILITY >= 90:
-            # first after the default: the newest kernel, the one a short budget should reach
-            # (wgmma: sm_90 alone)
-            options = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], [])
-                       if CAPABILITY == 90 and _wgmma_probe_passed(c, t)]
-            options += (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
+            options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]
                        + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
-        wgmma = [dict(tiles=_short(t)) for t in options if t.wgmma]
-        return ([{}] + wgmma + [dict(tiles=t) for t in self.TILES[pad]]
-                + [dict(tiles=_short(t)) for t in options if not t.wgmma])
+        return ([{}] + [dict(tiles=_short(t)) for t in wgmma] + [dict(tiles=t) for t in self.TILES[pad]]
+                + [dict(tiles=_short(t)) for t in options])
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []

@@ -83,23 +83,29 @@ def _cuobjdump() -> str:
     return found[0]
 
 
-def compile_one(spec: CompileSpec, capability: int, target_name: str) -> CompileResult:
+def compile_spec(spec: CompileSpec, capability: int):
+    """Triton's compiled kernel for `spec` on sm_<capability> (its .asm holds ttgir, ptx and
+    cubin); raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
+    arg_names = spec.kernel.arg_names
+    attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in spec.signature.items()
+             if kind.startswith("*") or arg in spec.divisible_by_16}
+    # Gluon kernels (kernels/attention_wgmma.py) start from their own front end
+    source_type = GluonASTSource if getattr(spec.kernel, "is_gluon", lambda: False)() else ASTSource
+    source = source_type(spec.kernel, spec.signature, spec.constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                   "maxnreg": spec.max_registers or None})
+
+
+def compile_one(spec: CompileSpec, capability: int, target_name: str) -> CompileResult:
     name = getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
     result = CompileResult(name, spec.label, target_name)
     try:
-        arg_names = spec.kernel.arg_names
-        attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in spec.signature.items()
-                 if kind.startswith("*") or arg in spec.divisible_by_16}
-        # Gluon kernels (kernels/attention_wgmma.py) start from their own front end
-        source_type = GluonASTSource if getattr(spec.kernel, "is_gluon", lambda: False)() else ASTSource
-        source = source_type(spec.kernel, spec.signature, spec.constexprs, attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                                           "maxnreg": spec.max_registers or None})
+        compiled = compile_spec(spec, capability)
     except Exception as err:  # a compile error is a finding, reported in the table
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
         return result

@@ -158,17 +158,9 @@ def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
     copies. Without is_async on the QK^T, or with a wait for 0 there, this fails."""
     script = (
         "from opt_fast.kernels import attention_wgmma, compile_check as cc\n"
-        "import triton\n"
         "spec = next(s for s in attention_wgmma.compile_specs() if 'd128 fp16 128x128' in s.label)\n"
         "r = cc.compile_one(spec, 90, 'sm_90')\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.experimental.gluon._runtime import GluonASTSource\n"
-        "k = spec.kernel\n"
-        "attrs = {(k.arg_names.index(a),): [['tt.divisibility', 16]] for a, t in spec.signature.items()"
-        " if t.startswith('*')}\n"
-        "c = triton.compile(GluonASTSource(k, spec.signature, spec.constexprs, attrs),"
-        " target=GPUTarget('cuda', 90, 32), options={'num_warps': spec.num_warps})\n"
-        "ptx = c.asm['ptx']\n"
+        "ptx = cc.compile_spec(spec, 90).asm['ptx']\n"
         "print(r.ok, r.spill_bytes, 'wgmma.wait_group.sync.aligned 1;' in ptx, 'cp.async.bulk.tensor' in ptx)\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600)

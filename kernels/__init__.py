@@ -17,8 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton  # noqa: E402
+
+from .device import check_interpreter, check_triton_version  # noqa: E402
+
+check_triton_version(triton.__version__)
+
 from . import attention, kv_cache, layernorm_linear, paged_decode, sampling  # noqa: E402
-from .device import check_interpreter  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -10,6 +11,10 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SMs assumed off CUDA (CPU, interpreter): an H100's, so the launchers pick what a GPU would.
 DEFAULT_SMS = 132
+# The oldest Triton the kernels are tested with: CI and the GPU runs use 3.6 alone. (Older ones
+# fail at import: 3.4, which torch 2.8 pins, lacks Gluon's Hopper warpgroup_mma; 3.3 the host-side
+# TensorDescriptor.)
+MIN_TRITON = (3, 6)
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,6 +36,18 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SMS
+
+
+def check_triton_version(version: str) -> None:
+    """Raise ImportError, naming the version and the way out, where `version` (triton's
+    __version__) is older than MIN_TRITON: the kernel modules would otherwise fail deep inside
+    their imports (Triton 3.4, which torch 2.8 pins, lacks Gluon's warpgroup_mma), or later
+    inside a kernel."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRITON:
+        wanted = ".".join(map(str, MIN_TRITON))
+        raise ImportError(f"opt_fast's kernels need triton >= {wanted}, found triton {version}: "
+                          f"pip install 'triton>={wanted}' (torch >= 2.10 on CUDA, whose wheels pin it)")
 
 
 def check_interpreter() -> None:

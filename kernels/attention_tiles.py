@@ -1,4 +1,4 @@
-"""Launch configurations of the prefill-attention kernels (kernels/attention.py): Tiles, the
+"""Launch configurations of the prefill-attention kernels (kernels/attention*.py): Tiles, the
 tables the launcher picks from per GPU generation (with the sweeps behind each entry), the tile
 sweep's candidates, and the checks of an override."""
 from __future__ import annotations
@@ -16,14 +16,14 @@ class Tiles(NamedTuple):
     layout TMA cannot address the launcher keeps pointer loads); whether a head of two
     powers of two (80 = 64 + 16) runs as two exact tiles rather than one padded to 128; and
     whether a batch known to have no cached context runs the warp-specialised kernel
-    (_prefill_attention_ws_kernel: sm_90+, 4 warps, fp16 / bf16, TMA, heads padded, so tma
+    (attention_ws.py: sm_90+, 4 warps, fp16 / bf16, TMA, heads padded, so tma
     and split_head are moot there; batches that may have context run the main kernel); and
     whether the main kernel runs a query block's new-token key tiles as one causally masked,
     pipelined loop (one_loop: the diagonal tiles' loads overlap the tiles before them; with tma
     only q comes by TMA) rather than an unmasked loop and then the diagonal tiles (the
     warp-specialised kernel always runs one loop); and whether a batch known to have no cached
     context and at most block_m new tokens per sequence runs the persistent kernel
-    (_prefill_persistent_kernel: one block_m x block_m tile per sequence and head, block_n ==
+    (attention_persistent.py: one block_m x block_m tile per sequence and head, block_n ==
     block_m; other batches run the main kernel at its default tiles); and whether, with tma,
     the main kernel takes q as a 2-D box of its rows' columns and keeps it in shared memory as
     the QK^T wgmma's operand (q_smem: a 3-D box must be reshaped, which brings q into

@@ -248,7 +248,7 @@ def compile_specs() -> list:
     """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES) and of
     the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
     128 (OPT-1.3B; 6.7B and 13B)."""
-    from .attention import _SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
+    from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
@@ -261,7 +261,7 @@ def compile_specs() -> list:
                 signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", num_seqs="i32", qk_scale="fp32",
                                  stride_ot="i32", stride_oh="i32")
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                  STAGES=tiles.num_stages, SEQ_CHUNK=_SEQ_CHUNK, OVERLAP=True)
+                                  STAGES=tiles.num_stages, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True)
                 signature.update(dict.fromkeys(constexprs, "constexpr"))
                 label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
                          f"w{tiles.num_warps}s{tiles.num_stages}")

@@ -91,18 +91,18 @@ def test_short_prompts_through_the_persistent_prefill_kernel(tiny_model_dir, mon
     table), fresh prompts that fit its tile run it with the bounds the engine knows, store their
     keys and values for the decodes that follow, and give the torch path's tokens; a prompt
     longer than the tile runs the main kernel."""
-    from opt_fast.kernels import attention, attention_tiles
+    from opt_fast.kernels import attention, attention_persistent, attention_tiles
     monkeypatch.setattr(attention_tiles, "_TILES_FP32", attention.Tiles(32, 32, 4, 1, persistent=True))
-    monkeypatch.setattr(attention, "sm_count", lambda device: 2)    # each program several items
+    monkeypatch.setattr(attention_persistent, "sm_count", lambda device: 2)    # each program several items
     launches = []
-    for name in ("_prefill_persistent_kernel", "_prefill_attention_kernel"):
-        kernel = getattr(attention, name)
+    for module, name in ((attention_persistent, "_prefill_persistent_kernel"), (attention, "_prefill_attention_kernel")):
+        kernel = getattr(module, name)
 
         class Recording:
             def __getitem__(self, grid, kernel=kernel, name=name):
                 launches.append(name)
                 return kernel[grid]
-        monkeypatch.setattr(attention, name, Recording())
+        monkeypatch.setattr(module, name, Recording())
     prompts = [list(range(4, 4 + n)) for n in (5, 32, 17)]
     greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm = LLM(str(tiny_model_dir), dtype="float32", device=test_device(), kernels="triton")

@@ -26,10 +26,11 @@ def kernel_device() -> str:
 DEVICE = kernel_device()
 
 
-def record_launches(monkeypatch, module, *names) -> list:
+def record_launches(monkeypatch, module, *names, launches: list | None = None) -> list:
     """Replaces the kernels `names` of `module` by wrappers that record each launch as (name,
-    grid, args, kwargs) and then run it; returns the list they append to."""
-    launches = []
+    grid, args, kwargs) and then run it; returns the list they append to (`launches`, where
+    given: one list for the kernels of several modules)."""
+    launches = [] if launches is None else launches
     for name in names:
         real = getattr(module, name)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
-from opt_fast.kernels import attention, attention_wgmma
+from opt_fast.kernels import attention, attention_persistent, attention_wgmma, attention_ws
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
@@ -163,7 +163,7 @@ def test_sequence_search_across_chunks(nan_empty, monkeypatch, seq_chunk, count)
     sequence and the end bound (count + 1 one past a multiple of the chunk), or the end bound
     alone (count a multiple of it: a prefill of exactly 128 sequences). Chunks of 4: a forced
     small chunk; 128: the launcher's own."""
-    monkeypatch.setattr(attention, "_SEQ_CHUNK", seq_chunk)
+    monkeypatch.setattr(attention, "SEQ_CHUNK", seq_chunk)
     g = gen(count)
     lengths = torch.randint(0, 7, (count,), generator=g).tolist()
     for empty in (seq_chunk - 1, seq_chunk, 2 * seq_chunk - 1):
@@ -316,17 +316,17 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
 
     specs = [spec for spec in attention.compile_specs() if capability in spec.targets]
     by_kernel = {kernel: [s for s in specs if s.kernel is kernel] for kernel in (
-        attention._prefill_attention_kernel, attention._prefill_attention_ws_kernel,
-        attention._prefill_persistent_kernel)}
+        attention._prefill_attention_kernel, attention_ws._prefill_attention_ws_kernel,
+        attention_persistent._prefill_persistent_kernel)}
     assert sum(map(len, by_kernel.values())) == len(specs)
     built = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["USE_TMA"], (c["D_LO"], c["D_HI"]),
               c["ONE_LOOP"], c["Q_2D"], spec.max_registers, c["HEAD_DIM"], spec.signature["q_ptr"])
              for spec in by_kernel[attention._prefill_attention_kernel] for c in [spec.constexprs]}
     built_ws = {(c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, c["HEAD_DIM"], spec.signature["q_ptr"])
-                for spec in by_kernel[attention._prefill_attention_ws_kernel] for c in [spec.constexprs]}
+                for spec in by_kernel[attention_ws._prefill_attention_ws_kernel] for c in [spec.constexprs]}
     built_persistent = {(c["BLOCK"], spec.num_warps, spec.num_stages, (c["D_LO"], c["D_HI"]), c["HEAD_DIM"],
                          spec.signature["q_ptr"])
-                        for spec in by_kernel[attention._prefill_persistent_kernel] for c in [spec.constexprs]}
+                        for spec in by_kernel[attention_persistent._prefill_persistent_kernel] for c in [spec.constexprs]}
     picked = set()
     for head_dim in (64, 80, 128):
         for tokens, seqs in ((4096, 2), (600, 2), (64, 64), (128 * 64, 64), (128 * 64 + 1, 64)):
@@ -364,7 +364,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
     specs = [s for s in attention.compile_specs() if 90 in s.targets and s.signature["q_ptr"] == "*fp16"]
     built = {(c.get("BLOCK_M", c.get("BLOCK")), c.get("BLOCK_N", c.get("BLOCK")), s.num_warps, s.num_stages,
               c.get("USE_TMA", False), c.get("D_HI"), s.uses_warp_specialize, c.get("ONE_LOOP", False),
-              s.kernel is attention._prefill_persistent_kernel, c.get("Q_2D", False), s.max_registers, c["HEAD_DIM"])
+              s.kernel is attention_persistent._prefill_persistent_kernel, c.get("Q_2D", False), s.max_registers, c["HEAD_DIM"])
              for s in specs for c in [s.constexprs]}
     built_wgmma = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, c["STAGES"], c["HEAD_DIM"])
                    for s in attention_wgmma.compile_specs() if s.signature["out_ptr"] == "*fp16"
@@ -563,12 +563,12 @@ def test_tma_needs_hopper(monkeypatch):
 def ws_launches(monkeypatch):
     """The tiles of each warp-specialised launch: proof that that kernel, not the main one, ran."""
     launched = []
-    real = attention._launch_warp_specialized
+    real = attention_ws.launch
 
     def recording(q, k, v, out, cu_seqlens_q, scale, tiles, grid, *caches_and_slots):
         launched.append(tiles)
         return real(q, k, v, out, cu_seqlens_q, scale, tiles, grid, *caches_and_slots)
-    monkeypatch.setattr(attention, "_launch_warp_specialized", recording)
+    monkeypatch.setattr(attention_ws, "launch", recording)
     return launched
 
 
@@ -784,7 +784,8 @@ def persistent(block: int, warps: int = 4, **options) -> Tiles:
 @pytest.fixture
 def persistent_launches(monkeypatch):
     """(grid, items) of each launch of the persistent kernel: proof that it, not the main one, ran."""
-    launches = record_launches(monkeypatch, attention, "_prefill_persistent_kernel", "_prefill_attention_kernel")
+    launches = record_launches(monkeypatch, attention_persistent, "_prefill_persistent_kernel")
+    record_launches(monkeypatch, attention, "_prefill_attention_kernel", launches=launches)
 
     def persistent_only():
         return [(grid, args[8] * args[9]) for name, grid, args, _ in launches if name == "_prefill_persistent_kernel"]
@@ -802,7 +803,7 @@ def persistent_launches(monkeypatch):
     ids=["fp16-128-2-programs", "bf16-64-more-programs-than-items", "fp32-80-split", "fp16-80-padded"])
 def test_persistent_kernel_matches_the_reference(nan_empty, monkeypatch, persistent_launches, dtype, head_dim,
                                                  block, programs, split_head):
-    monkeypatch.setattr(attention, "sm_count", lambda device: programs)
+    monkeypatch.setattr(attention_persistent, "sm_count", lambda device: programs)
     seqs = [(0, n) for n in (block, 1, 0, block - 1, 13 % block, 2)]
     heads = 3
     args, expected = prefill_case(seqs, 8, heads, head_dim, dtype, seed=block + head_dim)
@@ -828,7 +829,7 @@ def test_persistent_kernel_writes_only_its_sequences_rows(sentinel_empty, monkey
     """Tokens before cu_seqlens[0] and after cu_seqlens[-1] (NaN there) belong to no item: their
     output rows keep what torch.empty left, their slots stay unstored; a short last sequence
     before the padding."""
-    monkeypatch.setattr(attention, "sm_count", lambda device: 2)
+    monkeypatch.setattr(attention_persistent, "sm_count", lambda device: 2)
     seqs = [(0, 16), (0, 3), (0, 1)]
     args, expected = prefill_case(seqs, 8, 2, 64, torch.float32, seed=12)
     q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
@@ -868,7 +869,8 @@ def recorded_prefetches(monkeypatch):
                 return dummy
         return Result()
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", record)
-    monkeypatch.setattr(attention, "nvidia_capability", lambda device: 90)   # as on a GPU: prefetch on
+    for module in (attention, attention_persistent):   # as on a GPU: prefetch on
+        monkeypatch.setattr(module, "nvidia_capability", lambda device: 90)
     return calls
 
 
@@ -882,7 +884,7 @@ def test_persistent_prefetch_asks_only_for_the_next_items_rows(recorded_prefetch
     """Every address the L2 prefetch asks for is an element of q, k or v (the order of the
     calls) in a row of a sequence, at a column inside the head; and the (token, head) rows asked
     for are exactly those of each program's next item."""
-    monkeypatch.setattr(attention, "sm_count", lambda device: programs)
+    monkeypatch.setattr(attention_persistent, "sm_count", lambda device: programs)
     lens, heads, lead, tail = [16, 1, 0, 9, 16, 2], 3, 2, 3
     tokens = lead + sum(lens) + tail
     q, k, v = packed_qkv(tokens, heads, head_dim, gen(3), dtype)

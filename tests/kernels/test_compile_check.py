@@ -62,7 +62,7 @@ def test_tma_specs_are_checked_for_bulk_tensor_copies():
 def test_what_each_spec_must_show_follows_its_variant():
     """The checks a spec asks for (bulk copies, nothing before the wait) follow the variant it
     builds: a spec that stopped asking would only make the compile check weaker, unnoticed."""
-    from opt_fast.kernels import attention, layernorm_linear as ll
+    from opt_fast.kernels import attention, attention_persistent, attention_ws, layernorm_linear as ll
     specs = ll.compile_specs()
     for spec in specs:
         if "USE_TMA" in spec.constexprs:
@@ -71,7 +71,8 @@ def test_what_each_spec_must_show_follows_its_variant():
             assert spec.dependent_launch == spec.constexprs["PDL_WAIT"], spec.label
     assert any(s.uses_tma for s in specs) and any(s.dependent_launch for s in specs)
     assert any(s.dependent_launch and s.kernel is ll._split_k_reduce_kernel for s in specs)
-    always_tma = {attention._prefill_attention_ws_kernel: True, attention._prefill_persistent_kernel: False}
+    always_tma = {attention_ws._prefill_attention_ws_kernel: True,
+                  attention_persistent._prefill_persistent_kernel: False}
     for spec in attention.compile_specs():
         # (the warp-specialised kernel always loads by TMA, the persistent one never: no USE_TMA there)
         assert spec.uses_tma == spec.constexprs.get("USE_TMA", always_tma.get(spec.kernel)), spec.label
@@ -137,8 +138,8 @@ def test_warp_specialized_specs_are_checked_for_the_split():
     candidate tiles; at a tile where Triton leaves the loop whole (32 query rows), the check
     fails."""
     verdicts = _passes_and_fails(
-        "from opt_fast.kernels import attention, compile_check as cc\n"
+        "from opt_fast.kernels import attention, attention_ws, compile_check as cc\n"
         "from opt_fast.kernels.attention import Tiles\n",
-        "attention._ws_spec('fp16', 128, attention.WS_CANDIDATES[128][0], True)",
-        "attention._ws_spec('fp16', 64, Tiles(32, 16, 4, 2, warp_specialize=True), True)")
+        "attention_ws.compile_spec('fp16', 128, attention.WS_CANDIDATES[128][0], True)",
+        "attention_ws.compile_spec('fp16', 64, Tiles(32, 16, 4, 2, warp_specialize=True), True)")
     assert verdicts[:2] == ("True", "False") and "not warp-specialised" in verdicts[2]

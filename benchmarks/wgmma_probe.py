@@ -4,11 +4,13 @@ It has never run before a GPU runs it here: the Triton interpreter does not run 
 it is only compiled. A wrong mbarrier phase would hang a launch rather than fail it, so its
 first launches happen in child processes with a time limit, one per candidate (a hang in one
 leaves the others' verdicts): `probe()` returns, for each candidate of
-attention_tiles.WGMMA_CANDIDATES, "" where it matched the reference on a small batch, or what
-went wrong (a hang, a crash, a mismatch). For a diagnosis it also runs the first candidate of
-each head size without the overlap (each PV waited for before the next softmax): right
-without it and wrong with it puts the fault in the overlap. The tile sweep times only the
-candidates that passed; the CUDA tests start from the same verdicts.
+attention_tiles.WGMMA_CANDIDATES, "" where it matched the reference on a small batch, and then
+stored that batch's keys and values in the caches as the reference does (the fused KV-cache
+write, as the engine launches it), or what went wrong (a hang, a crash, a mismatch). For a
+diagnosis it also runs the first candidate of each head size without the overlap (each PV
+waited for before the next softmax): right without it and wrong with it puts the fault in the
+overlap. The tile sweep times only the candidates that passed; the CUDA tests start from the
+same verdicts.
 
     python benchmarks/wgmma_probe.py               # every verdict, as JSON (an sm_90 GPU)
     python benchmarks/wgmma_probe.py 128 0 [sync]  # one candidate's, in this process
@@ -69,7 +71,38 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
     except Exception as exc:   # a finding, reported by label
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
     bad = _wrong_blocks(out, expected, tiles.block_m)
-    return "" if not bad else f"wrong at (prompt length, query block): {bad}"
+    if bad:
+        return f"wrong at (prompt length, query block): {bad}"
+    return _cache_write_error(args, tiles, out)
+
+
+def _cache_write_error(args: tuple, tiles, out) -> str:
+    """The same launch with the KV-cache write fused (slot_mapping, as the engine launches it):
+    "" where the caches then hold exactly the reference's slots and the output is unchanged."""
+    import torch
+
+    from opt_fast.kernels import attention
+
+    q, k, v = args[:3]
+    tokens, heads, head_dim = q.shape
+    cache = torch.full((-(-tokens // 16) + 1, 16, heads, head_dim), float("nan"), device=q.device, dtype=q.dtype)
+    slots = torch.randperm(cache.shape[0] * 16, generator=torch.Generator().manual_seed(1))[:tokens].to(q.device)
+    slots[::5] = -1   # padding tokens: not stored
+    caches = (cache, cache.clone())
+    try:
+        stored = attention.prefill_attention(q, k, v, *caches, *args[5:], tiles=tiles, max_context_len=0,
+                                             slot_mapping=slots).float()
+        if q.is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:   # a finding, reported by label
+        return f"with the cache write: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:140]}"
+    want = (torch.full_like(cache, float("nan")), torch.full_like(cache, float("nan")))
+    attention.prefill_attention_ref(q, k, v, *want, *args[5:], slot_mapping=slots)
+    off = [name for name, got, ref in zip(("keys", "values"), caches, want)
+           if not torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))]
+    if off:
+        return f"the fused cache write stored wrong {' and '.join(off)}"
+    return "" if torch.equal(stored, out) else "the fused cache write changed the output"
 
 
 def _wrong_blocks(out, expected, block_m: int) -> list[tuple[int, int]]:

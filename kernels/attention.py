@@ -360,7 +360,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
     kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
     (kernels/attention_wgmma.py) where max_context_len is 0 on an sm_90 GPU and its `takes`
-    holds (there the KV-cache write is a launch of its own before it); elsewhere the main
+    holds (there a float8 cache is written by a launch of its own before it); elsewhere the main
     kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
     context, it is not checked: that would need the lengths on the host). Raises
@@ -404,10 +404,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if grid[1] > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.wgmma:
-        if slot_mapping is not None:   # not fused there: the new tokens go to the cache first
+        if slot_mapping is not None and key_cache.dtype != q.dtype:
+            # the Gluon kernel stores rows as they are: a float8 cache is written before it
             write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+            slot_mapping = None
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
-                                             tiles.block_n, tiles.num_warps, tiles.num_stages, grid, SEQ_CHUNK)
+                                             tiles.block_n, tiles.num_warps, tiles.num_stages, grid, SEQ_CHUNK,
+                                             key_cache, value_cache, slot_mapping)
         return out
     if tiles.warp_specialize:
         attention_ws.launch(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache, slot_mapping)

@@ -34,7 +34,8 @@ class Tiles(NamedTuple):
     batch known to have no cached context runs the Gluon kernel with its wgmma pipeline written
     out (wgmma: kernels/attention_wgmma.py; sm_90 only, fp16 / bf16, head_dim 64 or 128, packed
     heads TMA can address; num_warps 4 or 8 with block_m a multiple of 16 * num_warps, at least
-    2 stages; other batches run the main kernel at its default tiles).
+    2 stages and num_stages * block_n >= block_m; other batches run the main kernel at its
+    default tiles).
     """
     block_m: int
     block_n: int
@@ -298,6 +299,10 @@ def _check_wgmma_tiles(tiles: Tiles) -> None:
     if tiles.num_stages < 2:
         _fail(f"tiles.wgmma needs num_stages >= 2 (a slot is refilled only after its tile's PV), "
               f"got {tiles.num_stages}")
+    if tiles.num_stages * tiles.block_n < tiles.block_m:
+        _fail(f"tiles.wgmma needs num_stages * block_n >= block_m (the KV-cache write reads a query block's "
+              f"diagonal tiles from their slots after the loop), got {tiles.num_stages} x {tiles.block_n} "
+              f"< {tiles.block_m}")
 
 
 def _head_dim_pad(head_dim: int) -> int:

@@ -10,13 +10,17 @@ QK^T operand, P goes to the PV wgmma from registers.
 
 Scope: fp16 / bf16, head_dim 64 or 128 (no padding: a 2-D TMA box is exactly one head), batches
 with no cached context (the launcher knows it: max_context_len=0), q, k, v rows whose heads sit
-back to back and that a TMA descriptor can address. The KV-cache write is not fused: the
-launcher stores k and v with kernels/kv_cache.py first. Gluon does not run in the Triton
-interpreter, so on CPU this kernel is only compiled (kernels/compile_check.py); it is tested
-against the reference on CUDA (tests/kernels/test_attention_wgmma.py). It is a sweep candidate
-(Tiles.wgmma), never a default until a GPU has shown it right and faster.
+back to back and that a TMA descriptor can address. The KV-cache write is fused (WRITE_KV): each
+program stores its query block's own keys and values from the shared-memory slots of its
+diagonal tiles, for caches of the inputs' dtype; a float8 cache is written by kernels/kv_cache.py
+before the launch. Gluon does not run in the Triton interpreter, so on CPU this kernel is only
+compiled (kernels/compile_check.py); it is tested against the reference on CUDA
+(tests/kernels/test_attention_wgmma.py). It is a sweep candidate (Tiles.wgmma), never a default
+until a GPU has shown it right and faster.
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 from triton.experimental import gluon
@@ -91,6 +95,34 @@ def _clear_rows_past(v_slot,   # [BLOCK_N, HEAD_DIM] shared-memory slot of one v
 
 
 @gluon.jit
+def _store_tile_rows(k_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot of one key tile
+                     v_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot of its values
+                     slot_ptr,          # [q_len] int64 cache slot of each of the sequence's new tokens
+                     key_cache_ptr,     # [num_blocks, BLOCK_SIZE, heads, HEAD_DIM], unit stride along HEAD_DIM
+                     value_cache_ptr,   # the same, with the key cache's strides
+                     first_key, q_len, head_offset, stride_cb, stride_cs,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """Store the tile's keys and values in the caches, each row inside the sequence at its slot
+    (rows past the sequence, and slots < 0, not at all), as write_kv_cache does; the caches are
+    of the inputs' dtype, so the rows go as they are. Read from the shared-memory slots the
+    tile already sits in: the KV-cache write costs no second read of k and v from memory. (Rows
+    past the sequence may have been cleared already: they are never stored.)"""
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [gl.num_warps(), 1],
+                                                 [1, 0])
+    keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
+    in_seq = keys < q_len
+    slots = gl.load(slot_ptr + keys, mask=in_seq, other=-1)
+    keep = (in_seq & (slots >= 0))[:, None]
+    # as kv_cache.slot_offset (a Gluon kernel cannot call a triton.jit function)
+    rows = (slots // BLOCK_SIZE) * stride_cb + (slots % BLOCK_SIZE) * stride_cs + head_offset
+    # each row starts 16-byte aligned (the launcher checks the caches' rows): 16-byte stores
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
+    offsets = gl.multiple_of(rows, 8)[:, None] + cols[None, :]
+    gl.store(key_cache_ptr + offsets, k_slot.load(rows_layout), mask=keep)
+    gl.store(value_cache_ptr + offsets, v_slot.load(rows_layout), mask=keep)
+
+
+@gluon.jit
 def _softmax_tile(s, m_i, l_i, qk_scale, first_key, queries, MASKED: gl.constexpr):
     """Fold the scores `s` ([BLOCK_M, BLOCK_N] fp32) of one key tile into the running max and
     sum of an online softmax in base 2; returns (p, new max, new sum, alpha: how much the
@@ -116,12 +148,16 @@ def _prefill_wgmma_kernel(
     v_desc,           # [tokens, heads * HEAD_DIM] values, boxes of [BLOCK_N, HEAD_DIM]
     out_ptr,          # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
     cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
-    num_seqs, qk_scale, stride_ot, stride_oh,
+    key_cache_ptr,    # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
+    value_cache_ptr,  # WRITE_KV: the same, with the key cache's strides
+    slot_ptr,         # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
+    num_seqs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    SEQ_CHUNK: gl.constexpr, OVERLAP: gl.constexpr,
+    SEQ_CHUNK: gl.constexpr, OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr,
 ):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)   # the unmasked tiles end where the query block starts
     gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
+    gl.static_assert(STAGES * BLOCK_N >= BLOCK_M)   # the diagonal tiles stay in their slots (WRITE_KV)
     head = gl.program_id(0)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):
@@ -207,6 +243,17 @@ def _prefill_wgmma_kernel(
         _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
     acc = warpgroup_mma(p, v_slots.index(last % STAGES), acc)
 
+    if WRITE_KV:
+        # The KV-cache write, fused: the diagonal tiles are this query block's own tokens, so each
+        # token is stored once per head. They are the last BLOCK_M // BLOCK_N tiles at most, and
+        # with at least as many slots none of them was refilled: all still sit in shared memory.
+        # Stored here, after the loop, where the softmax's registers are free (inside it, the
+        # 128x128 tile at head 128 spilled).
+        for t in range(n_unmasked, n_tiles):
+            _store_tile_rows(k_slots.index(t % STAGES), v_slots.index(t % STAGES), slot_ptr + q_start, key_cache_ptr,
+                             value_cache_ptr, t * BLOCK_N, q_len, head * stride_ch, stride_cb, stride_cs, BLOCK_N,
+                             HEAD_DIM, BLOCK_SIZE)
+
     mbarrier.invalidate(q_ready)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
@@ -247,39 +294,55 @@ def head_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def compile_specs() -> list:
     """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES) and of
     the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
-    128 (OPT-1.3B; 6.7B and 13B)."""
+    128 (OPT-1.3B; 6.7B and 13B), with the fused KV-cache write (the engine's launches; block
+    size 16) and without (the sweep's and the benchmarks')."""
     from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
         chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
         for tiles in dict.fromkeys(WGMMA_CANDIDATES[head_dim] + chosen):
-            for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            for (dtype, name), write_kv in itertools.product(((torch.float16, "fp16"), (torch.bfloat16, "bf16")),
+                                                             (True, False)):
                 signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
                                                 f"{shared_layout([rows, head_dim], dtype)!r}>"
                              for operand, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n))}
-                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", num_seqs="i32", qk_scale="fp32",
-                                 stride_ot="i32", stride_oh="i32")
+                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
+                                 value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
+                                 num_seqs="i32", qk_scale="fp32")
+                signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
+                                               "i32"))
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                  STAGES=tiles.num_stages, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True)
+                                  STAGES=tiles.num_stages, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv,
+                                  BLOCK_SIZE=16)
                 signature.update(dict.fromkeys(constexprs, "constexpr"))
+                if not write_kv:
+                    constexprs["slot_ptr"] = None
                 label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
-                         f"w{tiles.num_warps}s{tiles.num_stages}")
+                         f"w{tiles.num_warps}s{tiles.num_stages}{'' if write_kv else ' no-write'}")
+                # row strides of the output and of the caches are multiples of 16 elements at OPT's heads
                 specs.append(CompileSpec(_prefill_wgmma_kernel, label, signature, constexprs, uses_mma=True,
                                          uses_tma=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                                         targets=(WGMMA_CAPABILITY,), divisible_by_16=("stride_ot", "stride_oh")))
+                                         targets=(WGMMA_CAPABILITY,),
+                                         divisible_by_16=("stride_ot", "stride_oh", "stride_cb", "stride_cs",
+                                                          "stride_ch")))
     return specs
 
 
 def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
-                         num_stages: int, grid: tuple, seq_chunk: int, overlap: bool = True) -> None:
+                         num_stages: int, grid: tuple, seq_chunk: int, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                         overlap: bool = True) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
-    input, that the kernel takes them (`takes`) and that the device runs it. `overlap=False`
-    waits for each PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right
-    without the overlap, wrong with it, puts a fault in the overlap)."""
+    input, that the kernel takes them (`takes`) and that the device runs it. With slot_mapping the
+    kernel also stores k and v in the caches, which must then be of q's dtype (the caller
+    writes a float8 cache itself). `overlap=False` waits for each PV before the softmax after it
+    (benchmarks/wgmma_probe.py's diagnosis: right without the overlap, wrong with it, puts a
+    fault in the overlap)."""
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
-        cu_seqlens_q.shape[0] - 1, qk_scale, out.stride(0), out.stride(1),
+        key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, qk_scale, out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         HEAD_DIM=q.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk,
-        OVERLAP=overlap, num_warps=num_warps)
+        OVERLAP=overlap, WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1], num_warps=num_warps)

@@ -23,7 +23,6 @@ import torch
 from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
 from opt_fast.kernels import attention, attention_tiles, attention_wgmma
 from opt_fast.kernels.attention import Tiles, prefill_attention
-from opt_fast.kernels.kv_cache import write_kv_cache_ref
 from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
@@ -69,6 +68,7 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(64, 64, 8, 2, wgmma=True), "block_m a multiple of 16 * num_warps"),
     (Tiles(128, 64, 2, 2, wgmma=True), "num_warps in (4, 8)"),
     (Tiles(128, 64, 8, 1, wgmma=True), "num_stages >= 2"),
+    (Tiles(128, 32, 8, 3, wgmma=True), "num_stages * block_n >= block_m"),
     (Tiles(128, 64, 8, 2, wgmma=True, one_loop=True), "no one_loop"),
     (Tiles(128, 64, 8, 2, True, wgmma=True, q_smem=True), "no q_smem"),
     (Tiles(128, 128, 8, 2, wgmma=True, persistent=True), "no persistent"),
@@ -136,7 +136,7 @@ def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
     launches known to have no cached context pick it, by tile kind and exact head_dim; others
     keep the main kernel's tables; the compile check builds it; and where the kernel cannot run
     (here on CPU) the launch falls back to the main kernel and still matches the reference."""
-    chosen = Tiles(128, 32, 4, 2, wgmma=True)
+    chosen = Tiles(128, 64, 4, 2, wgmma=True)
     monkeypatch.setitem(attention_tiles._WGMMA_TILES_SM90, ("wide", 128), chosen)
     fp16 = torch.float16
     assert attention.default_tiles(128, fp16, 2048, 1, 90, context_free=True) == chosen
@@ -145,7 +145,7 @@ def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
     assert not attention.default_tiles(128, fp16, 2048, 1, 100, context_free=True).wgmma
     assert not attention.default_tiles(128, fp16, 128 * 8, 8, 90, context_free=True).wgmma   # narrow
     assert not attention.default_tiles(96, fp16, 2048, 1, 90, context_free=True).wgmma
-    assert any("128x32 w4s2" in spec.label for spec in attention_wgmma.compile_specs())
+    assert any("128x64 w4s2" in spec.label for spec in attention_wgmma.compile_specs())
     if not ON_HOPPER:
         args, expected = context_free_case([300], 2, 128, fp16, seed=7)
         out = prefill_attention(*args, max_context_len=0)
@@ -237,6 +237,28 @@ def test_probe_says_where_a_launch_went_wrong():
     out[starts[129] + 128, 0, 0] = float("nan")  # the last (one-row) block of the 129-token prompt
     assert probe._wrong_blocks(out, expected, 64) == [(200, 1), (129, 2)]
     assert probe._wrong_blocks(out, expected, 128) == [(200, 0), (129, 1)]
+
+
+def test_probe_checks_the_fused_cache_write(monkeypatch):
+    """After the output, the probe launches each candidate again with slot_mapping (the fused
+    KV-cache write, as the engine launches it): "" where the caches then hold the reference's
+    slots and the output is unchanged, else what is off. Here on CPU the main kernel stands in
+    for the Gluon one."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_write")
+    args, _ = context_free_case([5, 17, 3], 2, 64, torch.float16, seed=9)
+    tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0).float()
+    assert probe._cache_write_error(args, tiles, out) == ""
+    real = attention.prefill_attention
+
+    def storing_a_wrong_key(q, k, v, key_cache, *rest, **options):
+        result = real(q, k, v, key_cache, *rest, **options)
+        key_cache.view(-1, *key_cache.shape[2:])[options["slot_mapping"][1]] = 0.0
+        return result
+    monkeypatch.setattr(attention, "prefill_attention", storing_a_wrong_key)
+    assert probe._cache_write_error(args, tiles, out) == "the fused cache write stored wrong keys"
+    monkeypatch.setattr(attention, "prefill_attention", lambda *a, **k: real(*a, **k) + 1.0)
+    assert probe._cache_write_error(args, tiles, out) == "the fused cache write changed the output"
 
 
 def test_probe_covers_every_candidate():
@@ -337,21 +359,25 @@ def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
 
 
 @needs_hopper
-def test_stores_the_new_tokens_in_the_cache(probed):
-    """With slot_mapping the new keys and values reach the cache (a launch of its own before the
-    kernel); negative slots are not stored."""
-    tiles = attention_tiles.WGMMA_CANDIDATES[128][0]
-    probed.require_right(128, tiles)
-    args, expected = context_free_case([20, 45], 2, 128, torch.float16, seed=5)
-    q, k, v, key_cache, value_cache = args[:5]
-    key_cache = torch.full((8, 16, 2, 128), float("nan"), dtype=torch.float16, device=DEVICE)
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fused", "fp8-written-first"])
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+def test_stores_the_new_tokens_in_the_cache(probed, head_dim, tiles, cache_dtype):
+    """With slot_mapping each new token's key and value reach the cache once, at its slot: from
+    the kernel's shared memory where the cache has the inputs' dtype, by a launch of its own
+    before the kernel for a float8 cache. Tokens past the last prompt and negative slots are not
+    stored; prompts spanning several query blocks, ending inside a key tile, of one token."""
+    probed.require_right(head_dim, tiles)
+    args, expected = context_free_case([20, 45, 130, 1], 2, head_dim, torch.float16, seed=5, padding_tokens=9)
+    q, k, v = args[:3]
+    key_cache = torch.full((16, 16, 2, head_dim), float("nan"), device=DEVICE).to(cache_dtype or q.dtype)
     value_cache = key_cache.clone()
-    slots = torch.randperm(8 * 16, generator=gen(6))[:65].to(DEVICE)
+    slots = torch.randperm(16 * 16, generator=gen(6))[:q.shape[0]].to(DEVICE)
     slots[3] = -1
     out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
                             slot_mapping=slots)
     want_k, want_v = torch.full_like(key_cache, float("nan")), torch.full_like(value_cache, float("nan"))
-    write_kv_cache_ref(k, v, want_k, want_v, slots)
-    assert torch.equal(key_cache.nan_to_num(7.0), want_k.nan_to_num(7.0))
-    assert torch.equal(value_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))
-    torch.testing.assert_close(out.double().cpu(), expected, atol=3e-3, rtol=3e-3)
+    attention.prefill_attention_ref(q, k, v, want_k, want_v, *args[5:], slot_mapping=slots)
+    assert torch.equal(key_cache.float().nan_to_num(7.0), want_k.float().nan_to_num(7.0))
+    assert torch.equal(value_cache.float().nan_to_num(7.0), want_v.float().nan_to_num(7.0))
+    rows = expected.shape[0]
+    torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)

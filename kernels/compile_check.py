@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every Triton kernel for real GPUs, with no GPU needed.
 
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
-its targets (sm_80 and sm_90, or sm_90 alone) with the ptxas inside the triton wheel, reads registers and stack (spills) with
-its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
+its targets (sm_80 and sm_90, or sm_90 alone) with the ptxas inside the triton wheel, reads
+registers and stack (spills) with its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
 became bulk tensor copies, that loops marked warp_specialize were split into producer and
 consumer, and that programmatic dependent launches touch no memory but L2 prefetches before
 their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`

@@ -7,8 +7,9 @@ The LayerNorm is applied to the activations, never folded into the weight: the f
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
 Five launch options, off by default and chosen per call through the `config` override
-(gemm_config.GemmLaunch, with the tile tiers and the other launch choices): the row statistics from a separate small kernel (`_row_stats_kernel`, once per row
-instead of once per GEMM program); the whole LayerNorm as its own launch before a plain GEMM
+(gemm_config.GemmLaunch, with the tile tiers and the other launch choices): the row statistics
+from a separate small kernel (`_row_stats_kernel`, once per row instead of once per GEMM
+program); the whole LayerNorm as its own launch before a plain GEMM
 (normalize_first); split-K (SPLIT_K programs per output tile, each over a contiguous share of
 K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue);
 overlap (the weight stream started before the statistics or the launch before are ready: an L2

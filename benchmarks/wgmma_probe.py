@@ -53,8 +53,13 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
 
     from opt_fast.kernels import attention, attention_tiles, attention_wgmma
 
-    if not overlap:
-        attention_wgmma.launch_prefill_wgmma = functools.partial(attention_wgmma.launch_prefill_wgmma, overlap=False)
+    launched = []   # a verdict on the Gluon kernel only where it, not the main kernel, ran
+    real = functools.partial(attention_wgmma.launch_prefill_wgmma, overlap=overlap)
+
+    def counted(*args, **options):
+        launched.append(args)
+        return real(*args, **options)
+    attention_wgmma.launch_prefill_wgmma = counted
     tiles = attention_tiles.WGMMA_CANDIDATES[head_dim][index]
     g = torch.Generator(device="cuda").manual_seed(0)
     tokens = sum(LENGTHS)
@@ -70,10 +75,14 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
         torch.cuda.synchronize()
     except Exception as exc:   # a finding, reported by label
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
+    if not launched:
+        return "the launcher ran the main kernel, not the Gluon one"
     bad = _wrong_blocks(out, expected, tiles.block_m)
     if bad:
         return f"wrong at (prompt length, query block): {bad}"
-    return _cache_write_error(args, tiles, out)
+    launched.clear()
+    error = _cache_write_error(args, tiles, out)
+    return error or ("" if launched else "with the cache write the launcher ran the main kernel, not the Gluon one")
 
 
 def _cache_write_error(args: tuple, tiles, out) -> str:

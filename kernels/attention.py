@@ -405,8 +405,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.wgmma:
         if slot_mapping is not None and key_cache.dtype != q.dtype:
-            # the Gluon kernel stores rows as they are: a float8 cache is written before it
-            write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+            # The Gluon kernel stores rows as they are: a float8 cache is written before it, of
+            # the tokens inside the sequences only (as the kernels store them), masked on the
+            # device: their bounds are on the device.
+            token = torch.arange(tokens, device=q.device)
+            inside = (token >= cu_seqlens_q[0]) & (token < cu_seqlens_q[-1])
+            write_kv_cache(k, v, key_cache, value_cache, torch.where(inside, slot_mapping, -1))
             slot_mapping = None
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
                                              tiles.block_n, tiles.num_warps, tiles.num_stages, grid, SEQ_CHUNK,

@@ -152,6 +152,33 @@ def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
         torch.testing.assert_close(out.double().cpu(), expected, atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.skipif(ON_HOPPER, reason="stubs the kernel; where it runs, the GPU test below checks the write")
+def test_launcher_gives_the_cache_write_to_the_kernel_or_writes_float8_first(monkeypatch):
+    """The launcher's side of the Gluon path, with the kernel stubbed (on CPU): for caches of the
+    inputs' dtype the kernel gets slot_mapping and no write_kv_cache runs; a float8 cache is
+    written before the kernel, of the tokens inside the sequences only (not the padding rows
+    after the last one), and the kernel gets no slot_mapping."""
+    handed = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args: handed.append(args[-1]))
+    args, _ = context_free_case([5, 9], 2, 64, torch.float16, seed=11, padding_tokens=3)
+    q, k, v = args[:3]
+    slots = torch.randperm(32, generator=gen(12))[:q.shape[0]].to(DEVICE)
+    tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
+    real_write = attention.write_kv_cache
+    for cache_dtype in (torch.float16, torch.float8_e4m3fn):
+        caches = [torch.full((2, 16, 2, 64), -3.0, device=DEVICE).to(cache_dtype) for _ in range(2)]
+        want = [c.clone() for c in caches]
+        fused = cache_dtype == q.dtype
+        monkeypatch.setattr(attention, "write_kv_cache", (lambda *a: pytest.fail("write_kv_cache ran")) if fused
+                            else real_write)
+        prefill_attention(q, k, v, *caches, *args[5:], tiles=tiles, max_context_len=0, slot_mapping=slots)
+        assert handed.pop() is (slots if fused else None)
+        if not fused:
+            attention.prefill_attention_ref(q, k, v, *want, *args[5:], slot_mapping=slots)
+        assert all(torch.equal(got.float(), ref.float()) for got, ref in zip(caches, want))
+
+
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
     """Compiled for sm_90 (no GPU needed): the loop waits for its QK^T with one wgmma group still
     in flight (the PV of the tile before), the kernel has no spills, and the loads are TMA bulk
@@ -361,23 +388,28 @@ def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
 @needs_hopper
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fused", "fp8-written-first"])
 @pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
-def test_stores_the_new_tokens_in_the_cache(probed, head_dim, tiles, cache_dtype):
+def test_stores_the_new_tokens_in_the_cache(probed, monkeypatch, head_dim, tiles, cache_dtype):
     """With slot_mapping each new token's key and value reach the cache once, at its slot: from
-    the kernel's shared memory where the cache has the inputs' dtype, by a launch of its own
-    before the kernel for a float8 cache. Tokens past the last prompt and negative slots are not
-    stored; prompts spanning several query blocks, ending inside a key tile, of one token."""
+    the Gluon kernel's shared memory where the cache has the inputs' dtype (no launch of
+    write_kv_cache), by a write_kv_cache launch before the kernel for a float8 cache. Tokens past
+    the last prompt (NaN) and negative slots are not stored (the caches hold a finite sentinel
+    elsewhere); prompts spanning several query blocks, ending inside a key tile, of one token."""
     probed.require_right(head_dim, tiles)
+    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    if cache_dtype is None:
+        monkeypatch.setattr(attention, "write_kv_cache",
+                            lambda *a: pytest.fail("the fused write launched write_kv_cache"))
     args, expected = context_free_case([20, 45, 130, 1], 2, head_dim, torch.float16, seed=5, padding_tokens=9)
     q, k, v = args[:3]
-    key_cache = torch.full((16, 16, 2, head_dim), float("nan"), device=DEVICE).to(cache_dtype or q.dtype)
+    key_cache = torch.full((16, 16, 2, head_dim), -3.0, device=DEVICE).to(cache_dtype or q.dtype)
     value_cache = key_cache.clone()
     slots = torch.randperm(16 * 16, generator=gen(6))[:q.shape[0]].to(DEVICE)
     slots[3] = -1
+    want_k, want_v = key_cache.clone(), value_cache.clone()
     out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
                             slot_mapping=slots)
-    want_k, want_v = torch.full_like(key_cache, float("nan")), torch.full_like(value_cache, float("nan"))
+    assert [kwargs["WRITE_KV"] for *_, kwargs in launches] == [cache_dtype is None]
     attention.prefill_attention_ref(q, k, v, want_k, want_v, *args[5:], slot_mapping=slots)
-    assert torch.equal(key_cache.float().nan_to_num(7.0), want_k.float().nan_to_num(7.0))
-    assert torch.equal(value_cache.float().nan_to_num(7.0), want_v.float().nan_to_num(7.0))
+    assert torch.equal(key_cache.float(), want_k.float()) and torch.equal(value_cache.float(), want_v.float())
     rows = expected.shape[0]
     torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)

@@ -25,8 +25,11 @@ from pathlib import Path
 
 # New tokens per sequence: one token, a block boundary and either side of it, several blocks
 # with a partial last one, and a sequence after each (its keys and values sit in the next
-# rows of the boxes).
+# rows of the boxes). Launched without a bound on them: the virtual block layout.
 LENGTHS = (1, 64, 65, 200, 129, 7)
+# Prompts of about one length, launched with their bound (max_query_len, as the engine and the
+# tile sweep launch them): the uniform block layout at every candidate's block_m.
+UNIFORM_LENGTHS = (130, 130, 127, 130)
 HEADS = 3
 SYNC = " without overlap"
 
@@ -46,7 +49,9 @@ def cases() -> list[tuple[str, int, int, bool]]:
 
 
 def run_case(head_dim: int, index: int, overlap: bool) -> str:
-    """In this process: one candidate in fp16 against the reference; "" or what went wrong."""
+    """In this process: one candidate in fp16 against the reference, in each block layout, then
+    with the fused cache write; "" or what went wrong. (Off a GPU, where the launcher runs the
+    main kernel instead, it says so: the probe's CPU tests stub the Gluon launch.)"""
     import functools
 
     import torch
@@ -61,33 +66,41 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
         return real(*args, **options)
     attention_wgmma.launch_prefill_wgmma = counted
     tiles = attention_tiles.WGMMA_CANDIDATES[head_dim][index]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = sum(LENGTHS)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    qkv = torch.randn(tokens, 3, HEADS, head_dim, generator=g, device="cuda", dtype=torch.float16)
-    q, k, v = qkv.unbind(1)
-    cache = torch.zeros(1, 16, HEADS, head_dim, device="cuda", dtype=torch.float16)
-    args = (q, k, v, cache, cache.clone(), cu, torch.zeros(len(LENGTHS), dtype=torch.int32, device="cuda"),
-            torch.zeros(len(LENGTHS), 1, dtype=torch.int32, device="cuda"), head_dim ** -0.5)
-    expected = attention.prefill_attention_ref(*args).float()
-    try:
-        out = attention.prefill_attention(*args, tiles=tiles, max_context_len=0).float()
-        torch.cuda.synchronize()
-    except Exception as exc:   # a finding, reported by label
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
-    if not launched:
-        return "the launcher ran the main kernel, not the Gluon one"
-    bad = _wrong_blocks(out, expected, tiles.block_m)
-    if bad:
-        return f"wrong at (prompt length, query block): {bad}"
-    launched.clear()
-    error = _cache_write_error(args, tiles, out)
-    return error or ("" if launched else "with the cache write the launcher ran the main kernel, not the Gluon one")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    i32 = dict(dtype=torch.int32, device=device)
+    for lengths, bound in ((LENGTHS, None), (UNIFORM_LENGTHS, max(UNIFORM_LENGTHS))):
+        layout = "uniform" if bound else "virtual"
+        tokens = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], **i32)
+        q, k, v = torch.randn(tokens, 3, HEADS, head_dim, generator=g, device=device, dtype=torch.float16).unbind(1)
+        cache = torch.zeros(1, 16, HEADS, head_dim, device=device, dtype=torch.float16)
+        args = (q, k, v, cache, cache.clone(), cu, torch.zeros(len(lengths), **i32),
+                torch.zeros(len(lengths), 1, **i32), head_dim ** -0.5)
+        expected = attention.prefill_attention_ref(*args).float()
+        launched.clear()
+        try:
+            out = attention.prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound).float()
+            if q.is_cuda:
+                torch.cuda.synchronize()
+        except Exception as exc:   # a finding, reported by label
+            return f"{layout} layout: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
+        if not launched:
+            return "the launcher ran the main kernel, not the Gluon one"
+        bad = _wrong_blocks(out, expected, tiles.block_m, lengths)
+        if bad:
+            return f"{layout} layout: wrong at (prompt length, query block): {bad}"
+        launched.clear()
+        error = _cache_write_error(args, tiles, out, bound)
+        if error or not launched:
+            return f"{layout} layout: {error or 'with the cache write the launcher ran the main kernel'}"
+    return ""
 
 
-def _cache_write_error(args: tuple, tiles, out) -> str:
-    """The same launch with the KV-cache write fused (slot_mapping, as the engine launches it):
-    "" where the caches then hold exactly the reference's slots and the output is unchanged."""
+def _cache_write_error(args: tuple, tiles, out, bound: int | None = None) -> str:
+    """The same launch (max_query_len `bound`) with the KV-cache write fused (slot_mapping, as
+    the engine launches it): "" where the caches then hold exactly the reference's slots and
+    the output is unchanged."""
     import torch
 
     from opt_fast.kernels import attention
@@ -100,7 +113,7 @@ def _cache_write_error(args: tuple, tiles, out) -> str:
     caches = (cache, cache.clone())
     try:
         stored = attention.prefill_attention(q, k, v, *caches, *args[5:], tiles=tiles, max_context_len=0,
-                                             slot_mapping=slots).float()
+                                             max_query_len=bound, slot_mapping=slots).float()
         if q.is_cuda:
             torch.cuda.synchronize()
     except Exception as exc:   # a finding, reported by label
@@ -114,12 +127,12 @@ def _cache_write_error(args: tuple, tiles, out) -> str:
     return "" if torch.equal(stored, out) else "the fused cache write changed the output"
 
 
-def _wrong_blocks(out, expected, block_m: int) -> list[tuple[int, int]]:
+def _wrong_blocks(out, expected, block_m: int, lengths: tuple = LENGTHS) -> list[tuple[int, int]]:
     """Where `out` is non-finite or off the reference by more than 1e-2: (prompt length, query
     block) pairs, so that a failure says which part of the schedule broke (the first key tile,
     later ones, a prompt ending inside a tile)."""
     bad, start = [], 0
-    for length in LENGTHS:
+    for length in lengths:
         for block in range(0, length, block_m):
             rows = slice(start + block, start + min(block + block_m, length))
             got, want = out[rows], expected[rows]

@@ -5,13 +5,20 @@ Each sequence's new queries attend causally to its own new keys and to the conte
 the paged cache, which covers plain prefill (no context), chunked prefill and recompute after
 preemption with one signature.
 
-Kernel design. One program per (head, query block of one sequence). The query blocks of all
-sequences are laid out on a virtual axis where sequence s starts at `cu_seqlens[s] // BLOCK_M + s`:
-these starts grow strictly and leave room for the `ceil(len_s / BLOCK_M)` blocks of each sequence,
-so `tokens // BLOCK_M + seqs` programs per head cover every block, a program finds its sequence by
-counting the starts at or before its block (whole chunks of cu_seqlens per memory round trip),
-and the launcher needs no device->host sync (at most `seqs` programs
-per head find no block and exit). A head of two powers of two (OPT-2.7B's 80 = 64 + 16) runs as
+Kernel design. One program per (head, query block of one sequence), in one of two layouts of
+the query blocks, and in neither does the launcher need a device->host sync:
+- uniform, for a batch without cached context where the host knows a bound on any sequence's
+  new tokens (max_query_len, which the engine passes) and it costs no more programs than the
+  virtual axis (not in the warp-specialised kernel): ceil(bound / BLOCK_M)
+  programs a sequence, block-major from the last block, so a program's sequence is its place
+  modulo the sequences (two loads of cu_seqlens) and the blocks that see the most keys start
+  first. For equal-length prompts no program is idle.
+- the virtual block axis otherwise, where sequence s starts at `cu_seqlens[s] // BLOCK_M + s`:
+  these starts grow strictly and leave room for the `ceil(len_s / BLOCK_M)` blocks of each
+  sequence, so `tokens // BLOCK_M + seqs` programs per head cover every block, and a program
+  finds its sequence by counting the starts at or before its block (whole chunks of cu_seqlens
+  per memory round trip); at most `seqs` programs per head find no block and exit.
+A head of two powers of two (OPT-2.7B's 80 = 64 + 16) runs as
 two exact tiles side by side; any other head width is padded to a power of two and its tail
 masked. Each program runs an online softmax (base 2, fp32) over three key
 ranges: the cached context through the block table (masked only in its partial tile), the new
@@ -30,6 +37,8 @@ through attention_parts.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -46,11 +55,12 @@ from .device import INTERPRETED as _INTERPRETED
 from .device import nvidia_capability, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, write_kv_cache,
                        write_kv_cache_ref)
+from .launch_math import cdiv as _cdiv
 
 
-# num_seqs is never specialised: Triton would turn a 1 into a constant, and the sequence search
-# below loops to a bound derived from it.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and blocks_per_seq are never specialised: Triton would turn a 1 into a constant (one
+# more compiled variant), and the sequence search loops to a bound derived from num_seqs.
+@triton.jit(do_not_specialize=["num_seqs", "blocks_per_seq"])
 def _prefill_attention_kernel(
     q_ptr,             # [tokens, heads, head_dim] new queries, any token/head strides
     k_ptr,             # [tokens, heads, head_dim] new keys
@@ -68,16 +78,17 @@ def _prefill_attention_kernel(
     context_lens_ptr,  # [seqs] int32 tokens cached before the new ones
     block_tables_ptr,  # [seqs, max_blocks] int32 cache block ids
     slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
-    num_seqs, qk_scale,
+    num_seqs, blocks_per_seq, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     SEQ_CHUNK: tl.constexpr, HAS_CONTEXT: tl.constexpr, ONE_LOOP: tl.constexpr, WRITE_KV: tl.constexpr,
-    Q_2D: tl.constexpr,
+    Q_2D: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     head = tl.program_id(0)
-    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
+                                                     UNIFORM)
     # Past its sequence's blocks, or before the first sequence (tokens packed after an offset):
     # nothing to do.
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):
@@ -400,8 +411,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return out
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     d_lo, d_hi = _head_split(head_dim, tiles.split_head)
-    grid = (heads, tokens // tiles.block_m + seqs)
-    if grid[1] > 65535:   # CUDA's limit on the second grid dimension
+    # the uniform layout only for batches without context (a variant fewer of every other tile
+    # to compile) and not in the warp-specialised kernel (attention_ws.py)
+    uniform_bound = max_query_len if max_context_len == 0 and not tiles.warp_specialize else None
+    programs, blocks_per_seq = _block_layout(tokens, seqs, tiles.block_m, uniform_bound)
+    grid = (heads, programs)
+    if programs > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
     if tiles.wgmma:
         if slot_mapping is not None and key_cache.dtype != q.dtype:
@@ -413,8 +428,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             write_kv_cache(k, v, key_cache, value_cache, torch.where(inside, slot_mapping, -1))
             slot_mapping = None
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
-                                             tiles.block_n, tiles.num_warps, tiles.num_stages, grid, SEQ_CHUNK,
-                                             key_cache, value_cache, slot_mapping)
+                                             tiles.block_n, tiles.num_warps, tiles.num_stages, grid, blocks_per_seq,
+                                             SEQ_CHUNK, key_cache, value_cache, slot_mapping)
         return out
     if tiles.warp_specialize:
         attention_ws.launch(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache, slot_mapping)
@@ -433,7 +448,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         descs[first + i] = _tma_descriptor(t, rows, width, flat)
     _prefill_attention_kernel[grid](
         q, k, v, key_cache, value_cache, out, *descs, cu_seqlens_q, context_lens, block_tables, slot_mapping,
-        seqs, scale * LOG2E,
+        seqs, blocks_per_seq, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
@@ -441,8 +456,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
         USE_TMA=descs[0] is not None, SEQ_CHUNK=SEQ_CHUNK, HAS_CONTEXT=max_context_len != 0,
         ONE_LOOP=tiles.one_loop, WRITE_KV=slot_mapping is not None, Q_2D=q_2d and descs[0] is not None,
+        UNIFORM=blocks_per_seq > 0,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
     return out
+
+
+def _block_layout(tokens: int, seqs: int, block_m: int, max_query_len: int | None) -> tuple[int, int]:
+    """(programs per head, blocks_per_seq) of a launch's query blocks (module docstring): the
+    uniform layout, blocks_per_seq = ceil(max_query_len / block_m) programs a sequence, where the
+    host's bound on any sequence's new tokens makes that no more programs than the virtual block
+    axis; else that axis (tokens // block_m + seqs programs; blocks_per_seq 0)."""
+    virtual = tokens // block_m + seqs
+    per_seq = _cdiv(max_query_len, block_m) if max_query_len else 0
+    if per_seq and seqs * per_seq <= virtual:
+        return seqs * per_seq, per_seq
+    return virtual, 0
 
 
 def _wgmma_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: int) -> bool:
@@ -479,7 +507,8 @@ def compile_specs() -> list:
     also without its context loops (HAS_CONTEXT off), as batches without context run it, and
     the sm_90 table's tiles reading a float8 cache. The table's tiles store the new tokens in the
     cache (WRITE_KV, as the engine launches them), and without context also not (as the
-    benchmarks do); the sweep's candidates store them where they read context."""
+    benchmarks do); the sweep's candidates store them where they read context. Every variant
+    without context also in the uniform block layout."""
     from .compile_check import TARGETS, CompileSpec
 
     def spec(dtype: str, head_dim: int, block_size: int, tiles: Tiles, label: str,
@@ -502,14 +531,14 @@ def compile_specs() -> list:
         signature["slot_ptr"] = "*i64" if write_kv else "constexpr"
         if not write_kv:
             unused.append("slot_ptr")
-        signature.update(num_seqs="i32", qk_scale="fp32")
+        signature.update(num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
         signature.update({name: "i32" for name in (
             "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
             "stride_cb", "stride_cs", "stride_ch", "stride_ot", "stride_oh", "stride_bt")})
         constexprs = dict(HEAD_DIM=head_dim, D_LO=d_lo, D_HI=d_hi, BLOCK_SIZE=block_size,
                           BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, UPCAST_DOT=False, USE_TMA=tiles.tma,
                           SEQ_CHUNK=SEQ_CHUNK, HAS_CONTEXT=has_context, ONE_LOOP=tiles.one_loop,
-                          WRITE_KV=write_kv, Q_2D=q_2d)
+                          WRITE_KV=write_kv, Q_2D=q_2d, UNIFORM=False)
         signature.update({name: "constexpr" for name in constexprs})
         constexprs.update(dict.fromkeys(unused))
         label = (f"{label} d{head_dim} {dtype} bs{block_size} {tiles.block_m}x{tiles.block_n} "
@@ -555,6 +584,10 @@ def compile_specs() -> list:
             specs += [spec(dtype, head_dim, 16, tiles, "sweep", (_TMA_CAPABILITY,), has_context,
                            write_kv=has_context)
                       for tiles in candidates for dtype in ("fp16", "bf16") for has_context in (True, False)]
+    # Batches without context run in the uniform block layout where the host's bound allows it
+    # (_block_layout): each of those variants also so.
+    specs += [dataclasses.replace(s, label=s.label + " uniform", constexprs={**s.constexprs, "UNIFORM": True})
+              for s in specs if not s.constexprs["HAS_CONTEXT"]]
     # The warp-specialised kernel at its sweep candidates and its table's entries (sm_90; no
     # block size: no cache).
     for pad, candidates in WS_CANDIDATES.items():

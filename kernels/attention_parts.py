@@ -161,31 +161,48 @@ def _output_rows(out_ptr,   # [tokens, heads, head_dim] the launcher's contiguou
 
 @triton.jit
 def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
-                      num_seqs, BLOCK_M: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+                      num_seqs, blocks_per_seq, BLOCK_M: tl.constexpr, SEQ_CHUNK: tl.constexpr,
+                      UNIFORM: tl.constexpr):
     """This program's (sequence, its first token, its length, query block within it) from its
-    position on the virtual block axis (module docstring); the block is < 0 or past the
-    sequence's blocks where the program has none.
+    place on the grid's second axis, in one of the two block layouts of attention.py's
+    docstring; the block is < 0 or past the sequence's blocks where the program has none.
+    A constexpr picks the layout: a runtime choice compiled both, and the second one's
+    registers made two sm_80 tiles spill and Triton leave the warp-specialised loop whole.
 
-    The sequence is the last s with cu_seqlens[s] // BLOCK_M + s <= vblock, or s = 0 (the left
-    side grows strictly with s). Counted over whole chunks of cu_seqlens at once rather than by
-    binary search: one memory round trip per SEQ_CHUNK sequences instead of one per halving,
-    which a short program (128-token prompts in a batch of 64) would otherwise spend most of
-    its time waiting on. With cu_seqlens non-decreasing, the sequence's start is the largest
-    entry that qualifies, its end the smallest one past it."""
-    # Last blocks first: they see the most keys, and starting them early shortens the tail.
-    vblock = tl.num_programs(1) - 1 - tl.program_id(1)
-    seq = tl.full((), -1, tl.int32)
-    q_start = tl.full((), 0, tl.int32)
-    q_end = tl.full((), _INT32_MAX, tl.int32)
-    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
-        s = s0 + tl.arange(0, SEQ_CHUNK)
-        bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
-        # s = 0 qualifies whatever its start: packed tokens may begin after an offset
-        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
-        seq += tl.sum(qualifies.to(tl.int32))
-        q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
-        q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
-    return seq, q_start, q_end - q_start, vblock - (q_start // BLOCK_M + seq)
+    UNIFORM: blocks_per_seq programs a sequence, block-major from the last block (the blocks
+    that see the most keys start first, which shortens the tail), so the sequence is the
+    program's place modulo num_seqs: two loads of cu_seqlens, no search.
+
+    Otherwise the virtual block axis (blocks_per_seq unused). Its sequence is the last s with
+    cu_seqlens[s] // BLOCK_M + s <= vblock, or s = 0 (the left side grows strictly with s).
+    Counted over whole chunks of cu_seqlens at once rather than by binary search: one memory
+    round trip per SEQ_CHUNK sequences instead of one per halving, which a short program
+    (128-token prompts in a batch of 64) would otherwise spend most of its time waiting on.
+    With cu_seqlens non-decreasing, the sequence's start is the largest entry that qualifies,
+    its end the smallest one past it."""
+    if UNIFORM:
+        place = tl.program_id(1)
+        seq = place % num_seqs
+        block = blocks_per_seq - 1 - place // num_seqs
+        q_start = tl.load(cu_seqlens_ptr + seq)
+        q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    else:
+        # Last blocks first here too: vblock counts down the grid.
+        vblock = tl.num_programs(1) - 1 - tl.program_id(1)
+        seq = tl.full((), -1, tl.int32)
+        q_start = tl.full((), 0, tl.int32)
+        q_end = tl.full((), _INT32_MAX, tl.int32)
+        for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
+            s = s0 + tl.arange(0, SEQ_CHUNK)
+            bounds = tl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=_INT32_MAX)
+            # s = 0 qualifies whatever its start: packed tokens may begin after an offset
+            qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
+            seq += tl.sum(qualifies.to(tl.int32))
+            q_start = tl.maximum(q_start, tl.max(tl.where(qualifies, bounds, 0)))
+            q_end = tl.minimum(q_end, tl.min(tl.where(qualifies, _INT32_MAX, bounds)))
+        q_len = q_end - q_start
+        block = vblock - (q_start // BLOCK_M + seq)
+    return seq, q_start, q_len, block
 
 
 def context_free_spec(kernel, label: str, dtype: str, tiles: Tiles, write_kv: bool, scalars: dict,

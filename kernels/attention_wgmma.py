@@ -39,23 +39,33 @@ _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 @gluon.jit
 def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
-                      num_seqs, BLOCK_M: gl.constexpr, SEQ_CHUNK: gl.constexpr):
+                      num_seqs, blocks_per_seq, BLOCK_M: gl.constexpr, SEQ_CHUNK: gl.constexpr,
+                      UNIFORM: gl.constexpr):
     """(sequence, its first token, its length, query block within it) of this program, as
-    kernels/attention.py's _find_query_block (same virtual block axis, same grid): the block is
-    < 0 or past the sequence's blocks where the program has none."""
-    chunk_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    vblock = gl.num_programs(1) - 1 - gl.program_id(1)   # last blocks first: they see the most keys
-    seq = num_seqs * 0 - 1      # int32 scalars from the start, as the loop carries them
-    q_start = num_seqs * 0
-    q_end = num_seqs * 0 + 2147483647
-    for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
-        s = s0 + gl.arange(0, SEQ_CHUNK, layout=chunk_layout)
-        bounds = gl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=2147483647)
-        qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
-        seq += gl.sum(qualifies.to(gl.int32), axis=0)
-        q_start = gl.maximum(q_start, gl.max(gl.where(qualifies, bounds, 0), axis=0))
-        q_end = gl.minimum(q_end, gl.min(gl.where(qualifies, 2147483647, bounds), axis=0))
-    return seq, q_start, q_end - q_start, vblock - (q_start // BLOCK_M + seq)
+    kernels/attention_parts.py's _find_query_block (same two block layouts, same grid): the
+    block is < 0 or past the sequence's blocks where the program has none."""
+    if UNIFORM:   # blocks_per_seq programs a sequence, block-major from the last block
+        place = gl.program_id(1)
+        seq = place % num_seqs
+        block = blocks_per_seq - 1 - place // num_seqs
+        q_start = gl.load(cu_seqlens_ptr + seq)
+        q_len = gl.load(cu_seqlens_ptr + seq + 1) - q_start
+    else:   # the virtual block axis, searched a chunk of cu_seqlens at a time
+        chunk_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        vblock = gl.num_programs(1) - 1 - gl.program_id(1)   # last blocks first: they see the most keys
+        seq = num_seqs * 0 - 1      # int32 scalars from the start, as the loop carries them
+        q_start = num_seqs * 0
+        q_end = num_seqs * 0 + 2147483647
+        for s0 in range(0, num_seqs + 1, SEQ_CHUNK):
+            s = s0 + gl.arange(0, SEQ_CHUNK, layout=chunk_layout)
+            bounds = gl.load(cu_seqlens_ptr + s, mask=s <= num_seqs, other=2147483647)
+            qualifies = (s < num_seqs) & ((bounds // BLOCK_M + s <= vblock) | (s == 0))
+            seq += gl.sum(qualifies.to(gl.int32), axis=0)
+            q_start = gl.maximum(q_start, gl.max(gl.where(qualifies, bounds, 0), axis=0))
+            q_end = gl.minimum(q_end, gl.min(gl.where(qualifies, 2147483647, bounds), axis=0))
+        q_len = q_end - q_start
+        block = vblock - (q_start // BLOCK_M + seq)
+    return seq, q_start, q_len, block
 
 
 @gluon.jit
@@ -141,7 +151,7 @@ def _softmax_tile(s, m_i, l_i, qk_scale, first_key, queries, MASKED: gl.constexp
     return p, m_new, l_i, alpha
 
 
-@gluon.jit(do_not_specialize=["num_seqs"])
+@gluon.jit(do_not_specialize=["num_seqs", "blocks_per_seq"])
 def _prefill_wgmma_kernel(
     q_desc,           # [tokens, heads * HEAD_DIM] queries, boxes of [BLOCK_M, HEAD_DIM] (one head)
     k_desc,           # [tokens, heads * HEAD_DIM] keys, boxes of [BLOCK_N, HEAD_DIM]
@@ -151,15 +161,17 @@ def _prefill_wgmma_kernel(
     key_cache_ptr,    # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
     value_cache_ptr,  # WRITE_KV: the same, with the key cache's strides
     slot_ptr,         # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
-    num_seqs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+    num_seqs, blocks_per_seq, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     SEQ_CHUNK: gl.constexpr, OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    UNIFORM: gl.constexpr,
 ):
     gl.static_assert(BLOCK_M % BLOCK_N == 0)   # the unmasked tiles end where the query block starts
     gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
     gl.static_assert(STAGES * BLOCK_N >= BLOCK_M)   # the diagonal tiles stay in their slots (WRITE_KV)
     head = gl.program_id(0)
-    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
+                                                     UNIFORM)
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):
         return
 
@@ -295,31 +307,32 @@ def compile_specs() -> list:
     """The kernel at each of the sweep's candidates (attention_tiles.WGMMA_CANDIDATES) and of
     the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
     128 (OPT-1.3B; 6.7B and 13B), with the fused KV-cache write (the engine's launches; block
-    size 16) and without (the sweep's and the benchmarks')."""
+    size 16) and without (the sweep's and the benchmarks'), in each block layout."""
     from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
         chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
         for tiles in dict.fromkeys(WGMMA_CANDIDATES[head_dim] + chosen):
-            for (dtype, name), write_kv in itertools.product(((torch.float16, "fp16"), (torch.bfloat16, "bf16")),
-                                                             (True, False)):
+            for (dtype, name), write_kv, uniform in itertools.product(
+                    ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
                 signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
                                                 f"{shared_layout([rows, head_dim], dtype)!r}>"
                              for operand, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n))}
                 signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
                                  value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
-                                 num_seqs="i32", qk_scale="fp32")
+                                 num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
                 signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
                                                "i32"))
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                                   STAGES=tiles.num_stages, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv,
-                                  BLOCK_SIZE=16)
+                                  BLOCK_SIZE=16, UNIFORM=uniform)
                 signature.update(dict.fromkeys(constexprs, "constexpr"))
                 if not write_kv:
                     constexprs["slot_ptr"] = None
                 label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
-                         f"w{tiles.num_warps}s{tiles.num_stages}{'' if write_kv else ' no-write'}")
+                         f"w{tiles.num_warps}s{tiles.num_stages}{'' if write_kv else ' no-write'}"
+                         f"{' uniform' if uniform else ''}")
                 # row strides of the output and of the caches are multiples of 16 elements at OPT's heads
                 specs.append(CompileSpec(_prefill_wgmma_kernel, label, signature, constexprs, uses_mma=True,
                                          uses_tma=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -331,18 +344,20 @@ def compile_specs() -> list:
 
 def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
-                         num_stages: int, grid: tuple, seq_chunk: int, key_cache: torch.Tensor,
-                         value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+                         num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
+                         key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
                          overlap: bool = True) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
-    input, that the kernel takes them (`takes`) and that the device runs it. With slot_mapping the
-    kernel also stores k and v in the caches, which must then be of q's dtype (the caller
-    writes a float8 cache itself). `overlap=False` waits for each PV before the softmax after it
-    (benchmarks/wgmma_probe.py's diagnosis: right without the overlap, wrong with it, puts a
-    fault in the overlap)."""
+    input, that the kernel takes them (`takes`) and that the device runs it, and chosen the grid
+    and its block layout (blocks_per_seq, as kernels/attention_parts.py's _find_query_block
+    reads it). With slot_mapping the kernel also stores k and v in the caches, which must then
+    be of q's dtype (the caller writes a float8 cache itself). `overlap=False` waits for each
+    PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right without the
+    overlap, wrong with it, puts a fault in the overlap)."""
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
-        key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, qk_scale, out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, blocks_per_seq, qk_scale, out.stride(0),
+        out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         HEAD_DIM=q.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk,
-        OVERLAP=overlap, WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1], num_warps=num_warps)
+        OVERLAP=overlap, WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1],
+        UNIFORM=blocks_per_seq > 0, num_warps=num_warps)

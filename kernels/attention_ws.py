@@ -45,7 +45,9 @@ def _prefill_attention_ws_kernel(
     or not, never meet a zero weight (0 * inf is NaN). Columns past HEAD_DIM read as zeros too
     (head 80 runs padded to D_PAD)."""
     head = tl.program_id(0)
-    _seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, BLOCK_M, SEQ_CHUNK)
+    # the virtual block axis only: Triton leaves a loop whole that sits beside a second layout's
+    # code (compile check: not warp-specialised)
+    _seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, 0, BLOCK_M, SEQ_CHUNK, False)
     # q through a descriptor over all tokens: rows outside this sequence (past it, or before
     # the first one) only make output rows that are never stored.
     q_desc = tl.make_tensor_descriptor(q_ptr + head * stride_qh, shape=[tokens, HEAD_DIM],

@@ -2,10 +2,10 @@
 
 Each kernel module lists its specialisations in `compile_specs()`; this compiles each one for
 its targets (sm_80 and sm_90, or sm_90 alone) with the ptxas inside the triton wheel, reads
-registers and stack (spills) with its cuobjdump, checks that GEMM-like kernels use tensor-core instructions, that TMA loads
-became bulk tensor copies, that loops marked warp_specialize were split into producer and
-consumer, and that programmatic dependent launches touch no memory but L2 prefetches before
-their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
+registers and stack (spills) with its cuobjdump, checks that GEMM-like kernels use tensor-core
+instructions, that TMA loads became bulk tensor copies, that loops marked warp_specialize were
+split into producer and consumer, and that programmatic dependent launches touch no memory but
+L2 prefetches before their griddepcontrol.wait. Run with `python -m opt_fast.kernels.compile_check`
 (or `make compile-check`); exits non-zero on any compile error or spill, more shared memory than
 one block may have on the target (a launch there would fail), more registers than a spec's cap
 (max_registers, ptxas's maxnreg), a GEMM-like kernel without `mma` /

@@ -192,6 +192,61 @@ def test_packed_tokens_after_an_offset(sentinel_empty):
     assert (out[:lead] == SENTINEL).all()
 
 
+def test_block_layout_is_uniform_where_the_host_bound_costs_no_more_programs():
+    """ceil(max_query_len / block_m) programs a sequence where that is no more than the virtual
+    axis's tokens // block_m + seqs; the virtual axis without a bound (None or 0) or where one
+    long prompt among short ones would leave most uniform programs idle."""
+    layout = attention._block_layout
+    assert layout(8 * 1024, 8, 64, 1024) == (128, 16)        # equal prompts: no idle program
+    assert layout(64 * 128, 64, 64, 128) == (128, 2)         # virtual: 192, a third of them idle
+    assert layout(8 * 1024, 8, 64, 1000) == (128, 16)        # a loose bound
+    assert layout(2048 + 63 * 5, 64, 64, 2048) == (100, 0)   # 64 x 32 uniform > 36 + 64 virtual
+    assert layout(300, 2, 64, None) == (6, 0) and layout(300, 2, 64, 0) == (6, 0)
+    assert layout(0, 3, 64, 0) == (3, 0)
+
+
+@pytest.mark.parametrize("tiles", [Tiles(16, 16, 4, 2), Tiles(32, 16, 4, 2, one_loop=True),
+                                   Tiles(128, 16, 4, 2, warp_specialize=True)],
+                         ids=["main", "one-loop", "warp-specialized"])
+def test_uniform_block_layout_matches_the_virtual_one(sentinel_empty, monkeypatch, tiles):
+    """A batch without cached context in both block layouts gives the reference: max_query_len
+    exact (the uniform layout in the main kernel), loose (uniform where the rule allows), not
+    given, or with context possible (the virtual axis). Prompts of several blocks and a partial
+    one, of one token, an empty one; tokens packed after an offset and padding rows after the
+    last prompt (NaN; their output rows keep what torch.empty left). The uniform grid holds
+    seqs x ceil(bound / block_m) programs a head, fewer here than the virtual axis's
+    tokens // block_m + seqs; the warp-specialised kernel always runs the virtual axis."""
+    lengths = [48, 47, 0, 48, 48, 1]
+    ws_kernel = tiles.warp_specialize   # fp16 / bf16 only
+    dtype = torch.float16 if ws_kernel else torch.float32
+    args, expected = prefill_case([(0, n) for n in lengths], 8, 2, 16, dtype, seed=21)
+    q, k, v, key_cache, value_cache, cu, context_lens, block_tables, scale = args
+    lead, tail = 5, 40
+    shifted = [torch.cat([torch.full((lead, *t.shape[1:]), float("nan"), dtype=dtype, device=DEVICE), t,
+                          torch.full((tail, *t.shape[1:]), float("nan"), dtype=dtype, device=DEVICE)])
+               for t in (q, k, v)]
+    module, name = ((attention_ws, "_prefill_attention_ws_kernel") if ws_kernel
+                    else (attention, "_prefill_attention_kernel"))
+    launches = record_launches(monkeypatch, module, name)
+    rows = slice(lead, lead + sum(lengths))
+    virtual = (lead + sum(lengths) + tail) // tiles.block_m + len(lengths)
+    grids = []
+    # (with context possible the warp-specialised tiles give way to the main kernel's own)
+    for bound, context in ((48, 0), (60, 0), (None, 0), *([] if ws_kernel else [(48, None)])):
+        out = prefill_attention(*shifted, key_cache, value_cache, cu + lead, context_lens, block_tables, scale,
+                                tiles=tiles, max_context_len=context, max_query_len=bound)
+        assert_matches(out[rows], expected, dtype)
+        assert (out[:lead] == SENTINEL).all() and (out[rows.stop:] == SENTINEL).all()
+        _, grid, _, kwargs = launches.pop()
+        grids.append(grid[1])
+        assert kwargs.get("UNIFORM", False) == (grid[1] != virtual)
+    per_seq = [-(-bound // tiles.block_m) * len(lengths) for bound in (48, 60)]
+    if ws_kernel:
+        assert grids == [virtual] * 3
+    else:
+        assert grids == [per_seq[0], min(per_seq[1], virtual), virtual, virtual] and per_seq[0] < virtual
+
+
 def test_head_splits():
     """Heads of two powers of two of at least 16 split into two exact tiles; others pad."""
     split = attention._head_split

@@ -239,17 +239,20 @@ def test_sweep_goes_on_when_the_probe_itself_fails(monkeypatch):
 
 
 def test_probe_reports_each_child_on_its_own(monkeypatch):
-    """Each probed launch runs in a child process of its own: one that fails (here: no GPU)
-    is reported with its error, one still running at the time limit is killed and reported as
-    a hang, and the note counts the candidates right (not the diagnoses without overlap)."""
+    """Each probed launch runs in a child process of its own: its verdict comes back (here, off
+    an sm_90 GPU: that the launcher ran the main kernel), one that crashes (here: a head size
+    with no candidates) is reported with its error, one still running at the time limit is
+    killed and reported as a hang, and the note counts the candidates right (not the diagnoses
+    without overlap)."""
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_test")
-    monkeypatch.setattr(probe, "cases", lambda: [("a", 64, 0, True), ("a" + probe.SYNC, 64, 0, False)])
+    monkeypatch.setattr(probe, "cases", lambda: [("a", 64, 0, True), ("b" + probe.SYNC, 96, 0, False)])
     if not ON_HOPPER:
         results, note = probe.probe(timeout=120)
-        assert set(results) == {"a", "a" + probe.SYNC} and note == "0 of 1 candidates right"
-        assert all(error.startswith("exited with 1") for error in results.values())
+        assert set(results) == {"a", "b" + probe.SYNC} and note == "0 of 1 candidates right"
+        assert results["a"] == "the launcher ran the main kernel, not the Gluon one"
+        assert results["b" + probe.SYNC].startswith("exited with 1: KeyError"), results
     results, note = probe.probe(timeout=0.01)
-    assert results == dict.fromkeys(["a", "a" + probe.SYNC], "did not finish in 0 s (a hang?)")
+    assert results == dict.fromkeys(["a", "b" + probe.SYNC], "did not finish in 0 s (a hang?)")
 
 
 def test_probe_says_where_a_launch_went_wrong():
@@ -286,6 +289,32 @@ def test_probe_checks_the_fused_cache_write(monkeypatch):
     assert probe._cache_write_error(args, tiles, out) == "the fused cache write stored wrong keys"
     monkeypatch.setattr(attention, "prefill_attention", lambda *a, **k: real(*a, **k) + 1.0)
     assert probe._cache_write_error(args, tiles, out) == "the fused cache write changed the output"
+
+
+def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
+    """A probe child's run, with the Gluon launch stubbed by the reference (CPU): its verdict is ""
+    only after the virtual and the uniform block layout (the grid the engine and the sweep
+    launch) and the cache write reached the Gluon launch; where the launcher ran the main
+    kernel instead it says so."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_case")
+    assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
+    seen = []
+
+    def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
+                  key_cache, value_cache, slot_mapping=None, overlap=True):
+        seen.append((blocks_per_seq, grid, slot_mapping is not None, overlap))
+        seqs = cu.shape[0] - 1
+        out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
+                                                  torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
+                                                  qk_scale / attention.LOG2E, slot_mapping=slot_mapping))
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference)
+    tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
+    assert probe.run_case(64, 0, False) == ""
+    per_seq = -(-max(probe.UNIFORM_LENGTHS) // tiles.block_m)
+    assert [(bound, writes) for bound, _, writes, _ in seen] == [(0, False), (0, True), (per_seq, False),
+                                                               (per_seq, True)]
+    assert seen[2][1] == (3, len(probe.UNIFORM_LENGTHS) * per_seq) and not any(o for *_, o in seen)
 
 
 def test_probe_covers_every_candidate():
@@ -366,6 +395,25 @@ def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
     rows = expected.shape[0]
     assert torch.isfinite(out[:rows]).all()
     atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+def test_matches_the_reference_in_the_uniform_layout(probed, monkeypatch, head_dim, tiles):
+    """Prompts of about one length launched with their bound (max_query_len, as the engine and
+    the sweep launch them) run in the uniform block layout (no search of cu_seqlens); NaN past
+    the last prompt and in every element torch.empty returns."""
+    probed.require_right(head_dim, tiles)
+    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    lengths = [130, 129, 128, 127, 100, 130]
+    args, expected = context_free_case(lengths, 3, head_dim, torch.float16, seed=13, padding_tokens=37)
+    fill_empty(monkeypatch, float("nan"))
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=max(lengths))
+    assert [kwargs["UNIFORM"] for *_, kwargs in launches] == [True]
+    rows = expected.shape[0]
+    assert torch.isfinite(out[:rows]).all()
+    atol, rtol = TOLERANCES[torch.float16]
     torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=atol, rtol=rtol)
 
 

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from opt_fast import LLM, Engine, SamplingParams
 from opt_fast.config import EngineConfig, OPTConfig
 from opt_fast.context import Context
-from opt_fast import parallel
 from opt_fast.engine import workers
 from opt_fast.engine.model_runner import ModelRunner, resolve_device_dtype
 from opt_fast.engine.workers import WorkerError, _dumps
@@ -302,15 +301,25 @@ def test_a_worker_failing_inside_a_collective_is_reported_with_its_own_error(tin
 
 def test_a_worker_dying_while_rank_0_still_joins_leaves_no_group_behind(tiny_model_dir, tmp_path, monkeypatch):
     """The worker joins, fails on the corrupt checkpoint and exits while rank 0's side of the
-    join is still returning: rank 0 gives up on the join, and leaves the group once it is made."""
+    join is still returning: rank 0 gives up on the join, and leaves the group once it is made.
+    Rank 0's join returns only once the worker has exited, and a beat later: a fixed delay
+    lost the race when the worker took longer to fail and exit (then rank 0 went on and met the
+    corrupt file itself)."""
     broken = corrupt_copy(tiny_model_dir, tmp_path)
-    join = parallel.join
+    watch = workers.Workers.watch
 
-    def slow_join(*args):
-        group = join(*args)
-        time.sleep(1.5)
-        return group
-    monkeypatch.setattr(parallel, "join", slow_join)
+    def watch_a_slow_join(self, rendezvous, discard):
+        processes = list(self.processes)   # (giving up, rank 0 closes the workers and empties the list)
+
+        def slow_rendezvous():
+            group = rendezvous()
+            deadline = time.monotonic() + 60
+            while all(process.poll() is None for process in processes) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)   # ten of watch's polls to see the exit before this result
+            return group
+        return watch(self, slow_rendezvous, discard)
+    monkeypatch.setattr(workers.Workers, "watch", watch_a_slow_join)
     with pytest.raises(WorkerError, match="truncated or corrupt"):
         cpu_llm(broken, 2)
     deadline = time.monotonic() + 10

@@ -68,6 +68,14 @@ def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequen
     return seq, q_start, q_len, block
 
 
+@gluon.constexpr_function
+def _row_layout(head_dim, num_warps):
+    """Registers for whole rows of a [rows, head_dim] tile: 8 columns (16 bytes) a thread, a
+    warp across whole rows, warps stacked down the rows (the row clearing, the cache write and
+    the output store each move whole rows)."""
+    return gl.BlockedLayout([1, 8], [32 * 8 // head_dim, head_dim // 8], [num_warps, 1], [1, 0])
+
+
 @gluon.jit
 def _issue_kv_tile(k_desc, v_desc, k_slots, v_slots, k_ready, v_ready, tile, n_tiles, row0, col,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -94,8 +102,7 @@ def _clear_rows_past(v_slot,   # [BLOCK_N, HEAD_DIM] shared-memory slot of one v
     """Zero the rows of a value tile past its sequence. Their weights are exactly 0, but the box
     holds the next sequence's values there, and 0 times a non-finite one would leak NaN into
     this sequence. Only the tile where a sequence ends pays for it."""
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [gl.num_warps(), 1],
-                                                 [1, 0])
+    rows_layout: gl.constexpr = _row_layout(HEAD_DIM, gl.num_warps())
     values = v_slot.load(rows_layout)
     keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
     v_slot.store(gl.where((keys < q_len)[:, None], values, gl.zeros_like(values)))
@@ -117,8 +124,7 @@ def _store_tile_rows(k_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot
     of the inputs' dtype, so the rows go as they are. Read from the shared-memory slots the
     tile already sits in: the KV-cache write costs no second read of k and v from memory. (Rows
     past the sequence may have been cleared already: they are never stored.)"""
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [gl.num_warps(), 1],
-                                                 [1, 0])
+    rows_layout: gl.constexpr = _row_layout(HEAD_DIM, gl.num_warps())
     keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
     in_seq = keys < q_len
     slots = gl.load(slot_ptr + keys, mask=in_seq, other=-1)
@@ -272,7 +278,7 @@ def _prefill_wgmma_kernel(
         mbarrier.invalidate(v_ready.index(i))
 
     # 16-byte stores of whole rows; rows past the sequence are not this program's to write.
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
+    out_layout: gl.constexpr = _row_layout(HEAD_DIM, num_warps)
     out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty), out_layout)
     rows = diag_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))

@@ -124,13 +124,14 @@ def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
 
 @on_cuda
 def test_decode_graphs_stay_within_the_memory_share(tmp_path):
-    """37 graphs (max_num_seqs 256) on top of a KV pool sized from the share: their pool holds
-    one step's intermediates, not a logits tensor per graph (0.8 GiB of them before)."""
+    """A graph for every batch size of max_num_seqs 256 (35) on top of a KV pool sized from the
+    share: their pool holds one step's intermediates, not a logits tensor per graph (0.8 GiB of
+    them before)."""
     (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
     total = torch.cuda.mem_get_info()[1]
     utilization = 0.25
     eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization, max_num_seqs=256)
     graphs = eng.runner.graphs
-    assert graphs is not None and len(graphs.sizes) == 37
+    assert graphs is not None and graphs.sizes == graph_batch_sizes(256) and len(graphs.sizes) == 35
     assert all(logits.data_ptr() == graphs.logits.data_ptr() for logits, _, _ in graphs.outputs.values())
     assert torch.cuda.memory_reserved() <= utilization * total

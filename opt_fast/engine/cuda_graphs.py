@@ -63,7 +63,7 @@ class DecodeGraphs:
         self.no_seen = torch.empty(rows, 0, dtype=torch.int64, device=device)
         # Every graph's logits go to the first rows of one buffer, outside the graphs' pool: an
         # output of each graph would stay alive beside all the others' (float32 [rows, vocab]
-        # per graph: 0.8 GiB over the 37 graphs of max_num_seqs=256).
+        # per graph: 0.8 GiB over the 35 graphs of max_num_seqs=256).
         self.logits = (torch.empty(rows, runner.config.vocab_size, dtype=torch.float32, device=device)
                        if self.samples else None)
         self.graphs: dict = {}

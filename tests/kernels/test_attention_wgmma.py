@@ -299,6 +299,8 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_case")
     # run_case wraps the module's launcher for good (a child process's last act): undone after
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
+    # the launcher falls back to the main kernel (as on CPU; on an sm_90 GPU the Gluon one runs)
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: False)
     assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
     seen = []
 

@@ -428,7 +428,8 @@ class LnQkv:
     def resolve(self, c: dict, config: dict) -> dict:
         if config:
             return config
-        return dict(config=tuple(ll.default_config(c["tokens"], 3 * c["hidden"], DTYPE, SMS)))
+        launch = ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], DTYPE, SMS, has_ln=True)
+        return dict(config=_launch(*launch[:5], **dict(zip(launch._fields[5:], launch[5:]))))
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
         return [self.resolve(c, cand) for cand in self.candidates(c, smoke)]

@@ -202,6 +202,59 @@ def default_config(m: int, n: int, dtype: torch.dtype, sms: int = DEFAULT_SMS) -
     return _fit(config, dtype)
 
 
+# The launch options a GEMM behind a LayerNorm (QKV, fc1) adds to its tiles by default at up to
+# 64 rows, fp16 / bf16 (float32's CUDA-core tiles were not timed with options). Measured for
+# LN+QKV on an NVIDIA H200 (132 SMs), fp16, 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep,
+# device medians, L2 flushed; speedups over F.layer_norm + F.linear in the same process):
+# - Up to 16 rows the weight stream binds, and it should start at once: overlap (prefetch, and
+#   the GEMM a dependent launch of the statistics launch on sm_90). Where 128-column tiles give
+#   half the SMs a program, the statistics come from their own launch (stats_kernel): opt-6.7b /
+#   13b (96 / 120 programs) 32.1 / 43.7 us at 1 token, 1.20x, the best of 32 launches each
+#   (36.6 / 50.3 before, at the plain 16x128x128x4x3). Else split-K, the fewest splits that
+#   give half the SMs a program: opt-1.3b (48 tiles, split 2) 13.7 us, 1.24x, the best (22.7 at
+#   16x64x256x8x3 before; split 4: 15.7); 8 tokens alike (1.17x, 1.17x, 1.17x).
+# - 17 to 64 rows: the LayerNorm as its own launch, then the plain GEMM on its rows
+#   (normalize_first; the fused loop normalises each A tile again in every program of a row
+#   tile), overlapped, by TMA, in one 64-row tile, 4 stages where that grid leaves SMs without
+#   a program (more bytes in flight a program), else 3: opt-1.3b (96 programs) 14.6 us, 1.15x;
+#   opt-6.7b / 13b (192 / 240) 36.1 / 52.5 us, 1.09x / 1.02x (the best 36.1 / 51.2; before
+#   30.2, 81.4, 102.5 us at the fused 32- and 64-row tiles). 17 to 32 rows were not timed:
+#   the same weight stream, so the same launch.
+_LN_SKINNY = GemmConfig(16, 128, 128, 4, 3)
+_LN_SIXTY_FOUR = GemmConfig(64, 64, 128, 4, 3)
+_LN_OPTION_ROWS = 64
+
+
+@_launch_cache
+def default_launch(m: int, n: int, k: int, dtype: torch.dtype, sms: int = DEFAULT_SMS,
+                   has_ln: bool = False) -> GemmLaunch:
+    """The launch (tiles and options) for an [m, k] x [k, n] GEMM from host-known shapes: with a
+    LayerNorm, fp16 / bf16 and at most 64 rows, the measured options above; else
+    default_config's tiles with none."""
+    if not has_ln or dtype == torch.float32 or m > _LN_OPTION_ROWS:
+        return GemmLaunch(*default_config(m, n, dtype, sms))
+    if m > _LN_SKINNY.block_m:
+        tiles = _cdiv(m, _LN_SIXTY_FOUR.block_m) * _cdiv(n, _LN_SIXTY_FOUR.block_n)
+        stages = 4 if tiles < sms else _LN_SIXTY_FOUR.num_stages
+        return GemmLaunch(*_LN_SIXTY_FOUR._replace(num_stages=stages), normalize_first=True, overlap=True, tma=True)
+    tiles, wanted = _cdiv(n, _LN_SKINNY.block_n), _min_programs(m, sms)
+    if tiles >= wanted:
+        return GemmLaunch(*_LN_SKINNY, stats_kernel=True, overlap=True)
+    # the fewest splits that reach the programs wanted, each over at least one K tile
+    k_tiles = max(1, _cdiv(k, _LN_SKINNY.block_k))
+    splits = [s for s in _SPLIT_CHOICES[1:] if s <= k_tiles] or [1]
+    split_k = next((s for s in splits if tiles * s >= wanted), splits[-1])
+    return GemmLaunch(*_LN_SKINNY, split_k=split_k, overlap=True)
+
+
+def _default_launches() -> list[GemmLaunch]:
+    """Every launch default_launch can add options to (fp16 / bf16), for the compile check."""
+    sixty_four = [GemmLaunch(*_LN_SIXTY_FOUR._replace(num_stages=s), normalize_first=True, overlap=True, tma=True)
+                  for s in (_LN_SIXTY_FOUR.num_stages, 4)]
+    return sixty_four + [GemmLaunch(*_LN_SKINNY, stats_kernel=True, overlap=True)] + [
+        GemmLaunch(*_LN_SKINNY, split_k=s, overlap=True) for s in _SPLIT_CHOICES]
+
+
 def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
     """Every configuration default_config can return for `dtype`, for the compile check: each
     tier's configs, and its last one at every narrower N tile."""

@@ -6,8 +6,9 @@ over K, then each A tile normalised as it is loaded) and an epilogue of bias, Re
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
-Five launch options, off by default and chosen per call through the `config` override
-(gemm_config.GemmLaunch, with the tile tiers and the other launch choices): the row statistics
+Five launch options, chosen per call through the `config` override (gemm_config.GemmLaunch, with
+the tile tiers and the other launch choices), and by default for the GEMMs behind a LayerNorm at
+up to 64 rows in fp16 / bf16 (gemm_config.default_launch, as an H200 timed them): the row statistics
 from a separate small kernel (`_row_stats_kernel`, once per row instead of once per GEMM
 program); the whole LayerNorm as its own launch before a plain GEMM
 (normalize_first); split-K (SPLIT_K programs per output tile, each over a contiguous share of
@@ -29,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .device import nvidia_capability as _capability, sm_count as _num_sms, tma_addressable as _tma_addressable
 from .gemm_config import (_REDUCE_BLOCK, _SPLIT_CHOICES, _STATS_STAGES, GemmConfig, GemmLaunch, _cdiv,
                           _check_config, _fit, _gemm_configs, _gemm_flags, _kernel_options, _ln_blocks,
-                          _stats_blocks, default_config)
+                          _default_launches, _stats_blocks, default_config, default_launch)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
@@ -434,8 +435,8 @@ def _override(config, dtype: torch.dtype) -> GemmLaunch | None:
 def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config=None) -> None:
     m, k = x.shape
     n = weight.shape[0]
-    # a GemmConfig (the heuristic's pick) is a GemmLaunch with the default options
-    config = GemmLaunch(*(default_config(m, n, x.dtype, _num_sms(x.device)) if config is None else config))
+    if config is None:
+        config = default_launch(m, n, k, x.dtype, _num_sms(x.device), has_ln=ln_weight is not None)
     has_res = residual is not None
     flags = _gemm_flags(config, ln_weight is not None, relu, has_res, _capability(x.device))
     split_k, partial = config.split_k, flags["PARTIAL_OUT"]
@@ -522,10 +523,12 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
 
     x: `[tokens, in]` (any strides); weight: `[out, in]` (nn.Linear layout, any strides); bias:
     `[out]`; ln_weight, ln_bias: `[in]`. The LayerNorm is applied to each A tile as the GEMM loads
-    it, from row statistics of a first pass over K. Returns a new contiguous `[tokens, out]`.
+    it, from row statistics of a first pass over K (up to 64 tokens in fp16 / bf16, by default
+    from a statistics launch, or as a LayerNorm launch before the GEMM: gemm_config.
+    default_launch). Returns a new contiguous `[tokens, out]`.
     `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel[,
     normalize_first[, overlap[, tma]]]]]; blocks powers of two 16..256, 1..6 stages, split_k in
-    1, 2, 3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_config`, for tests
+    1, 2, 3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_launch`, for tests
     and the tile sweep. split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics
     launch (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm
     launch, then a plain GEMM (split or not), with no statistics launch; overlap changes no
@@ -634,17 +637,24 @@ _PDL_VARIANTS = ((False, (80, 90)), (True, (90,)))
 _REDUCE_FLAGS = ((True, False), (False, True))
 
 
-def _gemm_variants(dtype: torch.dtype) -> dict[tuple, list[int]]:
-    """The GEMM variants the compile check builds for `dtype`, as {(GemmConfig, flag items of
-    _gemm_flags): [capabilities that run it]}: each launch the heuristic can pick, and each
-    option at the override tiles, under the heaviest prologue and the heaviest epilogue
-    (_LINEAR_FLAGS), fitted as the launcher fits it."""
+def _checked_launches(dtype: torch.dtype) -> list[GemmLaunch]:
+    """The GEMM launches the compile check builds for `dtype`: each one the heuristics can pick
+    (default_config's tiles, default_launch's options), and each option at the override tiles,
+    fitted as the launcher fits it."""
     launches = [GemmLaunch(*c) for c in _gemm_configs(dtype)]
+    launches += _default_launches() if dtype != torch.float32 else []
     launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
     launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _TMA_OPTION_CONFIGS for options in _OPTIONS
                  if options.get("tma")]
+    return launches
+
+
+def _gemm_variants(dtype: torch.dtype) -> dict[tuple, list[int]]:
+    """The GEMM variants the compile check builds for `dtype`, as {(GemmConfig, flag items of
+    _gemm_flags): [capabilities that run it]}: each of _checked_launches under the heaviest
+    prologue and the heaviest epilogue (_LINEAR_FLAGS)."""
     variants: dict[tuple, list[int]] = {}
-    for config in launches:
+    for config in _checked_launches(dtype):
         for has_ln, relu, has_res in _LINEAR_FLAGS:
             for capability in (80, 90):
                 flags = _gemm_flags(config, has_ln, relu, has_res, capability)

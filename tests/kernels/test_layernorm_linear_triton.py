@@ -223,10 +223,86 @@ def test_each_default_tier_runs_and_matches(monkeypatch, tokens, n_out, sms, exp
     w = randn(n_out, 600, g=g, dtype=dtype, scale=600 ** -0.5)
     ln_w, ln_b = ln_params(600, g, dtype)
     bias = randn(n_out, g=g, dtype=dtype, scale=0.2)
+    residual = randn(tokens, n_out, g=g, dtype=dtype)
+    # the tiers serve GEMMs without a LayerNorm (out_proj, fc2) by default ...
+    out = ll.linear_residual(x, w, bias, residual)
+    check(out, naive_linear(x, w, bias) + residual.double().cpu(), dtype)
+    # ... and the fused LayerNorm prologue runs at their tiles too (prefill's, and overrides')
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=expected)
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
+    assert len(launches) == 2
+    for _, _, _, kwargs in launches:
+        assert tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) == expected
+
+
+# default_launch's picks for a GEMM behind a LayerNorm (fp16 / bf16, up to 64 rows), reached with
+# small shapes by pretending the device has few SMs (K = 600: five K tiles of 128).
+LN_LAUNCH_CASES = [  # (tokens, out features, sms, GemmLaunch, the kernels it launches in order)
+    # 3 tiles of 128 columns give half the SMs a program: the statistics from their own launch
+    (5, 300, 6, (16, 128, 128, 4, 3, 1, True, False, True), ["_row_stats_kernel", "_fused_linear_kernel"]),
+    # too few: the fewest splits that reach sms / 2 programs (3 x 3 >= 8)
+    (5, 300, 16, (16, 128, 128, 4, 3, 3, False, False, True),
+     ["_row_stats_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel"]),
+    # none reaches 32 within five K tiles: the most splits that do not exceed them (4)
+    (5, 300, 64, (16, 128, 128, 4, 3, 4, False, False, True),
+     ["_row_stats_kernel", "_fused_linear_kernel", "_split_k_reduce_kernel"]),
+    # 17-64 rows: the LayerNorm launch, then the plain GEMM by TMA; 3 stages where the grid's
+    # 64x64 tiles cover the SMs, 4 where they do not
+    (40, 70, 2, (64, 64, 128, 4, 3, 1, False, True, True, True), ["_layer_norm_kernel", "_fused_linear_kernel"]),
+    (40, 70, 4, (64, 64, 128, 4, 4, 1, False, True, True, True), ["_layer_norm_kernel", "_fused_linear_kernel"]),
+]
+
+
+@pytest.mark.parametrize("tokens,n_out,sms,expected,kernels", LN_LAUNCH_CASES,
+                         ids=lambda v: str(v).replace(" ", "") if isinstance(v, tuple) else None)
+def test_each_default_layernorm_launch_runs_and_matches(monkeypatch, tokens, n_out, sms, expected, kernels):
+    assert gc.default_launch(tokens, n_out, 600, torch.float16, sms, has_ln=True) == gc.GemmLaunch(*expected)
+    monkeypatch.setattr(ll, "_num_sms", lambda device: sms)
+    launches = record_launches(monkeypatch, *KERNELS, "_layer_norm_kernel")
+    g = gen(tokens + n_out + sms)
+    dtype = torch.float16
+    x = (with_outliers(randn(tokens, 600, g=g, dtype=torch.float64), g) + 40.0).to(dtype)
+    w = randn(n_out, 600, g=g, dtype=dtype, scale=600 ** -0.5)
+    ln_w, ln_b = ln_params(600, g, dtype)
+    bias = randn(n_out, g=g, dtype=dtype, scale=0.2)
     out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS)
     check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
-    [(_, _, _, kwargs)] = launches
-    assert tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) == expected
+    assert [name for name, *_ in launches] == kernels
+    [gemm] = [kwargs for name, _, _, kwargs in launches if name == "_fused_linear_kernel"]
+    assert tuple(gemm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) == expected[:5]
+    assert gemm["USE_TMA"] == (len(expected) > 9 and expected[9])
+
+
+def test_default_launch_adds_options_only_behind_a_layernorm_at_up_to_64_fp16_rows():
+    """float32 (CUDA-core tiles, not timed with options), GEMMs without a LayerNorm (out_proj,
+    fc2) and prefill-sized M keep default_config's tiles with no option."""
+    for m, dtype, has_ln in ((8, torch.float32, True), (8, torch.float16, False), (64, torch.bfloat16, False),
+                             (65, torch.float16, True), (4096, torch.float16, True)):
+        assert gc.default_launch(m, 6144, 2048, dtype, 132, has_ln) == gc.GemmLaunch(
+            *gc.default_config(m, 6144, dtype, 132)), (m, dtype, has_ln)
+    for m in (1, 16, 17, 64):
+        launch = gc.default_launch(m, 6144, 2048, torch.bfloat16, 132, True)
+        assert launch.overlap and (launch.split_k > 1 or launch.stats_kernel or launch.normalize_first), m
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("sms", [108, 132, 140])
+def test_every_default_layernorm_launch_is_compile_checked(dtype, sms):
+    """What default_launch picks behind a LayerNorm for OPT shapes (and odd ones), on A100 /
+    H100 / H200 SM counts, is a launch the compile check builds, and each kind of launch it
+    lists for the compile check is picked for some shape."""
+    checked = set(ll._checked_launches(dtype))
+    picked = set()
+    for m in (1, 8, 16, 17, 32, 33, 64, 65):
+        for hidden in (768, 1024, 2048, 2560, 4096, 5120, 97):
+            for n in (3 * hidden, 4 * hidden):
+                launch = gc.default_launch(m, n, hidden, dtype, sms, has_ln=True)
+                assert launch in checked, (m, n, launch)
+                picked.add(launch)
+    if dtype != torch.float32:
+        # (split counts share one compiled GEMM, a runtime argument: the list names them all)
+        assert {launch._replace(split_k=min(launch.split_k, 2)) for launch in gc._default_launches()} == \
+            {launch._replace(split_k=min(launch.split_k, 2)) for launch in picked if launch.overlap}
 
 
 def test_config_override_reaches_the_launch(monkeypatch):

@@ -160,6 +160,12 @@ def _output_rows(out_ptr,   # [tokens, heads, head_dim] the launcher's contiguou
 
 
 @triton.jit
+def _grid_head():
+    """This program's head on the launchers' grid (heads of a group, query blocks, groups)."""
+    return tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
 def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
                       num_seqs, blocks_per_seq, BLOCK_M: tl.constexpr, SEQ_CHUNK: tl.constexpr,
                       UNIFORM: tl.constexpr):

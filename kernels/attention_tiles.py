@@ -93,6 +93,12 @@ _TILES = {
 #   (194.0 / 139.3 / 172.1 before).
 # - narrow 64: 64x64x4x2 still: 60.7 us at opt-1.3b b64 L128 beside 58.1 for 64x32x4x3, which
 #   the H100 had the other way round (67.2 / 68.9).
+# From the second NVIDIA H200 sweep of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep/
+# sweep.json, the same shapes and medians, every candidate timed):
+# - wide 80: 64x64x4x3 TMA. opt-2.7b b1 L2048 66.4 us, the best (74.8 without TMA); b8 L1024
+#   186.0 beside 183.8 without (the best there, q_smem 64x32x4x3 at 173.8, ran 78.5 at L2048).
+# - narrow 80: 64x32x4x3 one_loop. opt-2.7b b64 L128 60.6 us, the best (69.2 at 64x64x4x2).
+# - narrow 64 / 128 without cached context: the Gluon wgmma kernel (_WGMMA_TILES_SM90 below).
 # TMA costs the host about 10 us a call (three descriptors built, then encoded at the launch):
 # its entries drop it below _TMA_MIN_TOKENS new tokens, where a call's GPU time is too short
 # for the 10-17% it saved at the sweep's 2048 to 8192 tokens to pay for that.
@@ -100,9 +106,9 @@ _TMA_MIN_TOKENS = 1024
 _TILES_SM90 = {
     **_TILES,
     ("wide", 64): Tiles(64, 64, 4, 3, True),
-    ("wide", 80): Tiles(64, 64, 4, 3),
+    ("wide", 80): Tiles(64, 64, 4, 3, True),
     ("wide", 128): Tiles(64, 64, 4, 3, True),
-    ("narrow", 80): Tiles(64, 64, 4, 2),
+    ("narrow", 80): Tiles(64, 32, 4, 3, one_loop=True),
     ("narrow", 128): Tiles(64, 64, 4, 2),
 }
 # Sweep candidates with an option (sm_90), per padded head_dim; the compile check builds each and
@@ -110,7 +116,8 @@ _TILES_SM90 = {
 # (on the H200, 2026-11-27, 8-13% behind 64x64x4x3 with TMA at every head-128 shape; 128x64x8x4,
 # 64x64x8x2 and 128x128x8x3 with TMA, further behind, are no longer timed).
 TMA_CANDIDATES = {64: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)],
-                  128: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True)]}
+                  128: [Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 2, True), Tiles(128, 64, 8, 3, True),
+                        Tiles(64, 32, 4, 3, True, one_loop=True)]}
 # head_dim 80 padded to one 128-wide tile instead of the 64 + 16 split: the table's wide tile so
 # padded, timed beside the split (on the H200 the padded 8-warp tiles ran 292-364 us at opt-2.7b
 # b8 L1024, the split 4-warp tile 188).
@@ -171,9 +178,17 @@ WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2,
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
-# cached context, where the kernel takes the inputs (else the tables above). Empty until a GPU
-# has run WGMMA_CANDIDATES right and faster than the main kernel.
-_WGMMA_TILES_SM90: dict = {}
+# cached context, where the kernel takes the inputs (else the tables above). On the NVIDIA H200
+# of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep; its probe ran every candidate right,
+# both block layouts and the fused cache write) the 4-warp 64x64 tiles won the narrow shapes:
+# opt-1.3b b64 L128 (head 64, 3 stages) 46.0 us, opt-6.7b / 13b (head 128, 2 stages) 83.2 / 103.0,
+# the best of 26-30 launches each (50.9 / 105.3 / 130.1 at the main kernel's 64x64x4x2). At the
+# wide shapes the main kernel's 64x64x4x3 TMA stayed ahead or level (at head 128, b1 L2048: 85.1
+# / 107.0 beside 92.6 / 115.8 for wgmma 128x64x8x3).
+_WGMMA_TILES_SM90 = {
+    ("narrow", 64): Tiles(64, 64, 4, 3, wgmma=True),
+    ("narrow", 128): Tiles(64, 64, 4, 2, wgmma=True),
+}
 # fp32 (ieee) multiplies on CUDA cores and holds fp32 operands in registers: small tiles (3
 # stages: at 2, head_dim 64 spills 8 B on sm_90).
 _TILES_FP32 = Tiles(16, 16, 4, 3)

@@ -175,7 +175,7 @@ def _prefill_wgmma_kernel(
     gl.static_assert(BLOCK_M % BLOCK_N == 0)   # the unmasked tiles end where the query block starts
     gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
     gl.static_assert(STAGES * BLOCK_N >= BLOCK_M)   # the diagonal tiles stay in their slots (WRITE_KV)
-    head = gl.program_id(0)
+    head = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)   # (heads of a group, blocks, groups)
     seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
                                                      UNIFORM)
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):

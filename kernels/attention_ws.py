@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_parts import (LOG2E, SEQ_CHUNK, _find_query_block, _load_head, _output_rows, _softmax_step,
+from .attention_parts import (LOG2E, SEQ_CHUNK, _find_query_block, _grid_head, _load_head, _output_rows, _softmax_step,
                               _store_new_rows, _store_rows, context_free_spec)
 from .attention_tiles import Tiles, _head_dim_pad
 from .device import INTERPRETED
@@ -44,7 +44,7 @@ def _prefill_attention_ws_kernel(
     descriptors, which read rows past the sequence as zeros: the next sequence's values, finite
     or not, never meet a zero weight (0 * inf is NaN). Columns past HEAD_DIM read as zeros too
     (head 80 runs padded to D_PAD)."""
-    head = tl.program_id(0)
+    head = _grid_head()
     # the virtual block axis only: Triton leaves a loop whole that sits beside a second layout's
     # code (compile check: not warp-specialised)
     _seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, 0, BLOCK_M, SEQ_CHUNK, False)

@@ -11,6 +11,7 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SMs assumed off CUDA (CPU, interpreter): an H100's, so the launchers pick what a GPU would.
 DEFAULT_SMS = 132
+DEFAULT_L2_BYTES = 50 * 2 ** 20   # an H100's L2, likewise
 # The oldest Triton the kernels are tested with: CI and the GPU runs use 3.6 alone. (Older ones
 # fail at import: 3.4, which torch 2.8 pins, lacks Gluon's Hopper warpgroup_mma; 3.3 the host-side
 # TensorDescriptor.)
@@ -36,6 +37,14 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes(device: torch.device) -> int:
+    """L2 cache bytes of `device` (DEFAULT_L2_BYTES off CUDA, or where none is reported)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    return DEFAULT_L2_BYTES
 
 
 def check_triton_version(version: str) -> None:

@@ -30,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .device import nvidia_capability as _capability, sm_count as _num_sms, tma_addressable as _tma_addressable
 from .gemm_config import (_REDUCE_BLOCK, _SPLIT_CHOICES, _STATS_STAGES, GemmConfig, GemmLaunch, _cdiv,
                           _check_config, _fit, _gemm_configs, _gemm_flags, _kernel_options, _ln_blocks,
-                          _default_launches, _stats_blocks, default_config, default_launch)
+                          _default_launches, _stats_blocks, default_launch)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1

@@ -238,6 +238,7 @@ def test_uniform_block_layout_matches_the_virtual_one(sentinel_empty, monkeypatc
         assert_matches(out[rows], expected, dtype)
         assert (out[:lead] == SENTINEL).all() and (out[rows.stop:] == SENTINEL).all()
         _, grid, _, kwargs = launches.pop()
+        assert grid[0] * grid[2] == 2   # one group of both heads (their keys fit L2)
         grids.append(grid[1])
         assert kwargs.get("UNIFORM", False) == (grid[1] != virtual)
     per_seq = [-(-bound // tiles.block_m) * len(lengths) for bound in (48, 60)]
@@ -295,7 +296,38 @@ def test_launch_grid_without_host_sync(monkeypatch):
     prefill_attention(*args)
     monkeypatch.undo()
     [(grid, kwargs)] = launches
-    assert grid == (4, 301 // kwargs["BLOCK_M"] + 3)
+    assert grid == (4, 301 // kwargs["BLOCK_M"] + 3, 1)
+
+
+def test_head_groups_fit_half_of_l2_and_divide_the_heads():
+    """All heads in one group where the batch's keys and values fit L2; else the most heads,
+    dividing their count, whose keys and values fit half of it, at least one."""
+    mb = 2 ** 20
+    l2 = 50 * mb
+    assert attention._head_group(32, mb, l2) == 32                 # 32 MB: all of it fits
+    assert attention._head_group(40, mb, l2) == 40                 # 40 MB likewise
+    assert attention._head_group(32, 4 * mb, l2) == 4              # OPT-6.7B b8 L1024: 6 fit half, 4 divides 32
+    assert attention._head_group(40, 4 * mb, l2) == 5              # OPT-13B likewise: 6 fit, 5 divides 40
+    assert attention._head_group(32, 2 * mb, l2) == 8              # OPT-1.3B b8 L1024: 12 fit
+    assert attention._head_group(7, 10 * mb, l2) == 1              # prime: one head a group
+    assert attention._head_group(4, 100 * mb, l2) == 1             # not even one fits: one
+    assert attention._head_group(3, 0, l2) == 3
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["no-context", "context"])
+def test_head_groups_run_every_head(monkeypatch, sentinel_empty, context):
+    """With an L2 too small for the batch the grid runs the heads in groups (6 heads, 2 at a
+    time: grid (2, blocks, 3)); every head's output matches the reference, none left unwritten."""
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    spans = [(9, 21), (0, 17)] if context else [(0, 21), (0, 17)]
+    args, expected = prefill_case(spans, 8, 6, 16, torch.float32, seed=23)
+    q = args[0]
+    per_head = (q.shape[0] + (2 * 9 if context else 0)) * 16 * 2 * 4   # its keys and values, float32
+    monkeypatch.setattr(attention, "l2_bytes", lambda device: 5 * per_head)   # 2 heads fit half of it
+    out = prefill_attention(*args, max_context_len=9 if context else 0)
+    assert_matches(out, expected, torch.float32)
+    [(_, grid, _, _)] = launches
+    assert grid[0] == 2 and grid[2] == 3
 
 
 BAD_INPUTS = {
@@ -445,8 +477,8 @@ def test_sweep_candidates_with_options_are_compile_checked():
 
 
 def test_narrow_and_wide_batches():
-    """Up to 128 new tokens a sequence on average takes the narrow tiles (2 stages), more the
-    wide ones; the table entries are the H200 sweep's on sm_90, the H100 sweep's on sm_80
+    """Up to 128 new tokens a sequence on average takes the narrow tiles, more the wide ones;
+    the table entries are the H200 sweeps' on sm_90, the H100 sweep's on sm_80
     (kernels/attention_tiles.py), with head 80 (two exact tiles) an entry of its own."""
     fp16 = torch.float16
     assert attention.default_tiles(64, fp16, 128 * 64, 64, 90) == Tiles(64, 64, 4, 2)
@@ -455,7 +487,12 @@ def test_narrow_and_wide_batches():
     assert attention.default_tiles(128, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3, True)
     # TMA's host cost pays only on longer batches
     assert attention.default_tiles(128, fp16, 1023, 1, 90) == Tiles(64, 64, 4, 3)
-    assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3)
+    assert attention.default_tiles(80, fp16, 2048, 1, 90) == Tiles(64, 64, 4, 3, True)
+    assert attention.default_tiles(80, fp16, 128 * 64, 64, 90) == Tiles(64, 32, 4, 3, one_loop=True)
+    # short prompts without cached context at heads 64 / 128: the Gluon kernel on sm_90 alone
+    assert attention.default_tiles(64, fp16, 128 * 64, 64, 90, context_free=True) == Tiles(64, 64, 4, 3, wgmma=True)
+    assert attention.default_tiles(128, fp16, 128 * 64, 64, 90, context_free=True) == Tiles(64, 64, 4, 2, wgmma=True)
+    assert attention.default_tiles(128, fp16, 128 * 64, 64, 80, context_free=True) == Tiles(64, 64, 8, 2)
     assert attention.default_tiles(80, fp16, 2048, 1, 80) == Tiles(128, 64, 8, 3)
     assert attention.default_tiles(128, fp16, 128 * 64, 64, 80) == Tiles(64, 64, 8, 2)
     assert [attention._tile_head_dim(d) for d in (32, 64, 80, 96, 112, 128)] == [64, 64, 80, 80, 128, 128]

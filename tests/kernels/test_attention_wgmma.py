@@ -132,8 +132,8 @@ def test_with_possible_context_the_main_kernel_runs(monkeypatch):
 
 
 def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
-    """Once _WGMMA_TILES_SM90 holds an entry (empty until a GPU has timed the kernel), sm_90
-    launches known to have no cached context pick it, by tile kind and exact head_dim; others
+    """sm_90 launches known to have no cached context pick _WGMMA_TILES_SM90's entry (its own
+    narrow ones, a wide one set here), by tile kind and exact head_dim; others
     keep the main kernel's tables; the compile check builds it; and where the kernel cannot run
     (here on CPU) the launch falls back to the main kernel and still matches the reference."""
     chosen = Tiles(128, 64, 4, 2, wgmma=True)
@@ -143,7 +143,10 @@ def test_the_table_serves_context_free_batches_on_sm90(monkeypatch):
     assert attention.default_tiles(128, fp16, 2048, 1, 90) == attention.tile_table(90)[("wide", 128)]
     assert attention.default_tiles(128, fp16, 2048, 1, 80, context_free=True) == attention.tile_table(80)[("wide", 128)]
     assert not attention.default_tiles(128, fp16, 2048, 1, 100, context_free=True).wgmma
-    assert not attention.default_tiles(128, fp16, 128 * 8, 8, 90, context_free=True).wgmma   # narrow
+    narrow = attention_tiles._WGMMA_TILES_SM90[("narrow", 128)]
+    assert attention.default_tiles(128, fp16, 128 * 8, 8, 90, context_free=True) == narrow
+    assert not attention.default_tiles(128, fp16, 128 * 8, 8, 90).wgmma
+    assert not attention.default_tiles(80, fp16, 128 * 8, 8, 90, context_free=True).wgmma
     assert not attention.default_tiles(96, fp16, 2048, 1, 90, context_free=True).wgmma
     assert any("128x64 w4s2" in spec.label for spec in attention_wgmma.compile_specs())
     if not ON_HOPPER:
@@ -318,7 +321,7 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     per_seq = -(-max(probe.UNIFORM_LENGTHS) // tiles.block_m)
     assert [(bound, writes) for bound, _, writes, _ in seen] == [(0, False), (0, True), (per_seq, False),
                                                                (per_seq, True)]
-    assert seen[2][1] == (3, len(probe.UNIFORM_LENGTHS) * per_seq) and not any(o for *_, o in seen)
+    assert seen[2][1] == (3, len(probe.UNIFORM_LENGTHS) * per_seq, 1) and not any(o for *_, o in seen)
 
 
 def test_probe_covers_every_candidate():

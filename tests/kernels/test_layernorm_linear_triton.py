@@ -193,7 +193,7 @@ def test_every_chosen_config_is_compile_checked(dtype, sms):
     for m in (1, 8, 16, 17, 32, 33, 64, 65, 256, 4096):
         for hidden in (768, 1024, 2048, 2560, 4096, 5120, 97):
             for n in (hidden, 3 * hidden, 4 * hidden):
-                cfg = ll.default_config(m, n, dtype, sms)
+                cfg = gc.default_config(m, n, dtype, sms)
                 assert cfg in listed, (m, n, cfg)
                 picked.add(cfg)
                 programs = -(-m // cfg.block_m) * -(-n // cfg.block_n)
@@ -214,7 +214,7 @@ OWN_CONFIG_CASES = [  # (tokens, out features, sms, GemmConfig the launcher must
 
 @pytest.mark.parametrize("tokens,n_out,sms,expected", OWN_CONFIG_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_each_default_tier_runs_and_matches(monkeypatch, tokens, n_out, sms, expected):
-    assert ll.default_config(tokens, n_out, torch.float16, sms) == expected
+    assert gc.default_config(tokens, n_out, torch.float16, sms) == expected
     monkeypatch.setattr(ll, "_num_sms", lambda device: sms)
     launches = record_launches(monkeypatch, "_fused_linear_kernel")
     g = gen(tokens + n_out)
@@ -559,8 +559,9 @@ def test_split_k_reduce_spans_several_programs(monkeypatch, ll_allocations, dtyp
 
 
 def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
-    """The heuristic's launch and a 5-tuple override: one GEMM launch with its prologue and
-    epilogue, one allocation (the output), as before the options existed."""
+    """The heuristic's launch (here one K tile: nothing to split, and a grid far short of the
+    SMs, so no statistics launch) and a 5-tuple override: one GEMM launch with its prologue
+    and epilogue, one allocation (the output), as before the options existed."""
     launches = record_launches(monkeypatch, *KERNELS)
     x, ln_w, ln_b, w, b, r = _valid()
     for config in (None, OPTION_TILES, OPTION_TILES + (1,), OPTION_TILES + (1, False)):
@@ -572,7 +573,7 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
         assert ll_allocations == [(4, 16)] * 2
         for _, grid, _, kwargs in launches:
             assert len(grid) == 1 and not kwargs["PARTIAL_OUT"] and not kwargs["STATS_FROM_MEMORY"]
-    assert type(ll.default_config(4, 16, torch.float16)) is ll.GemmConfig
+    assert type(gc.default_config(4, 16, torch.float16)) is ll.GemmConfig
 
 
 @pytest.mark.parametrize("config,field", [

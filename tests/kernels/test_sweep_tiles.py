@@ -21,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # sm_90 with 132 SMs, what _new_default assumes. And how far a default may trail the fastest
 # launch timed at a shape: one sweep does not tell apart launches ~5% apart (the H100 and the
 # H200 ranked 64x64x4x2 and 64x32x4x3 at opt-1.3b b64 L128 in opposite orders, 2.5% and 4.5%).
-SM90_SWEEPS = [(ROOT / "benchmarks" / "results" / "2026-11-26-h100" / "sweep.json", None),
-               (ROOT / "benchmarks" / "results" / "2026-11-27-h200" / "sweep.json", ("prefill",))]
+# A third field names shapes a sweep no longer sets: prefill at b8 L1024, where a batch's K/V
+# (67-168 MB) outgrows L2 and the grid then started every head of a query block at once, so each
+# wave re-read them from memory. Those times tracked each card's copy bandwidth more than the
+# tiles (the afternoon H200's copy ran 36% below the morning one's, and its fastest tiles there
+# were others). The grid now runs heads in groups that fit L2 (attention._head_group), an order
+# no sweep has timed: until one does, no sweep binds those four shapes.
+_L2_BOUND = ("b8 L1024",)
+SM90_SWEEPS = [(ROOT / "benchmarks" / "results" / "2026-11-26-h100" / "sweep.json", None, _L2_BOUND),
+               (ROOT / "benchmarks" / "results" / "2026-11-27-h200" / "sweep.json", ("prefill",), _L2_BOUND),
+               (ROOT / "benchmarks" / "results" / "2026-11-27-h200-sweep" / "sweep.json", ("prefill", "ln_qkv"),
+                _L2_BOUND)]
 SWEEP_CARDS = ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
 SLACK = 1.05
 
@@ -144,7 +153,7 @@ def _new_default(case: dict) -> tuple:
         config = dict(tiles=attention.default_tiles(c["head_dim"], fp16, c["batch"] * c["length"], c["batch"], 90,
                                                     context_free=True))
     else:
-        config = dict(config=ll.default_config(c["tokens"], 3 * c["hidden"], fp16, 132))
+        config = dict(config=ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], fp16, 132, has_ln=True))
     return _canonical(case["kernel"], config)
 
 
@@ -165,11 +174,12 @@ def _timed_launches(case: dict) -> dict:
 
 def _latest_cases() -> list[dict]:
     cases = {}
-    for path, kernels in SM90_SWEEPS:
+    for path, kernels, skipped in SM90_SWEEPS:
         report = json.loads(path.read_text())
         assert report["meta"]["device"] in SWEEP_CARDS and report["meta"]["dtype"] == "float16"
         cases.update({(case["kernel"], case["case"]): case for case in report["cases"]
-                      if kernels is None or case["kernel"] in kernels})
+                      if (kernels is None or case["kernel"] in kernels)
+                      and not any(name in case["case"] for name in skipped)})
     return list(cases.values())
 
 
@@ -183,7 +193,7 @@ def test_defaults_are_the_fastest_launches_the_sm90_sweeps_timed():
         if timed[launch] > SLACK * case["best_us"]:
             slow.append(f"{case['kernel']} {case['case']}: {timed[launch]} us, best {case['best_us']}")
     assert not slow, slow
-    assert len(cases) == 34
+    assert len(cases) == 30   # 13 decode, 8 prefill, 9 LN+QKV shapes
 
 
 def test_sweep_labels_parse_to_their_launch():

@@ -208,7 +208,7 @@ class Prefill:
         if smoke:
             persistent = _short(attention.Tiles(64, 64, 4, 1, persistent=True))
             q_smem = _short(attention.Tiles(32, 16, 4, 2, True, q_smem=True, max_registers=128))
-            return [{}, dict(tiles=(32, 16, 4, 2)), dict(tiles=persistent)] + (
+            return [{}, dict(ungrouped=True), dict(tiles=(32, 16, 4, 2)), dict(tiles=persistent)] + (
                 [dict(tiles=(32, 16, 4, 2, True)), dict(tiles=(128, 16, 4, 2, False, True, True)),
                  dict(tiles=q_smem)] if CAPABILITY >= 90 else [])
         pad = 64 if c["head_dim"] <= 64 else 128
@@ -228,8 +228,10 @@ class Prefill:
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]
                        + [t for t in attention.PERSISTENT_CANDIDATES[pad] if c["length"] <= t.block_m])
             options += attention.PADDED_80_CANDIDATES if c["head_dim"] == 80 else []
-        return ([{}] + [dict(tiles=_short(t)) for t in wgmma] + [dict(tiles=t) for t in self.TILES[pad]]
-                + [dict(tiles=_short(t)) for t in options])
+        # the default tiles again with every head in one group (the grid's order before head
+        # groups), so the sweep times what the groups change where a batch's K/V outgrow L2
+        return ([{}, dict(ungrouped=True)] + [dict(tiles=_short(t)) for t in wgmma]
+                + [dict(tiles=t) for t in self.TILES[pad]] + [dict(tiles=_short(t)) for t in options])
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
@@ -268,10 +270,21 @@ class Prefill:
         return x
 
     def ours(self, x: dict, config: dict):
-        # the host knows there is no cached context, and the prompts' length, as the engine does
-        return lambda: attention.prefill_attention(
-            x["q"], x["k"], x["v"], x["key_cache"], x["value_cache"], x["cu_seqlens"], x["context_lens"],
-            x["block_tables"], x["scale"], max_context_len=0, max_query_len=x["length"], **config)
+        config = dict(config)
+        l2 = float("inf") if config.pop("ungrouped", False) else None
+
+        def call():
+            real = attention.l2_bytes
+            if l2:   # an L2 that holds any batch: one group of every head
+                attention.l2_bytes = lambda device: l2
+            try:
+                # the host knows there is no cached context, and the prompts' length, as the engine does
+                return attention.prefill_attention(
+                    x["q"], x["k"], x["v"], x["key_cache"], x["value_cache"], x["cu_seqlens"], x["context_lens"],
+                    x["block_tables"], x["scale"], max_context_len=0, max_query_len=x["length"], **config)
+            finally:
+                attention.l2_bytes = real
+        return call
 
     def peer(self, x: dict):
         q, k, v = x["padded"]

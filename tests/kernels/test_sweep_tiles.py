@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_testing import sweep_script
+from kernel_testing import record_launches, sweep_script
 from opt_fast.kernels import attention, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
@@ -46,11 +46,12 @@ def test_smoke_sweep_writes_a_report_per_kernel(sweep, tmp_path):
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["kernel"] for r in report["cases"]] == ["decode", "prefill", "ln_qkv"]
     for r in report["cases"]:
-        # prefill also times the persistent kernel, the TMA twin of its small tile, the same with
+        # prefill also times its default with one head group, the persistent kernel, the TMA twin
+        # of its small tile, the same with
         # q in shared memory and a register cap, and a warp-specialised tile (off-GPU the sweep
         # assumes sm_90), ln_qkv a split-K launch after its own LayerNorm launch
         # (normalize_first) and one with overlap
-        assert len(r["candidates"]) == {"decode": 2, "prefill": 6, "ln_qkv": 4}[r["kernel"]], r
+        assert len(r["candidates"]) == {"decode": 2, "prefill": 7, "ln_qkv": 4}[r["kernel"]], r
         assert not any(c["error"] for c in r["candidates"]), r
         assert r["best_us"] == min(c["us"] for c in r["candidates"])
         assert r["speedup_vs_peer"] == pytest.approx(r["peer_us"] / r["best_us"], rel=1e-2)
@@ -112,6 +113,24 @@ def test_a_launch_that_failed_in_the_parallel_compile_is_not_run_again(sweep, mo
     assert sweep._label(bad) not in launched and "default" in launched
 
 
+def test_ungrouped_prefill_candidate_runs_one_head_group(sweep, monkeypatch):
+    """The prefill candidate `ungrouped` launches the default tiles with every head in one group
+    (the grid's order before head groups) where the default's grid groups them; the L2 size
+    the launcher reads is its own again after the call."""
+    family = sweep.FAMILIES["prefill"]
+    [case] = family.cases(smoke=True)
+    x = family.inputs(case)
+    small_l2 = lambda device: 1024   # noqa: E731  (no head's keys fit: one head a group)
+    monkeypatch.setattr(attention, "l2_bytes", small_l2)
+    launches = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    grouped = family.ours(x, {})()
+    ungrouped = family.ours(x, dict(ungrouped=True))()
+    [(_, grid_grouped, _, _), (_, grid_ungrouped, _, _)] = launches
+    heads = case["heads"]
+    assert grid_grouped[0] == 1 and grid_grouped[2] == heads and grid_ungrouped[::2] == (heads, 1)
+    assert torch.equal(grouped, ungrouped) and attention.l2_bytes is small_l2
+
+
 def test_budget_skips_what_does_not_fit(sweep):
     """An exhausted budget measures the peer of each shape and skips every candidate."""
     report = sweep.run([sweep.FAMILIES["ln_qkv"]], budget=1e-9, jobs=0, smoke=True, log=lambda line: None)
@@ -166,6 +185,8 @@ def _timed_launches(case: dict) -> dict:
         if cand["us"] is None:
             continue
         config = cand["config"]
+        if config.get("ungrouped"):   # the grid's order before head groups: no default launches it
+            continue
         config = {**then, **config} if case["kernel"] == "decode" else config or then
         launch = _canonical(case["kernel"], config)
         timed[launch] = min(cand["us"], timed.get(launch, float("inf")))

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_parts import (LOG2E, SEQ_CHUNK, _find_query_block, _grid_head, _load_head, _output_rows, _softmax_step,
-                              _store_new_rows, _store_rows, context_free_spec)
+from .attention_parts import (LOG2E, SEQ_CHUNK, _find_query_block, _grid_head, _load_head, _output_rows,
+                              _softmax_step, _store_new_rows, _store_rows, context_free_spec)
 from .attention_tiles import Tiles, _head_dim_pad
 from .device import INTERPRETED
 

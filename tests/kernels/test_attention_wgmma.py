@@ -215,12 +215,12 @@ def test_sweep_times_only_candidates_the_probe_ran_right(monkeypatch):
     monkeypatch.setattr(sweep, "CAPABILITY", 90)
     case = dict(model="opt-6.7b", heads=32, head_dim=128, batch=8, length=1024)
     timed = [Tiles(*c["tiles"]) for c in sweep.FAMILIES["prefill"].candidates(case, smoke=False)
-             if c and Tiles(*c["tiles"]).wgmma]
+             if "tiles" in c and Tiles(*c["tiles"]).wgmma]
     sweep.FAMILIES["prefill"].candidates(case, smoke=False)
     assert timed == [right] and len(calls) == 1
     head_80 = dict(case, model="opt-2.7b", head_dim=80)
     assert not [c for c in sweep.FAMILIES["prefill"].candidates(head_80, smoke=False)
-                if c and Tiles(*c["tiles"]).wgmma]
+                if "tiles" in c and Tiles(*c["tiles"]).wgmma]
 
 
 def test_sweep_goes_on_when_the_probe_itself_fails(monkeypatch):
@@ -237,7 +237,7 @@ def test_sweep_goes_on_when_the_probe_itself_fails(monkeypatch):
     monkeypatch.setattr(sweep, "CAPABILITY", 90)
     case = dict(model="opt-6.7b", heads=32, head_dim=128, batch=8, length=1024)
     candidates = sweep.FAMILIES["prefill"].candidates(case, smoke=False)
-    assert candidates and not [c for c in candidates if c and Tiles(*c["tiles"]).wgmma]
+    assert candidates and not [c for c in candidates if "tiles" in c and Tiles(*c["tiles"]).wgmma]
     assert sweep.WGMMA_PROBE["note"] == "the probe itself failed: OSError: no such file"
 
 

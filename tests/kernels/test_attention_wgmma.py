@@ -426,6 +426,28 @@ def test_matches_the_reference_in_the_uniform_layout(probed, monkeypatch, head_d
 
 @needs_hopper
 @pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4])
+def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, tiles):
+    """With an L2 too small for the batch the grid runs 6 heads in groups of 2 (grid (2, blocks,
+    3)): every head of every prompt matches the reference, in both block layouts."""
+    probed.require_right(head_dim, tiles)
+    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    lengths = [130, 129, 64, 127]
+    args, expected = context_free_case(lengths, 6, head_dim, torch.float16, seed=17, padding_tokens=5)
+    per_head = (sum(lengths) + 5) * head_dim * 2 * 2
+    monkeypatch.setattr(attention, "l2_bytes", lambda device: 5 * per_head)   # 2 heads fit half of it
+    fill_empty(monkeypatch, float("nan"))
+    rows = expected.shape[0]
+    for bound in (None, max(lengths)):
+        out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
+        _, grid, _, _ = launches.pop()
+        assert grid[0] == 2 and grid[2] == 3
+        assert torch.isfinite(out[:rows]).all()
+        atol, rtol = TOLERANCES[torch.float16]
+        torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4])
 def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
     """A prompt ending inside a key tile: the box holds the next prompt's values there, with
     weight 0; NaN in them must not reach this prompt (their rows are cleared, not multiplied)."""

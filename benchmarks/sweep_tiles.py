@@ -442,7 +442,7 @@ class LnQkv:
         if config:
             return config
         launch = ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], DTYPE, SMS, has_ln=True)
-        return dict(config=_launch(*launch[:5], **dict(zip(launch._fields[5:], launch[5:]))))
+        return dict(config=_trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5))
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
         return [self.resolve(c, cand) for cand in self.candidates(c, smoke)]

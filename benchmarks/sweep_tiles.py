@@ -40,7 +40,7 @@ import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/: loaded by path in the tests
 from device_time import try_graph_us  # noqa: E402
-from opt_fast.kernels import attention, attention_tiles, paged_decode
+from opt_fast.kernels import attention, attention_tiles, gemm_config, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
 ON_GPU = torch.cuda.is_available()
@@ -431,18 +431,20 @@ class LnQkv:
         tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA) if CAPABILITY >= 90 else []
         if skinny:
             table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP + tma
-        else:
-            table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP + tma
-        return [{}] + [dict(config=t) for t in table]
+            return [{}] + [dict(config=t) for t in table]
+        table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP + tma
+        # the default (normalize_first) with its LayerNorm launch in the chunked form it ran in
+        # before whole rows (the 2026-11-27 sweeps): what the one-tile form saves
+        return [{}, dict(chunked_ln=True)] + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []
 
     def resolve(self, c: dict, config: dict) -> dict:
-        if config:
+        if "config" in config:
             return config
         launch = ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], DTYPE, SMS, has_ln=True)
-        return dict(config=_trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5))
+        return dict(config=_trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5), **config)
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
         return [self.resolve(c, cand) for cand in self.candidates(c, smoke)]
@@ -465,7 +467,20 @@ class LnQkv:
                     w=rand(3 * h, h, scale=h ** -0.5), b=rand(3 * h, scale=0.1))
 
     def ours(self, x: dict, config: dict):
-        return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
+        config = dict(config)
+        if not config.pop("chunked_ln", False):
+            return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
+
+        def chunked():   # no row width held whole: the LayerNorm launch walks its rows in chunks
+            real = gemm_config._LN_ROW_TILE_MAX
+            gemm_config._LN_ROW_TILE_MAX = 0
+            gemm_config._ln_blocks.cache_clear()
+            try:
+                return ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
+            finally:
+                gemm_config._LN_ROW_TILE_MAX = real
+                gemm_config._ln_blocks.cache_clear()
+        return chunked
 
     def peer(self, x: dict):
         return lambda: F.linear(F.layer_norm(x["x"], x["x"].shape[-1:], x["ln_w"], x["ln_b"], EPS), x["w"], x["b"])
@@ -474,10 +489,16 @@ class LnQkv:
         return out
 
     def peer_parts(self, x: dict) -> dict:
-        """The pair's two launches alone: what a fused kernel has to beat on each side."""
+        """The pair's two launches alone, what a fused kernel has to beat on each side; and ours:
+        our LayerNorm launch, and our GEMM at the default launch's tiles and options on rows
+        already normalised (what normalize_first runs after it)."""
         h = F.layer_norm(x["x"], x["x"].shape[-1:], x["ln_w"], x["ln_b"], EPS)
+        (tokens, hidden), out = h.shape, x["w"].shape[0]
+        launch = tuple(ll.default_launch(tokens, out, hidden, DTYPE, SMS, has_ln=True))
         return {"layer_norm": lambda: F.layer_norm(x["x"], x["x"].shape[-1:], x["ln_w"], x["ln_b"], EPS),
-                "linear": lambda: F.linear(h, x["w"], x["b"])}
+                "linear": lambda: F.linear(h, x["w"], x["b"]),
+                "our layer_norm": lambda: ll.layer_norm(x["x"], x["ln_w"], x["ln_b"], EPS),
+                "our linear": lambda: ll.layernorm_linear(h, None, None, x["w"], x["b"], EPS, config=launch)}
 
     def bytes_moved(self, c: dict) -> int:
         h, t = c["hidden"], c["tokens"]
@@ -672,6 +693,15 @@ def _measure(family, x: dict, config: dict, ref: torch.Tensor) -> dict:
     return row
 
 
+def _part_us(fn) -> float | None:
+    """One launch of a shape's breakdown alone (family.peer_parts); None where it fails, which
+    costs the shape nothing else."""
+    try:
+        return round(gpu_us(fn), 2)
+    except Exception:
+        return None
+
+
 def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
                failed: dict | None = None) -> dict:
     """Every candidate of one shape until `deadline`; the peer first. A candidate in `failed`
@@ -685,7 +715,7 @@ def sweep_case(family, case: dict, deadline: float, smoke: bool, copy_bw: float,
         peer_us, result["peer_timing"] = gpu_time(peer)
         result["peer_us"] = round(peer_us, 2)
         result["peer_synced_us"] = round(synced_us(peer), 2)
-        result["peer_parts_us"] = {name: round(gpu_us(fn), 2) for name, fn in family.peer_parts(x).items()}
+        result["peer_parts_us"] = {name: _part_us(fn) for name, fn in family.peer_parts(x).items()}
     except Exception as err:   # e.g. out of memory: nothing to compare against
         result["error"] = _error_text(err)
         return result
@@ -844,7 +874,7 @@ def markdown(report: dict) -> str:
     lines += ["## Every timed candidate (us)", ""]
     for r in report["cases"]:
         timed = sorted((c for c in r["candidates"] if c["us"] is not None), key=lambda c: c["us"])
-        parts = "".join(f"; {name} alone {us:.1f}" for name, us in r.get("peer_parts_us", {}).items())
+        parts = "".join(f"; {name} alone {_fmt(us)}" for name, us in r.get("peer_parts_us", {}).items())
         lines.append(f"- {r['kernel']} {r['case']} (peer {_fmt(r.get('peer_us'))}{_mark(r.get('peer_timing'))}"
                      f"{parts}): " + ", ".join(f"{c['label']} {c['us']:.1f}{_mark(c.get('timing'))}" for c in timed))
     return "\n".join(lines) + "\n"

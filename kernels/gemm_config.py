@@ -16,6 +16,10 @@ from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 GROUP_M = 8
 _LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
+# The widest row (a power of two) the LayerNorm kernel holds whole, one row a program at 16
+# float64 values a thread: 8192 columns at 16 warps, past every OPT width (5120 at 13B).
+_LN_ROW_TILE_MAX = 8192
+_LN_VALUES_PER_THREAD = 16
 # Elements of x per warp in a chunk of the GEMM's LayerNorm-statistics pass (32 fp32 values a
 # thread): wide chunks for skinny M, so the pass takes few pipelined round trips to memory. Per
 # warp, not per program: a 16-row, 8-warp tile with 256-column chunks (16 values a thread)
@@ -26,11 +30,28 @@ _STATS_TILE = 2048   # elements of x per chunk of _row_stats_kernel: 16 fp32 val
 _REDUCE_BLOCK = 1024  # outputs per program of _split_k_reduce_kernel: 8 a thread at 4 warps
 
 
-def _ln_blocks(n: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the LayerNorm kernel: chunks of up to 1024 columns, and as many rows
-    as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program)."""
-    block_n = min(1024, _next_pow2(n))
-    return _LN_TILE // block_n, block_n
+class LnBlocks(NamedTuple):
+    """One launch of the LayerNorm kernel: rows and columns a program, warps, and whether a
+    program holds its rows whole (one_tile: read once, statistics from the registers) or walks
+    them in chunks of block_n columns (a statistics pass, then a normalising pass)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    one_tile: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _ln_blocks(n: int) -> LnBlocks:
+    """The LayerNorm launch for rows of n columns: whole rows where they fit _LN_ROW_TILE_MAX,
+    as many as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program), with
+    warps for _LN_VALUES_PER_THREAD values a thread; wider rows in chunks of 1024 columns.
+    Cached: it runs on every launch (tests that patch _LN_ROW_TILE_MAX clear it)."""
+    width = _next_pow2(n)
+    if width <= _LN_ROW_TILE_MAX:
+        block_m = max(1, _LN_TILE // width)
+        warps = max(4, block_m * width // (32 * _LN_VALUES_PER_THREAD))
+        return LnBlocks(block_m, width, warps, True)
+    return LnBlocks(_LN_TILE // 1024, 1024, 4, False)
 
 
 def _stats_blocks(k: int) -> tuple[int, int]:

@@ -160,7 +160,8 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
                        b_ptr,     # [N] beta, contiguous
                        out_ptr,   # [M, N] output, any strides
                        M, N, stride_xm, stride_xn, stride_om, stride_on, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+                       LAUNCH_DEPENDENTS: tl.constexpr):
     # LAUNCH_DEPENDENTS (sm_90+): the GEMM after it, a programmatic dependent launch, may start
     # now and prefetch its weights; it waits for this grid to finish before reading its output.
     if LAUNCH_DEPENDENTS:
@@ -170,23 +171,44 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
     # kernel is memory-bound, so on A100 / H100 the float64 math is hidden behind the loads.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xn, N, eps,
-                            BLOCK_M, BLOCK_N, tl.float64, 1)
-    # A program owns whole rows and reads each chunk before writing it, so the post-LN GEMM can
-    # normalise its output in place.
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    if ONE_TILE:
+        # BLOCK_N >= N: whole rows in registers, read once. Ahead of a decode-sized GEMM
+        # (normalize_first) the launch is one memory round trip instead of two per chunk (the
+        # statistics pass, then the normalising pass reading x again), which the GEMM waits out.
+        # Two-pass statistics from the registers: the exact mean, then the centred squares.
+        cols = tl.arange(0, BLOCK_N)
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
                     mask=mask, other=0.0).to(tl.float64)
+        inv_n = _recip_f64(tl.cast(N, tl.float64))
+        mean = tl.sum(x, axis=1) * inv_n
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = _rsqrt_f64(tl.sum(centred * centred, axis=1) * inv_n + eps)
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
         b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
-        y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
-        # via float32: there is no direct float64 -> bfloat16 conversion (and the extra
-        # rounding moves a 16-bit result by at most 2**-13 of its ulp)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        # via float32 as below; every load is done before the store, so out may alias x
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  y.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xn, N, eps,
+                                BLOCK_M, BLOCK_N, tl.float64, 1)
+        # A program owns whole rows and reads each chunk before writing it, so the post-LN GEMM
+        # can normalise its output in place.
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
+                        mask=mask, other=0.0).to(tl.float64)
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
+            b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
+            y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            # via float32: there is no direct float64 -> bfloat16 conversion (and the extra
+            # rounding moves a 16-bit result by at most 2**-13 of its ulp)
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                     y.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -494,10 +516,11 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
 
 def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False) -> None:
     m, n = x.shape
-    block_m, block_n = _ln_blocks(n)
-    _layer_norm_kernel[(_cdiv(m, block_m),)](
+    blocks = _ln_blocks(n)
+    _layer_norm_kernel[(_cdiv(m, blocks.block_m),)](
         x, weight, bias, out, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, LAUNCH_DEPENDENTS=launch_dependents, num_warps=4)
+        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
+        LAUNCH_DEPENDENTS=launch_dependents, num_warps=blocks.num_warps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -595,6 +618,8 @@ def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 # the widths the LayerNorm kernel sees: OPT hidden sizes (768 ... 5120), and 350m's 512
 _LN_WIDTHS = (512, 768, 1024, 2048, 2560, 4096, 5120)
+# and a width past _LN_ROW_TILE_MAX, for the chunked form no OPT width runs
+_LN_CHUNKED_WIDTHS = (16384,)
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (HAS_LN, RELU, HAS_RESIDUAL): the heaviest prologue and the heaviest epilogue. The decoder's
 # other combinations (LN alone, plain, ReLU alone) use the same or fewer registers than these
@@ -678,14 +703,17 @@ def compile_specs() -> list:
         ptr = f"*{t}"
         ln_sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
                       stride_xm="i32", stride_xn="constexpr", stride_om="i32", stride_on="constexpr",
-                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr", LAUNCH_DEPENDENTS="constexpr")
-        for block_m, block_n in sorted({_ln_blocks(n) for n in _LN_WIDTHS}):
+                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr", ONE_TILE="constexpr",
+                      LAUNCH_DEPENDENTS="constexpr")
+        for blocks in sorted({_ln_blocks(n) for n in _LN_WIDTHS + _LN_CHUNKED_WIDTHS}):
             for pdl, targets in _PDL_VARIANTS:
+                label = f"{t} {blocks.block_m}x{blocks.block_n} w{blocks.num_warps}" + " chunked" * (not blocks.one_tile)
                 specs.append(CompileSpec(
-                    _layer_norm_kernel, f"{t} {block_m}x{block_n}" + " pdl-next" * pdl, ln_sig,
-                    dict(BLOCK_M=block_m, BLOCK_N=block_n, LAUNCH_DEPENDENTS=pdl,
-                         **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
-                    divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=4, targets=targets))
+                    _layer_norm_kernel, label + " pdl-next" * pdl, ln_sig,
+                    dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
+                         LAUNCH_DEPENDENTS=pdl, **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
+                    divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=blocks.num_warps,
+                    targets=targets))
         stats_sig = dict(x_ptr=ptr, stats_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
                          stride_xk="constexpr", eps="fp32", BLOCK_M="constexpr", BLOCK_K="constexpr",
                          STAGES="constexpr", LAUNCH_DEPENDENTS="constexpr")

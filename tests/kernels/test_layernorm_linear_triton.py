@@ -84,14 +84,67 @@ def test_linear_residual_poisoned_strided_operands(dtype):
     check(out, naive_layer_norm(naive_linear(x, w, b) + residual.double().cpu(), ln_w, ln_b, EPS), dtype)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_layer_norm_rows_past_one_chunk(dtype):
-    """2500 columns: three 1024-column chunks, the last partial, merged per row; outlier rows
-    and a large common offset; the input a window into NaN."""
-    g = gen(2500)
-    x = poisoned_view(with_outliers(randn(5, 2500, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
-    w, b = ln_params(2500, g, dtype)
+@pytest.fixture
+def ln_row_tile_max(monkeypatch):
+    """Sets the widest row the LayerNorm kernel holds whole (0: every width chunked); the cached
+    launch choices are dropped with each change and once more before the value is restored."""
+    def set_max(value: int) -> None:
+        monkeypatch.setattr(gc, "_LN_ROW_TILE_MAX", value)
+        gc._ln_blocks.cache_clear()
+    yield set_max
+    gc._ln_blocks.cache_clear()
+
+
+def test_layer_norm_blocks():
+    """Every OPT width is held whole, one row a program at 16 values a thread; narrow rows share
+    a program; rows past 8192 columns go in 1024-column chunks."""
+    assert [tuple(gc._ln_blocks(n)) for n in (40, 768, 2560, 5120, 8192)] == [
+        (32, 64, 4, True), (2, 1024, 4, True), (1, 4096, 8, True), (1, 8192, 16, True), (1, 8192, 16, True)]
+    assert tuple(gc._ln_blocks(8193)) == (2, 1024, 4, False)
+
+
+def _layer_norm_rows(dtype, n):
+    g = gen(n)
+    x = poisoned_view(with_outliers(randn(5, n, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, b = ln_params(n, g, dtype)
     check(ll.layer_norm(x, w, b, EPS), naive_layer_norm(x, w, b, EPS), dtype, factor=1.0)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_layer_norm_rows_past_one_chunk(ln_row_tile_max, dtype):
+    """The chunked form at 2500 columns: three 1024-column chunks, the last partial, merged per
+    row; outlier rows and a large common offset; the input a window into NaN."""
+    ln_row_tile_max(0)
+    assert not gc._ln_blocks(2500).one_tile
+    _layer_norm_rows(dtype, 2500)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_layer_norm_whole_rows(dtype):
+    """The same rows held whole (a 4096-column tile, 1596 of them masked) at 8 warps."""
+    assert gc._ln_blocks(2500) == (1, 4096, 8, True)
+    _layer_norm_rows(dtype, 2500)
+
+
+def test_layer_norm_past_the_widest_tile():
+    """A width no OPT model has (8209, prime): the chunked form, without any patch."""
+    _layer_norm_rows(torch.float16, 8209)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_post_layernorm_in_place_in_both_forms(ln_row_tile_max, dtype):
+    """linear_residual_layernorm normalises the GEMM's output in place: whole rows, then
+    chunked rows of 1100 columns (two chunks, so each is read before it is written)."""
+    g = gen(1100)
+    x = randn(3, 37, g=g, dtype=dtype)
+    w, b = linear_params(37, 1100, g, dtype)
+    residual = randn(3, 1100, g=g, dtype=dtype, scale=3.0)
+    ln_w, ln_b = ln_params(1100, g, dtype)
+    expected = naive_layer_norm(naive_linear(x, w, b) + residual.double().cpu(), ln_w, ln_b, EPS)
+    for row_tile_max in (gc._LN_ROW_TILE_MAX, 1024):
+        ln_row_tile_max(row_tile_max)
+        assert gc._ln_blocks(1100).one_tile == (row_tile_max > 1024)
+        check(ll.linear_residual_layernorm(x, w, b, residual, ln_w, ln_b, EPS), expected, dtype)
 
 
 # Launch overrides as the tile sweep passes them: K = 600 spans several GEMM tiles and (except at
@@ -635,7 +688,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
     above)."""
     sweep = sweep_script()
     configs = [c["config"] for case in sweep.FAMILIES["ln_qkv"].cases(smoke=False)
-               for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if c]
+               for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if "config" in c]
     with_options = set()
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         built = ll._gemm_variants(dtype)

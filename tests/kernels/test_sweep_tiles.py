@@ -13,6 +13,7 @@ import torch
 
 from kernel_testing import record_launches, sweep_script
 from opt_fast.kernels import attention, paged_decode
+from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,10 @@ def test_smoke_sweep_writes_a_report_per_kernel(sweep, tmp_path):
         assert r["best_us"] == min(c["us"] for c in r["candidates"])
         assert r["speedup_vs_peer"] == pytest.approx(r["peer_us"] / r["best_us"], rel=1e-2)
         assert r["default_resolved"] and r["best_label"]
+    # LN+QKV times the torch pair's launches alone, and ours
+    [ln_qkv] = [r for r in report["cases"] if r["kernel"] == "ln_qkv"]
+    assert set(ln_qkv["peer_parts_us"]) == {"layer_norm", "linear", "our layer_norm", "our linear"}
+    assert all(us > 0 for us in ln_qkv["peer_parts_us"].values()), ln_qkv["peer_parts_us"]
     text = (tmp_path / "sweep.md").read_text()
     for heading in ("## decode", "## prefill", "## ln_qkv", "## Every timed candidate"):
         assert heading in text
@@ -131,6 +136,25 @@ def test_ungrouped_prefill_candidate_runs_one_head_group(sweep, monkeypatch):
     assert torch.equal(grouped, ungrouped) and attention.l2_bytes is small_l2
 
 
+def test_chunked_ln_candidate_runs_the_chunked_layernorm(sweep, monkeypatch):
+    """The LN+QKV candidate `chunked_ln` runs its launch with the LayerNorm launch in chunks (the
+    form before whole rows), where the same launch without it holds each row whole; same
+    results, and the launchers' width limit is its own again after the call. At 64 tokens it is
+    a candidate, and it resolves to the default launch it changes."""
+    family = sweep.FAMILIES["ln_qkv"]
+    case = dict(model="tiny", hidden=64, tokens=20)
+    x = family.inputs(case)
+    launches = record_launches(monkeypatch, ll, "_layer_norm_kernel")
+    first = dict(config=(32, 32, 32, 4, 2, 1, False, True))   # normalize_first: the LayerNorm launch
+    whole = family.ours(x, first)()
+    chunked = family.ours(x, dict(first, chunked_ln=True))()
+    assert [kwargs["ONE_TILE"] for _, _, _, kwargs in launches] == [True, False]
+    assert torch.equal(whole, chunked) and gc._LN_ROW_TILE_MAX == 8192 and gc._ln_blocks(64).one_tile
+    sixty_four = dict(model="opt-6.7b", hidden=4096, tokens=64)
+    assert dict(chunked_ln=True) in family.candidates(sixty_four, smoke=False)
+    assert family.resolve(sixty_four, dict(chunked_ln=True)) == dict(family.resolve(sixty_four, {}), chunked_ln=True)
+
+
 def test_budget_skips_what_does_not_fit(sweep):
     """An exhausted budget measures the peer of each shape and skips every candidate."""
     report = sweep.run([sweep.FAMILIES["ln_qkv"]], budget=1e-9, jobs=0, smoke=True, log=lambda line: None)
@@ -185,7 +209,9 @@ def _timed_launches(case: dict) -> dict:
         if cand["us"] is None:
             continue
         config = cand["config"]
-        if config.get("ungrouped"):   # the grid's order before head groups: no default launches it
+        # the grid's order before head groups, the LayerNorm launch before whole rows: a default
+        # launch runs neither
+        if config.get("ungrouped") or config.get("chunked_ln"):
             continue
         config = {**then, **config} if case["kernel"] == "decode" else config or then
         launch = _canonical(case["kernel"], config)

@@ -24,6 +24,7 @@ from .device import check_interpreter, check_triton_version  # noqa: E402
 check_triton_version(triton.__version__)
 
 from . import attention, kv_cache, layernorm_linear, paged_decode, sampling  # noqa: E402
+from .gemm_config import takes_ln_options  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ REPORTED_OPS = ("layernorm_linear", "prefill_attention", "paged_decode_attention
 
 
 def implementations(ops: KernelOps) -> dict[str, str]:
-    """"torch" or "triton" for each of REPORTED_OPS in `ops`."""
-    return {op: "torch" if getattr(ops, op).__name__.endswith("_ref") else "triton" for op in REPORTED_OPS}
+    """"torch", "triton", or an op's own account of a mix, for each of REPORTED_OPS in `ops`."""
+    def kind(fn: Callable) -> str:
+        return getattr(fn, "implementation", "torch" if fn.__name__.endswith("_ref") else "triton")
+    return {op: kind(getattr(ops, op)) for op in REPORTED_OPS}
 
 
 def triton_ops() -> KernelOps:
@@ -68,15 +71,36 @@ def triton_ops() -> KernelOps:
 
 
 # Ops that `auto` leaves to torch on CUDA because cuBLAS (F.linear) and F.layer_norm beat our
-# fused Triton GEMMs at every OPT shape measured: 0.23x-0.52x for LN+QKV, tokens 1-256, on an
-# H200 (benchmarks/results/2026-11-26-h200-kernels/kernels.md). `kernels="triton"` still runs them.
-CUBLAS_FASTER = ("layer_norm", "layernorm_linear", "linear_residual", "linear_residual_layernorm")
+# Triton GEMMs: at every OPT shape measured before the launch options, 0.23x-0.52x for LN+QKV,
+# tokens 1-256, on an H200 (benchmarks/results/2026-11-26-h200-kernels/kernels.md); out_proj and
+# fc2 run the same GEMM with no option. `kernels="triton"` still runs them. LN+QKV and LN+fc1
+# take the fused kernel where default_launch gives them the measured options (auto_layernorm_linear).
+CUBLAS_FASTER = ("layer_norm", "linear_residual", "linear_residual_layernorm")
+
+
+def auto_layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                          weight: torch.Tensor, bias: torch.Tensor, eps: float, relu: bool = False) -> torch.Tensor:
+    """`kernels="auto"`'s layernorm_linear: the fused Triton kernel behind a LayerNorm at up to
+    64 fp16 / bf16 rows (gemm_config.takes_ln_options: decode steps of up to 64 sequences), the
+    torch pair (F.layer_norm, then cuBLAS) otherwise. Measured for LN+QKV on an H200
+    (benchmarks/results/2026-11-27-h200-sweep, device time, the launch these defaults make):
+    1.24x / 1.20x / 1.20x the pair at 1 token for OPT-1.3B / 6.7B / 13B, 1.17x at 8, 1.15x /
+    1.09x / 1.02x at 64. fc1 (+ ReLU) streams its weight the same way at the same launch; not
+    timed on its own. Past 64 rows the GEMM takes no option, as when it ran 0.23x-0.52x the pair
+    (CUBLAS_FASTER)."""
+    if ln_weight is not None and takes_ln_options(x.shape[0], x.dtype, has_ln=True):
+        return layernorm_linear.layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps, relu)
+    return layernorm_linear.layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps, relu)
+
+
+auto_layernorm_linear.implementation = "triton up to 64 rows behind a LayerNorm, else torch"
 
 
 def get_ops(kind: str, device_type: str) -> KernelOps:
     """The op table for `kernels=kind`: "torch"; "triton" (every op a Triton kernel, interpreted
-    on CPU); "auto" (on CUDA: Triton for the KV write, both attentions and sampling, torch where
-    cuBLAS is faster (CUBLAS_FASTER) or no kernel is built; on CPU the torch reference, where the
+    on CPU); "auto" (on CUDA: Triton for the KV write, both attentions and sampling, and for
+    LN+QKV / LN+fc1 at up to 64 fp16 / bf16 rows (auto_layernorm_linear), torch where cuBLAS is
+    faster (CUBLAS_FASTER) or no kernel is built; on CPU the torch reference, where the
     interpreter would be far too slow)."""
     if kind == "torch" or (kind == "auto" and device_type != "cuda"):
         return TORCH_OPS
@@ -91,4 +115,7 @@ def get_ops(kind: str, device_type: str) -> KernelOps:
                                   "use kernels='torch' or 'auto'")
     if kind == "triton":
         return table
-    return replace(table, name="auto", **{op: getattr(TORCH_OPS, op) for op in set(missing) | set(CUBLAS_FASTER)})
+    chosen = {op: getattr(TORCH_OPS, op) for op in set(missing) | set(CUBLAS_FASTER)}
+    if "layernorm_linear" not in missing:
+        chosen["layernorm_linear"] = auto_layernorm_linear
+    return replace(table, name="auto", **chosen)

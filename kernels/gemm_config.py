@@ -246,13 +246,19 @@ _LN_SIXTY_FOUR = GemmConfig(64, 64, 128, 4, 3)
 _LN_OPTION_ROWS = 64
 
 
+def takes_ln_options(m: int, dtype: torch.dtype, has_ln: bool) -> bool:
+    """Whether default_launch gives an [m, k] GEMM the measured options above: behind a
+    LayerNorm, fp16 / bf16, at most 64 rows. There the fused LayerNorm + GEMM ran 1.02-1.24x
+    the torch pair; `kernels="auto"` takes it there and only there (kernels/__init__.py)."""
+    return has_ln and dtype != torch.float32 and m <= _LN_OPTION_ROWS
+
+
 @_launch_cache
 def default_launch(m: int, n: int, k: int, dtype: torch.dtype, sms: int = DEFAULT_SMS,
                    has_ln: bool = False) -> GemmLaunch:
-    """The launch (tiles and options) for an [m, k] x [k, n] GEMM from host-known shapes: with a
-    LayerNorm, fp16 / bf16 and at most 64 rows, the measured options above; else
-    default_config's tiles with none."""
-    if not has_ln or dtype == torch.float32 or m > _LN_OPTION_ROWS:
+    """The launch (tiles and options) for an [m, k] x [k, n] GEMM from host-known shapes: where
+    takes_ln_options, the measured options above; else default_config's tiles with none."""
+    if not takes_ln_options(m, dtype, has_ln):
         return GemmLaunch(*default_config(m, n, dtype, sms))
     if m > _LN_SKINNY.block_m:
         tiles = _cdiv(m, _LN_SIXTY_FOUR.block_m) * _cdiv(n, _LN_SIXTY_FOUR.block_n)

@@ -6,7 +6,8 @@ import torch
 
 from opt_testing import test_device
 from opt_fast import LLM, SamplingParams
-from opt_fast.kernels import CUBLAS_FASTER, TORCH_OPS, get_ops, triton_ops
+from opt_fast.kernels import CUBLAS_FASTER, TORCH_OPS, auto_layernorm_linear, get_ops, implementations, triton_ops
+from opt_fast.kernels import layernorm_linear as ll
 from test_parity_hf import PROMPTS, hf_greedy
 
 NEW_TOKENS = 6   # the interpreter runs every kernel in numpy: keep the decode short
@@ -37,14 +38,57 @@ def test_triton_model_matches_torch_and_hf(hf_checkpoint):
 
 
 def test_op_tables_by_kind():
-    """"triton": every op a Triton kernel; "auto" on CUDA: Triton except where cuBLAS is faster;
-    "auto" off CUDA and "torch": the references."""
+    """"triton": every op a Triton kernel; "auto" on CUDA: Triton except where cuBLAS is faster,
+    and the fused LayerNorm + GEMM only where it was measured faster; "auto" off CUDA and
+    "torch": the references."""
     assert get_ops("triton", "cuda") == triton_ops() and get_ops("triton", "cuda").name == "triton"
     auto = get_ops("auto", "cuda")
     for op in ("write_kv_cache", "prefill_attention", "paged_decode_attention", "sample"):
         assert getattr(auto, op) is getattr(triton_ops(), op) is not getattr(TORCH_OPS, op)
     assert CUBLAS_FASTER and all(getattr(auto, op) is getattr(TORCH_OPS, op) for op in CUBLAS_FASTER)
+    assert auto.layernorm_linear is auto_layernorm_linear
+    assert implementations(auto)["layernorm_linear"].startswith("triton up to 64 rows")
+    assert implementations(auto)["prefill_attention"] == "triton"
+    assert set(implementations(TORCH_OPS).values()) == {"torch"}
     assert get_ops("auto", "cpu") is TORCH_OPS and get_ops("torch", "cuda") is TORCH_OPS
+
+
+@pytest.mark.parametrize("rows,dtype,with_ln,fused", [
+    (1, torch.float16, True, True), (64, torch.float16, True, True), (64, torch.bfloat16, True, True),
+    (65, torch.float16, True, False), (64, torch.float32, True, False), (8, torch.float16, False, False)])
+def test_auto_layernorm_linear_takes_the_fused_kernel_where_it_was_measured_faster(monkeypatch, rows, dtype,
+                                                                                   with_ln, fused):
+    """Up to 64 fp16 / bf16 rows behind a LayerNorm (decode steps): the Triton launcher, with
+    every argument passed on; else the torch pair. The result is the chosen one's."""
+    calls = []
+
+    def recorder(name):
+        def run(*args):
+            calls.append((name, args))
+            return name
+        return run
+    monkeypatch.setattr(ll, "layernorm_linear", recorder("triton"))
+    monkeypatch.setattr(ll, "layernorm_linear_ref", recorder("torch"))
+    x, w = torch.randn(rows, 40).to(dtype), torch.randn(24, 40).to(dtype)
+    ln = (torch.ones(40, dtype=dtype), torch.zeros(40, dtype=dtype)) if with_ln else (None, None)
+    b = torch.zeros(24, dtype=dtype)
+    assert auto_layernorm_linear(x, *ln, w, b, 1e-5, relu=True) == ("triton" if fused else "torch")
+    [(_, args)] = calls
+    assert args[0] is x and args[1] is ln[0] and args[2] is ln[1] and args[3] is w and args[4] is b
+    assert args[5:] == (1e-5, True)
+
+
+def test_auto_layernorm_linear_runs_the_triton_kernel():
+    """The fused path as auto takes it (fp16, 5 rows, in the interpreter on CPU) against the pair."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 40, generator=g).half()
+    ln_w, ln_b = (torch.randn(40, generator=g) * 0.1 + 1).half(), (torch.randn(40, generator=g) * 0.1).half()
+    w, b = (torch.randn(24, 40, generator=g) * 40 ** -0.5).half(), (torch.randn(24, generator=g) * 0.2).half()
+    if torch.cuda.is_available():
+        x, ln_w, ln_b, w, b = (t.cuda() for t in (x, ln_w, ln_b, w, b))
+    fused = auto_layernorm_linear(x, ln_w, ln_b, w, b, 1e-5, relu=True)
+    pair = ll.layernorm_linear_ref(x.float(), ln_w.float(), ln_b.float(), w.float(), b.float(), 1e-5, relu=True)
+    torch.testing.assert_close(fused.float(), pair, atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no CUDA")

@@ -345,7 +345,8 @@ def _launch(*tiles, **options) -> tuple:
 
 
 class LnQkv:
-    """Fused LayerNorm + QKV projection against F.layer_norm then F.linear (cuBLAS)."""
+    """Fused LayerNorm + QKV projection (and LayerNorm + fc1 + ReLU) against F.layer_norm then
+    F.linear (cuBLAS; fc1 with the ReLU in its epilogue)."""
     name, peer_name = "ln_qkv", "layer_norm+linear"
     HIDDEN = {"opt-1.3b": 2048, "opt-6.7b": 4096, "opt-13b": 5120}
     # (block_m, block_n, block_k, num_warps, num_stages): weight-streaming shapes for skinny M
@@ -416,16 +417,25 @@ class LnQkv:
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
             return [dict(model="tiny", hidden=64, tokens=5)]
-        return [dict(model=m, hidden=h, tokens=t) for t in (1, 8, 64) for m, h in self.HIDDEN.items()]
+        qkv = [dict(model=m, hidden=h, tokens=t) for t in (1, 8, 64) for m, h in self.HIDDEN.items()]
+        # LN + fc1 + ReLU (4 x hidden outputs), which kernels="auto" runs at the same launches
+        # up to 64 rows: the default alone beside its torch pair (the ReLU in cuBLASLt's epilogue)
+        return qkv + [dict(model=m, hidden=h, tokens=t, fc1=True) for t in (1, 64) for m, h in self.HIDDEN.items()]
+
+    @staticmethod
+    def _out(c: dict) -> int:
+        return (4 if c.get("fc1") else 3) * c["hidden"]
 
     def case_name(self, c: dict) -> str:
-        return f"{c['model']} tokens={c['tokens']}"
+        return f"{c['model']} tokens={c['tokens']}" + " fc1" * bool(c.get("fc1"))
 
     def candidates(self, c: dict, smoke: bool) -> list[dict]:
         if smoke:
             return [{}, dict(config=(16, 32, 32, 4, 2)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True))]
+        if c.get("fc1"):
+            return [{}]
         skinny = c["tokens"] <= 16
         # (tma only on sm_90+: elsewhere the launcher runs those as pointer loads, duplicates)
         tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA) if CAPABILITY >= 90 else []
@@ -443,7 +453,7 @@ class LnQkv:
     def resolve(self, c: dict, config: dict) -> dict:
         if "config" in config:
             return config
-        launch = ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], DTYPE, SMS, has_ln=True)
+        launch = ll.default_launch(c["tokens"], self._out(c), c["hidden"], DTYPE, SMS, has_ln=True)
         return dict(config=_trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5), **config)
 
     def compile_variants(self, c: dict, smoke: bool) -> list[dict]:
@@ -451,8 +461,8 @@ class LnQkv:
 
     def compile_group(self, c: dict):
         # The JIT specialises M (1 is a constant, 64 a multiple of 16); every OPT width is a
-        # multiple of 16, so the smallest hidden size compiles for all of them.
-        return (c["tokens"],)
+        # multiple of 16, so the smallest hidden size compiles for all of them; fc1 adds the ReLU.
+        return (c["tokens"],) + (("fc1",) if c.get("fc1") else ())
 
     def compile_unit(self, config: dict):
         return json.dumps(config)
@@ -463,27 +473,30 @@ class LnQkv:
 
         def rand(*shape, scale=1.0):
             return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(DTYPE)
+        out = self._out(dict(c, hidden=h))
         return dict(x=rand(t, h), ln_w=rand(h, scale=0.1) + 1, ln_b=rand(h, scale=0.1),
-                    w=rand(3 * h, h, scale=h ** -0.5), b=rand(3 * h, scale=0.1))
+                    w=rand(out, h, scale=h ** -0.5), b=rand(out, scale=0.1), relu=bool(c.get("fc1")))
 
     def ours(self, x: dict, config: dict):
         config = dict(config)
         if not config.pop("chunked_ln", False):
-            return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
+            return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, x["relu"], **config)
 
         def chunked():   # no row width held whole: the LayerNorm launch walks its rows in chunks
             real = gemm_config._LN_ROW_TILE_MAX
             gemm_config._LN_ROW_TILE_MAX = 0
             gemm_config._ln_blocks.cache_clear()
             try:
-                return ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, **config)
+                return ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, x["relu"], **config)
             finally:
                 gemm_config._LN_ROW_TILE_MAX = real
                 gemm_config._ln_blocks.cache_clear()
         return chunked
 
     def peer(self, x: dict):
-        return lambda: F.linear(F.layer_norm(x["x"], x["x"].shape[-1:], x["ln_w"], x["ln_b"], EPS), x["w"], x["b"])
+        # what kernels="auto" runs past 64 rows: F.layer_norm, then F.linear (fc1: with the ReLU
+        # in cuBLASLt's bias epilogue)
+        return lambda: ll.layernorm_linear_ref(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, x["relu"])
 
     def as_peer_layout(self, out: torch.Tensor, x: dict) -> torch.Tensor:
         return out
@@ -496,16 +509,17 @@ class LnQkv:
         (tokens, hidden), out = h.shape, x["w"].shape[0]
         launch = tuple(ll.default_launch(tokens, out, hidden, DTYPE, SMS, has_ln=True))
         return {"layer_norm": lambda: F.layer_norm(x["x"], x["x"].shape[-1:], x["ln_w"], x["ln_b"], EPS),
-                "linear": lambda: F.linear(h, x["w"], x["b"]),
+                "linear": lambda: ll.layernorm_linear_ref(h, None, None, x["w"], x["b"], EPS, x["relu"]),
                 "our layer_norm": lambda: ll.layer_norm(x["x"], x["ln_w"], x["ln_b"], EPS),
-                "our linear": lambda: ll.layernorm_linear(h, None, None, x["w"], x["b"], EPS, config=launch)}
+                "our linear": lambda: ll.layernorm_linear(h, None, None, x["w"], x["b"], EPS, x["relu"],
+                                                          config=launch)}
 
     def bytes_moved(self, c: dict) -> int:
-        h, t = c["hidden"], c["tokens"]
-        return (3 * h * h + 3 * h + 2 * h + t * h + t * 3 * h) * DTYPE.itemsize
+        h, t, out = c["hidden"], c["tokens"], self._out(c)
+        return (out * h + out + 2 * h + t * h + t * out) * DTYPE.itemsize
 
     def flops(self, c: dict) -> int:
-        return 2 * c["tokens"] * 3 * c["hidden"] * c["hidden"]
+        return 2 * c["tokens"] * self._out(c) * c["hidden"]
 
 
 FAMILIES = {f.name: f for f in (Decode(), Prefill(), LnQkv())}

@@ -155,6 +155,26 @@ def test_chunked_ln_candidate_runs_the_chunked_layernorm(sweep, monkeypatch):
     assert family.resolve(sixty_four, dict(chunked_ln=True)) == dict(family.resolve(sixty_four, {}), chunked_ln=True)
 
 
+def test_fc1_cases_time_the_default_with_relu_against_the_torch_pair(sweep):
+    """The LN+QKV family's fc1 cases: 4 x hidden outputs and the ReLU on both sides, the default
+    launch alone (resolved at fc1's width), its own compile group (the ReLU variant)."""
+    family = sweep.FAMILIES["ln_qkv"]
+    fc1 = [c for c in family.cases(smoke=False) if c.get("fc1")]
+    assert {(c["model"], c["tokens"]) for c in fc1} == {(m, t) for m in family.HIDDEN for t in (1, 64)}
+    case = fc1[-1]
+    assert family.case_name(case) == "opt-13b tokens=64 fc1" and family.candidates(case, smoke=False) == [{}]
+    launch = ll.default_launch(64, 4 * 5120, 5120, sweep.DTYPE, sweep.SMS, has_ln=True)
+    assert family.resolve(case, {})["config"] == sweep._trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5)
+    assert family.compile_group(case) != family.compile_group(dict(case, fc1=False))
+    tiny = dict(model="tiny", hidden=48, tokens=3, fc1=True)
+    x = family.inputs(tiny)
+    assert x["w"].shape == (192, 48) and x["relu"]
+    out, ref = family.ours(x, dict(config=(16, 32, 32, 4, 2)))(), family.peer(x)()
+    assert out.shape == (3, 192) and (ref >= 0).all() and (ref == 0).any()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert family.bytes_moved(tiny) == (192 * 48 + 192 + 2 * 48 + 3 * 48 + 3 * 192) * sweep.DTYPE.itemsize
+
+
 def test_budget_skips_what_does_not_fit(sweep):
     """An exhausted budget measures the peer of each shape and skips every candidate."""
     report = sweep.run([sweep.FAMILIES["ln_qkv"]], budget=1e-9, jobs=0, smoke=True, log=lambda line: None)
@@ -196,7 +216,8 @@ def _new_default(case: dict) -> tuple:
         config = dict(tiles=attention.default_tiles(c["head_dim"], fp16, c["batch"] * c["length"], c["batch"], 90,
                                                     context_free=True))
     else:
-        config = dict(config=ll.default_launch(c["tokens"], 3 * c["hidden"], c["hidden"], fp16, 132, has_ln=True))
+        out = (4 if c.get("fc1") else 3) * c["hidden"]   # fc1 cases: 4 x hidden outputs
+        config = dict(config=ll.default_launch(c["tokens"], out, c["hidden"], fp16, 132, has_ln=True))
     return _canonical(case["kernel"], config)
 
 

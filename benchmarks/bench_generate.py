@@ -7,13 +7,17 @@ graphs for decode where the engine uses them (its default on CUDA). `--modes` ru
 mode named, for each size (HF once), one row per run, so one report compares them: `default`,
 `eager` (enforce_eager=True), `async` (async_scheduling=True), and `triton` / `triton-async`
 (kernels="triton": the linear layers too run our fused Triton GEMMs, which `auto` leaves to
-cuBLAS, so the two rows tell whether the fusions pay off in whole decode steps). Writes a
-markdown table and a JSON file to --out.
+cuBLAS past the LayerNorm GEMMs of small batches, so the rows tell whether the fusions pay off
+in whole decode steps), and `cublas-linears` (the defaults with every LayerNorm GEMM through
+torch/cuBLAS, as `auto` ran them before it took the fused kernel at up to 64 rows: beside
+`default`, what that choice is worth end to end). Writes a markdown table and a JSON file to
+--out.
 Run: `python benchmarks/bench_generate.py --sizes opt-125m opt-1.3b --modes default eager async`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import tempfile
@@ -32,7 +36,22 @@ from opt_fast.demo import write_random_checkpoint
 
 # opt_fast runs by name: the engine keyword arguments each adds to its defaults
 MODES = {"default": {}, "eager": dict(enforce_eager=True), "async": dict(async_scheduling=True),
-         "triton": dict(kernels="triton"), "triton-async": dict(kernels="triton", async_scheduling=True)}
+         "triton": dict(kernels="triton"), "triton-async": dict(kernels="triton", async_scheduling=True),
+         "cublas-linears": dict(cublas_linears=True)}
+
+
+@contextlib.contextmanager
+def ln_gemms_on_cublas(on: bool):
+    """With `on`, kernels="auto" runs LN+QKV and LN+fc1 through torch/cuBLAS at every batch size
+    (its fused-kernel rule, kernels.takes_ln_options, says no) until the block ends."""
+    import opt_fast.kernels as kernels
+    real = kernels.takes_ln_options
+    if on:
+        kernels.takes_ln_options = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        kernels.takes_ln_options = real
 
 
 def _sync(device: str) -> None:
@@ -67,18 +86,20 @@ def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str
     """(seconds, outputs) of one timed `LLM.generate(prompts)` after one warm-up call per entry
     of `warmups` (lists of prompts). Warm-up prompts must not share blocks with the timed ones,
     or the timed run would reuse them from the prefix cache."""
-    llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
-              max_num_seqs=len(prompts), **engine_kwargs)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    for warmup in warmups:
-        llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    _sync(device)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    del llm
-    _release()
+    cublas_linears = engine_kwargs.pop("cublas_linears", False)
+    with ln_gemms_on_cublas(cublas_linears):   # from the decode graphs' capture on
+        llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
+                  max_num_seqs=len(prompts), **engine_kwargs)
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        for warmup in warmups:
+            llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        _sync(device)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        del llm
+        _release()
     return elapsed, outs
 
 
@@ -118,7 +139,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["default"],
                         help="opt_fast runs, one row each: its defaults (CUDA graphs on CUDA), "
                              "enforce_eager=True, async_scheduling=True, kernels='triton' without and "
-                             "with async_scheduling")
+                             "with async_scheduling, the defaults with the LayerNorm GEMMs on cuBLAS")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, so the script cannot rot")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +197,8 @@ def write_report(out_dir: Path, rows: list, args, card: str, device: str, dtype:
              f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, {dtype}.", "",
              "Modes: `default` is opt_fast's defaults (CUDA graphs for decode on CUDA), `eager` "
              "enforce_eager=True, `async` async_scheduling=True; `triton` and `triton-async` run every "
-             f"op as a Triton kernel (kernels='triton': {kernels_summary('triton', device)}).", "",
+             f"op as a Triton kernel (kernels='triton': {kernels_summary('triton', device)}); "
+             "`cublas-linears` the defaults with LN+QKV and LN+fc1 through torch/cuBLAS at every batch size.", "",
              "| size | mode | opt_fast tok/s | HF tok/s | opt_fast / HF | first-16 greedy agreement |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['size']} | {r['mode']} | {r['opt_fast_tok_s']} | {r['hf_tok_s']} | "

@@ -7,7 +7,8 @@
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark; wall time per call
 #             and device time from CUDA graph replays), 4 x 34 s
 #   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
-#             "default async triton triton-async" for every op in Triton) against HF generate,
+#             "default async triton triton-async" for every op in Triton, "default cublas-linears"
+#             for what auto's fused LayerNorm GEMMs are worth) against HF generate,
 #             100 s (GENERATE_TIMEOUT); GENERATE_ARGS adds bench_generate options, e.g.
 #             "--num-prompts 256" for the batch a throughput user runs
 #   serve     opt-fast bench (TTFT/TPOT) on OPT-1.3B, all at once and at 32 requests/s, then the

@@ -473,18 +473,36 @@ def test_progress_bars_on_a_terminal_unless_json(capsys, monkeypatch, tiny_model
 
 def test_bench_generate_smoke(tmp_path):
     done = run("benchmarks/bench_generate.py", "--smoke", "--sizes", "opt-350m", "--num-prompts", "2",
-               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "triton",
+               "--input-len", "8", "--output-len", "3", "--modes", "default", "async", "triton", "cublas-linears",
                "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench_generate.json").read_text())
     assert [(r["size"], r["mode"]) for r in report["rows"]] == [("opt-350m", "default"), ("opt-350m", "async"),
-                                                                ("opt-350m", "triton")]
+                                                                ("opt-350m", "triton"), ("opt-350m", "cublas-linears")]
     assert all(r["opt_fast_tok_s"] > 0 for r in report["rows"])
     # the triton mode ran the Triton kernels (the interpreter here) and matched HF's greedy tokens
     assert report["rows"][2]["first16_greedy_agreement"] == 1.0
     assert "`triton` and `triton-async` run every op as a Triton kernel (kernels='triton': layernorm_linear: " \
            "triton" in (tmp_path / "bench_generate.md").read_text()
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")
+
+
+def test_bench_generate_cublas_linears_mode_turns_the_fused_rule_off_for_its_run():
+    """`cublas-linears`: inside the run, auto's LayerNorm GEMMs go to torch at every size (where
+    the fused kernel would take 8 fp16 rows); after it, the rule is the kernels' own again."""
+    import importlib.util
+    import opt_fast.kernels as kernels
+    spec = importlib.util.spec_from_file_location("bench_generate_under_test", REPO / "benchmarks" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = kernels.takes_ln_options
+    assert real(8, torch.float16, True)
+    with bench.ln_gemms_on_cublas(False):
+        assert kernels.takes_ln_options is real
+    with bench.ln_gemms_on_cublas(True):
+        assert not kernels.takes_ln_options(8, torch.float16, True)
+    assert kernels.takes_ln_options is real
+    assert bench.MODES["cublas-linears"] == dict(cublas_linears=True)
 
 
 def test_bench_launch_overhead_smoke(tmp_path):

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-from .device import check_interpreter, check_triton_version  # noqa: E402
+from .device import check_interpreter, check_triton_version, nvidia_capability  # noqa: E402
 
 check_triton_version(triton.__version__)
 
@@ -76,24 +76,30 @@ def triton_ops() -> KernelOps:
 # fc2 run the same GEMM with no option. `kernels="triton"` still runs them. LN+QKV and LN+fc1
 # take the fused kernel where default_launch gives them the measured options (auto_layernorm_linear).
 CUBLAS_FASTER = ("layer_norm", "linear_residual", "linear_residual_layernorm")
+_MEASURED_CAPABILITY = 90   # Hopper: the H100 / H200 the fused LayerNorm GEMMs were timed on
 
 
 def auto_layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                           weight: torch.Tensor, bias: torch.Tensor, eps: float, relu: bool = False) -> torch.Tensor:
     """`kernels="auto"`'s layernorm_linear: the fused Triton kernel behind a LayerNorm at up to
-    64 fp16 / bf16 rows (gemm_config.takes_ln_options: decode steps of up to 64 sequences), the
-    torch pair (F.layer_norm, then cuBLAS) otherwise. Measured for LN+QKV on an H200
-    (benchmarks/results/2026-11-27-h200-sweep, device time, the launch these defaults make):
-    1.24x / 1.20x / 1.20x the pair at 1 token for OPT-1.3B / 6.7B / 13B, 1.17x at 8, 1.15x /
-    1.09x / 1.02x at 64. fc1 (+ ReLU) streams its weight the same way at the same launch; not
-    timed on its own. Past 64 rows the GEMM takes no option, as when it ran 0.23x-0.52x the pair
-    (CUBLAS_FASTER)."""
-    if ln_weight is not None and takes_ln_options(x.shape[0], x.dtype, has_ln=True):
+    64 fp16 / bf16 rows (gemm_config.takes_ln_options: decode steps of up to 64 sequences) on
+    Hopper (sm_90), the torch pair (F.layer_norm, then cuBLAS) otherwise. Measured for LN+QKV on
+    an H200 (benchmarks/results/2026-11-27-h200-sweep, device time, the launches these defaults
+    make): 1.24x / 1.20x / 1.20x the pair at 1 token for OPT-1.3B / 6.7B / 13B, 1.17x at 8,
+    1.15x / 1.09x / 1.02x at 64. fc1 (+ ReLU) streams its weight the same way at the same
+    launch; not timed on its own. Past 64 rows the GEMM takes no option, as when it ran
+    0.23x-0.52x the pair (CUBLAS_FASTER). Only sm_90, the cards it was measured on: on an A100
+    the options lose their Hopper parts (no TMA, no programmatic dependent launch), and no run
+    has timed what is left there or on later cards. (The interpreter, which the launchers treat
+    as an sm_90, takes the kernel too: the tests run it so.)"""
+    capability = nvidia_capability(x.device)
+    if (ln_weight is not None and takes_ln_options(x.shape[0], x.dtype, has_ln=True)
+            and capability in (None, _MEASURED_CAPABILITY)):
         return layernorm_linear.layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps, relu)
     return layernorm_linear.layernorm_linear_ref(x, ln_weight, ln_bias, weight, bias, eps, relu)
 
 
-auto_layernorm_linear.implementation = "triton up to 64 rows behind a LayerNorm, else torch"
+auto_layernorm_linear.implementation = "triton up to 64 rows behind a LayerNorm on sm_90, else torch"
 
 
 def get_ops(kind: str, device_type: str) -> KernelOps:

@@ -7,6 +7,7 @@ import torch
 from opt_testing import test_device
 from opt_fast import LLM, SamplingParams
 from opt_fast.kernels import CUBLAS_FASTER, TORCH_OPS, auto_layernorm_linear, get_ops, implementations, triton_ops
+from opt_fast import kernels as kernels_module
 from opt_fast.kernels import layernorm_linear as ll
 from test_parity_hf import PROMPTS, hf_greedy
 
@@ -76,6 +77,19 @@ def test_auto_layernorm_linear_takes_the_fused_kernel_where_it_was_measured_fast
     [(_, args)] = calls
     assert args[0] is x and args[1] is ln[0] and args[2] is ln[1] and args[3] is w and args[4] is b
     assert args[5:] == (1e-5, True)
+
+
+@pytest.mark.parametrize("capability,fused", [(90, True), (None, True), (80, False), (100, False), (0, False)])
+def test_auto_layernorm_linear_takes_the_fused_kernel_only_on_the_cards_it_was_measured_on(monkeypatch, capability,
+                                                                                          fused):
+    """Hopper (sm_90) and the interpreter (which the launchers treat as one) take the kernel; an
+    A100, later cards and ROCm keep the torch pair, untimed with the fused kernel."""
+    monkeypatch.setattr(kernels_module, "nvidia_capability", lambda device: capability)
+    monkeypatch.setattr(ll, "layernorm_linear", lambda *args: "triton")
+    monkeypatch.setattr(ll, "layernorm_linear_ref", lambda *args: "torch")
+    x, w = torch.randn(8, 40).half(), torch.randn(24, 40).half()
+    ln_w, ln_b, b = torch.ones(40).half(), torch.zeros(40).half(), torch.zeros(24).half()
+    assert auto_layernorm_linear(x, ln_w, ln_b, w, b, 1e-5) == ("triton" if fused else "torch")
 
 
 def test_auto_layernorm_linear_runs_the_triton_kernel():

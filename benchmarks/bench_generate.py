@@ -75,10 +75,11 @@ def model_config(size: str, smoke: bool):
     return config
 
 
-def _kernels_and_options(mode: str, kernels: str) -> tuple[str, dict]:
-    """(kernels, the other engine options) of `mode`; `kernels` unless the mode names its own."""
+def mode_options(mode: str, kernels: str) -> tuple[str, dict, contextlib.AbstractContextManager]:
+    """(kernels, the other engine options, the context the run goes in: ln_gemms_on_cublas) of
+    `mode`; `kernels` unless the mode names its own."""
     options = dict(MODES[mode])
-    return options.pop("kernels", kernels), options
+    return options.pop("kernels", kernels), options, ln_gemms_on_cublas(options.pop("cublas_linears", False))
 
 
 def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str, kv_blocks: int,
@@ -86,20 +87,18 @@ def bench_opt_fast(ckpt: Path, prompts, output_len: int, device: str, dtype: str
     """(seconds, outputs) of one timed `LLM.generate(prompts)` after one warm-up call per entry
     of `warmups` (lists of prompts). Warm-up prompts must not share blocks with the timed ones,
     or the timed run would reuse them from the prefix cache."""
-    cublas_linears = engine_kwargs.pop("cublas_linears", False)
-    with ln_gemms_on_cublas(cublas_linears):   # from the decode graphs' capture on
-        llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
-                  max_num_seqs=len(prompts), **engine_kwargs)
-        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-        for warmup in warmups:
-            llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-        _sync(device)
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        del llm
-        _release()
+    llm = LLM(str(ckpt), device=device, dtype=dtype, kernels=kernels, num_kv_blocks=kv_blocks,
+              max_num_seqs=len(prompts), **engine_kwargs)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    for warmup in warmups:
+        llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    _sync(device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del llm
+    _release()
     return elapsed, outs
 
 
@@ -160,9 +159,11 @@ def main() -> None:
             write_s = time.perf_counter() - t0
             ours = []
             for mode in args.modes:
-                kernels, options = _kernels_and_options(mode, args.kernels)
-                ours.append(bench_opt_fast(ckpt, prompts, args.output_len, device, str(dtype).removeprefix("torch."),
-                                           kv_blocks, kernels, [warmup], **options))
+                kernels, options, context = mode_options(mode, args.kernels)
+                with context:   # from the decode graphs' capture on
+                    ours.append(bench_opt_fast(ckpt, prompts, args.output_len, device,
+                                               str(dtype).removeprefix("torch."), kv_blocks, kernels, [warmup],
+                                               **options))
             ours = [(seconds, [o.outputs[0].token_ids for o in outs]) for seconds, outs in ours]
             hf_s, hf_tokens = bench_hf(ckpt, prompts, args.output_len, device, dtype)
         generated = args.num_prompts * args.output_len

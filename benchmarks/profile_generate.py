@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_generate import MODES, model_config
+from bench_generate import MODES, mode_options, model_config
 from opt_fast import LLM, SamplingParams
 from opt_fast.bench import card_name
 from opt_fast.demo import write_random_checkpoint
@@ -43,8 +43,13 @@ def profile_mode(ckpt: Path, prompts: list, output_len: int, device: str, dtype:
     """Profile one timed `LLM.generate(prompts)` of `mode` (bench_generate.MODES) after a warm-up."""
     on_gpu = device == "cuda"
     blocks = len(prompts) * -(-(len(prompts[0]) + output_len) // 16) + 16
-    llm = LLM(str(ckpt), device=device, dtype=dtype, num_kv_blocks=blocks, max_num_seqs=len(prompts),
-              **MODES[mode])
+    kernels, options, context = mode_options(mode, "auto")
+    with context:   # the whole run, from the decode graphs' capture on
+        return _profile(LLM(str(ckpt), device=device, dtype=dtype, num_kv_blocks=blocks, max_num_seqs=len(prompts),
+                            kernels=kernels, **options), prompts, output_len, on_gpu, mode, top)
+
+
+def _profile(llm: LLM, prompts: list, output_len: int, on_gpu: bool, mode: str, top: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     # a warm-up of other prompts (the timed ones must not come from the prefix cache)
     warmup = [[2] + [5 + (i + j) % 40000 for j in range(len(prompts[0]) - 1)] for i in range(2)]

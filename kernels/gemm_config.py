@@ -15,9 +15,12 @@ from .device import DEFAULT_SMS, INTERPRETED
 from .launch_math import cdiv as _cdiv, next_pow2 as _next_pow2
 
 GROUP_M = 8
-_LN_TILE = 2048    # elements of x per LayerNorm program: 16 float64 values a thread at 4 warps
+# Elements of x per LayerNorm program, at least (16 float64 values a thread at 4 warps): rows
+# narrower than it share a program; a wider row held whole is one program at more warps.
+_LN_TILE = 2048
 # The widest row (a power of two) the LayerNorm kernel holds whole, one row a program at 16
-# float64 values a thread: 8192 columns at 16 warps, past every OPT width (5120 at 13B).
+# float64 values a thread: 8192 columns at 16 warps, past every width of the sizes this project
+# serves (5120 at 13B; OPT-66B's 9216 would run the chunked form).
 _LN_ROW_TILE_MAX = 8192
 _LN_VALUES_PER_THREAD = 16
 # Elements of x per warp in a chunk of the GEMM's LayerNorm-statistics pass (32 fp32 values a

@@ -618,7 +618,7 @@ def linear_residual_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 # the widths the LayerNorm kernel sees: OPT hidden sizes (768 ... 5120), and 350m's 512
 _LN_WIDTHS = (512, 768, 1024, 2048, 2560, 4096, 5120)
-# and a width past _LN_ROW_TILE_MAX, for the chunked form no OPT width runs
+# and a width past _LN_ROW_TILE_MAX, for the chunked form none of those runs
 _LN_CHUNKED_WIDTHS = (16384,)
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (HAS_LN, RELU, HAS_RESIDUAL): the heaviest prologue and the heaviest epilogue. The decoder's

@@ -92,8 +92,20 @@ def test_auto_layernorm_linear_takes_the_fused_kernel_only_on_the_cards_it_was_m
     assert auto_layernorm_linear(x, ln_w, ln_b, w, b, 1e-5) == ("triton" if fused else "torch")
 
 
-def test_auto_layernorm_linear_runs_the_triton_kernel():
-    """The fused path as auto takes it (fp16, 5 rows, in the interpreter on CPU) against the pair."""
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="auto takes the fused kernel on sm_90 (and in the interpreter) only")
+def test_auto_layernorm_linear_runs_the_triton_kernel(monkeypatch):
+    """The fused path as auto takes it (fp16, 5 rows, in the interpreter on CPU) against the pair:
+    the GEMM kernel launched, and the torch pair never ran."""
+    launches, kernel = [], ll._fused_linear_kernel
+
+    class Recording:   # the GEMM kernel, each launch's grid noted
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(ll, "_fused_linear_kernel", Recording())
+    real_ref = ll.layernorm_linear_ref
+    monkeypatch.setattr(ll, "layernorm_linear_ref", lambda *args: pytest.fail("auto ran the torch pair"))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(5, 40, generator=g).half()
     ln_w, ln_b = (torch.randn(40, generator=g) * 0.1 + 1).half(), (torch.randn(40, generator=g) * 0.1).half()
@@ -101,7 +113,8 @@ def test_auto_layernorm_linear_runs_the_triton_kernel():
     if torch.cuda.is_available():
         x, ln_w, ln_b, w, b = (t.cuda() for t in (x, ln_w, ln_b, w, b))
     fused = auto_layernorm_linear(x, ln_w, ln_b, w, b, 1e-5, relu=True)
-    pair = ll.layernorm_linear_ref(x.float(), ln_w.float(), ln_b.float(), w.float(), b.float(), 1e-5, relu=True)
+    assert len(launches) == 1
+    pair = real_ref(x.float(), ln_w.float(), ln_b.float(), w.float(), b.float(), 1e-5, relu=True)
     torch.testing.assert_close(fused.float(), pair, atol=4e-3, rtol=4e-3)
 
 

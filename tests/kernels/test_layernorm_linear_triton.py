@@ -103,36 +103,41 @@ def test_layer_norm_blocks():
     assert tuple(gc._ln_blocks(8193)) == (2, 1024, 4, False)
 
 
-def _layer_norm_rows(dtype, n):
+def _layer_norm_rows(monkeypatch, dtype, n) -> dict:
+    """LayerNorm of 5 rows of n columns (outliers, a large common offset, a window into NaN)
+    against float64; returns the launch's options (ONE_TILE, BLOCK_N, num_warps, ...)."""
+    launches = record_launches(monkeypatch, "_layer_norm_kernel")
     g = gen(n)
     x = poisoned_view(with_outliers(randn(5, n, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
     w, b = ln_params(n, g, dtype)
     check(ll.layer_norm(x, w, b, EPS), naive_layer_norm(x, w, b, EPS), dtype, factor=1.0)
+    [(_, _, _, options)] = launches
+    return options
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_layer_norm_rows_past_one_chunk(ln_row_tile_max, dtype):
+def test_layer_norm_rows_past_one_chunk(monkeypatch, ln_row_tile_max, dtype):
     """The chunked form at 2500 columns: three 1024-column chunks, the last partial, merged per
-    row; outlier rows and a large common offset; the input a window into NaN."""
+    row."""
     ln_row_tile_max(0)
-    assert not gc._ln_blocks(2500).one_tile
-    _layer_norm_rows(dtype, 2500)
+    options = _layer_norm_rows(monkeypatch, dtype, 2500)
+    assert not options["ONE_TILE"] and options["BLOCK_N"] == 1024
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_layer_norm_whole_rows(dtype):
+def test_layer_norm_whole_rows(monkeypatch, dtype):
     """The same rows held whole (a 4096-column tile, 1596 of them masked) at 8 warps."""
-    assert gc._ln_blocks(2500) == (1, 4096, 8, True)
-    _layer_norm_rows(dtype, 2500)
+    options = _layer_norm_rows(monkeypatch, dtype, 2500)
+    assert (options["ONE_TILE"], options["BLOCK_M"], options["BLOCK_N"], options["num_warps"]) == (True, 1, 4096, 8)
 
 
-def test_layer_norm_past_the_widest_tile():
-    """A width no OPT model has (8209, prime): the chunked form, without any patch."""
-    _layer_norm_rows(torch.float16, 8209)
+def test_layer_norm_past_the_widest_tile(monkeypatch):
+    """A width no OPT preset has (8209, prime): the chunked form, without any patch."""
+    assert not _layer_norm_rows(monkeypatch, torch.float16, 8209)["ONE_TILE"]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_post_layernorm_in_place_in_both_forms(ln_row_tile_max, dtype):
+def test_post_layernorm_in_place_in_both_forms(monkeypatch, ln_row_tile_max, dtype):
     """linear_residual_layernorm normalises the GEMM's output in place: whole rows, then
     chunked rows of 1100 columns (two chunks, so each is read before it is written)."""
     g = gen(1100)
@@ -141,10 +146,13 @@ def test_post_layernorm_in_place_in_both_forms(ln_row_tile_max, dtype):
     residual = randn(3, 1100, g=g, dtype=dtype, scale=3.0)
     ln_w, ln_b = ln_params(1100, g, dtype)
     expected = naive_layer_norm(naive_linear(x, w, b) + residual.double().cpu(), ln_w, ln_b, EPS)
+    launches = record_launches(monkeypatch, "_layer_norm_kernel")
     for row_tile_max in (gc._LN_ROW_TILE_MAX, 1024):
         ln_row_tile_max(row_tile_max)
-        assert gc._ln_blocks(1100).one_tile == (row_tile_max > 1024)
         check(ll.linear_residual_layernorm(x, w, b, residual, ln_w, ln_b, EPS), expected, dtype)
+        (_, _, args, options), = launches[-1:]
+        assert options["ONE_TILE"] == (row_tile_max > 1024) and args[0] is args[3]   # x is out
+    assert len(launches) == 2
 
 
 # Launch overrides as the tile sweep passes them: K = 600 spans several GEMM tiles and (except at

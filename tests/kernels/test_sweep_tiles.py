@@ -160,6 +160,7 @@ def test_fc1_cases_time_the_default_with_relu_against_the_torch_pair(sweep):
     launch alone (resolved at fc1's width), its own compile group (the ReLU variant)."""
     family = sweep.FAMILIES["ln_qkv"]
     fc1 = [c for c in family.cases(smoke=False) if c.get("fc1")]
+    assert family.cases(smoke=False)[:len(fc1)] == fc1   # first: their spare time goes to the QKV shapes
     assert {(c["model"], c["tokens"]) for c in fc1} == {(m, t) for m in family.HIDDEN for t in (1, 64)}
     case = fc1[-1]
     assert family.case_name(case) == "opt-13b tokens=64 fc1" and family.candidates(case, smoke=False) == [{}]

@@ -413,6 +413,13 @@ class LnQkv:
                       _launch(64, 128, 64, 8, 3, stats_kernel=True, overlap=True, tma=True),
                       _launch(64, 128, 64, 8, 5, normalize_first=True, overlap=True, tma=True),
                       _launch(64, 64, 128, 4, 4, normalize_first=True, overlap=True, tma=True)]
+    # The 64-row default's form (its plain GEMM after the LayerNorm launch) at other tiles, for
+    # the gap to cuBLAS's GEMM alone at opt-6.7b / 13b (the sweep's `our linear` part times it): a
+    # 6-deep ring of 64-wide K steps (two programs an SM), 64x128x128 at 8 warps (one program an
+    # SM, 48 KB a stage), and 64x32 tiles (twice the programs) (ll._TMA_FIRST_CONFIGS).
+    SIXTY_FOUR_WIDER = [_launch(64, 64, 64, 4, 6, normalize_first=True, overlap=True, tma=True),
+                        _launch(64, 128, 128, 8, 3, normalize_first=True, overlap=True, tma=True),
+                        _launch(64, 32, 128, 4, 4, normalize_first=True, overlap=True, tma=True)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -440,7 +447,7 @@ class LnQkv:
             return [{}]
         skinny = c["tokens"] <= 16
         # (tma only on sm_90+: elsewhere the launcher runs those as pointer loads, duplicates)
-        tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA) if CAPABILITY >= 90 else []
+        tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA + self.SIXTY_FOUR_WIDER) if CAPABILITY >= 90 else []
         if skinny:
             table = self.SKINNY + self.SKINNY_OPTIONS + self.SKINNY_FIRST + self.SKINNY_OVERLAP + tma
             return [{}] + [dict(config=t) for t in table]

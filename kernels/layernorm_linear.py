@@ -654,6 +654,10 @@ _OPTIONS = (
 # Deeper pipelines the sweep tries with tma alone (TMA copies hold no registers, so more stages
 # in flight cost only shared memory): checked with the options that include tma.
 _TMA_OPTION_CONFIGS = tuple(GemmConfig(*c) for c in ((16, 128, 128, 4, 4), (64, 128, 64, 8, 5), (64, 64, 128, 4, 4)))
+# 64-row tiles the sweep tries only as the default's form (normalize_first, overlap, tma): a
+# deeper ring of narrow K steps, a wider N tile, and twice the programs (LnQkv.SIXTY_FOUR_WIDER).
+_TMA_FIRST_CONFIGS = tuple(GemmConfig(*c) for c in ((64, 64, 64, 4, 6), (64, 128, 128, 8, 3), (64, 32, 128, 4, 4)))
+_TMA_FIRST = dict(normalize_first=True, overlap=True, tma=True)
 # The kernels around the GEMM without and with their programmatic-dependent-launch instruction
 # (griddepcontrol: sm_90+), as (flag, targets); labels say what it does in each kernel
 # ("pdl-next": lets the launch after start, "pdl-wait": waits for the one before).
@@ -671,6 +675,7 @@ def _checked_launches(dtype: torch.dtype) -> list[GemmLaunch]:
     launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _OPTION_CONFIGS for options in _OPTIONS]
     launches += [_fit(GemmLaunch(*c, **options), dtype) for c in _TMA_OPTION_CONFIGS for options in _OPTIONS
                  if options.get("tma")]
+    launches += [_fit(GemmLaunch(*c, **_TMA_FIRST), dtype) for c in _TMA_FIRST_CONFIGS]
     return launches
 
 

@@ -172,11 +172,15 @@ _PERSISTENT_TILES_SM90: dict = {}
 # (fp16, registers / shared memory): head 128: 128x128 at 8 warps, 2 stages (FlashAttention-3's
 # tile: 246 / 160 KB, one program an SM), 64x64 at 4 warps (152 / 80 KB, two an SM), 128x64 at
 # 8 warps, 3 stages (165 / 128 KB); head 64: 128x128x8x2 (225 / 80 KB), 128x64x8x3 (120 / 64 KB),
-# 64x64x4x3 (120 / 56 KB).
+# 64x64x4x3 (120 / 56 KB). Since that sweep, 64x32 at 4 warps, for the short prompts of large
+# batches, where a program's life is mostly waiting on its first loads and 64x64 fits two an SM:
+# head 128, 2 stages (128 / 49 KB: four an SM) and 3 (128 / 66 KB: three); head 64, 2 stages
+# (84-91 / 25 KB).
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
-                          Tiles(128, 64, 8, 3, wgmma=True)],
+                          Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
+                          Tiles(64, 32, 4, 3, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
-                         Tiles(64, 64, 4, 3, wgmma=True)]}
+                         Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
 # cached context, where the kernel takes the inputs (else the tables above). On the NVIDIA H200
 # of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep; its probe ran every candidate right,

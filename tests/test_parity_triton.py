@@ -208,3 +208,43 @@ def test_triton_path_under_preemption_matches_torch(tiny_model_dir):
     assert preempted, "the pool was meant to force preemption"
     assert [o.outputs[0].token_ids for o in ours] == [r.outputs[0].token_ids for r in reference]
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_auto_as_on_a_hopper_gpu_matches_torch_in_float16(tiny_model_dir, monkeypatch):
+    """kernels="auto" as an sm_90 machine runs it (its op table patched in, the interpreter
+    standing in for the GPU), in float16: a step of up to 64 rows (a 30-token prefill, then
+    3-row decodes) runs the fused LayerNorm GEMMs, whose default launches take their options
+    there (the LayerNorm launch before the GEMM from 17 rows; the statistics in the GEMM at 3);
+    a step past 64 rows, and out_proj / fc2 always, run the torch ones. Greedy tokens and
+    prompt logprobs as the torch path's in float16."""
+    from opt_fast import kernels
+    from opt_fast.engine import model_runner
+    monkeypatch.setattr(model_runner, "get_ops", lambda kind, device_type: kernels.get_ops(kind, "cuda"))
+    rows = []   # rows of each fused LayerNorm GEMM launch, and whether a LayerNorm launch came first
+    real_linear = ll._launch_linear
+
+    def recording(x, ln_weight, *args, **kwargs):
+        rows.append(x.shape[0])
+        return real_linear(x, ln_weight, *args, **kwargs)
+    monkeypatch.setattr(ll, "_launch_linear", recording)
+    norms = []
+    real_norm = ll._launch_layer_norm
+    monkeypatch.setattr(ll, "_launch_layer_norm", lambda x, *args, **kwargs: (norms.append(x.shape[0]),
+                                                                              real_norm(x, *args, **kwargs)))
+    llm = LLM(str(tiny_model_dir), dtype="float16", device="cpu", kernels="auto", max_num_seqs=8)
+    assert llm.engine.runner.ops.layernorm_linear is auto_layernorm_linear
+    torch_llm = LLM(str(tiny_model_dir), dtype="float16", device="cpu", kernels="torch", max_num_seqs=8)
+    prompts = [list(range(4 + 7 * i, 14 + 7 * i)) for i in range(3)]          # 30 tokens: one step
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=0)
+    ours, reference = (m.generate(prompts, params, use_tqdm=False) for m in (llm, torch_llm))
+    for a, b in zip(ours, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for position in range(1, len(a.prompt_token_ids)):
+            token = a.prompt_token_ids[position]
+            assert a.prompt_logprobs[position][token] == pytest.approx(b.prompt_logprobs[position][token], abs=2e-2)
+    # two layers, QKV and fc1 each: the prefill's 30 rows after a LayerNorm launch, then 3-row decodes
+    assert rows[:4] == [30] * 4 and norms[:4] == [30] * 4 and set(rows[4:]) == {3} and len(norms) == 4
+    rows.clear()
+    long_prompt = [list(range(100, 170))]                                     # 70 rows: torch
+    llm.generate(long_prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    assert rows == []

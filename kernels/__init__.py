@@ -105,7 +105,7 @@ auto_layernorm_linear.implementation = "triton up to 64 rows behind a LayerNorm 
 def get_ops(kind: str, device_type: str) -> KernelOps:
     """The op table for `kernels=kind`: "torch"; "triton" (every op a Triton kernel, interpreted
     on CPU); "auto" (on CUDA: Triton for the KV write, both attentions and sampling, and for
-    LN+QKV / LN+fc1 at up to 64 fp16 / bf16 rows (auto_layernorm_linear), torch where cuBLAS is
+    LN+QKV / LN+fc1 at up to 64 fp16 / bf16 rows on sm_90 (auto_layernorm_linear), torch where cuBLAS is
     faster (CUBLAS_FASTER) or no kernel is built; on CPU the torch reference, where the
     interpreter would be far too slow)."""
     if kind == "torch" or (kind == "auto" and device_type != "cuda"):

@@ -252,7 +252,7 @@ _LN_OPTION_ROWS = 64
 def takes_ln_options(m: int, dtype: torch.dtype, has_ln: bool) -> bool:
     """Whether default_launch gives an [m, k] GEMM the measured options above: behind a
     LayerNorm, fp16 / bf16, at most 64 rows. There the fused LayerNorm + GEMM ran 1.02-1.24x
-    the torch pair; `kernels="auto"` takes it there and only there (kernels/__init__.py)."""
+    the torch pair; `kernels="auto"` takes it there and only there, on sm_90 (kernels/__init__.py)."""
     return has_ln and dtype != torch.float32 and m <= _LN_OPTION_ROWS
 
 

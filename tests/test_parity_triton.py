@@ -221,14 +221,14 @@ def test_auto_as_on_a_hopper_gpu_matches_torch_in_float16(tiny_model_dir, monkey
     from opt_fast import kernels
     from opt_fast.engine import model_runner
     monkeypatch.setattr(model_runner, "get_ops", lambda kind, device_type: kernels.get_ops(kind, "cuda"))
-    rows = []   # rows of each fused LayerNorm GEMM launch, and whether a LayerNorm launch came first
+    rows = []   # rows of each fused LayerNorm GEMM launch
     real_linear = ll._launch_linear
 
     def recording(x, ln_weight, *args, **kwargs):
         rows.append(x.shape[0])
         return real_linear(x, ln_weight, *args, **kwargs)
     monkeypatch.setattr(ll, "_launch_linear", recording)
-    norms = []
+    norms = []   # rows of each LayerNorm launch before one (normalize_first)
     real_norm = ll._launch_layer_norm
     monkeypatch.setattr(ll, "_launch_layer_norm", lambda x, *args, **kwargs: (norms.append(x.shape[0]),
                                                                               real_norm(x, *args, **kwargs)))

@@ -21,7 +21,8 @@ class LLM:
     `facebook/opt-1.3b`, or a FlagAI/short name like `opt-1.3b-en`.
     - dtype: "auto" (float16 on CUDA, float32 on CPU), "float16", "bfloat16" or "float32";
     - device: None picks "cuda" where available, else "cpu";
-    - kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch";
+    - kernels: "auto" (on CUDA the Triton attentions, sampler and, on Hopper, the small-batch
+      LayerNorm GEMMs, cuBLAS for the other GEMMs; torch elsewhere), "triton" or "torch";
     - tensor_parallel_size: split each layer over so many ranks (processes; one GPU each on CUDA,
       consecutive from `device`); they stop on `close()`, or when this LLM is collected; one
       such LLM per process at a time;

@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -40,18 +41,11 @@ MODES = {"default": {}, "eager": dict(enforce_eager=True), "async": dict(async_s
          "cublas-linears": dict(cublas_linears=True)}
 
 
-@contextlib.contextmanager
-def ln_gemms_on_cublas(on: bool):
-    """With `on`, kernels="auto" runs LN+QKV and LN+fc1 through torch/cuBLAS at every batch size
-    (its fused-kernel rule, kernels.takes_ln_options, says no) until the block ends."""
+def ln_gemms_on_cublas(on: bool) -> contextlib.AbstractContextManager:
+    """With `on`, a context in which kernels="auto" runs LN+QKV and LN+fc1 through torch/cuBLAS
+    at every batch size (its fused-kernel rule, kernels.takes_ln_options, says no)."""
     import opt_fast.kernels as kernels
-    real = kernels.takes_ln_options
-    if on:
-        kernels.takes_ln_options = lambda *args, **kwargs: False
-    try:
-        yield
-    finally:
-        kernels.takes_ln_options = real
+    return mock.patch.object(kernels, "takes_ln_options", lambda *args, **kwargs: False) if on else contextlib.nullcontext()
 
 
 def _sync(device: str) -> None:

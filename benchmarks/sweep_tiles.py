@@ -24,6 +24,7 @@ measured. `--smoke` runs tiny shapes and two or three configurations per kernel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -271,19 +273,16 @@ class Prefill:
 
     def ours(self, x: dict, config: dict):
         config = dict(config)
-        l2 = float("inf") if config.pop("ungrouped", False) else None
+        # ungrouped: an L2 that holds any batch, so one group of every head
+        l2 = (mock.patch.object(attention, "l2_bytes", lambda device: float("inf")) if config.pop("ungrouped", False)
+              else contextlib.nullcontext())
 
         def call():
-            real = attention.l2_bytes
-            if l2:   # an L2 that holds any batch: one group of every head
-                attention.l2_bytes = lambda device: l2
-            try:
+            with l2:
                 # the host knows there is no cached context, and the prompts' length, as the engine does
                 return attention.prefill_attention(
                     x["q"], x["k"], x["v"], x["key_cache"], x["value_cache"], x["cu_seqlens"], x["context_lens"],
                     x["block_tables"], x["scale"], max_context_len=0, max_query_len=x["length"], **config)
-            finally:
-                attention.l2_bytes = real
         return call
 
     def peer(self, x: dict):
@@ -488,19 +487,14 @@ class LnQkv:
 
     def ours(self, x: dict, config: dict):
         config = dict(config)
-        if not config.pop("chunked_ln", False):
-            return lambda: ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, x["relu"], **config)
+        # chunked_ln: no row width held whole, so the LayerNorm launch walks its rows in chunks
+        rows = (mock.patch.object(gemm_config, "_LN_ROW_TILE_MAX", 0) if config.pop("chunked_ln", False)
+                else contextlib.nullcontext())
 
-        def chunked():   # no row width held whole: the LayerNorm launch walks its rows in chunks
-            real = gemm_config._LN_ROW_TILE_MAX
-            gemm_config._LN_ROW_TILE_MAX = 0
-            gemm_config._ln_blocks.cache_clear()
-            try:
+        def call():
+            with rows:
                 return ll.layernorm_linear(x["x"], x["ln_w"], x["ln_b"], x["w"], x["b"], EPS, x["relu"], **config)
-            finally:
-                gemm_config._LN_ROW_TILE_MAX = real
-                gemm_config._ln_blocks.cache_clear()
-        return chunked
+        return call
 
     def peer(self, x: dict):
         # what kernels="auto" runs past 64 rows: F.layer_norm, then F.linear (fc1: with the ReLU

@@ -43,12 +43,10 @@ class LnBlocks(NamedTuple):
     one_tile: bool
 
 
-@functools.lru_cache(maxsize=256)
 def _ln_blocks(n: int) -> LnBlocks:
     """The LayerNorm launch for rows of n columns: whole rows where they fit _LN_ROW_TILE_MAX,
     as many as fill a tile of _LN_TILE (narrow rows, as in the tests, share a program), with
-    warps for _LN_VALUES_PER_THREAD values a thread; wider rows in chunks of 1024 columns.
-    Cached: it runs on every launch (tests that patch _LN_ROW_TILE_MAX clear it)."""
+    warps for _LN_VALUES_PER_THREAD values a thread; wider rows in chunks of 1024 columns."""
     width = _next_pow2(n)
     if width <= _LN_ROW_TILE_MAX:
         block_m = max(1, _LN_TILE // width)

@@ -86,13 +86,8 @@ def test_linear_residual_poisoned_strided_operands(dtype):
 
 @pytest.fixture
 def ln_row_tile_max(monkeypatch):
-    """Sets the widest row the LayerNorm kernel holds whole (0: every width chunked); the cached
-    launch choices are dropped with each change and once more before the value is restored."""
-    def set_max(value: int) -> None:
-        monkeypatch.setattr(gc, "_LN_ROW_TILE_MAX", value)
-        gc._ln_blocks.cache_clear()
-    yield set_max
-    gc._ln_blocks.cache_clear()
+    """Sets the widest row the LayerNorm kernel holds whole (0: every width chunked)."""
+    return lambda value: monkeypatch.setattr(gc, "_LN_ROW_TILE_MAX", value)
 
 
 def test_layer_norm_blocks():

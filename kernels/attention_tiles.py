@@ -175,10 +175,14 @@ _PERSISTENT_TILES_SM90: dict = {}
 # 64x64x4x3 (120 / 56 KB). Since that sweep, 64x32 at 4 warps, for the short prompts of large
 # batches, where a program's life is mostly waiting on its first loads and 64x64 fits two an SM:
 # head 128, 2 stages (128 / 49 KB: four an SM) and 3 (128 / 66 KB: three); head 64, 2 stages
-# (84-91 / 25 KB).
+# (84-91 / 25 KB). And 128x32 at 8 warps, 4 stages (the fewest that keep a 128-row block's
+# diagonal tiles in their slots) at head 128: 117-127 registers and 96 KB, so two programs an
+# SM, four warpgroups sharing each 128-row block's keys and values, as the main kernel's fastest
+# launch at opt-6.7b / 13b b8 L1024 on that H200 (128x32x8x3, q in shared memory, 128 registers
+# capped: 215.6 / 268.8 us against 232.0 / 288.9 for wgmma 128x64x8x3, one program an SM).
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
-                          Tiles(64, 32, 4, 3, wgmma=True)],
+                          Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no

@@ -420,6 +420,11 @@ class LnQkv:
                         _launch(64, 128, 128, 8, 3, normalize_first=True, overlap=True, tma=True),
                         _launch(64, 32, 128, 4, 4, normalize_first=True, overlap=True, tma=True)]
 
+    # cublas: our LayerNorm launch, then cuBLAS's GEMM (its tiles unused: the 64-row default's),
+    # for 64 rows, where our GEMM after the LayerNorm launch trailed cuBLAS's alone at opt-6.7b /
+    # 13b (2026-11-27); with fc1 too, whose ReLU rides cuBLASLt's epilogue as in the torch pair.
+    SIXTY_FOUR_CUBLAS = [_launch(64, 64, 128, 4, 3, cublas=True)]
+
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
             return [dict(model="tiny", hidden=64, tokens=5)]
@@ -441,10 +446,12 @@ class LnQkv:
         if smoke:
             return [{}, dict(config=(16, 32, 32, 4, 2)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
-                    dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True))]
-        if c.get("fc1"):
-            return [{}]
+                    dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True)),
+                    dict(config=_launch(16, 32, 32, 4, 2, cublas=True))]
         skinny = c["tokens"] <= 16
+        cublas = [] if skinny else [dict(config=t) for t in self.SIXTY_FOUR_CUBLAS]
+        if c.get("fc1"):
+            return [{}] + cublas
         # (tma only on sm_90+: elsewhere the launcher runs those as pointer loads, duplicates)
         tma = (self.SKINNY_TMA if skinny else self.SIXTY_FOUR_TMA + self.SIXTY_FOUR_WIDER) if CAPABILITY >= 90 else []
         if skinny:
@@ -453,7 +460,7 @@ class LnQkv:
         table = self.SIXTY_FOUR + self.SIXTY_FOUR_OPTIONS + self.SIXTY_FOUR_FIRST + self.SIXTY_FOUR_OVERLAP + tma
         # the default (normalize_first) with its LayerNorm launch in the chunked form it ran in
         # before whole rows (the 2026-11-27 sweeps): what the one-tile form saves
-        return [{}, dict(chunked_ln=True)] + [dict(config=t) for t in table]
+        return [{}, dict(chunked_ln=True)] + cublas + [dict(config=t) for t in table]
 
     def refinements(self, c: dict, best: dict, smoke: bool) -> list[dict]:
         return []

@@ -76,7 +76,7 @@ class GemmConfig(NamedTuple):
 class GemmLaunch(NamedTuple):
     """A GemmConfig and the launch options an override may add; the defaults are the launch a
     GemmConfig makes. As a tuple: (block_m, block_n, block_k, num_warps, num_stages[, split_k[,
-    stats_kernel[, normalize_first[, overlap[, tma]]]]]).
+    stats_kernel[, normalize_first[, overlap[, tma[, cublas]]]]]]).
 
     split_k: GEMM programs per output tile, each over a contiguous run of ceil(K tiles /
         split_k) whole BLOCK_K tiles (the last runs shorter, or empty where K has fewer tiles;
@@ -108,6 +108,13 @@ class GemmLaunch(NamedTuple):
         instructions and registers per K step for the weight stream. Where a tensor's layout
         cannot be described (a stride or base not 16-byte aligned, a K stride other than 1)
         and for float32 the loads stay pointer loads.
+    cublas: the GEMM on cuBLAS (torch.addmm; fc1's ReLU in cuBLASLt's bias epilogue, as the
+        torch pair runs it), after our LayerNorm launch where there is a LayerNorm: what
+        normalize_first runs, with cuBLAS's GEMM in place of ours. The tiles are then unused
+        and no option of our GEMM applies (_check_config refuses them). For the 64-row GEMMs
+        of opt-6.7b / 13b, where our GEMM after the LayerNorm launch trailed cuBLAS's alone
+        (the H200 sweep of 2026-11-27): whether our one-read LayerNorm launch beside cuBLAS's
+        GEMM beats the torch pair.
     """
     block_m: int
     block_n: int
@@ -119,6 +126,7 @@ class GemmLaunch(NamedTuple):
     normalize_first: bool = False
     overlap: bool = False
     tma: bool = False
+    cublas: bool = False
 
 
 class _Tier(NamedTuple):
@@ -300,10 +308,10 @@ def _gemm_configs(dtype: torch.dtype) -> list[GemmConfig]:
 
 
 def _check_config(config) -> GemmLaunch:
-    """An override as a GemmLaunch: a 5- to 10-tuple (GemmConfig and GemmLaunch are tuples)."""
-    if not isinstance(config, tuple) or not 5 <= len(config) <= 10:
+    """An override as a GemmLaunch: a 5- to 11-tuple (GemmConfig and GemmLaunch are tuples)."""
+    if not isinstance(config, tuple) or not 5 <= len(config) <= len(GemmLaunch._fields):
         raise ValueError("config must be (block_m, block_n, block_k, num_warps, num_stages[, split_k"
-                         f"[, stats_kernel[, normalize_first[, overlap[, tma]]]]]), got {config!r}")
+                         f"[, stats_kernel[, normalize_first[, overlap[, tma[, cublas]]]]]]), got {config!r}")
     config = GemmLaunch(*config)
     for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages", "split_k"):
         allowed = {"num_warps": _WARP_CHOICES, "num_stages": _STAGE_CHOICES,
@@ -312,9 +320,16 @@ def _check_config(config) -> GemmLaunch:
         # 2.0 == 2 and True == 1: only real ints reach the kernels' constexprs and the grid
         if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {value!r}")
-    for name in ("stats_kernel", "normalize_first", "overlap", "tma"):
+    for name in ("stats_kernel", "normalize_first", "overlap", "tma", "cublas"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"config.{name} must be True or False, got {getattr(config, name)!r}")
+    if config.cublas:
+        # options of our GEMM kernel, which a cuBLAS launch does not run
+        ours = ["split_k"] * (config.split_k > 1) + [
+            name for name in ("stats_kernel", "overlap", "tma") if getattr(config, name)]
+        if ours:
+            raise ValueError(f"config.cublas runs cuBLAS's GEMM, which takes none of our GEMM's options "
+                             f"({', '.join(ours)}), got {config!r}")
     return config
 
 

@@ -6,7 +6,7 @@ over K, then each A tile normalised as it is loaded) and an epilogue of bias, Re
 The LayerNorm is applied to the activations, never folded into the weight: the folded form
 `rstd * (x@W'^T - mean * colsum(W'))` cancels catastrophically on OPT's outlier rows (DESIGN §5).
 
-Five launch options, chosen per call through the `config` override (gemm_config.GemmLaunch, with
+Six launch options, chosen per call through the `config` override (gemm_config.GemmLaunch, with
 the tile tiers and the other launch choices), and by default for the GEMMs behind a LayerNorm at
 up to 64 rows in fp16 / bf16 (gemm_config.default_launch, as an H200 timed them): the row statistics
 from a separate small kernel (`_row_stats_kernel`, once per row instead of once per GEMM
@@ -14,9 +14,10 @@ program); the whole LayerNorm as its own launch before a plain GEMM
 (normalize_first); split-K (SPLIT_K programs per output tile, each over a contiguous share of
 K, writing fp32 partials that `_split_k_reduce_kernel` sums in fixed order before the epilogue);
 overlap (the weight stream started before the statistics or the launch before are ready: an L2
-prefetch, and programmatic dependent launches on sm_90+); and tma (the main loop's tiles as TMA
-bulk copies on sm_90+). They serve skinny (decode-sized) GEMMs, where the weight-bound grid has
-too few tiles for the SMs and every program of a row tile normalises the same rows again.
+prefetch, and programmatic dependent launches on sm_90+); tma (the main loop's tiles as TMA
+bulk copies on sm_90+); and cublas (our LayerNorm launch, then cuBLAS's GEMM instead of ours).
+They serve skinny (decode-sized) GEMMs, where the weight-bound grid has too few tiles for the
+SMs and every program of a row tile normalises the same rows again.
 """
 from __future__ import annotations
 
@@ -459,6 +460,9 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     n = weight.shape[0]
     if config is None:
         config = default_launch(m, n, k, x.dtype, _num_sms(x.device), has_ln=ln_weight is not None)
+    if config.cublas:
+        _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out)
+        return
     has_res = residual is not None
     flags = _gemm_flags(config, ln_weight is not None, relu, has_res, _capability(x.device))
     split_k, partial = config.split_k, flags["PARTIAL_OUT"]
@@ -470,11 +474,8 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     cfg = _kernel_options(config, x.dtype)
     tiles = _cdiv(m, config.block_m) * _cdiv(n, config.block_n)
     if ln_weight is not None and not flags["HAS_LN"]:     # normalize_first
-        if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
-            raise ValueError(f"config.normalize_first needs a {m}x{k} buffer, past the kernels' int32 offsets")
-        normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
-        _launch_layer_norm(x, ln_weight, ln_bias, eps, normed, launch_dependents=gemm_is_dependent)
-        x, ln_weight, ln_bias = normed, None, None
+        x = _normalized_rows(x, ln_weight, ln_bias, eps, "normalize_first", gemm_is_dependent)
+        ln_weight = ln_bias = None
     # unused pointer arguments get a placeholder tensor: the constexpr flag skips every access
     ln_w, ln_b = (ln_weight, ln_bias) if flags["HAS_LN"] else (x, x)
     res = residual if has_res else out
@@ -514,6 +515,30 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
             PDL_WAIT=reduce_is_dependent, num_warps=4, launch_pdl=reduce_is_dependent)
 
 
+def _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out) -> None:
+    """GemmLaunch.cublas: our LayerNorm launch where there is a LayerNorm, then cuBLAS's GEMM
+    into `out`; the epilogue in the kernel's order (ReLU, then the residual)."""
+    if ln_weight is not None:
+        x = _normalized_rows(x, ln_weight, ln_bias, eps, "cublas")
+    if relu:   # the torch pair's fc1: the ReLU in cuBLASLt's bias epilogue
+        torch._addmm_activation(bias, x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+    if residual is not None:
+        out.add_(residual)
+
+
+def _normalized_rows(x, weight, bias, eps, option: str, launch_dependents: bool = False) -> torch.Tensor:
+    """x's rows through our LayerNorm launch, into a new [m, k] buffer of x's dtype: what the
+    GEMM reads under `option` (normalize_first, cublas)."""
+    m, k = x.shape
+    if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
+        raise ValueError(f"config.{option} needs a {m}x{k} buffer, past the kernels' int32 offsets")
+    normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    _launch_layer_norm(x, weight, bias, eps, normed, launch_dependents=launch_dependents)
+    return normed
+
+
 def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False) -> None:
     m, n = x.shape
     blocks = _ln_blocks(n)
@@ -550,13 +575,14 @@ def layernorm_linear(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: t
     from a statistics launch, or as a LayerNorm launch before the GEMM: gemm_config.
     default_launch). Returns a new contiguous `[tokens, out]`.
     `config` (block_m, block_n, block_k, num_warps, num_stages[, split_k[, stats_kernel[,
-    normalize_first[, overlap[, tma]]]]]; blocks powers of two 16..256, 1..6 stages, split_k in
+    normalize_first[, overlap[, tma[, cublas]]]]]]; blocks powers of two 16..256, 1..6 stages, split_k in
     1, 2, 3, 4, 6, 8, the options bools; see GemmLaunch) overrides `default_launch`, for tests
     and the tile sweep. split_k > 1 adds a reduce launch and, with a LayerNorm, the statistics
     launch (stats_kernel=True adds that alone); normalize_first instead runs the LayerNorm
     launch, then a plain GEMM (split or not), with no statistics launch; overlap changes no
     result, only when each launch starts and what L2 holds (on a GPU); nor does tma, only how
-    tiles are loaded.
+    tiles are loaded; cublas runs cuBLAS's GEMM after the LayerNorm launch, with no option of
+    ours beside it.
     float32 inputs always run small CUDA-core tiles (the options are kept, but for tma).
     """
     n = _check_linear(x, weight, bias)

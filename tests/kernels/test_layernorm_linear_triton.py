@@ -552,6 +552,46 @@ def test_normalize_first(monkeypatch, ll_allocations, dtype, split_k):
     assert [name for name, *_ in launches] == ["_fused_linear_kernel"] + ["_split_k_reduce_kernel"] * (split_k > 1)
 
 
+CUBLAS = OPTION_TILES + (1, False, False, False, False, True)   # GemmLaunch.cublas alone
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_cublas_gemm_after_our_layernorm(monkeypatch, ll_allocations, dtype, relu):
+    """cublas: our LayerNorm launch alone writes the normalised rows, and the GEMM on exactly
+    those rows (torch's, into the NaN-filled output) gives the result, ReLU included; on outlier
+    rows with a large common offset. Without a LayerNorm, and for the residual ops, nothing of
+    ours launches but the post-LN LayerNorm, and each result matches its reference."""
+    launches = record_launches(monkeypatch, "_layer_norm_kernel", *KERNELS)
+    g = gen(79)
+    x = poisoned_view(with_outliers(randn(19, 150, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(150, 41, g, dtype)
+    ln_w, ln_b = ln_params(150, g, dtype)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, relu=relu, config=CUBLAS)
+    [(name, _, ln_args, _)] = launches
+    normed = ln_args[3]
+    assert name == "_layer_norm_kernel" and normed.dtype == dtype and normed.shape == (19, 150)
+    assert ll_allocations == [(19, 41), (19, 150)]
+    want = naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias)
+    check(out, want.clamp(min=0) if relu else want, dtype)
+    # the GEMM multiplied our launch's rows: against them the only error is the GEMM's rounding
+    on_normed = naive_linear(normed, w, bias)
+    check(out, on_normed.clamp(min=0) if relu else on_normed, dtype)
+
+    launches.clear()
+    check(ll.layernorm_linear(x, None, None, w, bias, EPS, relu=relu, config=CUBLAS),
+          naive_linear(x, w, bias).clamp(min=0) if relu else naive_linear(x, w, bias), dtype)
+    # rows without the offset, so that the residual is not lost in bf16's tolerance of the sum
+    y = poisoned_view(randn(19, 150, g=g, dtype=torch.float64), dtype)
+    residual = poisoned_view(randn(19, 41, g=g, dtype=torch.float64), dtype)
+    check(ll.linear_residual(y, w, bias, residual, config=CUBLAS), naive_linear(y, w, bias) + residual.double(), dtype)
+    assert launches == []
+    post_ln_w, post_ln_b = ln_params(41, g, dtype)
+    post = ll.linear_residual_layernorm(y, w, bias, residual, post_ln_w, post_ln_b, EPS, config=CUBLAS)
+    check(post, naive_layer_norm(naive_linear(y, w, bias) + residual.double(), post_ln_w, post_ln_b, EPS), dtype)
+    assert [name for name, *_ in launches] == ["_layer_norm_kernel"]
+
+
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 def test_stats_kernel_rows_past_one_chunk(monkeypatch, dtype):
     """2500 columns: the statistics kernel merges a 2048-column chunk and a 452-column tail per
@@ -639,7 +679,9 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     (OPTION_TILES + (1, False, 1), "normalize_first"), (OPTION_TILES + (2, True, None), "normalize_first"),
     (OPTION_TILES + (2, True, False, 0), "overlap"), (OPTION_TILES + (1, False, False, None), "overlap"),
     (OPTION_TILES + (2, True, False, False, 0), "tma"), (OPTION_TILES + (1, False, False, False, "no"), "tma"),
-    (OPTION_TILES + (2, True, False, False, False, 0), "config")], ids=str)
+    (CUBLAS[:-1] + ("yes",), "cublas"), (CUBLAS[:5] + (2,) + CUBLAS[6:], "split_k"),
+    (CUBLAS[:6] + (True,) + CUBLAS[7:], "stats_kernel"), (CUBLAS[:8] + (True,) + CUBLAS[9:], "overlap"),
+    (CUBLAS[:9] + (True,) + CUBLAS[10:], "tma"), (CUBLAS + (False,), "config")], ids=str)
 def test_launch_options_are_checked(config, field):
     x, ln_w, ln_b, w, b, r = _valid()
     with pytest.raises(ValueError, match=field):
@@ -665,6 +707,8 @@ def test_workspace_past_int32_offsets_is_refused(monkeypatch):
     wide = x[:1].expand(200, 16)
     with pytest.raises(ValueError, match="normalize_first needs a 200x16 buffer"):
         ll.layernorm_linear(wide, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + (1, False, True))
+    with pytest.raises(ValueError, match="cublas needs a 200x16 buffer"):
+        ll.layernorm_linear(wide, ln_w, ln_b, w, b, EPS, config=CUBLAS)
     out = ll.layernorm_linear(x, ln_w, ln_b, w, b, EPS, config=OPTION_TILES + (1, False, True))   # 80
     check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, b), torch.float16)
 
@@ -688,7 +732,8 @@ def test_sweep_candidates_with_options_are_compile_checked():
     """Every tile-sweep candidate that asks for a launch option (benchmarks/sweep_tiles.py,
     LnQkv) runs a GEMM variant the compile check builds for sm_80 and for sm_90 (the flags of
     the heaviest prologue, as the check builds them; the heuristic's own tiles are covered
-    above)."""
+    above). cuBLAS's GEMM (cublas) launches none of ours; its LayerNorm launch is checked at
+    every width."""
     sweep = sweep_script()
     configs = [c["config"] for case in sweep.FAMILIES["ln_qkv"].cases(smoke=False)
                for c in sweep.FAMILIES["ln_qkv"].candidates(case, smoke=False) if "config" in c]
@@ -697,7 +742,7 @@ def test_sweep_candidates_with_options_are_compile_checked():
         built = ll._gemm_variants(dtype)
         for config in configs:
             launch = gc._fit(gc._check_config(tuple(config)), dtype)
-            if launch != ll.GemmLaunch(*launch[:5]):
+            if launch != ll.GemmLaunch(*launch[:5]) and not launch.cublas:
                 with_options.add(launch[5:])
                 for capability in (80, 90):
                     flags = gc._gemm_flags(launch, True, True, False, capability)

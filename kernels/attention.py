@@ -37,8 +37,9 @@ as one warp-specialised loop over all key tiles, with K and V from per-sequence 
 (tiles.warp_specialize; attention_ws.py). For short prompts, one tile per sequence and head,
 taken in turn by a fixed number of programs that prefetch their next tile's rows into L2 while
 they compute (tiles.persistent; attention_persistent.py). On sm_90, in Gluon, with the wgmma
-pipeline written out (tiles.wgmma; attention_wgmma.py). The Triton kernels share their pieces
-through attention_parts.py.
+pipeline written out (tiles.wgmma; attention_wgmma.py), and its warp-specialised form, a TMA
+producer warp feeding two 64-row consumer warpgroups (tiles.wgmma with tiles.warp_specialize;
+attention_wgmma_ws.py). The Triton kernels share their pieces through attention_parts.py.
 """
 from __future__ import annotations
 
@@ -417,8 +418,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     d_lo, d_hi = _head_split(head_dim, tiles.split_head)
     # the uniform layout only for batches without context (a variant fewer of every other tile
-    # to compile) and not in the warp-specialised kernel (attention_ws.py)
-    uniform_bound = max_query_len if max_context_len == 0 and not tiles.warp_specialize else None
+    # to compile) and not in Triton's warp-specialised kernel (attention_ws.py)
+    triton_ws = tiles.warp_specialize and not tiles.wgmma
+    uniform_bound = max_query_len if max_context_len == 0 and not triton_ws else None
     programs, blocks_per_seq = _block_layout(tokens, seqs, tiles.block_m, uniform_bound)
     if programs > 65535:   # CUDA's limit on the second grid dimension
         _fail(f"{tokens} tokens in {seqs} sequences make more than 65535 query blocks")
@@ -436,7 +438,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             slot_mapping = None
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
                                              tiles.block_n, tiles.num_warps, tiles.num_stages, grid, blocks_per_seq,
-                                             SEQ_CHUNK, key_cache, value_cache, slot_mapping)
+                                             SEQ_CHUNK, key_cache, value_cache, slot_mapping,
+                                             warp_specialize=tiles.warp_specialize)
         return out
     if tiles.warp_specialize:
         attention_ws.launch(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache, slot_mapping)

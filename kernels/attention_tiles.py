@@ -35,7 +35,10 @@ class Tiles(NamedTuple):
     out (wgmma: kernels/attention_wgmma.py; sm_90 only, fp16 / bf16, head_dim 64 or 128, packed
     heads TMA can address; num_warps 4 or 8 with block_m a multiple of 16 * num_warps, at least
     2 stages and num_stages * block_n >= block_m; other batches run the main kernel at its
-    default tiles).
+    default tiles); with warp_specialize too, the Gluon kernel's warp-specialised form
+    (kernels/attention_wgmma_ws.py: 128 query rows a program in two 64-row consumer
+    warpgroups fed by one TMA producer warp; num_warps 4, the first consumer's, block_n 64 or
+    128, at least 2 stages).
     """
     block_m: int
     block_n: int
@@ -180,11 +183,18 @@ _PERSISTENT_TILES_SM90: dict = {}
 # SM, four warpgroups sharing each 128-row block's keys and values, as the main kernel's fastest
 # launch at opt-6.7b / 13b b8 L1024 on that H200 (128x32x8x3, q in shared memory, 128 registers
 # capped: 215.6 / 268.8 us against 232.0 / 288.9 for wgmma 128x64x8x3, one program an SM).
+# And the warp-specialised form (attention_wgmma_ws.py: a TMA producer warp, two 64-row consumer
+# warpgroups with 240 registers each, one program an SM), FlashAttention-3's split: 128-key tiles
+# at 2 stages (heads 64 and 128; 96 / 176 KB) and 64-key tiles at 3 (head 128; 144 KB); compiled
+# clean for sm_90, never run.
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
-                          Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True)],
+                          Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),
+                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
+                          Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
-                         Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True)]}
+                         Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
+                         Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
 # cached context, where the kernel takes the inputs (else the tables above). On the NVIDIA H200
 # of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep; its probe ran every candidate right,
@@ -224,6 +234,8 @@ _WS_BLOCK_M = 128
 # wgmma, a crash no caller could catch).
 _WGMMA_WARPS = (4, 8)
 WGMMA_CAPABILITY = 90
+# Key tiles of the warp-specialised Gluon kernel (attention_wgmma_ws.BLOCK_NS).
+_WGMMA_WS_BLOCK_NS = (64, 128)
 
 
 def tile_table(capability: int) -> dict:
@@ -300,7 +312,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
         _fail("tiles.one_loop is the main kernel's option; the warp-specialised kernel always runs one loop")
     if tiles.warp_specialize and tiles.q_smem:
         _fail("tiles.q_smem is the main kernel's option; the warp-specialised kernel keeps q in shared memory anyway")
-    if tiles.warp_specialize and tiles.num_stages > _WS_MAX_STAGES:
+    if tiles.warp_specialize and not tiles.wgmma and tiles.num_stages > _WS_MAX_STAGES:
         _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
               f"on an H200), got {tiles.num_stages}")
     if tiles.persistent and tiles.block_n != tiles.block_m:
@@ -313,9 +325,17 @@ def _check_tiles(tiles, capability: int) -> Tiles:
 
 
 def _check_wgmma_tiles(tiles: Tiles) -> None:
-    others = [name for name in ("warp_specialize", "one_loop", "persistent", "q_smem") if getattr(tiles, name)]
+    others = [name for name in ("one_loop", "persistent", "q_smem") if getattr(tiles, name)]
     if others:
         _fail(f"tiles.wgmma is a kernel of its own (TMA, q in shared memory, no context): no {', '.join(others)}")
+    if tiles.warp_specialize:   # block_m 128 and num_warps 4 checked with warp_specialize's other tiles
+        if tiles.block_n not in _WGMMA_WS_BLOCK_NS:
+            _fail(f"tiles.wgmma with warp_specialize needs block_n in {_WGMMA_WS_BLOCK_NS} (a consumer's scores "
+                  f"beside its accumulator), got {tiles.block_n}")
+        if tiles.num_stages < 2:
+            _fail(f"tiles.wgmma needs num_stages >= 2 (the diagonal tiles stay in their slots), "
+                  f"got {tiles.num_stages}")
+        return
     if tiles.num_warps not in _WGMMA_WARPS or tiles.block_m % (16 * tiles.num_warps):
         _fail(f"tiles.wgmma needs num_warps in {_WGMMA_WARPS} and block_m a multiple of 16 * num_warps (each warp "
               f"owns 16-row slices of the block), got {tiles.num_warps} warps and block_m {tiles.block_m}")

@@ -319,7 +319,8 @@ def compile_specs() -> list:
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
         chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
-        for tiles in dict.fromkeys(WGMMA_CANDIDATES[head_dim] + chosen):
+        # (warp-specialised tiles run attention_wgmma_ws.py's kernel, which lists its own)
+        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES[head_dim] + chosen if not t.warp_specialize):
             for (dtype, name), write_kv, uniform in itertools.product(
                     ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
                 signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
@@ -352,14 +353,21 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
                          num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
                          key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
-                         overlap: bool = True) -> None:
+                         overlap: bool = True, warp_specialize: bool = False) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
     input, that the kernel takes them (`takes`) and that the device runs it, and chosen the grid
     and its block layout (blocks_per_seq, as kernels/attention_parts.py's _find_query_block
     reads it). With slot_mapping the kernel also stores k and v in the caches, which must then
     be of q's dtype (the caller writes a float8 cache itself). `overlap=False` waits for each
     PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right without the
-    overlap, wrong with it, puts a fault in the overlap)."""
+    overlap, wrong with it, puts a fault in the overlap). `warp_specialize` runs the
+    warp-specialised form (kernels/attention_wgmma_ws.py; block_m 128, num_warps 4) instead."""
+    if warp_specialize:
+        # imported here: that module builds on this one's pieces
+        from . import attention_wgmma_ws
+        attention_wgmma_ws.launch(q, k, v, out, cu_seqlens_q, qk_scale, block_n, num_stages, grid, blocks_per_seq,
+                                  seq_chunk, key_cache, value_cache, slot_mapping, overlap)
+        return
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
         key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, blocks_per_seq, qk_scale, out.stride(0),

@@ -21,15 +21,17 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
-from opt_fast.kernels import attention, attention_tiles, attention_wgmma
+from opt_fast.kernels import attention, attention_tiles, attention_wgmma, attention_wgmma_ws
 from opt_fast.kernels.attention import Tiles, prefill_attention
 from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
 ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x"
-                           f"{tiles.num_stages}")
+                           f"{tiles.num_stages}" + "-ws" * tiles.warp_specialize)
               for head_dim, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items()) for tiles in candidates]
+# the warp-specialised form (its own kernel, attention_wgmma_ws.py)
+WS_CANDIDATES = [c for c in CANDIDATES if c.values[1].warp_specialize]
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the wgmma kernel runs on an sm_90 GPU only (no interpreter)")
 
 
@@ -72,7 +74,9 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(128, 64, 8, 2, wgmma=True, one_loop=True), "no one_loop"),
     (Tiles(128, 64, 8, 2, True, wgmma=True, q_smem=True), "no q_smem"),
     (Tiles(128, 128, 8, 2, wgmma=True, persistent=True), "no persistent"),
-    (Tiles(128, 64, 4, 2, wgmma=True, warp_specialize=True), "no warp_specialize"),
+    (Tiles(128, 32, 4, 2, wgmma=True, warp_specialize=True), "block_n in (64, 128)"),
+    (Tiles(128, 64, 4, 1, wgmma=True, warp_specialize=True), "num_stages >= 2"),
+    (Tiles(64, 64, 4, 2, wgmma=True, warp_specialize=True), "block_m=128"),
     (Tiles(128, 64, 8, 2, wgmma=1), "tiles.wgmma must be a bool"),
 ])
 def test_tile_checks_name_what_the_kernel_cannot_take(tiles, message):
@@ -163,7 +167,7 @@ def test_launcher_gives_the_cache_write_to_the_kernel_or_writes_float8_first(mon
     after the last one), and the kernel gets no slot_mapping."""
     handed = []
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args: handed.append(args[-1]))
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args, **options: handed.append(args[-1]))
     args, _ = context_free_case([5, 9], 2, 64, torch.float16, seed=11, padding_tokens=3)
     q, k, v = args[:3]
     slots = torch.randperm(32, generator=gen(12))[:q.shape[0]].to(DEVICE)
@@ -180,6 +184,66 @@ def test_launcher_gives_the_cache_write_to_the_kernel_or_writes_float8_first(mon
         if not fused:
             attention.prefill_attention_ref(q, k, v, *want, *args[5:], slot_mapping=slots)
         assert all(torch.equal(got.float(), ref.float()) for got, ref in zip(caches, want))
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="stubs the kernels; where they run, the GPU tests check them")
+def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch):
+    """Tiles with wgmma and warp_specialize: the launcher hands them to the Gluon path with
+    warp_specialize set, the grid in 128-row query blocks (the uniform layout where the bound
+    allows it), and that path hands them on to attention_wgmma_ws.launch with every argument,
+    the other tiles to the 64-row kernel."""
+    handed = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    real = attention_wgmma.launch_prefill_wgmma
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args, **options: handed.append((args, options)))
+    args, _ = context_free_case([130, 130, 127], 2, 128, torch.float16, seed=13)
+    tiles = next(t for t in attention_tiles.WGMMA_CANDIDATES[128] if t.warp_specialize)
+    for bound, blocks_per_seq in ((130, 2), (None, 0)):
+        prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
+        (launched, options), = handed
+        handed.clear()
+        assert options == dict(warp_specialize=True) and launched[6:9] == (tiles.block_m, tiles.block_n, 4)
+        grid, per_seq = launched[10:12]
+        # uniform: 2 blocks a sequence; virtual: tokens // 128 + seqs
+        assert per_seq == blocks_per_seq and grid[1] == (3 * 2 if bound else 387 // 128 + 3)
+
+    ws_calls, plain_calls = [], []
+    monkeypatch.setattr(attention_wgmma_ws, "launch", lambda *a: ws_calls.append(a))
+    monkeypatch.setattr(attention_wgmma, "_prefill_wgmma_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: plain_calls.append(grid)})())
+    q, k, v, key_cache, value_cache, cu = args[:6]
+    out = torch.empty_like(q)
+    common = (q, k, v, out, cu, 0.1, 128, 64, 4, 3, (2, 6, 1), 2, 16, key_cache, value_cache)
+    real(*common, warp_specialize=True)
+    assert ws_calls == [(q, k, v, out, cu, 0.1, 64, 3, (2, 6, 1), 2, 16, key_cache, value_cache, None, True)]
+    assert plain_calls == []
+    real(*common)
+    assert plain_calls == [(2, 6, 1)] and len(ws_calls) == 1
+
+
+def test_compiled_warp_specialised_kernel_splits_its_warps():
+    """The warp-specialised form compiled for sm_90 (no GPU needed), at the 128-key candidate
+    and head 128: registers moved to the consumers (setmaxnreg 240) from the producer (24), the
+    consumers' loop waiting for its QK^T with the previous PV in flight, TMA bulk copies, no
+    spills, and no CTA-wide bar.sync (a barrier without a thread count): every barrier inside
+    a partition is that partition's own, so neither consumer waits on the other or on the
+    producer but through the slots' mbarriers."""
+    script = (
+        "import re\n"
+        "from opt_fast.kernels import attention_wgmma_ws, compile_check as cc\n"
+        "spec = next(s for s in attention_wgmma_ws.compile_specs() if s.label.startswith('sweep ws d128 fp16 128x128'))\n"
+        "r = cc.compile_one(spec, 90, 'sm_90')\n"
+        "ptx = cc.compile_spec(spec, 90).asm['ptx']\n"
+        "has = lambda pattern: re.search(pattern, ptx) is not None\n"
+        "print(r.ok, r.spill_bytes, has(r'setmaxnreg\\.inc\\.sync\\.aligned\\.u32\\s+240;'),\n"
+        "      has(r'setmaxnreg\\.dec\\.sync\\.aligned\\.u32\\s+24;'), 'wgmma.wait_group.sync.aligned 1;' in ptx,\n"
+        "      'cp.async.bulk.tensor' in ptx, re.search(r'(?<![.\\w])bar\\.sync\\s+\\d+;', ptx) is None,\n"
+        "      len(set(re.findall(r'(?<![.\\w])bar\\.sync\\s+(\\d+), 128;', ptx))))\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # two consumer warpgroups, each with a named barrier of its own
+    assert done.stdout.split() == ["True", "0", "True", "True", "True", "True", "True", "2"]
 
 
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
@@ -308,7 +372,7 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     seen = []
 
     def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
-                  key_cache, value_cache, slot_mapping=None, overlap=True):
+                  key_cache, value_cache, slot_mapping=None, overlap=True, warp_specialize=False):
         seen.append((blocks_per_seq, grid, slot_mapping is not None, overlap))
         seqs = cu.shape[0] - 1
         out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
@@ -425,7 +489,7 @@ def test_matches_the_reference_in_the_uniform_layout(probed, monkeypatch, head_d
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4])
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4] + WS_CANDIDATES[:1])
 def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, tiles):
     """With an L2 too small for the batch the grid runs 6 heads in groups of 2 (grid (2, blocks,
     3)): every head of every prompt matches the reference, in both block layouts."""
@@ -447,7 +511,7 @@ def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, til
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4])
+@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4] + WS_CANDIDATES[:1])
 def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
     """A prompt ending inside a key tile: the box holds the next prompt's values there, with
     weight 0; NaN in them must not reach this prompt (their rows are cleared, not multiplied)."""

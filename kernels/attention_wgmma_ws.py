@@ -1,0 +1,286 @@
+"""Prefill attention for Hopper (sm_90) in Gluon, warp-specialised: one TMA producer warp and two
+consumer warpgroups per program, as FlashAttention-3 splits its forward kernel.
+
+Why beside attention_wgmma.py: there a program's own warps issue their TMA copies, and Gluon puts
+a CTA-wide barrier before each copy and before each wait on one, so the two warpgroups of an
+8-warp program move in lockstep and neither's softmax runs beside the other's wgmmas; 4-warp
+programs avoid that only by running two an SM, each loading every key and value tile itself.
+Here a program takes 128 query rows of one sequence and head: each consumer warpgroup owns 64
+of them and runs attention_wgmma.py's loop (the QK^T of key tile j and the PV of tile j-1 in
+flight together, the softmax of tile j beside the PV) on key and value tiles that one producer
+warp streams into a ring of `STAGES` shared-memory slots for both. Each slot has a ready
+barrier (the copy's bytes) and an empty barrier that both consumers arrive on once their wgmmas
+have read it; the producer refills a slot only after both. The consumers copy nothing and wait
+on no CTA-wide barrier, so the warp scheduler interleaves the two warpgroups; and 128-key tiles
+fit a consumer (64 registers of scores a thread beside the 64 of its accumulator).
+
+Registers move to the consumers (setmaxnreg, through gl.warp_specialize): the producer warp's
+warpgroup keeps _PRODUCER_REGS a thread, each consumer warpgroup gets _CONSUMER_REGS, within
+the 64K registers an SM has for the program's 12 warps.
+
+A consumer whose 64 rows start past its sequence's end (the last block of a sequence, with at
+most 64 rows in it) computes them anyway and stores nothing: its arrivals keep the ring's
+phases, and its rows never mix with the other consumer's.
+
+Scope as attention_wgmma.py's: fp16 / bf16, head_dim 64 or 128, no cached context, rows TMA can
+address, the fused KV-cache write (each consumer stores its own 64 new keys and values from the
+slot of its diagonal key tile: among the program's last tiles, never refilled). Gluon does not
+run in the Triton interpreter: on CPU it is only compiled. A sweep candidate (Tiles.wgmma with
+Tiles.warp_specialize), never a default until a GPU has shown it right and faster.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_tile_rows, _row_layout,
+                              head_descriptor, shared_layout)
+
+# Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
+CONSUMER_ROWS = gl.constexpr(64)
+BLOCK_M = gl.constexpr(2 * CONSUMER_ROWS)
+NUM_WARPS = gl.constexpr(4)   # the default partition (consumer 0); the workers add 4 + 1
+# setmaxnreg budgets, multiples of 8: three warpgroups x 128 threads within 65536 registers. The
+# launch's cap is what 12 warps may hold at once (168 x 384 = 64512); gl.warp_specialize gives
+# the default partition what the workers leave of it: 168 x 12 - 240 x 4 - 24 x 4 = 240 x 4.
+_PRODUCER_REGS = gl.constexpr(24)
+_CONSUMER_REGS = gl.constexpr(240)
+MAX_REGISTERS = 168
+
+
+@gluon.jit
+def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
+             q_start, first_query, col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer warp: each consumer's query rows, then key tile t and its values into slot
+    t % STAGES, each once both consumers have released the tile STAGES before it."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, col], q_ready.index(c),
+                                        q_slots.index(c))
+    for t in range(n_tiles):
+        slot = t % STAGES
+        # a fresh mbarrier reads as having completed the phase before its first, so the first
+        # STAGES waits pass at once
+        empty_phase = ((t // STAGES) & 1) ^ 1
+        row = q_start + t * BLOCK_N
+        mbarrier.wait(k_empty.index(slot), empty_phase)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(slot), k_slots.index(slot))
+        mbarrier.wait(v_empty.index(slot), empty_phase)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(slot), v_slots.index(slot))
+
+
+@gluon.jit
+def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
+             out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
+             slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
+             key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
+             value_cache_ptr,   # WRITE_KV: the same, with the key cache's strides
+             q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+             C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """Consumer warpgroup C: attention of its 64 query rows (from first_query + 64 C within the
+    sequence) over the key tiles up to its last row, as attention_wgmma.py's loop, releasing
+    each key slot after its QK^T and each value slot after its PV."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_slots.dtype
+
+    diag_start = first_query + C * CONSUMER_ROWS
+    n_unmasked = diag_start // BLOCK_N
+    # rows past the sequence (all of them in a consumer that starts past it) see every key of it
+    n_tiles = (gl.minimum(diag_start + CONSUMER_ROWS, q_len) + BLOCK_N - 1) // BLOCK_N
+    q_slot = q_slots.index(C)
+    queries = diag_start + gl.arange(0, CONSUMER_ROWS, layout=s_rows)
+    m_i = gl.full([CONSUMER_ROWS], float("-inf"), gl.float32, s_rows)
+    l_i = gl.full([CONSUMER_ROWS], 0.0, gl.float32, s_rows)
+    s_zero = gl.zeros([CONSUMER_ROWS, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([CONSUMER_ROWS, HEAD_DIM], gl.float32, o_layout)
+
+    # Tile 0 alone: key 0 is visible to every query row, so every row's max is finite after it.
+    mbarrier.wait(q_ready.index(C), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_slot, k_slots.index(0).permute((1, 0)), s_zero, use_acc=False)
+    mbarrier.arrive(k_empty.index(0))
+    if n_unmasked > 0:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, queries, False)
+    else:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, queries, True)
+    p = gl.convert_layout(p.to(dtype), p_layout)
+
+    for j in range(1, n_tiles):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s_token = warpgroup_mma(q_slot, k_slots.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc_token = warpgroup_mma(p, v_slots.index(prev), acc, is_async=True)
+        # OVERLAP off (a diagnosis of the probe, never a launcher's choice) waits for both here
+        s = warpgroup_mma_wait(num_outstanding=1 if OVERLAP else 0, deps=(s_token, ))
+        mbarrier.arrive(k_empty.index(slot))
+        if j >= n_unmasked:
+            p_next, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, queries, True)
+        else:
+            p_next, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, queries, False)
+        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, p))
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p = gl.convert_layout(p_next.to(dtype), p_layout)
+
+    last = n_tiles - 1
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    if (last + 1) * BLOCK_N > q_len:
+        # Both consumers may clear this tile's rows past the sequence (each before its own PV
+        # on it): zeros over zeros, and no slot of a sequence's last tile is refilled.
+        _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+    acc = warpgroup_mma(p, v_slots.index(last % STAGES), acc)
+    mbarrier.arrive(v_empty.index(last % STAGES))
+
+    if WRITE_KV:
+        # this consumer's own new tokens: rows diag_start .. +64 of the program's diagonal key
+        # tile, still in its slot (no tile after it is loaded)
+        own = diag_start // BLOCK_N
+        offset: gl.constexpr = (C * CONSUMER_ROWS) % BLOCK_N
+        _store_tile_rows(k_slots.index(own % STAGES).slice(offset, CONSUMER_ROWS),
+                         v_slots.index(own % STAGES).slice(offset, CONSUMER_ROWS), slot_ptr + q_start,
+                         key_cache_ptr, value_cache_ptr, diag_start, q_len, head * stride_ch, stride_cb, stride_cs,
+                         CONSUMER_ROWS, HEAD_DIM, BLOCK_SIZE)
+
+    # 16-byte stores of whole rows; rows past the sequence are not this program's to write.
+    out_layout: gl.constexpr = _row_layout(HEAD_DIM, gl.num_warps())
+    out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty), out_layout)
+    rows = diag_start + gl.arange(0, CONSUMER_ROWS, layout=gl.SliceLayout(1, out_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
+    gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+
+
+@gluon.jit(do_not_specialize=["num_seqs", "blocks_per_seq"])
+def _prefill_wgmma_ws_kernel(
+    q_desc,           # [tokens, heads * HEAD_DIM] queries, boxes of [64, HEAD_DIM] (one head)
+    k_desc,           # [tokens, heads * HEAD_DIM] keys, boxes of [BLOCK_N, HEAD_DIM]
+    v_desc,           # [tokens, heads * HEAD_DIM] values, boxes of [BLOCK_N, HEAD_DIM]
+    out_ptr,          # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
+    cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+    key_cache_ptr,    # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
+    value_cache_ptr,  # WRITE_KV: the same, with the key cache's strides
+    slot_ptr,         # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
+    num_seqs, blocks_per_seq, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQ_CHUNK: gl.constexpr,
+    OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr, UNIFORM: gl.constexpr,
+):
+    gl.static_assert(STAGES >= 2)   # the diagonal tiles, the last one or two, are never refilled
+    head = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)   # (heads of a group, blocks, groups)
+    seq, q_start, q_len, block = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
+                                                   UNIFORM)
+    if (block < 0) | (block * BLOCK_M >= q_len):
+        return
+    first_query = block * BLOCK_M
+    n_tiles = (gl.minimum(first_query + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
+    col = head * HEAD_DIM
+
+    q_slots = gl.allocate_shared_memory(q_desc.dtype, [2, CONSUMER_ROWS, HEAD_DIM], q_desc.layout)
+    k_slots = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_slots = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_ready.index(c), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)   # one arrival from each consumer
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()   # the barriers' initialisation visible to the TMA unit
+
+    if WRITE_KV:
+        slots = slot_ptr
+    else:   # a partition's arguments are values: any pointer stands for the unused one
+        slots = out_ptr
+    # (the argument tuples written out whole: a tuple built by + loses its constexprs)
+    gl.warp_specialize([
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, out_ptr, slots,
+                    key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
+                    stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, WRITE_KV, BLOCK_SIZE)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, out_ptr, slots,
+                    key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
+                    stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, WRITE_KV, BLOCK_SIZE)),
+        (_produce, (q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
+                    q_start, first_query, col, n_tiles, BLOCK_N, STAGES)),
+    ], [NUM_WARPS, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+
+    for c in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(c))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
+def compile_specs() -> list:
+    """The kernel at each warp-specialised wgmma candidate (attention_tiles.WGMMA_CANDIDATES with
+    warp_specialize), for sm_90, in fp16 and bf16, with the fused KV-cache write (block size 16)
+    and without, in each block layout, under the launch's register cap."""
+    from .attention_parts import SEQ_CHUNK
+    from .attention_tiles import WGMMA_CANDIDATES
+    from .attention_wgmma import WGMMA_CAPABILITY
+    from .compile_check import CompileSpec
+    specs = []
+    for head_dim, candidates in sorted(WGMMA_CANDIDATES.items()):
+        for tiles in (t for t in candidates if t.warp_specialize):
+            for (dtype, name), write_kv, uniform in itertools.product(
+                    ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
+                signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
+                                                f"{shared_layout([rows, head_dim], dtype)!r}>"
+                             for operand, rows in (("q", CONSUMER_ROWS.value), ("k", tiles.block_n),
+                                                   ("v", tiles.block_n))}
+                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
+                                 value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
+                                 num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
+                signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
+                                               "i32"))
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages,
+                                  SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv, BLOCK_SIZE=16,
+                                  UNIFORM=uniform)
+                signature.update(dict.fromkeys(constexprs, "constexpr"))
+                if not write_kv:
+                    constexprs["slot_ptr"] = None
+                label = (f"sweep ws d{head_dim} {name} {BLOCK_M.value}x{tiles.block_n} s{tiles.num_stages}"
+                         f"{'' if write_kv else ' no-write'}{' uniform' if uniform else ''}")
+                specs.append(CompileSpec(_prefill_wgmma_ws_kernel, label, signature, constexprs, uses_mma=True,
+                                         uses_tma=True, num_warps=NUM_WARPS.value, num_stages=tiles.num_stages,
+                                         max_registers=MAX_REGISTERS, targets=(WGMMA_CAPABILITY,),
+                                         divisible_by_16=("stride_ot", "stride_oh", "stride_cb", "stride_cs",
+                                                          "stride_ch")))
+    return specs
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_seqlens_q: torch.Tensor,
+           qk_scale: float, block_n: int, num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
+           key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
+           overlap: bool = True) -> None:
+    """Run the kernel, as attention_wgmma.launch_prefill_wgmma runs its own (which calls this for
+    warp-specialised tiles): inputs checked, the kernel known to take them, the grid and block
+    layout chosen for BLOCK_M query rows a program; `overlap` as there."""
+    _prefill_wgmma_ws_kernel[grid](
+        head_descriptor(q, CONSUMER_ROWS.value), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
+        key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, blocks_per_seq, qk_scale, out.stride(0),
+        out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        HEAD_DIM=q.shape[2], BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk, OVERLAP=overlap,
+        WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1], UNIFORM=blocks_per_seq > 0,
+        num_warps=NUM_WARPS.value, maxnreg=MAX_REGISTERS)

@@ -36,7 +36,7 @@ SYNC = " without overlap"
 
 def _label(head_dim: int, tiles) -> str:
     return (f"d{head_dim} {tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x{tiles.num_stages}"
-            + " ws" * tiles.warp_specialize)
+            + " ws" * tiles.warp_specialize + " pingpong" * tiles.pingpong)
 
 
 def cases() -> list[tuple[str, int, int, bool]]:

@@ -439,7 +439,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
                                              tiles.block_n, tiles.num_warps, tiles.num_stages, grid, blocks_per_seq,
                                              SEQ_CHUNK, key_cache, value_cache, slot_mapping,
-                                             warp_specialize=tiles.warp_specialize)
+                                             warp_specialize=tiles.warp_specialize, pingpong=tiles.pingpong)
         return out
     if tiles.warp_specialize:
         attention_ws.launch(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache, slot_mapping)

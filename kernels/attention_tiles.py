@@ -38,7 +38,9 @@ class Tiles(NamedTuple):
     default tiles); with warp_specialize too, the Gluon kernel's warp-specialised form
     (kernels/attention_wgmma_ws.py: 128 query rows a program in two 64-row consumer
     warpgroups fed by one TMA producer warp; num_warps 4, the first consumer's, block_n 64 or
-    128, at least 2 stages).
+    128, at least 2 stages); and whether, there, the two consumers take turns at the tensor
+    cores (pingpong: FlashAttention-3's inter-warpgroup schedule, one's softmax beside the
+    other's wgmmas; block_n 128).
     """
     block_m: int
     block_n: int
@@ -52,6 +54,7 @@ class Tiles(NamedTuple):
     q_smem: bool = False
     max_registers: int = 0
     wgmma: bool = False
+    pingpong: bool = False
 
 
 # (tile kind, head class) -> tiles, for fp16/bf16. "narrow" serves batches whose sequences
@@ -185,13 +188,15 @@ _PERSISTENT_TILES_SM90: dict = {}
 # capped: 215.6 / 268.8 us against 232.0 / 288.9 for wgmma 128x64x8x3, one program an SM).
 # And the warp-specialised form (attention_wgmma_ws.py: a TMA producer warp, two 64-row consumer
 # warpgroups with 240 registers each, one program an SM), FlashAttention-3's split: 128-key tiles
-# at 2 stages (heads 64 and 128; 96 / 176 KB) and 64-key tiles at 3 (head 128; 144 KB); compiled
-# clean for sm_90, never run.
+# at 2 stages (heads 64 and 128; 96 / 176 KB) and 64-key tiles at 3 (head 128; 144 KB), and at
+# head 128 the 128-key form with FlashAttention-3's pingpong (the consumers take turns issuing
+# their wgmmas); compiled clean for sm_90, never run.
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                           Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),
                           Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
-                          Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True)],
+                          Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True),
+                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True)]}
@@ -291,7 +296,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
             _fail(f"tiles.{name} must be one of {allowed}, got {value!r}")
     if tiles.block_m % tiles.block_n:
         _fail(f"tiles.block_m {tiles.block_m} must be a multiple of tiles.block_n {tiles.block_n}")
-    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem", "wgmma"):
+    for name in ("tma", "split_head", "warp_specialize", "one_loop", "persistent", "q_smem", "wgmma", "pingpong"):
         if not isinstance(getattr(tiles, name), bool):
             _fail(f"tiles.{name} must be a bool, got {getattr(tiles, name)!r}")
     for name in ("tma", "warp_specialize"):
@@ -319,6 +324,9 @@ def _check_tiles(tiles, capability: int) -> Tiles:
         _fail(f"tiles.persistent needs block_n == block_m (one tile a sequence), got {tiles.block_m}x{tiles.block_n}")
     if tiles.persistent and (tiles.tma or tiles.warp_specialize or tiles.one_loop):
         _fail("tiles.persistent is a kernel of its own: no tma, warp_specialize or one_loop")
+    if tiles.pingpong and not (tiles.wgmma and tiles.warp_specialize and tiles.block_n == tiles.block_m):
+        _fail("tiles.pingpong is the warp-specialised Gluon kernel's (wgmma and warp_specialize) at block_n == "
+              f"block_m (equal rounds for both consumers), got {tiles!r}")
     if tiles.wgmma:
         _check_wgmma_tiles(tiles)
     return tiles

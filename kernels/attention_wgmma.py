@@ -353,7 +353,7 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
                          num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
                          key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
-                         overlap: bool = True, warp_specialize: bool = False) -> None:
+                         overlap: bool = True, warp_specialize: bool = False, pingpong: bool = False) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
     input, that the kernel takes them (`takes`) and that the device runs it, and chosen the grid
     and its block layout (blocks_per_seq, as kernels/attention_parts.py's _find_query_block
@@ -361,12 +361,13 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     be of q's dtype (the caller writes a float8 cache itself). `overlap=False` waits for each
     PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right without the
     overlap, wrong with it, puts a fault in the overlap). `warp_specialize` runs the
-    warp-specialised form (kernels/attention_wgmma_ws.py; block_m 128, num_warps 4) instead."""
+    warp-specialised form (kernels/attention_wgmma_ws.py; block_m 128, num_warps 4) instead,
+    its consumers taking turns with `pingpong`."""
     if warp_specialize:
         # imported here: that module builds on this one's pieces
         from . import attention_wgmma_ws
         attention_wgmma_ws.launch(q, k, v, out, cu_seqlens_q, qk_scale, block_n, num_stages, grid, blocks_per_seq,
-                                  seq_chunk, key_cache, value_cache, slot_mapping, overlap)
+                                  seq_chunk, key_cache, value_cache, slot_mapping, overlap, pingpong)
         return
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,

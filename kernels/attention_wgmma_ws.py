@@ -77,17 +77,35 @@ def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready
 
 
 @gluon.jit
-def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
+def _take_turn(turns, C: gl.constexpr, k, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until consumer C may issue its k-th round of wgmmas: the consumers
+    alternate, consumer 0 first (a fresh mbarrier passes its first wait)."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(C), (k & 1) ^ (1 - C))
+
+
+@gluon.jit
+def _pass_turn(turns, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, hand the tensor cores to the other consumer once C's wgmmas are issued."""
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - C))
+
+
+@gluon.jit
+def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns,
              out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
              slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
              key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
              value_cache_ptr,   # WRITE_KV: the same, with the key cache's strides
              q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
              C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr):
     """Consumer warpgroup C: attention of its 64 query rows (from first_query + 64 C within the
     sequence) over the key tiles up to its last row, as attention_wgmma.py's loop, releasing
-    each key slot after its QK^T and each value slot after its PV."""
+    each key slot after its QK^T and each value slot after its PV. With PINGPONG the two
+    consumers take turns issuing their wgmmas (round k: tile 0's QK^T, then each loop step's
+    QK^T and PV, then the last PV; both run n_tiles + 1 rounds, as BLOCK_N == BLOCK_M makes
+    their tile counts equal), so that one's softmax runs while the other's wgmmas do."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
@@ -111,7 +129,10 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
     # Tile 0 alone: key 0 is visible to every query row, so every row's max is finite after it.
     mbarrier.wait(q_ready.index(C), 0)
     mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_slot, k_slots.index(0).permute((1, 0)), s_zero, use_acc=False)
+    _take_turn(turns, C, 0, PINGPONG)
+    s_token = warpgroup_mma(q_slot, k_slots.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pass_turn(turns, C, PINGPONG)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_token, ))
     mbarrier.arrive(k_empty.index(0))
     if n_unmasked > 0:
         p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, queries, False)
@@ -123,9 +144,11 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
         slot = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q_slot, k_slots.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        _take_turn(turns, C, j, PINGPONG)
+        s_token = warpgroup_mma(q_slot, k_slots.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc_token = warpgroup_mma(p, v_slots.index(prev), acc, is_async=True)
+        _pass_turn(turns, C, PINGPONG)
         # OVERLAP off (a diagnosis of the probe, never a launcher's choice) waits for both here
         s = warpgroup_mma_wait(num_outstanding=1 if OVERLAP else 0, deps=(s_token, ))
         mbarrier.arrive(k_empty.index(slot))
@@ -144,7 +167,10 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
         # Both consumers may clear this tile's rows past the sequence (each before its own PV
         # on it): zeros over zeros, and no slot of a sequence's last tile is refilled.
         _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
-    acc = warpgroup_mma(p, v_slots.index(last % STAGES), acc)
+    _take_turn(turns, C, n_tiles, PINGPONG)
+    acc_token = warpgroup_mma(p, v_slots.index(last % STAGES), acc, is_async=True)
+    _pass_turn(turns, C, PINGPONG)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, ))
     mbarrier.arrive(v_empty.index(last % STAGES))
 
     if WRITE_KV:
@@ -178,9 +204,11 @@ def _prefill_wgmma_ws_kernel(
     slot_ptr,         # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
     num_seqs, blocks_per_seq, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQ_CHUNK: gl.constexpr,
-    OVERLAP: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr, UNIFORM: gl.constexpr,
+    OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    UNIFORM: gl.constexpr,
 ):
     gl.static_assert(STAGES >= 2)   # the diagonal tiles, the last one or two, are never refilled
+    gl.static_assert((not PINGPONG) or BLOCK_N == BLOCK_M)   # turns need equal rounds
     head = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)   # (heads of a group, blocks, groups)
     seq, q_start, q_len, block = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
                                                    UNIFORM)
@@ -198,8 +226,10 @@ def _prefill_wgmma_ws_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG
     for c in gl.static_range(2):
         mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(turns.index(c), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -213,18 +243,21 @@ def _prefill_wgmma_ws_kernel(
         slots = out_ptr
     # (the argument tuples written out whole: a tuple built by + loses its constexprs)
     gl.warp_specialize([
-        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, out_ptr, slots,
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, slots,
                     key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, WRITE_KV, BLOCK_SIZE)),
-        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, out_ptr, slots,
+                    stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV,
+                    BLOCK_SIZE)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, slots,
                     key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, WRITE_KV, BLOCK_SIZE)),
+                    stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV,
+                    BLOCK_SIZE)),
         (_produce, (q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
                     q_start, first_query, col, n_tiles, BLOCK_N, STAGES)),
     ], [NUM_WARPS, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
     for c in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(c))
+        mbarrier.invalidate(turns.index(c))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
@@ -255,12 +288,13 @@ def compile_specs() -> list:
                 signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
                                                "i32"))
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages,
-                                  SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv, BLOCK_SIZE=16,
-                                  UNIFORM=uniform)
+                                  SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, PINGPONG=tiles.pingpong, WRITE_KV=write_kv,
+                                  BLOCK_SIZE=16, UNIFORM=uniform)
                 signature.update(dict.fromkeys(constexprs, "constexpr"))
                 if not write_kv:
                     constexprs["slot_ptr"] = None
                 label = (f"sweep ws d{head_dim} {name} {BLOCK_M.value}x{tiles.block_n} s{tiles.num_stages}"
+                         f"{' pingpong' if tiles.pingpong else ''}"
                          f"{'' if write_kv else ' no-write'}{' uniform' if uniform else ''}")
                 specs.append(CompileSpec(_prefill_wgmma_ws_kernel, label, signature, constexprs, uses_mma=True,
                                          uses_tma=True, num_warps=NUM_WARPS.value, num_stages=tiles.num_stages,
@@ -273,14 +307,15 @@ def compile_specs() -> list:
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, cu_seqlens_q: torch.Tensor,
            qk_scale: float, block_n: int, num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
            key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
-           overlap: bool = True) -> None:
+           overlap: bool = True, pingpong: bool = False) -> None:
     """Run the kernel, as attention_wgmma.launch_prefill_wgmma runs its own (which calls this for
     warp-specialised tiles): inputs checked, the kernel known to take them, the grid and block
-    layout chosen for BLOCK_M query rows a program; `overlap` as there."""
+    layout chosen for BLOCK_M query rows a program; `overlap` as there; `pingpong`: the
+    consumers take turns (Tiles.pingpong)."""
     _prefill_wgmma_ws_kernel[grid](
-        head_descriptor(q, CONSUMER_ROWS.value), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,
-        key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, blocks_per_seq, qk_scale, out.stride(0),
-        out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        head_descriptor(q, CONSUMER_ROWS.value), head_descriptor(k, block_n), head_descriptor(v, block_n), out,
+        cu_seqlens_q, key_cache, value_cache, slot_mapping, cu_seqlens_q.shape[0] - 1, blocks_per_seq, qk_scale,
+        out.stride(0), out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         HEAD_DIM=q.shape[2], BLOCK_N=block_n, STAGES=num_stages, SEQ_CHUNK=seq_chunk, OVERLAP=overlap,
-        WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1], UNIFORM=blocks_per_seq > 0,
-        num_warps=NUM_WARPS.value, maxnreg=MAX_REGISTERS)
+        PINGPONG=pingpong, WRITE_KV=slot_mapping is not None, BLOCK_SIZE=key_cache.shape[1],
+        UNIFORM=blocks_per_seq > 0, num_warps=NUM_WARPS.value, maxnreg=MAX_REGISTERS)

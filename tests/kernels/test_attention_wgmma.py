@@ -28,7 +28,7 @@ from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 I32 = dict(dtype=torch.int32, device=DEVICE)
 ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x"
-                           f"{tiles.num_stages}" + "-ws" * tiles.warp_specialize)
+                           f"{tiles.num_stages}" + "-ws" * tiles.warp_specialize + "-pingpong" * tiles.pingpong)
               for head_dim, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items()) for tiles in candidates]
 # the warp-specialised form (its own kernel, attention_wgmma_ws.py)
 WS_CANDIDATES = [c for c in CANDIDATES if c.values[1].warp_specialize]
@@ -77,6 +77,9 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(128, 32, 4, 2, wgmma=True, warp_specialize=True), "block_n in (64, 128)"),
     (Tiles(128, 64, 4, 1, wgmma=True, warp_specialize=True), "num_stages >= 2"),
     (Tiles(64, 64, 4, 2, wgmma=True, warp_specialize=True), "block_m=128"),
+    (Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True, pingpong=True), "at block_n == block_m"),
+    (Tiles(128, 128, 4, 2, warp_specialize=True, pingpong=True), "tiles.pingpong is the warp-specialised Gluon"),
+    (Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=1), "tiles.pingpong must be a bool"),
     (Tiles(128, 64, 8, 2, wgmma=1), "tiles.wgmma must be a bool"),
 ])
 def test_tile_checks_name_what_the_kernel_cannot_take(tiles, message):
@@ -195,14 +198,15 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
     handed = []
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
     real = attention_wgmma.launch_prefill_wgmma
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args, **options: handed.append((args, options)))
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma",
+                        lambda *args, **options: handed.append((args, options)))
     args, _ = context_free_case([130, 130, 127], 2, 128, torch.float16, seed=13)
     tiles = next(t for t in attention_tiles.WGMMA_CANDIDATES[128] if t.warp_specialize)
     for bound, blocks_per_seq in ((130, 2), (None, 0)):
         prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
         (launched, options), = handed
         handed.clear()
-        assert options == dict(warp_specialize=True) and launched[6:9] == (tiles.block_m, tiles.block_n, 4)
+        assert options == dict(warp_specialize=True, pingpong=False) and launched[6:9] == (128, tiles.block_n, 4)
         grid, per_seq = launched[10:12]
         # uniform: 2 blocks a sequence; virtual: tokens // 128 + seqs
         assert per_seq == blocks_per_seq and grid[1] == (3 * 2 if bound else 387 // 128 + 3)
@@ -215,7 +219,7 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
     out = torch.empty_like(q)
     common = (q, k, v, out, cu, 0.1, 128, 64, 4, 3, (2, 6, 1), 2, 16, key_cache, value_cache)
     real(*common, warp_specialize=True)
-    assert ws_calls == [(q, k, v, out, cu, 0.1, 64, 3, (2, 6, 1), 2, 16, key_cache, value_cache, None, True)]
+    assert ws_calls == [(q, k, v, out, cu, 0.1, 64, 3, (2, 6, 1), 2, 16, key_cache, value_cache, None, True, False)]
     assert plain_calls == []
     real(*common)
     assert plain_calls == [(2, 6, 1)] and len(ws_calls) == 1
@@ -227,23 +231,28 @@ def test_compiled_warp_specialised_kernel_splits_its_warps():
     consumers' loop waiting for its QK^T with the previous PV in flight, TMA bulk copies, no
     spills, and no CTA-wide bar.sync (a barrier without a thread count): every barrier inside
     a partition is that partition's own, so neither consumer waits on the other or on the
-    producer but through the slots' mbarriers."""
+    producer but through the slots' mbarriers. The pingpong form waits on its turns besides:
+    more mbarrier waits than the plain form."""
     script = (
         "import re\n"
         "from opt_fast.kernels import attention_wgmma_ws, compile_check as cc\n"
-        "spec = next(s for s in attention_wgmma_ws.compile_specs() if s.label.startswith('sweep ws d128 fp16 128x128'))\n"
-        "r = cc.compile_one(spec, 90, 'sm_90')\n"
-        "ptx = cc.compile_spec(spec, 90).asm['ptx']\n"
+        "label = 'sweep ws d128 fp16 128x128 s2'\n"
+        "plain, pingpong = [s for s in attention_wgmma_ws.compile_specs() if s.label in (label, label + ' pingpong')]\n"
+        "r = cc.compile_one(plain, 90, 'sm_90')\n"
+        "ptx = cc.compile_spec(plain, 90).asm['ptx']\n"
+        "turns = cc.compile_spec(pingpong, 90).asm['ptx']\n"
         "has = lambda pattern: re.search(pattern, ptx) is not None\n"
         "print(r.ok, r.spill_bytes, has(r'setmaxnreg\\.inc\\.sync\\.aligned\\.u32\\s+240;'),\n"
-        "      has(r'setmaxnreg\\.dec\\.sync\\.aligned\\.u32\\s+24;'), 'wgmma.wait_group.sync.aligned 1;' in ptx,\n"
+        "      has(r'setmaxnreg\\.dec\\.sync\\.aligned\\.u32\\s+24;'),\n"
+        "      'wgmma.wait_group.sync.aligned 1;' in ptx,\n"
         "      'cp.async.bulk.tensor' in ptx, re.search(r'(?<![.\\w])bar\\.sync\\s+\\d+;', ptx) is None,\n"
-        "      len(set(re.findall(r'(?<![.\\w])bar\\.sync\\s+(\\d+), 128;', ptx))))\n")
+        "      len(set(re.findall(r'(?<![.\\w])bar\\.sync\\s+(\\d+), 128;', ptx))),\n"
+        "      turns.count('mbarrier.try_wait') > ptx.count('mbarrier.try_wait'))\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # two consumer warpgroups, each with a named barrier of its own
-    assert done.stdout.split() == ["True", "0", "True", "True", "True", "True", "True", "2"]
+    assert done.stdout.split() == ["True", "0", "True", "True", "True", "True", "True", "2", "True"]
 
 
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
@@ -372,7 +381,7 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     seen = []
 
     def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
-                  key_cache, value_cache, slot_mapping=None, overlap=True, warp_specialize=False):
+                  key_cache, value_cache, slot_mapping=None, overlap=True, warp_specialize=False, pingpong=False):
         seen.append((blocks_per_seq, grid, slot_mapping is not None, overlap))
         seqs = cu.shape[0] - 1
         out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,

@@ -314,38 +314,47 @@ def compile_specs() -> list:
     the launcher's table (_WGMMA_TILES_SM90), for sm_90, in fp16 and bf16, at head_dim 64 and
     128 (OPT-1.3B; 6.7B and 13B), with the fused KV-cache write (the engine's launches; block
     size 16) and without (the sweep's and the benchmarks'), in each block layout."""
-    from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
-    from .compile_check import CompileSpec
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
         chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
         # (warp-specialised tiles run attention_wgmma_ws.py's kernel, which lists its own)
         for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES[head_dim] + chosen if not t.warp_specialize):
-            for (dtype, name), write_kv, uniform in itertools.product(
-                    ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
-                signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
-                                                f"{shared_layout([rows, head_dim], dtype)!r}>"
-                             for operand, rows in (("q", tiles.block_m), ("k", tiles.block_n), ("v", tiles.block_n))}
-                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
-                                 value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
-                                 num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
-                signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
-                                               "i32"))
-                constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                  STAGES=tiles.num_stages, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv,
-                                  BLOCK_SIZE=16, UNIFORM=uniform)
-                signature.update(dict.fromkeys(constexprs, "constexpr"))
-                if not write_kv:
-                    constexprs["slot_ptr"] = None
-                label = (f"sweep d{head_dim} {name} {tiles.block_m}x{tiles.block_n} "
-                         f"w{tiles.num_warps}s{tiles.num_stages}{'' if write_kv else ' no-write'}"
-                         f"{' uniform' if uniform else ''}")
-                # row strides of the output and of the caches are multiples of 16 elements at OPT's heads
-                specs.append(CompileSpec(_prefill_wgmma_kernel, label, signature, constexprs, uses_mma=True,
-                                         uses_tma=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                                         targets=(WGMMA_CAPABILITY,),
-                                         divisible_by_16=("stride_ot", "stride_oh", "stride_cb", "stride_cs",
-                                                          "stride_ch")))
+            specs += variant_specs(_prefill_wgmma_kernel, f"sweep d{head_dim}", head_dim, tiles.block_m, tiles,
+                                   f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}",
+                                   dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages),
+                                   num_warps=tiles.num_warps)
+    return specs
+
+
+def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape: str, constexprs: dict,
+                  **options) -> list:
+    """Compile-check specialisations (sm_90) of a Gluon prefill kernel with this module's kernel
+    arguments: in fp16 and bf16, with the fused KV-cache write (block size 16) and without, in
+    each block layout; q in boxes of `q_rows` rows, k and v of tiles.block_n; `constexprs` and
+    `options` (CompileSpec fields) the kernel's own, labelled "`prefix` <dtype> `shape`..."."""
+    from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
+    from .compile_check import CompileSpec
+    specs = []
+    for (dtype, name), write_kv, uniform in itertools.product(
+            ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
+        signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
+                                        f"{shared_layout([rows, head_dim], dtype)!r}>"
+                     for operand, rows in (("q", q_rows), ("k", tiles.block_n), ("v", tiles.block_n))}
+        signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
+                         value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
+                         num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
+        signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"), "i32"))
+        values = dict(HEAD_DIM=head_dim, **constexprs, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv,
+                      BLOCK_SIZE=16, UNIFORM=uniform)
+        signature.update(dict.fromkeys(values, "constexpr"))
+        if not write_kv:
+            values["slot_ptr"] = None
+        label = f"{prefix} {name} {shape}{'' if write_kv else ' no-write'}{' uniform' if uniform else ''}"
+        # row strides of the output and of the caches are multiples of 16 elements at OPT's heads
+        specs.append(CompileSpec(kernel, label, signature, values, uses_mma=True, uses_tma=True,
+                                 num_stages=tiles.num_stages, targets=(WGMMA_CAPABILITY,),
+                                 divisible_by_16=("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
+                                 **options))
     return specs
 
 

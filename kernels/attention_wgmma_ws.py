@@ -30,8 +30,6 @@ Tiles.warp_specialize), never a default until a GPU has shown it right and faste
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -39,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_tile_rows, _row_layout,
-                              head_descriptor, shared_layout)
+                              head_descriptor, variant_specs)
 
 # Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
 CONSUMER_ROWS = gl.constexpr(64)
@@ -267,40 +265,17 @@ def _prefill_wgmma_ws_kernel(
 
 def compile_specs() -> list:
     """The kernel at each warp-specialised wgmma candidate (attention_tiles.WGMMA_CANDIDATES with
-    warp_specialize), for sm_90, in fp16 and bf16, with the fused KV-cache write (block size 16)
-    and without, in each block layout, under the launch's register cap."""
-    from .attention_parts import SEQ_CHUNK
+    warp_specialize), for sm_90, in attention_wgmma.variant_specs's variants, under the launch's
+    register cap."""
     from .attention_tiles import WGMMA_CANDIDATES
-    from .attention_wgmma import WGMMA_CAPABILITY
-    from .compile_check import CompileSpec
     specs = []
     for head_dim, candidates in sorted(WGMMA_CANDIDATES.items()):
         for tiles in (t for t in candidates if t.warp_specialize):
-            for (dtype, name), write_kv, uniform in itertools.product(
-                    ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
-                signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
-                                                f"{shared_layout([rows, head_dim], dtype)!r}>"
-                             for operand, rows in (("q", CONSUMER_ROWS.value), ("k", tiles.block_n),
-                                                   ("v", tiles.block_n))}
-                signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
-                                 value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
-                                 num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
-                signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"),
-                                               "i32"))
-                constexprs = dict(HEAD_DIM=head_dim, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages,
-                                  SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, PINGPONG=tiles.pingpong, WRITE_KV=write_kv,
-                                  BLOCK_SIZE=16, UNIFORM=uniform)
-                signature.update(dict.fromkeys(constexprs, "constexpr"))
-                if not write_kv:
-                    constexprs["slot_ptr"] = None
-                label = (f"sweep ws d{head_dim} {name} {BLOCK_M.value}x{tiles.block_n} s{tiles.num_stages}"
-                         f"{' pingpong' if tiles.pingpong else ''}"
-                         f"{'' if write_kv else ' no-write'}{' uniform' if uniform else ''}")
-                specs.append(CompileSpec(_prefill_wgmma_ws_kernel, label, signature, constexprs, uses_mma=True,
-                                         uses_tma=True, num_warps=NUM_WARPS.value, num_stages=tiles.num_stages,
-                                         max_registers=MAX_REGISTERS, targets=(WGMMA_CAPABILITY,),
-                                         divisible_by_16=("stride_ot", "stride_oh", "stride_cb", "stride_cs",
-                                                          "stride_ch")))
+            shape = f"{BLOCK_M.value}x{tiles.block_n} s{tiles.num_stages}" + " pingpong" * tiles.pingpong
+            specs += variant_specs(_prefill_wgmma_ws_kernel, f"sweep ws d{head_dim}", head_dim, CONSUMER_ROWS.value,
+                                   tiles, shape, dict(BLOCK_N=tiles.block_n, STAGES=tiles.num_stages,
+                                                      PINGPONG=tiles.pingpong),
+                                   num_warps=NUM_WARPS.value, max_registers=MAX_REGISTERS)
     return specs
 
 

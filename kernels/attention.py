@@ -364,8 +364,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     No device->host sync: `cu_seqlens_q[-1]` must not exceed `tokens`, and each table row must
     cover its sequence's context (neither is checked: both would need the values on the host).
     `tiles` (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize[,
-    one_loop[, persistent[, q_smem[, max_registers[, wgmma]]]]]]]]) overrides `default_tiles`,
-    for tests and the tile sweep.
+    one_loop[, persistent[, q_smem[, max_registers[, wgmma[, pingpong]]]]]]]]]) overrides
+    `default_tiles`, for tests and the tile sweep.
     `max_context_len`: an upper bound of context_lens known on the host (None: unknown). Only 0
     changes anything today: then the main kernel is compiled without its context loops (never
     reading context_lens or block_tables), the defaults may come from the warp-specialised table
@@ -376,9 +376,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
     kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
-    (kernels/attention_wgmma.py) where max_context_len is 0 on an sm_90 GPU and its `takes`
-    holds (there a float8 cache is written by a launch of its own before it); elsewhere the main
-    kernel's default tiles replace them. A bound below a real length leaves that sequence's
+    (kernels/attention_wgmma.py; with warp_specialize too, its warp-specialised form,
+    attention_wgmma_ws.py, not Triton's) where max_context_len is 0 on an sm_90 GPU and its
+    `takes` holds (there a float8 cache is written by a launch of its own before it); elsewhere
+    the main kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
     context, it is not checked: that would need the lengths on the host). Raises
     ValueError on any shape, dtype, device, stride or alignment mismatch, on tiles outside the

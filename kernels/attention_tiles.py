@@ -286,7 +286,7 @@ def _padded_class(head_dim: int) -> int:
 def _check_tiles(tiles, capability: int) -> Tiles:
     if not isinstance(tiles, tuple) or not 4 <= len(tiles) <= len(Tiles._fields):
         _fail("tiles must be (block_m, block_n, num_warps, num_stages[, tma[, split_head[, warp_specialize"
-              f"[, one_loop[, persistent[, q_smem[, max_registers[, wgmma]]]]]]]]), got {tiles!r}")
+              f"[, one_loop[, persistent[, q_smem[, max_registers[, wgmma[, pingpong]]]]]]]]]), got {tiles!r}")
     tiles = Tiles(*tiles)
     for name, value, allowed in (("block_m", tiles.block_m, _BLOCK_CHOICES),
                                  ("block_n", tiles.block_n, _BLOCK_CHOICES),
@@ -336,6 +336,9 @@ def _check_wgmma_tiles(tiles: Tiles) -> None:
     others = [name for name in ("one_loop", "persistent", "q_smem") if getattr(tiles, name)]
     if others:
         _fail(f"tiles.wgmma is a kernel of its own (TMA, q in shared memory, no context): no {', '.join(others)}")
+    if tiles.max_registers:
+        _fail(f"tiles.wgmma sets its own register cap (none, or the warp-specialised form's), got max_registers "
+              f"{tiles.max_registers}")
     if tiles.warp_specialize:   # block_m 128 and num_warps 4 checked with warp_specialize's other tiles
         if tiles.block_n not in _WGMMA_WS_BLOCK_NS:
             _fail(f"tiles.wgmma with warp_specialize needs block_n in {_WGMMA_WS_BLOCK_NS} (a consumer's scores "

@@ -19,8 +19,11 @@ warpgroup keeps _PRODUCER_REGS a thread, each consumer warpgroup gets _CONSUMER_
 the 64K registers an SM has for the program's 12 warps.
 
 A consumer whose 64 rows start past its sequence's end (the last block of a sequence, with at
-most 64 rows in it) computes them anyway and stores nothing: its arrivals keep the ring's
-phases, and its rows never mix with the other consumer's.
+most 64 rows in it) gets no query copy and computes on whatever its slot holds, storing nothing:
+its arrivals keep the ring's phases, and its rows never mix with the other consumer's. The
+sequence's last value tile has its rows past the sequence cleared once, by consumer 1 (which
+reads every tile), before either consumer's PV on it: 0 times another sequence's value (or NaN
+padding) would otherwise be NaN.
 
 Scope as attention_wgmma.py's: fp16 / bf16, head_dim 64 or 128, no cached context, rows TMA can
 address, the fused KV-cache write (each consumer stores its own 64 new keys and values from the
@@ -53,13 +56,17 @@ MAX_REGISTERS = 168
 
 @gluon.jit
 def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
-             q_start, first_query, col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+             q_start, q_len, first_query, col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The producer warp: each consumer's query rows, then key tile t and its values into slot
-    t % STAGES, each once both consumers have released the tile STAGES before it."""
+    t % STAGES, each once both consumers have released the tile STAGES before it. A consumer
+    whose rows all lie past the sequence gets no copy (its box could lie wholly past the
+    tensor), only its barrier's arrival: its rows are never stored."""
     for c in gl.static_range(2):
-        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        inside = first_query + c * CONSUMER_ROWS < q_len
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes, pred=inside)
         tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, col], q_ready.index(c),
-                                        q_slots.index(c))
+                                        q_slots.index(c), pred=inside)
+        mbarrier.arrive(q_ready.index(c), pred=first_query + c * CONSUMER_ROWS >= q_len)
     for t in range(n_tiles):
         slot = t % STAGES
         # a fresh mbarrier reads as having completed the phase before its first, so the first
@@ -90,7 +97,7 @@ def _pass_turn(turns, C: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns,
+def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, cleared,
              out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
              slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
              key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
@@ -162,16 +169,21 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
     last = n_tiles - 1
     mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
     if (last + 1) * BLOCK_N > q_len:
-        # Both consumers may clear this tile's rows past the sequence (each before its own PV
-        # on it): zeros over zeros, and no slot of a sequence's last tile is refilled.
-        _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+        # The sequence's last value tile: its rows past the sequence are cleared once, by
+        # consumer 1, which reads every tile of the program; consumer 0, where this is its last
+        # tile too, waits for that (no slot of it is refilled).
+        if C == 1:
+            _clear_rows_past(v_slots.index(last % STAGES), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+            mbarrier.arrive(cleared)
+        else:
+            mbarrier.wait(cleared, 0)
     _take_turn(turns, C, n_tiles, PINGPONG)
     acc_token = warpgroup_mma(p, v_slots.index(last % STAGES), acc, is_async=True)
     _pass_turn(turns, C, PINGPONG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, ))
     mbarrier.arrive(v_empty.index(last % STAGES))
 
-    if WRITE_KV:
+    if WRITE_KV and diag_start < q_len:
         # this consumer's own new tokens: rows diag_start .. +64 of the program's diagonal key
         # tile, still in its slot (no tile after it is loaded)
         own = diag_start // BLOCK_N
@@ -225,6 +237,8 @@ def _prefill_wgmma_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG
+    cleared = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())    # the last value tile
+    mbarrier.init(cleared, count=1)
     for c in gl.static_range(2):
         mbarrier.init(q_ready.index(c), count=1)
         mbarrier.init(turns.index(c), count=1)
@@ -241,18 +255,19 @@ def _prefill_wgmma_ws_kernel(
         slots = out_ptr
     # (the argument tuples written out whole: a tuple built by + loses its constexprs)
     gl.warp_specialize([
-        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, slots,
-                    key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV,
-                    BLOCK_SIZE)),
-        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, out_ptr, slots,
-                    key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV,
-                    BLOCK_SIZE)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, cleared, out_ptr,
+                    slots, key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot,
+                    stride_oh, stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG,
+                    WRITE_KV, BLOCK_SIZE)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty, turns, cleared, out_ptr,
+                    slots, key_cache_ptr, value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot,
+                    stride_oh, stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG,
+                    WRITE_KV, BLOCK_SIZE)),
         (_produce, (q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_empty,
-                    q_start, first_query, col, n_tiles, BLOCK_N, STAGES)),
+                    q_start, q_len, first_query, col, n_tiles, BLOCK_N, STAGES)),
     ], [NUM_WARPS, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
+    mbarrier.invalidate(cleared)
     for c in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(c))
         mbarrier.invalidate(turns.index(c))

@@ -80,6 +80,7 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True, pingpong=True), "at block_n == block_m"),
     (Tiles(128, 128, 4, 2, warp_specialize=True, pingpong=True), "tiles.pingpong is the warp-specialised Gluon"),
     (Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=1), "tiles.pingpong must be a bool"),
+    (Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, max_registers=128), "sets its own register cap"),
     (Tiles(128, 64, 8, 2, wgmma=1), "tiles.wgmma must be a bool"),
 ])
 def test_tile_checks_name_what_the_kernel_cannot_take(tiles, message):
@@ -227,12 +228,15 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
 
 def test_compiled_warp_specialised_kernel_splits_its_warps():
     """The warp-specialised form compiled for sm_90 (no GPU needed), at the 128-key candidate
-    and head 128: registers moved to the consumers (setmaxnreg 240) from the producer (24), the
-    consumers' loop waiting for its QK^T with the previous PV in flight, TMA bulk copies, no
-    spills, and no CTA-wide bar.sync (a barrier without a thread count): every barrier inside
-    a partition is that partition's own, so neither consumer waits on the other or on the
-    producer but through the slots' mbarriers. The pingpong form waits on its turns besides:
-    more mbarrier waits than the plain form."""
+    and head 128: registers moved to both consumers (setmaxnreg 240: the worker raised to it,
+    the default partition lowered to it) from the producer (24); the consumers' loop waiting
+    for its QK^T with the previous PV in flight; TMA bulk copies; no spills. No bar.sync
+    without a thread count (Triton's own barrier.sync at the region's entry and exit aside):
+    each consumer's barriers are its own (two named 128-thread barriers), so neither waits on
+    the other or on the producer but through the mbarriers; and every mbarrier arrival (one
+    thread's) follows its partition's barrier, so the whole warpgroup is done with a slot when
+    the producer hears of it. The pingpong form waits on its turns besides: more mbarrier
+    waits than the plain form."""
     script = (
         "import re\n"
         "from opt_fast.kernels import attention_wgmma_ws, compile_check as cc\n"
@@ -242,14 +246,20 @@ def test_compiled_warp_specialised_kernel_splits_its_warps():
         "ptx = cc.compile_spec(plain, 90).asm['ptx']\n"
         "turns = cc.compile_spec(pingpong, 90).asm['ptx']\n"
         "has = lambda pattern: re.search(pattern, ptx) is not None\n"
+        "lines = [l.strip() for l in ptx.splitlines() if l.strip() and not l.strip().startswith(('//', '.loc'))]\n"
+        "arrivals = [i for i, l in enumerate(lines) if 'mbarrier.arrive.shared' in l]\n"
+        "unguarded = [i for i in arrivals if not any(re.search(r'(?<![.\\w])bar\\.(sync\\s+\\d+, 128|warp\\.sync)', l)\n"
+        "                                            for l in lines[max(0, i - 4):i])]\n"
         "print(r.ok, r.spill_bytes, has(r'setmaxnreg\\.inc\\.sync\\.aligned\\.u32\\s+240;'),\n"
+        "      has(r'setmaxnreg\\.dec\\.sync\\.aligned\\.u32\\s+240;'),\n"
         "      has(r'setmaxnreg\\.dec\\.sync\\.aligned\\.u32\\s+24;'),\n"
         "      'wgmma.wait_group.sync.aligned 1;' in ptx,\n"
         "      'cp.async.bulk.tensor' in ptx, re.search(r'(?<![.\\w])bar\\.sync\\s+\\d+;', ptx) is None,\n"
         "      len(set(re.findall(r'(?<![.\\w])bar\\.sync\\s+(\\d+), 128;', ptx))),\n"
+        "      len(arrivals) >= 8, unguarded == [],\n"
         "      turns.count('mbarrier.try_wait') > ptx.count('mbarrier.try_wait'))\n")
-    # two consumer warpgroups, each with a named barrier of its own
-    assert _compiled_output(script) == ["True", "0", "True", "True", "True", "True", "True", "2", "True"]
+    assert _compiled_output(script) == ["True", "0", "True", "True", "True", "True", "True", "True", "2", "True",
+                                        "True", "True"]
 
 
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():

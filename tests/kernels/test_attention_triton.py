@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
-from opt_fast.kernels import attention, attention_persistent, attention_wgmma, attention_ws
+from opt_fast.kernels import attention, attention_persistent, attention_wgmma, attention_wgmma_ws, attention_ws
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
@@ -456,6 +456,11 @@ def test_sweep_candidates_with_options_are_compile_checked():
     built_wgmma = {(c["BLOCK_M"], c["BLOCK_N"], s.num_warps, c["STAGES"], c["HEAD_DIM"])
                    for s in attention_wgmma.compile_specs() if s.signature["out_ptr"] == "*fp16"
                    for c in [s.constexprs]}
+    # the warp-specialised form: 128 rows in two 64-row consumers, 4 warps the first's
+    built_wgmma_ws = {(attention_wgmma_ws.BLOCK_M.value, c["BLOCK_N"], s.num_warps, c["STAGES"], c["PINGPONG"],
+                       c["HEAD_DIM"])
+                      for s in attention_wgmma_ws.compile_specs() if s.signature["out_ptr"] == "*fp16"
+                      for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -464,6 +469,9 @@ def test_sweep_candidates_with_options_are_compile_checked():
             if tiles is None or tiles[4:] == Tiles(1, 1, 1, 1)[4:]:
                 continue   # the default (grouped or not), or plain tiles: the sweep skips any that fail
             options += 1
+            if tiles.wgmma and tiles.warp_specialize:   # kernels/attention_wgmma_ws.py
+                assert (*tiles[:4], tiles.pingpong, case["head_dim"]) in built_wgmma_ws, (case, candidate)
+                continue
             if tiles.wgmma:   # the Gluon kernel (kernels/attention_wgmma.py)
                 assert (*tiles[:4], case["head_dim"]) in built_wgmma, (case, candidate)
                 continue

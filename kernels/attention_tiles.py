@@ -239,7 +239,8 @@ _WS_BLOCK_M = 128
 # wgmma, a crash no caller could catch).
 _WGMMA_WARPS = (4, 8)
 WGMMA_CAPABILITY = 90
-# Key tiles of the warp-specialised Gluon kernel (attention_wgmma_ws.BLOCK_NS).
+# Key tiles of the warp-specialised Gluon kernel (attention_wgmma_ws.py): what a consumer's
+# registers hold beside its accumulator.
 _WGMMA_WS_BLOCK_NS = (64, 128)
 
 

@@ -223,8 +223,10 @@ class Prefill:
         options = []
         # the wgmma kernel (sm_90 alone) first after the default: the newest kernel, the one a
         # short budget should reach
+        # (the persistent form only where a prompt fits its tile: elsewhere the launcher runs
+        # the default instead)
         wgmma = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], [])
-                 if CAPABILITY == 90 and _wgmma_probe_passed(c, t)]
+                 if CAPABILITY == 90 and not (t.persistent and c["length"] > t.block_m) and _wgmma_probe_passed(c, t)]
         if CAPABILITY >= 90:
             options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]

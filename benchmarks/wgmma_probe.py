@@ -30,13 +30,17 @@ LENGTHS = (1, 64, 65, 200, 129, 7)
 # Prompts of about one length, launched with their bound (max_query_len, as the engine and the
 # tile sweep launch them): the uniform block layout at every candidate's block_m.
 UNIFORM_LENGTHS = (130, 130, 127, 130)
+# Prompts for the persistent form (Tiles.persistent), which takes a batch only where its bound
+# (max_query_len) says every prompt fits one tile: one token, a full tile and either side of a
+# half one, and a sequence after each.
+SHORT_LENGTHS = (1, 64, 65, 128, 127, 7)
 HEADS = 3
 SYNC = " without overlap"
 
 
 def _label(head_dim: int, tiles) -> str:
     return (f"d{head_dim} {tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x{tiles.num_stages}"
-            + " ws" * tiles.warp_specialize + " pingpong" * tiles.pingpong)
+            + " ws" * tiles.warp_specialize + " pingpong" * tiles.pingpong + " persistent" * tiles.persistent)
 
 
 def cases() -> list[tuple[str, int, int, bool]]:
@@ -49,10 +53,19 @@ def cases() -> list[tuple[str, int, int, bool]]:
     return found
 
 
+def batches(tiles) -> list[tuple[tuple, int | None]]:
+    """(prompt lengths, max_query_len) of each batch a candidate is probed on: without a bound
+    (the virtual block layout), then with one (the uniform layout); the persistent form, which
+    has no block layouts, on short prompts with their bound."""
+    if tiles.persistent:
+        return [(SHORT_LENGTHS, max(SHORT_LENGTHS))]
+    return [(LENGTHS, None), (UNIFORM_LENGTHS, max(UNIFORM_LENGTHS))]
+
+
 def run_case(head_dim: int, index: int, overlap: bool) -> str:
-    """In this process: one candidate in fp16 against the reference, in each block layout, then
-    with the fused cache write; "" or what went wrong. (Off a GPU, where the launcher runs the
-    main kernel instead, it says so: the probe's CPU tests stub the Gluon launch.)"""
+    """In this process: one candidate in fp16 against the reference, on each of its `batches`,
+    then with the fused cache write; "" or what went wrong. (Off a GPU, where the launcher runs
+    the main kernel instead, it says so: the probe's CPU tests stub the Gluon launch.)"""
     import functools
 
     import torch
@@ -70,8 +83,8 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=device).manual_seed(0)
     i32 = dict(dtype=torch.int32, device=device)
-    for lengths, bound in ((LENGTHS, None), (UNIFORM_LENGTHS, max(UNIFORM_LENGTHS))):
-        layout = "uniform" if bound else "virtual"
+    for lengths, bound in batches(tiles):
+        where = "short prompts" if tiles.persistent else "uniform layout" if bound else "virtual layout"
         tokens = sum(lengths)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], **i32)
         q, k, v = torch.randn(tokens, 3, HEADS, head_dim, generator=g, device=device, dtype=torch.float16).unbind(1)
@@ -85,16 +98,16 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
             if q.is_cuda:
                 torch.cuda.synchronize()
         except Exception as exc:   # a finding, reported by label
-            return f"{layout} layout: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
+            return f"{where}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160]}"
         if not launched:
             return "the launcher ran the main kernel, not the Gluon one"
         bad = _wrong_blocks(out, expected, tiles.block_m, lengths)
         if bad:
-            return f"{layout} layout: wrong at (prompt length, query block): {bad}"
+            return f"{where}: wrong at (prompt length, query block): {bad}"
         launched.clear()
         error = _cache_write_error(args, tiles, out, bound)
         if error or not launched:
-            return f"{layout} layout: {error or 'with the cache write the launcher ran the main kernel'}"
+            return f"{where}: {error or 'with the cache write the launcher ran the main kernel'}"
     return ""
 
 

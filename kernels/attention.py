@@ -37,9 +37,12 @@ as one warp-specialised loop over all key tiles, with K and V from per-sequence 
 (tiles.warp_specialize; attention_ws.py). For short prompts, one tile per sequence and head,
 taken in turn by a fixed number of programs that prefetch their next tile's rows into L2 while
 they compute (tiles.persistent; attention_persistent.py). On sm_90, in Gluon, with the wgmma
-pipeline written out (tiles.wgmma; attention_wgmma.py), and its warp-specialised form, a TMA
+pipeline written out (tiles.wgmma; attention_wgmma.py); its warp-specialised form, a TMA
 producer warp feeding two 64-row consumer warpgroups (tiles.wgmma with tiles.warp_specialize;
-attention_wgmma_ws.py). The Triton kernels share their pieces through attention_parts.py.
+attention_wgmma_ws.py); and its persistent form for short prompts, one program an SM with the
+next items' q, k and v in flight by TMA while one computes (tiles.wgmma with tiles.persistent;
+attention_wgmma_persistent.py). The Triton kernels share their pieces through
+attention_parts.py.
 """
 from __future__ import annotations
 
@@ -377,7 +380,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
     kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
     (kernels/attention_wgmma.py; with warp_specialize too, its warp-specialised form,
-    attention_wgmma_ws.py, not Triton's) where max_context_len is 0 on an sm_90 GPU and its
+    attention_wgmma_ws.py, not Triton's; with persistent, its persistent form,
+    attention_wgmma_persistent.py, not Triton's) where max_context_len is 0 on an sm_90 GPU and its
     `takes` holds (there a float8 cache is written by a launch of its own before it); elsewhere
     the main kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
@@ -413,10 +417,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # the main kernel at its own tiles: warp-specialised ones are checked for their kernel only
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     if tiles.persistent:
-        if max_context_len == 0 and max_query_len is not None and max_query_len <= tiles.block_m:
+        if not (max_context_len == 0 and max_query_len is not None and max_query_len <= tiles.block_m):
+            tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
+        elif tiles.wgmma:   # its own grid: one program an SM, no query blocks
+            attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
+                                                 tiles.block_n, tiles.num_warps, tiles.num_stages, None, 0, SEQ_CHUNK,
+                                                 key_cache, value_cache,
+                                                 _gluon_slot_mapping(k, v, key_cache, value_cache, cu_seqlens_q,
+                                                                     slot_mapping), persistent=True)
+            return out
+        else:
             attention_persistent.launch(q, k, v, out, cu_seqlens_q, scale, tiles, key_cache, value_cache, slot_mapping)
             return out
-        tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     d_lo, d_hi = _head_split(head_dim, tiles.split_head)
     # the uniform layout only for batches without context (a variant fewer of every other tile
     # to compile) and not in Triton's warp-specialised kernel (attention_ws.py)
@@ -429,17 +441,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     group = _head_group(heads, keys_per_head * head_dim * 2 * k.element_size(), l2_bytes(q.device))
     grid = (group, programs, heads // group)
     if tiles.wgmma:
-        if slot_mapping is not None and key_cache.dtype != q.dtype:
-            # The Gluon kernel stores rows as they are: a float8 cache is written before it, of
-            # the tokens inside the sequences only (as the kernels store them), masked on the
-            # device: their bounds are on the device.
-            token = torch.arange(tokens, device=q.device)
-            inside = (token >= cu_seqlens_q[0]) & (token < cu_seqlens_q[-1])
-            write_kv_cache(k, v, key_cache, value_cache, torch.where(inside, slot_mapping, -1))
-            slot_mapping = None
         attention_wgmma.launch_prefill_wgmma(q, k, v, out, cu_seqlens_q, scale * LOG2E, tiles.block_m,
                                              tiles.block_n, tiles.num_warps, tiles.num_stages, grid, blocks_per_seq,
-                                             SEQ_CHUNK, key_cache, value_cache, slot_mapping,
+                                             SEQ_CHUNK, key_cache, value_cache,
+                                             _gluon_slot_mapping(k, v, key_cache, value_cache, cu_seqlens_q,
+                                                                 slot_mapping),
                                              warp_specialize=tiles.warp_specialize, pingpong=tiles.pingpong)
         return out
     if tiles.warp_specialize:
@@ -470,6 +476,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         UNIFORM=blocks_per_seq > 0,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers or None)
     return out
+
+
+def _gluon_slot_mapping(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, slot_mapping: torch.Tensor | None) -> torch.Tensor | None:
+    """The slot_mapping a Gluon kernel gets. They store rows as they are: a float8 cache is
+    written here instead, before the kernel, of the tokens inside the sequences only (as the
+    kernels store them), masked on the device, where their bounds are; the kernel then gets
+    None."""
+    if slot_mapping is None or key_cache.dtype == k.dtype:
+        return slot_mapping
+    token = torch.arange(k.shape[0], device=k.device)
+    inside = (token >= cu_seqlens_q[0]) & (token < cu_seqlens_q[-1])
+    write_kv_cache(k, v, key_cache, value_cache, torch.where(inside, slot_mapping, -1))
+    return None
 
 
 def _head_group(heads: int, kv_bytes_per_head: int, l2: int) -> int:

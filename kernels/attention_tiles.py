@@ -40,7 +40,11 @@ class Tiles(NamedTuple):
     warpgroups fed by one TMA producer warp; num_warps 4, the first consumer's, block_n 64 or
     128, at least 2 stages); and whether, there, the two consumers take turns at the tensor
     cores (pingpong: FlashAttention-3's inter-warpgroup schedule, one's softmax beside the
-    other's wgmmas; block_n 128).
+    other's wgmmas; block_n 128); with persistent instead, the Gluon kernel for short prompts
+    (kernels/attention_wgmma_persistent.py: one block_m x block_m tile per sequence and head,
+    block_n == block_m, taken in turn by one program an SM that holds num_stages sets of q, k
+    and v slots, the next items' copies in flight while one computes; block_m 64 or 128; run
+    where the host knows every prompt fits, as the Triton persistent kernel).
     """
     block_m: int
     block_n: int
@@ -191,15 +195,21 @@ _PERSISTENT_TILES_SM90: dict = {}
 # at 2 stages (heads 64 and 128; 96 / 176 KB) and 64-key tiles at 3 (head 128; 144 KB), and at
 # head 128 the 128-key form with FlashAttention-3's pingpong (the consumers take turns issuing
 # their wgmmas); compiled clean for sm_90, never run.
+# And the persistent form for prompts of at most 128 tokens (attention_wgmma_persistent.py: one
+# 8-warp program an SM, one 128 x 128 tile per sequence and head, the next items' q, k and v in
+# flight by TMA while one computes): two slot sets at head 128 (192 KB), two and three at 64.
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                           Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),
                           Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
                           Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True),
-                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=True)],
+                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=True),
+                          Tiles(128, 128, 8, 2, persistent=True, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
-                         Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True)]}
+                         Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
+                         Tiles(128, 128, 8, 2, persistent=True, wgmma=True),
+                         Tiles(128, 128, 8, 3, persistent=True, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
 # cached context, where the kernel takes the inputs (else the tables above). On the NVIDIA H200
 # of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep; its probe ran every candidate right,
@@ -242,6 +252,9 @@ WGMMA_CAPABILITY = 90
 # Key tiles of the warp-specialised Gluon kernel (attention_wgmma_ws.py): what a consumer's
 # registers hold beside its accumulator.
 _WGMMA_WS_BLOCK_NS = (64, 128)
+# Query rows (and keys) of a persistent Gluon tile (attention_wgmma_persistent.py): a prompt's
+# whole [block_m, block_m] score tile sits in registers beside its accumulator.
+_WGMMA_PERSISTENT_BLOCKS = (64, 128)
 
 
 def tile_table(capability: int) -> dict:
@@ -334,7 +347,7 @@ def _check_tiles(tiles, capability: int) -> Tiles:
 
 
 def _check_wgmma_tiles(tiles: Tiles) -> None:
-    others = [name for name in ("one_loop", "persistent", "q_smem") if getattr(tiles, name)]
+    others = [name for name in ("one_loop", "q_smem") if getattr(tiles, name)]
     if others:
         _fail(f"tiles.wgmma is a kernel of its own (TMA, q in shared memory, no context): no {', '.join(others)}")
     if tiles.max_registers:
@@ -354,6 +367,9 @@ def _check_wgmma_tiles(tiles: Tiles) -> None:
     if tiles.num_stages < 2:
         _fail(f"tiles.wgmma needs num_stages >= 2 (a slot is refilled only after its tile's PV), "
               f"got {tiles.num_stages}")
+    if tiles.persistent and tiles.block_m not in _WGMMA_PERSISTENT_BLOCKS:
+        _fail(f"tiles.wgmma with persistent needs block_m in {_WGMMA_PERSISTENT_BLOCKS} (a whole tile of scores "
+              f"beside the accumulator), got {tiles.block_m}")
     if tiles.num_stages * tiles.block_n < tiles.block_m:
         _fail(f"tiles.wgmma needs num_stages * block_n >= block_m (the KV-cache write reads a query block's "
               f"diagonal tiles from their slots after the loop), got {tiles.num_stages} x {tiles.block_n} "

@@ -317,8 +317,9 @@ def compile_specs() -> list:
     specs = []
     for head_dim in WGMMA_HEAD_DIMS:
         chosen = [t for (_, table_head), t in _WGMMA_TILES_SM90.items() if table_head == head_dim]
-        # (warp-specialised tiles run attention_wgmma_ws.py's kernel, which lists its own)
-        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES[head_dim] + chosen if not t.warp_specialize):
+        # (warp-specialised and persistent tiles run kernels of their own, which list their own)
+        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES[head_dim] + chosen
+                                   if not (t.warp_specialize or t.persistent)):
             specs += variant_specs(_prefill_wgmma_kernel, f"sweep d{head_dim}", head_dim, tiles.block_m, tiles,
                                    f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps}s{tiles.num_stages}",
                                    dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, STAGES=tiles.num_stages),
@@ -327,25 +328,30 @@ def compile_specs() -> list:
 
 
 def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape: str, constexprs: dict,
-                  **options) -> list:
+                  block_layouts: bool = True, **options) -> list:
     """Compile-check specialisations (sm_90) of a Gluon prefill kernel with this module's kernel
     arguments: in fp16 and bf16, with the fused KV-cache write (block size 16) and without, in
     each block layout; q in boxes of `q_rows` rows, k and v of tiles.block_n; `constexprs` and
-    `options` (CompileSpec fields) the kernel's own, labelled "`prefix` <dtype> `shape`..."."""
+    `options` (CompileSpec fields) the kernel's own, labelled "`prefix` <dtype> `shape`...".
+    Without `block_layouts`, a kernel that finds its work by (sequence, head) items instead
+    (attention_wgmma_persistent.py): `heads` in place of blocks_per_seq, and no SEQ_CHUNK,
+    OVERLAP or UNIFORM."""
     from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
     for (dtype, name), write_kv, uniform in itertools.product(
-            ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False), (False, True)):
+            ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False),
+            (False, True) if block_layouts else (False,)):
         signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
                                         f"{shared_layout([rows, head_dim], dtype)!r}>"
                      for operand, rows in (("q", q_rows), ("k", tiles.block_n), ("v", tiles.block_n))}
         signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
                          value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
-                         num_seqs="i32", blocks_per_seq="i32", qk_scale="fp32")
+                         num_seqs="i32", **{"blocks_per_seq" if block_layouts else "heads": "i32"}, qk_scale="fp32")
         signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"), "i32"))
-        values = dict(HEAD_DIM=head_dim, **constexprs, SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, WRITE_KV=write_kv,
-                      BLOCK_SIZE=16, UNIFORM=uniform)
+        values = dict(HEAD_DIM=head_dim, **constexprs, WRITE_KV=write_kv, BLOCK_SIZE=16)
+        if block_layouts:
+            values.update(SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, UNIFORM=uniform)
         signature.update(dict.fromkeys(values, "constexpr"))
         if not write_kv:
             values["slot_ptr"] = None
@@ -362,7 +368,8 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
                          cu_seqlens_q: torch.Tensor, qk_scale: float, block_m: int, block_n: int, num_warps: int,
                          num_stages: int, grid: tuple, blocks_per_seq: int, seq_chunk: int,
                          key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor | None = None,
-                         overlap: bool = True, warp_specialize: bool = False, pingpong: bool = False) -> None:
+                         overlap: bool = True, warp_specialize: bool = False, pingpong: bool = False,
+                         persistent: bool = False) -> None:
     """Run the kernel; the caller (kernels/attention.py's prefill_attention) has checked every
     input, that the kernel takes them (`takes`) and that the device runs it, and chosen the grid
     and its block layout (blocks_per_seq, as kernels/attention_parts.py's _find_query_block
@@ -371,7 +378,16 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     PV before the softmax after it (benchmarks/wgmma_probe.py's diagnosis: right without the
     overlap, wrong with it, puts a fault in the overlap). `warp_specialize` runs the
     warp-specialised form (kernels/attention_wgmma_ws.py; block_m 128, num_warps 4) instead,
-    its consumers taking turns with `pingpong`."""
+    its consumers taking turns with `pingpong`. `persistent` runs the short-prompt form
+    (kernels/attention_wgmma_persistent.py; block_m == block_n, num_stages slot sets, every
+    sequence known to fit one block) on a grid of its own: `grid` and `blocks_per_seq` unused,
+    and no overlap to turn off."""
+    if persistent:
+        # imported here, as attention_wgmma_ws below: that module builds on this one's pieces
+        from . import attention_wgmma_persistent
+        attention_wgmma_persistent.launch(q, k, v, out, cu_seqlens_q, qk_scale, block_m, num_warps, num_stages,
+                                          key_cache, value_cache, slot_mapping)
+        return
     if warp_specialize:
         # imported here: that module builds on this one's pieces
         from . import attention_wgmma_ws

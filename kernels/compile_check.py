@@ -142,10 +142,11 @@ def compile_one(spec: CompileSpec, capability: int, target_name: str) -> Compile
 
 
 def all_specs() -> list[CompileSpec]:
-    from . import (attention, attention_wgmma, attention_wgmma_ws, kv_cache, layernorm_linear, paged_decode,
-                   sampling)
+    from . import (attention, attention_wgmma, attention_wgmma_persistent, attention_wgmma_ws, kv_cache,
+                   layernorm_linear, paged_decode, sampling)
     specs = []
-    for module in (layernorm_linear, kv_cache, attention, attention_wgmma, attention_wgmma_ws, paged_decode, sampling):
+    for module in (layernorm_linear, kv_cache, attention, attention_wgmma, attention_wgmma_ws,
+                   attention_wgmma_persistent, paged_decode, sampling):
         if hasattr(module, "compile_specs"):
             specs += module.compile_specs()
     return specs

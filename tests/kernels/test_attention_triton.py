@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
-from opt_fast.kernels import attention, attention_persistent, attention_wgmma, attention_wgmma_ws, attention_ws
+from opt_fast.kernels import (attention, attention_persistent, attention_wgmma, attention_wgmma_persistent,
+                              attention_wgmma_ws, attention_ws)
 from opt_fast.kernels.attention import Tiles, prefill_attention
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
@@ -461,6 +462,10 @@ def test_sweep_candidates_with_options_are_compile_checked():
                        c["HEAD_DIM"])
                       for s in attention_wgmma_ws.compile_specs() if s.signature["out_ptr"] == "*fp16"
                       for c in [s.constexprs]}
+    # the persistent form: one block_m x block_m tile, num_stages slot sets
+    built_wgmma_persistent = {(c["BLOCK"], c["BLOCK"], s.num_warps, c["BUFFERS"], c["HEAD_DIM"])
+                              for s in attention_wgmma_persistent.compile_specs() if s.signature["out_ptr"] == "*fp16"
+                              for c in [s.constexprs]}
     options = 0
     family = sweep.FAMILIES["prefill"]
     for case in family.cases(smoke=False):
@@ -471,6 +476,10 @@ def test_sweep_candidates_with_options_are_compile_checked():
             options += 1
             if tiles.wgmma and tiles.warp_specialize:   # kernels/attention_wgmma_ws.py
                 assert (*tiles[:4], tiles.pingpong, case["head_dim"]) in built_wgmma_ws, (case, candidate)
+                continue
+            if tiles.wgmma and tiles.persistent:   # kernels/attention_wgmma_persistent.py
+                assert case["length"] <= tiles.block_m, (case, candidate)   # elsewhere the default runs
+                assert (*tiles[:4], case["head_dim"]) in built_wgmma_persistent, (case, candidate)
                 continue
             if tiles.wgmma:   # the Gluon kernel (kernels/attention_wgmma.py)
                 assert (*tiles[:4], case["head_dim"]) in built_wgmma, (case, candidate)

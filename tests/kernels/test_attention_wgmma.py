@@ -21,17 +21,24 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
-from opt_fast.kernels import attention, attention_tiles, attention_wgmma, attention_wgmma_ws
+from opt_fast.kernels import (attention, attention_tiles, attention_wgmma, attention_wgmma_persistent,
+                              attention_wgmma_ws)
 from opt_fast.kernels.attention import Tiles, prefill_attention
 from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
 ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{tiles.block_n}x{tiles.num_warps}x"
-                           f"{tiles.num_stages}" + "-ws" * tiles.warp_specialize + "-pingpong" * tiles.pingpong)
+                           f"{tiles.num_stages}" + "-ws" * tiles.warp_specialize + "-pingpong" * tiles.pingpong
+                           + "-persistent" * tiles.persistent)
               for head_dim, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items()) for tiles in candidates]
 # the warp-specialised form (its own kernel, attention_wgmma_ws.py)
 WS_CANDIDATES = [c for c in CANDIDATES if c.values[1].warp_specialize]
+# the persistent form for short prompts (its own kernel, attention_wgmma_persistent.py)
+PERSISTENT_CANDIDATES = [c for c in CANDIDATES if c.values[1].persistent]
+# Each Gluon kernel, by module: a launch of any of them is the Gluon path's.
+GLUON_KERNELS = ((attention_wgmma, "_prefill_wgmma_kernel"), (attention_wgmma_ws, "_prefill_wgmma_ws_kernel"),
+                 (attention_wgmma_persistent, "_prefill_wgmma_persistent_kernel"))
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the wgmma kernel runs on an sm_90 GPU only (no interpreter)")
 
 
@@ -56,6 +63,23 @@ def context_free_case(lengths, heads, head_dim, dtype, seed, padding_tokens=0):
     return args, expected
 
 
+def record_gluon_launches(monkeypatch) -> list:
+    """Records every launch of the three Gluon kernels in one list, as record_launches does."""
+    launches = []
+    for module, name in GLUON_KERNELS:
+        record_launches(monkeypatch, module, name, launches=launches)
+    return launches
+
+
+def fitted(tiles: Tiles, lengths: list) -> tuple[list, int | None]:
+    """(prompt lengths, max_query_len) for a test batch at `tiles`: as given, without a bound;
+    for the persistent form, which runs only where its bound says every prompt fits a tile,
+    each cut to block_m, with that bound."""
+    if not tiles.persistent:
+        return lengths, None
+    return [min(n, tiles.block_m) for n in lengths], tiles.block_m
+
+
 # --------------------------------------------------------------------------------------------
 # Everywhere (CPU included)
 # --------------------------------------------------------------------------------------------
@@ -73,7 +97,10 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(128, 32, 8, 3, wgmma=True), "num_stages * block_n >= block_m"),
     (Tiles(128, 64, 8, 2, wgmma=True, one_loop=True), "no one_loop"),
     (Tiles(128, 64, 8, 2, True, wgmma=True, q_smem=True), "no q_smem"),
-    (Tiles(128, 128, 8, 2, wgmma=True, persistent=True), "no persistent"),
+    (Tiles(256, 256, 8, 2, wgmma=True, persistent=True), "persistent needs block_m in (64, 128)"),
+    (Tiles(128, 64, 8, 2, wgmma=True, persistent=True), "persistent needs block_n == block_m"),
+    (Tiles(128, 128, 8, 1, wgmma=True, persistent=True), "num_stages >= 2"),
+    (Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, persistent=True), "no tma, warp_specialize"),
     (Tiles(128, 32, 4, 2, wgmma=True, warp_specialize=True), "block_n in (64, 128)"),
     (Tiles(128, 64, 4, 1, wgmma=True, warp_specialize=True), "num_stages >= 2"),
     (Tiles(64, 64, 4, 2, wgmma=True, warp_specialize=True), "block_m=128"),
@@ -226,6 +253,56 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
     assert plain_calls == [(2, 6, 1)] and len(ws_calls) == 1
 
 
+@pytest.mark.skipif(ON_HOPPER, reason="stubs the kernels; where they run, the GPU tests check them")
+def test_persistent_tiles_reach_their_kernel_where_every_prompt_fits(monkeypatch):
+    """Tiles with wgmma and persistent: with a bound (max_query_len) within block_m the
+    launcher hands them to the Gluon path with persistent set and no grid (the kernel sizes
+    its own), a float8 cache written first; without a bound, with one past block_m, or with
+    possible context, the main kernel runs at its default tiles and matches the reference. The
+    Gluon path hands them on to attention_wgmma_persistent.launch, whose grid is one program an
+    SM, or an item, whichever is fewer."""
+    handed = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    real = attention_wgmma.launch_prefill_wgmma
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma",
+                        lambda *args, **options: handed.append((args, options)))
+    main = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    head_dim, tiles = PERSISTENT_CANDIDATES[-1].values
+    args, expected = context_free_case([16, 5, 11], 2, head_dim, torch.float16, seed=21, padding_tokens=3)
+    q, k, v = args[:3]
+    slots = torch.randperm(48, generator=gen(22))[:q.shape[0]].to(DEVICE)
+    for cache_dtype in (torch.float16, torch.float8_e4m3fn):
+        caches = [torch.full((3, 16, 2, head_dim), -3.0, device=DEVICE).to(cache_dtype) for _ in range(2)]
+        prefill_attention(q, k, v, *caches, *args[5:], tiles=tiles, max_context_len=0, max_query_len=tiles.block_m,
+                          slot_mapping=slots)
+        (launched, options), = handed
+        handed.clear()
+        assert options == dict(persistent=True) and not main
+        assert launched[6:12] == (tiles.block_m, tiles.block_m, tiles.num_warps, tiles.num_stages, None, 0)
+        assert launched[-1] is (slots if cache_dtype == torch.float16 else None)
+    for context, bound in ((0, None), (0, tiles.block_m + 1), (None, tiles.block_m)):
+        out = prefill_attention(*args, tiles=tiles, max_context_len=context, max_query_len=bound)
+        (_, _, _, constants), = main
+        main.clear()
+        assert not handed and constants["BLOCK_M"] == attention.default_tiles(head_dim, q.dtype, 35, 3).block_m
+        torch.testing.assert_close(out[:expected.shape[0]].double().cpu(), expected, atol=3e-3, rtol=3e-3)
+    assert not handed
+
+    calls = []
+    monkeypatch.setattr(attention_wgmma_persistent, "_prefill_wgmma_persistent_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: calls.append((grid, k))})())
+    key_cache, value_cache, cu = args[3:6]
+    out = torch.empty_like(q)
+    for sms, grid in ((132, (6,)), (4, (4,))):
+        monkeypatch.setattr(attention_wgmma_persistent, "sm_count", lambda device, sms=sms: sms)
+        real(q, k, v, out, cu, 0.1, 128, 128, 8, 3, None, 0, 16, key_cache, value_cache, slots, persistent=True)
+        (launched_grid, constants), = calls
+        calls.clear()
+        assert launched_grid == grid   # 3 prompts x 2 heads
+        assert {name: constants[name] for name in ("HEAD_DIM", "BLOCK", "BUFFERS", "WRITE_KV", "num_warps")} == dict(
+            HEAD_DIM=head_dim, BLOCK=128, BUFFERS=3, WRITE_KV=True, num_warps=8)
+
+
 def test_compiled_warp_specialised_kernel_splits_its_warps():
     """The warp-specialised form compiled for sm_90 (no GPU needed), at the 128-key candidate
     and head 128: registers moved to both consumers (setmaxnreg 240: the worker raised to it,
@@ -260,6 +337,26 @@ def test_compiled_warp_specialised_kernel_splits_its_warps():
         "      turns.count('mbarrier.try_wait') > ptx.count('mbarrier.try_wait'))\n")
     assert _compiled_output(script) == ["True", "0", "True", "True", "True", "True", "True", "True", "2", "True",
                                         "True", "True"]
+
+
+def test_compiled_persistent_kernel_streams_the_next_item_before_storing():
+    """The persistent form compiled for sm_90 (no GPU needed) at head 128 and two slot sets:
+    no spills, within an SM's 227 KB of shared memory (the compile check fails past it); TMA
+    copies of q, k and v into each slot set before the loop and once in it (9); and in the
+    loop the next item's copies come before this item's output stores (16-byte stores of
+    whole rows: all the global stores without the cache write), so its bytes stream while the
+    output is written. Issuing them after the stores, or once per item before the loop only,
+    fails this."""
+    script = (
+        "from opt_fast.kernels import attention_wgmma_persistent as m, compile_check as cc\n"
+        "spec = next(s for s in m.compile_specs() if s.label == 'sweep persistent d128 fp16 128x128 w8 b2 no-write')\n"
+        "r = cc.compile_one(spec, 90, 'sm_90')\n"
+        "lines = cc.compile_spec(spec, 90).asm['ptx'].splitlines()\n"
+        "copies = [i for i, l in enumerate(lines) if 'cp.async.bulk.tensor' in l]\n"
+        "stores = [i for i, l in enumerate(lines) if 'st.global' in l]\n"
+        "print(r.ok, r.spill_bytes, r.error or '-', len(copies), bool(stores) and copies[-1] < stores[0],\n"
+        "      all('st.global.v4' in lines[i] for i in stores))\n")
+    assert _compiled_output(script) == ["True", "0", "-", "9", "True", "True"]
 
 
 def test_compiled_kernel_overlaps_softmax_with_the_previous_pv():
@@ -479,11 +576,11 @@ def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
     long one; NaN in the rows past the last prompt (TMA boxes reach into them) and in every
     element torch.empty returns (each output element written)."""
     probed.require_right(head_dim, tiles)
-    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
-    args, expected = context_free_case([1, 63, 64, 65, 127, 128, 129, 300, 1031, 2], 3, head_dim, dtype, seed=3,
-                                       padding_tokens=37)
+    launches = record_gluon_launches(monkeypatch)
+    lengths, bound = fitted(tiles, [1, 63, 64, 65, 127, 128, 129, 300, 1031, 2])
+    args, expected = context_free_case(lengths, 3, head_dim, dtype, seed=3, padding_tokens=37)
     fill_empty(monkeypatch, float("nan"))
-    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
     assert len(launches) == 1
     rows = expected.shape[0]
     assert torch.isfinite(out[:rows]).all()
@@ -497,8 +594,10 @@ def test_matches_the_reference_in_the_uniform_layout(probed, monkeypatch, head_d
     """Prompts of about one length launched with their bound (max_query_len, as the engine and
     the sweep launch them) run in the uniform block layout (no search of cu_seqlens); NaN past
     the last prompt and in every element torch.empty returns."""
+    if tiles.persistent:
+        pytest.skip("the persistent form has no block layouts")
     probed.require_right(head_dim, tiles)
-    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    launches = record_gluon_launches(monkeypatch)
     lengths = [130, 129, 128, 127, 100, 130]
     args, expected = context_free_case(lengths, 3, head_dim, torch.float16, seed=13, padding_tokens=37)
     fill_empty(monkeypatch, float("nan"))
@@ -516,7 +615,7 @@ def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, til
     """With an L2 too small for the batch the grid runs 6 heads in groups of 2 (grid (2, blocks,
     3)): every head of every prompt matches the reference, in both block layouts."""
     probed.require_right(head_dim, tiles)
-    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    launches = record_gluon_launches(monkeypatch)
     lengths = [130, 129, 64, 127]
     args, expected = context_free_case(lengths, 6, head_dim, torch.float16, seed=17, padding_tokens=5)
     per_head = (sum(lengths) + 5) * head_dim * 2 * 2
@@ -525,7 +624,8 @@ def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, til
     rows = expected.shape[0]
     for bound in (None, max(lengths)):
         out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
-        _, grid, _, _ = launches.pop()
+        (_, grid, _, _), = launches
+        launches.clear()
         assert grid[0] == 2 and grid[2] == 3
         assert torch.isfinite(out[:rows]).all()
         atol, rtol = TOLERANCES[torch.float16]
@@ -533,18 +633,20 @@ def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, til
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim, tiles", CANDIDATES[:1] + CANDIDATES[3:4] + WS_CANDIDATES[:1])
-def test_nan_in_the_next_prompt_stays_out(probed, head_dim, tiles):
+@pytest.mark.parametrize("head_dim, tiles",
+                         CANDIDATES[:1] + CANDIDATES[3:4] + WS_CANDIDATES[:1] + PERSISTENT_CANDIDATES[:1])
+def test_nan_in_the_next_prompt_stays_out(probed, monkeypatch, head_dim, tiles):
     """A prompt ending inside a key tile: the box holds the next prompt's values there, with
     weight 0; NaN in them must not reach this prompt (their rows are cleared, not multiplied)."""
     probed.require_right(head_dim, tiles)
+    launches = record_gluon_launches(monkeypatch)
     args, expected = context_free_case([70, 50], 2, head_dim, torch.float16, seed=4)
     q, k, v = args[:3]
     k.data[70:] = float("nan")
     v.data[70:] = float("nan")
     q.data[70:] = float("nan")
-    out = prefill_attention(*args, tiles=tiles, max_context_len=0)
-    assert torch.isfinite(out[:70]).all()
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=fitted(tiles, [70, 50])[1])
+    assert len(launches) == 1 and torch.isfinite(out[:70]).all()
     torch.testing.assert_close(out[:70].double().cpu(), expected[:70], atol=3e-3, rtol=3e-3)
 
 
@@ -558,11 +660,12 @@ def test_stores_the_new_tokens_in_the_cache(probed, monkeypatch, head_dim, tiles
     the last prompt (NaN) and negative slots are not stored (the caches hold a finite sentinel
     elsewhere); prompts spanning several query blocks, ending inside a key tile, of one token."""
     probed.require_right(head_dim, tiles)
-    launches = record_launches(monkeypatch, attention_wgmma, "_prefill_wgmma_kernel")
+    launches = record_gluon_launches(monkeypatch)
     if cache_dtype is None:
         monkeypatch.setattr(attention, "write_kv_cache",
                             lambda *a: pytest.fail("the fused write launched write_kv_cache"))
-    args, expected = context_free_case([20, 45, 130, 1], 2, head_dim, torch.float16, seed=5, padding_tokens=9)
+    lengths, bound = fitted(tiles, [20, 45, 130, 1])
+    args, expected = context_free_case(lengths, 2, head_dim, torch.float16, seed=5, padding_tokens=9)
     q, k, v = args[:3]
     key_cache = torch.full((16, 16, 2, head_dim), -3.0, device=DEVICE).to(cache_dtype or q.dtype)
     value_cache = key_cache.clone()
@@ -570,7 +673,7 @@ def test_stores_the_new_tokens_in_the_cache(probed, monkeypatch, head_dim, tiles
     slots[3] = -1
     want_k, want_v = key_cache.clone(), value_cache.clone()
     out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
-                            slot_mapping=slots)
+                            slot_mapping=slots, max_query_len=bound)
     assert [kwargs["WRITE_KV"] for *_, kwargs in launches] == [cache_dtype is None]
     attention.prefill_attention_ref(q, k, v, want_k, want_v, *args[5:], slot_mapping=slots)
     assert torch.equal(key_cache.float(), want_k.float()) and torch.equal(value_cache.float(), want_v.float())

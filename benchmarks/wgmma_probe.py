@@ -32,8 +32,11 @@ LENGTHS = (1, 64, 65, 200, 129, 7)
 UNIFORM_LENGTHS = (130, 130, 127, 130)
 # Prompts for the persistent form (Tiles.persistent), which takes a batch only where its bound
 # (max_query_len) says every prompt fits one tile: one token, a full tile and either side of a
-# half one, and a sequence after each.
-SHORT_LENGTHS = (1, 64, 65, 128, 127, 7)
+# half one, prompts without new tokens (the last one too), and a sequence after each. Run on
+# PERSISTENT_PROGRAMS programs, so that each takes several (prompt, head) items in turn and
+# reuses each of its slot sets (on a whole GPU's, a batch this small gives each program one).
+SHORT_LENGTHS = (1, 64, 0, 65, 128, 127, 7, 0)
+PERSISTENT_PROGRAMS = 2
 HEADS = 3
 SYNC = " without overlap"
 
@@ -70,8 +73,10 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
 
     import torch
 
-    from opt_fast.kernels import attention, attention_tiles, attention_wgmma
+    from opt_fast.kernels import attention, attention_tiles, attention_wgmma, attention_wgmma_persistent
 
+    # (a child process's own: for good; the CPU tests that run this in-process undo it)
+    attention_wgmma_persistent.sm_count = lambda device: PERSISTENT_PROGRAMS
     launched = []   # a verdict on the Gluon kernel only where it, not the main kernel, ran
     real = functools.partial(attention_wgmma.launch_prefill_wgmma, overlap=overlap)
 

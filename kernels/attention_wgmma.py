@@ -106,9 +106,9 @@ def _clear_rows_past(v_slot,   # [BLOCK_N, HEAD_DIM] shared-memory slot of one v
     values = v_slot.load(rows_layout)
     keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
     v_slot.store(gl.where((keys < q_len)[:, None], values, gl.zeros_like(values)))
-    # every warp's stores done, and visible to the wgmma's (async proxy) reads
-    gl.thread_barrier()
+    # each thread's stores visible to the async proxy (the wgmma's reads), then every warp's done
     fence_async_shared()
+    gl.thread_barrier()
 
 
 @gluon.jit

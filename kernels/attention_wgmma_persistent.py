@@ -39,35 +39,47 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, head_descriptor,
                               variant_specs)
-from .device import sm_count
+from .attention_tiles import WGMMA_CAPABILITY, _fail
+from .device import SHARED_LIMITS, sm_count
 
 # One program an SM: two slot sets of a 128-row item at head 128 take 192 KB of the 227 KB an SM
 # has for a program.
 PROGRAMS_PER_SM = 1
 
 
-@gluon.jit
-def _first_row(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
-               item, items, heads):
-    """The first token of item `item`'s sequence (of the last item's, past the last: an
-    address inside cu_seqlens either way)."""
-    return gl.load(cu_seqlens_ptr + gl.minimum(item, items - 1) // heads)
+def shared_bytes(block: int, width: int, buffers: int, itemsize: int) -> int:
+    """Shared memory of a program: `buffers` sets of q, k and v slots of [block, width] and
+    their mbarriers, and one more such tile for the output's conversion to whole rows."""
+    return (3 * buffers + 1) * block * width * itemsize + 8 * buffers
 
 
 @gluon.jit
-def _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, items, heads, row, buffer,
-                HEAD_DIM: gl.constexpr):
+def _bounds(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+            item, items, heads):
+    """(first token, token past the last) of item `item`'s sequence (of the last item's, past
+    the last: addresses inside cu_seqlens either way)."""
+    seq = gl.minimum(item, items - 1) // heads
+    return gl.load(cu_seqlens_ptr + seq), gl.load(cu_seqlens_ptr + seq + 1)
+
+
+@gluon.jit
+def _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, items, heads, row, row_end,
+                buffer, HEAD_DIM: gl.constexpr):
     """Start the TMA copies of item `item`'s q, k and v boxes (from its sequence's first token
     `row`, its head's columns) into slot set `buffer`, all three counted on ready[buffer];
-    nothing for an item past the last (`items`)."""
+    nothing for an item past the last (`items`). A sequence without new tokens (row ==
+    row_end) gets no copy, whose box could lie wholly past the tensor, only the barrier's
+    arrival: its item computes on what the slots hold and stores nothing."""
     wanted = item < items
+    copied = wanted & (row_end > row)
     col = (item % heads) * HEAD_DIM
     bar = ready.index(buffer)
     mbarrier.expect(bar, q_desc.block_type.nbytes + k_desc.block_type.nbytes + v_desc.block_type.nbytes,
-                    pred=wanted)
-    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_slots.index(buffer), pred=wanted)
-    tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_slots.index(buffer), pred=wanted)
-    tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_slots.index(buffer), pred=wanted)
+                    pred=copied)
+    tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_slots.index(buffer), pred=copied)
+    tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_slots.index(buffer), pred=copied)
+    tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_slots.index(buffer), pred=copied)
+    mbarrier.arrive(bar, pred=wanted & (row_end == row))
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "heads"])
@@ -110,8 +122,9 @@ def _prefill_wgmma_persistent_kernel(
     first = gl.program_id(0)
     for b in gl.static_range(BUFFERS):
         item = first + b * programs
-        _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, items, heads,
-                    _first_row(cu_seqlens_ptr, item, items, heads), b, HEAD_DIM)
+        row, row_end = _bounds(cu_seqlens_ptr, item, items, heads)
+        _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, items, heads, row, row_end, b,
+                    HEAD_DIM)
 
     queries = gl.arange(0, BLOCK, layout=s_rows)
     s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
@@ -121,13 +134,12 @@ def _prefill_wgmma_persistent_kernel(
     for i in range((items - first + programs - 1) // programs):
         item = first + i * programs
         buffer = i % BUFFERS
-        seq = item // heads
         head = item % heads
-        q_start = gl.load(cu_seqlens_ptr + seq)
-        q_len = gl.load(cu_seqlens_ptr + seq + 1) - q_start
-        # read now, used after the PV: its latency passes under the wait and the wgmmas
+        q_start, q_end = _bounds(cu_seqlens_ptr, item, items, heads)
+        q_len = q_end - q_start
+        # read now, used after the PV: their latency passes under the wait and the wgmmas
         later = item + BUFFERS * programs
-        later_row = _first_row(cu_seqlens_ptr, later, items, heads)
+        later_row, later_end = _bounds(cu_seqlens_ptr, later, items, heads)
         q_slot = q_slots.index(buffer)
         k_slot = k_slots.index(buffer)
         v_slot = v_slots.index(buffer)
@@ -147,8 +159,8 @@ def _prefill_wgmma_persistent_kernel(
         # Every warp is done with this slot set (its wgmmas waited for, its cache-write loads
         # returned): the item BUFFERS ahead may land in it while this one's output is stored.
         gl.thread_barrier()
-        _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, later, items, heads, later_row, buffer,
-                    HEAD_DIM)
+        _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, later, items, heads, later_row,
+                    later_end, buffer, HEAD_DIM)
 
         # 16-byte stores of whole rows; rows past the sequence are not this item's to write.
         out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty),
@@ -184,6 +196,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     new tokens; `buffers` slot sets of q, k and v a program (Tiles.num_stages)."""
     seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
+    needed = shared_bytes(block, q.shape[2], buffers, q.element_size())
+    if needed > SHARED_LIMITS[WGMMA_CAPABILITY]:
+        _fail(f"tiles.num_stages {buffers} gives the persistent Gluon kernel {needed // 1024} KB of shared memory at "
+              f"head_dim {q.shape[2]}, past the {SHARED_LIMITS[WGMMA_CAPABILITY] // 1024} KB of an SM")
     grid = (min(seqs * heads, PROGRAMS_PER_SM * sm_count(q.device)),)
     _prefill_wgmma_persistent_kernel[grid](
         head_descriptor(q, block), head_descriptor(k, block), head_descriptor(v, block), out, cu_seqlens_q,

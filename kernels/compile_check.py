@@ -22,9 +22,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .device import SHARED_LIMITS
+
 TARGETS = ((80, "sm_80"), (90, "sm_90"))
-# Shared memory one block may use (the opt-in maximum): A100 163 KB, H100 / H200 227 KB.
-SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 # PTX that reads or writes global memory (any load or store but parameter, shared, local and
 # constant ones; async and bulk copies; atomics and reductions). An L2 prefetch is not one. The
 # check scans the PTX text before the first griddepcontrol.wait: text order, not control flow,

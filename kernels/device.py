@@ -12,6 +12,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SMs assumed off CUDA (CPU, interpreter): an H100's, so the launchers pick what a GPU would.
 DEFAULT_SMS = 132
 DEFAULT_L2_BYTES = 50 * 2 ** 20   # an H100's L2, likewise
+# Shared memory one block may use, by compute capability (the opt-in maximum): A100 163 KB, H100 /
+# H200 227 KB.
+SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 # The oldest Triton the kernels are tested with: CI and the GPU runs use 3.6 alone. (Older ones
 # fail at import: 3.4, which torch 2.8 pins, lacks Gluon's Hopper warpgroup_mma; 3.3 the host-side
 # TensorDescriptor.)

@@ -295,12 +295,27 @@ def test_persistent_tiles_reach_their_kernel_where_every_prompt_fits(monkeypatch
     out = torch.empty_like(q)
     for sms, grid in ((132, (6,)), (4, (4,))):
         monkeypatch.setattr(attention_wgmma_persistent, "sm_count", lambda device, sms=sms: sms)
-        real(q, k, v, out, cu, 0.1, 128, 128, 8, 3, None, 0, 16, key_cache, value_cache, slots, persistent=True)
+        real(q, k, v, out, cu, 0.1, 128, 128, 8, tiles.num_stages, None, 0, 16, key_cache, value_cache, slots,
+             persistent=True)
         (launched_grid, constants), = calls
         calls.clear()
         assert launched_grid == grid   # 3 prompts x 2 heads
         assert {name: constants[name] for name in ("HEAD_DIM", "BLOCK", "BUFFERS", "WRITE_KV", "num_warps")} == dict(
-            HEAD_DIM=head_dim, BLOCK=128, BUFFERS=3, WRITE_KV=True, num_warps=8)
+            HEAD_DIM=head_dim, BLOCK=128, BUFFERS=tiles.num_stages, WRITE_KV=True, num_warps=8)
+
+
+def test_persistent_launch_refuses_slot_sets_past_shared_memory(monkeypatch):
+    """Three slot sets at head 128 would need 320 KB: a ValueError naming num_stages, before
+    any launch (the compile check builds only the candidates, and a launch would fail deep in
+    the driver); the shared memory counted is what the compile check measures (2 sets at head
+    128: 229392 B, within the 227 KB of an SM)."""
+    monkeypatch.setattr(attention_wgmma_persistent, "_prefill_wgmma_persistent_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: pytest.fail("launched")})())
+    args, _ = context_free_case([16, 5], 2, 128, torch.float16, seed=23)
+    q, k, v, key_cache, value_cache, cu = args[:6]
+    with pytest.raises(ValueError, match=r"tiles.num_stages 3 gives the persistent Gluon kernel 320 KB"):
+        attention_wgmma_persistent.launch(q, k, v, torch.empty_like(q), cu, 0.1, 128, 8, 3, key_cache, value_cache)
+    assert attention_wgmma_persistent.shared_bytes(128, 128, 2, 2) == 229392
 
 
 def test_compiled_warp_specialised_kernel_splits_its_warps():
@@ -483,8 +498,10 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     launch) and the cache write reached the Gluon launch; where the launcher ran the main
     kernel instead it says so."""
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_case")
-    # run_case wraps the module's launcher for good (a child process's last act): undone after
+    # run_case wraps the module's launcher and sets the persistent kernel's SM count for good
+    # (a child process's last acts): undone after
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
+    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
     # the launcher falls back to the main kernel (as on CPU; on an sm_90 GPU the Gluon one runs)
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: False)
     assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
@@ -505,6 +522,33 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     assert [(bound, writes) for bound, _, writes, _ in seen] == [(0, False), (0, True), (per_seq, False),
                                                                (per_seq, True)]
     assert seen[2][1] == (3, len(probe.UNIFORM_LENGTHS) * per_seq, 1) and not any(o for *_, o in seen)
+
+
+def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkeypatch):
+    """A persistent candidate's probe child, with the Gluon launch stubbed by the reference
+    (CPU): it runs SHORT_LENGTHS (empty prompts among them) with their bound, through the
+    persistent path, on PERSISTENT_PROGRAMS programs (several items each), then again with the
+    cache write; "" where both match."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_persistent")
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
+    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
+    seen = []
+
+    def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
+                  key_cache, value_cache, slot_mapping=None, overlap=True, persistent=False):
+        seen.append((tuple((cu[1:] - cu[:-1]).tolist()), persistent, slot_mapping is not None,
+                     attention_wgmma_persistent.sm_count(q.device)))
+        seqs = cu.shape[0] - 1
+        out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
+                                                  torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
+                                                  qk_scale / attention.LOG2E, slot_mapping=slot_mapping))
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference)
+    head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
+                           for i, t in enumerate(candidates) if t.persistent)
+    assert probe.run_case(head_dim, index, True) == ""
+    assert 0 in probe.SHORT_LENGTHS and max(probe.SHORT_LENGTHS) <= 128
+    assert seen == [(probe.SHORT_LENGTHS, True, writes, probe.PERSISTENT_PROGRAMS) for writes in (False, True)]
 
 
 def test_probe_covers_every_candidate():
@@ -679,3 +723,38 @@ def test_stores_the_new_tokens_in_the_cache(probed, monkeypatch, head_dim, tiles
     assert torch.equal(key_cache.float(), want_k.float()) and torch.equal(value_cache.float(), want_v.float())
     rows = expected.shape[0]
     torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)
+
+
+@needs_hopper
+@pytest.mark.parametrize("programs", [1, 2, 3, 7])
+@pytest.mark.parametrize("head_dim, tiles", PERSISTENT_CANDIDATES)
+def test_persistent_programs_take_many_items_in_turn(probed, monkeypatch, head_dim, tiles, programs):
+    """The persistent form on a few programs, each taking many (prompt, head) items in turn
+    (more than its slot sets; item counts that do not divide among the programs; with 7, some
+    programs fewer items than the other's sets): 40 prompts of up to 128 tokens, empty ones
+    among them (the last too), NaN past the last prompt and in every element torch.empty
+    returns; with the cache write and without."""
+    probed.require_right(head_dim, tiles)
+    launches = record_gluon_launches(monkeypatch)
+    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", lambda device: programs)
+    lengths = torch.randint(0, tiles.block_m + 1, (40,), generator=gen(31 + programs)).tolist()
+    lengths[5] = lengths[-1] = 0
+    lengths[7] = tiles.block_m
+    args, expected = context_free_case(lengths, 3, head_dim, torch.float16, seed=32, padding_tokens=11)
+    q, k, v = args[:3]
+    fill_empty(monkeypatch, float("nan"))
+    rows = expected.shape[0]
+    key_cache = torch.full((rows // 16 + 2, 16, 3, head_dim), -3.0, device=DEVICE, dtype=q.dtype)
+    value_cache = key_cache.clone()
+    slots = torch.randperm(key_cache.shape[0] * 16, generator=gen(33))[:q.shape[0]].to(DEVICE)
+    want_k, want_v = key_cache.clone(), value_cache.clone()
+    for slot_mapping in (None, slots):
+        out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
+                                max_query_len=tiles.block_m, slot_mapping=slot_mapping)
+        (_, grid, _, constants), = launches
+        launches.clear()
+        assert grid == (programs,) and constants["WRITE_KV"] == (slot_mapping is not None)
+        assert torch.isfinite(out[:rows]).all()
+        torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)
+    attention.prefill_attention_ref(q, k, v, want_k, want_v, *args[5:], slot_mapping=slots)
+    assert torch.equal(key_cache, want_k) and torch.equal(value_cache, want_v)

@@ -47,12 +47,15 @@ def _label(head_dim: int, tiles) -> str:
 
 
 def cases() -> list[tuple[str, int, int, bool]]:
-    """(label, head_dim, index into WGMMA_CANDIDATES[head_dim], overlap) of every launch probed."""
+    """(label, head_dim, index into WGMMA_CANDIDATES[head_dim], overlap) of every launch probed:
+    each candidate, and each head size's first with an overlap to turn off (not the persistent
+    form: one key tile an item) without it."""
     from opt_fast.kernels.attention_tiles import WGMMA_CANDIDATES
     found = []
     for head_dim, candidates in sorted(WGMMA_CANDIDATES.items()):
         found += [(_label(head_dim, tiles), head_dim, i, True) for i, tiles in enumerate(candidates)]
-        found.append((_label(head_dim, candidates[0]) + SYNC, head_dim, 0, False))
+        found += [(_label(head_dim, tiles) + SYNC, head_dim, i, False)
+                  for i, tiles in enumerate(candidates) if not tiles.persistent][:1]
     return found
 
 

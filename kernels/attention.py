@@ -410,7 +410,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0,
                               max_query_len=max_query_len)
-    if tiles.wgmma and not (max_context_len == 0 and _wgmma_takes(q, k, v, capability)):
+    if tiles.wgmma and not (max_context_len == 0 and _wgmma_takes(q, k, v, capability, tiles.persistent)):
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     if tiles.warp_specialize and not (max_context_len == 0 and q.dtype != torch.float32
                                       and all(_tma_addressable(t) for t in (q, k, v))):
@@ -516,11 +516,12 @@ def _block_layout(tokens: int, seqs: int, block_m: int, max_query_len: int | Non
     return virtual, 0
 
 
-def _wgmma_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: int) -> bool:
+def _wgmma_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, capability: int, padded: bool = False) -> bool:
     """Whether the Gluon wgmma kernel runs this launch: compiled Gluon on an sm_90 GPU (the
-    interpreter runs no Gluon; later GPUs have no wgmma), on inputs it takes as they lie."""
+    interpreter runs no Gluon; later GPUs have no wgmma), on inputs it takes as they lie
+    (`padded`: the persistent form, which also takes heads in a padded box)."""
     return (q.is_cuda and not _INTERPRETED and capability == attention_wgmma.WGMMA_CAPABILITY
-            and attention_wgmma.takes(q, k, v))
+            and attention_wgmma.takes(q, k, v, padded))
 
 
 def _tma_operands(tiles: Tiles) -> tuple[str, ...]:

@@ -197,7 +197,8 @@ _PERSISTENT_TILES_SM90: dict = {}
 # their wgmmas); compiled clean for sm_90, never run.
 # And the persistent form for prompts of at most 128 tokens (attention_wgmma_persistent.py: one
 # 8-warp program an SM, one 128 x 128 tile per sequence and head, the next items' q, k and v in
-# flight by TMA while one computes): two slot sets at head 128 (192 KB), two and three at 64.
+# flight by TMA while one computes): two slot sets at head 128 (192 KB), two and three at 64; and
+# at head 80 (OPT-2.7B, which no other Gluon tile takes), two sets of heads padded to 128.
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                           Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),
@@ -209,7 +210,8 @@ WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2,
                          Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
                          Tiles(128, 128, 8, 2, persistent=True, wgmma=True),
-                         Tiles(128, 128, 8, 3, persistent=True, wgmma=True)]}
+                         Tiles(128, 128, 8, 3, persistent=True, wgmma=True)],
+                    80: [Tiles(128, 128, 8, 2, persistent=True, wgmma=True)]}
 # (tile kind, head_dim) -> wgmma Tiles the launcher picks on sm_90 for batches it knows have no
 # cached context, where the kernel takes the inputs (else the tables above). On the NVIDIA H200
 # of 2026-11-27 (benchmarks/results/2026-11-27-h200-sweep; its probe ran every candidate right,

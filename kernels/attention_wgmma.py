@@ -112,8 +112,8 @@ def _clear_rows_past(v_slot,   # [BLOCK_N, HEAD_DIM] shared-memory slot of one v
 
 
 @gluon.jit
-def _store_tile_rows(k_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot of one key tile
-                     v_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot of its values
+def _store_tile_rows(k_slot,            # [BLOCK_N, width] shared-memory slot of one key tile (width >= HEAD_DIM)
+                     v_slot,            # [BLOCK_N, width] shared-memory slot of its values
                      slot_ptr,          # [q_len] int64 cache slot of each of the sequence's new tokens
                      key_cache_ptr,     # [num_blocks, BLOCK_SIZE, heads, HEAD_DIM], unit stride along HEAD_DIM
                      value_cache_ptr,   # the same, with the key cache's strides
@@ -123,16 +123,21 @@ def _store_tile_rows(k_slot,            # [BLOCK_N, HEAD_DIM] shared-memory slot
     (rows past the sequence, and slots < 0, not at all), as write_kv_cache does; the caches are
     of the inputs' dtype, so the rows go as they are. Read from the shared-memory slots the
     tile already sits in: the KV-cache write costs no second read of k and v from memory. (Rows
-    past the sequence may have been cleared already: they are never stored.)"""
-    rows_layout: gl.constexpr = _row_layout(HEAD_DIM, gl.num_warps())
+    past the sequence may have been cleared already: they are never stored.) A slot wider than
+    the head (a padded one) has its first HEAD_DIM columns stored."""
+    WIDTH: gl.constexpr = k_slot.shape[1]
+    rows_layout: gl.constexpr = _row_layout(WIDTH, gl.num_warps())
     keys = first_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
     in_seq = keys < q_len
     slots = gl.load(slot_ptr + keys, mask=in_seq, other=-1)
-    keep = (in_seq & (slots >= 0))[:, None]
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, rows_layout))
+    if WIDTH == HEAD_DIM:
+        keep = (in_seq & (slots >= 0))[:, None]
+    else:
+        keep = (in_seq & (slots >= 0))[:, None] & (cols < HEAD_DIM)[None, :]
     # as kv_cache.slot_offset (a Gluon kernel cannot call a triton.jit function)
     rows = (slots // BLOCK_SIZE) * stride_cb + (slots % BLOCK_SIZE) * stride_cs + head_offset
     # each row starts 16-byte aligned (the launcher checks the caches' rows): 16-byte stores
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
     offsets = gl.multiple_of(rows, 8)[:, None] + cols[None, :]
     gl.store(key_cache_ptr + offsets, k_slot.load(rows_layout), mask=keep)
     gl.store(value_cache_ptr + offsets, v_slot.load(rows_layout), mask=keep)
@@ -286,14 +291,22 @@ def _prefill_wgmma_kernel(
     gl.store(ptrs, out, mask=(rows < q_len)[:, None])
 
 
-def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool = False) -> bool:
     """Whether the kernel takes these `[tokens, heads, head_dim]` inputs as they lie: fp16 / bf16,
-    a head of exactly one TMA box (WGMMA_HEAD_DIMS), and rows whose heads sit back to back and
-    that a TMA descriptor can address as [tokens, heads * head_dim] (the device is the caller's
-    to check)."""
+    a head of exactly one TMA box (WGMMA_HEAD_DIMS; with `padded`, for the persistent form, any
+    head up to 128 columns that starts 16-byte aligned, in a box of padded_width), and rows
+    whose heads sit back to back and that a TMA descriptor can address as [tokens, heads *
+    head_dim] (the device is the caller's to check)."""
     head_dim = q.shape[2]
-    return (q.dtype in _GL_DTYPES and head_dim in WGMMA_HEAD_DIMS
+    fits = head_dim in WGMMA_HEAD_DIMS or (padded and head_dim <= max(WGMMA_HEAD_DIMS) and head_dim % 8 == 0)
+    return (q.dtype in _GL_DTYPES and fits
             and all(t.stride(1) == head_dim and tma_addressable(t) for t in (q, k, v)))
+
+
+def padded_width(head_dim: int) -> int:
+    """Columns of the box and tile a head takes: the smallest of WGMMA_HEAD_DIMS that holds it
+    (OPT-2.7B's 80 in 128)."""
+    return min(width for width in WGMMA_HEAD_DIMS if width >= head_dim)
 
 
 def shared_layout(block: list, dtype: torch.dtype) -> gl.NVMMASharedLayout:
@@ -301,11 +314,12 @@ def shared_layout(block: list, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[dtype])
 
 
-def head_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+def head_descriptor(t: torch.Tensor, rows: int, width: int | None = None) -> TensorDescriptor:
     """`t` ([tokens, heads, head_dim], heads back to back in a row) as [tokens, heads * head_dim]
-    in boxes of `rows` tokens of one head; TMA reads zeros past the last token."""
+    in boxes of `rows` tokens of one head; TMA reads zeros past the last token. A `width` past
+    head_dim takes the next head's first columns too (zeros past the last head's)."""
     tokens, heads, head_dim = t.shape
-    block = [rows, head_dim]
+    block = [rows, width or head_dim]
     return TensorDescriptor(t, [tokens, heads * head_dim], [t.stride(0), 1], block, shared_layout(block, t.dtype))
 
 
@@ -328,22 +342,23 @@ def compile_specs() -> list:
 
 
 def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape: str, constexprs: dict,
-                  block_layouts: bool = True, **options) -> list:
+                  block_layouts: bool = True, width: int | None = None, **options) -> list:
     """Compile-check specialisations (sm_90) of a Gluon prefill kernel with this module's kernel
     arguments: in fp16 and bf16, with the fused KV-cache write (block size 16) and without, in
     each block layout; q in boxes of `q_rows` rows, k and v of tiles.block_n; `constexprs` and
     `options` (CompileSpec fields) the kernel's own, labelled "`prefix` <dtype> `shape`...".
     Without `block_layouts`, a kernel that finds its work by (sequence, head) items instead
     (attention_wgmma_persistent.py): `heads` in place of blocks_per_seq, and no SEQ_CHUNK,
-    OVERLAP or UNIFORM."""
+    OVERLAP or UNIFORM. `width`: the boxes' columns where they are wider than the head (a padded
+    head)."""
     from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
     for (dtype, name), write_kv, uniform in itertools.product(
             ((torch.float16, "fp16"), (torch.bfloat16, "bf16")), (True, False),
             (False, True) if block_layouts else (False,)):
-        signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{head_dim}],"
-                                        f"{shared_layout([rows, head_dim], dtype)!r}>"
+        signature = {f"{operand}_desc": f"tensordesc<{name}[{rows},{width or head_dim}],"
+                                        f"{shared_layout([rows, width or head_dim], dtype)!r}>"
                      for operand, rows in (("q", q_rows), ("k", tiles.block_n), ("v", tiles.block_n))}
         signature.update(out_ptr=f"*{name}", cu_seqlens_ptr="*i32", key_cache_ptr=f"*{name}",
                          value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",

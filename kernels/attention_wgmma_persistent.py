@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, head_descriptor,
-                              variant_specs)
+                              padded_width, variant_specs)
 from .attention_tiles import WGMMA_CAPABILITY, _fail
 from .device import SHARED_LIMITS, sm_count
 
@@ -63,6 +63,17 @@ def _bounds(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new t
 
 
 @gluon.jit
+def _clear_columns_past(slot,   # [BLOCK, HEAD_PAD] shared-memory slot of one item's q or k
+                        HEAD_DIM: gl.constexpr):
+    """Zero a padded slot's columns past the head: the box brought the next head's first
+    columns there (zeros past the last head's), which must not enter this head's QK^T."""
+    rows_layout: gl.constexpr = _row_layout(slot.shape[1], gl.num_warps())
+    values = slot.load(rows_layout)
+    cols = gl.arange(0, slot.shape[1], layout=gl.SliceLayout(0, rows_layout))
+    slot.store(gl.where((cols < HEAD_DIM)[None, :], values, gl.zeros_like(values)))
+
+
+@gluon.jit
 def _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, items, heads, row, row_end,
                 buffer, HEAD_DIM: gl.constexpr):
     """Start the TMA copies of item `item`'s q, k and v boxes (from its sequence's first token
@@ -84,34 +95,35 @@ def _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, item, 
 
 @gluon.jit(do_not_specialize=["num_seqs", "heads"])
 def _prefill_wgmma_persistent_kernel(
-    q_desc,           # [tokens, heads * HEAD_DIM] queries, boxes of [BLOCK, HEAD_DIM] (one head)
-    k_desc,           # [tokens, heads * HEAD_DIM] keys, boxes of [BLOCK, HEAD_DIM]
-    v_desc,           # [tokens, heads * HEAD_DIM] values, boxes of [BLOCK, HEAD_DIM]
+    q_desc,           # [tokens, heads * HEAD_DIM] queries, boxes of [BLOCK, HEAD_PAD] (one head's first)
+    k_desc,           # [tokens, heads * HEAD_DIM] keys, boxes of [BLOCK, HEAD_PAD]
+    v_desc,           # [tokens, heads * HEAD_DIM] values, boxes of [BLOCK, HEAD_PAD]
     out_ptr,          # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
     cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens, at most BLOCK each
     key_cache_ptr,    # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
     value_cache_ptr,  # WRITE_KV: the same, with the key cache's strides
     slot_ptr,         # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
     num_seqs, heads, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-    HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, BUFFERS: gl.constexpr, WRITE_KV: gl.constexpr,
-    BLOCK_SIZE: gl.constexpr,
+    HEAD_DIM: gl.constexpr, HEAD_PAD: gl.constexpr, BLOCK: gl.constexpr, BUFFERS: gl.constexpr,
+    WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr,
 ):
     gl.static_assert(BUFFERS >= 2)   # one item's copies in flight while another computes
+    gl.static_assert(HEAD_PAD >= HEAD_DIM)
     # Layouts as attention_wgmma.py's: one wgmma row block of 16 per warp, warps down the rows.
     num_warps: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+                                                       instr_shape=[16, HEAD_PAD, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out_layout: gl.constexpr = _row_layout(HEAD_DIM, num_warps)
+    out_layout: gl.constexpr = _row_layout(HEAD_PAD, num_warps)
     dtype: gl.constexpr = q_desc.dtype
 
-    q_slots = gl.allocate_shared_memory(dtype, [BUFFERS, BLOCK, HEAD_DIM], q_desc.layout)
-    k_slots = gl.allocate_shared_memory(k_desc.dtype, [BUFFERS, BLOCK, HEAD_DIM], k_desc.layout)
-    v_slots = gl.allocate_shared_memory(v_desc.dtype, [BUFFERS, BLOCK, HEAD_DIM], v_desc.layout)
+    q_slots = gl.allocate_shared_memory(dtype, [BUFFERS, BLOCK, HEAD_PAD], q_desc.layout)
+    k_slots = gl.allocate_shared_memory(k_desc.dtype, [BUFFERS, BLOCK, HEAD_PAD], k_desc.layout)
+    v_slots = gl.allocate_shared_memory(v_desc.dtype, [BUFFERS, BLOCK, HEAD_PAD], v_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [BUFFERS, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(BUFFERS):
         mbarrier.init(ready.index(b), count=1)
@@ -128,9 +140,9 @@ def _prefill_wgmma_persistent_kernel(
 
     queries = gl.arange(0, BLOCK, layout=s_rows)
     s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
-    acc_zero = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
+    acc_zero = gl.zeros([BLOCK, HEAD_PAD], gl.float32, o_layout)
     rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    cols = gl.arange(0, HEAD_PAD, layout=gl.SliceLayout(0, out_layout))
     for i in range((items - first + programs - 1) // programs):
         item = first + i * programs
         buffer = i % BUFFERS
@@ -145,9 +157,15 @@ def _prefill_wgmma_persistent_kernel(
         v_slot = v_slots.index(buffer)
 
         mbarrier.wait(ready.index(buffer), (i // BUFFERS) & 1)
+        if HEAD_PAD != HEAD_DIM:   # the next head's columns out of both QK^T operands
+            _clear_columns_past(q_slot, HEAD_DIM)
+            _clear_columns_past(k_slot, HEAD_DIM)
+            # each thread's stores visible to the wgmma (async proxy), then every warp's done
+            fence_async_shared()
+            gl.thread_barrier()
         s_token = warpgroup_mma(q_slot, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if q_len < BLOCK:   # beside the QK^T, which reads no value
-            _clear_rows_past(v_slot, 0, q_len, BLOCK, HEAD_DIM)
+            _clear_rows_past(v_slot, 0, q_len, BLOCK, HEAD_PAD)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_token, ))
         p, _, l_i, _ = _softmax_tile(s, gl.full([BLOCK], float("-inf"), gl.float32, s_rows),
                                      gl.full([BLOCK], 0.0, gl.float32, s_rows), qk_scale, 0, queries, True)
@@ -166,7 +184,10 @@ def _prefill_wgmma_persistent_kernel(
         out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty),
                                 out_layout)
         ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
-        gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+        if HEAD_PAD == HEAD_DIM:
+            gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+        else:   # the padded columns hold the next head's values' share: not this head's output
+            gl.store(ptrs, out, mask=(rows < q_len)[:, None] & (cols < HEAD_DIM)[None, :])
 
     for b in gl.static_range(BUFFERS):
         mbarrier.invalidate(ready.index(b))
@@ -181,9 +202,11 @@ def compile_specs() -> list:
     for head_dim, candidates in sorted(WGMMA_CANDIDATES.items()):
         for tiles in (t for t in candidates if t.persistent):
             shape = f"{tiles.block_m}x{tiles.block_m} w{tiles.num_warps} b{tiles.num_stages}"
+            width = padded_width(head_dim)
             specs += variant_specs(_prefill_wgmma_persistent_kernel, f"sweep persistent d{head_dim}", head_dim,
-                                   tiles.block_m, tiles, shape, dict(BLOCK=tiles.block_m, BUFFERS=tiles.num_stages),
-                                   block_layouts=False, num_warps=tiles.num_warps)
+                                   tiles.block_m, tiles, shape,
+                                   dict(HEAD_PAD=width, BLOCK=tiles.block_m, BUFFERS=tiles.num_stages),
+                                   block_layouts=False, width=width, num_warps=tiles.num_warps)
     return specs
 
 
@@ -196,14 +219,16 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     new tokens; `buffers` slot sets of q, k and v a program (Tiles.num_stages)."""
     seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
-    needed = shared_bytes(block, q.shape[2], buffers, q.element_size())
+    width = padded_width(q.shape[2])
+    needed = shared_bytes(block, width, buffers, q.element_size())
     if needed > SHARED_LIMITS[WGMMA_CAPABILITY]:
         _fail(f"tiles.num_stages {buffers} gives the persistent Gluon kernel {needed // 1024} KB of shared memory at "
               f"head_dim {q.shape[2]}, past the {SHARED_LIMITS[WGMMA_CAPABILITY] // 1024} KB of an SM")
     grid = (min(seqs * heads, PROGRAMS_PER_SM * sm_count(q.device)),)
     _prefill_wgmma_persistent_kernel[grid](
-        head_descriptor(q, block), head_descriptor(k, block), head_descriptor(v, block), out, cu_seqlens_q,
+        head_descriptor(q, block, width), head_descriptor(k, block, width), head_descriptor(v, block, width), out,
+        cu_seqlens_q,
         key_cache, value_cache, slot_mapping, seqs, heads, qk_scale, out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        HEAD_DIM=q.shape[2], BLOCK=block, BUFFERS=buffers, WRITE_KV=slot_mapping is not None,
+        HEAD_DIM=q.shape[2], HEAD_PAD=width, BLOCK=block, BUFFERS=buffers, WRITE_KV=slot_mapping is not None,
         BLOCK_SIZE=key_cache.shape[1], num_warps=num_warps)

@@ -69,6 +69,13 @@ def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequen
 
 
 @gluon.constexpr_function
+def _wgmma_layout(columns, num_warps):
+    """Registers of a wgmma result [rows, columns] (scores, accumulator): one row block of 16
+    per warp, warps stacked down the rows, so that each warpgroup owns 64 rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, columns, 16])
+
+
+@gluon.constexpr_function
 def _row_layout(head_dim, num_warps):
     """Registers for whole rows of a [rows, head_dim] tile: 8 columns (16 bytes) a thread, a
     warp across whole rows, warps stacked down the rows (the row clearing, the cache write and
@@ -190,10 +197,8 @@ def _prefill_wgmma_kernel(
     # 64 rows. Scores are [BLOCK_M, BLOCK_N] in s_layout, the accumulator [BLOCK_M, HEAD_DIM] in
     # o_layout; P feeds the PV wgmma from registers in p_layout.
     num_warps: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N, num_warps)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)

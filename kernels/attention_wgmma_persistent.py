@@ -37,8 +37,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, head_descriptor,
-                              padded_width, variant_specs)
+from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, _wgmma_layout,
+                              head_descriptor, padded_width, variant_specs)
 from .attention_tiles import WGMMA_CAPABILITY, _fail
 from .device import SHARED_LIMITS, sm_count
 
@@ -109,12 +109,10 @@ def _prefill_wgmma_persistent_kernel(
 ):
     gl.static_assert(BUFFERS >= 2)   # one item's copies in flight while another computes
     gl.static_assert(HEAD_PAD >= HEAD_DIM)
-    # Layouts as attention_wgmma.py's: one wgmma row block of 16 per warp, warps down the rows.
+    # Layouts as attention_wgmma.py's: scores [BLOCK, BLOCK], accumulator [BLOCK, HEAD_PAD].
     num_warps: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_PAD, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK, num_warps)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_PAD, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)

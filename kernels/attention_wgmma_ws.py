@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_tile_rows, _row_layout,
-                              head_descriptor, variant_specs)
+                              _wgmma_layout, head_descriptor, variant_specs)
 
 # Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
 CONSUMER_ROWS = gl.constexpr(64)
@@ -111,10 +111,8 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
     consumers take turns issuing their wgmmas (round k: tile 0's QK^T, then each loop step's
     QK^T and PV, then the last PV; both run n_tiles + 1 rounds, as BLOCK_N == BLOCK_M makes
     their tile counts equal), so that one's softmax runs while the other's wgmmas do."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N, gl.num_warps())
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM, gl.num_warps())
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)

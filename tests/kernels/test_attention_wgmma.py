@@ -71,6 +71,21 @@ def record_gluon_launches(monkeypatch) -> list:
     return launches
 
 
+def reference_launch(record):
+    """A stand-in for attention_wgmma.launch_prefill_wgmma (CPU: no Gluon) that hands `record`
+    its arguments by name, then writes the reference's output and cache write."""
+    def launch(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
+               key_cache, value_cache, slot_mapping=None, overlap=True, warp_specialize=False, pingpong=False,
+               persistent=False):
+        record(dict(cu=cu, grid=grid, blocks_per_seq=blocks_per_seq, slot_mapping=slot_mapping, overlap=overlap,
+                    persistent=persistent))
+        seqs = cu.shape[0] - 1
+        out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
+                                                  torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
+                                                  qk_scale / attention.LOG2E, slot_mapping=slot_mapping))
+    return launch
+
+
 def fitted(tiles: Tiles, lengths: list) -> tuple[list, int | None]:
     """(prompt lengths, max_query_len) for a test batch at `tiles`: as given, without a bound;
     for the persistent form, which runs only where its bound says every prompt fits a tile,
@@ -530,16 +545,10 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: False)
     assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
     seen = []
-
-    def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
-                  key_cache, value_cache, slot_mapping=None, overlap=True, warp_specialize=False, pingpong=False):
-        seen.append((blocks_per_seq, grid, slot_mapping is not None, overlap))
-        seqs = cu.shape[0] - 1
-        out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
-                                                  torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
-                                                  qk_scale / attention.LOG2E, slot_mapping=slot_mapping))
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
+        lambda call: seen.append((call["blocks_per_seq"], call["grid"], call["slot_mapping"] is not None,
+                                  call["overlap"]))))
     tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
     assert probe.run_case(64, 0, False) == ""
     per_seq = -(-max(probe.UNIFORM_LENGTHS) // tiles.block_m)
@@ -557,17 +566,11 @@ def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkey
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
     monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
     seen = []
-
-    def reference(q, k, v, out, cu, qk_scale, block_m, block_n, warps, stages, grid, blocks_per_seq, seq_chunk,
-                  key_cache, value_cache, slot_mapping=None, overlap=True, persistent=False):
-        seen.append((tuple((cu[1:] - cu[:-1]).tolist()), persistent, slot_mapping is not None,
-                     attention_wgmma_persistent.sm_count(q.device)))
-        seqs = cu.shape[0] - 1
-        out.copy_(attention.prefill_attention_ref(q, k, v, key_cache, value_cache, cu,
-                                                  torch.zeros(seqs, **I32), torch.zeros(seqs, 1, **I32),
-                                                  qk_scale / attention.LOG2E, slot_mapping=slot_mapping))
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
+        lambda call: seen.append((tuple((call["cu"][1:] - call["cu"][:-1]).tolist()), call["persistent"],
+                                  call["slot_mapping"] is not None,
+                                  attention_wgmma_persistent.sm_count(call["cu"].device)))))
     head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
                            for i, t in enumerate(candidates) if t.persistent)
     assert probe.run_case(head_dim, index, True) == ""

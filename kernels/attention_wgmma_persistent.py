@@ -15,16 +15,19 @@ into it, so the next items' bytes stream while this one computes and stores its 
 
 An item is a (sequence, head) pair, heads fastest (item = program + i * programs), so the
 programs at work at once read the same rows of a few sequences. Every sequence has at most
-BLOCK new tokens, so one [BLOCK, head_dim] box each of q, k and v holds all of an item: one
+BLOCK new tokens, so one [BLOCK, HEAD_PAD] box each of q, k and v holds all of an item: one
 QK^T, a causal softmax of one step (key 0 is visible to every query row: every row's max is
 finite), one PV. The boxes start at the sequence's first token and reach into the next
 sequence's rows (or past the tensor, where TMA reads zeros): those rows are computed and never
 stored, and the value rows past the sequence are cleared before the PV (0 times a NaN there
 would be NaN).
 
-Scope as attention_wgmma.py's: fp16 / bf16, head_dim 64 or 128, no cached context, rows TMA can
-address, the fused KV-cache write (each item stores its sequence's keys and values for its head
-from the slots they arrived in). The launcher runs it only where the host knows every prompt
+Scope as attention_wgmma.py's: fp16 / bf16, no cached context, rows TMA can address, the fused
+KV-cache write (each item stores its sequence's keys and values for its head from the slots they
+arrived in); and besides heads 64 and 128, any head up to 128 columns that starts 16-byte
+aligned (OPT-2.7B's 80) in a box of HEAD_PAD columns (attention_wgmma.padded_width): the box
+brings the next head's first columns along (zeros past the last head's), which are zeroed in q
+and k before the QK^T and stored neither as output nor in the cache. The launcher runs it only where the host knows every prompt
 fits (max_query_len <= BLOCK). Gluon does not run in the Triton interpreter: on CPU it is only
 compiled. A sweep candidate (Tiles.wgmma with Tiles.persistent), never a default until a GPU has
 shown it right and faster.
@@ -37,9 +40,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .attention_tiles import WGMMA_CAPABILITY, _fail
 from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, _wgmma_layout,
                               head_descriptor, padded_width, variant_specs)
-from .attention_tiles import WGMMA_CAPABILITY, _fail
 from .device import SHARED_LIMITS, sm_count
 
 # One program an SM: two slot sets of a 128-row item at head 128 take 192 KB of the 227 KB an SM

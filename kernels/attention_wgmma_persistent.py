@@ -196,12 +196,14 @@ def _prefill_wgmma_persistent_kernel(
 
 def compile_specs() -> list:
     """The kernel at each persistent wgmma candidate (attention_tiles.WGMMA_CANDIDATES with
-    persistent), for sm_90, in attention_wgmma.variant_specs's variants (it has no block
-    layouts)."""
-    from .attention_tiles import WGMMA_CANDIDATES
+    persistent) and at each wgmma entry of the launcher's persistent table
+    (_PERSISTENT_TILES_SM90, by padded head class: heads 64; 80 and 128), for sm_90, in
+    attention_wgmma.variant_specs's variants (it has no block layouts)."""
+    from .attention_tiles import _PERSISTENT_TILES_SM90, WGMMA_CANDIDATES, _padded_class
     specs = []
-    for head_dim, candidates in sorted(WGMMA_CANDIDATES.items()):
-        for tiles in (t for t in candidates if t.persistent):
+    for head_dim in (64, 80, 128):
+        chosen = [t for pad, t in _PERSISTENT_TILES_SM90.items() if pad == _padded_class(head_dim) and t.wgmma]
+        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES.get(head_dim, []) + chosen if t.persistent):
             shape = f"{tiles.block_m}x{tiles.block_m} w{tiles.num_warps} b{tiles.num_stages}"
             width = padded_width(head_dim)
             specs += variant_specs(_prefill_wgmma_persistent_kernel, f"sweep persistent d{head_dim}", head_dim,

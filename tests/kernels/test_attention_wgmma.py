@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
-from opt_fast.kernels import (attention, attention_tiles, attention_wgmma, attention_wgmma_persistent,
-                              attention_wgmma_ws)
+from opt_fast.kernels import (attention, attention_persistent, attention_tiles, attention_wgmma,
+                              attention_wgmma_persistent, attention_wgmma_ws)
 from opt_fast.kernels.attention import Tiles, prefill_attention
 from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
 
@@ -326,6 +326,33 @@ def test_persistent_tiles_reach_their_kernel_where_every_prompt_fits(monkeypatch
         assert launched_grid == grid   # 3 prompts x 2 heads
         assert {name: constants[name] for name in ("HEAD_DIM", "BLOCK", "BUFFERS", "WRITE_KV", "num_warps")} == dict(
             HEAD_DIM=head_dim, BLOCK=128, BUFFERS=tiles.num_stages, WRITE_KV=True, num_warps=8)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="stubs the kernel; where it runs, the GPU tests check it")
+def test_a_persistent_table_entry_serves_short_context_free_batches(monkeypatch):
+    """A Gluon persistent entry in the launcher's persistent table (what a sweep that shows it
+    winning would add; by padded head class, so heads 80 and 128 both): default_tiles picks it
+    for batches known to have no context and prompts that fit, the launcher hands it to the
+    Gluon path, and the compile check builds it at both heads (not as a Triton persistent
+    kernel); other batches keep the main kernel's tables."""
+    chosen = Tiles(128, 128, 8, 2, persistent=True, wgmma=True)
+    monkeypatch.setitem(attention_tiles._PERSISTENT_TILES_SM90, 128, chosen)
+    fp16 = torch.float16
+    for head_dim in (80, 128):
+        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True, max_query_len=128) == chosen
+        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True, max_query_len=129) != chosen
+        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, max_query_len=128) != chosen
+    built = {(s.constexprs["HEAD_DIM"], s.constexprs["HEAD_PAD"], s.constexprs["BUFFERS"])
+             for s in attention_wgmma_persistent.compile_specs()}
+    assert {(80, 128, 2), (128, 128, 2)} <= built
+    assert not [s for s in attention.compile_specs()
+                if s.kernel is attention_persistent._prefill_persistent_kernel and s.num_stages == 2]
+    handed = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args, **options: handed.append(options))
+    args, _ = context_free_case([128, 100], 2, 80, fp16, seed=25)
+    prefill_attention(*args, max_context_len=0, max_query_len=128)
+    assert handed == [dict(persistent=True)]
 
 
 def test_persistent_launch_pads_a_head_of_80_to_128(monkeypatch):

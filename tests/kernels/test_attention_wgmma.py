@@ -36,6 +36,11 @@ CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{ti
 WS_CANDIDATES = [c for c in CANDIDATES if c.values[1].warp_specialize]
 # the persistent form for short prompts (its own kernel, attention_wgmma_persistent.py)
 PERSISTENT_CANDIDATES = [c for c in CANDIDATES if c.values[1].persistent]
+# The first candidate of each kernel form at each head size: where a test's other axis (a dtype,
+# a cache dtype) is the launcher's or the descriptors' and not the tiles', these stand for all
+# (the GPU check's time goes to what differs).
+FORMS = list({(c.values[0], c.values[1].warp_specialize, c.values[1].pingpong, c.values[1].persistent): c
+              for c in reversed(CANDIDATES)}.values())[::-1]
 # Each Gluon kernel, by module: a launch of any of them is the Gluon path's.
 GLUON_KERNELS = ((attention_wgmma, "_prefill_wgmma_kernel"), (attention_wgmma_ws, "_prefill_wgmma_ws_kernel"),
                  (attention_wgmma_persistent, "_prefill_wgmma_persistent_kernel"))
@@ -670,12 +675,14 @@ def test_probe_runs_each_head_size_right_without_the_overlap(probed):
 
 
 @needs_hopper
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+@pytest.mark.parametrize("head_dim, tiles, dtype",
+                         [pytest.param(*c.values, torch.float16, id=f"{c.id}-fp16") for c in CANDIDATES]
+                         + [pytest.param(*c.values, torch.bfloat16, id=f"{c.id}-bf16") for c in FORMS])
 def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
     """Prompts of 1 token, block sizes +-1 (64, 128), several blocks with a partial last one, a
     long one; NaN in the rows past the last prompt (TMA boxes reach into them) and in every
-    element torch.empty returns (each output element written)."""
+    element torch.empty returns (each output element written). Every candidate in fp16, each
+    kernel form in bf16."""
     probed.require_right(head_dim, tiles)
     launches = record_gluon_launches(monkeypatch)
     lengths, bound = fitted(tiles, [1, 63, 64, 65, 127, 128, 129, 300, 1031, 2])
@@ -752,12 +759,15 @@ def test_nan_in_the_next_prompt_stays_out(probed, monkeypatch, head_dim, tiles):
 
 
 @needs_hopper
-@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["fused", "fp8-written-first"])
-@pytest.mark.parametrize("head_dim, tiles", CANDIDATES)
+@pytest.mark.parametrize("head_dim, tiles, cache_dtype",
+                         [pytest.param(*c.values, None, id=f"{c.id}-fused") for c in CANDIDATES]
+                         + [pytest.param(*c.values, torch.float8_e4m3fn, id=f"{c.id}-fp8-written-first")
+                            for c in FORMS])
 def test_stores_the_new_tokens_in_the_cache(probed, monkeypatch, head_dim, tiles, cache_dtype):
     """With slot_mapping each new token's key and value reach the cache once, at its slot: from
     the Gluon kernel's shared memory where the cache has the inputs' dtype (no launch of
-    write_kv_cache), by a write_kv_cache launch before the kernel for a float8 cache. Tokens past
+    write_kv_cache; every candidate), by a write_kv_cache launch before the kernel for a float8
+    cache (each kernel form). Tokens past
     the last prompt (NaN) and negative slots are not stored (the caches hold a finite sentinel
     elsewhere); prompts spanning several query blocks, ending inside a key tile, of one token."""
     probed.require_right(head_dim, tiles)

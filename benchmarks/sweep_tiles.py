@@ -308,6 +308,8 @@ class Prefill:
 # "note": ...}. The Gluon kernel's first launches happen there, in a child process with a time
 # limit, since a hang would cost the whole sweep; the sweep times only the candidates it passed.
 WGMMA_PROBE: dict = {}
+# Seconds the probe's children may take (a hang costs the sweep this much of its budget).
+PROBE_TIMEOUT = 150.0
 
 
 def _wgmma_probe_passed(case: dict, tiles: attention.Tiles) -> bool:
@@ -318,7 +320,9 @@ def _wgmma_probe_passed(case: dict, tiles: attention.Tiles) -> bool:
     from wgmma_probe import _label as probe_label, probe
     if not WGMMA_PROBE:
         try:
-            results, note = probe()
+            # every candidate's child at once, each compiling its own variants: 20 cases on the
+            # 16 cores of the GPU hosts, where 8 passed within the default 90 s (2026-11-27)
+            results, note = probe(timeout=PROBE_TIMEOUT)
         except Exception as err:   # the sweep goes on without the Gluon kernel, saying why
             results, note = {}, f"the probe itself failed: {_error_text(err)}"
         WGMMA_PROBE.update(results=results, note=note)

@@ -56,6 +56,11 @@ if want sweep; then
   sweep_rc=${PIPESTATUS[0]}
   # copied even after a timeout: the sweep rewrites its report after every shape
   [ -f "$PARTS/sweep/sweep.json" ] && cp "$PARTS/sweep/sweep.json" "$OUT/sweep.json"
+  # the Gluon CUDA tests take the verdicts of the probe the sweep ran instead of probing again
+  if [ -f "$OUT/sweep.json" ]; then
+    WGMMA_PROBE_VERDICTS=$(realpath "$OUT/sweep.json")
+    export WGMMA_PROBE_VERDICTS
+  fi
 fi
 
 if want tests; then

@@ -610,6 +610,22 @@ def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkey
     assert seen == [(probe.SHORT_LENGTHS, True, writes, probe.PERSISTENT_PROGRAMS) for writes in (False, True)]
 
 
+def test_the_tile_sweeps_probe_verdicts_stand_in(monkeypatch, tmp_path):
+    """Where gpu_check.sh points to the sweep's report, the CUDA tests take its probe's verdicts
+    instead of probing again; without one, or where the sweep's probe itself failed (no
+    results), they probe."""
+    report = tmp_path / "sweep.json"
+    monkeypatch.setenv("WGMMA_PROBE_VERDICTS", str(report))
+    assert saved_verdicts() is None
+    report.write_text(json.dumps(dict(meta=dict(wgmma_probe=dict(results={}, note="the probe itself failed")))))
+    assert saved_verdicts() is None
+    report.write_text(json.dumps(dict(meta=dict(wgmma_probe=dict(results={"d64 a": "", "d64 b": "hang"},
+                                                                  note="1 of 2 candidates right")))))
+    assert saved_verdicts() == ({"d64 a": "", "d64 b": "hang"}, "1 of 2 candidates right (the tile sweep's probe)")
+    monkeypatch.delenv("WGMMA_PROBE_VERDICTS")
+    assert saved_verdicts() is None
+
+
 def test_probe_covers_every_candidate():
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_cases")
     labels = [label for label, *_ in probe.cases()]
@@ -634,6 +650,9 @@ def probed(tmp_path_factory):
     process per candidate; eight workers doing so at once would be too many)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from wgmma_probe import _label, probe
+    saved = saved_verdicts()
+    if saved:
+        return Verdicts(*saved, _label)
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return Verdicts(*probe(timeout=240), _label)
     shared = tmp_path_factory.getbasetemp().parent / "wgmma_probe.json"
@@ -643,6 +662,20 @@ def probed(tmp_path_factory):
             shared.write_text(json.dumps(probe(timeout=240)))
         results, note = json.loads(shared.read_text())
     return Verdicts(results, note, _label)
+
+
+def saved_verdicts() -> tuple[dict, str] | None:
+    """(results, note) of the probe that this machine's tile sweep ran minutes before, where
+    benchmarks/gpu_check.sh points to its report (WGMMA_PROBE_VERDICTS: the sweep.json): the
+    same probe of the same checkout, whose children need not compile and run again. None
+    where there is none, or the sweep's probe itself failed."""
+    path = os.environ.get("WGMMA_PROBE_VERDICTS")
+    if not path or not Path(path).is_file():
+        return None
+    found = json.loads(Path(path).read_text()).get("meta", {}).get("wgmma_probe") or {}
+    if not found.get("results"):
+        return None
+    return found["results"], f"{found['note']} (the tile sweep's probe)"
 
 
 class Verdicts(NamedTuple):

@@ -644,9 +644,9 @@ def compile_specs() -> list:
     # The persistent kernel likewise, at PERSISTENT_CANDIDATES and _PERSISTENT_TILES_SM90 (whose
     # Gluon entries, wgmma, attention_wgmma_persistent.py builds).
     for pad, candidates in PERSISTENT_CANDIDATES.items():
-        chosen = [t for table_pad, t in _PERSISTENT_TILES_SM90.items()
-                  if table_pad == pad and t not in candidates and not t.wgmma]
         for head_dim in (d for d in (64, 80, 128) if _padded_class(d) == pad):
+            chosen = [t for head_class, t in _PERSISTENT_TILES_SM90.items()
+                      if head_class == _tile_head_dim(head_dim) and t not in candidates and not t.wgmma]
             specs += [attention_persistent.compile_spec(dtype, head_dim, tiles, write_kv)
                       for tiles in candidates + chosen
                       for dtype in ("fp16", "bf16") for write_kv in (True, False)]

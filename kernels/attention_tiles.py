@@ -173,9 +173,11 @@ _WS_TILES_SM90: dict = {}
 # at 4 warps head 64 spills). One stage: the loop's loads sit under a branch, which Triton does
 # not pipeline; the L2 prefetch is what overlaps them.
 PERSISTENT_CANDIDATES = {pad: [Tiles(128, 128, 8, 1, persistent=True)] for pad in (64, 128)}
-# padded head_dim -> persistent Tiles the launcher picks on sm_90 for a batch it knows has no
-# cached context and at most block_m new tokens per sequence. Empty until a GPU has timed
-# PERSISTENT_CANDIDATES beside the main kernel.
+# head class (_tile_head_dim: 64, 80, 128) -> persistent Tiles the launcher picks on sm_90 for a
+# batch it knows has no cached context and at most block_m new tokens per sequence: the Triton
+# kernel's, or with wgmma the Gluon one's (attention_wgmma_persistent.py, heads 80 padded to
+# 128). Empty until a GPU has timed PERSISTENT_CANDIDATES or the persistent WGMMA_CANDIDATES
+# beside the main kernel.
 _PERSISTENT_TILES_SM90: dict = {}
 # Tiles of the Gluon wgmma kernel (batches without cached context, heads 64 and 128), per
 # head_dim: sweep candidates until a GPU has run them; no GPU has yet. Compiled for sm_90 here
@@ -274,7 +276,7 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     if dtype == torch.float32:
         return _TILES_FP32
     kind = "narrow" if tokens <= _NARROW_TOKENS * seqs else "wide"
-    persistent = _PERSISTENT_TILES_SM90.get(_padded_class(head_dim)) if capability >= _TMA_CAPABILITY else None
+    persistent = _PERSISTENT_TILES_SM90.get(_tile_head_dim(head_dim)) if capability >= _TMA_CAPABILITY else None
     if persistent and context_free and max_query_len is not None and max_query_len <= persistent.block_m:
         return persistent
     if context_free and capability == WGMMA_CAPABILITY and (kind, head_dim) in _WGMMA_TILES_SM90:

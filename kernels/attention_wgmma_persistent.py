@@ -197,12 +197,12 @@ def _prefill_wgmma_persistent_kernel(
 def compile_specs() -> list:
     """The kernel at each persistent wgmma candidate (attention_tiles.WGMMA_CANDIDATES with
     persistent) and at each wgmma entry of the launcher's persistent table
-    (_PERSISTENT_TILES_SM90, by padded head class: heads 64; 80 and 128), for sm_90, in
+    (_PERSISTENT_TILES_SM90, by head class: 64, 80, 128), for sm_90, in
     attention_wgmma.variant_specs's variants (it has no block layouts)."""
-    from .attention_tiles import _PERSISTENT_TILES_SM90, WGMMA_CANDIDATES, _padded_class
+    from .attention_tiles import _PERSISTENT_TILES_SM90, WGMMA_CANDIDATES
     specs = []
     for head_dim in (64, 80, 128):
-        chosen = [t for pad, t in _PERSISTENT_TILES_SM90.items() if pad == _padded_class(head_dim) and t.wgmma]
+        chosen = [t for head_class, t in _PERSISTENT_TILES_SM90.items() if head_class == head_dim and t.wgmma]
         for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES.get(head_dim, []) + chosen if t.persistent):
             shape = f"{tiles.block_m}x{tiles.block_m} w{tiles.num_warps} b{tiles.num_stages}"
             width = padded_width(head_dim)

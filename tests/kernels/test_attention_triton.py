@@ -433,12 +433,14 @@ def test_compile_check_builds_exactly_the_tiles_the_launcher_picks(capability):
     picked_ws = {(t.block_m, t.block_n, t.num_warps, t.num_stages, head_dim, name) for pad, t in ws_tiles
                  for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
                  if capability >= 90}
-    persistent_tiles = [(pad, t) for pad, candidates in attention.PERSISTENT_CANDIDATES.items() for t in candidates]
-    # (the table's Gluon entries are attention_wgmma_persistent.py's to build)
-    persistent_tiles += [(pad, t) for pad, t in attention._PERSISTENT_TILES_SM90.items() if not t.wgmma]
+    # candidates by padded head_dim, the table by head class (64, 80, 128); the table's Gluon
+    # entries are attention_wgmma_persistent.py's to build
+    persistent_tiles = [(head_dim, t) for pad, candidates in attention.PERSISTENT_CANDIDATES.items()
+                        for t in candidates for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128)]
+    persistent_tiles += [(head_dim, t) for head_class, t in attention._PERSISTENT_TILES_SM90.items() if not t.wgmma
+                         for head_dim in (64, 80, 128) if attention._tile_head_dim(head_dim) == head_class]
     picked_persistent = {(t.block_m, t.num_warps, t.num_stages, attention._head_split(head_dim, t.split_head),
-                          head_dim, name) for pad, t in persistent_tiles
-                         for head_dim in (64, 80, 128) if pad == (64 if head_dim <= 64 else 128) for name in half
+                          head_dim, name) for head_dim, t in persistent_tiles for name in half
                          if capability >= 90}
     assert picked == built and picked_ws == built_ws and picked_persistent == built_persistent
 

@@ -335,29 +335,36 @@ def test_persistent_tiles_reach_their_kernel_where_every_prompt_fits(monkeypatch
 
 @pytest.mark.skipif(ON_HOPPER, reason="stubs the kernel; where it runs, the GPU tests check it")
 def test_a_persistent_table_entry_serves_short_context_free_batches(monkeypatch):
-    """A Gluon persistent entry in the launcher's persistent table (what a sweep that shows it
-    winning would add; by padded head class, so heads 80 and 128 both): default_tiles picks it
-    for batches known to have no context and prompts that fit, the launcher hands it to the
-    Gluon path, and the compile check builds it at both heads (not as a Triton persistent
+    """Gluon persistent entries in the launcher's persistent table (what a sweep that shows them
+    winning would add; by head class, so heads 80 and 128 each their own): default_tiles picks
+    each for batches known to have no context and prompts that fit, the launcher hands it to
+    the Gluon path, and the compile check builds each at its head (not as a Triton persistent
     kernel); other batches keep the main kernel's tables."""
-    chosen = Tiles(128, 128, 8, 2, persistent=True, wgmma=True)
-    monkeypatch.setitem(attention_tiles._PERSISTENT_TILES_SM90, 128, chosen)
+    chosen = {64: Tiles(128, 128, 8, 3, persistent=True, wgmma=True),
+              80: Tiles(128, 128, 8, 2, persistent=True, wgmma=True)}
+    for head_class, tiles in chosen.items():
+        monkeypatch.setitem(attention_tiles._PERSISTENT_TILES_SM90, head_class, tiles)
     fp16 = torch.float16
-    for head_dim in (80, 128):
-        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True, max_query_len=128) == chosen
-        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True, max_query_len=129) != chosen
-        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, max_query_len=128) != chosen
+    for head_dim, tiles in chosen.items():
+        assert attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True, max_query_len=128) == tiles
+        assert not attention.default_tiles(head_dim, fp16, 8192, 64, 90, context_free=True,
+                                           max_query_len=129).persistent
+        assert not attention.default_tiles(head_dim, fp16, 8192, 64, 90, max_query_len=128).persistent
+    # head 128, padded like 80, has an entry of its own (none here)
+    assert not attention.default_tiles(128, fp16, 8192, 64, 90, context_free=True, max_query_len=128).persistent
+    monkeypatch.setattr(attention_tiles, "WGMMA_CANDIDATES", {})   # the table's entries alone
     built = {(s.constexprs["HEAD_DIM"], s.constexprs["HEAD_PAD"], s.constexprs["BUFFERS"])
              for s in attention_wgmma_persistent.compile_specs()}
-    assert {(80, 128, 2), (128, 128, 2)} <= built
+    assert built == {(64, 64, 3), (80, 128, 2)}
     assert not [s for s in attention.compile_specs()
                 if s.kernel is attention_persistent._prefill_persistent_kernel and s.num_stages == 2]
     handed = []
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", lambda *args, **options: handed.append(options))
-    args, _ = context_free_case([128, 100], 2, 80, fp16, seed=25)
-    prefill_attention(*args, max_context_len=0, max_query_len=128)
-    assert handed == [dict(persistent=True)]
+    for head_dim in chosen:
+        args, _ = context_free_case([128, 100], 2, head_dim, fp16, seed=25)
+        prefill_attention(*args, max_context_len=0, max_query_len=128)
+    assert handed == [dict(persistent=True)] * 2
 
 
 def test_persistent_launch_pads_a_head_of_80_to_128(monkeypatch):

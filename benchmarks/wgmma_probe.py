@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 # New tokens per sequence: one token, a block boundary and either side of it, several blocks
-# with a partial last one, and a sequence after each (its keys and values sit in the next
-# rows of the boxes). Launched without a bound on them: the virtual block layout.
-LENGTHS = (1, 64, 65, 200, 129, 7)
+# with a partial last one, a long prompt (its last blocks' loops run 9 to 33 key tiles, each
+# stage's slot refilled several times, as at the sweep's 1024 tokens, where a wrong phase would
+# hang the sweep itself), and a sequence after each (its keys and values sit in the next rows
+# of the boxes). Launched without a bound on them: the virtual block layout.
+LENGTHS = (1, 64, 65, 200, 129, 1031, 7)
 # Prompts of about one length, launched with their bound (max_query_len, as the engine and the
 # tile sweep launch them): the uniform block layout at every candidate's block_m.
 UNIFORM_LENGTHS = (130, 130, 127, 130)

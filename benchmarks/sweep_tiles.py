@@ -429,7 +429,8 @@ class LnQkv:
     # cublas: our LayerNorm launch, then cuBLAS's GEMM (its tiles unused: the 64-row default's),
     # for 64 rows, where our GEMM after the LayerNorm launch trailed cuBLAS's alone at opt-6.7b /
     # 13b (2026-11-27); with fc1 too, whose ReLU rides cuBLASLt's epilogue as in the torch pair.
-    SIXTY_FOUR_CUBLAS = [_launch(64, 64, 128, 4, 3, cublas=True)]
+    # With overlap the LayerNorm launch also asks L2 for the weight's first columns.
+    SIXTY_FOUR_CUBLAS = [_launch(64, 64, 128, 4, 3, cublas=True), _launch(64, 64, 128, 4, 3, overlap=True, cublas=True)]
 
     def cases(self, smoke: bool) -> list[dict]:
         if smoke:
@@ -453,7 +454,8 @@ class LnQkv:
             return [{}, dict(config=(16, 32, 32, 4, 2)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, normalize_first=True)),
                     dict(config=_launch(16, 32, 32, 4, 2, split_k=2, overlap=True)),
-                    dict(config=_launch(16, 32, 32, 4, 2, cublas=True))]
+                    dict(config=_launch(16, 32, 32, 4, 2, cublas=True)),
+                    dict(config=_launch(16, 32, 32, 4, 2, overlap=True, cublas=True))]
         skinny = c["tokens"] <= 16
         cublas = [] if skinny else [dict(config=t) for t in self.SIXTY_FOUR_CUBLAS]
         if c.get("fc1"):

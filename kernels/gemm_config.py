@@ -111,10 +111,13 @@ class GemmLaunch(NamedTuple):
     cublas: the GEMM on cuBLAS (torch.addmm; fc1's ReLU in cuBLASLt's bias epilogue, as the
         torch pair runs it), after our LayerNorm launch where there is a LayerNorm: what
         normalize_first runs, with cuBLAS's GEMM in place of ours. The tiles are then unused
-        and no option of our GEMM applies (_check_config refuses them). For the 64-row GEMMs
-        of opt-6.7b / 13b, where our GEMM after the LayerNorm launch trailed cuBLAS's alone
-        (the H200 sweep of 2026-11-27): whether our one-read LayerNorm launch beside cuBLAS's
-        GEMM beats the torch pair.
+        and no option of our GEMM applies (_check_config refuses them) but overlap: with it
+        the LayerNorm launch itself asks L2 for the weight's first _PREFETCH_K columns (its
+        programs share the weight's rows), since cuBLAS's GEMM cannot start early and wait:
+        HBM streams them during that launch's short round trips and the GEMM finds them in L2
+        (NVIDIA GPUs; nothing elsewhere). For the 64-row GEMMs of opt-6.7b / 13b, where our
+        GEMM after the LayerNorm launch trailed cuBLAS's alone (the H200 sweep of 2026-11-27):
+        whether our one-read LayerNorm launch beside cuBLAS's GEMM beats the torch pair.
     """
     block_m: int
     block_n: int
@@ -324,9 +327,10 @@ def _check_config(config) -> GemmLaunch:
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"config.{name} must be True or False, got {getattr(config, name)!r}")
     if config.cublas:
-        # options of our GEMM kernel, which a cuBLAS launch does not run
+        # options of our GEMM kernel, which a cuBLAS launch does not run (overlap it does: our
+        # LayerNorm launch then prefetches cuBLAS's weight)
         ours = ["split_k"] * (config.split_k > 1) + [
-            name for name in ("stats_kernel", "overlap", "tma") if getattr(config, name)]
+            name for name in ("stats_kernel", "tma") if getattr(config, name)]
         if ours:
             raise ValueError(f"config.cublas runs cuBLAS's GEMM, which takes none of our GEMM's options "
                              f"({', '.join(ours)}), got {config!r}")

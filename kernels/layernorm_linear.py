@@ -29,12 +29,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .device import nvidia_capability as _capability, sm_count as _num_sms, tma_addressable as _tma_addressable
-from .gemm_config import (_REDUCE_BLOCK, _SPLIT_CHOICES, _STATS_STAGES, GemmConfig, GemmLaunch, _cdiv,
-                          _check_config, _fit, _gemm_configs, _gemm_flags, _kernel_options, _ln_blocks,
+from .gemm_config import (_PREFETCH_K, _REDUCE_BLOCK, _SPLIT_CHOICES, _STATS_STAGES, GemmConfig, GemmLaunch,
+                          _cdiv, _check_config, _fit, _gemm_configs, _gemm_flags, _kernel_options, _ln_blocks,
                           _default_launches, _stats_blocks, default_launch)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_MAX = 2 ** 31 - 1
+# Weight rows a LayerNorm program asks L2 for at a time (PREFETCH_K): 128 x 4 line addresses.
+_PREFETCH_ROWS = tl.constexpr(128)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +158,30 @@ def _row_stats(x_ptr,            # [M, K] rows to normalise, any strides
 
 
 @triton.jit
+def _prefetch_gemm_weight(gemm_w_ptr,   # [P, K] weight of the GEMM after a LayerNorm launch, any strides
+                          P, stride_gn, stride_gk, K, PREFETCH_K: tl.constexpr):
+    """With PREFETCH_K > 0 (NVIDIA GPUs), a LayerNorm program's share of the rows of the GEMM's
+    weight, whose first PREFETCH_K columns it asks L2 for (_prefetch_weight_l2): the GEMM after
+    it cannot start early and prefetch for itself (cuBLAS's: GemmLaunch.cublas with overlap), so
+    HBM streams them while the LayerNorm launch's own short round trips leave it idle, and the
+    GEMM finds them in L2. Nothing waits on it."""
+    if PREFETCH_K > 0:
+        share = tl.cdiv(P, tl.num_programs(0))
+        first = tl.program_id(0) * share
+        for r0 in range(first, tl.minimum(first + share, P), _PREFETCH_ROWS):
+            _prefetch_weight_l2(gemm_w_ptr, tl.minimum(r0 + tl.arange(0, _PREFETCH_ROWS), P - 1), stride_gn,
+                                stride_gk, K, PREFETCH_K)
+
+
+@triton.jit
 def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr: see below)
                        w_ptr,     # [N] gamma, contiguous
                        b_ptr,     # [N] beta, contiguous
                        out_ptr,   # [M, N] output, any strides
-                       M, N, stride_xm, stride_xn, stride_om, stride_on, eps,
+                       gemm_w_ptr,  # PREFETCH_K: [P, N] weight of the GEMM after it, any strides; else None
+                       M, N, stride_xm, stride_xn, stride_om, stride_on, eps, P, stride_gn, stride_gk,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
-                       LAUNCH_DEPENDENTS: tl.constexpr):
+                       LAUNCH_DEPENDENTS: tl.constexpr, PREFETCH_K: tl.constexpr):
     # LAUNCH_DEPENDENTS (sm_90+): the GEMM after it, a programmatic dependent launch, may start
     # now and prefetch its weights; it waits for this grid to finish before reading its output.
     if LAUNCH_DEPENDENTS:
@@ -182,17 +201,22 @@ def _layer_norm_kernel(x_ptr,     # [M, N] input, any strides (may alias out_ptr
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn,
                     mask=mask, other=0.0).to(tl.float64)
+        # (gamma and beta widened only where used: held in float64 across the statistics, the
+        # 8192-column tile spilled on sm_80)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0)
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0)
+        # after this launch's own loads, which the prefetches must not queue ahead of
+        _prefetch_gemm_weight(gemm_w_ptr, P, stride_gn, stride_gk, N, PREFETCH_K)
         inv_n = _recip_f64(tl.cast(N, tl.float64))
         mean = tl.sum(x, axis=1) * inv_n
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = _rsqrt_f64(tl.sum(centred * centred, axis=1) * inv_n + eps)
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
-        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float64)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        y = centred * rstd[:, None] * w.to(tl.float64)[None, :] + b.to(tl.float64)[None, :]
         # via float32 as below; every load is done before the store, so out may alias x
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  y.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
     else:
+        _prefetch_gemm_weight(gemm_w_ptr, P, stride_gn, stride_gk, N, PREFETCH_K)
         mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, stride_xn, N, eps,
                                 BLOCK_M, BLOCK_N, tl.float64, 1)
         # A program owns whole rows and reads each chunk before writing it, so the post-LN GEMM
@@ -461,7 +485,7 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
     if config is None:
         config = default_launch(m, n, k, x.dtype, _num_sms(x.device), has_ln=ln_weight is not None)
     if config.cublas:
-        _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out)
+        _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out, config.overlap)
         return
     has_res = residual is not None
     flags = _gemm_flags(config, ln_weight is not None, relu, has_res, _capability(x.device))
@@ -515,11 +539,13 @@ def _launch_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out
             PDL_WAIT=reduce_is_dependent, num_warps=4, launch_pdl=reduce_is_dependent)
 
 
-def _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out) -> None:
-    """GemmLaunch.cublas: our LayerNorm launch where there is a LayerNorm, then cuBLAS's GEMM
-    into `out`; the epilogue in the kernel's order (ReLU, then the residual)."""
+def _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, relu, out,
+                          prefetch: bool = False) -> None:
+    """GemmLaunch.cublas: our LayerNorm launch where there is a LayerNorm (with `prefetch`,
+    GemmLaunch.overlap, asking L2 for the weight's first columns), then cuBLAS's GEMM into
+    `out`; the epilogue in the kernel's order (ReLU, then the residual)."""
     if ln_weight is not None:
-        x = _normalized_rows(x, ln_weight, ln_bias, eps, "cublas")
+        x = _normalized_rows(x, ln_weight, ln_bias, eps, "cublas", gemm_weight=weight if prefetch else None)
     if relu:   # the torch pair's fc1: the ReLU in cuBLASLt's bias epilogue
         torch._addmm_activation(bias, x, weight.t(), out=out)
     else:
@@ -528,24 +554,34 @@ def _launch_cublas_linear(x, ln_weight, ln_bias, weight, bias, residual, eps, re
         out.add_(residual)
 
 
-def _normalized_rows(x, weight, bias, eps, option: str, launch_dependents: bool = False) -> torch.Tensor:
+def _normalized_rows(x, weight, bias, eps, option: str, launch_dependents: bool = False,
+                     gemm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """x's rows through our LayerNorm launch, into a new [m, k] buffer of x's dtype: what the
-    GEMM reads under `option` (normalize_first, cublas)."""
+    GEMM reads under `option` (normalize_first, cublas); `gemm_weight`: that GEMM's weight, whose
+    first columns the launch asks L2 for (_launch_layer_norm)."""
     m, k = x.shape
     if m * k > _INT32_MAX:   # x may be a broadcast view that passed the offsets check
         raise ValueError(f"config.{option} needs a {m}x{k} buffer, past the kernels' int32 offsets")
     normed = torch.empty((m, k), dtype=x.dtype, device=x.device)
-    _launch_layer_norm(x, weight, bias, eps, normed, launch_dependents=launch_dependents)
+    _launch_layer_norm(x, weight, bias, eps, normed, launch_dependents=launch_dependents, gemm_weight=gemm_weight)
     return normed
 
 
-def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False) -> None:
+def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = False,
+                       gemm_weight: torch.Tensor | None = None) -> None:
+    """The LayerNorm launch; with `gemm_weight` ([P, n], the GEMM after it) on an NVIDIA GPU it
+    also prefetches that weight's first _PREFETCH_K columns into L2 (none in the interpreter or
+    on ROCm: no inline PTX there)."""
     m, n = x.shape
     blocks = _ln_blocks(n)
+    prefetch = gemm_weight is not None and bool(_capability(x.device))
+    gemm_w = gemm_weight if prefetch else None
     _layer_norm_kernel[(_cdiv(m, blocks.block_m),)](
-        x, weight, bias, out, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        x, weight, bias, out, gemm_w, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        *((gemm_w.shape[0], gemm_w.stride(0), gemm_w.stride(1)) if prefetch else (0, 0, 0)),
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
-        LAUNCH_DEPENDENTS=launch_dependents, num_warps=blocks.num_warps)
+        LAUNCH_DEPENDENTS=launch_dependents, PREFETCH_K=_PREFETCH_K if prefetch else 0,
+        num_warps=blocks.num_warps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -732,19 +768,29 @@ def compile_specs() -> list:
     specs = []
     for dtype, t in _TYPES.items():
         ptr = f"*{t}"
-        ln_sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, M="i32", N="i32",
+        ln_sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, out_ptr=ptr, gemm_w_ptr="constexpr", M="i32", N="i32",
                       stride_xm="i32", stride_xn="constexpr", stride_om="i32", stride_on="constexpr",
-                      eps="fp32", BLOCK_M="constexpr", BLOCK_N="constexpr", ONE_TILE="constexpr",
-                      LAUNCH_DEPENDENTS="constexpr")
+                      eps="fp32", P="i32", stride_gn="i32", stride_gk="i32", BLOCK_M="constexpr",
+                      BLOCK_N="constexpr", ONE_TILE="constexpr", LAUNCH_DEPENDENTS="constexpr",
+                      PREFETCH_K="constexpr")
+        # the GEMM's weight to prefetch (GemmLaunch.cublas with overlap): a row stride of whole
+        # 16-element groups, unit column stride
+        prefetch_sig = dict(ln_sig, gemm_w_ptr=ptr, stride_gk="constexpr")
         for blocks in sorted({_ln_blocks(n) for n in _LN_WIDTHS + _LN_CHUNKED_WIDTHS}):
+            label = f"{t} {blocks.block_m}x{blocks.block_n} w{blocks.num_warps}" + " chunked" * (not blocks.one_tile)
+            shape = dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
+                         **dict.fromkeys(_LN_UNIT_STRIDES, 1))
             for pdl, targets in _PDL_VARIANTS:
-                label = f"{t} {blocks.block_m}x{blocks.block_n} w{blocks.num_warps}" + " chunked" * (not blocks.one_tile)
                 specs.append(CompileSpec(
                     _layer_norm_kernel, label + " pdl-next" * pdl, ln_sig,
-                    dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
-                         LAUNCH_DEPENDENTS=pdl, **dict.fromkeys(_LN_UNIT_STRIDES, 1)),
+                    dict(shape, gemm_w_ptr=None, LAUNCH_DEPENDENTS=pdl, PREFETCH_K=0),
                     divisible_by_16=("N", "stride_xm", "stride_om"), num_warps=blocks.num_warps,
                     targets=targets))
+            if blocks.one_tile and dtype != torch.float32:   # before a 64-row cuBLAS GEMM
+                specs.append(CompileSpec(
+                    _layer_norm_kernel, label + " prefetch-gemm", prefetch_sig,
+                    dict(shape, stride_gk=1, LAUNCH_DEPENDENTS=False, PREFETCH_K=_PREFETCH_K),
+                    divisible_by_16=("N", "stride_xm", "stride_om", "stride_gn"), num_warps=blocks.num_warps))
         stats_sig = dict(x_ptr=ptr, stats_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
                          stride_xk="constexpr", eps="fp32", BLOCK_M="constexpr", BLOCK_K="constexpr",
                          STAGES="constexpr", LAUNCH_DEPENDENTS="constexpr")

@@ -6,6 +6,8 @@ Shapes stay small: on CPU every kernel runs under the Triton interpreter.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -592,6 +594,60 @@ def test_cublas_gemm_after_our_layernorm(monkeypatch, ll_allocations, dtype, rel
     assert [name for name, *_ in launches] == ["_layer_norm_kernel"]
 
 
+CUBLAS_OVERLAP = CUBLAS[:8] + (True,) + CUBLAS[9:]   # and our LayerNorm launch prefetches its weight
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_cublas_with_overlap_prefetches_the_weight_from_the_layernorm_launch(monkeypatch, dtype):
+    """cublas with overlap: the result of cublas alone (here the interpreter runs no inline
+    PTX, so the LayerNorm launch gets no weight to prefetch: PREFETCH_K 0). On an NVIDIA GPU
+    (capability stubbed, the LayerNorm kernel recorded and not run) the launch gets the GEMM's
+    weight, its row count and strides, and PREFETCH_K; without overlap, or on ROCm (capability
+    0), none of them."""
+    g = gen(83)
+    x = poisoned_view(with_outliers(randn(19, 150, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
+    w, bias = linear_params(150, 41, g, dtype)
+    ln_w, ln_b = ln_params(150, g, dtype)
+    launches = record_launches(monkeypatch, "_layer_norm_kernel")
+    plain = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=CUBLAS)
+    assert torch.equal(ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=CUBLAS_OVERLAP), plain)
+    assert [(args[4], kwargs["PREFETCH_K"]) for _, _, args, kwargs in launches] == [(None, 0)] * 2
+
+    seen = []
+    monkeypatch.setattr(ll, "_layer_norm_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kwargs: seen.append((args, kwargs))})())
+    for capability, config, prefetch in ((90, CUBLAS_OVERLAP, True), (80, CUBLAS_OVERLAP, True),
+                                         (90, CUBLAS, False), (0, CUBLAS_OVERLAP, False)):
+        monkeypatch.setattr(ll, "_capability", lambda device, capability=capability: capability)
+        ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=config)
+        (args, kwargs), = seen
+        seen.clear()
+        if prefetch:
+            assert args[4] is w and args[12:15] == (41, w.stride(0), w.stride(1))
+            assert kwargs["PREFETCH_K"] == gc._PREFETCH_K
+        else:
+            assert args[4] is None and args[12:15] == (0, 0, 0) and kwargs["PREFETCH_K"] == 0
+
+
+def test_compiled_layernorm_prefetches_after_its_own_loads():
+    """The LayerNorm launch before cuBLAS's GEMM, compiled for sm_90 (no GPU needed): L2
+    prefetches of the weight, all issued after the launch's own loads of x, gamma and beta
+    (else they would queue ahead of them and lengthen the launch the GEMM waits for); the plain
+    launch has none."""
+    script = (
+        "from opt_fast.kernels import layernorm_linear as m, compile_check as cc\n"
+        "specs = {s.label: s for s in m.compile_specs() if s.kernel is m._layer_norm_kernel}\n"
+        "lines = cc.compile_spec(specs['fp16 1x8192 w16 prefetch-gemm'], 90).asm['ptx'].splitlines()\n"
+        "prefetches = [i for i, l in enumerate(lines) if 'prefetch.global.L2' in l]\n"
+        "loads = [i for i, l in enumerate(lines) if 'ld.global' in l]\n"
+        "plain = cc.compile_spec(specs['fp16 1x8192 w16'], 90).asm['ptx']\n"
+        "print(bool(prefetches), len(loads) >= 3 and max(loads) < min(prefetches), 'prefetch.global' in plain)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "False"]
+
+
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 def test_stats_kernel_rows_past_one_chunk(monkeypatch, dtype):
     """2500 columns: the statistics kernel merges a 2048-column chunk and a 452-column tail per
@@ -680,8 +736,8 @@ def test_default_launch_has_no_extra_work(monkeypatch, ll_allocations):
     (OPTION_TILES + (2, True, False, 0), "overlap"), (OPTION_TILES + (1, False, False, None), "overlap"),
     (OPTION_TILES + (2, True, False, False, 0), "tma"), (OPTION_TILES + (1, False, False, False, "no"), "tma"),
     (CUBLAS[:-1] + ("yes",), "cublas"), (CUBLAS[:5] + (2,) + CUBLAS[6:], "split_k"),
-    (CUBLAS[:6] + (True,) + CUBLAS[7:], "stats_kernel"), (CUBLAS[:8] + (True,) + CUBLAS[9:], "overlap"),
-    (CUBLAS[:9] + (True,) + CUBLAS[10:], "tma"), (CUBLAS + (False,), "config")], ids=str)
+    (CUBLAS[:6] + (True,) + CUBLAS[7:], "stats_kernel"), (CUBLAS[:9] + (True,) + CUBLAS[10:], "tma"),
+    (CUBLAS + (False,), "config")], ids=str)
 def test_launch_options_are_checked(config, field):
     x, ln_w, ln_b, w, b, r = _valid()
     with pytest.raises(ValueError, match=field):

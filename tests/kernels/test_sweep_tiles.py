@@ -52,7 +52,7 @@ def test_smoke_sweep_writes_a_report_per_kernel(sweep, tmp_path):
         # q in shared memory and a register cap, and a warp-specialised tile (off-GPU the sweep
         # assumes sm_90), ln_qkv a split-K launch after its own LayerNorm launch
         # (normalize_first), one with overlap, and cuBLAS's GEMM after our LayerNorm launch
-        assert len(r["candidates"]) == {"decode": 2, "prefill": 7, "ln_qkv": 5}[r["kernel"]], r
+        assert len(r["candidates"]) == {"decode": 2, "prefill": 7, "ln_qkv": 6}[r["kernel"]], r
         assert not any(c["error"] for c in r["candidates"]), r
         assert r["best_us"] == min(c["us"] for c in r["candidates"])
         assert r["speedup_vs_peer"] == pytest.approx(r["peer_us"] / r["best_us"], rel=1e-2)
@@ -164,11 +164,14 @@ def test_fc1_cases_time_the_default_with_relu_against_the_torch_pair(sweep):
     assert family.cases(smoke=False)[:len(fc1)] == fc1   # first: their spare time goes to the QKV shapes
     assert {(c["model"], c["tokens"]) for c in fc1} == {(m, t) for m in family.HIDDEN for t in (1, 64)}
     cublas = dict(config=sweep._launch(64, 64, 128, 4, 3, cublas=True))
+    # and with the LayerNorm launch prefetching cuBLAS's weight
+    prefetching = dict(config=sweep._launch(64, 64, 128, 4, 3, overlap=True, cublas=True))
     assert family.candidates(fc1[0], smoke=False) == [{}] and fc1[0]["tokens"] == 1
     case = fc1[-1]
-    assert family.case_name(case) == "opt-13b tokens=64 fc1" and family.candidates(case, smoke=False) == [{}, cublas]
+    assert family.case_name(case) == "opt-13b tokens=64 fc1"
+    assert family.candidates(case, smoke=False) == [{}, cublas, prefetching]
     qkv_64 = dict(model="opt-13b", hidden=5120, tokens=64)
-    assert cublas in family.candidates(qkv_64, smoke=False)
+    assert cublas in family.candidates(qkv_64, smoke=False) and prefetching in family.candidates(qkv_64, smoke=False)
     assert ll.GemmLaunch(*cublas["config"]).cublas and family.resolve(qkv_64, cublas) == cublas
     launch = ll.default_launch(64, 4 * 5120, 5120, sweep.DTYPE, sweep.SMS, has_ln=True)
     assert family.resolve(case, {})["config"] == sweep._trimmed(tuple(launch), tuple(ll.GemmLaunch(*launch[:5])), 5)
@@ -186,7 +189,7 @@ def test_budget_skips_what_does_not_fit(sweep):
     """An exhausted budget measures the peer of each shape and skips every candidate."""
     report = sweep.run([sweep.FAMILIES["ln_qkv"]], budget=1e-9, jobs=0, smoke=True, log=lambda line: None)
     [case] = report["cases"]
-    assert case["candidates"] == [] and case["skipped"] == 5 and "best_us" not in case
+    assert case["candidates"] == [] and case["skipped"] == 6 and "best_us" not in case
 
 
 def _parse_label(label: str) -> dict:

@@ -151,6 +151,26 @@ def _store_tile_rows(k_slot,            # [BLOCK_N, width] shared-memory slot of
 
 
 @gluon.jit
+def _store_output(out_ptr,   # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
+                  acc, l_i, first_row, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM: gl.constexpr):
+    """The rows of a query block from first_row on (within its sequence): the accumulator `acc`
+    ([rows, width], width >= HEAD_DIM) over the softmax sums `l_i`, as 16-byte stores of whole
+    rows; rows past the sequence are not the block's to write, and a padded accumulator's
+    columns past HEAD_DIM not the head's."""
+    WIDTH: gl.constexpr = acc.shape[1]
+    out_layout: gl.constexpr = _row_layout(WIDTH, gl.num_warps())
+    l_rows = gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))
+    out = gl.convert_layout((acc / l_rows[:, None]).to(out_ptr.dtype.element_ty), out_layout)
+    rows = first_row + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out_layout))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, out_layout))
+    ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
+    if WIDTH == HEAD_DIM:
+        gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+    else:
+        gl.store(ptrs, out, mask=(rows < q_len)[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@gluon.jit
 def _softmax_tile(s, m_i, l_i, qk_scale, first_key, queries, MASKED: gl.constexpr):
     """Fold the scores `s` ([BLOCK_M, BLOCK_N] fp32) of one key tile into the running max and
     sum of an online softmax in base 2; returns (p, new max, new sum, alpha: how much the
@@ -287,13 +307,7 @@ def _prefill_wgmma_kernel(
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
 
-    # 16-byte stores of whole rows; rows past the sequence are not this program's to write.
-    out_layout: gl.constexpr = _row_layout(HEAD_DIM, num_warps)
-    out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty), out_layout)
-    rows = diag_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-    ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
-    gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+    _store_output(out_ptr, acc, l_i, diag_start, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM)
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool = False) -> bool:

@@ -41,8 +41,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .attention_tiles import WGMMA_CAPABILITY, _fail
-from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_tile_rows, _wgmma_layout,
-                              head_descriptor, padded_width, variant_specs)
+from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_output, _store_tile_rows,
+                              _wgmma_layout, head_descriptor, padded_width, variant_specs)
 from .device import SHARED_LIMITS, sm_count
 
 # One program an SM: two slot sets of a 128-row item at head 128 take 192 KB of the 227 KB an SM
@@ -118,8 +118,6 @@ def _prefill_wgmma_persistent_kernel(
     o_layout: gl.constexpr = _wgmma_layout(HEAD_PAD, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out_layout: gl.constexpr = _row_layout(HEAD_PAD, num_warps)
     dtype: gl.constexpr = q_desc.dtype
 
     q_slots = gl.allocate_shared_memory(dtype, [BUFFERS, BLOCK, HEAD_PAD], q_desc.layout)
@@ -142,8 +140,6 @@ def _prefill_wgmma_persistent_kernel(
     queries = gl.arange(0, BLOCK, layout=s_rows)
     s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
     acc_zero = gl.zeros([BLOCK, HEAD_PAD], gl.float32, o_layout)
-    rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_layout))
-    cols = gl.arange(0, HEAD_PAD, layout=gl.SliceLayout(0, out_layout))
     for i in range((items - first + programs - 1) // programs):
         item = first + i * programs
         buffer = i % BUFFERS
@@ -181,14 +177,8 @@ def _prefill_wgmma_persistent_kernel(
         _issue_item(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, ready, later, items, heads, later_row,
                     later_end, buffer, HEAD_DIM)
 
-        # 16-byte stores of whole rows; rows past the sequence are not this item's to write.
-        out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty),
-                                out_layout)
-        ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
-        if HEAD_PAD == HEAD_DIM:
-            gl.store(ptrs, out, mask=(rows < q_len)[:, None])
-        else:   # the padded columns hold the next head's values' share: not this head's output
-            gl.store(ptrs, out, mask=(rows < q_len)[:, None] & (cols < HEAD_DIM)[None, :])
+        # (a padded accumulator's columns past the head hold the next head's values' share)
+        _store_output(out_ptr, acc, l_i, 0, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM)
 
     for b in gl.static_range(BUFFERS):
         mbarrier.invalidate(ready.index(b))

@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_tile_rows, _row_layout,
+from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_output, _store_tile_rows,
                               _wgmma_layout, head_descriptor, variant_specs)
 
 # Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
@@ -191,13 +191,7 @@ def _consume(q_slots, k_slots, v_slots, q_ready, k_ready, v_ready, k_empty, v_em
                          key_cache_ptr, value_cache_ptr, diag_start, q_len, head * stride_ch, stride_cb, stride_cs,
                          CONSUMER_ROWS, HEAD_DIM, BLOCK_SIZE)
 
-    # 16-byte stores of whole rows; rows past the sequence are not this program's to write.
-    out_layout: gl.constexpr = _row_layout(HEAD_DIM, gl.num_warps())
-    out = gl.convert_layout((acc / gl.convert_layout(l_i, o_rows)[:, None]).to(out_ptr.dtype.element_ty), out_layout)
-    rows = diag_start + gl.arange(0, CONSUMER_ROWS, layout=gl.SliceLayout(1, out_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-    ptrs = out_ptr + (q_start + rows).to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :]
-    gl.store(ptrs, out, mask=(rows < q_len)[:, None])
+    _store_output(out_ptr, acc, l_i, diag_start, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM)
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "blocks_per_seq"])

@@ -226,7 +226,8 @@ class Prefill:
         # (the persistent form only where a prompt fits its tile: elsewhere the launcher runs
         # the default instead)
         wgmma = [t for t in attention_tiles.WGMMA_CANDIDATES.get(c["head_dim"], [])
-                 if CAPABILITY == 90 and not (t.persistent and c["length"] > t.block_m) and _wgmma_probe_passed(c, t)]
+                 if CAPABILITY == 90 and not (attention_tiles.one_tile_per_prompt(t) and c["length"] > t.block_m)
+                 and _wgmma_probe_passed(c, t)]
         if CAPABILITY >= 90:
             options = (attention.TMA_CANDIDATES[pad] + attention.WS_CANDIDATES[pad]
                        + attention.ONE_LOOP_CANDIDATES[pad] + attention.Q_SMEM_CANDIDATES[pad]

@@ -38,6 +38,9 @@ UNIFORM_LENGTHS = (130, 130, 127, 130)
 # PERSISTENT_PROGRAMS programs, so that each takes several (prompt, head) items in turn and
 # reuses each of its slot sets (on a whole GPU's, a batch this small gives each program one).
 SHORT_LENGTHS = (1, 64, 0, 65, 128, 127, 7, 0)
+# Programs of every persistent launch the probe makes: the short-prompt form's, and the
+# warp-specialised form's (Tiles.persistent with warp_specialize), whose programs then take many
+# query blocks each of LENGTHS and UNIFORM_LENGTHS, their key tiles counted across them.
 PERSISTENT_PROGRAMS = 2
 HEADS = 3
 SYNC = " without overlap"
@@ -63,9 +66,11 @@ def cases() -> list[tuple[str, int, int, bool]]:
 
 def batches(tiles) -> list[tuple[tuple, int | None]]:
     """(prompt lengths, max_query_len) of each batch a candidate is probed on: without a bound
-    (the virtual block layout), then with one (the uniform layout); the persistent form, which
-    has no block layouts, on short prompts with their bound."""
-    if tiles.persistent:
+    (the virtual block layout), then with one (the uniform layout); the persistent form that
+    takes a prompt a tile, which has no block layouts, on short prompts with their bound."""
+    from opt_fast.kernels.attention_tiles import one_tile_per_prompt
+
+    if one_tile_per_prompt(tiles):
         return [(SHORT_LENGTHS, max(SHORT_LENGTHS))]
     return [(LENGTHS, None), (UNIFORM_LENGTHS, max(UNIFORM_LENGTHS))]
 
@@ -78,10 +83,11 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
 
     import torch
 
-    from opt_fast.kernels import attention, attention_tiles, attention_wgmma, attention_wgmma_persistent
+    from opt_fast.kernels import (attention, attention_tiles, attention_wgmma, attention_wgmma_persistent,
+                                  attention_wgmma_ws)
 
     # (a child process's own: for good; the CPU tests that run this in-process undo it)
-    attention_wgmma_persistent.sm_count = lambda device: PERSISTENT_PROGRAMS
+    attention_wgmma_persistent.sm_count = attention_wgmma_ws.sm_count = lambda device: PERSISTENT_PROGRAMS
     launched = []   # a verdict on the Gluon kernel only where it, not the main kernel, ran
     real = functools.partial(attention_wgmma.launch_prefill_wgmma, overlap=overlap)
 
@@ -94,7 +100,8 @@ def run_case(head_dim: int, index: int, overlap: bool) -> str:
     g = torch.Generator(device=device).manual_seed(0)
     i32 = dict(dtype=torch.int32, device=device)
     for lengths, bound in batches(tiles):
-        where = "short prompts" if tiles.persistent else "uniform layout" if bound else "virtual layout"
+        where = ("short prompts" if attention_tiles.one_tile_per_prompt(tiles) else "uniform layout" if bound
+                 else "virtual layout")
         tokens = sum(lengths)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], **i32)
         q, k, v = torch.randn(tokens, 3, HEADS, head_dim, generator=g, device=device, dtype=torch.float16).unbind(1)

@@ -59,7 +59,8 @@ from .attention_parts import (LOG2E, SEQ_CHUNK, _find_query_block, _grid_head, _
 from .attention_tiles import (_DEFAULT_CAPABILITY, _PERSISTENT_TILES_SM90, _TILES_FP32, _TMA_CAPABILITY,
                               _WS_TILES_SM90, ONE_LOOP_CANDIDATES, PADDED_80_CANDIDATES, PERSISTENT_CANDIDATES,
                               Q_SMEM_CANDIDATES, TMA_CANDIDATES, WS_CANDIDATES, Tiles, _check_tiles, _fail,
-                              _head_split, _padded_class, _q_box_2d, _tile_head_dim, default_tiles, tile_table)
+                              _head_split, _padded_class, _q_box_2d, _tile_head_dim, default_tiles,
+                              one_tile_per_prompt, tile_table)
 from .device import INTERPRETED as _INTERPRETED
 from .device import l2_bytes, nvidia_capability, tma_addressable as _tma_addressable
 from .kv_cache import (FP8, check_cache_dtype, check_slot_mapping, gather_cached_kv, write_kv_cache,
@@ -377,11 +378,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     can describe), a warp-specialised override is replaced as a whole by the main kernel's
     default tiles. `max_query_len`: an upper bound of every sequence's new tokens known on the
     host (None: unknown); with max_context_len 0 and max_query_len <= block_m, persistent tiles
-    (from an override or _PERSISTENT_TILES_SM90) run the persistent kernel, otherwise the main
-    kernel's default tiles replace them. Tiles with wgmma run the Gluon kernel
-    (kernels/attention_wgmma.py; with warp_specialize too, its warp-specialised form,
-    attention_wgmma_ws.py, not Triton's; with persistent, its persistent form,
-    attention_wgmma_persistent.py, not Triton's) where max_context_len is 0 on an sm_90 GPU and its
+    that take a prompt a tile (one_tile_per_prompt; from an override or _PERSISTENT_TILES_SM90)
+    run the persistent kernel, otherwise the main kernel's default tiles replace them. Tiles
+    with wgmma run the Gluon kernel (kernels/attention_wgmma.py; with warp_specialize too, its
+    warp-specialised form, attention_wgmma_ws.py, not Triton's, on one program an SM with
+    persistent; with persistent alone, its persistent form, attention_wgmma_persistent.py, not
+    Triton's) where max_context_len is 0 on an sm_90 GPU and its
     `takes` holds (there a float8 cache is written by a launch of its own before it); elsewhere
     the main kernel's default tiles replace them. A bound below a real length leaves that sequence's
     later tokens wrong and, with slot_mapping, unstored (like a table that does not cover its
@@ -410,13 +412,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tiles is None:
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability, context_free=max_context_len == 0,
                               max_query_len=max_query_len)
-    if tiles.wgmma and not (max_context_len == 0 and _wgmma_takes(q, k, v, capability, tiles.persistent)):
+    if tiles.wgmma and not (max_context_len == 0 and _wgmma_takes(q, k, v, capability, one_tile_per_prompt(tiles))):
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
     if tiles.warp_specialize and not (max_context_len == 0 and q.dtype != torch.float32
                                       and all(_tma_addressable(t) for t in (q, k, v))):
         # the main kernel at its own tiles: warp-specialised ones are checked for their kernel only
         tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
-    if tiles.persistent:
+    if one_tile_per_prompt(tiles):
         if not (max_context_len == 0 and max_query_len is not None and max_query_len <= tiles.block_m):
             tiles = default_tiles(head_dim, q.dtype, tokens, seqs, capability)
         elif tiles.wgmma:   # its own grid: one program an SM, no query blocks
@@ -446,7 +448,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                              SEQ_CHUNK, key_cache, value_cache,
                                              _gluon_slot_mapping(k, v, key_cache, value_cache, cu_seqlens_q,
                                                                  slot_mapping),
-                                             warp_specialize=tiles.warp_specialize, pingpong=tiles.pingpong)
+                                             warp_specialize=tiles.warp_specialize, pingpong=tiles.pingpong,
+                                             persistent=tiles.persistent)
         return out
     if tiles.warp_specialize:
         attention_ws.launch(q, k, v, out, cu_seqlens_q, scale, tiles, grid, key_cache, value_cache, slot_mapping)

@@ -44,7 +44,10 @@ class Tiles(NamedTuple):
     (kernels/attention_wgmma_persistent.py: one block_m x block_m tile per sequence and head,
     block_n == block_m, taken in turn by one program an SM that holds num_stages sets of q, k
     and v slots, the next items' copies in flight while one computes; block_m 64 or 128; run
-    where the host knows every prompt fits, as the Triton persistent kernel).
+    where the host knows every prompt fits, as the Triton persistent kernel); and with
+    warp_specialize (and wgmma) persistent is the warp-specialised Gluon kernel on one program
+    an SM, each taking query blocks of any length in turn, the next block's rows and key tiles
+    in flight while one finishes (one_tile_per_prompt tells the two apart).
     """
     block_m: int
     block_n: int
@@ -201,16 +204,24 @@ _PERSISTENT_TILES_SM90: dict = {}
 # 8-warp program an SM, one 128 x 128 tile per sequence and head, the next items' q, k and v in
 # flight by TMA while one computes): two slot sets at head 128 (192 KB), two and three at 64; and
 # at head 80 (OPT-2.7B, which no other Gluon tile takes), two sets of heads padded to 128.
+# And the warp-specialised form persistent (FlashAttention-3's whole recipe at head 128 with
+# pingpong): one program an SM taking 128-row query blocks in turn, longest first, its producer
+# copying the next block's rows and key tiles while the consumers finish one (at 8 prompts of
+# 1024 tokens a block averages 4.5 key tiles: loads waited for at a block's start, and its
+# output and cache stores, are a large share of a program that does one).
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                           Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),
                           Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
                           Tiles(128, 64, 4, 3, warp_specialize=True, wgmma=True),
                           Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, pingpong=True),
+                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, persistent=True),
+                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, persistent=True, pingpong=True),
                           Tiles(128, 128, 8, 2, persistent=True, wgmma=True)],
                     64: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(128, 64, 8, 3, wgmma=True),
                          Tiles(64, 64, 4, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                          Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True),
+                         Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, persistent=True),
                          Tiles(128, 128, 8, 2, persistent=True, wgmma=True),
                          Tiles(128, 128, 8, 3, persistent=True, wgmma=True)],
                     80: [Tiles(128, 128, 8, 2, persistent=True, wgmma=True)]}
@@ -287,6 +298,14 @@ def default_tiles(head_dim: int, dtype: torch.dtype, tokens: int, seqs: int,
     return tiles._replace(tma=False) if tiles.tma and tokens < _TMA_MIN_TOKENS else tiles
 
 
+def one_tile_per_prompt(tiles: Tiles) -> bool:
+    """Whether `tiles` run a persistent kernel whose items are whole prompts, one tile each
+    (attention_persistent.py, attention_wgmma_persistent.py): the launcher runs them only where
+    the host knows every prompt fits. The persistent warp-specialised Gluon kernel's items are
+    query blocks, of prompts of any length."""
+    return tiles.persistent and not tiles.warp_specialize
+
+
 def _tile_head_dim(head_dim: int) -> int:
     """The tile tables' head class: 64 (heads up to 64), 80 (two exact tiles, as OPT-2.7B's
     64 + 16), 128 (the rest, padded to a power of two)."""
@@ -338,10 +357,11 @@ def _check_tiles(tiles, capability: int) -> Tiles:
     if tiles.warp_specialize and not tiles.wgmma and tiles.num_stages > _WS_MAX_STAGES:
         _fail(f"tiles.warp_specialize needs num_stages <= {_WS_MAX_STAGES} (deeper pipelines gave non-finite outputs "
               f"on an H200), got {tiles.num_stages}")
-    if tiles.persistent and tiles.block_n != tiles.block_m:
+    if one_tile_per_prompt(tiles) and tiles.block_n != tiles.block_m:
         _fail(f"tiles.persistent needs block_n == block_m (one tile a sequence), got {tiles.block_m}x{tiles.block_n}")
-    if tiles.persistent and (tiles.tma or tiles.warp_specialize or tiles.one_loop):
-        _fail("tiles.persistent is a kernel of its own: no tma, warp_specialize or one_loop")
+    if tiles.persistent and (tiles.tma or tiles.one_loop or (tiles.warp_specialize and not tiles.wgmma)):
+        _fail("tiles.persistent is a kernel of its own: no tma or one_loop, and warp_specialize only with wgmma (the "
+              "warp-specialised Gluon kernel, whose programs then take query blocks in turn)")
     if tiles.pingpong and not (tiles.wgmma and tiles.warp_specialize and tiles.block_n == tiles.block_m):
         _fail("tiles.pingpong is the warp-specialised Gluon kernel's (wgmma and warp_specialize) at block_n == "
               f"block_m (equal rounds for both consumers), got {tiles!r}")

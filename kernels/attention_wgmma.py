@@ -39,20 +39,20 @@ _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 @gluon.jit
 def _find_query_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
-                      num_seqs, blocks_per_seq, BLOCK_M: gl.constexpr, SEQ_CHUNK: gl.constexpr,
+                      num_seqs, blocks_per_seq, place, places, BLOCK_M: gl.constexpr, SEQ_CHUNK: gl.constexpr,
                       UNIFORM: gl.constexpr):
-    """(sequence, its first token, its length, query block within it) of this program, as
+    """(sequence, its first token, its length, query block within it) at `place` of `places`
+    on the grid's block axis (a program's program_id(1) of num_programs(1)), as
     kernels/attention_parts.py's _find_query_block (same two block layouts, same grid): the
-    block is < 0 or past the sequence's blocks where the program has none."""
-    if UNIFORM:   # blocks_per_seq programs a sequence, block-major from the last block
-        place = gl.program_id(1)
+    block is < 0 or past the sequence's blocks where the place has none."""
+    if UNIFORM:   # blocks_per_seq places a sequence, block-major from the last block
         seq = place % num_seqs
         block = blocks_per_seq - 1 - place // num_seqs
         q_start = gl.load(cu_seqlens_ptr + seq)
         q_len = gl.load(cu_seqlens_ptr + seq + 1) - q_start
     else:   # the virtual block axis, searched a chunk of cu_seqlens at a time
         chunk_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        vblock = gl.num_programs(1) - 1 - gl.program_id(1)   # last blocks first: they see the most keys
+        vblock = places - 1 - place   # last blocks first: they see the most keys
         seq = num_seqs * 0 - 1      # int32 scalars from the start, as the loop carries them
         q_start = num_seqs * 0
         q_end = num_seqs * 0 + 2147483647
@@ -208,8 +208,8 @@ def _prefill_wgmma_kernel(
     gl.static_assert(STAGES >= 2)              # a slot is refilled only after its tile's PV
     gl.static_assert(STAGES * BLOCK_N >= BLOCK_M)   # the diagonal tiles stay in their slots (WRITE_KV)
     head = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)   # (heads of a group, blocks, groups)
-    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, BLOCK_M, SEQ_CHUNK,
-                                                     UNIFORM)
+    seq, q_start, q_len, block_m = _find_query_block(cu_seqlens_ptr, num_seqs, blocks_per_seq, gl.program_id(1),
+                                                     gl.num_programs(1), BLOCK_M, SEQ_CHUNK, UNIFORM)
     if (block_m < 0) | (block_m * BLOCK_M >= q_len):
         return
 
@@ -361,7 +361,7 @@ def compile_specs() -> list:
 
 
 def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape: str, constexprs: dict,
-                  block_layouts: bool = True, width: int | None = None, **options) -> list:
+                  block_layouts: bool = True, width: int | None = None, item_args: tuple = (), **options) -> list:
     """Compile-check specialisations (sm_90) of a Gluon prefill kernel with this module's kernel
     arguments: in fp16 and bf16, with the fused KV-cache write (block size 16) and without, in
     each block layout; q in boxes of `q_rows` rows, k and v of tiles.block_n; `constexprs` and
@@ -369,7 +369,8 @@ def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape:
     Without `block_layouts`, a kernel that finds its work by (sequence, head) items instead
     (attention_wgmma_persistent.py): `heads` in place of blocks_per_seq, and no SEQ_CHUNK,
     OVERLAP or UNIFORM. `width`: the boxes' columns where they are wider than the head (a padded
-    head)."""
+    head). `item_args`: int32 arguments of the kernel's own after the strides
+    (attention_wgmma_ws.py's description of its work items)."""
     from .attention_parts import SEQ_CHUNK   # the main kernel's chunk, which the launcher passes
     from .compile_check import CompileSpec
     specs = []
@@ -383,6 +384,7 @@ def variant_specs(kernel, prefix: str, head_dim: int, q_rows: int, tiles, shape:
                          value_cache_ptr=f"*{name}", slot_ptr="*i64" if write_kv else "constexpr",
                          num_seqs="i32", **{"blocks_per_seq" if block_layouts else "heads": "i32"}, qk_scale="fp32")
         signature.update(dict.fromkeys(("stride_ot", "stride_oh", "stride_cb", "stride_cs", "stride_ch"), "i32"))
+        signature.update(dict.fromkeys(item_args, "i32"))
         values = dict(HEAD_DIM=head_dim, **constexprs, WRITE_KV=write_kv, BLOCK_SIZE=16)
         if block_layouts:
             values.update(SEQ_CHUNK=SEQ_CHUNK, OVERLAP=True, UNIFORM=uniform)
@@ -415,8 +417,9 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     its consumers taking turns with `pingpong`. `persistent` runs the short-prompt form
     (kernels/attention_wgmma_persistent.py; block_m == block_n, num_stages slot sets, every
     sequence known to fit one block) on a grid of its own: `grid` and `blocks_per_seq` unused,
-    and no overlap to turn off."""
-    if persistent:
+    and no overlap to turn off; with warp_specialize, the warp-specialised form on one program
+    an SM, each taking the grid's query blocks in turn."""
+    if persistent and not warp_specialize:
         # imported here, as attention_wgmma_ws below: that module builds on this one's pieces
         from . import attention_wgmma_persistent
         attention_wgmma_persistent.launch(q, k, v, out, cu_seqlens_q, qk_scale, block_m, num_warps, num_stages,
@@ -426,7 +429,7 @@ def launch_prefill_wgmma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         # imported here: that module builds on this one's pieces
         from . import attention_wgmma_ws
         attention_wgmma_ws.launch(q, k, v, out, cu_seqlens_q, qk_scale, block_n, num_stages, grid, blocks_per_seq,
-                                  seq_chunk, key_cache, value_cache, slot_mapping, overlap, pingpong)
+                                  seq_chunk, key_cache, value_cache, slot_mapping, overlap, pingpong, persistent)
         return
     _prefill_wgmma_kernel[grid](
         head_descriptor(q, block_m), head_descriptor(k, block_n), head_descriptor(v, block_n), out, cu_seqlens_q,

@@ -189,11 +189,12 @@ def compile_specs() -> list:
     persistent) and at each wgmma entry of the launcher's persistent table
     (_PERSISTENT_TILES_SM90, by head class: 64, 80, 128), for sm_90, in
     attention_wgmma.variant_specs's variants (it has no block layouts)."""
-    from .attention_tiles import _PERSISTENT_TILES_SM90, WGMMA_CANDIDATES
+    from .attention_tiles import _PERSISTENT_TILES_SM90, WGMMA_CANDIDATES, one_tile_per_prompt
     specs = []
     for head_dim in (64, 80, 128):
         chosen = [t for head_class, t in _PERSISTENT_TILES_SM90.items() if head_class == head_dim and t.wgmma]
-        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES.get(head_dim, []) + chosen if t.persistent):
+        for tiles in dict.fromkeys(t for t in WGMMA_CANDIDATES.get(head_dim, []) + chosen
+                                   if one_tile_per_prompt(t)):
             shape = f"{tiles.block_m}x{tiles.block_m} w{tiles.num_warps} b{tiles.num_stages}"
             width = padded_width(head_dim)
             specs += variant_specs(_prefill_wgmma_persistent_kernel, f"sweep persistent d{head_dim}", head_dim,

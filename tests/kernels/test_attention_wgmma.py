@@ -35,12 +35,15 @@ CANDIDATES = [pytest.param(head_dim, tiles, id=f"d{head_dim}-{tiles.block_m}x{ti
 # the warp-specialised form (its own kernel, attention_wgmma_ws.py)
 WS_CANDIDATES = [c for c in CANDIDATES if c.values[1].warp_specialize]
 # the persistent form for short prompts (its own kernel, attention_wgmma_persistent.py)
-PERSISTENT_CANDIDATES = [c for c in CANDIDATES if c.values[1].persistent]
+PERSISTENT_CANDIDATES = [c for c in CANDIDATES if attention_tiles.one_tile_per_prompt(c.values[1])]
+# the warp-specialised form on one program an SM (its kernel's programs take many query blocks)
+WS_PERSISTENT_CANDIDATES = [c for c in WS_CANDIDATES if c.values[1].persistent]
 # The first candidate of each kernel form at each head size: where a test's other axis (a dtype,
 # a cache dtype) is the launcher's or the descriptors' and not the tiles', these stand for all
-# (the GPU check's time goes to what differs).
-FORMS = list({(c.values[0], c.values[1].warp_specialize, c.values[1].pingpong, c.values[1].persistent): c
-              for c in reversed(CANDIDATES)}.values())[::-1]
+# (the GPU check's time goes to what differs; a persistent launch of the warp-specialised
+# kernel is no form of its own).
+FORMS = list({(c.values[0], c.values[1].warp_specialize, c.values[1].pingpong,
+               attention_tiles.one_tile_per_prompt(c.values[1])): c for c in reversed(CANDIDATES)}.values())[::-1]
 # Each Gluon kernel, by module: a launch of any of them is the Gluon path's.
 GLUON_KERNELS = ((attention_wgmma, "_prefill_wgmma_kernel"), (attention_wgmma_ws, "_prefill_wgmma_ws_kernel"),
                  (attention_wgmma_persistent, "_prefill_wgmma_persistent_kernel"))
@@ -76,6 +79,16 @@ def record_gluon_launches(monkeypatch) -> list:
     return launches
 
 
+def launched_grid(name: str, grid: tuple, args: tuple) -> tuple:
+    """(heads of a group, places, groups) of a recorded Gluon launch: its grid, or the grid the
+    warp-specialised kernel's work items stand for (it runs a grid of its own, one program an
+    item or an SM)."""
+    if name != "_prefill_wgmma_ws_kernel":
+        return grid
+    heads_per_group, places, items = args[16:19]
+    return heads_per_group, places, items // (heads_per_group * places)
+
+
 def reference_launch(record):
     """A stand-in for attention_wgmma.launch_prefill_wgmma (CPU: no Gluon) that hands `record`
     its arguments by name, then writes the reference's output and cache write."""
@@ -95,7 +108,7 @@ def fitted(tiles: Tiles, lengths: list) -> tuple[list, int | None]:
     """(prompt lengths, max_query_len) for a test batch at `tiles`: as given, without a bound;
     for the persistent form, which runs only where its bound says every prompt fits a tile,
     each cut to block_m, with that bound."""
-    if not tiles.persistent:
+    if not attention_tiles.one_tile_per_prompt(tiles):
         return lengths, None
     return [min(n, tiles.block_m) for n in lengths], tiles.block_m
 
@@ -121,7 +134,8 @@ def test_candidates_pass_the_tile_checks(head_dim, tiles):
     (Tiles(256, 256, 8, 2, wgmma=True, persistent=True), "persistent needs block_m in (64, 128)"),
     (Tiles(128, 64, 8, 2, wgmma=True, persistent=True), "persistent needs block_n == block_m"),
     (Tiles(128, 128, 8, 1, wgmma=True, persistent=True), "num_stages >= 2"),
-    (Tiles(128, 128, 4, 2, warp_specialize=True, wgmma=True, persistent=True), "no tma, warp_specialize"),
+    (Tiles(128, 128, 4, 2, warp_specialize=True, persistent=True), "warp_specialize only with wgmma"),
+    (Tiles(128, 128, 4, 2, True, warp_specialize=True, wgmma=True, persistent=True), "no tma or one_loop"),
     (Tiles(128, 32, 4, 2, wgmma=True, warp_specialize=True), "block_n in (64, 128)"),
     (Tiles(128, 64, 4, 1, wgmma=True, warp_specialize=True), "num_stages >= 2"),
     (Tiles(64, 64, 4, 2, wgmma=True, warp_specialize=True), "block_m=128"),
@@ -263,7 +277,8 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
         prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
         (launched, options), = handed
         handed.clear()
-        assert options == dict(warp_specialize=True, pingpong=False) and launched[6:9] == (128, tiles.block_n, 4)
+        assert options == dict(warp_specialize=True, pingpong=False, persistent=False)
+        assert launched[6:9] == (128, tiles.block_n, 4)
         grid, per_seq = launched[10:12]
         # uniform: 2 blocks a sequence; virtual: tokens // 128 + seqs
         assert per_seq == blocks_per_seq and grid[1] == (3 * 2 if bound else 387 // 128 + 3)
@@ -276,10 +291,53 @@ def test_warp_specialised_tiles_reach_their_kernel_in_128_row_blocks(monkeypatch
     out = torch.empty_like(q)
     common = (q, k, v, out, cu, 0.1, 128, 64, 4, 3, (2, 6, 1), 2, 16, key_cache, value_cache)
     real(*common, warp_specialize=True)
-    assert ws_calls == [(q, k, v, out, cu, 0.1, 64, 3, (2, 6, 1), 2, 16, key_cache, value_cache, None, True, False)]
+    assert ws_calls == [(q, k, v, out, cu, 0.1, 64, 3, (2, 6, 1), 2, 16, key_cache, value_cache, None, True, False,
+                         False)]
     assert plain_calls == []
     real(*common)
     assert plain_calls == [(2, 6, 1)] and len(ws_calls) == 1
+
+
+def test_warp_specialised_kernel_takes_the_grid_as_work_items(monkeypatch):
+    """attention_wgmma_ws.launch runs the (heads of a group, places, groups) grid it is given as
+    that many work items on a grid of its own: one program an item, or, persistent, one an SM
+    (or an item, whichever is fewer); the kernel gets the grid's shape and both counts."""
+    calls = []
+    monkeypatch.setattr(attention_wgmma_ws, "_prefill_wgmma_ws_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: calls.append((grid, a[16:20], k["UNIFORM"]))})())
+    args, _ = context_free_case([130, 130, 127], 6, 128, torch.float16, seed=14)
+    q, k, v, key_cache, value_cache, cu = args[:6]
+    out = torch.empty_like(q)
+    for persistent, sms, programs in ((False, 132, 36), (True, 132, 36), (True, 4, 4)):
+        monkeypatch.setattr(attention_wgmma_ws, "sm_count", lambda device, sms=sms: sms)
+        attention_wgmma_ws.launch(q, k, v, out, cu, 0.1, 128, 2, (2, 6, 3), 2, 16, key_cache, value_cache,
+                                  persistent=persistent)
+        assert calls.pop() == ((programs, ), (2, 6, 36, programs), True)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="stubs the kernels; where they run, the GPU tests check them")
+def test_persistent_warp_specialised_tiles_take_prompts_of_any_length(monkeypatch):
+    """Warp-specialised Gluon tiles with persistent: whatever the prompts' lengths and bound,
+    the launcher hands them to the Gluon path with warp_specialize and persistent set and its
+    usual grid of 128-row blocks (not the short-prompt kernel's, which takes a prompt a tile,
+    and not the main kernel); with possible context the main kernel runs."""
+    handed = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma",
+                        lambda *args, **options: handed.append((args, options)))
+    main = record_launches(monkeypatch, attention, "_prefill_attention_kernel")
+    args, _ = context_free_case([300, 290, 260], 2, 128, torch.float16, seed=15)
+    head_dim, tiles = WS_PERSISTENT_CANDIDATES[0].values
+    for bound, blocks_per_seq in ((None, 0), (300, 3)):
+        prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
+        (launched, options), = handed
+        handed.clear()
+        assert options == dict(warp_specialize=True, pingpong=tiles.pingpong, persistent=True)
+        # uniform: 3 blocks a prompt; virtual: tokens // 128 + prompts (9 either way)
+        assert launched[6:12] == (128, tiles.block_n, 4, tiles.num_stages, (2, 9, 1), blocks_per_seq)
+    assert not main
+    prefill_attention(*args, tiles=tiles, max_query_len=300)
+    assert not handed and len(main) == 1
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="stubs the kernels; where they run, the GPU tests check them")
@@ -577,10 +635,11 @@ def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     launch) and the cache write reached the Gluon launch; where the launcher ran the main
     kernel instead it says so."""
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_case")
-    # run_case wraps the module's launcher and sets the persistent kernel's SM count for good
+    # run_case wraps the module's launcher and sets the persistent kernels' SM counts for good
     # (a child process's last acts): undone after
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
     monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
+    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
     # the launcher falls back to the main kernel (as on CPU; on an sm_90 GPU the Gluon one runs)
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: False)
     assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
@@ -605,6 +664,7 @@ def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkey
     probe = load_benchmark("wgmma_probe.py", "wgmma_probe_persistent")
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
     monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
+    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
     seen = []
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
     monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
@@ -612,10 +672,31 @@ def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkey
                                   call["slot_mapping"] is not None,
                                   attention_wgmma_persistent.sm_count(call["cu"].device)))))
     head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
-                           for i, t in enumerate(candidates) if t.persistent)
+                           for i, t in enumerate(candidates) if attention_tiles.one_tile_per_prompt(t))
     assert probe.run_case(head_dim, index, True) == ""
     assert 0 in probe.SHORT_LENGTHS and max(probe.SHORT_LENGTHS) <= 128
     assert seen == [(probe.SHORT_LENGTHS, True, writes, probe.PERSISTENT_PROGRAMS) for writes in (False, True)]
+
+
+def test_probe_runs_the_persistent_warp_specialised_form_on_few_programs(monkeypatch):
+    """A persistent warp-specialised candidate's probe child, with the Gluon launch stubbed by
+    the reference (CPU): both block layouts' batches and the cache write, launched persistent
+    on PERSISTENT_PROGRAMS programs, so that each takes many query blocks in turn."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_ws_persistent")
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
+    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
+    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
+    seen = []
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
+        lambda call: seen.append((call["persistent"], call["blocks_per_seq"], call["slot_mapping"] is not None,
+                                  attention_wgmma_ws.sm_count(call["cu"].device)))))
+    head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
+                           for i, t in enumerate(candidates) if t.warp_specialize and t.persistent)
+    assert probe.run_case(head_dim, index, True) == ""
+    per_seq = -(-max(probe.UNIFORM_LENGTHS) // 128)
+    assert seen == [(True, blocks, writes, probe.PERSISTENT_PROGRAMS) for blocks in (0, per_seq)
+                    for writes in (False, True)]
 
 
 def test_the_tile_sweeps_probe_verdicts_stand_in(monkeypatch, tmp_path):
@@ -772,8 +853,9 @@ def test_matches_the_reference_in_head_groups(probed, monkeypatch, head_dim, til
     rows = expected.shape[0]
     for bound in (None, max(lengths)):
         out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
-        (_, grid, _, _), = launches
+        (name, grid, launch_args, _), = launches
         launches.clear()
+        grid = launched_grid(name, grid, launch_args)
         assert grid[0] == 2 and grid[2] == 3
         assert torch.isfinite(out[:rows]).all()
         atol, rtol = TOLERANCES[torch.float16]
@@ -847,21 +929,56 @@ def test_persistent_programs_take_many_items_in_turn(probed, monkeypatch, head_d
     lengths = torch.randint(0, tiles.block_m + 1, (40,), generator=gen(31 + programs)).tolist()
     lengths[5] = lengths[-1] = 0
     lengths[7] = tiles.block_m
-    args, expected = context_free_case(lengths, 3, head_dim, torch.float16, seed=32, padding_tokens=11)
+
+    def check(name, grid, constants, bound, writes):
+        assert grid == (programs,) and constants["WRITE_KV"] == writes
+    run_many_items(monkeypatch, launches, tiles, head_dim, lengths, 32, [tiles.block_m], check)
+
+
+@needs_hopper
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("head_dim, tiles", WS_PERSISTENT_CANDIDATES)
+def test_warp_specialised_programs_take_many_query_blocks_in_turn(probed, monkeypatch, head_dim, tiles, programs):
+    """The warp-specialised form on a few programs, each taking many 128-row query blocks in
+    turn, their key tiles counted across them in the ring (blocks of 1 to 9 tiles, empty
+    prompts, prompts ending inside a tile), with the cache write and without; NaN past the last
+    prompt and in every element torch.empty returns. Mixed lengths without a bound (the virtual
+    block layout), then long prompts of about one length with theirs (the uniform layout, which
+    the launcher takes only where it has no more blocks than the virtual one)."""
+    probed.require_right(head_dim, tiles)
+    launches = record_gluon_launches(monkeypatch)
+    monkeypatch.setattr(attention_wgmma_ws, "sm_count", lambda device: programs)
+
+    def check(name, grid, constants, bound, writes):
+        assert (name, grid) == ("_prefill_wgmma_ws_kernel", (programs, ))
+        assert constants["UNIFORM"] == (bound is not None) and constants["WRITE_KV"] == writes
+    run_many_items(monkeypatch, launches, tiles, head_dim, [1031, 0, 64, 65, 200, 1, 129, 0, 513, 7], 41 + programs,
+                   [None], check)
+    run_many_items(monkeypatch, launches, tiles, head_dim, [1024, 1024, 1000, 1023], 51 + programs, [1024], check)
+
+
+def run_many_items(monkeypatch, launches, tiles, head_dim, lengths, seed, bounds, check_launch):
+    """prefill_attention at `tiles` on prompts of `lengths` (3 heads, fp16; NaN past the last
+    prompt and in every element torch.empty returns) at each max_query_len of `bounds`,
+    without the cache write, then with it: every output against the float64 reference, each
+    launch (the one `launches` records) by check_launch(name, grid, constants, bound, writes),
+    and the caches, after, against the reference's write."""
+    args, expected = context_free_case(lengths, 3, head_dim, torch.float16, seed=seed, padding_tokens=11)
     q, k, v = args[:3]
     fill_empty(monkeypatch, float("nan"))
     rows = expected.shape[0]
     key_cache = torch.full((rows // 16 + 2, 16, 3, head_dim), -3.0, device=DEVICE, dtype=q.dtype)
     value_cache = key_cache.clone()
-    slots = torch.randperm(key_cache.shape[0] * 16, generator=gen(33))[:q.shape[0]].to(DEVICE)
+    slots = torch.randperm(key_cache.shape[0] * 16, generator=gen(seed + 1))[:q.shape[0]].to(DEVICE)
     want_k, want_v = key_cache.clone(), value_cache.clone()
     for slot_mapping in (None, slots):
-        out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
-                                max_query_len=tiles.block_m, slot_mapping=slot_mapping)
-        (_, grid, _, constants), = launches
-        launches.clear()
-        assert grid == (programs,) and constants["WRITE_KV"] == (slot_mapping is not None)
-        assert torch.isfinite(out[:rows]).all()
-        torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)
+        for bound in bounds:
+            out = prefill_attention(q, k, v, key_cache, value_cache, *args[5:], tiles=tiles, max_context_len=0,
+                                    max_query_len=bound, slot_mapping=slot_mapping)
+            (name, grid, _, constants), = launches
+            launches.clear()
+            check_launch(name, grid, constants, bound, slot_mapping is not None)
+            assert torch.isfinite(out[:rows]).all()
+            torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=3e-3, rtol=3e-3)
     attention.prefill_attention_ref(q, k, v, want_k, want_v, *args[5:], slot_mapping=slots)
     assert torch.equal(key_cache, want_k) and torch.equal(value_cache, want_v)

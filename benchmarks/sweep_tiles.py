@@ -306,7 +306,7 @@ class Prefill:
 
 
 # What benchmarks/wgmma_probe.py found (on a GPU, once a run): {"results": label -> error or "",
-# "note": ...}. The Gluon kernel's first launches happen there, in a child process with a time
+# "note": ..., "seconds": how long it took}. The Gluon kernel's first launches happen there, in a child process with a time
 # limit, since a hang would cost the whole sweep; the sweep times only the candidates it passed.
 WGMMA_PROBE: dict = {}
 # Seconds the probe's children may take (a hang costs the sweep this much of its budget).
@@ -321,12 +321,14 @@ def _wgmma_probe_passed(case: dict, tiles: attention.Tiles) -> bool:
     from wgmma_probe import _label as probe_label, probe
     if not WGMMA_PROBE:
         try:
-            # every candidate's child at once, each compiling its own variants: 20 cases on the
+            # every candidate's child at once, each compiling its own variants: 23 cases on the
             # 16 cores of the GPU hosts, where 8 passed within the default 90 s (2026-11-27)
+            started = time.monotonic()
             results, note = probe(timeout=PROBE_TIMEOUT)
         except Exception as err:   # the sweep goes on without the Gluon kernel, saying why
             results, note = {}, f"the probe itself failed: {_error_text(err)}"
-        WGMMA_PROBE.update(results=results, note=note)
+        # (its share of the sweep's budget, which it spends before the first wgmma timing)
+        WGMMA_PROBE.update(results=results, note=note, seconds=round(time.monotonic() - started, 1))
     return WGMMA_PROBE["results"].get(probe_label(case["head_dim"], tiles)) == ""
 
 
@@ -878,7 +880,8 @@ def markdown(report: dict) -> str:
              "included, as in kernels.md). Speedup = peer time / ours.", ""]
     probe = meta.get("wgmma_probe")
     if probe:
-        lines += [f"Gluon wgmma prefill kernel, first launches (benchmarks/wgmma_probe.py): {probe['note']}"
+        took = f" ({probe['seconds']} s)" if "seconds" in probe else ""
+        lines += [f"Gluon wgmma prefill kernel, first launches (benchmarks/wgmma_probe.py{took}): {probe['note']}"
                   + "".join(f"; {label}: {error or 'right'}" for label, error in probe["results"].items()) + ".", ""]
     for kernel, goal in report["goals"].items():
         rows = [r for r in report["cases"] if r["kernel"] == kernel]

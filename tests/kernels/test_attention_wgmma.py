@@ -574,6 +574,7 @@ def test_sweep_goes_on_when_the_probe_itself_fails(monkeypatch):
     candidates = sweep.FAMILIES["prefill"].candidates(case, smoke=False)
     assert candidates and not [c for c in candidates if "tiles" in c and Tiles(*c["tiles"]).wgmma]
     assert sweep.WGMMA_PROBE["note"] == "the probe itself failed: OSError: no such file"
+    assert 0 <= sweep.WGMMA_PROBE["seconds"] < 60   # the probe's share of the sweep's budget
 
 
 def test_probe_reports_each_child_on_its_own(monkeypatch):

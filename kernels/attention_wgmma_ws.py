@@ -22,8 +22,8 @@ Work items are the programs of attention_wgmma.py's grid (heads of a group, quer
 groups) in launch order, longest blocks first. A program takes items program, program +
 programs, ...: one each on a grid of one program an item, several on a persistent grid of one
 program an SM (Tiles.persistent), where the producer copies the next item's query rows and first
-key tiles while the consumers finish one, store its output and its keys and values, so that an
-item's start waits on no load and its end leaves the tensor cores no gap. Each partition walks
+key tiles while the consumers finish one and store its output and its keys and values, so that
+an item's start need not wait on its first loads. Each partition walks
 the same items and counts what it has used across them: the ring's tiles (slot g % STAGES, its
 (g // STAGES)-th use), the query slots' uses (each consumer's own, with a ready and an empty
 barrier), the pingpong rounds.
@@ -33,9 +33,10 @@ most 64 rows in it) gets no query copy and computes on whatever its slot holds, 
 its arrivals keep the barriers' phases, and its rows never mix with the other consumer's. With
 64-key tiles consumer 0 reads one tile fewer than consumer 1 where both have rows; it releases
 that tile once it has landed (a release before would count towards the slot's previous use).
-The sequence's last value tile has its rows past the sequence cleared before a consumer's PV
-on it, by each consumer that reads it (the same zeros): 0 times another sequence's value (or NaN
-padding) would otherwise be NaN.
+The sequence's last value tile has its rows past the sequence cleared by consumer 1 (which reads
+every tile) before either consumer's PV on it: 0 times another sequence's value (or NaN padding)
+would otherwise be NaN. Consumer 1 arrives on a per-slot `cleared` barrier for every tile before
+its PV, so consumer 0 can wait on it by the tile's ring position, as on the ready barriers.
 
 Scope as attention_wgmma.py's: fp16 / bf16, head_dim 64 or 128, no cached context, rows TMA can
 address, the fused KV-cache write (each consumer stores its own 64 new keys and values from the
@@ -86,16 +87,29 @@ def _item_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's n
 
 
 @gluon.jit
+def _issue_query(q_desc, q_slots, q_ready, q_empty, c: gl.constexpr, taken, q_start, q_len, first_query, col):
+    """Consumer c's 64 query rows of the program's item `taken` (counted from 0) into its query
+    slot, once it has released the item before's. A consumer whose rows all lie past the
+    sequence gets no copy (its box could lie wholly past the tensor), only its barrier's
+    arrival: its rows are never stored."""
+    # a fresh mbarrier reads as having completed the phase before its first: the first wait passes
+    mbarrier.wait(q_empty.index(c), (taken & 1) ^ 1)
+    inside = first_query + c * CONSUMER_ROWS < q_len
+    mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes, pred=inside)
+    tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, col], q_ready.index(c),
+                                    q_slots.index(c), pred=inside)
+    mbarrier.arrive(q_ready.index(c), pred=first_query + c * CONSUMER_ROWS >= q_len)
+
+
+@gluon.jit
 def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
              cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
              num_seqs, blocks_per_seq, heads_per_group, places, items, programs, HEAD_DIM: gl.constexpr,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQ_CHUNK: gl.constexpr, UNIFORM: gl.constexpr):
     """The producer warp, over the program's items in turn: each consumer's query rows once it
-    has released the item before's, then the item's key tiles and their values into the ring,
-    tile g (counted across the program's items) into slot g % STAGES once both consumers have
-    released tile g - STAGES. A consumer whose rows all lie past the sequence gets no query
-    copy (its box could lie wholly past the tensor), only its barrier's arrival: its rows are
-    never stored."""
+    has released the item before's (_issue_query), and the item's key tiles and their values
+    into the ring, tile g (counted across the program's items) into slot g % STAGES once both
+    consumers have released tile g - STAGES."""
     tile_base = 0   # ring position of the item's first key tile
     taken = 0       # items run so far: the query slots' uses
     for item in range(gl.program_id(0), items, programs):
@@ -103,15 +117,9 @@ def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty
                                                                heads_per_group, places, SEQ_CHUNK, UNIFORM)
         if valid:
             col = head * HEAD_DIM
-            for c in gl.static_range(2):
-                inside = first_query + c * CONSUMER_ROWS < q_len
-                # a fresh mbarrier reads as having completed the phase before its first, so the
-                # first wait on each empty barrier passes at once
-                mbarrier.wait(q_empty.index(c), (taken & 1) ^ 1)
-                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes, pred=inside)
-                tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, col],
-                                                q_ready.index(c), q_slots.index(c), pred=inside)
-                mbarrier.arrive(q_ready.index(c), pred=first_query + c * CONSUMER_ROWS >= q_len)
+            # Consumer 0's rows, the first key tile, then consumer 1's rows: with 64-key tiles
+            # consumer 1 reads one tile more than consumer 0 and frees its query slot last.
+            _issue_query(q_desc, q_slots, q_ready, q_empty, 0, taken, q_start, q_len, first_query, col)
             n_tiles = (gl.minimum(first_query + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
             for t in range(n_tiles):
                 g = tile_base + t
@@ -124,6 +132,8 @@ def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty
                 mbarrier.wait(v_empty.index(slot), empty_phase)
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(slot), v_slots.index(slot))
+                if t == 0:
+                    _issue_query(q_desc, q_slots, q_ready, q_empty, 1, taken, q_start, q_len, first_query, col)
             tile_base += n_tiles
             taken += 1
 
@@ -162,7 +172,7 @@ def _release_key(k_empty, g, before_last, STAGES: gl.constexpr, WRITE_KV: gl.con
 
 
 @gluon.jit
-def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns,
+def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
             out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
             slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
             key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
@@ -213,6 +223,8 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
         g = tile_base + j
         _ring_wait(k_ready, g, STAGES)
         _ring_wait(v_ready, g - 1, STAGES)
+        if C == 1:   # (only a sequence's last tile has rows to clear: this one has none)
+            mbarrier.arrive(cleared.index((g - 1) % STAGES))
         _take_turn(turns, C, rounds + j, PINGPONG)
         s_token = warpgroup_mma(q_slot, k_slots.index(g % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
@@ -235,16 +247,26 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
     last = n_tiles - 1
     last_slot = (tile_base + last) % STAGES
     _ring_wait(v_ready, tile_base + last, STAGES)
-    if (last + 1) * BLOCK_N > q_len:
-        # The sequence's last value tile: its rows past the sequence are cleared. Where it is
-        # both consumers' last tile both clear it, each before its own PV: the same zeros, and
-        # the other consumer's rows inside the sequence rewritten with the values they hold.
-        _clear_rows_past(v_slots.index(last_slot), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+    # The sequence's last value tile has its rows past the sequence cleared by consumer 1, which
+    # reads every tile and arrives on each tile's `cleared` barrier before its PV on it;
+    # consumer 0, where that tile is its last too, waits for the arrival. (Consumer 1's arrival
+    # for the slot's next tile needs consumer 0's release of this one: no phase is skipped.)
+    if C == 1:
+        if (last + 1) * BLOCK_N > q_len:
+            _clear_rows_past(v_slots.index(last_slot), last * BLOCK_N, q_len, BLOCK_N, HEAD_DIM)
+        mbarrier.arrive(cleared.index(last_slot))
+    else:
+        if (last + 1) * BLOCK_N > q_len:
+            _ring_wait(cleared, tile_base + last, STAGES)
     _take_turn(turns, C, rounds + n_tiles, PINGPONG)
     acc_token = warpgroup_mma(p, v_slots.index(last_slot), acc, is_async=True)
     _pass_turn(turns, C, PINGPONG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, ))
+    if not WRITE_KV:
+        mbarrier.arrive(v_empty.index(last_slot))
 
+    # the output first: the cache write's registers then take the accumulator's
+    _store_output(out_ptr, acc, l_i, diag_start, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM)
     if WRITE_KV:
         if diag_start < q_len:
             # this consumer's own new tokens: rows diag_start .. +64 of its last tile, still in its slot
@@ -254,7 +276,7 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
                              key_cache_ptr, value_cache_ptr, diag_start, q_len, head * stride_ch, stride_cb,
                              stride_cs, CONSUMER_ROWS, HEAD_DIM, BLOCK_SIZE)
         mbarrier.arrive(k_empty.index(last_slot))
-    mbarrier.arrive(v_empty.index(last_slot))
+        mbarrier.arrive(v_empty.index(last_slot))
     # the producer's tiles for the item: consumer 1's; consumer 0's are one fewer with 64-key
     # tiles where both consumers' rows lie inside the sequence
     item_tiles = (gl.minimum(first_query + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
@@ -266,13 +288,11 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
         mbarrier.arrive(k_empty.index((tile_base + t) % STAGES))
         _ring_wait(v_ready, tile_base + t, STAGES)
         mbarrier.arrive(v_empty.index((tile_base + t) % STAGES))
-
-    _store_output(out_ptr, acc, l_i, diag_start, q_start, q_len, head, stride_ot, stride_oh, HEAD_DIM)
     return tile_base + item_tiles, rounds + n_tiles + 1
 
 
 @gluon.jit
-def _consume(q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns,
+def _consume(q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
              out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
              cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
              slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
@@ -296,10 +316,10 @@ def _consume(q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_em
                                                                heads_per_group, places, SEQ_CHUNK, UNIFORM)
         if valid:
             tile_base, rounds = _attend(q_slots.index(C), k_slots, v_slots, q_ready, q_empty, k_ready, v_ready,
-                                        k_empty, v_empty, turns, out_ptr, slot_ptr, key_cache_ptr, value_cache_ptr,
-                                        q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh, stride_cb,
-                                        stride_cs, stride_ch, tile_base, taken, rounds, C, HEAD_DIM, BLOCK_N, STAGES,
-                                        OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE)
+                                        k_empty, v_empty, turns, cleared, out_ptr, slot_ptr, key_cache_ptr,
+                                        value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot,
+                                        stride_oh, stride_cb, stride_cs, stride_ch, tile_base, taken, rounds, C,
+                                        HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE)
             taken += 1
 
 
@@ -331,6 +351,8 @@ def _prefill_wgmma_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG
+    # each ring tile's value rows past its sequence cleared (where it has any), by consumer 1
+    cleared = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):
         mbarrier.init(q_ready.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)
@@ -340,6 +362,7 @@ def _prefill_wgmma_ws_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)   # one arrival from each consumer
         mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(cleared.index(i), count=1)
     fence_async_shared()   # the barriers' initialisation visible to the TMA unit
 
     if WRITE_KV:
@@ -348,14 +371,16 @@ def _prefill_wgmma_ws_kernel(
         slots = out_ptr
     # (the argument tuples written out whole: a tuple built by + loses its constexprs)
     gl.warp_specialize([
-        (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, out_ptr,
-                    cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq, heads_per_group,
-                    places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, 0, HEAD_DIM,
-                    BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE, UNIFORM)),
-        (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, out_ptr,
-                    cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq, heads_per_group,
-                    places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, 1, HEAD_DIM,
-                    BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE, UNIFORM)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
+                    out_ptr, cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq,
+                    heads_per_group, places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs,
+                    stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE,
+                    UNIFORM)),
+        (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
+                    out_ptr, cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq,
+                    heads_per_group, places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs,
+                    stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE,
+                    UNIFORM)),
         (_produce, (q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty,
                     v_empty, cu_seqlens_ptr, num_seqs, blocks_per_seq, heads_per_group, places, items, programs, HEAD_DIM,
                     BLOCK_N, STAGES, SEQ_CHUNK, UNIFORM)),
@@ -370,6 +395,7 @@ def _prefill_wgmma_ws_kernel(
         mbarrier.invalidate(v_ready.index(i))
         mbarrier.invalidate(k_empty.index(i))
         mbarrier.invalidate(v_empty.index(i))
+        mbarrier.invalidate(cleared.index(i))
 
 
 def compile_specs() -> list:

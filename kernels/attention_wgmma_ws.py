@@ -23,10 +23,14 @@ groups) in launch order, longest blocks first. A program takes items program, pr
 programs, ...: one each on a grid of one program an item, several on a persistent grid of one
 program an SM (Tiles.persistent), where the producer copies the next item's query rows and first
 key tiles while the consumers finish one and store its output and its keys and values, so that
-an item's start need not wait on its first loads. Each partition walks
-the same items and counts what it has used across them: the ring's tiles (slot g % STAGES, its
-(g // STAGES)-th use), the query slots' uses (each consumer's own, with a ready and an empty
-barrier), the pingpong rounds.
+an item's start need not wait on its first loads. The producer finds each item's query block
+(in the virtual layout a search of cu_seqlens) and hands it to each consumer with its query
+rows: (head, first token, length, first query row) in a small shared-memory slot, released by
+the query barrier's arrival, so the consumers search nothing and wait on no load of their own
+between items. All three count what they have used across the items: the ring's tiles (slot
+g % STAGES, its (g // STAGES)-th use), the query slots' uses (each consumer's own, with a
+ready and an empty barrier; an item without rows is handed over too, as length 0), the
+pingpong rounds.
 
 A consumer whose 64 rows start past its sequence's end (the last block of a sequence, with at
 most 64 rows in it) gets no query copy and computes on whatever its slot holds, storing nothing:
@@ -87,39 +91,63 @@ def _item_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's n
 
 
 @gluon.jit
-def _issue_query(q_desc, q_slots, q_ready, q_empty, c: gl.constexpr, taken, q_start, q_len, first_query, col):
-    """Consumer c's 64 query rows of the program's item `taken` (counted from 0) into its query
-    slot, once it has released the item before's. A consumer whose rows all lie past the
-    sequence gets no copy (its box could lie wholly past the tensor), only its barrier's
-    arrival: its rows are never stored."""
+def _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot,
+                 c: gl.constexpr, taken, head, q_start, q_len, first_query, HEAD_DIM: gl.constexpr):
+    """Hand consumer c the program's item `taken` (counted from 0), once it has released the
+    item before's query slot: the item's (head, first token, length, first query row) into its
+    slot of `items_slot` ([2, 4] int32 in shared memory), and its 64 query rows into its query
+    slot, both counted on its query barrier (the arrival releases the stores). An item without
+    rows (q_len 0) or a consumer whose rows all lie past the sequence gets no copy (its box
+    could lie wholly past the tensor), only the barrier's arrival: its rows are never stored."""
     # a fresh mbarrier reads as having completed the phase before its first: the first wait passes
     mbarrier.wait(q_empty.index(c), (taken & 1) ^ 1)
+    layout: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])   # every lane all four: one store
+    field = gl.arange(0, 4, layout=layout)
+    items_slot.index(c).store(gl.where(field == 0, head, gl.where(field == 1, q_start,
+                                                                  gl.where(field == 2, q_len, first_query))))
+    # every lane's store before the one lane's releasing arrival below (Triton 3.6 puts no
+    # barrier before mbarrier.expect, as it does before mbarrier.arrive)
+    gl.thread_barrier()
     inside = first_query + c * CONSUMER_ROWS < q_len
     mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes, pred=inside)
-    tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, col], q_ready.index(c),
-                                    q_slots.index(c), pred=inside)
+    tma.async_copy_global_to_shared(q_desc, [q_start + first_query + c * CONSUMER_ROWS, head * HEAD_DIM],
+                                    q_ready.index(c), q_slots.index(c), pred=inside)
     mbarrier.arrive(q_ready.index(c), pred=first_query + c * CONSUMER_ROWS >= q_len)
 
 
 @gluon.jit
+def _take_item(items_slot, q_ready, C: gl.constexpr, taken):
+    """Consumer C's item `taken` as _issue_query handed it over: (head, first token, length,
+    first query row), once its query barrier says the rows have landed."""
+    mbarrier.wait(q_ready.index(C), taken & 1)
+    layout: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])   # every thread all four
+    fields = items_slot.index(C).load(layout)
+    field = gl.arange(0, 4, layout=layout)
+    return (gl.sum(gl.where(field == 0, fields, 0), axis=0), gl.sum(gl.where(field == 1, fields, 0), axis=0),
+            gl.sum(gl.where(field == 2, fields, 0), axis=0), gl.sum(gl.where(field == 3, fields, 0), axis=0))
+
+
+@gluon.jit
 def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-             cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
+             items_slot, cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's new tokens
              num_seqs, blocks_per_seq, heads_per_group, places, items, programs, HEAD_DIM: gl.constexpr,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SEQ_CHUNK: gl.constexpr, UNIFORM: gl.constexpr):
-    """The producer warp, over the program's items in turn: each consumer's query rows once it
-    has released the item before's (_issue_query), and the item's key tiles and their values
-    into the ring, tile g (counted across the program's items) into slot g % STAGES once both
-    consumers have released tile g - STAGES."""
+    """The producer warp, over the program's items in turn: it finds each item's query block and
+    hands it to both consumers with their query rows (_issue_query; an item without rows as
+    one of length 0), and streams the item's key tiles and their values into the ring, tile g
+    (counted across the program's items) into slot g % STAGES once both consumers have
+    released tile g - STAGES."""
     tile_base = 0   # ring position of the item's first key tile
-    taken = 0       # items run so far: the query slots' uses
-    for item in range(gl.program_id(0), items, programs):
+    for taken in range((items - gl.program_id(0) + programs - 1) // programs):
+        item = gl.program_id(0) + taken * programs
         head, q_start, q_len, first_query, valid = _item_block(cu_seqlens_ptr, item, num_seqs, blocks_per_seq,
                                                                heads_per_group, places, SEQ_CHUNK, UNIFORM)
         if valid:
-            col = head * HEAD_DIM
             # Consumer 0's rows, the first key tile, then consumer 1's rows: with 64-key tiles
             # consumer 1 reads one tile more than consumer 0 and frees its query slot last.
-            _issue_query(q_desc, q_slots, q_ready, q_empty, 0, taken, q_start, q_len, first_query, col)
+            _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot, 0, taken, head, q_start, q_len, first_query,
+                         HEAD_DIM)
+            col = head * HEAD_DIM
             n_tiles = (gl.minimum(first_query + BLOCK_M, q_len) + BLOCK_N - 1) // BLOCK_N
             for t in range(n_tiles):
                 g = tile_base + t
@@ -133,9 +161,12 @@ def _produce(q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty
                 mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(slot), v_slots.index(slot))
                 if t == 0:
-                    _issue_query(q_desc, q_slots, q_ready, q_empty, 1, taken, q_start, q_len, first_query, col)
+                    _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot, 1, taken, head, q_start, q_len,
+                                 first_query, HEAD_DIM)
             tile_base += n_tiles
-            taken += 1
+        else:
+            for c in gl.static_range(2):
+                _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot, c, taken, 0, 0, 0, 0, HEAD_DIM)
 
 
 @gluon.jit
@@ -178,12 +209,12 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
             key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
             value_cache_ptr,   # WRITE_KV: the same, with the key cache's strides
             q_start, q_len, first_query, head, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-            tile_base, taken, rounds,
+            tile_base, rounds,
             C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr):
     """Consumer warpgroup C on one item: attention of its 64 query rows (from first_query + 64 C
     within the sequence) over the key tiles up to its last row, as attention_wgmma.py's loop,
-    on ring tiles tile_base on (its query slot's use `taken`, its turns from round `rounds`).
+    on ring tiles tile_base on (its query rows landed; its turns from round `rounds`).
     Each key slot is released after its QK^T, each value slot after its PV, the query slot
     after the last QK^T; with the cache write, this consumer's own (last) tile only once its
     rows are stored. Returns the ring position and round after the item's."""
@@ -205,7 +236,6 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
     acc = gl.zeros([CONSUMER_ROWS, HEAD_DIM], gl.float32, o_layout)
 
     # Tile 0 alone: key 0 is visible to every query row, so every row's max is finite after it.
-    mbarrier.wait(q_ready.index(C), taken & 1)
     _ring_wait(k_ready, tile_base, STAGES)
     _take_turn(turns, C, rounds, PINGPONG)
     s_token = warpgroup_mma(q_slot, k_slots.index(tile_base % STAGES).permute((1, 0)), s_zero, use_acc=False,
@@ -293,34 +323,33 @@ def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empt
 
 @gluon.jit
 def _consume(q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
+             items_slot,
              out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
-             cu_seqlens_ptr,    # [seqs + 1] int32 offset of each sequence's new tokens
              slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
              key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
              value_cache_ptr,   # WRITE_KV: the same, with the key cache's strides
-             num_seqs, blocks_per_seq, heads_per_group, places, items, programs, qk_scale, stride_ot, stride_oh,
-             stride_cb, stride_cs, stride_ch, C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, SEQ_CHUNK: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-             WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr, UNIFORM: gl.constexpr):
-    """Consumer warpgroup C over the program's items in turn (_attend on each with rows), its
-    ring position, query-slot uses and turns counted across them as the producer counts them.
-    With PINGPONG the two consumers take turns issuing their wgmmas (round k: tile 0's QK^T,
-    then each loop step's QK^T and PV, then the last PV; both run n_tiles + 1 rounds an item,
-    as BLOCK_N == BLOCK_M makes their tile counts equal), so that one's softmax runs while the
-    other's wgmmas do."""
+             items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, C: gl.constexpr,
+             HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+             PINGPONG: gl.constexpr, WRITE_KV: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """Consumer warpgroup C over the program's items in turn, as the producer hands them over
+    (_take_item; _attend on each with rows, its query slot released at once otherwise), its
+    ring position and turns counted across them as the producer counts them. With PINGPONG
+    the two consumers take turns issuing their wgmmas (round k: tile 0's QK^T, then each loop
+    step's QK^T and PV, then the last PV; both run n_tiles + 1 rounds an item, as BLOCK_N ==
+    BLOCK_M makes their tile counts equal), so that one's softmax runs while the other's wgmmas
+    do."""
     tile_base = 0
-    taken = 0
     rounds = 0
-    for item in range(gl.program_id(0), items, programs):
-        head, q_start, q_len, first_query, valid = _item_block(cu_seqlens_ptr, item, num_seqs, blocks_per_seq,
-                                                               heads_per_group, places, SEQ_CHUNK, UNIFORM)
-        if valid:
+    for taken in range((items - gl.program_id(0) + programs - 1) // programs):
+        head, q_start, q_len, first_query = _take_item(items_slot, q_ready, C, taken)
+        if first_query < q_len:
             tile_base, rounds = _attend(q_slots.index(C), k_slots, v_slots, q_ready, q_empty, k_ready, v_ready,
                                         k_empty, v_empty, turns, cleared, out_ptr, slot_ptr, key_cache_ptr,
                                         value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot,
-                                        stride_oh, stride_cb, stride_cs, stride_ch, tile_base, taken, rounds, C,
+                                        stride_oh, stride_cb, stride_cs, stride_ch, tile_base, rounds, C,
                                         HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE)
-            taken += 1
+        else:
+            mbarrier.arrive(q_empty.index(C))
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "blocks_per_seq", "heads_per_group", "places", "items", "programs"])
@@ -351,6 +380,8 @@ def _prefill_wgmma_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG
+    # each consumer's current item, as the producer found it: (head, first token, length, first query row)
+    items_slot = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     # each ring tile's value rows past its sequence cleared (where it has any), by consumer 1
     cleared = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):
@@ -372,18 +403,16 @@ def _prefill_wgmma_ws_kernel(
     # (the argument tuples written out whole: a tuple built by + loses its constexprs)
     gl.warp_specialize([
         (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
-                    out_ptr, cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq,
-                    heads_per_group, places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs,
-                    stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE,
-                    UNIFORM)),
+                    items_slot, out_ptr, slots, key_cache_ptr, value_cache_ptr, items, programs, qk_scale, stride_ot,
+                    stride_oh, stride_cb, stride_cs, stride_ch, 0, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG,
+                    WRITE_KV, BLOCK_SIZE)),
         (_consume, (q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
-                    out_ptr, cu_seqlens_ptr, slots, key_cache_ptr, value_cache_ptr, num_seqs, blocks_per_seq,
-                    heads_per_group, places, items, programs, qk_scale, stride_ot, stride_oh, stride_cb, stride_cs,
-                    stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, SEQ_CHUNK, OVERLAP, PINGPONG, WRITE_KV, BLOCK_SIZE,
-                    UNIFORM)),
+                    items_slot, out_ptr, slots, key_cache_ptr, value_cache_ptr, items, programs, qk_scale, stride_ot,
+                    stride_oh, stride_cb, stride_cs, stride_ch, 1, HEAD_DIM, BLOCK_N, STAGES, OVERLAP, PINGPONG,
+                    WRITE_KV, BLOCK_SIZE)),
         (_produce, (q_desc, k_desc, v_desc, q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty,
-                    v_empty, cu_seqlens_ptr, num_seqs, blocks_per_seq, heads_per_group, places, items, programs, HEAD_DIM,
-                    BLOCK_N, STAGES, SEQ_CHUNK, UNIFORM)),
+                    v_empty, items_slot, cu_seqlens_ptr, num_seqs, blocks_per_seq, heads_per_group, places, items,
+                    programs, HEAD_DIM, BLOCK_N, STAGES, SEQ_CHUNK, UNIFORM)),
     ], [NUM_WARPS, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
     for c in gl.static_range(2):

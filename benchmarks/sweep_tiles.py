@@ -306,10 +306,12 @@ class Prefill:
 
 
 # What benchmarks/wgmma_probe.py found (on a GPU, once a run): {"results": label -> error or "",
-# "note": ..., "seconds": how long it took}. The Gluon kernel's first launches happen there, in a child process with a time
-# limit, since a hang would cost the whole sweep; the sweep times only the candidates it passed.
+# "note": ..., "seconds": how long it took}. The Gluon kernel's first launches happen there, in
+# a child process with a time limit, since a hang would cost the whole sweep; the sweep times
+# only the candidates it passed.
 WGMMA_PROBE: dict = {}
-# Seconds the probe's children may take (a hang costs the sweep this much of its budget).
+# Seconds the probe's children may take (a hang costs the sweep this much of its budget, or
+# wgmma_probe.GRACE past the last of the other children, whichever comes first).
 PROBE_TIMEOUT = 150.0
 
 

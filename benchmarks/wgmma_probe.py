@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,35 +174,66 @@ def _wrong_blocks(out, expected, block_m: int, lengths: tuple = LENGTHS) -> list
     return bad
 
 
-def probe(timeout: float = 90.0) -> tuple[dict, str]:
+# Seconds a child may run on after the last of the others finished: each compiles about as much
+# as the others, all at once, so one still running well after them is hung, not slow. A hang then
+# costs the sweep this much past the others instead of the whole time limit.
+GRACE = 60.0
+
+
+def child_command(head_dim: int, index: int, overlap: bool) -> list[str]:
+    """The command of the child process that probes one case (run_case, its verdict as JSON)."""
+    return [sys.executable, str(Path(__file__).resolve()), str(head_dim), str(index)] + ([] if overlap else ["sync"])
+
+
+def probe(timeout: float = 90.0, grace: float = GRACE) -> tuple[dict, str]:
     """(label -> "" or error, note): every case in a child process of its own, all at once; a
-    child still running after `timeout` seconds is killed and reported as a hang."""
-    children = {label: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(head_dim), str(index)]
-                                        + ([] if overlap else ["sync"]), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-                for label, head_dim, index, overlap in cases()}
-    deadline = time.monotonic() + timeout
-    results = {}
-    for label, child in children.items():
-        try:
-            out, err = child.communicate(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            results[label] = f"did not finish in {timeout:.0f} s (a hang?)"
-            continue
-        lines = out.strip().splitlines()
-        try:
-            verdict = json.loads(lines[-1]) if child.returncode == 0 and lines else None
-        except ValueError:
-            verdict = None
-        if not isinstance(verdict, str):
-            tail = (err.strip().splitlines() or lines or ["no output"])[-1][:200]
-            verdict = f"exited with {child.returncode}: {tail}"
-        results[label] = verdict
+    child still running `timeout` seconds after the start, or `grace` seconds after the last
+    of the others finished, is killed and reported as a hang."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as scratch:
+        running = {}
+        for n, (label, head_dim, index, overlap) in enumerate(cases()):
+            # output to files, not pipes: a child that writes much would block on a full pipe
+            out, err = open(Path(scratch, f"{n}.out"), "w+"), open(Path(scratch, f"{n}.err"), "w+")
+            running[label] = (subprocess.Popen(child_command(head_dim, index, overlap), stdout=out, stderr=err,
+                                               text=True), out, err)
+        results, last_finish = {}, None
+        while running:
+            now = time.monotonic()
+            limit = start + timeout if last_finish is None else min(start + timeout, last_finish + grace)
+            for label, (child, out, err) in list(running.items()):
+                if child.poll() is None and now < limit:
+                    continue
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                    results[label] = f"did not finish in {now - start:.0f} s (a hang?)"
+                else:
+                    last_finish = now
+                    results[label] = _verdict(child.returncode, Path(out.name).read_text(),
+                                              Path(err.name).read_text())
+                out.close()
+                err.close()
+                del running[label]
+            time.sleep(0.1)
+    results = {label: results[label] for label, *_ in cases()}   # in the cases' order
     probed = [label for label in results if not label.endswith(SYNC)]
     note = f"{sum(not results[label] for label in probed)} of {len(probed)} candidates right"
     return results, note
+
+
+def _verdict(returncode: int, out: str, err: str) -> str:
+    """A finished child's verdict: its last line of output, a JSON string, where it exited
+    cleanly; else how it exited and its last words."""
+    lines = out.strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if returncode == 0 and lines else None
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, str):
+        tail = (err.strip().splitlines() or lines or ["no output"])[-1][:200]
+        verdict = f"exited with {returncode}: {tail}"
+    return verdict
 
 
 if __name__ == "__main__":

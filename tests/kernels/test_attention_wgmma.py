@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -592,6 +593,22 @@ def test_probe_reports_each_child_on_its_own(monkeypatch):
         assert results["b" + probe.SYNC].startswith("exited with 1: KeyError"), results
     results, note = probe.probe(timeout=0.01)
     assert results == dict.fromkeys(["a", "b" + probe.SYNC], "did not finish in 0 s (a hang?)")
+
+
+def test_probe_kills_a_child_left_running_long_after_the_others(monkeypatch):
+    """A child still running `grace` seconds after the last of the others finished is killed
+    and reported as a hang then, long before the time limit (a hang in one candidate would
+    otherwise cost the tile sweep the whole limit); the others' verdicts stand, in the cases'
+    order."""
+    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_grace")
+    monkeypatch.setattr(probe, "cases", lambda: [("stuck", 64, 1, True), ("quick", 64, 0, True)])
+    commands = {0: [sys.executable, "-c", "print('\"\"')"], 1: [sys.executable, "-c", "import time; time.sleep(60)"]}
+    monkeypatch.setattr(probe, "child_command", lambda head_dim, index, overlap: commands[index])
+    started = time.monotonic()
+    results, note = probe.probe(timeout=50, grace=1)
+    assert time.monotonic() - started < 25
+    assert list(results) == ["stuck", "quick"] and results["quick"] == ""
+    assert results["stuck"].startswith("did not finish in") and note == "1 of 2 candidates right"
 
 
 def test_probe_says_where_a_launch_went_wrong():

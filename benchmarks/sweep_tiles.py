@@ -323,7 +323,7 @@ def _wgmma_probe_passed(case: dict, tiles: attention.Tiles) -> bool:
     from wgmma_probe import _label as probe_label, probe
     if not WGMMA_PROBE:
         try:
-            # every candidate's child at once, each compiling its own variants: 23 cases on the
+            # every candidate's child at once, each compiling its own variants: 24 cases on the
             # 16 cores of the GPU hosts, where 8 passed within the default 90 s (2026-11-27)
             started = time.monotonic()
             results, note = probe(timeout=PROBE_TIMEOUT)

@@ -206,10 +206,10 @@ _PERSISTENT_TILES_SM90: dict = {}
 # at head 80 (OPT-2.7B, which no other Gluon tile takes), two sets of heads padded to 128.
 # And the warp-specialised form persistent (FlashAttention-3's whole recipe at head 128 with
 # pingpong; and at 64-key tiles, 3 stages, where the consumers read different tile counts): one
-# program an SM taking 128-row query blocks in turn, longest first, its producer
-# copying the next block's rows and key tiles while the consumers finish one (at 8 prompts of
-# 1024 tokens a block averages 4.5 key tiles: loads waited for at a block's start, and its
-# output and cache stores, are a large share of a program that does one).
+# program an SM taking 128-row query blocks in turn, longest first, its producer copying the
+# next block's rows and key tiles while the consumers finish one (at 8 prompts of 1024 tokens a
+# block averages 4.5 key tiles: loads waited for at a block's start, and its output and cache
+# stores, are a large share of a program that does one).
 WGMMA_CANDIDATES = {128: [Tiles(128, 128, 8, 2, wgmma=True), Tiles(64, 64, 4, 2, wgmma=True),
                           Tiles(128, 64, 8, 3, wgmma=True), Tiles(64, 32, 4, 2, wgmma=True),
                           Tiles(64, 32, 4, 3, wgmma=True), Tiles(128, 32, 8, 4, wgmma=True),

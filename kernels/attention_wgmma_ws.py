@@ -90,6 +90,13 @@ def _item_block(cu_seqlens_ptr,   # [seqs + 1] int32 offset of each sequence's n
     return head, q_start, q_len, block * BLOCK_M, (block >= 0) & (block * BLOCK_M < q_len)
 
 
+@gluon.constexpr_function
+def _item_layout(num_warps):
+    """Registers of an item's four fields as they go to and from its shared-memory slot: every
+    thread all four, so a lane stores or loads them as one 16-byte access."""
+    return gl.BlockedLayout([4], [32], [num_warps], [0])
+
+
 @gluon.jit
 def _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot,
                  c: gl.constexpr, taken, head, q_start, q_len, first_query, HEAD_DIM: gl.constexpr):
@@ -101,7 +108,7 @@ def _issue_query(q_desc, q_slots, q_ready, q_empty, items_slot,
     could lie wholly past the tensor), only the barrier's arrival: its rows are never stored."""
     # a fresh mbarrier reads as having completed the phase before its first: the first wait passes
     mbarrier.wait(q_empty.index(c), (taken & 1) ^ 1)
-    layout: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])   # every lane all four: one store
+    layout: gl.constexpr = _item_layout(gl.num_warps())
     field = gl.arange(0, 4, layout=layout)
     items_slot.index(c).store(gl.where(field == 0, head, gl.where(field == 1, q_start,
                                                                   gl.where(field == 2, q_len, first_query))))
@@ -120,7 +127,7 @@ def _take_item(items_slot, q_ready, C: gl.constexpr, taken):
     """Consumer C's item `taken` as _issue_query handed it over: (head, first token, length,
     first query row), once its query barrier says the rows have landed."""
     mbarrier.wait(q_ready.index(C), taken & 1)
-    layout: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])   # every thread all four
+    layout: gl.constexpr = _item_layout(gl.num_warps())
     fields = items_slot.index(C).load(layout)
     field = gl.arange(0, 4, layout=layout)
     return (gl.sum(gl.where(field == 0, fields, 0), axis=0), gl.sum(gl.where(field == 1, fields, 0), axis=0),
@@ -440,8 +447,8 @@ def compile_specs() -> list:
             specs += variant_specs(_prefill_wgmma_ws_kernel, f"sweep ws d{head_dim}", head_dim, CONSUMER_ROWS.value,
                                    tiles, shape, dict(BLOCK_N=tiles.block_n, STAGES=tiles.num_stages,
                                                       PINGPONG=tiles.pingpong),
-                                   item_args=("heads_per_group", "places", "items", "programs"), num_warps=NUM_WARPS.value,
-                                   max_registers=MAX_REGISTERS)
+                                   item_args=("heads_per_group", "places", "items", "programs"),
+                                   num_warps=NUM_WARPS.value, max_registers=MAX_REGISTERS)
     return specs
 
 

@@ -210,7 +210,7 @@ def _release_key(k_empty, g, before_last, STAGES: gl.constexpr, WRITE_KV: gl.con
 
 
 @gluon.jit
-def _attend(q_slot, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
+def _attend(q_slot, k_slots, v_slots, q_empty, k_ready, v_ready, k_empty, v_empty, turns, cleared,
             out_ptr,           # [tokens, heads, HEAD_DIM] output, unit stride along HEAD_DIM
             slot_ptr,          # WRITE_KV: [tokens] int64 cache slot of each new token (< 0: not stored); else None
             key_cache_ptr,     # WRITE_KV: [num_blocks, BLOCK_SIZE, heads, HEAD_DIM] of q's dtype, unit last stride
@@ -350,7 +350,7 @@ def _consume(q_slots, k_slots, v_slots, q_ready, q_empty, k_ready, v_ready, k_em
     for taken in range((items - gl.program_id(0) + programs - 1) // programs):
         head, q_start, q_len, first_query = _take_item(items_slot, q_ready, C, taken)
         if first_query < q_len:
-            tile_base, rounds = _attend(q_slots.index(C), k_slots, v_slots, q_ready, q_empty, k_ready, v_ready,
+            tile_base, rounds = _attend(q_slots.index(C), k_slots, v_slots, q_empty, k_ready, v_ready,
                                         k_empty, v_empty, turns, cleared, out_ptr, slot_ptr, key_cache_ptr,
                                         value_cache_ptr, q_start, q_len, first_query, head, qk_scale, stride_ot,
                                         stride_oh, stride_cb, stride_cs, stride_ch, tile_base, rounds, C,

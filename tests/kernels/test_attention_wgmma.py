@@ -647,25 +647,35 @@ def test_probe_checks_the_fused_cache_write(monkeypatch):
     assert probe._cache_write_error(args, tiles, out) == "the fused cache write changed the output"
 
 
+def probe_child(monkeypatch, name: str):
+    """benchmarks/wgmma_probe.py loaded as `name`, for running a child's run_case in this
+    process: what run_case changes for good (as a child process's last acts: the module's
+    launcher wrapped, the persistent kernels' SM counts) is undone after the test."""
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
+    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
+    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
+    return load_benchmark("wgmma_probe.py", name)
+
+
+def stub_gluon_launch(monkeypatch, record):
+    """The Gluon path taken (as on an sm_90 GPU) and its launch stubbed by the reference,
+    handing `record` each launch's arguments (reference_launch)."""
+    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
+    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(record))
+
+
 def test_probe_case_runs_both_block_layouts_and_the_cache_write(monkeypatch):
     """A probe child's run, with the Gluon launch stubbed by the reference (CPU): its verdict is ""
     only after the virtual and the uniform block layout (the grid the engine and the sweep
     launch) and the cache write reached the Gluon launch; where the launcher ran the main
     kernel instead it says so."""
-    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_case")
-    # run_case wraps the module's launcher and sets the persistent kernels' SM counts for good
-    # (a child process's last acts): undone after
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
-    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
-    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
+    probe = probe_child(monkeypatch, "wgmma_probe_case")
     # the launcher falls back to the main kernel (as on CPU; on an sm_90 GPU the Gluon one runs)
     monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: False)
     assert probe.run_case(64, 0, True) == "the launcher ran the main kernel, not the Gluon one"
     seen = []
-    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
-        lambda call: seen.append((call["blocks_per_seq"], call["grid"], call["slot_mapping"] is not None,
-                                  call["overlap"]))))
+    stub_gluon_launch(monkeypatch, lambda call: seen.append((call["blocks_per_seq"], call["grid"],
+                                                             call["slot_mapping"] is not None, call["overlap"])))
     tiles = attention_tiles.WGMMA_CANDIDATES[64][0]
     assert probe.run_case(64, 0, False) == ""
     per_seq = -(-max(probe.UNIFORM_LENGTHS) // tiles.block_m)
@@ -679,16 +689,11 @@ def test_probe_runs_the_persistent_form_on_short_prompts_and_few_programs(monkey
     (CPU): it runs SHORT_LENGTHS (empty prompts among them) with their bound, through the
     persistent path, on PERSISTENT_PROGRAMS programs (several items each), then again with the
     cache write; "" where both match."""
-    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_persistent")
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
-    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
-    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
+    probe = probe_child(monkeypatch, "wgmma_probe_persistent")
     seen = []
-    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
-        lambda call: seen.append((tuple((call["cu"][1:] - call["cu"][:-1]).tolist()), call["persistent"],
-                                  call["slot_mapping"] is not None,
-                                  attention_wgmma_persistent.sm_count(call["cu"].device)))))
+    stub_gluon_launch(monkeypatch, lambda call: seen.append((tuple((call["cu"][1:] - call["cu"][:-1]).tolist()),
+                                                             call["persistent"], call["slot_mapping"] is not None,
+                                                             attention_wgmma_persistent.sm_count(call["cu"].device))))
     head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
                            for i, t in enumerate(candidates) if attention_tiles.one_tile_per_prompt(t))
     assert probe.run_case(head_dim, index, True) == ""
@@ -700,15 +705,11 @@ def test_probe_runs_the_persistent_warp_specialised_form_on_few_programs(monkeyp
     """A persistent warp-specialised candidate's probe child, with the Gluon launch stubbed by
     the reference (CPU): both block layouts' batches and the cache write, launched persistent
     on PERSISTENT_PROGRAMS programs, so that each takes many query blocks in turn."""
-    probe = load_benchmark("wgmma_probe.py", "wgmma_probe_ws_persistent")
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", attention_wgmma.launch_prefill_wgmma)
-    monkeypatch.setattr(attention_wgmma_persistent, "sm_count", attention_wgmma_persistent.sm_count)
-    monkeypatch.setattr(attention_wgmma_ws, "sm_count", attention_wgmma_ws.sm_count)
+    probe = probe_child(monkeypatch, "wgmma_probe_ws_persistent")
     seen = []
-    monkeypatch.setattr(attention, "_wgmma_takes", lambda *args: True)
-    monkeypatch.setattr(attention_wgmma, "launch_prefill_wgmma", reference_launch(
-        lambda call: seen.append((call["persistent"], call["blocks_per_seq"], call["slot_mapping"] is not None,
-                                  attention_wgmma_ws.sm_count(call["cu"].device)))))
+    stub_gluon_launch(monkeypatch, lambda call: seen.append((call["persistent"], call["blocks_per_seq"],
+                                                             call["slot_mapping"] is not None,
+                                                             attention_wgmma_ws.sm_count(call["cu"].device))))
     head_dim, index = next((d, i) for d, candidates in sorted(attention_tiles.WGMMA_CANDIDATES.items())
                            for i, t in enumerate(candidates) if t.warp_specialize and t.persistent)
     assert probe.run_case(head_dim, index, True) == ""

@@ -202,9 +202,10 @@ def probe(timeout: float = 90.0, grace: float = GRACE) -> tuple[dict, str]:
             now = time.monotonic()
             limit = start + timeout if last_finish is None else min(start + timeout, last_finish + grace)
             for label, (child, out, err) in list(running.items()):
-                if child.poll() is None and now < limit:
+                finished = child.poll() is not None
+                if not finished and now < limit:
                     continue
-                if child.poll() is None:
+                if not finished:
                     child.kill()
                     child.wait()
                     results[label] = f"did not finish in {now - start:.0f} s (a hang?)"

@@ -574,13 +574,12 @@ def _launch_layer_norm(x, weight, bias, eps, out, launch_dependents: bool = Fals
     on ROCm: no inline PTX there)."""
     m, n = x.shape
     blocks = _ln_blocks(n)
-    prefetch = gemm_weight is not None and bool(_capability(x.device))
-    gemm_w = gemm_weight if prefetch else None
+    gemm_w = gemm_weight if gemm_weight is not None and _capability(x.device) else None
     _layer_norm_kernel[(_cdiv(m, blocks.block_m),)](
         x, weight, bias, out, gemm_w, m, n, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
-        *((gemm_w.shape[0], gemm_w.stride(0), gemm_w.stride(1)) if prefetch else (0, 0, 0)),
+        *((gemm_w.shape[0], gemm_w.stride(0), gemm_w.stride(1)) if gemm_w is not None else (0, 0, 0)),
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, ONE_TILE=blocks.one_tile,
-        LAUNCH_DEPENDENTS=launch_dependents, PREFETCH_K=_PREFETCH_K if prefetch else 0,
+        LAUNCH_DEPENDENTS=launch_dependents, PREFETCH_K=_PREFETCH_K if gemm_w is not None else 0,
         num_warps=blocks.num_warps)
 
 

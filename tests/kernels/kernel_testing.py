@@ -110,14 +110,35 @@ def assert_close_to(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch
 
 
 def packed_qkv(tokens: int, heads: int, head_dim: int, g: torch.Generator, dtype: torch.dtype,
-               q_scale: float = 1.5):
-    """q, k, v as the model passes them: strided views into one packed [T, 3, H, D] tensor."""
+               q_scale: float = 1.5, own_v: bool = False):
+    """q, k, v as the model passes them: strided views into one packed [T, 3, H, D] tensor. With
+    `own_v`, v is a contiguous copy instead, whose token stride differs from k's: the model's k
+    and v always share strides, so only such a v shows a launcher that reads v with k's."""
     qkv = randn(tokens, 3, heads, head_dim, g=g, dtype=torch.float64)
     qkv[:, 0] *= q_scale
     qkv = qkv.to(dtype)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     assert tokens == 1 or not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    if own_v:
+        v = v.contiguous()
+        assert tokens == 1 or v.stride(0) != k.stride(0)
     return q, k, v
+
+
+def fill_empty(monkeypatch, value: float, int_value: int | None = None) -> None:
+    """torch.empty returns float tensors filled with `value`, and with `int_value` (where given)
+    integer ones (not bool): an element a kernel should write but does not shows up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            return t.fill_(value)
+        if int_value is not None and t.dtype != torch.bool and not t.is_complex():
+            return t.fill_(int_value)
+        return t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
 
 
 class PagedCache:
@@ -160,15 +181,19 @@ class PagedCache:
 def fused_write_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype,
                      seed: int, unstored: tuple[int, ...] = ()):
     """A decode step's inputs with its KV write (new_kv): each sequence's cache holds all its
-    tokens but the last, whose slot stays NaN; the last token's key comes strided from a packed
-    qkv, as the model passes it, its value from a tensor of other strides, with its slot (-1
-    for a zero-length padding row, which only the Triton op takes). The rows in `unstored` get
+    tokens but the last, whose slot stays NaN; q comes strided from a packed qkv, as the model
+    passes it, the last token's key and value from tensors of other strides than q's and each
+    other's (a launcher that mixed them up would read the wrong rows), with its slot (-1 for
+    a zero-length padding row, which only the Triton op takes). The rows in `unstored` get
     slot -1 and hold some other value at their last position in the cache: the op must attend
     to their new token all the same, and store nothing. Returns (q, cache, new_kv, keys,
     values), the keys and values the op attends to at every position."""
     g = gen(seed)
     q, new_keys, new_values = packed_qkv(len(seq_lens), heads, head_dim, g, dtype)
+    # keys head-major in memory, values token-major and contiguous
+    new_keys = new_keys.transpose(0, 1).contiguous().transpose(0, 1)
     new_values = new_values.contiguous()
+    assert len(seq_lens) < 2 or len({q.stride(), new_keys.stride(), new_values.stride()}) == 3
     cache = PagedCache(seq_lens, block_size, heads, head_dim, dtype, g)
     keys, values, slots = [], [], []
     for i, n in enumerate(seq_lens):

@@ -16,13 +16,14 @@ from opt_fast.kernels.kv_cache import write_kv_cache_ref
 
 
 def run_prefill(ops, seqs: list[tuple[int, int]], block_size: int, heads: int, head_dim: int,
-                dtype: torch.dtype, seed: int):
-    """seqs: (context_len, new_len) per sequence. Returns (output, expected float64)."""
+                dtype: torch.dtype, seed: int, scale: float | None = None, own_v: bool = False):
+    """seqs: (context_len, new_len) per sequence; `scale` head_dim ** -0.5 unless given; `own_v`:
+    v a tensor of its own (packed_qkv). Returns (output, expected float64)."""
     g = gen(seed)
     total_new = sum(n for _, n in seqs)
-    q, k, v = packed_qkv(total_new, heads, head_dim, g, dtype)
+    q, k, v = packed_qkv(total_new, heads, head_dim, g, dtype, own_v=own_v)
     cache = PagedCache([c + n for c, n in seqs], block_size, heads, head_dim, dtype, g)
-    scale = head_dim ** -0.5
+    scale = head_dim ** -0.5 if scale is None else scale
     cu, expected, start = [0], [], 0
     for i, (context, new) in enumerate(seqs):
         ctx_k = randn(context, heads, head_dim, g=g, dtype=dtype)
@@ -63,6 +64,17 @@ def test_prefill_no_context(ops, dtype, block_size, head_dim):
 def test_prefill_with_context(ops, dtype, block_size, head_dim):
     seqs = [(1, 5), (block_size - 1, 1), (block_size + 1, 3), (65, 7), (0, 4), (block_size, block_size + 1)]
     out, expected = run_prefill(ops, seqs, block_size, 2, head_dim, dtype, seed=3 * block_size + head_dim)
+    assert_close_to(out, expected, dtype, scale=1.0)
+
+
+# Every other test passes head_dim ** -0.5 and a v of k's strides (the model's packed qkv): a
+# launcher that ignored its scale argument, or read v with k's strides, would pass them all.
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_prefill_takes_its_scale_and_the_strides_of_v(ops, dtype, head_dim):
+    seqs = [(0, 9), (17, 5), (1, 1), (0, 20)]
+    out, expected = run_prefill(ops, seqs, 16, 2, head_dim, dtype, seed=head_dim + 5, scale=0.3, own_v=True)
     assert_close_to(out, expected, dtype, scale=1.0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, TOL, PagedCache, gen, packed_qkv, randn, record_launches, sweep_script
+from kernel_testing import DEVICE, TOL, PagedCache, fill_empty, gen, packed_qkv, randn, record_launches, sweep_script
 from opt_fast.kernels import (attention, attention_persistent, attention_wgmma, attention_wgmma_persistent,
                               attention_wgmma_ws, attention_ws)
 from opt_fast.kernels.attention import Tiles, prefill_attention
@@ -29,14 +29,15 @@ def causal_reference64(q, keys, values, scale: float, query_start: int) -> torch
     return torch.einsum("hqk,khd->qhd", probs, values)
 
 
-def prefill_case(seqs, block_size, heads, head_dim, dtype, seed):
+def prefill_case(seqs, block_size, heads, head_dim, dtype, seed, scale=None, own_v=False):
     """seqs: (context_len, new_len) per sequence. Returns the launcher's arguments (q, k, v strided
-    views of one packed qkv; a NaN-poisoned cache holding only the context, read through permuted
-    block tables) and the float64 expectation."""
+    views of one packed qkv, v a tensor of its own with `own_v`; a NaN-poisoned cache holding
+    only the context, read through permuted block tables; `scale`, head_dim ** -0.5 unless
+    given) and the float64 expectation."""
     g = gen(seed)
-    q, k, v = packed_qkv(sum(n for _, n in seqs), heads, head_dim, g, dtype)
+    q, k, v = packed_qkv(sum(n for _, n in seqs), heads, head_dim, g, dtype, own_v=own_v)
     cache = PagedCache([c + n for c, n in seqs], block_size, heads, head_dim, dtype, g)
-    scale = head_dim ** -0.5
+    scale = head_dim ** -0.5 if scale is None else scale
     cu, expected = [0], []
     for i, (context, new) in enumerate(seqs):
         ctx_k = randn(context, heads, head_dim, g=g, dtype=dtype)
@@ -56,22 +57,6 @@ def assert_matches(out, expected, dtype):
     assert torch.isfinite(out).all(), "non-finite values in the output"
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out.double().cpu(), expected, atol=atol, rtol=rtol)
-
-
-def fill_empty(monkeypatch, value: float) -> None:
-    """torch.empty returns float tensors filled with `value`."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(value) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """An output element the kernel never writes shows up as NaN."""
-    fill_empty(monkeypatch, float("nan"))
 
 
 # A finite value no output takes: rows that must stay unwritten keep it, where NaN could not
@@ -1070,6 +1055,23 @@ def test_persistent_table_entries_serve_short_context_free_batches(monkeypatch, 
     assert_matches(prefill_attention(*args, max_context_len=0, max_query_len=64), expected, fp16)
     assert_matches(prefill_attention(*args, max_context_len=0, max_query_len=100), expected, fp16)
     assert len(persistent_launches()) == (1 if cap >= 90 else 0)
+
+
+# The shared op tests pass head_dim ** -0.5 and v of k's strides; the warp-specialised and the
+# persistent kernels have launchers of their own, each passing the scale and v's strides on.
+@pytest.mark.parametrize("tiles", [ws(128, 32, 4, 2), persistent(32)], ids=["warp_specialized", "persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_own_kernels_take_their_scale_and_the_strides_of_v(nan_empty, ws_launches, persistent_launches, tiles,
+                                                           dtype):
+    args, expected = prefill_case([(0, 21), (0, 1), (0, 32)], 8, 2, 80, dtype, seed=17, scale=0.3, own_v=True)
+    assert args[2].stride(0) != args[1].stride(0)
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=32)
+    assert_matches(out, expected, dtype)
+    # the kernel meant ran, not the main one (which runs fp32 for the warp-specialised tiles)
+    if tiles.persistent:
+        assert persistent_launches()[0][1] == 6
+    elif dtype != torch.float32:
+        assert ws_launches
 
 
 @pytest.mark.parametrize("name", ["max_context_len", "max_query_len"])

@@ -21,11 +21,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from kernel_testing import DEVICE, gen, load_benchmark, packed_qkv, randn, record_launches
+from kernel_testing import DEVICE, fill_empty, gen, load_benchmark, packed_qkv, randn, record_launches
 from opt_fast.kernels import (attention, attention_persistent, attention_tiles, attention_wgmma,
                               attention_wgmma_persistent, attention_wgmma_ws)
 from opt_fast.kernels.attention import Tiles, prefill_attention
-from test_attention_triton import TOLERANCES, causal_reference64, fill_empty
+from test_attention_triton import TOLERANCES, causal_reference64
 
 I32 = dict(dtype=torch.int32, device=DEVICE)
 ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernel_testing
 from kernel_testing import DEVICE, DTYPES, OPS, assert_close_to, gen, randn
 
 EPS = 1e-5
@@ -118,6 +119,46 @@ def test_layer_norm_rows_with_a_large_common_offset(ops, dtype):
     lw, lb = linear_params(n, 67, g, dtype)
     out = ops.layernorm_linear(x, w, b, lw, lb, EPS)
     assert_close_to(out, naive_linear(naive_layer_norm(x, w, b, EPS), lw, lb), dtype, factor=2 * factor)
+
+
+def near_constant_rows(n: int, eps: float, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a constant plus noise of standard deviation 0, 0.3, 1 and 3 x sqrt(eps), then one
+    of ordinary spread: where the variance is near eps, eps weighs on every output (elsewhere it
+    moves them by about eps / variance, below any tolerance). Offsets small enough that
+    centring them in float32 costs well under the tolerance."""
+    spreads = torch.tensor([0.0, 0.3, 1.0, 3.0, 1.0 / eps ** 0.5], dtype=torch.float64, device=DEVICE)
+    offsets = torch.tensor([0.25, -0.375, 0.125, -0.25, 0.5], dtype=torch.float64, device=DEVICE)
+    noise = randn(len(spreads), n, g=g, dtype=torch.float64)
+    return (offsets[:, None] + spreads[:, None] * eps ** 0.5 * noise).to(dtype)
+
+
+# OPT's eps and a larger one, on rows whose variance is near it: every other LayerNorm test's rows
+# vary by 1 or more, where a kernel that dropped eps (or took another) would pass.
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_eps_weighs_on_rows_of_small_variance(ops, dtype, eps):
+    n = 97
+    g = gen(n + int(1 / eps))
+    x = near_constant_rows(n, eps, g, dtype)
+    w, b = ln_params(n, g, dtype)
+    expected = naive_layer_norm(x, w, b, eps)
+    # the check can fail: eps moves the expected outputs by far more than the tolerance
+    atol = kernel_testing.TOL[dtype][0]
+    assert (expected - naive_layer_norm(x, w, b, eps / 100)).abs().max() > 100 * atol
+    assert_close_to(ops.layer_norm(x, w, b, eps), expected, dtype, scale=1.0)
+    lw, lb = linear_params(n, 29, g, dtype)
+    # 5 rows (a decode step's launch: statistics from their own kernel) and 70 (a prefill's: the
+    # GEMM's prologue computes them)
+    for copies in (1, 14):
+        out = ops.layernorm_linear(x.repeat(copies, 1), w, b, lw, lb, eps, relu=False)
+        assert_close_to(out, naive_linear(expected, lw, lb).repeat(copies, 1), dtype, factor=2.0)
+    # post-LN: a GEMM too small to move the sum off the residual's rows (x @ W^T + b about 1e-6)
+    tiny_w, tiny_b = (t * 1e-6 for t in linear_params(n, n, g, torch.float64))
+    x_in = randn(x.shape[0], n, g=g, dtype=dtype)
+    out = ops.linear_residual_layernorm(x_in, tiny_w.to(dtype), tiny_b.to(dtype), x, w, b, eps)
+    pre = naive_linear(x_in, tiny_w.to(dtype), tiny_b.to(dtype)) + x.double().cpu()
+    assert_close_to(out, naive_layer_norm(pre, w, b, eps), dtype, scale=1.0, factor=2.0)
 
 
 @pytest.mark.parametrize("ops", OPS)

@@ -20,7 +20,7 @@ from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
 from opt_fast.kernels.device import INTERPRETED
 from test_layernorm_linear import (EPS, linear_params, ln_params, naive_layer_norm, naive_linear,
-                                   with_outliers)
+                                   near_constant_rows, with_outliers)
 
 # (atol, rtol) against float64, relative to the reference's rms: bf16 keeps 8 significant bits
 TOLERANCE = {**TOL, torch.bfloat16: (1.5e-2, 1.5e-2)}
@@ -166,6 +166,21 @@ def test_layernorm_linear_config_overrides(config):
     bias = randn(70, g=g, dtype=dtype, scale=0.2)
     out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=config)
     check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, EPS), w, bias), dtype)
+
+
+# Each place the statistics are computed takes the launch's eps: the GEMM's prologue, the
+# statistics kernel (stats_kernel, split-K), the LayerNorm launch (normalize_first, cublas); on
+# rows whose variance is near it (test_layer_norm_linear's shared test runs the default launches).
+@pytest.mark.parametrize("options", [{}, dict(stats_kernel=True), dict(split_k=2), dict(normalize_first=True),
+                                     dict(cublas=True)], ids=lambda o: ",".join(o) or "prologue")
+def test_each_launch_form_takes_its_eps(options):
+    eps, n = 1e-2, 160
+    g = gen(n)
+    x = near_constant_rows(n, eps, g, torch.float16)
+    ln_w, ln_b = ln_params(n, g, torch.float16)
+    w, bias = linear_params(n, 37, g, torch.float16)
+    out = ll.layernorm_linear(x, ln_w, ln_b, w, bias, eps, config=ll.GemmLaunch(16, 32, 64, 4, 2, **options))
+    check(out, naive_linear(naive_layer_norm(x, ln_w, ln_b, eps), w, bias), torch.float16)
 
 
 @pytest.mark.parametrize("config,field", [((16, 48, 64, 4, 3), "block_n"), ((8, 64, 64, 4, 3), "block_m"),

@@ -28,7 +28,7 @@ def decode_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int,
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_paged_decode_matches_naive(ops, dtype, block_size, head_dim):
-    # 1, block_size +- 1, a full block, just past powers of two, a long-ish one (split-K territory)
+    # 1, block_size +- 1, a full block, just past powers of two, a long-ish one
     seq_lens = [1, block_size - 1, block_size, block_size + 1, 33, 129, 3 * block_size + 5]
     heads = 3
     q, cache, keys, values = decode_case(seq_lens, block_size, heads, head_dim, dtype,
@@ -38,6 +38,19 @@ def test_paged_decode_matches_naive(ops, dtype, block_size, head_dim):
                                      torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), scale)
     assert out.shape == q.shape and out.dtype == dtype
     expected = torch.cat([naive_causal_attention(q[i:i + 1], keys[i], values[i], scale, query_start=n - 1)
+                          for i, n in enumerate(seq_lens)])
+    assert_close_to(out, expected, dtype, scale=1.0)
+
+
+# Every other test passes head_dim ** -0.5: a launcher that ignored its scale would pass them.
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_takes_its_scale(ops, dtype):
+    seq_lens = [1, 17, 40]
+    q, cache, keys, values = decode_case(seq_lens, 16, 2, 80, dtype, seed=29)
+    out = ops.paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
+                                     torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 0.3)
+    expected = torch.cat([naive_causal_attention(q[i:i + 1], keys[i], values[i], 0.3, query_start=n - 1)
                           for i, n in enumerate(seq_lens)])
     assert_close_to(out, expected, dtype, scale=1.0)
 

@@ -34,10 +34,13 @@ def decode(q, cache, seq_lens, **kwargs):
                                   torch.tensor(seq_lens, **I32), q.shape[-1] ** -0.5, **kwargs)
 
 
+# OPT's heads, the tiny test models' 16, and 34: rows that are no 16-byte multiple (the unaligned
+# tile) and partials of a width that is no multiple of 4 (the merge's unhinted loads). Outputs,
+# partials and their log-sum-exps NaN-poisoned: a split that writes nothing must be skipped.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_splits", [2, 3, 7])
-@pytest.mark.parametrize("block_size,head_dim", [(8, 64), (16, 80), (32, 128)])
-def test_forced_splits_equal_one_split_and_the_reference(dtype, num_splits, block_size, head_dim):
+@pytest.mark.parametrize("block_size,head_dim", [(8, 64), (16, 80), (32, 128), (16, 16), (8, 34)])
+def test_forced_splits_equal_one_split_and_the_reference(nan_empty, dtype, num_splits, block_size, head_dim):
     # long relative to the block (up to 75 blocks of 8), lengths that leave some splits empty
     seq_lens = [600, 1, 130, 257, block_size * 5]
     q, cache, expected = filled_cache(seq_lens, block_size, 2, head_dim, dtype, seed=num_splits + head_dim)
@@ -58,19 +61,24 @@ def test_heuristic_splits_a_long_single_sequence():
     assert_close_to(decode(q, cache, seq_lens), expected, torch.float16, scale=1.0)
 
 
-def test_table_padding_pointing_at_live_blocks_is_ignored():
+def test_table_padding_pointing_at_live_blocks_is_ignored(monkeypatch):
     """The model runner pads short rows with block 0, which another sequence owns and filled
-    with finite values: only the first ceil(len / block_size) entries of a row may be read."""
+    with finite values: only the first ceil(len / block_size) entries of a row may be read, by
+    one split or by three (8-token tiles: the 48-token table in whole tiles of 16, merged)."""
     seq_lens = [3, 40, 17]
     q, cache, expected = filled_cache(seq_lens, 8, 2, 64, torch.float32, seed=11)
     owner_block = int(cache.block_tables[1, 0])
     table = cache.block_tables.clone()
     for i, n in enumerate(seq_lens):
         table[i, -(-n // 8):] = owner_block
+    launches = record_launches(monkeypatch, paged_decode, "_merge_splits_kernel")
     for num_splits in (1, 3):
         out = paged_decode_attention(q, cache.key_cache, cache.value_cache, table,
-                                     torch.tensor(seq_lens, **I32), 64 ** -0.5, num_splits=num_splits)
+                                     torch.tensor(seq_lens, **I32), 64 ** -0.5, num_splits=num_splits, block_n=8)
         assert_close_to(out, expected, torch.float32, scale=1.0)
+        assert [grid for _, grid, args, _ in launches] == ([(3, 2)] if num_splits == 3 else [])
+        assert num_splits == 1 or launches[0][2][4] == 3   # the merge's kv_splits
+        launches.clear()
 
 
 @pytest.mark.parametrize("layout", ["unaligned_rows", "heads_outermost"])

@@ -1,9 +1,11 @@
 """Sampling from a batch of logits: the fused Triton sampler, its launcher, and the torch reference.
 
 Per sequence: repetition penalty (HF/CTRL semantics) -> temperature (0 = greedy) -> top-k ->
-top-p -> a draw keyed by (seed, step). The random numbers are Triton's Philox (`tl.rand(seed,
-offset)`), reproduced here bit for bit, so the fused kernel can match this reference exactly and
-a seed gives the same tokens whatever else is in the batch.
+top-p -> a draw keyed by (seed, step). A scaled logit stays finite where the raw one is (clamped
+to float32's range), so no penalty or temperature makes the draw NaN or lets a banned id (-inf)
+back in. The random numbers are Triton's Philox (`tl.rand(seed, offset)`), reproduced here bit
+for bit, so the fused kernel can match this reference exactly and a seed gives the same tokens
+whatever else is in the batch.
 
 The kernel (`sample`) is one launch for the batch, one program per row, with no sort and no host
 sync. Thresholds are searched for, never sorted out: each float maps to an int32 key with the same
@@ -83,6 +85,18 @@ def apply_repetition_penalty_ref(logits: torch.Tensor, seen_ids: torch.Tensor,
     return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_where_raw_is(raw: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """The penalised, temperature-scaled logits `scaled`, -inf where the raw logit is (a banned or
+    padding id stays out), else clamped to float32's finite range. A penalty far below 1 divides
+    a large logit past it (ids at +inf make the softmax NaN, inf - inf), one far above 1
+    multiplies a negative logit past it (seen ids at -inf, as if banned: where every id allowed is
+    seen, the argmax would take a banned one). They tie at the largest or lowest float instead."""
+    return torch.where(raw == float("-inf"), raw, scaled.clamp(-_FLOAT32_MAX, _FLOAT32_MAX))
+
+
 def top_k_top_p_filter_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every logit below the row's top-k threshold, then below its top-p threshold.
 
@@ -119,14 +133,13 @@ def sample_ref(logits: torch.Tensor, vocab_size: int, temperature: torch.Tensor,
     tokenizer's vocabulary, so that a token's raw logprob is `logits[id] - logsumexp`).
     """
     seqs, padded_vocab = logits.shape
-    logits = logits.float()[:, :vocab_size]
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    if seen_ids.shape[1]:
-        logits = apply_repetition_penalty_ref(logits, seen_ids, repetition_penalty)
-    greedy = logits.argmax(dim=-1)
+    raw = logits.float()[:, :vocab_size]
+    logsumexp = torch.logsumexp(raw, dim=-1)
+    logits = apply_repetition_penalty_ref(raw, seen_ids, repetition_penalty) if seen_ids.shape[1] else raw
+    greedy = _finite_where_raw_is(raw, logits).argmax(dim=-1)
     if not bool((temperature > 0).any()):   # all greedy: skip the filters and the random draw
         return greedy, logsumexp
-    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = _finite_where_raw_is(raw, logits / torch.where(temperature > 0, temperature, 1.0)[:, None])
     filtered = top_k_top_p_filter_ref(scaled, top_k, top_p)
     ids = torch.arange(vocab_size, device=logits.device)
     offsets = (steps[:, None] * padded_vocab + ids[None, :]) & _MASK32
@@ -145,6 +158,7 @@ _BLOCK, _NUM_WARPS = 2048, 16  # ids per chunk of a pass: 4 per thread (one 8-by
 _SEEN_BLOCK = 256              # seen ids per chunk of the bitmap pass
 _CAND = 512                    # register tile of top-k candidates (covers top_k up to ~500)
 _NT = 16                       # thresholds tried per search step: 17-way, ~4 bits of key per step
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)   # a constexpr: compiled kernels may read no other global
 
 
 @triton.jit
@@ -181,6 +195,8 @@ def _scaled_logits(row_ptr,         # [padded_vocab] this row's logits
     seen = ((word >> (idx & 31)) & 1) != 0
     penalised = tl.where(raw < 0, raw * penalty, tl.math.div_rn(raw, penalty))
     x = tl.math.div_rn(tl.where(seen, penalised, raw), temperature)
+    # as the reference's _finite_where_raw_is: banned and padding ids stay -inf, the others finite
+    x = tl.where(raw == float("-inf"), raw, tl.minimum(tl.maximum(x, -FLOAT32_MAX), FLOAT32_MAX))
     return raw, x, valid
 
 

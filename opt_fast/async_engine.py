@@ -111,6 +111,8 @@ class AsyncEngine:
         self._start_loop()
         if request_id is None:
             request_id = f"async-{uuid.uuid4().hex}"    # random, so no caller-chosen name clashes
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r:.80}")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(params, SamplingParams):

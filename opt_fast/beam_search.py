@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass
 
 from .config import positive_int
-from .sampling_params import SamplingParams, finite_float
+from .sampling_params import MAX_SAMPLES, SamplingParams, finite_float
 
 
 @dataclass
 class BeamSearchParams:
-    """`beam_width` beams, each up to `max_tokens` new tokens. A finished or final beam scores
+    """`beam_width` beams (up to MAX_SAMPLES), each up to `max_tokens` new tokens. A finished or final beam scores
     cumulative_logprob / len(token_ids) ** length_penalty; `ignore_eos` lets beams run past EOS.
     Bad values raise ValueError naming the field."""
     beam_width: int
@@ -29,6 +29,8 @@ class BeamSearchParams:
 
     def __post_init__(self):
         self.beam_width = positive_int("beam_width", self.beam_width)
+        if self.beam_width > MAX_SAMPLES:
+            raise ValueError(f"beam_width must be at most {MAX_SAMPLES}, got {self.beam_width}")
         self.max_tokens = positive_int("max_tokens", self.max_tokens)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")

@@ -40,8 +40,19 @@ class OPTConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "ffn_dim", "word_embed_proj_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            # the engine indexes logits and stops on them: an id past the vocabulary would fail
+            # every step of every request in flight, not just the checkpoint's load
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"OPTConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), "
+                                 f"got {value!r}")
+        for name in ("do_layer_norm_before", "remove_final_layer_norm", "layer_norm_elementwise_affine",
+                     "enable_bias"):
+            if not isinstance(getattr(self, name), bool):   # JSON's "false" would read as true
+                raise ValueError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
@@ -78,7 +89,7 @@ class OPTConfig:
         known = {f.name for f in fields(cls)} - {"layer_norm_eps"}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         if "_remove_final_layer_norm" in raw:
-            values["remove_final_layer_norm"] = bool(raw["_remove_final_layer_norm"])
+            values["remove_final_layer_norm"] = raw["_remove_final_layer_norm"]
         values.setdefault("word_embed_proj_dim", raw.get("hidden_size", cls.hidden_size))
         return cls(**values)
 
@@ -195,6 +206,10 @@ class EngineConfig:
         for name in ("num_kv_blocks", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) is not None:
                 setattr(self, name, positive_int(name, getattr(self, name)))
+        if self.num_kv_blocks is not None and self.num_kv_blocks > _INT32_MAX:
+            # (and past int64, torch's allocator fails with a TypeError of its own)
+            raise ValueError(f"num_kv_blocks must be at most 2**31 - 1 (block tables hold int32 ids), "
+                             f"got {self.num_kv_blocks}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if (isinstance(self.gpu_memory_utilization, bool)
@@ -234,6 +249,7 @@ def _check_device(device) -> None:
 
 
 SEED_LIMIT = 1 << 63
+_INT32_MAX = 2 ** 31 - 1
 
 
 def check_seed(name: str, value) -> int:

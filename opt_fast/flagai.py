@@ -21,6 +21,7 @@ top-k and top-p, and draws; `</s>` ends the output and is not part of it; at mos
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from .llm import LLM
 from .sampling_params import SamplingParams, finite_float
+from .tokenizer import OPTTokenizer
 
 
 class OPTModel:
@@ -63,7 +65,12 @@ class OPTModel:
         return self
 
     def cuda(self, device=None) -> OPTModel:
-        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device))
+        """`Module.cuda(device)`: device None, an index or a torch.device, checked as `to` checks it."""
+        if device is None or (isinstance(device, int) and not isinstance(device, bool)):
+            device = torch.device("cuda", device)
+        elif not isinstance(device, torch.device):
+            raise ValueError(f"device must be a CUDA device index or a torch.device, got {device!r}")
+        return self.to(device)
 
     def cpu(self) -> OPTModel:
         return self.to(torch.device("cpu"))
@@ -117,6 +124,8 @@ class AutoLoader:
                              "language models, task_name='lm'")
         if not isinstance(model_name, str) or not model_name:
             raise ValueError(f"model_name must name a model like 'opt-125m-en', got {model_name!r}")
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise ValueError(f"model_dir must be a path, got {model_dir!r}")
         local = Path(model_dir).expanduser() / model_name
         self.model = OPTModel(LLM(str(local) if local.is_dir() else model_name, **llm_kwargs))
         self.tokenizer = self.model.llm.get_tokenizer()
@@ -139,6 +148,8 @@ class Predictor:
         if tokenizer is None:
             raise ValueError("tokenizer is None: the checkpoint directory has no vocab.json + "
                              "merges.txt (or tokenizer.json)")
+        if not isinstance(tokenizer, OPTTokenizer):
+            raise ValueError(f"tokenizer must come from AutoLoader.get_tokenizer(), got {type(tokenizer).__name__}")
         self.model, self.tokenizer = model.eval(), tokenizer
 
     def predict_generate_randomsample(self, text: str | list[str], input_max_length: int = 256,

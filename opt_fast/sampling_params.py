@@ -13,8 +13,15 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # Temperatures below this are greedy (vLLM's rule): dividing logits by much less overflows
 # float32 (at about 1e-37 for logits near 10) and the draw would take garbage.
 GREEDY_BELOW = 1e-5
-# The sampler's per-row integers travel as int64.
+# Samples of one request (n), and beams of a beam search: each is a sequence the engine builds at
+# once and schedules, so an unbounded count is a way to stall or exhaust the process.
+MAX_SAMPLES = 1024
+# The sampler's per-row integers travel as int64, its temperatures and penalties as float32:
+# a value past float32's range would reach it as inf (a temperature of inf, or a penalty of 0 or
+# inf, makes every scaled logit alike or NaN); penalties are kept to its normal numbers.
 _INT64_MAX = 2 ** 63 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 
 
 @dataclass
@@ -28,7 +35,7 @@ class SamplingParams:
     ask for the sampled (or actual prompt) token plus the top N of the raw distribution.
     Bad values raise ValueError naming the field. Integer fields also take numpy integers, up to
     2**63 - 1 (kept as Python ints), and float fields numpy floats (kept as Python floats).
-    `n > 1` with temperature 0 gives n copies of the greedy output.
+    `n > 1` (up to MAX_SAMPLES) with temperature 0 gives n copies of the greedy output.
     """
     n: int = 1
     temperature: float = 1.0
@@ -56,9 +63,12 @@ class SamplingParams:
 
     def __post_init__(self):
         self.n = _int("n", self.n, low=1)
+        if self.n > MAX_SAMPLES:
+            raise ValueError(f"n must be at most {MAX_SAMPLES}, got {self.n}")
         self.temperature = finite_float("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not 0 <= self.temperature <= _FLOAT32_MAX:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy) and at most float32's largest, "
+                             f"{_FLOAT32_MAX:.4g}, got {self.temperature!r}")
         if self.temperature < GREEDY_BELOW:
             self.temperature = 0.0
         self.top_k = _int("top_k", self.top_k, low=-1)
@@ -66,17 +76,21 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.repetition_penalty = finite_float("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not _FLOAT32_MIN_NORMAL <= self.repetition_penalty <= _FLOAT32_MAX:
+            raise ValueError(f"repetition_penalty must be > 0, within float32's normal range "
+                             f"[{_FLOAT32_MIN_NORMAL:.4g}, {_FLOAT32_MAX:.4g}], got {self.repetition_penalty!r}")
         self.max_tokens = _int("max_tokens", self.max_tokens, low=1)
         self.min_tokens = _int("min_tokens", self.min_tokens, low=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not _many(self.stop) or not all(isinstance(s, str) and s for s in self.stop or []):
+        # taken once into a list: an iterator would be used up by the check, an array cannot be
+        # asked for its truth
+        stops = list(self.stop) if _many(self.stop) and self.stop is not None else self.stop
+        if not _many(stops) or not all(isinstance(s, str) and s for s in stops or []):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        self.stop = list(self.stop or [])
+        self.stop = [str(s) for s in stops or []]
         self.stop_token_ids = _ids("stop_token_ids", self.stop_token_ids)
         self.banned_token_ids = _ids("banned_token_ids", self.banned_token_ids)
         if self.seed is not None:

@@ -6,6 +6,7 @@ Ids match Hugging Face's OPT tokenizer (`GPT2Tokenizer` with `</s>` as bos/eos/u
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from pathlib import Path
 
@@ -17,6 +18,16 @@ from tokenizers.decoders import DecodeStream
 _MATCHED_IN_TEXT = ("</s>", "<pad>")
 # Ids that carry no text; generated output drops them when skip_special_tokens is set.
 _SKIPPED_ON_DECODE = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+@contextlib.contextmanager
+def _unreadable_as_value_error(what):
+    """tokenizers reports a file it cannot parse (bad JSON, bytes that are not UTF-8) as a bare
+    Exception: say which files, as a ValueError like every other bad checkpoint."""
+    try:
+        yield
+    except Exception as err:
+        raise ValueError(f"{what}: not a readable tokenizer ({str(err).strip()[:200]})") from err
 
 
 class OPTTokenizer:
@@ -42,7 +53,8 @@ class OPTTokenizer:
     @classmethod
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path) -> OPTTokenizer:
         """Build from GPT-2 style `vocab.json` and `merges.txt`."""
-        tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+        with _unreadable_as_value_error(f"{vocab_path} and {merges_path}"):
+            tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return cls(tok)
@@ -52,7 +64,9 @@ class OPTTokenizer:
         """Build from a checkpoint directory: `tokenizer.json`, else `vocab.json` + `merges.txt`."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
-            return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
+            with _unreadable_as_value_error(path / "tokenizer.json"):
+                tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            return cls(tok)
         vocab, merges = path / "vocab.json", path / "merges.txt"
         if vocab.is_file() and merges.is_file():
             return cls.from_files(vocab, merges)

@@ -121,6 +121,8 @@ def test_bad_input_raises_to_its_client_only(llm):
         await held.__anext__()
         with pytest.raises(ValueError, match="request_id"):
             await collect(aeng, [2, 6], SHORT, request_id="same")
+        with pytest.raises(ValueError, match="request_id must be a str"):
+            await collect(aeng, [2, 6], SHORT, request_id=["same"])
         rest = [out async for out in held]
         return await good, rest
 

@@ -119,7 +119,7 @@ def test_a_missing_model_directory_is_a_value_error_and_a_file_not_found_error(t
 
 def test_a_kv_cache_the_device_cannot_hold_is_a_value_error(tiny_model_dir):
     with pytest.raises(ValueError, match=r"num_kv_blocks=\d+ .* cannot allocate"):
-        LLM(str(tiny_model_dir), device="cpu", kernels="torch", num_kv_blocks=2 ** 50)
+        LLM(str(tiny_model_dir), device="cpu", kernels="torch", num_kv_blocks=2 ** 31 - 1)
 
 
 def test_length_penalties_past_floats_range(llm):

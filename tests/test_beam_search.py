@@ -118,6 +118,7 @@ def test_rounds_reuse_the_beams_blocks_and_leak_none(checkpoint):
 
 def test_bad_beam_search_params_name_the_field():
     for kwargs, field in ((dict(beam_width=0, max_tokens=4), "beam_width"),
+                          (dict(beam_width=1025, max_tokens=4), "beam_width"),
                           (dict(beam_width=2, max_tokens=-1), "max_tokens"),
                           (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), "length_penalty"),
                           (dict(beam_width=2, max_tokens=4, ignore_eos=1), "ignore_eos")):

@@ -156,6 +156,21 @@ def test_from_json_defaults(tmp_path):
     assert config.word_embed_proj_dim == 96 and not config.has_projections
 
 
+# Token ids past the vocabulary (or not ints) would fail every engine step, JSON strings for
+# flags would read as true: refused at load, naming the field.
+@pytest.mark.parametrize("field,value", [
+    ("eos_token_id", 5000), ("eos_token_id", "2"), ("eos_token_id", 2.5), ("eos_token_id", [2, 3]),
+    ("bos_token_id", -1), ("pad_token_id", 400), ("pad_token_id", True),
+    ("do_layer_norm_before", "false"), ("_remove_final_layer_norm", 1), ("enable_bias", "true"),
+    ("num_hidden_layers", True)])
+def test_from_json_rejects_bad_ids_and_flags(tmp_path, field, value):
+    raw = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               ffn_dim=96)
+    raw[field] = value
+    with pytest.raises(ValueError, match=field.lstrip("_")):
+        OPTConfig.from_json(write_json(tmp_path / "config.json", raw))
+
+
 def test_from_json_rejects_other_model_types(tmp_path):
     path = write_json(tmp_path / "config.json", {"model_type": "gpt2", "hidden_size": 768})
     with pytest.raises(ValueError, match="gpt2"):
@@ -226,6 +241,8 @@ def test_engine_config_defaults_and_edge_values_accepted():
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_num_seqs=True), "max_num_seqs"),
     (dict(num_kv_blocks=0), "num_kv_blocks"),
+    (dict(num_kv_blocks=2 ** 31), "num_kv_blocks"),
+    (dict(num_kv_blocks=2 ** 63), "num_kv_blocks"),
     (dict(max_num_batched_tokens=-1), "max_num_batched_tokens"),
     (dict(max_model_len=0), "max_model_len"),
     (dict(gpu_memory_utilization=0), "gpu_memory_utilization"),

@@ -327,6 +327,8 @@ def test_abort_frees_blocks_and_others_finish(tiny_model_dir):
     assert aborted.request_id == "2" and aborted.finished
     assert aborted.outputs[0].finish_reason == "abort" and len(aborted.outputs[0].token_ids) == 2
     assert engine.abort_request("2") is None and engine.abort_request("unknown") is None
+    with pytest.raises(ValueError, match="request_id must be a str"):
+        engine.abort_request(["0"])                             # (unhashable: no such id can exist)
     final = drain(engine)
     assert sorted(final) == ["0", "1", "3", "4"]                # no step reports it again
     assert all(o.outputs[0].finish_reason == "length" for o in final.values())

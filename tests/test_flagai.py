@@ -250,6 +250,13 @@ def test_loader_rejects_other_tasks_and_foreign_models(tmp_path):
         AutoLoader(task_name="lm", model_dir=tmp_path)
     with pytest.raises(ValueError, match="model"):
         Predictor(object(), None)
+    with pytest.raises(ValueError, match="model_dir"):
+        AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=None)
+
+
+def test_predictor_takes_only_the_loaders_tokenizer(predictor):
+    with pytest.raises(ValueError, match="tokenizer must come from AutoLoader"):
+        Predictor(predictor.model, "x")
 
 
 def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, predictor):
@@ -272,6 +279,9 @@ def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, pre
         model.to("meta")
     with pytest.raises(ValueError, match="'junk' names no device"):
         model.to("junk")
+    for device in ("x", 1.5, True):
+        with pytest.raises(ValueError, match="device must be a CUDA device index"):
+            model.cuda(device)
     root, _ = flagai_root
     loader = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=root / "checkpoints",
                         kernels="torch", device=test_device(), torch_dtype=torch.bfloat16)

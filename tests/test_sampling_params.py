@@ -5,12 +5,13 @@ import pytest
 from opt_fast import SamplingParams
 
 BAD = [
-    ("n", 0), ("n", 1.5), ("n", True),
+    ("n", 0), ("n", 1.5), ("n", True), ("n", 1025), ("n", 2 ** 63 - 1),
     ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
     ("top_k", -2), ("top_k", 2.0),
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5), ("top_p", math.nan), ("top_p", math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
-    ("repetition_penalty", math.inf),
+    ("repetition_penalty", math.inf), ("temperature", 1e39), ("repetition_penalty", 1e-39),
+    ("repetition_penalty", 1e-46), ("repetition_penalty", 1e39),
     ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", None),
     ("min_tokens", -1), ("seed", 1.5), ("seed", -5), ("seed", 2 ** 63), ("seed", True),
     ("logprobs", -1), ("prompt_logprobs", -1),
@@ -42,6 +43,18 @@ def test_edge_values_are_accepted(kwargs):
         # kept as given (a lone stop string becomes a list of one)
         assert getattr(params, name) == ([value] if name == "stop" else value), name
     assert isinstance(params.stop, list)
+
+
+def test_stop_strings_from_an_iterator_or_an_array_are_kept():
+    """Read once into a list: a generator is not used up by the check, an array not asked for
+    its truth value; the strings come back as Python strs."""
+    np = pytest.importorskip("numpy")
+    assert SamplingParams(stop=(s for s in ["abc", "d"])).stop == ["abc", "d"]
+    assert SamplingParams(stop=iter(["x"])).stop == ["x"]
+    stop = SamplingParams(stop=np.array(["a", "bc"])).stop
+    assert stop == ["a", "bc"] and all(type(s) is str for s in stop)
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=(s for s in ["ok", ""]))
 
 
 def test_numpy_integers_are_taken_as_python_ints():

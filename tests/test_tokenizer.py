@@ -232,6 +232,19 @@ def test_missing_files(tmp_path):
         OPTTokenizer.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("files", [{"tokenizer.json": b'{"model": '},
+                                   {"vocab.json": b"not json", "merges.txt": b"#version: 0.2\n"},
+                                   {"vocab.json": b'{"a": 0}', "merges.txt": b"\xff\xfe a b\n"}],
+                         ids=["bad-tokenizer-json", "bad-vocab", "merges-not-utf8"])
+def test_unreadable_files_are_a_value_error_naming_them(tmp_path, files):
+    """tokenizers raises a bare Exception on them: a clear ValueError instead, as for a bad
+    checkpoint, saying which files."""
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=next(iter(files))):
+        OPTTokenizer.from_dir(tmp_path)
+
+
 @needs_opt_files
 def test_incremental_runs_of_bytes_that_never_form_a_character(opt):
     """A sample repeating a byte that is no character's start (a random-weight model can) stays

@@ -213,6 +213,8 @@ class Engine:
         """Stop a request now: its blocks go back to the pool and its id is free again. Returns
         its final RequestOutput (samples still running end with finish_reason "abort"); None
         for an unknown or already finished id. No later step reports it."""
+        if not isinstance(request_id, str):   # (no such id was ever added; a list would not hash)
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__} {request_id!r:.80}")
         request = self.requests.pop(request_id, None)
         if request is None:
             return None

@@ -323,6 +323,36 @@ def test_ids_past_the_vocabulary_are_never_drawn(ops, padding):
     torch.testing.assert_close(logsumexp.double().cpu(), expected.cpu(), atol=1e-5, rtol=1e-6)
 
 
+# Penalties and temperatures at the ends of float32's range (what SamplingParams takes): a penalty
+# of 2e-38 divides the seen ids' logits past it, one of 3e38 multiplies the negative ones past it,
+# a temperature of 1e38 makes every scaled logit alike. Banned ids (-inf, as the engine bans
+# them) stay out and nothing turns NaN: the seen ids tie at float32's largest or lowest instead,
+# also where every id allowed is seen and negative (past the range, they would all be -inf, as
+# the banned ones, and the argmax would take id 0, banned).
+@pytest.mark.parametrize("ops", OPS)
+def test_extreme_penalties_and_temperatures_keep_banned_ids_out(ops):
+    g = gen(16)
+    rows, vocab = 16, 29
+    logits = random_logits(rows, vocab, g, scale=20.0)
+    banned = torch.arange(vocab) % 3 == 0
+    logits[:, banned] = float("-inf")
+    logits[12:] = -logits[12:].abs()
+    allowed = [i for i in range(vocab) if not banned[i]]
+    seen = [[1, 2, 4, 5, 7, 8, 10, 13]] * 12 + [allowed] * 4
+    penalty = [2e-38] * 8 + [3e38] * 8
+    temperature = [0.0, 1.0, 1e38, 1e-5]
+    top_k = [0, 0, 1, 3]
+    tokens, logsumexp = call_sample(ops, logits, vocab, temperature * 4, top_k * 4, 1.0, penalty, seen,
+                                    [11 * r for r in range(rows)], [3] * rows)
+    assert ((tokens >= 0) & (tokens < vocab)).all() and not banned[tokens.cpu()].any(), tokens.tolist()
+    assert torch.isfinite(logsumexp).all()
+    # greedy rows: the first id at the largest penalised logit, clamped to float32's range
+    largest = torch.finfo(torch.float32).max
+    penalised = naive_penalty(logits, seen, penalty).clamp(-largest, largest).masked_fill(banned, float("-inf"))
+    greedy = [r for r in range(rows) if temperature[r % 4] == 0]
+    assert torch.equal(tokens[greedy].cpu(), penalised[greedy].argmax(dim=-1))
+
+
 @pytest.mark.parametrize("ops", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_logsumexp_is_of_the_raw_logits(ops, dtype):

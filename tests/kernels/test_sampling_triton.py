@@ -11,12 +11,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import DEVICE, gen
+from kernel_testing import DEVICE, fill_empty, gen
 from opt_fast.kernels import sampling
 from opt_fast.kernels.sampling import apply_repetition_penalty_ref, sample_ref, top_k_top_p_filter_ref
 
 I64 = dict(dtype=torch.int64, device=DEVICE)
 F32 = dict(dtype=torch.float32, device=DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the launcher allocates (tokens, log-sum-exps, thresholds, the seen-id bitmap,
+    the candidates) starts as NaN or all ones: whatever a kernel must write or clear before it
+    reads shows where it does not."""
+    fill_empty(monkeypatch, float("nan"), int_value=-1)
 
 
 def make_args(logits, vocab, temperature, top_k, top_p, penalty, seen=None, seeds=None, steps=None):
@@ -304,6 +312,20 @@ def test_strided_rows():
     ref = sample_ref(*((args[0].contiguous(),) + args[1:]))
     assert torch.equal(tokens, ref[0])
     torch.testing.assert_close(lse, ref[1], atol=2e-5, rtol=2e-6)
+
+
+def test_extreme_penalties_and_temperatures_match_the_reference():
+    """Scaled logits clamped to float32's range as the reference clamps them: seen ids whose
+    penalised logit overflows tie at the largest float, on both paths of the kernel."""
+    g = gen(17)
+    vocab = 600
+    logits = random_logits(8, vocab, g, scale=30.0)
+    logits[:, 5::7] = float("-inf")
+    seen = random_seen(8, vocab, g, n=60)
+    args = make_args(logits, vocab, [0.0, 1.0, 1e38, 2.0] * 2, [0, 0, 1, 40, 0, 700, 3, 0],
+                     [1.0, 0.9, 1.0, 0.5] * 2, [2e-38] * 4 + [3e38] * 4, seen)
+    tokens = assert_matches_ref(args)
+    assert not (tokens % 7 == 5).any()
 
 
 def test_empty_batch():

@@ -51,24 +51,25 @@ GLUON_KERNELS = ((attention_wgmma, "_prefill_wgmma_kernel"), (attention_wgmma_ws
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the wgmma kernel runs on an sm_90 GPU only (no interpreter)")
 
 
-def context_free_case(lengths, heads, head_dim, dtype, seed, padding_tokens=0):
+def context_free_case(lengths, heads, head_dim, dtype, seed, padding_tokens=0, scale=None, own_v=False):
     """Prompts of `lengths` new tokens with no cached context, packed back to back (q, k, v strided
-    views of one [T, 3, H, D] tensor, as the model passes them), then `padding_tokens` rows past
-    the last sequence holding NaN. Returns the launcher's arguments and the float64 expectation."""
+    views of one [T, 3, H, D] tensor, as the model passes them; v a tensor of its own with
+    `own_v`), then `padding_tokens` rows past the last sequence holding NaN; `scale` head_dim **
+    -0.5 unless given. Returns the launcher's arguments and the float64 expectation."""
     g = gen(seed)
     tokens = sum(lengths) + padding_tokens
-    q, k, v = packed_qkv(tokens, heads, head_dim, g, dtype)
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = packed_qkv(tokens, heads, head_dim, g, dtype, own_v=own_v)
     q.data[sum(lengths):] = float("nan")
     k.data[sum(lengths):] = float("nan")
     v.data[sum(lengths):] = float("nan")
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    expected = torch.cat([causal_reference64(q[s:e], k[s:e], v[s:e], head_dim ** -0.5, 0)
-                          for s, e in zip(cu, cu[1:])])
+    expected = torch.cat([causal_reference64(q[s:e], k[s:e], v[s:e], scale, 0) for s, e in zip(cu, cu[1:])])
     cache = torch.full((1, 16, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
     args = (q, k, v, cache, cache.clone(), torch.tensor(cu, **I32), torch.zeros(len(lengths), **I32),
-            torch.zeros(len(lengths), 1, **I32), head_dim ** -0.5)
+            torch.zeros(len(lengths), 1, **I32), scale)
     return args, expected
 
 
@@ -835,6 +836,22 @@ def test_matches_the_reference(probed, monkeypatch, head_dim, tiles, dtype):
     assert torch.isfinite(out[:rows]).all()
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out[:rows].double().cpu(), expected, atol=atol, rtol=rtol)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim, tiles", FORMS)
+def test_takes_its_scale_and_the_strides_of_v(probed, monkeypatch, head_dim, tiles):
+    """Every other test passes head_dim ** -0.5 and a v of k's strides (the model's packed qkv):
+    each kernel form's launcher must pass its scale on and build v's descriptor from v's own."""
+    probed.require_right(head_dim, tiles)
+    launches = record_gluon_launches(monkeypatch)
+    lengths, bound = fitted(tiles, [1, 64, 129, 300, 7])
+    args, expected = context_free_case(lengths, 2, head_dim, torch.float16, seed=8, scale=0.3, own_v=True)
+    assert args[2].stride(0) != args[1].stride(0)
+    out = prefill_attention(*args, tiles=tiles, max_context_len=0, max_query_len=bound)
+    assert len(launches) == 1
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(out[:expected.shape[0]].double().cpu(), expected, atol=atol, rtol=rtol)
 
 
 @needs_hopper

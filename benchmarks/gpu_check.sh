@@ -5,7 +5,7 @@
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark; wall time per call
-#             and device time from CUDA graph replays), 4 x 34 s
+#             and device time from CUDA graph replays), 4 x 34 s (KERNEL_BENCHES picks some)
 #   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
 #             "default async triton triton-async" for every op in Triton, "default cublas-linears"
 #             for what auto's fused LayerNorm GEMMs are worth) against HF generate,
@@ -73,8 +73,10 @@ if want tests; then
 fi
 
 if want kernels; then
-  # The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256.
-  for name in paged_decode attention layernorm_linear sampling; do
+  # The goals first: decode bandwidth, prefill vs SDPA, fused LN+QKV, sampling at batch 256
+  # (KERNEL_BENCHES picks some, e.g. "attention layernorm_linear" for the open goals).
+  # shellcheck disable=SC2086  # KERNEL_BENCHES is a list of words
+  for name in ${KERNEL_BENCHES:-paged_decode attention layernorm_linear sampling}; do
     timeout 34 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
       --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
   done

@@ -5,7 +5,8 @@
 #   sweep     the tile sweep of the open speed goals (benchmarks/sweep_tiles.py), 90 s (see SWEEP_BUDGET)
 #   tests     the test suite on CUDA, 110 s (TESTS_TIMEOUT)
 #   kernels   each kernel benchmark against its torch peers (pytest-benchmark; wall time per call
-#             and device time from CUDA graph replays), 4 x 34 s (KERNEL_BENCHES picks some)
+#             and device time from CUDA graph replays), 4 x 34 s (KERNEL_BENCHES picks some,
+#             KERNEL_TIMEOUT gives each more seconds)
 #   generate  LLM.generate (defaults, eager, async scheduling; GENERATE_MODES picks others, e.g.
 #             "default async triton triton-async" for every op in Triton, "default cublas-linears"
 #             for what auto's fused LayerNorm GEMMs are worth) against HF generate,
@@ -77,7 +78,7 @@ if want kernels; then
   # (KERNEL_BENCHES picks some, e.g. "attention layernorm_linear" for the open goals).
   # shellcheck disable=SC2086  # KERNEL_BENCHES is a list of words
   for name in ${KERNEL_BENCHES:-paged_decode attention layernorm_linear sampling}; do
-    timeout 34 python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
+    timeout "${KERNEL_TIMEOUT:-34}" python3 -m pytest -q -p no:cacheprovider "benchmarks/bench_$name.py" --benchmark-enable \
       --benchmark-json="$PARTS/$name.json" >> "$OUT/kernels.log" 2>&1 || kernels_rc=1
   done
   ls "$PARTS"/*.json >/dev/null 2>&1 && python3 benchmarks/report.py "$OUT/kernels.md" "$PARTS"/*.json \

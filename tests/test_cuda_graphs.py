@@ -47,6 +47,11 @@ def _varied(params: SamplingParams, row: int) -> SamplingParams:
 
 
 def _row_params(kind: str, batch: list) -> list[SamplingParams]:
+    if kind == "banned":
+        # bans alone (no penalty, no min_tokens) on every other greedy row, half the tiny
+        # vocabulary: they too must send the batch's draw to eager
+        banned = SamplingParams(temperature=0, max_tokens=20, banned_token_ids=list(range(4, 200)), ignore_eos=True)
+        return [_varied(banned if i % 2 else PARAMS[0], i) for i in range(len(batch))]
     if kind != "min_tokens":
         kinds = 2 if kind == "plain" else 4
         return [_varied(PARAMS[i % kinds], i) for i in range(len(batch))]
@@ -59,7 +64,7 @@ def _row_params(kind: str, batch: list) -> list[SamplingParams]:
 
 
 # "plain" batches draw inside the graph; any penalty or ban row sends the batch's draw to eager.
-@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned"])
 def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     batch = prompts(11, seed=1)                   # 11 rows: replayed as the padded size 16
     params = _row_params(kind, batch)
@@ -76,15 +81,16 @@ def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     runner.graphs.host_f32.fill_(2.5)
     got = graphed.generate(batch, params, use_tqdm=False)
     assert runner.graphs.replays >= 19
-    for want, have in zip(expected, got):
+    for want, have, row in zip(expected, got, params):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
+        assert not set(have.outputs[0].token_ids) & set(row.banned_token_ids)
     assert len({len(out.outputs[0].token_ids) for out in got}) > 1
     # every graph writes its logits into the first rows of one buffer, none keeps its own
     assert all(logits.data_ptr() == runner.graphs.logits.data_ptr() for logits, _, _ in runner.graphs.outputs.values())
 
 
 @on_cuda
-@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned"])
 def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
     batch = prompts(13, seed=2)
     params = _row_params(kind, batch)

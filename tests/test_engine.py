@@ -115,6 +115,22 @@ def test_n_samples_are_reproducible_and_distinct(llm):
     assert len({tuple(t) for t in ids}) == 3
 
 
+def test_requests_without_a_seed_draw_apart(tiny_model_dir):
+    """Each unseeded request gets its own seed (derived from the engine's seed and the request's
+    number): the same prompt sampled four times in one call, and again in a second call, gives
+    outputs that differ; a new engine with the same seed repeats them all."""
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    prompt = prompts(1, seed=20)[0]
+
+    def runs():
+        llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch", seed=3)
+        return [tuple(o.outputs[0].token_ids) for _ in range(2)
+                for o in llm.generate([prompt] * 4, params, use_tqdm=False)]
+    first = runs()
+    assert len(set(first)) == 8
+    assert runs() == first
+
+
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
     model, vocab = llm.engine.runner.model, llm.get_tokenizer().vocab_size
@@ -198,6 +214,35 @@ def test_text_and_stop_strings(llm):
     assert cut.finish_reason == "stop"
     assert cut.text == full[:full.index(stop)]
     assert stop not in cut.text
+
+
+def test_a_stop_string_the_last_token_completes_is_cut(llm):
+    """The token that completes a stop string may also be the last one max_tokens allows: the
+    stop string still ends the text there, finish_reason "stop", not "length"."""
+    text_prompt = "def main():\n    return"
+    free = llm.generate([text_prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    checked = 0
+    for k in range(3, 16):
+        # a stop string ending in the last character of token k's text, which only token k completes
+        before, upto = tok.decode(free.token_ids[:k - 1]), tok.decode(free.token_ids[:k])
+        stop = upto[-3:]
+        if len(upto) <= len(before) or len(upto) < 3 or stop in before or not free.text.startswith(upto):
+            continue
+        out = llm.generate([text_prompt], SamplingParams(temperature=0, stop=[stop], max_tokens=k,
+                                                         ignore_eos=True), use_tqdm=False)[0].outputs[0]
+        assert (out.finish_reason, out.text, len(out.token_ids)) == ("stop", upto[:upto.find(stop)], k), k
+        checked += 1
+    assert checked >= 3
+
+
+def test_a_prompt_that_fills_max_model_len_exactly_is_taken(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", max_model_len=40)
+    engine.add_request("fits", [2] + [7] * 35, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("over", [2] + [7] * 36, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(drain(engine)["fits"].outputs[0].token_ids) == 4
 
 
 def test_stop_strings_wait_for_min_tokens(llm, tiny_model_dir):

@@ -26,6 +26,8 @@ def engine(model_dir, **kwargs) -> Engine:
 
 
 def drain(eng: Engine, on_step=None) -> dict:
+    """Step until every request finished (their final outputs by id), checking after each step
+    that no more sequences run than max_num_seqs allows."""
     final = {}
     for step in range(20_000):
         if not eng.has_unfinished_requests():
@@ -35,6 +37,7 @@ def drain(eng: Engine, on_step=None) -> dict:
         for out in eng.step():
             if out.finished:
                 final[out.request_id] = out
+        assert len(eng.scheduler.running) <= eng.scheduler.max_num_seqs, step
     raise AssertionError("engine did not finish")
 
 
@@ -72,18 +75,26 @@ def test_sixty_prompts_under_preemption_equal_each_prompt_alone(tiny_model_dir, 
     eng = engine(tiny_model_dir, num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32,
                  enable_prefix_caching=prefix_caching)
     preempted = record_preemptions(eng)
-    reused = []
+    reused = []     # (request id, whether it had output tokens yet, prompt tokens reused) of each call
     reuse = eng.blocks.reuse_prefix
-    eng.blocks.reuse_prefix = lambda seq: reused.append(reuse(seq)) or reused[-1]
+
+    def recording(seq):
+        reused.append((seq.request_id, seq.num_output_tokens > 0, reuse(seq)))
+        return reused[-1][2]
+    eng.blocks.reuse_prefix = recording
     for i, p in enumerate(batch):
         eng.add_request(str(i), p, GREEDY)
     final = drain(eng)
     assert len(preempted) >= 10, "the pool was meant to force preemption"
-    assert (sum(reused) > 0) == prefix_caching
+    assert (sum(n for _, _, n in reused) > 0) == prefix_caching
     assert sorted(final, key=int) == [str(i) for i in range(60)]
     for i, p in enumerate(batch):
         assert final[str(i)].outputs[0].token_ids == alone(p).outputs[0].token_ids, i
         assert final[str(i)].outputs[0].finish_reason == "length"
+        # the prompt's reuse as its first admission found it: a recompute after a preemption
+        # (which reuses output blocks too) does not change what was reported
+        first = [n for request, had_output, n in reused if request == str(i) and not had_output]
+        assert final[str(i)].num_cached_tokens in first[-1:] + [0] * (not first), i
     assert_no_block_leak(eng)
 
 
@@ -228,6 +239,30 @@ def test_a_running_sequence_takes_back_blocks_from_waiting_samples(tiny_model_di
     assert final["b"].outputs[0].token_ids == alone(b_prompt, b_params).outputs[0].token_ids
     assert ([c.token_ids for c in final["a"].outputs]
             == [c.token_ids for c in alone(a_prompt, a_params).outputs])
+    assert_no_block_leak(eng)
+
+
+def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_model_dir):
+    """Sample 0 of an n = 2 request computes the prompt, and its first token is what the other
+    sample forks from: where that token fails (non-finite logits), sample 1 must still start,
+    and the request finish with one "error" and one "length" sample, no block left behind
+    (forking after the error check would leave sample 1 unscheduled and the request stuck)."""
+    eng = engine(tiny_model_dir)
+    model = eng.runner.model
+    real = model.compute_logits
+    rows = track_sampled_rows(eng.runner)
+
+    def poisoned(hidden):
+        logits = real(hidden)
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            if seq.index == 0 and seq.num_output_tokens + pending == 0:
+                logits[row] = float("nan")          # sample 0's first token
+        return logits
+    model.compute_logits = poisoned
+    eng.add_request("r", prompts(1, seed=9)[0], SamplingParams(n=2, temperature=1.0, max_tokens=5, ignore_eos=True))
+    out = drain(eng)["r"]
+    assert sorted((c.index, c.finish_reason) for c in out.outputs) == [(0, "error"), (1, "length")]
+    assert len(out.outputs[1].token_ids) == 5
     assert_no_block_leak(eng)
 
 

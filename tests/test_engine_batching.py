@@ -242,23 +242,29 @@ def test_a_running_sequence_takes_back_blocks_from_waiting_samples(tiny_model_di
     assert_no_block_leak(eng)
 
 
+def poison_logits(eng: Engine, where) -> None:
+    """NaN logits for the rows of the sequences where `where(seq, tokens drawn before this row)`:
+    under async scheduling the step computing a token may be launched ahead of the one before,
+    whose token is then pending, not yet counted."""
+    real = eng.runner.model.compute_logits
+    rows = track_sampled_rows(eng.runner)
+
+    def poisoned(hidden):
+        logits = real(hidden)
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            if where(seq, seq.num_output_tokens + pending):
+                logits[row] = float("nan")
+        return logits
+    eng.runner.model.compute_logits = poisoned
+
+
 def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_model_dir):
     """Sample 0 of an n = 2 request computes the prompt, and its first token is what the other
     sample forks from: where that token fails (non-finite logits), sample 1 must still start,
     and the request finish with one "error" and one "length" sample, no block left behind
     (forking after the error check would leave sample 1 unscheduled and the request stuck)."""
     eng = engine(tiny_model_dir)
-    model = eng.runner.model
-    real = model.compute_logits
-    rows = track_sampled_rows(eng.runner)
-
-    def poisoned(hidden):
-        logits = real(hidden)
-        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-            if seq.index == 0 and seq.num_output_tokens + pending == 0:
-                logits[row] = float("nan")          # sample 0's first token
-        return logits
-    model.compute_logits = poisoned
+    poison_logits(eng, lambda seq, drawn: seq.index == 0 and drawn == 0)     # sample 0's first token
     eng.add_request("r", prompts(1, seed=9)[0], SamplingParams(n=2, temperature=1.0, max_tokens=5, ignore_eos=True))
     out = drain(eng)["r"]
     assert sorted((c.index, c.finish_reason) for c in out.outputs) == [(0, "error"), (1, "length")]
@@ -268,18 +274,7 @@ def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_mo
 
 def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
     eng = engine(tiny_model_dir)
-    model = eng.runner.model
-    real = model.compute_logits
-    # (under async scheduling the step computing that token may be launched ahead of the first)
-    rows = track_sampled_rows(eng.runner)
-
-    def poisoned(hidden):
-        logits = real(hidden)
-        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-            if seq.request_id == "1" and seq.num_output_tokens + pending == 1:
-                logits[row] = float("nan")          # request "1"'s second token
-        return logits
-    model.compute_logits = poisoned
+    poison_logits(eng, lambda seq, drawn: seq.request_id == "1" and drawn == 1)     # request "1"'s second token
     batch = prompts(3, seed=8)
     for i, p in enumerate(batch):
         eng.add_request(str(i), p, GREEDY)

@@ -19,9 +19,9 @@ from .sampling_params import MAX_SAMPLES, SamplingParams, finite_float
 
 @dataclass
 class BeamSearchParams:
-    """`beam_width` beams (up to MAX_SAMPLES), each up to `max_tokens` new tokens. A finished or final beam scores
-    cumulative_logprob / len(token_ids) ** length_penalty; `ignore_eos` lets beams run past EOS.
-    Bad values raise ValueError naming the field."""
+    """`beam_width` beams (up to MAX_SAMPLES), each up to `max_tokens` new tokens. A finished or
+    final beam scores cumulative_logprob / len(token_ids) ** length_penalty; `ignore_eos` lets
+    beams run past EOS. Bad values raise ValueError naming the field."""
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False

@@ -62,6 +62,22 @@ def test_a_decode_out_of_blocks_preempts_the_newest_running_sequence_and_admits_
     assert blocks.num_free_blocks == 1                              # room for c's first chunk, unused
 
 
+def test_a_prompt_chunk_leaves_the_budget_its_younger_decodes_need():
+    """p, still computing its prompt, is older than three decodes: its chunk takes the budget
+    less one token for each of them (they come after it in the running order), so the step
+    holds all three decodes and no more tokens than max_num_batched_tokens."""
+    blocks = BlockManager(num_blocks=32, block_size=BLOCK, prefix_caching=False)
+    scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=8)
+    p = running(scheduler, "p", num_prompt=20, num_output=0, num_cached=4)
+    decodes = [running(scheduler, name, num_prompt=2, num_output=1, num_cached=2) for name in "abc"]
+
+    batch = scheduler.schedule()
+
+    assert names(batch.prefills) == ["p"] and names(batch.decodes) == ["a", "b", "c"]
+    assert p.num_scheduled_tokens == 8 - 3
+    assert sum(s.num_scheduled_tokens for s in [p, *decodes]) == 8
+
+
 def test_victims_are_taken_newest_first_until_the_chunk_fits():
     """The oldest sequence's prompt chunk needs two more blocks: d then c (the two newest) are
     preempted, b keeps decoding, and the queue holds them back in their old order, c first."""

@@ -34,6 +34,8 @@ import triton.language as tl
 from .launch_math import cdiv
 
 _MASK32 = 0xFFFFFFFF
+# The reference's clamp and the kernel's (a constexpr: compiled kernels may read no other global)
+FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: the largest scale with MAX_INT32 * scale < 1.0
@@ -85,16 +87,13 @@ def apply_repetition_penalty_ref(logits: torch.Tensor, seen_ids: torch.Tensor,
     return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
 def _finite_where_raw_is(raw: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
     """The penalised, temperature-scaled logits `scaled`, -inf where the raw logit is (a banned or
     padding id stays out), else clamped to float32's finite range. A penalty far below 1 divides
     a large logit past it (ids at +inf make the softmax NaN, inf - inf), one far above 1
     multiplies a negative logit past it (seen ids at -inf, as if banned: where every id allowed is
     seen, the argmax would take a banned one). They tie at the largest or lowest float instead."""
-    return torch.where(raw == float("-inf"), raw, scaled.clamp(-_FLOAT32_MAX, _FLOAT32_MAX))
+    return torch.where(raw == float("-inf"), raw, scaled.clamp(-FLOAT32_MAX.value, FLOAT32_MAX.value))
 
 
 def top_k_top_p_filter_ref(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -158,7 +157,6 @@ _BLOCK, _NUM_WARPS = 2048, 16  # ids per chunk of a pass: 4 per thread (one 8-by
 _SEEN_BLOCK = 256              # seen ids per chunk of the bitmap pass
 _CAND = 512                    # register tile of top-k candidates (covers top_k up to ~500)
 _NT = 16                       # thresholds tried per search step: 17-way, ~4 bits of key per step
-FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)   # a constexpr: compiled kernels may read no other global
 
 
 @triton.jit

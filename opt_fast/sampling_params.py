@@ -6,6 +6,8 @@ import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from .config import check_seed
 
 
@@ -20,8 +22,8 @@ MAX_SAMPLES = 1024
 # a value past float32's range would reach it as inf (a temperature of inf, or a penalty of 0 or
 # inf, makes every scaled logit alike or NaN); penalties are kept to its normal numbers.
 _INT64_MAX = 2 ** 63 - 1
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_MIN_NORMAL = torch.finfo(torch.float32).tiny
 
 
 @dataclass

@@ -140,7 +140,6 @@ def fill_empty(monkeypatch, value: float, int_value: int | None = None) -> None:
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-
 class PagedCache:
     """A NaN-poisoned paged KV cache and block tables that are random permutations of the blocks.
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernel_testing
-from kernel_testing import DEVICE, DTYPES, OPS, assert_close_to, gen, randn
+from kernel_testing import DEVICE, DTYPES, OPS, TOL, assert_close_to, gen, randn
 
 EPS = 1e-5
 # (tokens, in_features, out_features): primes, non-powers of two, head_dim 80 (2.7b) hidden sizes
@@ -144,7 +143,7 @@ def test_eps_weighs_on_rows_of_small_variance(ops, dtype, eps):
     w, b = ln_params(n, g, dtype)
     expected = naive_layer_norm(x, w, b, eps)
     # the check can fail: eps moves the expected outputs by far more than the tolerance
-    atol = kernel_testing.TOL[dtype][0]
+    atol = TOL[dtype][0]
     assert (expected - naive_layer_norm(x, w, b, eps / 100)).abs().max() > 100 * atol
     assert_close_to(ops.layer_norm(x, w, b, eps), expected, dtype, scale=1.0)
     lw, lb = linear_params(n, 29, g, dtype)

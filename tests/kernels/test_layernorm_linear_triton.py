@@ -170,7 +170,7 @@ def test_layernorm_linear_config_overrides(config):
 
 # Each place the statistics are computed takes the launch's eps: the GEMM's prologue, the
 # statistics kernel (stats_kernel, split-K), the LayerNorm launch (normalize_first, cublas); on
-# rows whose variance is near it (test_layer_norm_linear's shared test runs the default launches).
+# rows whose variance is near it (test_layernorm_linear.py's shared test runs the default launches).
 @pytest.mark.parametrize("options", [{}, dict(stats_kernel=True), dict(split_k=2), dict(normalize_first=True),
                                      dict(cublas=True)], ids=lambda o: ",".join(o) or "prologue")
 def test_each_launch_form_takes_its_eps(options):

@@ -171,6 +171,34 @@ def test_from_json_rejects_bad_ids_and_flags(tmp_path, field, value):
         OPTConfig.from_json(write_json(tmp_path / "config.json", raw))
 
 
+# Shapes the model cannot run: refused at load, naming the field, not at the first step (a view
+# error) or silently (gelu run as relu).
+@pytest.mark.parametrize("changes,field", [
+    (dict(hidden_size=100, num_attention_heads=3), "hidden_size"),
+    (dict(activation_function="gelu"), "activation_function"),
+    (dict(enable_bias=False), "enable_bias"),
+    (dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine")])
+def test_from_json_rejects_shapes_the_model_cannot_run(tmp_path, changes, field):
+    raw = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               ffn_dim=96)
+    raw.update(changes)
+    with pytest.raises(ValueError, match=field):
+        OPTConfig.from_json(write_json(tmp_path / "config.json", raw))
+
+
+@pytest.mark.parametrize("remove_final", [True, False])
+def test_to_hf_dict_is_read_back_by_transformers(remove_final):
+    """The config.json written for random-weight and demo checkpoints: transformers must read the
+    same shape from it, the final-LayerNorm flag (a private, underscored field there) included."""
+    transformers = pytest.importorskip("transformers")
+    config = OPTConfig(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, ffn_dim=80,
+                       word_embed_proj_dim=32, max_position_embeddings=64, remove_final_layer_norm=remove_final)
+    hf = transformers.OPTConfig(**config.to_hf_dict())
+    assert hf._remove_final_layer_norm is remove_final
+    assert (hf.hidden_size, hf.word_embed_proj_dim, hf.ffn_dim, hf.num_hidden_layers) == (48, 32, 80, 3)
+    assert OPTConfig.from_dict(hf.to_dict()) == config
+
+
 def test_from_json_rejects_other_model_types(tmp_path):
     path = write_json(tmp_path / "config.json", {"model_type": "gpt2", "hidden_size": 768})
     with pytest.raises(ValueError, match="gpt2"):

@@ -52,14 +52,20 @@ def test_greedy_matches_hf_token_for_token(hf_checkpoint, penalty):
 
 
 # max_num_seqs 2: the prompt rows' logits are taken two at a time (as many as the memory profile
-# ran), so a prompt's entries come from several pieces.
-@pytest.mark.parametrize("max_num_seqs", [256, 2])
-def test_prompt_logprobs_match_hf_log_softmax(hf_checkpoint, max_num_seqs):
+# ran), so a prompt's entries come from several pieces. "alternate": prompts 0, 2 and 4 do not ask
+# for prompt logprobs, so the rows of the others must be found past prompts that give none.
+@pytest.mark.parametrize("max_num_seqs,askers", [(256, "all"), (2, "all"), (256, "alternate")])
+def test_prompt_logprobs_match_hf_log_softmax(hf_checkpoint, max_num_seqs, askers):
     shape, ckpt, hf_model = hf_checkpoint
     llm = make_llm(ckpt, max_num_seqs=max_num_seqs)
     vocab = llm.get_tokenizer().vocab_size
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
+    asks = [askers == "all" or i % 2 == 1 for i in range(len(PROMPTS))]
+    params = [SamplingParams(max_tokens=1, prompt_logprobs=3 if ask else None) for ask in asks]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, out, ask in zip(PROMPTS, outs, asks):
+        if not ask:
+            assert out.prompt_logprobs is None
+            continue
         with torch.no_grad():
             logits = hf_model(input_ids=torch.tensor([prompt])).logits[0].float()
         reference = torch.log_softmax(logits[:, :vocab], dim=-1)

@@ -245,6 +245,34 @@ def test_a_prompt_that_fills_max_model_len_exactly_is_taken(tiny_model_dir):
     assert len(drain(engine)["fits"].outputs[0].token_ids) == 4
 
 
+def test_max_model_len_ends_at_the_last_learned_position(tiny_model_dir):
+    """The tiny model has 256 learned positions: a sequence may fill them all (its last token at
+    position 255), and a max_model_len one past them is refused, naming the field, rather than
+    indexing past the position table at the last step."""
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", max_model_len=256)
+    engine.add_request("full", [2] + [7] * 247, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    out = drain(engine)["full"].outputs[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(str(tiny_model_dir), device=test_device(), kernels="torch", max_model_len=257)
+
+
+def test_half_precision_logits_are_widened_before_any_softmax(tiny_model_dir):
+    """A bfloat16 model's logits reach the log-softmax as float32 (bfloat16 keeps 8 bits: its
+    logprobs would be off in the second decimal), on the eager path as on the graph path, which
+    copies them into a float32 buffer."""
+    llm = LLM(str(tiny_model_dir), "bfloat16", "cpu", "torch")
+    model = llm.engine.runner.model
+    hidden = torch.randn(3, 64, dtype=torch.bfloat16)
+    logits = model.compute_logits(hidden)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(hidden, model.decoder.embed_tokens.weight).float())
+    out = llm.generate([[2, 45, 101, 7, 300, 12]], SamplingParams(max_tokens=1, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    values = [v for entry in out.prompt_logprobs[1:] for v in entry.values()]
+    assert any(v != torch.tensor(v).bfloat16().item() for v in values)   # not rounded to bfloat16
+
+
 def test_stop_strings_wait_for_min_tokens(llm, tiny_model_dir):
     """A stop string completed before min_tokens tokens are out does not stop the output, and
     is not looked for again (only text that later tokens add is); one completed at or after
@@ -469,6 +497,21 @@ def test_llm_takes_design_arguments_by_position_and_names_unknown_ones(tiny_mode
         Engine(str(tiny_model_dir), torch_dtype=torch.float16)
     with pytest.raises(TypeError, match="torch_dtype"):
         LLM(str(tiny_model_dir), torch_dtype=torch.float16)
+
+
+def test_auto_dtype_is_float16_on_cuda_and_float32_elsewhere(monkeypatch):
+    """DESIGN.md §3: dtype "auto" is float16 on CUDA (the published checkpoints' own dtype; not
+    bfloat16), float32 on CPU; device None takes CUDA where there is one."""
+    from opt_fast.config import EngineConfig
+    from opt_fast.engine.model_runner import resolve_device_dtype
+    assert resolve_device_dtype(EngineConfig(device="cpu")) == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = EngineConfig()
+    assert resolve_device_dtype(cfg) == (torch.device("cuda"), torch.float16)
+    cfg.device = "cuda:0"        # (EngineConfig itself refuses CUDA on a machine without it)
+    assert resolve_device_dtype(cfg) == (torch.device("cuda", 0), torch.float16)
+    cfg.dtype = "bfloat16"
+    assert resolve_device_dtype(cfg) == (torch.device("cuda", 0), torch.bfloat16)
 
 
 def test_text_prompt_without_tokenizer_is_a_value_error(tmp_path, tiny_model_dir):

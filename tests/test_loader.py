@@ -333,6 +333,25 @@ def test_tensors_the_config_has_no_place_for_are_refused(hf_checkpoint, tmp_path
         load_weights(fresh_model(folder), folder)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin_bare"])
+def test_a_post_ln_checkpoints_unused_final_layer_norm_is_ignored(hf_checkpoint, tmp_path, fmt):
+    """facebook/opt-350m's files carry a final LayerNorm that its post-LN config never runs
+    (transformers' model has no such module and leaves it unread): the checkpoint loads, the
+    tensors (NaN here) go nowhere."""
+    shape, src, hf_model = hf_checkpoint
+    if hf_model.config.do_layer_norm_before:
+        pytest.skip("a pre-LN model has a final LayerNorm of its own")
+    width = hf_model.config.hidden_size
+    state = hf_state(hf_model)
+    assert not any(k.startswith("model.decoder.final_layer_norm.") for k in state)
+    unused = {f"model.decoder.final_layer_norm.{leaf}": torch.full((width,), float("nan"))
+              for leaf in ("weight", "bias")}
+    folder = write_checkpoint(fmt, src, hf_model, tmp_path, state={**state, **unused})
+    model = fresh_model(folder)
+    load_weights(model, folder)
+    assert_params_equal(model, expected_params(state))
+
+
 def test_a_tensor_given_twice_is_refused(hf_checkpoint, tmp_path):
     _, src, hf_model = hf_checkpoint
     state = hf_state(hf_model)

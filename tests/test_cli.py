@@ -181,12 +181,53 @@ def test_bench_json(capsys, tiny_model_dir):
 
 @pytest.mark.parametrize("flags, key, value", [(["--no-prefix-caching"], "enable_prefix_caching", False),
                                                (["--async-scheduling"], "async_scheduling", True),
-                                               (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8")])
+                                               (["--kv-cache-dtype", "fp8"], "kv_cache_dtype", "fp8"),
+                                               (["--dtype", "bfloat16"], "dtype", "bfloat16"),
+                                               (["--enforce-eager"], "enforce_eager", True),
+                                               (["--num-kv-blocks", "40"], "num_kv_blocks", 40),
+                                               (["--tp", "2"], "tensor_parallel_size", 2)])
 def test_engine_flags_reach_the_engine(capsys, tiny_model_dir, flags, key, value):
-    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+    device = "cpu" if "--tp" in flags else test_device()
+    rc, out, err = cli(capsys, "bench", "--model", tiny_model_dir, "--device", device, "--kernels", "torch",
                        "--num-prompts", "2", "--input-len", "20", "--output-len", "2", *flags, "--json")
     assert rc == 0, err
     assert json.loads(out)[key] == value
+
+
+def test_max_model_len_flag_reaches_the_engine(capsys, tiny_model_dir):
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--prompt", "import os", "--max-tokens", "20", "--max-model-len", "8")
+    assert rc == 2 and "max_model_len=8" in err
+
+
+def test_beam_flags_reach_beam_search(capsys, monkeypatch, tiny_model_dir):
+    """--ignore-eos and --length-penalty reach BeamSearchParams; the JSON holds the prompt's ids,
+    each beam's own cumulative logprob and its score; --logprobs does not combine with beams."""
+    from opt_fast import LLM, BeamSearchParams
+    received = []
+    real = LLM.beam_search
+    monkeypatch.setattr(LLM, "beam_search", lambda self, prompts, params: received.append(params)
+                        or real(self, prompts, params))
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--prompt", "import os", "--beam-width", "2", "--max-tokens", "3", "--ignore-eos",
+                       "--length-penalty", "0.5", "--json")
+    assert rc == 0, err
+    assert received == [BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True, length_penalty=0.5)]
+    row = json.loads(out)
+    tokenizer = LLM(str(tiny_model_dir), device=test_device(), kernels="torch").get_tokenizer()
+    assert row["prompt_token_ids"] == tokenizer.encode("import os")
+    for beam in row["beams"]:
+        assert beam["score"] == pytest.approx(beam["cumulative_logprob"] / len(beam["token_ids"]) ** 0.5)
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "x", "--beam-width", "2",
+                       "--logprobs", "1")
+    assert rc == 2 and "--logprobs" in err
+
+
+def test_text_output_labels_each_of_n_samples(capsys, tiny_model_dir):
+    rc, out, err = cli(capsys, "generate", "--model", tiny_model_dir, "--device", test_device(), "--kernels", "torch",
+                       "--prompt", "import os", "--max-tokens", "2", "--n", "2")
+    assert rc == 0, err
+    assert [line[:4] for line in out.splitlines()] == ["[0] ", "[1] "]
 
 
 def test_bench_random_range_ratio_draws_seeded_lengths(capsys, tiny_model_dir):

@@ -79,6 +79,29 @@ def test_stop_string_not_in_the_text_runs_to_max_tokens(scripted):
     assert final.text == engine.tokenizer.decode(final.token_ids)
 
 
+@pytest.mark.parametrize("stop", [None, ["never"]])
+def test_skip_special_tokens_false_keeps_them_in_the_text(tiny_model_dir, monkeypatch, stop):
+    """Every row draws <pad>: with skip_special_tokens=False the text holds it, in the final
+    decode (no stop strings) and in the incremental one (stop strings are looked for as text
+    grows)."""
+    from opt_fast import LLM
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
+    tokenizer, model = llm.get_tokenizer(), llm.engine.runner.model
+    compute_logits = model.compute_logits
+
+    def pad_first(hidden, out=None):
+        logits = compute_logits(hidden)
+        logits[:, tokenizer.pad_token_id] += 1e4
+        return logits if out is None else out.copy_(logits)
+    monkeypatch.setattr(model, "compute_logits", pad_first)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, skip_special_tokens=False, stop=stop)
+    out = llm.generate("import os", params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [tokenizer.pad_token_id] * 2 and out.text == "<pad><pad>"
+    skipped = llm.generate("import os", SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, stop=stop),
+                           use_tqdm=False)[0].outputs[0]
+    assert skipped.token_ids == out.token_ids and skipped.text == ""
+
+
 def test_held_back_text_is_the_longest_end_that_could_begin_a_stop_string():
     from types import SimpleNamespace
     from opt_fast.engine.engine import _visible_text

@@ -196,6 +196,26 @@ def test_top_p_zero_keeps_the_most_likely_token(predictor, flagai_root):
     assert out != predictor.predict_generate_randomsample(TEXTS[0], out_max_length=16, seed=1)
 
 
+def test_top_p_and_temperature_reach_the_sampler(predictor):
+    """Under top-k 30, a nucleus of 1e-6 and a temperature of 1e-4 each leave the argmax alone,
+    so both equal top-k 1 (which the deterministic tests use, and which hides both settings)."""
+    def run(**settings):
+        return predictor.predict_generate_randomsample(TEXTS[0], out_max_length=12, seed=3, **settings)
+    greedy = run(top_k=1)
+    assert run(top_k=30, top_p=1e-6) == greedy
+    assert run(top_k=30, temperature=1e-4) == greedy
+    assert run(top_k=30) != greedy
+
+
+def test_prompt_plus_output_may_fill_every_position(predictor):
+    limit = predictor.model.llm.engine.max_model_len
+    prompt_len = len(predictor.tokenizer.encode(TEXTS[0]))
+    assert isinstance(predictor.predict_generate_randomsample(TEXTS[0], out_max_length=limit - prompt_len,
+                                                              top_k=1), str)
+    with pytest.raises(ValueError, match="out_max_length"):
+        predictor.predict_generate_randomsample(TEXTS[0], out_max_length=limit - prompt_len + 1, top_k=1)
+
+
 def test_prompt_is_truncated_and_loses_a_trailing_end_token(predictor, monkeypatch):
     llm = predictor.model.llm
     prompts = []

@@ -151,6 +151,38 @@ def test_two_ranks_random_weights_are_the_one_rank_model(tiny_model_dir):
     assert [o.outputs[0].token_ids for o in other_seed] != [o.outputs[0].token_ids for o in one]
 
 
+def test_ranks_agree_on_the_smallest_kv_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """Rank 1 has room for fewer blocks than rank 0 (as GPUs with different free memory have):
+    every rank's cache takes the smaller count, else rank 0 would hand out block ids past the
+    end of rank 1's cache."""
+    (tmp_path / "small_cache.py").write_text("from opt_fast.engine import model_runner\n"
+                                             "model_runner._CPU_KV_CACHE_BYTES = 1 << 20\n")
+    monkeypatch.setattr(workers, "_WORKER_MAIN", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                                                 f"import small_cache; {workers._WORKER_MAIN}")
+    llm = cpu_llm(tiny_model_dir, 2)
+    try:
+        runner = llm.engine.runner
+        assert runner.num_kv_blocks == (1 << 20) // runner._bytes_per_block()
+        out = llm.generate([[2, 5]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 2
+    finally:
+        llm.close()
+
+
+def test_two_ranks_with_async_scheduling_asked_for_run_in_step(tiny_model_dir):
+    """With two ranks no step is launched ahead (the other ranks would need its input tokens sent
+    to them; launched ahead, generation hung): the outputs are one rank's."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    one = generate(tiny_model_dir, 1, PROMPTS[:3], params)
+    llm = cpu_llm(tiny_model_dir, 2, async_scheduling=True)
+    try:
+        assert not llm.engine.runner.can_launch_ahead(["x"])
+        two = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    finally:
+        llm.close()
+    assert_same_outputs(one, two)
+
+
 def test_two_ranks_on_triton_kernels(tiny_model_dir):
     """kernels="triton" (the interpreter) with two ranks: rank 0's fused out_proj/fc2 epilogue
     adds the bias and residual, the other rank's GEMM is bare."""

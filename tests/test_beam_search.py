@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import TINY_SHAPES, build_hf_model
+from opt_testing import TINY_SHAPES, build_hf_model, favour
 from opt_fast import LLM, BeamSearchParams, SamplingParams
 
 VOCAB = 300     # no tokenizer: the engine scores all the model's rows, as HF does
@@ -157,18 +157,12 @@ def test_text_prompts_and_a_beam_wider_than_half_the_vocabulary(tiny_model_dir):
     assert len(wide.sequences) == tokenizer.vocab_size // 2 + 3
 
 
-def test_a_beam_that_ends_in_eos_has_no_end_token_in_its_text(tiny_model_dir, monkeypatch):
-    """EOS is made likely, so beams stop on it: their token_ids end in it, their text (like
-    every text here) is decoded without special tokens."""
+def test_a_beam_that_ends_in_eos_has_no_end_token_in_its_text(tiny_model_dir):
+    """EOS is made the likeliest token, so beams stop on it: their token_ids end in it, their
+    text (like every text here) is decoded without special tokens."""
     llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
-    tokenizer, model = llm.get_tokenizer(), llm.engine.runner.model
-    compute_logits = model.compute_logits
-
-    def eos_favoured(hidden, out=None):
-        logits = compute_logits(hidden)
-        logits[:, tokenizer.eos_token_id] += 5.0
-        return logits if out is None else out.copy_(logits)
-    monkeypatch.setattr(model, "compute_logits", eos_favoured)
+    tokenizer = llm.get_tokenizer()
+    favour(llm.engine.runner.model, tokenizer.eos_token_id)
     out = llm.beam_search("import os", BeamSearchParams(beam_width=3, max_tokens=4))[0]
     assert any(s.finish_reason == "stop" and s.token_ids[-1] == tokenizer.eos_token_id for s in out.sequences)
     for sequence in out.sequences:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import on_launch, test_device
+from opt_testing import favour, on_launch, test_device
 from opt_fast import Engine, LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -146,17 +146,6 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
                                              for t in (0.0, 0.5, 1.0, 2.0)], use_tqdm=False)
     for out in outs:
         assert max(out.outputs[0].token_ids) < vocab
-
-
-def favour(model, token: int) -> None:
-    """Make `model` put nearly all mass on `token` at every step (its logit 20 above the max)."""
-    real = model.compute_logits
-
-    def favoured(hidden):
-        logits = real(hidden)
-        logits[:, token] = logits.max(dim=-1).values + 20.0
-        return logits
-    model.compute_logits = favoured
 
 
 def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import test_device, track_sampled_rows
+from opt_testing import favour, test_device, track_sampled_rows
 from opt_fast import Engine, SamplingParams
 
 TEXT = " Grüße, 世界! naïve café 🙂 — fin."
@@ -80,20 +80,14 @@ def test_stop_string_not_in_the_text_runs_to_max_tokens(scripted):
 
 
 @pytest.mark.parametrize("stop", [None, ["never"]])
-def test_skip_special_tokens_false_keeps_them_in_the_text(tiny_model_dir, monkeypatch, stop):
+def test_skip_special_tokens_false_keeps_them_in_the_text(tiny_model_dir, stop):
     """Every row draws <pad>: with skip_special_tokens=False the text holds it, in the final
     decode (no stop strings) and in the incremental one (stop strings are looked for as text
     grows)."""
     from opt_fast import LLM
-    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
-    tokenizer, model = llm.get_tokenizer(), llm.engine.runner.model
-    compute_logits = model.compute_logits
-
-    def pad_first(hidden, out=None):
-        logits = compute_logits(hidden)
-        logits[:, tokenizer.pad_token_id] += 1e4
-        return logits if out is None else out.copy_(logits)
-    monkeypatch.setattr(model, "compute_logits", pad_first)
+    llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
+    tokenizer = llm.get_tokenizer()
+    favour(llm.engine.runner.model, tokenizer.pad_token_id)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, skip_special_tokens=False, stop=stop)
     out = llm.generate("import os", params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [tokenizer.pad_token_id] * 2 and out.text == "<pad><pad>"

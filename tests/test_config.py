@@ -156,6 +156,11 @@ def test_from_json_defaults(tmp_path):
     assert config.word_embed_proj_dim == 96 and not config.has_projections
 
 
+# A config.json the checks below each spoil one field of.
+SMALL_CONFIG = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    ffn_dim=96)
+
+
 # Token ids past the vocabulary (or not ints) would fail every engine step, JSON strings for
 # flags would read as true: refused at load, naming the field.
 @pytest.mark.parametrize("field,value", [
@@ -164,8 +169,7 @@ def test_from_json_defaults(tmp_path):
     ("do_layer_norm_before", "false"), ("_remove_final_layer_norm", 1), ("enable_bias", "true"),
     ("num_hidden_layers", True)])
 def test_from_json_rejects_bad_ids_and_flags(tmp_path, field, value):
-    raw = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-               ffn_dim=96)
+    raw = dict(SMALL_CONFIG)
     raw[field] = value
     with pytest.raises(ValueError, match=field.lstrip("_")):
         OPTConfig.from_json(write_json(tmp_path / "config.json", raw))
@@ -179,8 +183,7 @@ def test_from_json_rejects_bad_ids_and_flags(tmp_path, field, value):
     (dict(enable_bias=False), "enable_bias"),
     (dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine")])
 def test_from_json_rejects_shapes_the_model_cannot_run(tmp_path, changes, field):
-    raw = dict(model_type="opt", vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-               ffn_dim=96)
+    raw = dict(SMALL_CONFIG)
     raw.update(changes)
     with pytest.raises(ValueError, match=field):
         OPTConfig.from_json(write_json(tmp_path / "config.json", raw))

@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# One test worker per core (pytest-xdist): most of the suite is the single-threaded Triton
+# interpreter. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 run: setup
 	$(BIN)/python scripts/demo.py

@@ -14,6 +14,8 @@ Modules in `EXEMPT` choose async scheduling themselves and are left alone.
 Each test's engines, Engine.step calls and steps launched ahead (those a step call leaves in
 flight) are counted; the terminal summary lists them per file, and the tests whose engines
 stepped but launched nothing ahead. OPT_FAST_TEST_ASYNC_REPORT=path also writes them as JSON.
+Run it in one process, as above (not through `make test`, whose pytest-xdist workers would keep
+the counts to themselves).
 """
 from __future__ import annotations
 

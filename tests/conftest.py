@@ -7,13 +7,21 @@ and the model's vocabulary has 7 padding rows past the tokenizer's, as real OPT 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import opt_fast.kernels  # noqa: F401  (before any test module imports triton: see check_interpreter)
+import torch
 from opt_testing import PADDING_ROWS, TINY_SHAPES, build_hf_model
 import async_switch
+
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes its share of the
+# cores: torch's default of one thread per core in every worker would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config):

@@ -10,7 +10,8 @@ L2 prefetches before their griddepcontrol.wait. Run with `python -m opt_fast.ker
 one block may have on the target (a launch there would fail), more registers than a spec's cap
 (max_registers, ptxas's maxnreg), a GEMM-like kernel without `mma` /
 `wgmma`, TMA loads without them, a warp-specialised loop left whole, or a memory access before
-the wait.
+the wait. `--covering` compiles a subset that still shows every kernel on each target with every
+word of the specialisation labels and every pair of them (the CI test runs that).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def compile_spec(spec: CompileSpec, capability: int):
 
 
 def compile_one(spec: CompileSpec, capability: int, target_name: str) -> CompileResult:
-    result = CompileResult(_kernel_name(spec), spec.label, target_name)
+    result = CompileResult(kernel_name(spec), spec.label, target_name)
     try:
         compiled = compile_spec(spec, capability)
     except Exception as err:  # a compile error is a finding, reported in the table
@@ -160,19 +161,21 @@ def _compile_job(index: int) -> CompileResult:
 
 
 def every_job(specs: list[CompileSpec]) -> list[Job]:
+    """Each spec on each of its targets."""
     return [(spec, cap, name) for spec in specs for cap, name in TARGETS if cap in spec.targets]
 
 
-def _kernel_name(spec: CompileSpec) -> str:
+def kernel_name(spec: CompileSpec) -> str:
+    """The kernel's function name (Triton and Gluon kernels keep it in different places)."""
     return getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
 
 
-def _traits(job: Job) -> set[tuple]:
+def job_traits(job: Job) -> set[tuple]:
     """What a job exercises: each word of its label (dtype, head size, tiles, warps and stages,
     flags such as tma or pdl-wait) and each pair of words, per kernel and target."""
     spec, cap, _ = job
     words = spec.label.split()
-    kernel = _kernel_name(spec)
+    kernel = kernel_name(spec)
     return ({(kernel, cap, word) for word in words}
             | {(kernel, cap, a, b) for i, a in enumerate(words) for b in words[i + 1:]})
 
@@ -181,7 +184,7 @@ def covering_jobs(jobs: list[Job]) -> list[Job]:
     """A subset of `jobs` in which every trait of every job still appears (greedy set cover, in
     a fixed order): each kernel on each target, with every label word and every pair of them,
     in about a fifth of the compiles. The CI test runs this; `make compile-check` runs all."""
-    traits = [_traits(job) for job in jobs]
+    traits = [job_traits(job) for job in jobs]
     uncovered = set().union(*traits) if traits else set()
     chosen = []
     while uncovered:

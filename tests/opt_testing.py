@@ -97,15 +97,32 @@ def install_emulated_graphs() -> None:
     ModelRunner._emulate_graphs = emulate_graphs
 
 
-def favour(model, token: int) -> None:
-    """Make `model` put nearly all mass on `token` at every step (its logit 20 above the max)."""
-    real = model.compute_logits
+def eager_on_cuda() -> dict:
+    """Engine keyword arguments for a test that replaces the model's compute_logits: on CUDA the
+    decode graphs are captured when the engine is built and would replay the real one; on CPU
+    there are none (or the async switch's emulated ones, which see the patch), so no change."""
+    return {"enforce_eager": True} if test_device() == "cuda" else {}
 
-    def favoured(hidden):
-        logits = real(hidden)
-        logits[:, token] = logits.max(dim=-1).values + 20.0
-        return logits
-    model.compute_logits = favoured
+
+def replace_compute_logits(runner, make) -> None:
+    """Replace `runner.model.compute_logits` by `make(real)`, a one-argument function of the
+    hidden states; refuses a runner with real (CUDA) decode graphs, which would go on replaying
+    the real one unseen: build its engine with **eager_on_cuda()."""
+    if runner.graphs is not None and runner.device.type == "cuda":
+        raise AssertionError("this engine replays CUDA decode graphs: build it with **eager_on_cuda()")
+    runner.model.compute_logits = make(runner.model.compute_logits)
+
+
+def favour(runner, token: int) -> None:
+    """Make `runner`'s model put nearly all mass on `token` at every step (its logit 20 above
+    the max)."""
+    def make(real):
+        def favoured(hidden):
+            logits = real(hidden)
+            logits[:, token] = logits.max(dim=-1).values + 20.0
+            return logits
+        return favoured
+    replace_compute_logits(runner, make)
 
 
 def on_launch(runner, callback) -> None:

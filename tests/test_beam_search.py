@@ -162,7 +162,7 @@ def test_a_beam_that_ends_in_eos_has_no_end_token_in_its_text(tiny_model_dir):
     text (like every text here) is decoded without special tokens."""
     llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
     tokenizer = llm.get_tokenizer()
-    favour(llm.engine.runner.model, tokenizer.eos_token_id)
+    favour(llm.engine.runner, tokenizer.eos_token_id)
     out = llm.beam_search("import os", BeamSearchParams(beam_width=3, max_tokens=4))[0]
     assert any(s.finish_reason == "stop" and s.token_ids[-1] == tokenizer.eos_token_id for s in out.sequences)
     for sequence in out.sequences:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import favour, on_launch, test_device
+from opt_testing import eager_on_cuda, favour, on_launch, replace_compute_logits, test_device
 from opt_fast import Engine, LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -132,16 +132,17 @@ def test_requests_without_a_seed_draw_apart(tiny_model_dir):
 
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
-    model, vocab = llm.engine.runner.model, llm.get_tokenizer().vocab_size
-    assert model.config.vocab_size > vocab
-    real = model.compute_logits
+    llm = LLM(str(tiny_model_dir), device=test_device(), kernels="torch", **eager_on_cuda())
+    vocab = llm.get_tokenizer().vocab_size
+    assert llm.engine.runner.model.config.vocab_size > vocab
 
-    def favour_padding_rows(hidden):
-        logits = real(hidden)
-        logits[:, vocab:] += 1000.0
-        return logits
-    model.compute_logits = favour_padding_rows
+    def make(real):
+        def favour_padding_rows(hidden):
+            logits = real(hidden)
+            logits[:, vocab:] += 1000.0
+            return logits
+        return favour_padding_rows
+    replace_compute_logits(llm.engine.runner, make)
     outs = llm.generate(prompts(4, seed=7), [SamplingParams(temperature=t, max_tokens=6, seed=1, ignore_eos=True)
                                              for t in (0.0, 0.5, 1.0, 2.0)], use_tqdm=False)
     for out in outs:
@@ -163,8 +164,8 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):
     assert stop_at not in out.token_ids[:first + 3]        # every one of the first min_tokens tokens
     # The greedy run above may not want stop_at where the ban ends; a model that always puts
     # stop_at first does: banned for exactly min_tokens tokens, then it ends the output.
-    favouring = LLM(str(tiny_model_dir), device=test_device(), kernels="torch")
-    favour(favouring.engine.runner.model, stop_at)
+    favouring = LLM(str(tiny_model_dir), device=test_device(), kernels="torch", **eager_on_cuda())
+    favour(favouring.engine.runner, stop_at)
     out = favouring.generate([prompt], min_tokens, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == first + 4 and out.finish_reason == "stop"
     assert stop_at not in out.token_ids[:first + 3] and out.token_ids[first + 3] == stop_at
@@ -545,9 +546,9 @@ def test_min_tokens_bans_eos_until_they_are_out(tiny_model_dir, temperature):
     """A model whose every step puts nearly all mass on EOS: alone it stops at once; with
     min_tokens=3 three tokens come first (greedy and sampled, as HF and vLLM count), then EOS
     ends it."""
-    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", **eager_on_cuda())
     eos = engine.eos_token_id
-    favour(engine.runner.model, eos)
+    favour(engine.runner, eos)
     prompt = prompts(1, seed=13)[0]
     free = dict(temperature=temperature, max_tokens=8, seed=5)
     engine.add_request("free", prompt, SamplingParams(**free))

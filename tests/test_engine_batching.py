@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from opt_testing import on_launch, test_device, track_sampled_rows
+from opt_testing import eager_on_cuda, on_launch, replace_compute_logits, test_device, track_sampled_rows
 from opt_fast import Engine, LLM, SamplingParams
 from opt_fast.engine.engine import derive_seed
 
@@ -246,16 +246,17 @@ def poison_logits(eng: Engine, where) -> None:
     """NaN logits for the rows of the sequences where `where(seq, tokens drawn before this row)`:
     under async scheduling the step computing a token may be launched ahead of the one before,
     whose token is then pending, not yet counted."""
-    real = eng.runner.model.compute_logits
     rows = track_sampled_rows(eng.runner)
 
-    def poisoned(hidden):
-        logits = real(hidden)
-        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-            if where(seq, seq.num_output_tokens + pending):
-                logits[row] = float("nan")
-        return logits
-    eng.runner.model.compute_logits = poisoned
+    def make(real):
+        def poisoned(hidden):
+            logits = real(hidden)
+            for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+                if where(seq, seq.num_output_tokens + pending):
+                    logits[row] = float("nan")
+            return logits
+        return poisoned
+    replace_compute_logits(eng.runner, make)
 
 
 def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_model_dir):
@@ -263,7 +264,7 @@ def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_mo
     sample forks from: where that token fails (non-finite logits), sample 1 must still start,
     and the request finish with one "error" and one "length" sample, no block left behind
     (forking after the error check would leave sample 1 unscheduled and the request stuck)."""
-    eng = engine(tiny_model_dir)
+    eng = engine(tiny_model_dir, **eager_on_cuda())
     poison_logits(eng, lambda seq, drawn: seq.index == 0 and drawn == 0)     # sample 0's first token
     eng.add_request("r", prompts(1, seed=9)[0], SamplingParams(n=2, temperature=1.0, max_tokens=5, ignore_eos=True))
     out = drain(eng)["r"]
@@ -273,7 +274,7 @@ def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_mo
 
 
 def test_non_finite_logits_fail_one_request_alone(tiny_model_dir):
-    eng = engine(tiny_model_dir)
+    eng = engine(tiny_model_dir, **eager_on_cuda())
     poison_logits(eng, lambda seq, drawn: seq.request_id == "1" and drawn == 1)     # request "1"'s second token
     batch = prompts(3, seed=8)
     for i, p in enumerate(batch):

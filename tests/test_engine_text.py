@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import favour, test_device, track_sampled_rows
+from opt_testing import eager_on_cuda, favour, replace_compute_logits, test_device, track_sampled_rows
 from opt_fast import Engine, SamplingParams
 
 TEXT = " Grüße, 世界! naïve café 🙂 — fin."
@@ -15,26 +15,24 @@ TEXT = " Grüße, 世界! naïve café 🙂 — fin."
 @pytest.fixture()
 def scripted(tiny_model_dir):
     """(engine, script): each request's model emits `script` token by token, then EOS."""
-    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch")
+    engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", **eager_on_cuda())
     script = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(script) > len(TEXT.encode()) // 3       # the tiny vocabulary splits the text finely
-    runner = engine.runner
-    model = runner.model
-    real = model.compute_logits
-
     # (under async scheduling a step may be launched ahead: it computes the token after the one
     # in flight, which num_output_tokens does not count yet)
-    rows = track_sampled_rows(runner)
+    rows = track_sampled_rows(engine.runner)
 
-    def forced(hidden):
-        logits = real(hidden)
-        forced_rows = torch.full_like(logits, -30.0)
-        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-            position = seq.num_output_tokens + pending
-            target = script[position] if position < len(script) else engine.eos_token_id
-            forced_rows[row, target] = 30.0
-        return forced_rows
-    model.compute_logits = forced
+    def make(real):
+        def forced(hidden):
+            logits = real(hidden)
+            forced_rows = torch.full_like(logits, -30.0)
+            for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+                position = seq.num_output_tokens + pending
+                target = script[position] if position < len(script) else engine.eos_token_id
+                forced_rows[row, target] = 30.0
+            return forced_rows
+        return forced
+    replace_compute_logits(engine.runner, make)
     return engine, script
 
 
@@ -87,7 +85,7 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(tiny_model_dir, stop):
     from opt_fast import LLM
     llm = LLM(str(tiny_model_dir), device="cpu", kernels="torch")
     tokenizer = llm.get_tokenizer()
-    favour(llm.engine.runner.model, tokenizer.pad_token_id)
+    favour(llm.engine.runner, tokenizer.pad_token_id)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, skip_special_tokens=False, stop=stop)
     out = llm.generate("import os", params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [tokenizer.pad_token_id] * 2 and out.text == "<pad><pad>"

@@ -25,9 +25,9 @@ def test_the_covering_subset_keeps_every_kernel_target_and_label_word():
         "from opt_fast.kernels import compile_check as cc\n"
         "jobs = cc.every_job(cc.all_specs())\n"
         "subset = cc.covering_jobs(jobs)\n"
-        "whole = set().union(*map(cc._traits, jobs))\n"
-        "kept = set().union(*map(cc._traits, subset))\n"
-        "kernels = lambda js: {(cc._kernel_name(s), cap) for s, cap, _ in js}\n"
+        "whole = set().union(*map(cc.job_traits, jobs))\n"
+        "kept = set().union(*map(cc.job_traits, subset))\n"
+        "kernels = lambda js: {(cc.kernel_name(s), cap) for s, cap, _ in js}\n"
         "print(len(subset) < len(jobs) / 3, kept == whole, kernels(subset) == kernels(jobs),\n"
         "      all(j in jobs for j in subset))\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}

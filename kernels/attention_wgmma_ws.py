@@ -58,7 +58,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_output, _store_tile_rows,
                               _wgmma_layout, head_descriptor, variant_specs)
-from .device import sm_count
+from .attention_tiles import WGMMA_CAPABILITY, _fail
+from .device import SHARED_LIMITS, sm_count
 
 # Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
 CONSUMER_ROWS = gl.constexpr(64)
@@ -73,6 +74,15 @@ MAX_REGISTERS = 168
 # Persistent launches (Tiles.persistent): one program an SM holds 176 KB of shared memory at
 # 128-key tiles and head 128, and the registers of 12 warps.
 PROGRAMS_PER_SM = 1
+# Shared memory the compiler adds past the q, k and v slots (barriers, the item slot, the
+# epilogue's scratch): 16552 to 16632 B in every compiled candidate (compile check, sm_90).
+_SCRATCH_BYTES = 16640
+
+
+def shared_bytes(head_dim: int, block_n: int, stages: int, itemsize: int) -> int:
+    """Shared memory of a program, to within the scratch's rounding up: both consumers' q slots of
+    [CONSUMER_ROWS, head_dim], `stages` k and v slots of [block_n, head_dim], the scratch."""
+    return (2 * CONSUMER_ROWS.value + 2 * stages * block_n) * head_dim * itemsize + _SCRATCH_BYTES
 
 
 @gluon.jit
@@ -463,6 +473,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     grid's programs as work items on a grid of its own: one program an item, or with
     `persistent` (Tiles.persistent) PROGRAMS_PER_SM programs an SM, each taking items in
     turn."""
+    needed = shared_bytes(q.shape[2], block_n, num_stages, q.element_size())
+    if needed > SHARED_LIMITS[WGMMA_CAPABILITY]:
+        _fail(f"tiles.num_stages {num_stages} at tiles.block_n {block_n} gives the warp-specialised Gluon kernel "
+              f"{needed // 1024} KB of shared memory at head_dim {q.shape[2]}, past the "
+              f"{SHARED_LIMITS[WGMMA_CAPABILITY] // 1024} KB of an SM")
     heads_per_group, places, groups = grid
     items = heads_per_group * places * groups
     programs = min(items, PROGRAMS_PER_SM * sm_count(q.device)) if persistent else items

@@ -457,6 +457,24 @@ def test_persistent_launch_refuses_slot_sets_past_shared_memory(monkeypatch):
     assert attention_wgmma_persistent.shared_bytes(128, 128, 2, 2) == 229392
 
 
+def test_warp_specialised_launch_refuses_tiles_past_shared_memory(monkeypatch):
+    """128-key tiles in three stages at head 128 would need 240 KB: a ValueError naming the
+    tiles, before any launch (Triton would fail it for want of resources); the count is what
+    the compile check measures (next test), so two stages (176 KB) pass the check."""
+    monkeypatch.setattr(attention_wgmma_ws, "_prefill_wgmma_ws_kernel", type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: launched.append(grid)})())
+    launched = []
+    args, _ = context_free_case([16, 5], 2, 128, torch.float16, seed=29)
+    q, k, v, key_cache, value_cache, cu = args[:6]
+    with pytest.raises(ValueError, match=r"tiles.num_stages 3 at tiles.block_n 128 gives the warp-specialised "
+                                         r"Gluon kernel 240 KB of shared memory at head_dim 128"):
+        attention_wgmma_ws.launch(q, k, v, torch.empty_like(q), cu, 0.1, 128, 3, (2, 1, 1), 0, 1, key_cache,
+                                  value_cache)
+    assert not launched
+    attention_wgmma_ws.launch(q, k, v, torch.empty_like(q), cu, 0.1, 128, 2, (2, 1, 1), 0, 1, key_cache, value_cache)
+    assert launched == [(2,)]
+
+
 def test_compiled_warp_specialised_kernel_splits_its_warps():
     """The warp-specialised form compiled for sm_90 (no GPU needed), at the 128-key candidate
     and head 128: registers moved to both consumers (setmaxnreg 240: the worker raised to it,
@@ -467,7 +485,7 @@ def test_compiled_warp_specialised_kernel_splits_its_warps():
     the other or on the producer but through the mbarriers; and every mbarrier arrival (one
     thread's) follows its partition's barrier, so the whole warpgroup is done with a slot when
     the producer hears of it. The pingpong form waits on its turns besides: more mbarrier
-    waits than the plain form."""
+    waits than the plain form. Its shared memory is what the launcher counts (to 256 B above)."""
     script = (
         "import re\n"
         "from opt_fast.kernels import attention_wgmma_ws, compile_check as cc\n"
@@ -488,9 +506,10 @@ def test_compiled_warp_specialised_kernel_splits_its_warps():
         "      'cp.async.bulk.tensor' in ptx, re.search(r'(?<![.\\w])bar\\.sync\\s+\\d+;', ptx) is None,\n"
         "      len(set(re.findall(r'(?<![.\\w])bar\\.sync\\s+(\\d+), 128;', ptx))),\n"
         "      len(arrivals) >= 8, unguarded == [],\n"
-        "      turns.count('mbarrier.try_wait') > ptx.count('mbarrier.try_wait'))\n")
+        "      turns.count('mbarrier.try_wait') > ptx.count('mbarrier.try_wait'),\n"
+        "      r.shared_bytes <= attention_wgmma_ws.shared_bytes(128, 128, 2, 2) < r.shared_bytes + 256)\n")
     assert _compiled_output(script) == ["True", "0", "True", "True", "True", "True", "True", "True", "2", "True",
-                                        "True", "True"]
+                                        "True", "True", "True"]
 
 
 def test_compiled_persistent_kernel_streams_the_next_item_before_storing():

@@ -30,10 +30,8 @@ def test_the_covering_subset_keeps_every_kernel_target_and_label_word():
         "kernels = lambda js: {(cc.kernel_name(s), cap) for s, cap, _ in js}\n"
         "print(len(subset) < len(jobs) / 3, kept == whole, kernels(subset) == kernels(jobs),\n"
         "      all(j in jobs for j in subset))\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True"] * 4, done.stdout
+    output = _run_outside_interpreter(script)
+    assert output.split() == ["True"] * 4, output
 
 
 def _passes_and_fails(setup: str, passing: str, failing: str) -> tuple[str, str, str]:
@@ -46,10 +44,15 @@ def _passes_and_fails(setup: str, passing: str, failing: str) -> tuple[str, str,
 
 def _compiled_verdicts(script: str) -> list[str]:
     """Runs a compile-check script (printing two verdicts and an error) outside the interpreter."""
+    return _run_outside_interpreter(script).strip().split(" ", 2)
+
+
+def _run_outside_interpreter(script: str) -> str:
+    """The standard output of a Python script run with TRITON_INTERPRET=0 (so it can compile)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().split(" ", 2)
+    return done.stdout
 
 
 def test_shared_memory_beyond_a_blocks_limit_is_a_failure():
@@ -118,10 +121,8 @@ def test_q_smem_keeps_q_in_shared_memory_and_register_caps_reach_ptxas():
         "capped = cc.compile_one(spec, 90, 'sm_90')\n"
         "free = cc.compile_one(dataclasses.replace(spec, max_registers=0), 90, 'sm_90')\n"
         "print(q_operand(spec), q_operand(twin), capped.ok, capped.registers <= spec.max_registers < free.registers)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["shared", "registers", "True", "True"], done.stdout
+    output = _run_outside_interpreter(script)
+    assert output.split() == ["shared", "registers", "True", "True"], output
 
 
 def test_dependent_launch_reading_before_its_wait_is_a_failure(tmp_path):

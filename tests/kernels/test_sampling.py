@@ -566,4 +566,3 @@ def test_triton_draws_equal_the_reference_draws_on_the_chi_square_keys(setting):
     assert len(set(reference.tolist())) >= 4, "the keys should spread the draws over the support"
     mismatch = (fused != reference).nonzero().flatten().tolist()
     assert not mismatch, f"keys {[keys[i] for i in mismatch]}: {fused[mismatch].tolist()} vs {reference[mismatch].tolist()}"
-

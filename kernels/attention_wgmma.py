@@ -29,8 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attention_tiles import _WGMMA_TILES_SM90, WGMMA_CANDIDATES, WGMMA_CAPABILITY
-from .device import tma_addressable
+from .attention_tiles import _WGMMA_TILES_SM90, WGMMA_CANDIDATES, WGMMA_CAPABILITY, _fail
+from .device import SHARED_LIMITS, tma_addressable
 
 # Head sizes the kernel takes: a TMA box and a wgmma N of exactly one head, 16-byte rows.
 WGMMA_HEAD_DIMS = (64, 128)
@@ -320,6 +320,15 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool = Fals
     fits = head_dim in WGMMA_HEAD_DIMS or (padded and head_dim <= max(WGMMA_HEAD_DIMS) and head_dim % 8 == 0)
     return (q.dtype in _GL_DTYPES and fits
             and all(t.stride(1) == head_dim and tma_addressable(t) for t in (q, k, v)))
+
+
+def refuse_past_shared_memory(needed: int, tiles: str, kernel: str, head_dim: int) -> None:
+    """A ValueError naming the `tiles` fields that give `kernel` `needed` bytes of shared memory,
+    where that is more than one program may have on sm_90 (a launch would fail deep in Triton)."""
+    limit = SHARED_LIMITS[WGMMA_CAPABILITY]
+    if needed > limit:
+        _fail(f"{tiles} gives the {kernel} {needed // 1024} KB of shared memory at head_dim {head_dim}, past the "
+              f"{limit // 1024} KB of an SM")
 
 
 def padded_width(head_dim: int) -> int:

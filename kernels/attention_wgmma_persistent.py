@@ -40,10 +40,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .attention_tiles import WGMMA_CAPABILITY, _fail
 from .attention_wgmma import (_clear_rows_past, _row_layout, _softmax_tile, _store_output, _store_tile_rows,
-                              _wgmma_layout, head_descriptor, padded_width, variant_specs)
-from .device import SHARED_LIMITS, sm_count
+                              _wgmma_layout, head_descriptor, padded_width, refuse_past_shared_memory, variant_specs)
+from .device import sm_count
 
 # One program an SM: two slot sets of a 128-row item at head 128 take 192 KB of the 227 KB an SM
 # has for a program.
@@ -214,10 +213,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
     width = padded_width(q.shape[2])
-    needed = shared_bytes(block, width, buffers, q.element_size())
-    if needed > SHARED_LIMITS[WGMMA_CAPABILITY]:
-        _fail(f"tiles.num_stages {buffers} gives the persistent Gluon kernel {needed // 1024} KB of shared memory at "
-              f"head_dim {q.shape[2]}, past the {SHARED_LIMITS[WGMMA_CAPABILITY] // 1024} KB of an SM")
+    refuse_past_shared_memory(shared_bytes(block, width, buffers, q.element_size()), f"tiles.num_stages {buffers}",
+                              "persistent Gluon kernel", q.shape[2])
     grid = (min(seqs * heads, PROGRAMS_PER_SM * sm_count(q.device)),)
     _prefill_wgmma_persistent_kernel[grid](
         head_descriptor(q, block, width), head_descriptor(k, block, width), head_descriptor(v, block, width), out,

@@ -57,9 +57,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .attention_wgmma import (_clear_rows_past, _find_query_block, _softmax_tile, _store_output, _store_tile_rows,
-                              _wgmma_layout, head_descriptor, variant_specs)
-from .attention_tiles import WGMMA_CAPABILITY, _fail
-from .device import SHARED_LIMITS, sm_count
+                              _wgmma_layout, head_descriptor, refuse_past_shared_memory, variant_specs)
+from .device import sm_count
 
 # Query rows of a consumer warpgroup (one wgmma row block of 16 per warp) and of a program.
 CONSUMER_ROWS = gl.constexpr(64)
@@ -473,11 +472,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     grid's programs as work items on a grid of its own: one program an item, or with
     `persistent` (Tiles.persistent) PROGRAMS_PER_SM programs an SM, each taking items in
     turn."""
-    needed = shared_bytes(q.shape[2], block_n, num_stages, q.element_size())
-    if needed > SHARED_LIMITS[WGMMA_CAPABILITY]:
-        _fail(f"tiles.num_stages {num_stages} at tiles.block_n {block_n} gives the warp-specialised Gluon kernel "
-              f"{needed // 1024} KB of shared memory at head_dim {q.shape[2]}, past the "
-              f"{SHARED_LIMITS[WGMMA_CAPABILITY] // 1024} KB of an SM")
+    refuse_past_shared_memory(shared_bytes(q.shape[2], block_n, num_stages, q.element_size()),
+                              f"tiles.num_stages {num_stages} at tiles.block_n {block_n}",
+                              "warp-specialised Gluon kernel", q.shape[2])
     heads_per_group, places, groups = grid
     items = heads_per_group * places * groups
     programs = min(items, PROGRAMS_PER_SM * sm_count(q.device)) if persistent else items

@@ -98,31 +98,29 @@ def install_emulated_graphs() -> None:
 
 
 def eager_on_cuda() -> dict:
-    """Engine keyword arguments for a test that replaces the model's compute_logits: on CUDA the
+    """Engine keyword arguments for a test that edits the model's logits (edit_logits): on CUDA the
     decode graphs are captured when the engine is built and would replay the real one; on CPU
     there are none (or the async switch's emulated ones, which see the patch), so no change."""
     return {"enforce_eager": True} if test_device() == "cuda" else {}
 
 
-def replace_compute_logits(runner, make) -> None:
-    """Replace `runner.model.compute_logits` by `make(real)`, a one-argument function of the
-    hidden states; refuses a runner with real (CUDA) decode graphs, which would go on replaying
-    the real one unseen: build its engine with **eager_on_cuda()."""
+def edit_logits(runner, edit) -> None:
+    """Make `runner`'s model return `edit(logits)` of its real logits at every step; refuses a
+    runner with real (CUDA) decode graphs, which would go on replaying the real compute_logits
+    unseen: build its engine with **eager_on_cuda()."""
     if runner.graphs is not None and runner.device.type == "cuda":
         raise AssertionError("this engine replays CUDA decode graphs: build it with **eager_on_cuda()")
-    runner.model.compute_logits = make(runner.model.compute_logits)
+    real = runner.model.compute_logits
+    runner.model.compute_logits = lambda hidden: edit(real(hidden))
 
 
 def favour(runner, token: int) -> None:
     """Make `runner`'s model put nearly all mass on `token` at every step (its logit 20 above
     the max)."""
-    def make(real):
-        def favoured(hidden):
-            logits = real(hidden)
-            logits[:, token] = logits.max(dim=-1).values + 20.0
-            return logits
-        return favoured
-    replace_compute_logits(runner, make)
+    def favoured(logits):
+        logits[:, token] = logits.max(dim=-1).values + 20.0
+        return logits
+    edit_logits(runner, favoured)
 
 
 def on_launch(runner, callback) -> None:

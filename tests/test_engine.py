@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import eager_on_cuda, favour, on_launch, replace_compute_logits, test_device
+from opt_testing import eager_on_cuda, edit_logits, favour, on_launch, test_device
 from opt_fast import Engine, LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -136,13 +136,10 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_model_dir):
     vocab = llm.get_tokenizer().vocab_size
     assert llm.engine.runner.model.config.vocab_size > vocab
 
-    def make(real):
-        def favour_padding_rows(hidden):
-            logits = real(hidden)
-            logits[:, vocab:] += 1000.0
-            return logits
-        return favour_padding_rows
-    replace_compute_logits(llm.engine.runner, make)
+    def favour_padding_rows(logits):
+        logits[:, vocab:] += 1000.0
+        return logits
+    edit_logits(llm.engine.runner, favour_padding_rows)
     outs = llm.generate(prompts(4, seed=7), [SamplingParams(temperature=t, max_tokens=6, seed=1, ignore_eos=True)
                                              for t in (0.0, 0.5, 1.0, 2.0)], use_tqdm=False)
     for out in outs:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from opt_testing import eager_on_cuda, on_launch, replace_compute_logits, test_device, track_sampled_rows
+from opt_testing import eager_on_cuda, edit_logits, on_launch, test_device, track_sampled_rows
 from opt_fast import Engine, LLM, SamplingParams
 from opt_fast.engine.engine import derive_seed
 
@@ -248,15 +248,12 @@ def poison_logits(eng: Engine, where) -> None:
     whose token is then pending, not yet counted."""
     rows = track_sampled_rows(eng.runner)
 
-    def make(real):
-        def poisoned(hidden):
-            logits = real(hidden)
-            for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-                if where(seq, seq.num_output_tokens + pending):
-                    logits[row] = float("nan")
-            return logits
-        return poisoned
-    replace_compute_logits(eng.runner, make)
+    def poisoned(logits):
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            if where(seq, seq.num_output_tokens + pending):
+                logits[row] = float("nan")
+        return logits
+    edit_logits(eng.runner, poisoned)
 
 
 def test_a_sample_failing_on_the_prompts_token_still_starts_its_siblings(tiny_model_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import eager_on_cuda, favour, replace_compute_logits, test_device, track_sampled_rows
+from opt_testing import eager_on_cuda, edit_logits, favour, test_device, track_sampled_rows
 from opt_fast import Engine, SamplingParams
 
 TEXT = " Grüße, 世界! naïve café 🙂 — fin."
@@ -22,17 +22,14 @@ def scripted(tiny_model_dir):
     # in flight, which num_output_tokens does not count yet)
     rows = track_sampled_rows(engine.runner)
 
-    def make(real):
-        def forced(hidden):
-            logits = real(hidden)
-            forced_rows = torch.full_like(logits, -30.0)
-            for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
-                position = seq.num_output_tokens + pending
-                target = script[position] if position < len(script) else engine.eos_token_id
-                forced_rows[row, target] = 30.0
-            return forced_rows
-        return forced
-    replace_compute_logits(engine.runner, make)
+    def forced(logits):
+        forced_rows = torch.full_like(logits, -30.0)
+        for row, (seq, pending) in enumerate(zip(rows["seqs"], rows["pending"])):
+            position = seq.num_output_tokens + pending
+            target = script[position] if position < len(script) else engine.eos_token_id
+            forced_rows[row, target] = 30.0
+        return forced_rows
+    edit_logits(engine.runner, forced)
     return engine, script
 
 

@@ -124,22 +124,27 @@ def test_penalties_and_bans_apply_to_steps_launched_ahead(tiny_model_dir, kind, 
                                               penalty_on_logprobs=True, banned_token_ids=[3], seed=4,
                                               max_tokens=12, ignore_eos=True),
     }[kind]
+    # On the graphs path both runs redraw the same way, so a plain eager run (no graphs, nothing
+    # ahead) is the reference too: a redraw that skipped the penalty would agree with itself.
+    runs = [(path, False), (path, True)] + ([("eager", False)] if path == "graphs" else [])
     outs = {}
-    for async_scheduling in (False, True):
-        engine = async_engine(tiny_model_dir, path, async_scheduling=async_scheduling)
+    for run_path, async_scheduling in runs:
+        engine = async_engine(tiny_model_dir, run_path, async_scheduling=async_scheduling)
         launched = count_launches_ahead(engine.runner)
         for i, prompt in enumerate(batch):
             engine.add_request(str(i), prompt, params[i] if isinstance(params, list) else params)
-        outs[async_scheduling] = {}
+        outs[run_path, async_scheduling] = run = {}
         while engine.has_unfinished_requests():
-            outs[async_scheduling].update((o.request_id, o) for o in engine.step() if o.finished)
+            run.update((o.request_id, o) for o in engine.step() if o.finished)
         assert bool(launched) == async_scheduling
         assert_nothing_held(engine)
     for i in map(str, range(len(batch))):
-        assert_same_outputs(outs[False][i], outs[True][i])
+        for other in runs[1:]:
+            assert_same_outputs(outs[runs[0]][i], outs[other][i])
+    ahead = outs[path, True]
     if kind == "min_tokens":
-        assert all(len(outs[True][str(i)].outputs[0].token_ids) >= 3 + 2 * i for i in range(3))
-        assert sum(o.outputs[0].finish_reason == "stop" for o in outs[True].values()) >= 2
+        assert all(len(ahead[str(i)].outputs[0].token_ids) >= 3 + 2 * i for i in range(3))
+        assert sum(o.outputs[0].finish_reason == "stop" for o in ahead.values()) >= 2
 
 
 def _random_workload(model_dir, seed: int, async_scheduling: bool, path: str = "graphs"):
@@ -398,7 +403,7 @@ def test_a_step_interrupted_before_its_results_loses_nothing(tiny_model_dir, asy
     finals = {}
     for interrupt_at in (None, 5):
         engine = emulated_engine(tiny_model_dir, async_scheduling=async_scheduling)
-        collect, calls = engine.runner.collect, []
+        collect, calls, interrupts = engine.runner.collect, [], []
 
         def interrupted(pending):
             calls.append(1)
@@ -416,6 +421,8 @@ def test_a_step_interrupted_before_its_results_loses_nothing(tiny_model_dir, asy
                 finals[interrupt_at].update((o.request_id, o) for o in engine.step() if o.finished)
             except KeyboardInterrupt:
                 assert interrupt_at and engine._ahead is None
+                interrupts.append(interrupt_at)
+        assert interrupts == ([interrupt_at] if interrupt_at else [])
         assert_nothing_held(engine)
     for i in map(str, range(len(batch))):
         assert_same_outputs(finals[None][i], finals[5][i])

@@ -52,6 +52,13 @@ def _row_params(kind: str, batch: list) -> list[SamplingParams]:
         # vocabulary: they too must send the batch's draw to eager
         banned = SamplingParams(temperature=0, max_tokens=20, banned_token_ids=list(range(4, 200)), ignore_eos=True)
         return [_varied(banned if i % 2 else PARAMS[0], i) for i in range(len(batch))]
+    if kind == "penalty":
+        # penalties alone (no ban, no min_tokens) on every other greedy row, HF's on logits and
+        # FlagAI's on log-probabilities: only the plain flag sends the batch's draw to eager
+        penalised = [SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=20, ignore_eos=True),
+                     SamplingParams(temperature=0, repetition_penalty=3.0, penalty_on_logprobs=True, max_tokens=20,
+                                    ignore_eos=True)]
+        return [_varied(penalised[i // 2 % 2] if i % 2 else PARAMS[0], i) for i in range(len(batch))]
     if kind != "min_tokens":
         kinds = 2 if kind == "plain" else 4
         return [_varied(PARAMS[i % kinds], i) for i in range(len(batch))]
@@ -64,7 +71,7 @@ def _row_params(kind: str, batch: list) -> list[SamplingParams]:
 
 
 # "plain" batches draw inside the graph; any penalty or ban row sends the batch's draw to eager.
-@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned", "penalty"])
 def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
     batch = prompts(11, seed=1)                   # 11 rows: replayed as the padded size 16
     params = _row_params(kind, batch)
@@ -90,7 +97,7 @@ def test_emulated_graph_step_equals_eager(tiny_model_dir, kind):
 
 
 @on_cuda
-@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned"])
+@pytest.mark.parametrize("kind", ["plain", "mixed", "min_tokens", "banned", "penalty"])
 def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
     batch = prompts(13, seed=2)
     params = _row_params(kind, batch)

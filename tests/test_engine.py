@@ -246,14 +246,17 @@ def test_max_model_len_ends_at_the_last_learned_position(tiny_model_dir):
 
 def test_half_precision_logits_are_widened_before_any_softmax(tiny_model_dir):
     """A bfloat16 model's logits reach the log-softmax as float32 (bfloat16 keeps 8 bits: its
-    logprobs would be off in the second decimal), on the eager path as on the graph path, which
-    copies them into a float32 buffer."""
+    logprobs would be off in the second decimal), on the eager path as into the float32 buffer
+    the decode graphs' captured step writes them to (compute_logits with `out`)."""
     llm = LLM(str(tiny_model_dir), "bfloat16", "cpu", "torch")
     model = llm.engine.runner.model
     hidden = torch.randn(3, 64, dtype=torch.bfloat16)
     logits = model.compute_logits(hidden)
     assert logits.dtype == torch.float32
     assert torch.equal(logits, torch.nn.functional.linear(hidden, model.decoder.embed_tokens.weight).float())
+    graph_buffer = torch.full((4, logits.shape[1]), float("nan"))
+    model.compute_logits(hidden, out=graph_buffer[:3])
+    assert torch.equal(graph_buffer[:3], logits) and graph_buffer[3].isnan().all()
     out = llm.generate([[2, 45, 101, 7, 300, 12]], SamplingParams(max_tokens=1, prompt_logprobs=2),
                        use_tqdm=False)[0]
     values = [v for entry in out.prompt_logprobs[1:] for v in entry.values()]

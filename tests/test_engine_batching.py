@@ -186,12 +186,18 @@ def test_n_samples_share_prompt_blocks_and_match_single_seeded_runs(tiny_model_d
 # 16 and 32 end exactly at a block edge: the samples share one block fewer and recompute the
 # prompt's last token (sharing its block would leave them no token to compute, reading the
 # parent's row instead; on this tiny model that row happens to draw the same tokens at 16 but
-# not at 32).
+# not at 32, so the count of shared blocks is checked itself).
 @pytest.mark.parametrize("prompt_len", [1, 16, 17, 32])
 def test_n_samples_at_block_edges(tiny_model_dir, alone, prompt_len):
     prompt = prompts(1, seed=7, low=prompt_len - 1, high=prompt_len)[0]
     assert len(prompt) == prompt_len
-    out = alone(prompt, SamplingParams(n=4, temperature=0, max_tokens=5, ignore_eos=True))
+    eng = engine(tiny_model_dir)
+    eng.add_request("r", prompt, SamplingParams(n=4, temperature=0, max_tokens=5, ignore_eos=True))
+    eng.step()                                  # sample 0 computes the prompt; the others join
+    # the full blocks before the prompt's last token, each held by all four samples
+    assert sum(c > 1 for c in eng.blocks.ref_counts) == (prompt_len - 1) // 16
+    out = drain(eng)["r"]
+    assert_no_block_leak(eng)
     first = out.outputs[0].token_ids
     assert all(c.token_ids == first for c in out.outputs)    # greedy: every sample the same
     assert first == alone(prompt).outputs[0].token_ids[:5]

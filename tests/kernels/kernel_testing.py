@@ -177,6 +177,18 @@ class PagedCache:
             self.value_cache[b, o] = values[pos].to(self.value_cache.dtype)
 
 
+def stored_by_hand(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A copy of `cache` ([blocks, block_size, heads, head_dim]) with rows[t] at flat slot
+    slots[t] for every slot >= 0, token by token: the KV write's expectation, built without
+    write_kv_cache_ref (which the torch ops themselves call)."""
+    out = cache.clone()
+    block_size = cache.shape[1]
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            out[slot // block_size, slot % block_size] = rows[t]
+    return out
+
+
 def fused_write_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype,
                      seed: int, unstored: tuple[int, ...] = ()):
     """A decode step's inputs with its KV write (new_kv): each sequence's cache holds all its

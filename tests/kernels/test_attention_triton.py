@@ -843,7 +843,7 @@ def test_slot_mapping_stores_each_new_token_once(nan_empty, ws_launches, dtype, 
     # the write changes nothing the attention reads: the same output as without it
     assert torch.equal(out, plain)
     assert bool(ws_launches) == bool(tiles and tiles.warp_specialize)
-    if cache_dtype is None:
+    if cache_dtype is None or no_context:    # a float8 context is read rounded: not what expected holds
         assert_matches(out, expected, dtype)
 
 

@@ -32,7 +32,7 @@ def test_write_rounds_and_saturates_into_a_float8_cache(ops, dtype):
     _, key, value = packed_qkv(tokens, heads, head_dim, g, dtype)
     # outliers past float8's range and values down in its subnormals
     key[0, 0, :4] = torch.tensor([1000.0, -1000.0, 447.0, 3e-3], dtype=dtype)
-    value[2, 1, :3] = torch.tensor([-600.0, 1e-3, 300.0], dtype=dtype)
+    value[3, 1, :3] = torch.tensor([-600.0, 1e-3, 1000.0], dtype=dtype)     # token 3: slot 0, stored
     shape = (5, block_size, heads, head_dim)
     key_cache = torch.full(shape, float("nan"), dtype=FP8, device=DEVICE)
     value_cache = key_cache.clone()
@@ -49,6 +49,7 @@ def test_write_rounds_and_saturates_into_a_float8_cache(ops, dtype):
             assert torch.equal(bits(flat_k[s]), bits(fp8(key[i]))), f"key of token {i}"
             assert torch.equal(bits(flat_v[s]), bits(fp8(value[i]))), f"value of token {i}"
     assert flat_k[3, 0, :2].float().tolist() == [448.0, -448.0]    # token 0's outliers, saturated
+    assert flat_v[0, 1, [0, 2]].float().tolist() == [-448.0, 448.0]  # token 3's, likewise
     assert (bits(flat_k[~written]) == nan_bits).all() and (bits(flat_v[~written]) == nan_bits).all()
 
 
@@ -104,17 +105,23 @@ def test_decode_with_new_kv_rounds_the_current_tokens_as_the_cache_holds_them(op
     g = gen(13)
     q, new_keys, new_values = packed_qkv(len(seq_lens), 2, 64, g, dtype)
     new_keys[1, 0, :2] = torch.tensor([1000.0, -1000.0], dtype=dtype)   # past float8's range
+    new_values[2, 1, :2] = torch.tensor([-1000.0, 1000.0], dtype=dtype)
     cache, held = float8_paged_cache([n - 1 for n in seq_lens], 8, 2, 64, dtype, g)
     slots = torch.tensor([cache.slot(i, n - 1) for i, n in enumerate(seq_lens)], dtype=torch.int64, device=DEVICE)
+    # the caches afterwards: as before (NaN poison included) but for the new tokens' slots
+    want_k, want_v = cache.key_cache.clone().view(-1, 2, 64), cache.value_cache.clone().view(-1, 2, 64)
+    for i, slot in enumerate(slots.tolist()):
+        want_k[slot], want_v[slot] = fp8(new_keys[i]), fp8(new_values[i])
     out = ops.paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
                                      torch.tensor(seq_lens, **I32), 0.125, new_kv=(new_keys, new_values, slots))
-    flat_k = cache.key_cache.view(-1, 2, 64)
+    flat_k, flat_v = cache.key_cache.view(-1, 2, 64), cache.value_cache.view(-1, 2, 64)
     assert flat_k[slots[1], 0, :2].float().tolist() == [448.0, -448.0]
+    assert flat_v[slots[2], 1, :2].float().tolist() == [-448.0, 448.0]
+    assert torch.equal(bits(flat_k), bits(want_k)) and torch.equal(bits(flat_v), bits(want_v))
     expected = []
     for i, (n, (k, v)) in enumerate(zip(seq_lens, held)):
         k = torch.cat([k, fp8(new_keys[i:i + 1]).double()])
         v = torch.cat([v, fp8(new_values[i:i + 1]).double()])
-        assert torch.equal(bits(flat_k[slots[i]]), bits(fp8(new_keys[i])))
         expected.append(naive_causal_attention(q[i:i + 1], k, v, 0.125, n - 1))
     assert_close_to(out, torch.cat(expected), dtype, scale=1.0)
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from kernel_testing import (DEVICE, DTYPES, OPS, PagedCache, assert_close_to, fused_write_case, gen,
-                            naive_causal_attention, packed_qkv, randn)
-from opt_fast.kernels.kv_cache import write_kv_cache_ref
+                            naive_causal_attention, packed_qkv, randn, stored_by_hand)
 
 
 def decode_case(seq_lens: list[int], block_size: int, heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -109,8 +108,9 @@ def test_decode_with_new_kv_stores_then_reads_the_current_tokens(ops, dtype, blo
     seq_lens = [1, block_size, block_size + 1, 37, 2 * block_size + 3]
     q, cache, new_kv, keys, values = fused_write_case(seq_lens, block_size, 3, head_dim, dtype,
                                                       seed=block_size + head_dim, unstored=(3,))
-    expect_k, expect_v = cache.key_cache.clone(), cache.value_cache.clone()
-    write_kv_cache_ref(*new_kv[:2], expect_k, expect_v, new_kv[2])
+    new_keys, new_values, slots = new_kv
+    expect_k = stored_by_hand(cache.key_cache, new_keys, slots)
+    expect_v = stored_by_hand(cache.value_cache, new_values, slots)
     scale = head_dim ** -0.5
     out = ops.paged_decode_attention(q, cache.key_cache, cache.value_cache, cache.block_tables,
                                      torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), scale,

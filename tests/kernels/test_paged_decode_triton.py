@@ -147,7 +147,7 @@ def test_new_kv_is_folded_in_by_the_split_that_holds_it(num_splits):
     seq_lens = [0, 64, 65, 1, 200, 0, 127]
     q, cache, new_kv, keys, values = fused_write_case(seq_lens, 8, 2, 64, torch.float16, seed=num_splits)
     new_kv[2][5] = cache.slot(5, 0)     # a block the zero-length row holds
-    before_k = cache.key_cache.clone()
+    before_k, before_v = cache.key_cache.clone(), cache.value_cache.clone()
     out = decode(q, cache, seq_lens, new_kv=new_kv, num_splits=num_splits, block_n=8)
     written = torch.zeros(cache.key_cache.shape[:2], dtype=torch.bool, device=DEVICE)
     for i, n in enumerate(seq_lens):
@@ -157,6 +157,7 @@ def test_new_kv_is_folded_in_by_the_split_that_holds_it(num_splits):
             assert torch.equal(cache.key_cache[b, o], new_kv[0][i])
             assert torch.equal(cache.value_cache[b, o], new_kv[1][i])
     torch.testing.assert_close(cache.key_cache[~written], before_k[~written], atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(cache.value_cache[~written], before_v[~written], atol=0, rtol=0, equal_nan=True)
     for i, n in enumerate(seq_lens):
         if n == 0:
             assert torch.equal(out[i], torch.zeros_like(out[i]))
@@ -194,6 +195,7 @@ def test_new_kv_with_a_length_past_the_table_takes_its_last_position():
     out = paged_decode_attention(q, zeroed_k, zeroed_v, cache.block_tables, lens, 0.125, new_kv=new_kv)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zeroed_k, ref_k, atol=0, rtol=0)
+    torch.testing.assert_close(zeroed_v, ref_v, atol=0, rtol=0)
 
 
 def test_new_kv_is_checked():

@@ -584,14 +584,34 @@ def test_profile_generate_smoke(tmp_path):
     assert "## mode `async`" in (tmp_path / "profile.md").read_text()
 
 
+# `opt-fast ARGS` in a fresh process that also says, on stderr, how many tensor-parallel worker
+# processes its LLM started (0 for one rank)
+_CLI_COUNTING_WORKERS = """
+import sys
+from opt_fast import llm as llm_module
+from opt_fast.cli import main
+init = llm_module.LLM.__init__
+def counting(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    tp = self.engine.runner.tp
+    print("tp workers:", 0 if tp is None else len(tp.workers.processes), file=sys.stderr)
+llm_module.LLM.__init__ = counting
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_generate_with_two_tensor_parallel_ranks(tiny_model_dir):
-    """--tp 2 from a CLI process: the same tokens as one rank, and the process exits (its
-    worker with it) without being told to."""
+    """--tp 2 from a CLI process: one worker process beside it, the same tokens and logprobs as
+    one rank, and the process exits (its worker with it) without being told to."""
     outputs = []
-    for tp in ("1", "2"):
-        done = run("-m", "opt_fast.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "import os",
+    for tp, workers in (("1", 0), ("2", 1)):
+        done = run("-c", _CLI_COUNTING_WORKERS, "generate", "--model", str(tiny_model_dir), "--prompt", "import os",
                    "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--kernels", "torch",
-                   "--device", "cpu", "--tp", tp, "--json", timeout=120)
+                   "--device", "cpu", "--tp", tp, "--logprobs", "1", "--json", timeout=120)
         assert done.returncode == 0, done.stderr
-        outputs.append(json.loads(done.stdout)["outputs"][0]["token_ids"])
-    assert len(outputs[0]) == 6 and outputs[1] == outputs[0]
+        assert f"tp workers: {workers}" in done.stderr, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout)["outputs"][0])
+    assert len(outputs[0]["token_ids"]) == 6 and outputs[1]["token_ids"] == outputs[0]["token_ids"]
+    # the two ranks' shards sum to one rank's layers: logprobs equal to float32 rounding
+    one, two = ([v for step in out["logprobs"] for v in step.values()] for out in outputs)
+    assert two == pytest.approx(one, abs=1e-4)

@@ -90,11 +90,32 @@ def emulate_graphs(runner) -> None:
     runner.graphs = EmulatedGraphs(runner)
 
 
+def assert_graph_replays(runner, at_least: int) -> None:
+    """Fails on the rank (run on each through `_on_all_ranks`) that replayed its decode graphs
+    fewer than `at_least` times: a worker stepping eagerly would give the same tokens."""
+    assert runner.graphs.replays >= at_least, f"rank {runner.rank}: {runner.graphs.replays} graph replays"
+
+
 def install_emulated_graphs() -> None:
-    """Give ModelRunner an `_emulate_graphs` call, which a tensor-parallel rank 0 can run on
-    every rank (`_on_all_ranks`); for a worker's process, which imports this module first. (In
-    the test's own process, monkeypatch the same method on, so it goes when the test ends.)"""
+    """Give ModelRunner `_emulate_graphs` and `_assert_graph_replays` calls, which a
+    tensor-parallel rank 0 can run on every rank (`_on_all_ranks`); for a worker's process,
+    which imports this module first. (In the test's own process, monkeypatch the same methods
+    on, so they go when the test ends.)"""
     ModelRunner._emulate_graphs = emulate_graphs
+    ModelRunner._assert_graph_replays = assert_graph_replays
+
+
+def record_preemptions(engine) -> list:
+    """The sequences `engine`'s scheduler preempts from now on, in order (a list that grows)."""
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        preempted.extend(batch.preempted)
+        return batch
+    engine.scheduler.schedule = recording
+    return preempted
 
 
 def eager_on_cuda() -> dict:

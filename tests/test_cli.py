@@ -521,8 +521,9 @@ def test_bench_generate_smoke(tmp_path):
     assert [(r["size"], r["mode"]) for r in report["rows"]] == [("opt-350m", "default"), ("opt-350m", "async"),
                                                                 ("opt-350m", "triton"), ("opt-350m", "cublas-linears")]
     assert all(r["opt_fast_tok_s"] > 0 for r in report["rows"])
-    # the triton mode ran the Triton kernels (the interpreter here) and matched HF's greedy tokens
-    assert report["rows"][2]["first16_greedy_agreement"] == 1.0
+    # every mode, the triton one on the Triton kernels (the interpreter here), gave HF's greedy
+    # tokens (all 3 of each prompt: the smoke's output length)
+    assert [r["first16_greedy_agreement"] for r in report["rows"]] == [1.0] * 4
     assert "`triton` and `triton-async` run every op as a Triton kernel (kernels='triton': layernorm_linear: " \
            "triton" in (tmp_path / "bench_generate.md").read_text()
     assert (tmp_path / "bench_generate.md").read_text().startswith("# LLM.generate vs HF generate")

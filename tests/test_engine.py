@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import eager_on_cuda, edit_logits, favour, on_launch, test_device
+from opt_testing import eager_on_cuda, edit_logits, favour, on_launch, record_preemptions, test_device
 from opt_fast import Engine, LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -59,9 +59,7 @@ def test_preemption_loses_nothing_and_leaks_no_blocks(tiny_model_dir):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     # 12 sequences of up to 52 tokens need up to 48 blocks of 16; 14 forces preemption.
     engine = Engine(str(tiny_model_dir), device=test_device(), kernels="torch", num_kv_blocks=14)
-    preempted = []
-    schedule = engine.scheduler.schedule
-    engine.scheduler.schedule = lambda: (lambda b: preempted.extend(b.preempted) or b)(schedule())
+    preempted = record_preemptions(engine)
     for i, p in enumerate(batch):
         engine.add_request(str(i), p, params)
     streamed: dict[str, list] = {str(i): [] for i in range(len(batch))}

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from opt_testing import eager_on_cuda, edit_logits, on_launch, test_device, track_sampled_rows
+from opt_testing import (eager_on_cuda, edit_logits, on_launch, record_preemptions, test_device,
+                         track_sampled_rows)
 from opt_fast import Engine, LLM, SamplingParams
 from opt_fast.engine.engine import derive_seed
 
@@ -46,18 +47,6 @@ def assert_no_block_leak(eng: Engine) -> None:
     assert blocks.num_free_blocks == blocks.num_blocks
     assert sorted(blocks.free_blocks) == list(range(blocks.num_blocks))
     assert not any(blocks.ref_counts)
-
-
-def record_preemptions(eng: Engine) -> list:
-    preempted = []
-    schedule = eng.scheduler.schedule
-
-    def spy():
-        batch = schedule()
-        preempted.extend(batch.preempted)
-        return batch
-    eng.scheduler.schedule = spy
-    return preempted
 
 
 @pytest.fixture(scope="module")

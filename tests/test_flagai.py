@@ -314,7 +314,7 @@ def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, pre
                        **kwargs)
 
 
-def test_missing_directory_falls_back_to_the_hub_id(flagai_root, monkeypatch, tmp_path):
+def test_missing_directory_falls_back_to_the_hub_id(flagai_root, tiny_tokenizer_dir, monkeypatch, tmp_path):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     root, _ = flagai_root
     asked = []
@@ -327,7 +327,9 @@ def test_missing_directory_falls_back_to_the_hub_id(flagai_root, monkeypatch, tm
     loader = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=tmp_path, kernels="torch",
                         device=test_device())
     assert asked[0] == "facebook/opt-125m"
-    assert loader.get_tokenizer() is not None
+    # the downloaded snapshot's tokenizer, not some other one
+    text = "def load(path):\n    return open(path).read()"
+    assert loader.get_tokenizer().encode(text) == OPTTokenizer.from_dir(tiny_tokenizer_dir).encode(text)
 
     def offline(repo_id, **kwargs):
         raise ConnectionError("no network")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_testing import test_device
+from opt_testing import record_preemptions, test_device
 from opt_fast import LLM, SamplingParams
 from opt_fast.kernels import CUBLAS_FASTER, TORCH_OPS, auto_layernorm_linear, get_ops, implementations, triton_ops
 from opt_fast import kernels as kernels_module
@@ -204,14 +204,7 @@ def test_triton_path_under_preemption_matches_torch(tiny_model_dir):
     prompts = [[2] + list(range(4 + 3 * i, 15 + 3 * i)) for i in range(4)]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     llm = LLM(str(tiny_model_dir), kernels="triton", **kwargs)
-    preempted = []
-    schedule = llm.engine.scheduler.schedule
-
-    def recording():
-        batch = schedule()
-        preempted.extend(batch.preempted)
-        return batch
-    llm.engine.scheduler.schedule = recording
+    preempted = record_preemptions(llm.engine)
     ours = llm.generate(prompts, greedy, use_tqdm=False)
     reference = LLM(str(tiny_model_dir), kernels="torch", **kwargs).generate(prompts, greedy, use_tqdm=False)
     assert preempted, "the pool was meant to force preemption"

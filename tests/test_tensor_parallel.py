@@ -23,7 +23,7 @@ from opt_fast.engine.model_runner import ModelRunner, resolve_device_dtype
 from opt_fast.engine.workers import WorkerError, _dumps
 from opt_fast.model.loader import CheckpointError
 from opt_fast.parallel import check_tensor_parallel, shard_dim, take_shard
-from opt_testing import emulate_graphs
+from opt_testing import assert_graph_replays, emulate_graphs, record_preemptions
 from test_parity_hf import PROMPTS, hf_greedy
 
 TESTS = Path(__file__).resolve().parent
@@ -134,7 +134,13 @@ def test_two_ranks_batch_chunk_and_preempt_like_one(tiny_model_dir):
               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True) for i in range(len(prompts))]
     settings = dict(num_kv_blocks=12, block_size=8, max_num_batched_tokens=32, max_num_seqs=4)
     one = generate(tiny_model_dir, 1, prompts, params, **settings)
-    two = generate(tiny_model_dir, 2, prompts, params, **settings)
+    llm = cpu_llm(tiny_model_dir, 2, **settings)
+    try:
+        preempted = record_preemptions(llm.engine)
+        two = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.close()
+    assert preempted, "the pool was meant to force preemption"
     assert all(len(o.outputs[0].token_ids) == 20 for o in two)
     assert [o.num_cached_tokens for o in two] == [o.num_cached_tokens for o in one]
     assert sum(o.num_cached_tokens for o in two) >= 32
@@ -198,6 +204,7 @@ def test_two_ranks_through_the_decode_graph_path(tiny_model_dir, monkeypatch):
     stages each step, the worker loads what it staged and replays its own forward-only graph.
     Rows finish at different lengths, so batches shrink through padded sizes."""
     monkeypatch.setattr(ModelRunner, "_emulate_graphs", emulate_graphs, raising=False)
+    monkeypatch.setattr(ModelRunner, "_assert_graph_replays", assert_graph_replays, raising=False)
     monkeypatch.setattr(workers, "_WORKER_MAIN", f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
                                                  f"import opt_testing; opt_testing.install_emulated_graphs(); "
                                                  f"{workers._WORKER_MAIN}")
@@ -210,7 +217,7 @@ def test_two_ranks_through_the_decode_graph_path(tiny_model_dir, monkeypatch):
         runner = llm.engine.runner
         runner._on_all_ranks("_emulate_graphs")
         two = llm.generate(prompts, params, use_tqdm=False)
-        assert runner.graphs.replays >= 10
+        runner._on_all_ranks("_assert_graph_replays", 10)     # the worker replayed its graphs too
     finally:
         llm.close()
     assert_same_outputs(one, two)
@@ -271,6 +278,7 @@ def test_close_stops_the_workers_and_the_engine(tiny_model_dir):
 def test_a_collected_engine_stops_its_workers(tiny_model_dir):
     llm = cpu_llm(tiny_model_dir, 2)
     pids = worker_pids(llm)
+    assert len(pids) == 1
     del llm
     gc.collect()
     assert all(wait_gone(pid) for pid in pids)
@@ -294,12 +302,12 @@ def test_a_dead_worker_fails_the_step_at_once_and_a_new_engine_starts(tiny_model
 
 
 def test_ctrl_c_at_a_terminal_does_not_reach_the_workers(tiny_model_dir):
-    """Workers run in a session of their own: the terminal's SIGINT goes to rank 0's process
-    group only, and rank 0 decides (an interrupt between steps leaves the engine usable; one in
-    the middle of a step's collectives ends it, and close() stops the workers)."""
+    """Workers run in a process group of their own, so the terminal's SIGINT (sent to its
+    foreground group) reaches rank 0 only, and rank 0 decides what it means."""
     llm = cpu_llm(tiny_model_dir, 2)
     try:
-        assert all(os.getpgid(pid) != os.getpgid(0) for pid in worker_pids(llm))
+        pids = worker_pids(llm)
+        assert len(pids) == 1 and all(os.getpgid(pid) != os.getpgid(0) for pid in pids)
     finally:
         llm.close()
 

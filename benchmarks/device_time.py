@@ -91,3 +91,36 @@ def try_graph_us(fn, **options) -> float | None:
     except Exception:   # a launcher that synchronises or reads the device on the host
         torch.cuda.synchronize()
         return None
+
+
+COPY_BYTES = 1 << 30
+
+
+def device_us(fn, calls: int = 3, replays: int = 5) -> float:
+    """graph_us where `fn` can be captured, else do_bench's median (CUDA events around each call)."""
+    us = try_graph_us(fn, calls=calls, replays=replays)
+    if us is not None:
+        return us
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") * 1e3
+
+
+def copy_gbps(device: str = "cuda", nbytes: int = COPY_BYTES, time_us=device_us) -> float:
+    """The device's copy bandwidth in GB/s, bytes read plus bytes written (as the kernels' bytes
+    count both): the faster of two copies of `nbytes`, each timed as the kernels are (device_us).
+
+    One is torch's `copy_`, which a CUDA graph captures as a memcpy node: timed that way it gave
+    2724 GB/s on the H200 of 2026-11-27 evening, where kernels and their peers on the same card
+    moved up to about 4 TB/s (the morning's do_bench of the same copy on another H200: 4256). The
+    other is an elementwise kernel on the SMs (x + 0 into another buffer), as our kernels move
+    bytes. The faster is the ceiling, so that no fraction of it is flattered by a slow copy."""
+    fastest = _fastest_copy_us(device, nbytes, time_us)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()     # the two buffers went with the call above
+    return 2 * nbytes / fastest / 1e3
+
+
+def _fastest_copy_us(device: str, nbytes: int, time_us) -> float:
+    src = torch.randn(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    return min(time_us(lambda: dst.copy_(src)), time_us(lambda: torch.add(src, 0, out=dst)))

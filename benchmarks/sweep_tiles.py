@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is no CUDA, before any kernel)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/: loaded by path in the tests
+import device_time  # noqa: E402
 from device_time import try_graph_us  # noqa: E402
 from opt_fast.kernels import attention, attention_tiles, gemm_config, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
@@ -594,15 +595,9 @@ def synced_us(fn) -> float:
 
 
 def copy_gbps() -> float:
-    """Device copy bandwidth: a 1 GiB copy, bytes read plus bytes written per second."""
-    if not ON_GPU:
-        return 0.0
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE).random_()
-    dst = torch.empty_like(src)
-    us = gpu_us(lambda: dst.copy_(src))
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / us / 1e3
+    """Device copy bandwidth in GB/s (device_time.copy_gbps: bytes read plus written, the faster
+    of torch's copy and an elementwise kernel); 0 off-GPU."""
+    return device_time.copy_gbps() if ON_GPU else 0.0
 
 
 def _mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:

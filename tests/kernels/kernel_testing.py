@@ -24,6 +24,9 @@ def kernel_device() -> str:
 
 
 DEVICE = kernel_device()
+# Tests that compile for sm_90 in a subprocess and read the PTX (no GPU needed): CI runs them on
+# CPU; on a GPU machine, whose minutes are few, they would only repeat that.
+compile_only = pytest.mark.skipif(DEVICE == "cuda", reason="a compile-only check: CI runs it without a GPU")
 
 
 def record_launches(monkeypatch, module, *names, launches: list | None = None) -> list:

@@ -15,7 +15,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import kernel_testing
-from kernel_testing import DEVICE, TOL, gen, randn, sweep_script
+from kernel_testing import DEVICE, TOL, compile_only, gen, randn, sweep_script
 from opt_fast.kernels import gemm_config as gc
 from opt_fast.kernels import layernorm_linear as ll
 from opt_fast.kernels.device import INTERPRETED
@@ -601,11 +601,12 @@ def test_cublas_gemm_after_our_layernorm(monkeypatch, ll_allocations, dtype, rel
     # rows without the offset, so that the residual is not lost in bf16's tolerance of the sum
     y = poisoned_view(randn(19, 150, g=g, dtype=torch.float64), dtype)
     residual = poisoned_view(randn(19, 41, g=g, dtype=torch.float64), dtype)
-    check(ll.linear_residual(y, w, bias, residual, config=CUBLAS), naive_linear(y, w, bias) + residual.double(), dtype)
+    check(ll.linear_residual(y, w, bias, residual, config=CUBLAS), naive_linear(y, w, bias) + residual.double().cpu(),
+          dtype)
     assert launches == []
     post_ln_w, post_ln_b = ln_params(41, g, dtype)
     post = ll.linear_residual_layernorm(y, w, bias, residual, post_ln_w, post_ln_b, EPS, config=CUBLAS)
-    check(post, naive_layer_norm(naive_linear(y, w, bias) + residual.double(), post_ln_w, post_ln_b, EPS), dtype)
+    check(post, naive_layer_norm(naive_linear(y, w, bias) + residual.double().cpu(), post_ln_w, post_ln_b, EPS), dtype)
     assert [name for name, *_ in launches] == ["_layer_norm_kernel"]
 
 
@@ -614,11 +615,11 @@ CUBLAS_OVERLAP = CUBLAS[:8] + (True,) + CUBLAS[9:]   # and our LayerNorm launch 
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 def test_cublas_with_overlap_prefetches_the_weight_from_the_layernorm_launch(monkeypatch, dtype):
-    """cublas with overlap: the result of cublas alone (here the interpreter runs no inline
-    PTX, so the LayerNorm launch gets no weight to prefetch: PREFETCH_K 0). On an NVIDIA GPU
-    (capability stubbed, the LayerNorm kernel recorded and not run) the launch gets the GEMM's
-    weight, its row count and strides, and PREFETCH_K; without overlap, or on ROCm (capability
-    0), none of them."""
+    """cublas with overlap: the result of cublas alone (in the interpreter, which runs no
+    inline PTX, the LayerNorm launch gets no weight to prefetch: PREFETCH_K 0; on an NVIDIA GPU
+    it does, with overlap only). With the capability stubbed and the LayerNorm kernel recorded
+    and not run: on NVIDIA the launch gets the GEMM's weight, its row count and strides, and
+    PREFETCH_K; without overlap, or on ROCm (capability 0), none of them."""
     g = gen(83)
     x = poisoned_view(with_outliers(randn(19, 150, g=g, dtype=torch.float64), g, rows_every=1) + 300.0, dtype)
     w, bias = linear_params(150, 41, g, dtype)
@@ -626,7 +627,11 @@ def test_cublas_with_overlap_prefetches_the_weight_from_the_layernorm_launch(mon
     launches = record_launches(monkeypatch, "_layer_norm_kernel")
     plain = ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=CUBLAS)
     assert torch.equal(ll.layernorm_linear(x, ln_w, ln_b, w, bias, EPS, config=CUBLAS_OVERLAP), plain)
-    assert [(args[4], kwargs["PREFETCH_K"]) for _, _, args, kwargs in launches] == [(None, 0)] * 2
+    prefetching = bool(ll._capability(x.device))     # None in the interpreter
+    [(plain_weight, plain_k), (overlap_weight, overlap_k)] = [(args[4], kwargs["PREFETCH_K"])
+                                                              for _, _, args, kwargs in launches]
+    assert plain_weight is None and plain_k == 0
+    assert overlap_weight is (w if prefetching else None) and overlap_k == (gc._PREFETCH_K if prefetching else 0)
 
     seen = []
     monkeypatch.setattr(ll, "_layer_norm_kernel", type("Stub", (), {
@@ -644,6 +649,7 @@ def test_cublas_with_overlap_prefetches_the_weight_from_the_layernorm_launch(mon
             assert args[4] is None and args[12:15] == (0, 0, 0) and kwargs["PREFETCH_K"] == 0
 
 
+@compile_only
 def test_compiled_layernorm_prefetches_after_its_own_loads():
     """The LayerNorm launch before cuBLAS's GEMM, compiled for sm_90 (no GPU needed): L2
     prefetches of the weight, all issued after the launch's own loads of x, gamma and beta

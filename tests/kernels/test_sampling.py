@@ -276,6 +276,8 @@ def test_temperature_zero_is_argmax_of_penalised_logits(ops, dtype):
     g = gen(12)
     rows, vocab, padded = 10, 331, 337
     logits = random_logits(rows, padded, g, scale=3.0, dtype=dtype)
+    # rows 8 and 9 all negative: there the seen argmax loses only if negatives are multiplied
+    logits[8:] = -logits[8:].abs() - 0.5
     seen = random_seen(rows, vocab, g)
     # make the penalty decide: each row's raw argmax is seen and penalised hard
     for r in range(rows):
@@ -286,7 +288,8 @@ def test_temperature_zero_is_argmax_of_penalised_logits(ops, dtype):
     expected = naive_penalty(logits[:, :vocab].float(), seen, penalties).argmax(dim=-1)
     assert torch.equal(tokens.cpu(), expected)
     raw_argmax = logits[:, :vocab].float().argmax(dim=-1).cpu()
-    assert (tokens.cpu() != raw_argmax)[1::2].any(), "the penalty should change some greedy picks"
+    assert (tokens.cpu() != raw_argmax)[1:8:2].any(), "the penalty should change some greedy picks"
+    assert tokens[9].item() != raw_argmax[9].item(), "a penalised negative argmax should lose"
 
 
 @pytest.mark.parametrize("ops", OPS)

@@ -85,15 +85,16 @@ def test_matches_reference(vocab, padded, top_k, top_p):
 
 def test_seen_ids_past_one_chunk():
     """Seen-id lists of 600 (prompts longer than the kernel's 256-id chunk): ids in every chunk
-    are penalised. Row 0 is greedy and its best id sits only at position 400, so ignoring the
-    later chunks would draw it; rows 1 and 2 sample against the reference."""
+    are penalised. Row 0 is greedy and its best id sits only at the last position (599, in the
+    third chunk), so ignoring any chunk past the first would draw it; rows 1 and 2 sample
+    against the reference."""
     g = gen(600)
     vocab, width = 2049, 600
     logits = random_logits(3, 2056, g)
     best = int(logits[0, :vocab].argmax())
     logits[0, best] = 50.0                          # positive: the penalty divides it to 0.05
     others = [i for i in torch.randperm(vocab, generator=g).tolist() if i != best]
-    seen = [others[:400] + [best] + others[400:width - 1]]
+    seen = [others[:width - 1] + [best]]
     seen += [torch.randint(vocab, (width,), generator=g).tolist() for _ in range(2)]
     args = make_args(logits, vocab, [0.0, 1.0, 0.8], [0, 40, 0], [1.0, 0.9, 1.0], [1000.0, 1.3, 0.7], seen)
     tokens = assert_matches_ref(args)
@@ -104,16 +105,19 @@ def test_seen_ids_past_one_chunk():
 # thresholds: the kept set, exactly; ties, peaked and flat rows
 
 def _on_top_p_boundary(row, k, p, ids, tolerance=1e-5):
-    """Which of `ids` sit where float32 rounding may decide top-p: the probability mass ranked
-    above them is within `tolerance` of top_p (float64). CPU and CUDA cumsums sum in different
-    orders, so the reference itself flips such ids between devices."""
+    """Which of `ids` sit where float32 rounding may decide top-p: ids top-k keeps whose
+    probability mass ranked above is within `tolerance` of top_p (float64). CPU and CUDA cumsums
+    sum in different orders, so the reference itself flips such ids between devices. With top_p
+    off (1) none: an id top-k cut, whose mass above is 1, is never excused."""
+    if float(p) >= 1.0 or not ids.numel():
+        return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
     row = row.double()
     if int(k) > 0:
         kth = row.topk(min(int(k), row.numel())).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs = torch.softmax(row, dim=-1)
-    mass_above = torch.stack([probs[probs > probs[i]].sum() for i in ids.tolist()]) if ids.numel() else probs[:0]
-    return (mass_above - float(p)).abs() <= tolerance
+    mass_above = torch.stack([probs[probs > probs[i]].sum() for i in ids.tolist()])
+    return ((mass_above - float(p)).abs() <= tolerance) & (probs[ids] > 0)
 
 
 def assert_kept_set_matches_ref(args):
@@ -134,18 +138,19 @@ def assert_kept_set_matches_ref(args):
         assert kept[r, tokens[r]], f"row {r}: token {tokens[r].item()} outside the kept set"
 
 
-@pytest.mark.parametrize("vocab", [61, 509, 2049, 5000])
+@pytest.mark.parametrize("vocab", [61, 509, 1031, 2049, 5000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kept_set_equals_reference(vocab, dtype):
-    """Both paths (tile: k <= ~500 or small vocab; whole-row: top-k off or k = 700), every filter
-    combination, with penalties; fp16 logits tie often."""
+    """Both paths (tile: k <= ~500 or small vocab; whole-row: top-k off or k = 600, 700), every
+    filter combination, with penalties; fp16 logits tie often. Top-k alone (top_p 1) must cut
+    exactly: no id is excused as lying on a top-p boundary there."""
     g = gen(vocab + (dtype == torch.float16))
     settings = [(0, 0.9), (1, 1.0), (2, 1.0), (5, 0.5), (50, 1.0), (50, 0.9), (0, 0.3), (700, 1.0),
-                (700, 0.95), (0, 0.999), (20, 0.0), (vocab - 1, 0.99)]
+                (700, 0.95), (0, 0.999), (20, 0.0), (vocab - 1, 0.99), (600, 1.0)]
     rows = len(settings)
     logits = random_logits(rows, vocab + 3, g, scale=2.5, dtype=dtype)
-    temperature = [0.7, 1.0, 1.5, 0.8] * (rows // 4)
-    penalty = [1.0, 1.3, 0.8, 2.0] * (rows // 4)
+    temperature = [(0.7, 1.0, 1.5, 0.8)[r % 4] for r in range(rows)]
+    penalty = [(1.0, 1.3, 0.8, 2.0)[r % 4] for r in range(rows)]
     args = make_args(logits, vocab, temperature, [k for k, _ in settings], [p for _, p in settings], penalty,
                      random_seen(rows, vocab, g))
     assert_kept_set_matches_ref(args)
@@ -256,14 +261,18 @@ def test_greedy_ties_take_the_first_id():
 
 
 def test_all_greedy_batch_is_argmax_of_penalised_logits():
+    """Each row's raw argmax is seen and penalised (3.0); in the last three rows every logit is
+    negative, so the argmax loses only if negative logits are multiplied, not divided."""
     g = gen(31)
     rows, vocab = 9, 2100
     logits = random_logits(rows, vocab + 4, g)
+    logits[6:] = -logits[6:].abs() - 0.5
     seen = random_seen(rows, vocab, g)
     for r in range(rows):                               # the penalty must decide some rows
         seen[r].append(int(logits[r, :vocab].argmax()))
     tokens = assert_matches_ref(make_args(logits, vocab, 0.0, [0, 50, 1] * 3, 0.5, 3.0, seen))
-    assert (tokens.cpu() != logits[:, :vocab].argmax(dim=-1)).any()
+    changed = (tokens.cpu() != logits[:, :vocab].argmax(dim=-1))
+    assert changed[:6].any() and changed[6:].all()
 
 
 def test_mixed_batch_rows_do_not_depend_on_each_other():

@@ -7,6 +7,7 @@ CUDA the real graphs are tested, and the KV pool sizing from free device memory.
 """
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -114,13 +115,34 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
 
 
+def fresh_device_memory() -> None:
+    """Nothing of earlier tests in this worker held (an engine waiting for the cyclic garbage
+    collector keeps its KV pool) or counted in the peak the memory-share tests read."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+@pytest.fixture
+def engines():
+    """Engines a test builds, closed after it (their KV pools freed at once)."""
+    built = []
+    yield built
+    for engine in built:
+        engine.close()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 @on_cuda
-def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
+def test_kv_pool_is_sized_from_free_device_memory(tmp_path, engines):
     (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
+    fresh_device_memory()
     total = torch.cuda.mem_get_info()[1]
     utilization = 0.25
     eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization,
                  max_num_seqs=1024, enforce_eager=True)
+    engines.append(eng)
     runner = eng.runner
     cap = 1024 * 2048 // 16                      # what 1024 full-length sequences could use
     assert 0 < eng.blocks.num_blocks < cap, "the budget, not the cap, was meant to bind"
@@ -136,14 +158,16 @@ def test_kv_pool_is_sized_from_free_device_memory(tmp_path):
 
 
 @on_cuda
-def test_decode_graphs_stay_within_the_memory_share(tmp_path):
+def test_decode_graphs_stay_within_the_memory_share(tmp_path, engines):
     """A graph for every batch size of max_num_seqs 256 (35) on top of a KV pool sized from the
     share: their pool holds one step's intermediates, not a logits tensor per graph (0.8 GiB of
     them before)."""
     (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
+    fresh_device_memory()
     total = torch.cuda.mem_get_info()[1]
     utilization = 0.25
     eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization, max_num_seqs=256)
+    engines.append(eng)
     graphs = eng.runner.graphs
     assert graphs is not None and graphs.sizes == graph_batch_sizes(256) and len(graphs.sizes) == 35
     assert all(logits.data_ptr() == graphs.logits.data_ptr() for logits, _, _ in graphs.outputs.values())

@@ -61,7 +61,9 @@ def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     completions = [dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids,
                                        logprobs=None if a.logprobs is None else a.logprobs + b.logprobs)
                    for a, b in zip(earlier.outputs, later.outputs)]
-    return dataclasses.replace(later, outputs=completions)
+    # the prompt's logprobs come in a request's first delta only
+    prompt_logprobs = earlier.prompt_logprobs if later.prompt_logprobs is None else later.prompt_logprobs
+    return dataclasses.replace(later, outputs=completions, prompt_logprobs=prompt_logprobs)
 
 
 class AsyncEngine:

@@ -21,6 +21,7 @@ top-k and top-p, and draws; `</s>` ends the output and is not part of it; at mos
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -65,11 +66,14 @@ class OPTModel:
         return self
 
     def cuda(self, device=None) -> OPTModel:
-        """`Module.cuda(device)`: device None, an index or a torch.device, checked as `to` checks it."""
+        """`Module.cuda(device)`: device None, an index, a name ("cuda:0") or a torch.device,
+        checked as `to` checks it."""
         if device is None or (isinstance(device, int) and not isinstance(device, bool)):
             device = torch.device("cuda", device)
-        elif not isinstance(device, torch.device):
-            raise ValueError(f"device must be a CUDA device index or a torch.device, got {device!r}")
+        elif isinstance(device, str) and device.startswith("cuda"):
+            return self.to(device)       # which says so where the name is no device
+        elif not isinstance(device, torch.device) or device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device index, name or torch.device, got {device!r}")
         return self.to(device)
 
     def cpu(self) -> OPTModel:
@@ -181,8 +185,10 @@ class Predictor:
                          temperature, seed) -> SamplingParams:
         for name, value in (("input_max_length", input_max_length), ("out_max_length", out_max_length),
                             ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            # numpy integers too, as SamplingParams takes them
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        input_max_length, out_max_length, top_k = int(input_max_length), int(out_max_length), int(top_k)
         top_p, repetition_penalty, temperature = (finite_float(name, value) for name, value in (
             ("top_p", top_p), ("repetition_penalty", repetition_penalty), ("temperature", temperature)))
         if not 0 <= top_p <= 1:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from opt_testing import test_device
-from opt_fast import LLM, BeamSearchParams, SamplingParams
+from opt_fast import LLM, BeamSearchParams, Engine, SamplingParams
 from opt_fast.sampling_params import GREEDY_BELOW
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -108,6 +108,18 @@ def test_banning_every_id_is_a_value_error(llm):
 def test_a_model_argument_that_is_no_name_is_a_value_error(model):
     with pytest.raises(ValueError, match="model must name"):
         LLM(model, device="cpu", kernels="torch")
+
+
+@pytest.mark.parametrize("name", ["stream_outputs", "progress"])
+def test_engine_flags_that_are_no_bools_are_value_errors(tiny_model_dir, name):
+    with pytest.raises(ValueError, match=f"{name} must be a bool, got 'no'"):
+        Engine(str(tiny_model_dir), device="cpu", kernels="torch", **{name: "no"})
+
+
+def test_a_block_too_large_for_the_pool_names_block_size(tiny_model_dir):
+    with pytest.raises(ValueError, match="KV cache of 0 blocks .*block_size=2147483648.*lower max_model_len or "
+                                         "block_size"):
+        Engine(str(tiny_model_dir), device="cpu", kernels="torch", block_size=2 ** 31)
 
 
 def test_a_missing_model_directory_is_a_value_error_and_a_file_not_found_error(tmp_path):

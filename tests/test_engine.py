@@ -152,6 +152,8 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llm, tiny_model_dir):
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at],
                                                 ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == free[:first + 1] and out.finish_reason == "stop"
+    # the stop token's text is left out (decoded once at the end: LLM.generate streams nothing)
+    assert out.text == llm.get_tokenizer().decode(free[:first])
     min_tokens = SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 3, stop_token_ids=[stop_at],
                                 ignore_eos=True)
     out = llm.generate([prompt], min_tokens, use_tqdm=False)[0].outputs[0]

@@ -53,6 +53,26 @@ def test_streamed_text_grows_by_whole_characters(scripted):
     assert any(a == b for a, b in zip(texts, texts[1:]))
 
 
+@pytest.mark.parametrize("by", ["stop_token_ids", "eos"])
+def test_a_stop_tokens_text_is_not_output(scripted, by):
+    """A sample ended by one of its stop_token_ids, or by EOS, keeps the token in token_ids and
+    leaves its text out, as vLLM does: here the script's last token "." (stopping there), or
+    EOS after it, with skip_special_tokens=False (else "</s>" would not show anyway)."""
+    engine, script = scripted
+    assert engine.tokenizer.decode(script[-1:]) == "." and script.count(script[-1]) == 1
+    stops = [script[-1]] if by == "stop_token_ids" else None
+    outs = stream(engine, "r", "x", SamplingParams(temperature=0, max_tokens=200, stop_token_ids=stops,
+                                                   skip_special_tokens=False))
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "stop"
+    if by == "stop_token_ids":
+        assert final.token_ids == script and final.text == TEXT[:-1]
+    else:
+        assert final.token_ids == script + [engine.eos_token_id] and final.text == TEXT
+    texts = [o.outputs[0].text for o in outs]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+
+
 @pytest.mark.parametrize("stop", ["世界", "🙂", "é 🙂", "ße,"])
 def test_stop_strings_on_multibyte_text_are_cut_and_excluded(scripted, stop):
     engine, script = scripted

@@ -247,6 +247,14 @@ def test_list_of_texts_is_one_batch_equal_to_texts_one_by_one(predictor, monkeyp
     assert predictor.predict_generate_randomsample([], out_max_length=4) == []
 
 
+def test_numpy_integers_are_taken_as_sampling_params_takes_them(predictor):
+    np = pytest.importorskip("numpy")
+    as_numpy = predictor.predict_generate_randomsample(TEXTS[2], input_max_length=np.int64(100),
+                                                       out_max_length=np.int32(6), top_k=np.int64(30), seed=3)
+    assert as_numpy == predictor.predict_generate_randomsample(TEXTS[2], input_max_length=100, out_max_length=6,
+                                                               top_k=30, seed=3)
+
+
 def test_seed_makes_sampling_reproducible(predictor):
     def run(seed):
         return predictor.predict_generate_randomsample(TEXTS[2], out_max_length=12, top_k=30, seed=seed)
@@ -299,9 +307,15 @@ def test_flagai_model_moves_are_checks_and_torch_dtype_is_taken(flagai_root, pre
         model.to("meta")
     with pytest.raises(ValueError, match="'junk' names no device"):
         model.to("junk")
-    for device in ("x", 1.5, True):
+    for device in ("x", 1.5, True, "cpu", torch.device("cpu")):
         with pytest.raises(ValueError, match="device must be a CUDA device index"):
             model.cuda(device)
+    # a CUDA device's name is taken as torch's Module.cuda takes it: where the model is, a check
+    if runner.device.type == "cuda":
+        assert model.cuda(str(runner.device)) is model
+    else:
+        with pytest.warns(UserWarning, match="device"):
+            model.cuda("cuda:0")
     root, _ = flagai_root
     loader = AutoLoader(task_name="lm", model_name="opt-125m-en", model_dir=root / "checkpoints",
                         kernels="torch", device=test_device(), torch_dtype=torch.bfloat16)

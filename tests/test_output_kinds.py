@@ -48,7 +48,7 @@ def params(tiny_model_dir):
     assert stop.strip()
     return [SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
             SamplingParams(temperature=0.9, top_k=40, seed=7, n=2, logprobs=2, max_tokens=14, ignore_eos=True),
-            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)]
+            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0, prompt_logprobs=1)]
 
 
 def stream_all(engine: Engine, params: list[SamplingParams]) -> dict[str, list]:
@@ -74,6 +74,10 @@ def test_joined_deltas_equal_the_cumulative_outputs(tiny_model_dir, params):
         for out in deltas[1:]:
             assert all(len(c.token_ids) <= 1 for c in out.outputs)
         assert deltas[0].prompt_token_ids == outs[0].prompt_token_ids
+        # the prompt's logprobs once, in the first delta (every cumulative output repeats them)
+        assert deltas[0].prompt_logprobs == outs[-1].prompt_logprobs
+        assert all(d.prompt_logprobs is None for d in deltas[1:])
+    assert cumulative["2"][-1].prompt_logprobs is not None
 
 
 def test_a_stop_string_across_tokens_is_never_streamed_in_part(tiny_model_dir):
@@ -156,6 +160,9 @@ def test_a_slow_async_client_gets_every_delta_merged(tiny_model_dir, params):
     streams = asyncio.run(asyncio.wait_for(main(), timeout=120))
     for outs, ref in zip(streams, reference):
         assert joined(outs) == whole(ref)
+        # the prompt's logprobs survive the merge, in the first output the client reads
+        assert outs[0].prompt_logprobs == ref.prompt_logprobs
+        assert all(out.prompt_logprobs is None for out in outs[1:])
     # the slowest reader got merged deltas (a step adds one token per sample)
     assert any(len(c.token_ids) > 1 for out in streams[2] for c in out.outputs)
 
@@ -163,3 +170,17 @@ def test_a_slow_async_client_gets_every_delta_merged(tiny_model_dir, params):
 def test_output_kind_is_checked():
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="stream")
+
+
+def test_merged_deltas_keep_the_first_ones_prompt_logprobs():
+    """The AsyncEngine's merge of two unread deltas: tokens, text and logprobs joined, the later
+    state otherwise, and the prompt's logprobs (sent in the first delta only) kept."""
+    from opt_fast.async_engine import _merged
+    from opt_fast.outputs import CompletionOutput, RequestOutput
+    prompt_logprobs = [None, {7: -1.5}]
+    first = RequestOutput("r", "p", [2, 7], prompt_logprobs, [CompletionOutput(0, "a", [5], -0.5, [{5: -0.5}])])
+    second = RequestOutput("r", "p", [2, 7], None, [CompletionOutput(0, "b", [6], -1.0, [{6: -0.5}], "length")],
+                           finished=True)
+    merged = _merged(first, second)
+    assert merged.prompt_logprobs == prompt_logprobs and merged.finished
+    assert merged.outputs == [CompletionOutput(0, "ab", [5, 6], -1.0, [{5: -0.5}, {6: -0.5}], "length")]

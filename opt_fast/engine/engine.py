@@ -53,8 +53,10 @@ class _Request:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.params, self.seqs = params, seqs
         self.prompt_logprobs = None
-        # output_kind "delta": each sample's tokens and characters already handed out
+        # output_kind "delta": each sample's tokens and characters already handed out, and
+        # whether the prompt's logprobs were
         self.sent = [(0, 0)] * len(seqs) if params.output_kind == "delta" else None
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -64,7 +66,7 @@ class _Request:
         """A snapshot: an output already handed out (streamed, or read on another thread) never
         changes as generation goes on. The lists that grow are copied; the prompt's ids and
         logprobs are complete before the first output and shared. With output_kind "delta",
-        only what no earlier output of this request held."""
+        only what no earlier output of this request held (the prompt's logprobs in the first)."""
         completions = []
         for i, s in enumerate(self.seqs):
             text, tokens, logprobs = _visible_text(s), s.token_ids, s.output_logprobs
@@ -74,7 +76,10 @@ class _Request:
             completions.append(CompletionOutput(
                 s.index, text[chars:], tokens[s.num_prompt_tokens + start:], s.cumulative_logprob,
                 None if logprobs is None else logprobs[start:], s.finish_reason, s.error))
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
+        prompt_logprobs = self.prompt_logprobs
+        if self.sent is not None and prompt_logprobs is not None:
+            prompt_logprobs, self.sent_prompt_logprobs = (None if self.sent_prompt_logprobs else prompt_logprobs), True
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, prompt_logprobs,
                              completions, finished, self.seqs[0].num_prompt_tokens_reused)
 
 
@@ -91,6 +96,9 @@ class Engine:
     """
 
     def __init__(self, model: str | Path, *, progress: bool = False, stream_outputs: bool = True, **kwargs):
+        for name, value in (("progress", progress), ("stream_outputs", stream_outputs)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
         self.stream_outputs = stream_outputs
         self.cfg = EngineConfig.from_kwargs("Engine", kwargs)
         path = resolve_model_path(model)
@@ -346,23 +354,29 @@ class Engine:
             pass
         self.scheduler.finish(seq, reason)
 
-    def _final_text(self, seq: Sequence) -> None:
+    def _final_text(self, seq: Sequence, stop_token: bool = False, before: int = 0) -> None:
         """A finished sample's whole text: the incremental decoder's last, incomplete character,
-        or, where the text was not streamed, all of it decoded at once."""
+        or, where the text was not streamed, all of it decoded at once. With `stop_token` the
+        last token's text is left out: the streamed text as it was before that token (`before`
+        chars; an incomplete character still held back goes too), or the ids before it decoded."""
         if seq.detokenizer is not None:
-            seq.text += seq.detokenizer.flush()
+            seq.text = seq.text[:before] if stop_token else seq.text + seq.detokenizer.flush()
         elif self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            ids = seq.output_token_ids[:-1] if stop_token else seq.output_token_ids
+            seq.text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
 
     def _stop_reason(self, seq: Sequence, token: int, checked: int) -> str | None:
-        """Why `seq` stops after `token`, or None; `checked` chars of its text had no stop string."""
+        """Why `seq` stops after `token`, or None; `checked` chars of its text had no stop string
+        (the text before `token`'s)."""
         params = seq.params
         may_stop = seq.num_output_tokens >= params.min_tokens
         reason = None
         if may_stop and ((token == self.eos_token_id and not params.ignore_eos)
                          or token in params.stop_token_ids):
-            reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens:
+            # A stop token stays in token_ids, its text is not output (vLLM's rule, EOS too)
+            self._final_text(seq, stop_token=True, before=checked)
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens:
             reason = "length"
         if reason:
             self._final_text(seq)

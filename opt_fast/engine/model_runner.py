@@ -191,8 +191,9 @@ class ModelRunner:
             blocks = self.tp.group.min(blocks)  # every rank's cache holds the same blocks
         if blocks < needed:
             raise ValueError(f"KV cache of {max(blocks, 0)} blocks cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len} tokens ({needed} blocks); lower "
-                             "max_model_len or raise gpu_memory_utilization / num_kv_blocks")
+                             f"max_model_len={self.max_model_len} tokens ({needed} blocks of "
+                             f"block_size={self.block_size}); lower max_model_len or block_size, or raise "
+                             "gpu_memory_utilization / num_kv_blocks")
         return blocks
 
     @torch.inference_mode()

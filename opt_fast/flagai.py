@@ -70,11 +70,9 @@ class OPTModel:
         checked as `to` checks it."""
         if device is None or (isinstance(device, int) and not isinstance(device, bool)):
             device = torch.device("cuda", device)
-        elif isinstance(device, str) and device.startswith("cuda"):
-            return self.to(device)       # which says so where the name is no device
-        elif not isinstance(device, torch.device) or device.type != "cuda":
+        elif not (isinstance(device, (str, torch.device)) and str(device).startswith("cuda")):
             raise ValueError(f"device must be a CUDA device index, name or torch.device, got {device!r}")
-        return self.to(device)
+        return self.to(device)       # which says so where a name is no device
 
     def cpu(self) -> OPTModel:
         return self.to(torch.device("cpu"))

@@ -78,7 +78,9 @@ class _Request:
                 None if logprobs is None else logprobs[start:], s.finish_reason, s.error))
         prompt_logprobs = self.prompt_logprobs
         if self.sent is not None and prompt_logprobs is not None:
-            prompt_logprobs, self.sent_prompt_logprobs = (None if self.sent_prompt_logprobs else prompt_logprobs), True
+            if self.sent_prompt_logprobs:
+                prompt_logprobs = None
+            self.sent_prompt_logprobs = True
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, prompt_logprobs,
                              completions, finished, self.seqs[0].num_prompt_tokens_reused)
 

@@ -122,6 +122,8 @@ def check_slot_mapping(slot_mapping: torch.Tensor, tokens: int, device: torch.de
     if slot_mapping.shape != (tokens,) or slot_mapping.dtype != torch.int64 or slot_mapping.device != device:
         raise ValueError(f"slot_mapping must be [{tokens}] int64 on {device}, got {tuple(slot_mapping.shape)} "
                          f"{slot_mapping.dtype} on {slot_mapping.device}")
+    if tokens > 1 and slot_mapping.stride(0) != 1:     # the kernels read slot i at slot_mapping + i
+        raise ValueError(f"slot_mapping must be contiguous, got stride {slot_mapping.stride(0)}")
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

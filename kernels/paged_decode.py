@@ -361,6 +361,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                          f"{tuple(block_tables.shape)} {block_tables.dtype}")
     if seq_lens.shape != (seqs,) or seq_lens.dtype != torch.int32:
         raise ValueError(f"seq_lens must be [{seqs}] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if seqs > 1 and seq_lens.stride(0) != 1:     # the kernels read sequence i's at seq_lens + i
+        raise ValueError(f"seq_lens must be contiguous, got stride {seq_lens.stride(0)}")
     devices = {t.device for t in (q, key_cache, value_cache, block_tables, seq_lens)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

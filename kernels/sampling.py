@@ -470,8 +470,8 @@ def sample_with_threshold(logits: torch.Tensor, vocab_size: int, temperature: to
     seqs, padded_vocab = logits.shape
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"logits: ids must be contiguous within a row, got strides {logits.stride()}")
-    if not 0 < vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size {vocab_size} must be in [1, padded_vocab={padded_vocab}]")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size must be an int in [1, padded_vocab={padded_vocab}], got {vocab_size!r}")
     device = logits.device
     for name, t, dtype in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int64),
                            ("top_p", top_p, torch.float32),

@@ -864,11 +864,11 @@ def test_slot_mapping_reaches_the_kernel(monkeypatch):
     assert without[15] is None and plain_options["WRITE_KV"] is False
 
 
-@pytest.mark.parametrize("bad", ["short", "int32"])
+@pytest.mark.parametrize("bad", ["short", "int32", "strided"])
 def test_slot_mapping_is_checked(bad):
     args, _ = prefill_case([(0, 20)], 8, 1, 64, torch.float16, seed=2)
     slots = torch.arange(20, device=DEVICE)
-    slots = slots[:19] if bad == "short" else slots.int()
+    slots = {"short": slots[:19], "int32": slots.int(), "strided": torch.arange(40, device=DEVICE)[::2]}[bad]
     with pytest.raises(ValueError, match="slot_mapping"):
         prefill_attention(*args, slot_mapping=slots)
 

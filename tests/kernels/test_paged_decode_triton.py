@@ -329,6 +329,8 @@ def test_paged_decode_rejects_bad_inputs():
         call(3, cache.block_tables.long())
     with pytest.raises(ValueError, match="seq_lens"):
         call(4, lens[:1])
+    with pytest.raises(ValueError, match="seq_lens must be contiguous, got stride 2"):
+        call(4, torch.tensor([5, 0, 9, 0], **I32)[::2])      # the kernels read seq_lens + i
     with pytest.raises(ValueError, match="heads x head_dim"):
         call(0, randn(2, 2, 32, g=g, dtype=torch.float16))
     with pytest.raises(ValueError, match="strides"):
@@ -362,6 +364,9 @@ def test_write_kv_cache_rejects_bad_inputs():
     slots = torch.tensor([0, 1, 2, 3], dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="slot_mapping"):
         kv_cache.write_kv_cache(key, value, cache, cache.clone(), slots.int())
+    strided = torch.tensor([0, 9, 1, 9, 2, 9, 3, 9], dtype=torch.int64, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match="slot_mapping must be contiguous, got stride 2"):
+        kv_cache.write_kv_cache(key, value, cache, cache.clone(), strided)
     with pytest.raises(ValueError, match="heads x head_dim"):
         kv_cache.write_kv_cache(key[:, :1], value[:, :1], cache, cache.clone(), slots)
     with pytest.raises(ValueError, match="share strides"):

@@ -343,7 +343,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("case", ["int_logits", "fp64_logits", "1d_logits", "ids_strided", "vocab_too_big",
-                                  "top_k_int32", "temperature_rows", "seen_int32", "seen_rows"])
+                                  "vocab_float", "top_k_int32", "temperature_rows", "seen_int32", "seen_rows"])
 def test_launcher_rejects_bad_inputs(case):
     args = list(make_args(torch.randn(3, 16), 13, 1.0, 0, 1.0, 1.0, [[1, 2]] * 3))
     if case == "int_logits":
@@ -356,6 +356,8 @@ def test_launcher_rejects_bad_inputs(case):
         args[0] = torch.randn(16, 3, device=DEVICE).t()
     elif case == "vocab_too_big":
         args[1] = 17
+    elif case == "vocab_float":
+        args[1] = 12.5
     elif case == "top_k_int32":
         args[3] = args[3].int()
     elif case == "temperature_rows":

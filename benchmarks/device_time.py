@@ -96,13 +96,20 @@ def try_graph_us(fn, **options) -> float | None:
 COPY_BYTES = 1 << 30
 
 
-def device_us(fn, calls: int = 3, replays: int = 5) -> float:
-    """graph_us where `fn` can be captured, else do_bench's median (CUDA events around each call)."""
-    us = try_graph_us(fn, calls=calls, replays=replays)
+def timed_us(fn, **options) -> tuple[float, str]:
+    """(device time of one call of `fn` in microseconds, how it was timed): "graph" from
+    graph_us (`options` go to it), or where `fn` cannot be captured "events", do_bench's
+    median of CUDA events around each call (which charges a host path longer than its flush)."""
+    us = try_graph_us(fn, **options)
     if us is not None:
-        return us
+        return us, "graph"
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=3, rep=15, return_mode="median") * 1e3, "events"
+
+
+def device_us(fn) -> float:
+    """timed_us's time, with fewer calls a replay (a copy of a gigabyte takes half a millisecond)."""
+    return timed_us(fn, calls=3, replays=5)[0]
 
 
 def copy_gbps(device: str = "cuda", nbytes: int = COPY_BYTES, time_us=device_us) -> float:

@@ -42,7 +42,6 @@ import opt_fast.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 where there is n
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/: loaded by path in the tests
 import device_time  # noqa: E402
-from device_time import try_graph_us  # noqa: E402
 from opt_fast.kernels import attention, attention_tiles, gemm_config, paged_decode
 from opt_fast.kernels import layernorm_linear as ll
 
@@ -565,11 +564,7 @@ def gpu_time(fn) -> tuple[float, str]:
     around each call (do_bench, which charges a host path longer than its flush); off-GPU
     "wall", the wall clock of a few calls."""
     if ON_GPU:
-        us = try_graph_us(fn)
-        if us is not None:
-            return us, "graph"
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=3, rep=15, return_mode="median") * 1e3, "events"
+        return device_time.timed_us(fn)
     times = []
     for _ in range(3):
         start = time.perf_counter()

@@ -105,6 +105,24 @@ def install_emulated_graphs() -> None:
     ModelRunner._assert_graph_replays = assert_graph_replays
 
 
+def assert_same_outputs(expected, actual, atol=1e-4):
+    """Two runs' RequestOutputs, in order: equal tokens, and logprobs (cumulative, per step,
+    of the prompt) within `atol` a value."""
+    for want, got in zip(expected, actual, strict=True):
+        for a, b in zip(want.outputs, got.outputs, strict=True):
+            assert b.token_ids == a.token_ids
+            assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=atol * len(a.token_ids))
+            for step_a, step_b in zip(a.logprobs or [], b.logprobs or [], strict=True):
+                assert step_b.keys() == step_a.keys()
+                assert list(step_b.values()) == pytest.approx(list(step_a.values()), abs=atol)
+        for entry_a, entry_b in zip(want.prompt_logprobs or [], got.prompt_logprobs or [], strict=True):
+            if entry_a is None:
+                assert entry_b is None
+                continue
+            assert entry_b.keys() == entry_a.keys()
+            assert list(entry_b.values()) == pytest.approx(list(entry_a.values()), abs=atol)
+
+
 def record_preemptions(engine) -> list:
     """The sequences `engine`'s scheduler preempts from now on, in order (a list that grows)."""
     preempted = []

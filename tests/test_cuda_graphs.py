@@ -115,29 +115,27 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_model_dir, kind):
         assert have.outputs[0].token_ids == want.outputs[0].token_ids
 
 
-def fresh_device_memory() -> None:
-    """Nothing of earlier tests in this worker held (an engine waiting for the cyclic garbage
-    collector keeps its KV pool) or counted in the peak the memory-share tests read."""
-    gc.collect()
+def _free_device_memory() -> None:
+    gc.collect()         # an engine waiting for the cyclic garbage collector keeps its KV pool
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 @pytest.fixture
 def engines():
-    """Engines a test builds, closed after it (their KV pools freed at once)."""
+    """Engines a memory-share test builds, closed after it; before it, nothing of earlier tests
+    in this worker is held or counted in the peak the test reads."""
+    _free_device_memory()
+    torch.cuda.reset_peak_memory_stats()
     built = []
     yield built
     for engine in built:
         engine.close()
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_device_memory()
 
 
 @on_cuda
 def test_kv_pool_is_sized_from_free_device_memory(tmp_path, engines):
     (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
-    fresh_device_memory()
     total = torch.cuda.mem_get_info()[1]
     utilization = 0.25
     eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization,
@@ -163,7 +161,6 @@ def test_decode_graphs_stay_within_the_memory_share(tmp_path, engines):
     share: their pool holds one step's intermediates, not a logits tensor per graph (0.8 GiB of
     them before)."""
     (tmp_path / "config.json").write_text(json.dumps(preset_for("opt-125m").to_hf_dict()))
-    fresh_device_memory()
     total = torch.cuda.mem_get_info()[1]
     utilization = 0.25
     eng = Engine(str(tmp_path), load_format="dummy", gpu_memory_utilization=utilization, max_num_seqs=256)

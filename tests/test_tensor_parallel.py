@@ -23,7 +23,7 @@ from opt_fast.engine.model_runner import ModelRunner, resolve_device_dtype
 from opt_fast.engine.workers import WorkerError, _dumps
 from opt_fast.model.loader import CheckpointError
 from opt_fast.parallel import check_tensor_parallel, shard_dim, take_shard
-from opt_testing import assert_graph_replays, emulate_graphs, record_preemptions
+from opt_testing import assert_graph_replays, assert_same_outputs, emulate_graphs, record_preemptions
 from test_parity_hf import PROMPTS, hf_greedy
 
 TESTS = Path(__file__).resolve().parent
@@ -42,22 +42,6 @@ def generate(model, tp: int, prompts, params, **kwargs):
         return llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.close()
-
-
-def assert_same_outputs(expected, actual, atol=1e-4):
-    for want, got in zip(expected, actual, strict=True):
-        for a, b in zip(want.outputs, got.outputs, strict=True):
-            assert b.token_ids == a.token_ids
-            assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=atol * len(a.token_ids))
-            for step_a, step_b in zip(a.logprobs or [], b.logprobs or [], strict=True):
-                assert step_b.keys() == step_a.keys()
-                assert list(step_b.values()) == pytest.approx(list(step_a.values()), abs=atol)
-        for entry_a, entry_b in zip(want.prompt_logprobs or [], got.prompt_logprobs or [], strict=True):
-            if entry_a is None:
-                assert entry_b is None
-                continue
-            assert entry_b.keys() == entry_a.keys()
-            assert list(entry_b.values()) == pytest.approx(list(entry_a.values()), abs=atol)
 
 
 # ---- sharding arithmetic ------------------------------------------------------------------------
